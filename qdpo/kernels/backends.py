@@ -1,0 +1,127 @@
+"""Backend registry and choice for ``torch.ops.qdpo.*``.
+
+Three backends serve the ops: ``reference`` (plain PyTorch, any device),
+``triton`` (``qdpo.kernels.triton``; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``cuda`` (the compiled extension ``qdpo._C``,
+CUDA tensors). A backend registers one implementation per op with
+:func:`register`; an implementation that cannot serve a particular request
+raises :class:`Unsupported` with the reason.
+
+Choice: an op's ``backend`` argument, else the ``QDPO_BACKEND`` environment
+variable, else ``auto``. ``auto`` tries, in order, ``cuda``, ``triton``,
+``reference`` on a CUDA tensor and ``reference`` on a CPU tensor, and logs
+once when it falls back. A backend named explicitly never falls back: it
+serves the request or raises one clear error saying why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("qdpo.kernels")
+
+BACKENDS = ("reference", "triton", "cuda")
+_IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
+_LOADED: dict[str, str | None] = {}  # backend → None if loaded, else why not
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+class Unsupported(Exception):
+    """Raised by a backend implementation that cannot serve this request."""
+
+
+def register(backend: str, op: str) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the ``backend`` implementation of op ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS[backend][op] = fn
+        return fn
+
+    return deco
+
+
+def _load(backend: str) -> str | None:
+    """Import a backend's module once; return why it is unavailable, or None."""
+    if backend == "reference":
+        return None
+    if backend not in _LOADED:
+        module = {"triton": "qdpo.kernels.triton", "cuda": "qdpo.kernels.cuda"}[backend]
+        try:
+            importlib.import_module(module)
+            _LOADED[backend] = None
+        except ImportError as e:
+            _LOADED[backend] = f"{module} could not be imported ({e})"
+    return _LOADED[backend]
+
+
+def _device_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+    if backend == "triton" and device.type != "cuda":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            f"the triton backend needs CUDA tensors, got a {device.type} tensor "
+            "(set TRITON_INTERPRET=1 before importing qdpo to run Triton kernels on the CPU)"
+        )
+    return _load(backend)
+
+
+def requested(backend: str) -> str:
+    """Normalise an op's ``backend`` argument, applying ``QDPO_BACKEND``."""
+    if backend == "auto":
+        backend = os.environ.get("QDPO_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not known; use 'auto' or one of {BACKENDS} "
+            "(argument or QDPO_BACKEND environment variable)"
+        )
+    return backend
+
+
+def call(op: str, backend: str, device: torch.device, *args):
+    """Run op ``op`` on the chosen backend; see the module docstring for the rules."""
+    backend = requested(backend)
+    if backend != "auto":
+        why = _device_reason(backend, device)
+        fn = _IMPLS[backend].get(op)
+        if why is None and fn is None:
+            why = f"the {backend} backend does not implement qdpo::{op}"
+        if why is not None:
+            raise RuntimeError(f"qdpo::{op}: {why}; use backend='auto' or 'reference'")
+        try:
+            return fn(*args)
+        except Unsupported as e:
+            raise RuntimeError(
+                f"qdpo::{op}: the {backend} backend cannot serve this request: {e}; "
+                "use backend='auto' or 'reference'"
+            ) from None
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
+    for b in order:
+        fn = _IMPLS[b].get(op) if _device_reason(b, device) is None else None
+        if fn is None:
+            continue
+        try:
+            return fn(*args)
+        except Unsupported as e:
+            key = (op, b, str(e))
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("qdpo::%s: %s backend skipped (%s); falling back", op, b, e)
+    raise RuntimeError(f"qdpo::{op}: no backend can serve this request")  # unreachable: reference serves all
+
+
+def available(device: torch.device | str = "cuda") -> list[str]:
+    """Backends that can run on ``device`` here."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _device_reason(b, device) is None]

@@ -1,0 +1,297 @@
+"""Plain-PyTorch ground truth for every qdpo op: the spec the kernels must meet.
+
+Everything here is written for clarity, not speed, and runs on any device.
+Tests compare every Triton and CUDA kernel against these functions;
+the ``reference`` backend of ``torch.ops.qdpo.*`` calls them directly.
+
+Conventions (see ``qdpo/quant/format.py`` for the packed layout):
+
+* ``w`` is ``(N, K)`` like ``nn.Linear.weight``; groups of ``G`` run along K
+  (``group_size=-1`` means ``G = K``); ``n_groups = K // G``.
+* ``scales``: ``(N, n_groups)``, floating (the dtype of the quantized weight).
+* ``zeros``: ``(N, n_groups)`` ``uint8`` integer zero points, in
+  ``[0, 2**bits - 1]``. Symmetric quantization stores ``2**(bits-1)``.
+* ``codes``: ``(N, K)`` ``uint8`` in ``[0, 2**bits - 1]``; ``ŵ = (q - z) · s``.
+* All arithmetic is fp32; ``round`` is ``torch.round`` (half to even);
+  division is a true IEEE division ``w / s`` (never ``w * (1/s)``).
+
+Scale rule (asymmetric): ``lo = min(min(w), 0)``, ``hi = max(max(w), 0)``
+(the range always contains 0, so the zero point never clips),
+``s = max((hi - lo) / qmax, tiny)`` rounded to the scale dtype, then
+``z = clamp(round(-lo / s), 0, qmax)``, ``q = clamp(round(w / s) + z, 0, qmax)``.
+Symmetric: ``s = max(max|w| / (2**(b-1) - 1), tiny)``, ``z = 2**(b-1)``,
+``q = clamp(round(w / s), -2**(b-1), 2**(b-1) - 1) + z``.
+``tiny`` is ``torch.finfo(scale_dtype).tiny``: a zero-range (all-zero) group
+gets that scale, codes ``q = z``, and dequantizes to exact zeros: no division
+by zero and no NaN.
+
+Straight-through estimator: ``∂L/∂w = ∂L/∂ŵ`` where ``round(w/s) + z`` lies in
+``[0, qmax]`` and 0 where it was clipped. With learned scales (LSQ), the
+scale gradient per element is ``round(w/s) - w/s`` where not clipped and
+``q_clip - z`` where clipped, summed over the group; zero points stay frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "qparams",
+    "quantize_codes",
+    "quantize",
+    "quantize_codes_packed",
+    "pack",
+    "unpack",
+    "dequantize_codes",
+    "dequantize",
+    "fake_quant",
+    "fake_quant_mask",
+    "fake_quant_backward",
+    "fake_quant_autograd",
+    "dequant_matmul",
+    "dequant_matmul_dx",
+    "fake_quant_matmul",
+    "fake_quant_matmul_backward",
+]
+
+
+def _grouped(t: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``(N, K)`` → ``(N, n_groups, G)`` fp32 view for per-group math."""
+    n, k = t.shape
+    return t.float().reshape(n, n_groups, k // n_groups)
+
+
+def _expand(p: torch.Tensor) -> torch.Tensor:
+    """``(N, n_groups)`` group parameter → ``(N, n_groups, 1)`` fp32."""
+    return p.float().unsqueeze(-1)
+
+
+def qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zero points of ``w``.
+
+    Returns ``scales`` ``(N, n_groups)`` in ``w.dtype`` and ``zeros``
+    ``(N, n_groups)`` ``uint8``.
+    """
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    wg = _grouped(w, k // g)  # [N, n_groups, G] fp32
+    tiny = torch.finfo(w.dtype).tiny
+    if symmetric:
+        half = 1 << (bits - 1)
+        s = (wg.abs().amax(-1) / (half - 1)).clamp_min(tiny).to(w.dtype)
+        z = torch.full_like(s, half, dtype=torch.uint8)
+        return s, z
+    qmax = (1 << bits) - 1
+    lo = wg.amin(-1).clamp_max(0.0)
+    hi = wg.amax(-1).clamp_min(0.0)
+    s = ((hi - lo) / qmax).clamp_min(tiny).to(w.dtype)
+    z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
+    return s, z
+
+
+def _unclipped(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``round(w / s) + z`` in fp32, grouped ``(N, n_groups, G)``, before clamping."""
+    wg = _grouped(w, scales.shape[1])
+    return torch.round(wg / _expand(scales)) + _expand(zeros)
+
+
+def quantize_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Integer codes ``q = clamp(round(w / s) + z, 0, qmax)``: ``(N, K)`` uint8."""
+    qmax = (1 << bits) - 1
+    q = _unclipped(w, scales, zeros).clamp(0, qmax)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(N, K)`` uint8 codes → ``qweight``: ``(N, K)`` for 8 bits, ``(N, K/2)`` for 4.
+
+    4-bit: byte ``j`` of a row holds code ``2j`` in its low nibble and code
+    ``2j + 1`` in its high nibble.
+    """
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    lo, hi = codes[:, 0::2], codes[:, 1::2]
+    return (lo | (hi << 4)).contiguous()
+
+
+def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``qweight`` → ``(N, K)`` uint8 codes."""
+    if bits == 8:
+        return qweight.contiguous()
+    lo, hi = qweight & 0xF, qweight >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(qweight.shape[0], -1)
+
+
+def quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize and pack ``w``: returns ``(qweight, scales, zeros)``.
+
+    When ``scales`` and ``zeros`` are given they are used as they are
+    (frozen grid); otherwise :func:`qparams` computes them.
+    """
+    if scales is None or zeros is None:
+        scales, zeros = qparams(w, bits, group_size, symmetric)
+    return pack(quantize_codes(w, scales, zeros, bits), bits), scales, zeros
+
+
+def quantize_codes_packed(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """:func:`quantize_codes` then :func:`pack`: the packed ``qweight`` on a frozen grid."""
+    return pack(quantize_codes(w, scales, zeros, bits), bits)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``ŵ = (q - z) · s`` in fp32, cast once to ``dtype``: ``(N, K)``."""
+    qg = _grouped(codes, scales.shape[1])
+    return ((qg - _expand(zeros)) * _expand(scales)).reshape(codes.shape).to(dtype)
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Packed weight → ``(N, K)`` ``ŵ`` in ``dtype`` (default: the scales' dtype)."""
+    return dequantize_codes(unpack(qweight, bits), scales, zeros, dtype or scales.dtype)
+
+
+def fake_quant(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(w))`` without packing: ``(N, K)`` in ``dtype`` (default ``w.dtype``)."""
+    return dequantize_codes(quantize_codes(w, scales, zeros, bits), scales, zeros, dtype or w.dtype)
+
+
+def fake_quant_mask(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Straight-through mask ``(N, K)`` bool: ``True`` where ``round(w/s)+z`` was not clipped."""
+    u = _unclipped(w, scales, zeros)
+    return ((u >= 0) & (u <= (1 << bits) - 1)).reshape(w.shape)
+
+
+def fake_quant_backward(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    need_scales_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """STE backward of :func:`fake_quant`: ``(grad_w, grad_scales or None)``.
+
+    ``grad_w = grad ⊙ mask`` in ``w.dtype``. ``grad_scales`` (LSQ) is
+    ``Σ_group grad · (round(w/s) - w/s)`` over unclipped elements plus
+    ``Σ_group grad · (clamp(q) - z)`` over clipped ones, in ``scales.dtype``.
+    """
+    n_groups = scales.shape[1]
+    mask = fake_quant_mask(w, scales, zeros, bits)
+    gf = grad.float()
+    grad_w = torch.where(mask, gf, 0.0).to(w.dtype)
+    if not need_scales_grad:
+        return grad_w, None
+    s, z = _expand(scales), _expand(zeros)
+    wg = _grouped(w, n_groups)
+    u = torch.round(wg / s) + z
+    inside = torch.round(wg / s) - wg / s
+    clipped = u.clamp(0, (1 << bits) - 1) - z
+    ds = torch.where(mask.reshape(u.shape), inside, clipped)
+    grad_s = (_grouped(gf, n_groups) * ds).sum(-1)
+    return grad_w, grad_s.to(scales.dtype)
+
+
+def fake_quant_autograd(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The fake-quant formula written for autograd (``round`` with identity gradient).
+
+    Differentiable in ``w`` and ``scales``; an independent statement of the
+    gradients :func:`fake_quant_backward` computes by hand.
+    """
+    n_groups = scales.shape[1]
+    wg = w.float().reshape(w.shape[0], n_groups, -1)
+    s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
+    r = wg / s
+    r = r + (torch.round(r) - r).detach()  # round with straight-through gradient
+    q = torch.clamp(r + z, 0, (1 << bits) - 1)
+    return ((q - z) * s).reshape(w.shape).to(w.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` → ``(M, C)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ ŵᵀ (+ bias)``: x ``(..., K)`` → y ``(..., N)`` in ``x.dtype``."""
+    w_hat = dequantize(qweight, scales, zeros, bits, x.dtype)
+    return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
+
+
+def dequant_matmul_dx(
+    dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Backward of :func:`dequant_matmul` w.r.t. x: ``dx = dy @ ŵ``, ``(..., K)``."""
+    return dy @ dequantize(qweight, scales, zeros, bits, dy.dtype)
+
+
+def fake_quant_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ fake_quant(w)ᵀ (+ bias)`` with ``ŵ`` cast to ``x.dtype``."""
+    w_hat = fake_quant(w, scales, zeros, bits, x.dtype)
+    return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
+
+
+def fake_quant_matmul_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    need_scales_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward of :func:`fake_quant_matmul`: ``(dx, dw, dscales or None)``.
+
+    ``dx = dy @ ŵ`` (x.dtype); ``dŵ = dyᵀ @ x`` accumulated in fp32, then the
+    STE of :func:`fake_quant_backward` gives ``dw`` (w.dtype) and ``dscales``.
+    """
+    w_hat = fake_quant(w, scales, zeros, bits, x.dtype)
+    dx = dy @ w_hat
+    dw_hat = _rows(dy).float().t() @ _rows(x).float()  # [N, K] fp32
+    dw, ds = fake_quant_backward(dw_hat, w, scales, zeros, bits, need_scales_grad)
+    return dx, dw, ds

@@ -1,0 +1,1 @@
+"""QDPO training: prompts, pairs, losses, trainer."""

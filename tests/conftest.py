@@ -1,0 +1,74 @@
+"""Shared test policy: Triton interpreter switch, GPU marker, tolerances, shapes.
+
+Tolerance policy (one place, used by every test):
+
+* integer codes, zero points and packed bytes: bit-exact (:func:`assert_exact`);
+* floats: the error of the result under test against an fp32 reference may be
+  at most 2× the error of the same PyTorch computation run in the low
+  precision dtype, plus a small floor (:func:`assert_close_2x`);
+* whole layers and models: SQNR in dB (:func:`sqnr`).
+"""
+
+import os
+
+import torch
+
+# Triton kernels run on the CPU only through the interpreter, and the switch
+# must be set before any @triton.jit decorator runs: here, before qdpo imports.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+# Shapes that find bugs: M of one, odd and just past a power of two.
+MS = (1, 3, 17, 129)
+# (N, K) pairs, with N/K not multiples of the usual block sizes where the
+# format allows (K must be divisible by the group size and even for 4 bits).
+ODD_NK = ((1, 64), (7, 96), (33, 128), (67, 320), (130, 256))
+# Real layer shapes (N, K) = (out_features, in_features).
+LLAMA_SHAPES = {
+    "llama2-7b.qkv": (4096, 4096),
+    "llama2-7b.o": (4096, 4096),
+    "llama2-7b.gate_up": (11008, 4096),
+    "llama2-7b.down": (4096, 11008),
+    "llama3-8b.q": (4096, 4096),
+    "llama3-8b.kv": (1024, 4096),
+    "llama3-8b.gate_up": (14336, 4096),
+    "llama3-8b.down": (4096, 14336),
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "codes") -> None:
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = (actual != expected).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.shape[0]} mismatches, first at {bad[0].tolist()}"
+
+
+def assert_close_2x(actual, ref_fp32, ref_lowp, floor: float = 1e-6, what: str = "output") -> None:
+    """``max|actual - ref_fp32| <= 2 · max|ref_lowp - ref_fp32| + floor · max|ref_fp32|``."""
+    assert actual.shape == ref_fp32.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref_fp32.shape)}"
+    a, r, lp = actual.double(), ref_fp32.double(), ref_lowp.double()
+    err = (a - r).abs().max().item() if a.numel() else 0.0
+    base = (lp - r).abs().max().item() if a.numel() else 0.0
+    scale = r.abs().max().item() if a.numel() else 0.0
+    limit = 2 * base + floor * max(scale, 1.0)
+    assert err <= limit, f"{what}: max error {err:.3g} > 2 × PyTorch's {base:.3g} + floor"
+
+
+def sqnr(signal: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    s, n = signal.double(), (signal.double() - approx.double())
+    return (10 * torch.log10(s.pow(2).sum() / n.pow(2).sum().clamp_min(1e-300))).item()
