@@ -126,6 +126,19 @@ def _check_same_device(*ts: Optional[Tensor]) -> None:
         raise ValueError(f"tensors are on different devices {sorted(map(str, devs))}; move them to one")
 
 
+def _check_finite(w: Tensor) -> None:
+    if not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(
+            f"weight contains NaN or Inf (first at index {bad}); fix or drop the layer before quantizing"
+        )
+
+
+def _check_finite_scales(s: Tensor) -> None:
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"weight magnitudes overflow the {s.dtype} scales; quantize a float32 copy")
+
+
 def _needs(ctx, i: int) -> bool:
     """``ctx.needs_input_grad[i]``; trailing arguments left at their defaults are absent."""
     return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
@@ -139,13 +152,9 @@ def _groups(k: int, group_size: int) -> int:
 @torch.library.custom_op("qdpo::qparams", mutates_args=())
 def qparams(w: Tensor, bits: int, group_size: int, symmetric: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
     _check_weight(w, bits, group_size)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight contains NaN or Inf; fix or drop the layer before quantizing")
+    _check_finite(w)
     s, z = backends.call("qparams", backend, w.device, w, bits, group_size, symmetric)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(
-            f"weight magnitudes overflow the {s.dtype} scales; quantize a float32 copy"
-        )
+    _check_finite_scales(s)
     return s, z
 
 
@@ -173,14 +182,20 @@ def _(w, scales, zeros, bits, backend="auto"):
 
 @torch.library.custom_op("qdpo::quantize", mutates_args=())
 def quantize(w: Tensor, bits: int, group_size: int, symmetric: bool, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    s, z = qparams(w, bits, group_size, symmetric, backend)
-    return quantize_with(w, s, z, bits, backend), s, z
+    """Scales, zeros and packed codes in one pass over ``w``."""
+    _check_weight(w, bits, group_size)
+    _check_finite(w)
+    q, s, z = backends.call("quantize", backend, w.device, w, bits, group_size, symmetric)
+    _check_finite_scales(s)
+    return q, s, z
 
 
 @quantize.register_fake
 def _(w, bits, group_size, symmetric, backend="auto"):
-    s, z = qparams(w, bits, group_size, symmetric, backend)
-    return quantize_with(w, s, z, bits, backend), s, z
+    _check_weight(w, bits, group_size)
+    n, k = w.shape
+    g = _groups(k, group_size)
+    return w.new_empty(n, k * bits // 8, dtype=torch.uint8), w.new_empty(n, g), w.new_empty(n, g, dtype=torch.uint8)
 
 
 @torch.library.custom_op("qdpo::pack", mutates_args=())
@@ -429,6 +444,7 @@ fake_quant_matmul.register_autograd(_fqmm_backward, setup_context=_fqmm_setup)
 
 # --------------------------------------------------------------------------- reference backend
 register("reference", "qparams")(reference.qparams)
+register("reference", "quantize")(reference.quantize)
 register("reference", "quantize_with")(reference.quantize_codes_packed)
 register("reference", "dequantize")(reference.dequantize)
 register("reference", "fake_quant")(reference.fake_quant)

@@ -1,0 +1,121 @@
+"""Benchmark harness shared by ``benchmarks/bench_*.py``.
+
+Each benchmark calls :func:`bench` with the pytest-benchmark fixture, a
+callable, and the bytes and FLOPs the call must move/do. Rows are kept in
+:data:`ROWS`; ``benchmarks/conftest.py`` writes them at the end of the session
+as JSON and a markdown table under ``benchmarks/results/``, named by device,
+next to the device's measured copy bandwidth (the "peak" every GB/s number is
+a fraction of).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROWS: list[dict] = []
+RESULTS = Path(__file__).parent / "results"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    """``NVIDIA-H100-80GB-HBM3``-style name for result files; ``cpu-<model>`` on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{platform.machine()}"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes / s) of a 1 GiB buffer (64 MiB on CPU)."""
+    n = (1 << 30) if torch.cuda.is_available() else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device())
+    dst = torch.empty_like(src)
+    stats = time_ms(lambda: dst.copy_(src))
+    return 2 * n / (stats["median_ms"] * 1e-3) / 1e9
+
+
+def time_ms(fn, warmup: int = 5, rep: int = 30) -> dict:
+    """Median and 20/80 % quantiles of ``fn``'s wall time in ms (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(rep):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times)
+    return {"median_ms": t.median().item(), "p20_ms": t.quantile(0.2).item(), "p80_ms": t.quantile(0.8).item()}
+
+
+def bench(benchmark, op: str, case: str, impl: str, fn, nbytes: float = 0.0, flops: float = 0.0, **extra) -> dict:
+    """Time ``fn`` (via pytest-benchmark when given, for its report) and record a row."""
+    if benchmark is not None:
+        benchmark.pedantic(lambda: (fn(), sync()), rounds=5, iterations=1, warmup_rounds=2)
+    stats = time_ms(fn)
+    sec = stats["median_ms"] * 1e-3
+    row = {"op": op, "case": case, "impl": impl, **stats, "device": device_name(), **extra}
+    if nbytes:
+        row["GB/s"] = nbytes / sec / 1e9
+        row["frac_copy_bw"] = row["GB/s"] / copy_bandwidth_gbs()
+    if flops:
+        row["TFLOP/s"] = flops / sec / 1e12
+    ROWS.append(row)
+    return row
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def write_results(outdir: Path = RESULTS) -> Path | None:
+    """Write :data:`ROWS` as ``<device>.json`` and ``<device>.md``; return the markdown path."""
+    if not ROWS:
+        return None
+    outdir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    meta = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": _commit(), "copy_bw_GBs": copy_bandwidth_gbs(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (outdir / f"{meta['device']}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    cols = ["op", "case", "impl", "median_ms", "p20_ms", "p80_ms", "GB/s", "frac_copy_bw", "TFLOP/s", "speedup"]
+    lines = [f"# benchmarks on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}; "
+             f"measured copy bandwidth {meta['copy_bw_GBs']:.0f} GB/s (read + write). "
+             "Times are medians of 30 runs after 5 warm-ups"
+             + (" (CUDA events)." if torch.cuda.is_available() else " on the CPU (wall clock)."), "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in ROWS:
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = outdir / f"{meta['device']}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
