@@ -17,9 +17,10 @@ Conventions (see ``qdpo/quant/format.py`` for the packed layout):
 
 Scale rule (asymmetric): ``lo = min(min(w), 0)``, ``hi = max(max(w), 0)``
 (the range always contains 0, so the zero point never clips),
-``s = max((hi - lo) / qmax, tiny)`` rounded to the scale dtype, then
+``s = max((hi - lo) / qmax, tiny)`` rounded *up* to the scale dtype (so the
+group's range always fits in ``qmax`` steps, even with bf16 scales), then
 ``z = clamp(round(-lo / s), 0, qmax)``, ``q = clamp(round(w / s) + z, 0, qmax)``.
-Symmetric: ``s = max(max|w| / (2**(b-1) - 1), tiny)``, ``z = 2**(b-1)``,
+Symmetric: ``s = max(max|w| / (2**(b-1) - 1), tiny)`` rounded up likewise, ``z = 2**(b-1)``,
 ``q = clamp(round(w / s), -2**(b-1), 2**(b-1) - 1) + z``.
 ``tiny`` is ``torch.finfo(scale_dtype).tiny``: a zero-range (all-zero) group
 gets that scale, codes ``q = z``, and dequantizes to exact zeros: no division
@@ -67,6 +68,18 @@ def _expand(p: torch.Tensor) -> torch.Tensor:
     return p.float().unsqueeze(-1)
 
 
+def to_scale_dtype(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast fp32 scales to ``dtype`` rounding *up*: the nearest value, or the next one above if that is smaller.
+
+    Rounding a scale down would make ``(hi - lo) / s`` exceed ``qmax`` and clip
+    the group's extreme weight by up to a whole step (seen with bf16 scales).
+    """
+    out = s.to(dtype)
+    if dtype == torch.float32:
+        return out
+    return torch.where(out.float() < s, torch.nextafter(out, torch.full_like(out, float("inf"))), out)
+
+
 def qparams(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +94,13 @@ def qparams(
     tiny = torch.finfo(w.dtype).tiny
     if symmetric:
         half = 1 << (bits - 1)
-        s = (wg.abs().amax(-1) / (half - 1)).clamp_min(tiny).to(w.dtype)
+        s = to_scale_dtype((wg.abs().amax(-1) / (half - 1)).clamp_min(tiny), w.dtype)
         z = torch.full_like(s, half, dtype=torch.uint8)
         return s, z
     qmax = (1 << bits) - 1
     lo = wg.amin(-1).clamp_max(0.0)
     hi = wg.amax(-1).clamp_min(0.0)
-    s = ((hi - lo) / qmax).clamp_min(tiny).to(w.dtype)
+    s = to_scale_dtype(((hi - lo) / qmax).clamp_min(tiny), w.dtype)
     z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
     return s, z
 

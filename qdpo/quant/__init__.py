@@ -3,5 +3,12 @@
 from qdpo.quant.spec import QuantSpec
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.functional import dequant_matmul, dequantize, fake_quant, fake_quant_matmul, quantize
+from qdpo.quant.linear import QuantLinear
+from qdpo.quant.model import quantizable_layers, quantize_model, quantized_layers, to_packed
+from qdpo.quant.io import load_quantized, save_quantized
 
-__all__ = ["QuantSpec", "QuantizedWeight", "quantize", "dequantize", "dequant_matmul", "fake_quant", "fake_quant_matmul"]
+__all__ = [
+    "QuantSpec", "QuantizedWeight", "quantize", "dequantize", "dequant_matmul", "fake_quant",
+    "fake_quant_matmul", "QuantLinear", "quantize_model", "quantizable_layers", "quantized_layers",
+    "to_packed", "save_quantized", "load_quantized",
+]

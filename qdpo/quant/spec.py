@@ -29,11 +29,11 @@ class QuantSpec:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}"
             )
-        if isinstance(self.group_size, bool) or self.group_size not in SUPPORTED_GROUP_SIZES:
+        if type(self.group_size) is not int or self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"group_size={self.group_size!r} is not supported; use one of "
                 f"{SUPPORTED_GROUP_SIZES} (-1 = one group per output row)"

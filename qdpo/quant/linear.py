@@ -1,0 +1,158 @@
+"""QuantLinear: a drop-in ``nn.Linear`` with W4/W8 weights, in two modes.
+
+* ``train``: the module holds latent full-precision weights ``weight`` (an
+  ``nn.Parameter``) and a frozen grid (``scales``, ``zeros``); forward is
+  ``x @ fake_quant(weight)ᵀ + bias`` through ``torch.ops.qdpo.fake_quant_matmul``
+  with straight-through gradients. With ``learn_scales=True`` the scales are a
+  parameter too and get the LSQ gradient.
+* ``packed``: the module holds the packed integer weight ``qweight`` (uint8,
+  the canonical format of ``qdpo.quant.format``) with ``scales`` and ``zeros``;
+  forward is ``torch.ops.qdpo.dequant_matmul``. Gradients flow to the input
+  (and bias) so a frozen quantized layer can sit inside a trained model.
+
+``to_packed()`` converts train → packed exactly: the packed module's ŵ is the
+fake-quantized latent weight, so both modes give the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qdpo.kernels import ops
+from qdpo.quant.format import QuantizedWeight
+from qdpo.quant.spec import QuantSpec
+
+MODES = ("train", "packed")
+
+
+class QuantLinear(nn.Module):
+    """Weight-quantized linear layer; see the module docstring for the two modes.
+
+    Args:
+        in_features, out_features: K and N.
+        spec: the :class:`QuantSpec`.
+        bias: whether the layer has a (full-precision) bias.
+        mode: ``"train"`` or ``"packed"``.
+        dtype: dtype of the latent weight / scales / bias.
+        learn_scales: in train mode, make ``scales`` a parameter (LSQ).
+        backend: kernel backend for forward and backward (``"auto"`` by default).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
+        mode: str = "train", dtype: torch.dtype = torch.float32, device=None,
+        learn_scales: bool = False, backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not known; use one of {MODES}")
+        spec.check_shape(out_features, in_features, "QuantLinear")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.mode, self.backend = mode, backend
+        n, k = out_features, in_features
+        g = 1 if spec.group_size == -1 else k // spec.group_size
+        fkw = {"dtype": dtype, "device": device}
+        if mode == "train":
+            self.weight = nn.Parameter(torch.zeros(n, k, **fkw))  # latent weights [N, K]
+        else:
+            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8, device=device))
+        scales = torch.ones(n, g, **fkw)  # [N, K/G]
+        if learn_scales and mode == "train":
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.register_buffer("zeros", torch.zeros(n, g, dtype=torch.uint8, device=device))  # [N, K/G]
+        self.bias = nn.Parameter(torch.zeros(n, **fkw)) if bias else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Module, spec: QuantSpec, mode: str = "train", learn_scales: bool = False,
+        scales: Tensor | None = None, zeros: Tensor | None = None, backend: str = "auto",
+    ) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose weight is ``(K, N)``).
+
+        The grid is round-to-nearest from the weight unless ``scales``/``zeros``
+        are given (e.g. from AWQ or an imported checkpoint).
+        """
+        w = _linear_weight(linear).detach()
+        n, k = w.shape
+        q = cls(k, n, spec, bias=linear.bias is not None, mode=mode, dtype=w.dtype,
+                device=w.device, learn_scales=learn_scales, backend=backend)
+        if scales is None or zeros is None:
+            scales, zeros = ops.qparams(w, spec.bits, spec.group_size, spec.symmetric, backend)
+        with torch.no_grad():
+            q.scales.copy_(scales)
+            q.zeros.copy_(zeros)
+            if mode == "train":
+                q.weight.copy_(w)
+            else:
+                q.qweight.copy_(ops.quantize_with(w, q.scales, q.zeros, spec.bits, backend))
+            if q.bias is not None:
+                q.bias.copy_(linear.bias.detach())
+        return q
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # custom ops are not autocast-aware: cast here
+            x = x.to(torch.get_autocast_dtype(dev))
+        bits = self.spec.bits
+        if self.mode == "train":
+            return ops.fake_quant_matmul(x, self.weight, self.scales, self.zeros, bits, self.bias, self.backend)
+        return ops.dequant_matmul(x, self.qweight, self.scales, self.zeros, bits, self.bias, self.backend)
+
+    # ------------------------------------------------------------------ conversion
+    @torch.no_grad()
+    def to_packed(self) -> "QuantLinear":
+        """Train → packed, in place and exact; returns ``self``."""
+        if self.mode == "packed":
+            return self
+        qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
+        scales = self.scales.detach().clone()
+        del self.weight, self.scales
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.mode = "packed"
+        return self
+
+    @torch.no_grad()
+    def to_train(self, dtype: torch.dtype | None = None, learn_scales: bool = False) -> "QuantLinear":
+        """Packed → train, in place: the latent weight starts at ŵ; returns ``self``."""
+        if self.mode == "train":
+            return self
+        dtype = dtype or self.scales.dtype
+        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
+        scales = self.scales.detach().to(dtype)
+        del self.qweight, self.scales
+        self.weight = nn.Parameter(w)
+        if learn_scales:
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.mode = "train"
+        return self
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer's weight in the canonical packed format (packing the latent weight in train mode)."""
+        with torch.no_grad():
+            if self.mode == "train":
+                qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
+            else:
+                qweight = self.qweight
+            return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
+                                   (self.out_features, self.in_features), self.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, spec={self.spec.name}, mode={self.mode}")
+
+
+def _linear_weight(module: nn.Module) -> Tensor:
+    """``(N, K)`` weight of an ``nn.Linear`` or of a GPT-2 style ``Conv1D`` (stored ``(K, N)``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()
+    raise TypeError(f"cannot quantize a {type(module).__name__}; expected nn.Linear or transformers Conv1D")

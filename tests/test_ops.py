@@ -1,0 +1,228 @@
+"""torch.ops.qdpo.*: registration (opcheck), input checks, backend choice, torch.compile.
+
+Kernel-specific comparisons live in tests/test_<op>.py; this file covers the
+ops layer with the reference backend, which runs everywhere.
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.kernels import backends, reference as ref
+from tests.conftest import assert_exact
+
+OPS = torch.ops.qdpo
+
+
+def _problem(n=6, k=64, gs=32, bits=4, sym=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    q, s, z = OPS.quantize(w, bits, gs, sym)
+    return w, q, s, z
+
+
+def _opcheck_cases():
+    w, q, s, z = _problem()
+    x = torch.randn(3, 64, requires_grad=True)
+    wl = w.clone().requires_grad_()
+    sl = s.clone().requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    codes = ref.unpack(q, 4)
+    return [
+        (OPS.qparams, (w, 4, 32, False)),
+        (OPS.quantize, (w, 8, -1, True)),
+        (OPS.quantize_with, (w, s, z, 4)),
+        (OPS.pack, (codes, 4)),
+        (OPS.unpack, (q, 4)),
+        (OPS.dequantize, (q, s, z, 4, torch.bfloat16)),
+        (OPS.fake_quant, (wl, sl, z, 4)),
+        (OPS.fake_quant_backward, (torch.randn(6, 64), w, s, z, 4, True)),
+        (OPS.dequant_matmul, (x, q, s, z, 4, b)),
+        (OPS.dequant_matmul_dx, (torch.randn(3, 6), q, s, z, 4)),
+        (OPS.fake_quant_matmul, (x, wl, sl, z, 4, b)),
+        (OPS.fake_quant_matmul_backward, (torch.randn(3, 6), x.detach(), w, s, z, 4, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    opcheck(op, args)
+
+
+def test_every_op_has_a_reference_implementation():
+    names = {"qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward",
+             "dequant_matmul", "dequant_matmul_dx", "fake_quant_matmul", "fake_quant_matmul_backward"}
+    assert names <= set(backends._IMPLS["reference"])
+
+
+# ----------------------------------------------------------------------------- public API
+@pytest.mark.parametrize("bits,gs,sym", [(4, 32, False), (4, -1, True), (8, 64, False), (8, 128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_public_api_matches_reference(bits, gs, sym, dtype):
+    spec = QuantSpec(bits, gs, sym)
+    w = torch.randn(5, 256).to(dtype)
+    qw = qdpo.quantize(w, spec)
+    s, z = ref.qparams(w, bits, gs, sym)
+    assert_exact(qw.zeros, z, "zeros")
+    assert_exact(qw.scales, s, "scales")
+    assert_exact(qw.qweight, ref.pack(ref.quantize_codes(w, s, z, bits), bits), "qweight")
+    assert qw.shape == (5, 256) and qw.dtype == dtype
+    assert_exact(qdpo.dequantize(qw), ref.fake_quant(w, s, z, bits), "ŵ")
+    assert_exact(qdpo.fake_quant(w, spec), ref.fake_quant(w, s, z, bits), "fake_quant")
+    x = torch.randn(2, 3, 256).to(dtype)
+    assert_exact(qdpo.dequant_matmul(x, qw), ref.dequant_matmul(x, qw.qweight, s, z, bits), "y")
+    assert_exact(qdpo.fake_quant_matmul(x, w, spec), ref.fake_quant_matmul(x, w, s, z, bits), "y")
+
+
+def test_public_autograd_matches_reference_backward():
+    spec = QuantSpec(4, 32)
+    w0 = torch.randn(7, 64)
+    s0, z = ref.qparams(w0, 4, 32, False)
+    w = (w0 + 3 * torch.randn_like(w0) * s0.repeat_interleave(32, 1)).requires_grad_()  # some clipping
+    s = s0.clone().requires_grad_()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    y = qdpo.fake_quant_matmul(x, w, spec, s, z, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx, dw, ds = ref.fake_quant_matmul_backward(dy, x.detach(), w.detach(), s0, z, 4, True)
+    assert_exact(x.grad, dx, "dx")
+    assert_exact(w.grad, dw, "dw")
+    assert_exact(s.grad, ds, "dscales")
+    torch.testing.assert_close(b.grad, dy.sum((0, 1)))
+    assert bool((w.grad[~ref.fake_quant_mask(w.detach(), s0, z, 4)] == 0).all())
+
+
+def test_dequant_matmul_backward_to_x_and_bias():
+    qw = qdpo.quantize(torch.randn(6, 64), QuantSpec(8, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    y = qdpo.dequant_matmul(x, qw, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ qdpo.dequantize(qw))
+    torch.testing.assert_close(b.grad, dy.sum(0))
+
+
+def test_fake_quant_without_grid_uses_rtn_and_needs_both():
+    w = torch.randn(4, 64)
+    spec = QuantSpec(4, 64)
+    assert_exact(qdpo.fake_quant(w, spec), qdpo.dequantize(qdpo.quantize(w, spec)), "ŵ")
+    with pytest.raises(ValueError, match="pass both scales and zeros"):
+        qdpo.fake_quant(w, spec, scales=torch.ones(4, 1))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors_bad_weights():
+    spec = QuantSpec(4, 32)
+    with pytest.raises(TypeError, match="dtype torch.int32; use float16, bfloat16 or float32"):
+        qdpo.quantize(torch.ones(4, 64, dtype=torch.int32), spec)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qdpo.quantize(torch.tensor([[1.0, float("nan")] * 16]), spec)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qdpo.quantize(torch.tensor([[1.0, float("inf")] * 16]), spec)
+    with pytest.raises(ValueError, match="K=48 is not divisible by group_size=32"):
+        qdpo.quantize(torch.randn(4, 48), spec)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        qdpo.quantize(torch.randn(4, 4, 64), spec)
+    with pytest.raises(TypeError, match="spec must be a qdpo.QuantSpec"):
+        qdpo.quantize(torch.randn(4, 64), {"bits": 4})
+    with pytest.raises(ValueError, match="overflow"):
+        qdpo.quantize(torch.tensor([[-3e38, 3e38] * 16]), QuantSpec(8, 32, False))
+
+
+def test_errors_mismatched_shapes():
+    w, q, s, z = _problem()
+    with pytest.raises(ValueError, match=r"x has shape \(3, 32\) but the weight has in_features K=64"):
+        OPS.dequant_matmul(torch.randn(3, 32), q, s, z, 4)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 63\) but the weight has in_features K=64"):
+        OPS.fake_quant_matmul(torch.randn(3, 63), w, s, z, 4)
+    with pytest.raises(ValueError, match=r"bias has shape \(5,\); expected \(6,\)"):
+        OPS.dequant_matmul(torch.randn(3, 64), q, s, z, 4, torch.randn(5))
+    with pytest.raises(ValueError, match="scales .* and zeros .* must both be"):
+        OPS.fake_quant(w, s[:3], z, 4)
+    with pytest.raises(ValueError, match="groups per row"):
+        OPS.fake_quant(w, torch.ones(6, 3), torch.zeros(6, 3, dtype=torch.uint8), 4)
+    with pytest.raises(TypeError, match="zero points are stored as uint8"):
+        OPS.fake_quant(w, s, z.float(), 4)
+    with pytest.raises(TypeError, match="qweight must be a 2-D uint8"):
+        OPS.dequantize(q.int(), s, z, 4)
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
+        OPS.dequantize(q, s, z, 3)
+    with pytest.raises(ValueError, match="4-bit codes need an even K"):
+        OPS.pack(torch.zeros(2, 5, dtype=torch.uint8), 4)
+
+
+def test_errors_in_fake_mode_match_eager():
+    """The fake impl doubles as validation: the same error under torch.compile tracing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w, q, s, z = _problem()
+    with FakeTensorMode() as mode:
+        fx, fq, fs, fz = (mode.from_tensor(t) for t in (torch.randn(3, 32), q, s, z))
+        with pytest.raises(ValueError, match="in_features K=64"):
+            OPS.dequant_matmul(fx, fq, fs, fz, 4)
+
+
+# ----------------------------------------------------------------------------- backends
+def test_backend_choice_and_errors(monkeypatch):
+    w, q, s, z = _problem()
+    with pytest.raises(ValueError, match="backend='nope' is not known"):
+        OPS.dequantize(q, s, z, 4, None, "nope")
+    with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
+        OPS.dequantize(q, s, z, 4, None, "cuda")
+    monkeypatch.setenv("QDPO_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        OPS.dequantize(q, s, z, 4)
+    monkeypatch.setenv("QDPO_BACKEND", "reference")
+    assert_exact(OPS.dequantize(q, s, z, 4), ref.dequantize(q, s, z, 4), "ŵ")
+    assert "reference" in backends.available("cpu")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    w, q, s, z = _problem()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        OPS.dequantize(q, s, z, 4, None, "triton")
+
+
+def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
+    """A backend that cannot serve a request is skipped under auto, with one log line."""
+    calls = []
+
+    def unsupported(*args):
+        calls.append(1)
+        raise backends.Unsupported("test reason")
+
+    monkeypatch.setitem(backends._IMPLS["triton"], "dequantize", unsupported)
+    monkeypatch.setattr(backends, "_device_reason", lambda b, d: None)
+    w, q, s, z = _problem()
+    cuda_like = torch.device("cuda")  # drive the auto order used on a GPU
+    with caplog.at_level("WARNING", logger="qdpo.kernels"):
+        for _ in range(2):
+            out = backends.call("dequantize", "auto", cuda_like, q, s, z, 4, torch.float32)
+    assert_exact(out, ref.dequantize(q, s, z, 4), "ŵ")
+    assert len(calls) == 2 and caplog.text.count("test reason") == 1
+    with pytest.raises(RuntimeError, match="cannot serve this request: test reason"):
+        backends.call("dequantize", "triton", cuda_like, q, s, z, 4, torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    spec = QuantSpec(4, 32)
+    w0 = torch.randn(6, 64)
+    s, z = ref.qparams(w0, 4, 32, False)
+
+    def f(x, w):
+        return qdpo.fake_quant_matmul(x, w, spec, s, z).sum()
+
+    x = torch.randn(3, 64)
+    w = w0.clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True)(x, w)
+    out.backward()
+    w2 = w0.clone().requires_grad_()
+    f(x, w2).backward()
+    torch.testing.assert_close(out, f(x, w0))
+    torch.testing.assert_close(w.grad, w2.grad)
