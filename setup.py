@@ -96,4 +96,5 @@ def extensions():
     return [Pybind11Extension("qdpo._C", sources, cxx_std=17)]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

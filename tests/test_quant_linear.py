@@ -1,0 +1,235 @@
+"""QuantLinear, quantize_model and packed save/load on tiny Hugging Face models (built from configs)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import qdpo
+from qdpo import QuantLinear, QuantSpec
+from qdpo.kernels import reference as ref
+from qdpo.quant import quantizable_layers, quantized_layers, to_packed
+from tests.conftest import assert_exact, sqnr
+
+VOCAB = 96
+
+
+def tiny(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg).eval()
+    if arch == "qwen2":
+        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        return Qwen2ForCausalLM(cfg).eval()
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+ARCHS = ("llama", "qwen2", "gpt2")
+EXPECTED_LAYERS = {"llama": 14, "qwen2": 14, "gpt2": 8}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, -1, True)])
+def test_train_and_packed_modes_agree(arch, spec):
+    model = tiny(arch)
+    fp = model(IDS).logits
+    qdpo.quantize_model(model, spec)
+    layers = quantized_layers(model)
+    assert len(layers) == EXPECTED_LAYERS[arch]
+    assert all(m.mode == "train" for m in layers.values())
+    assert isinstance(model.get_output_embeddings(), nn.Linear)  # LM head untouched
+    fq = model(IDS).logits
+    to_packed(model)
+    assert all(m.mode == "packed" and not hasattr(m, "weight") for m in layers.values())
+    packed = model(IDS).logits
+    assert_exact(packed, fq, "logits")  # same ŵ, same matmul
+    assert sqnr(fp, fq) > (20 if spec.bits == 4 else 35)  # quantized, but close to FP
+
+
+def test_layer_forward_equals_reference():
+    lin = nn.Linear(64, 10)
+    spec = QuantSpec(4, 32)
+    q = QuantLinear.from_linear(lin, spec)
+    x = torch.randn(4, 64)
+    s, z = ref.qparams(lin.weight.detach(), 4, 32, False)
+    expect = ref.fake_quant_matmul(x, lin.weight.detach(), s, z, 4, lin.bias.detach())
+    assert_exact(q(x), expect, "y")
+    assert "spec=W4A16-g32-asym, mode=train" in repr(q)
+
+
+def test_gpt2_conv1d_weight_is_transposed():
+    model = tiny("gpt2")
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D: weight (K=64, N=256)
+    x = torch.randn(3, 64)
+    q = QuantLinear.from_linear(conv, QuantSpec(8, 64))
+    assert (q.out_features, q.in_features) == (256, 64)
+    torch.testing.assert_close(q(x), conv(x), atol=0.02, rtol=0.02)
+
+
+def test_gradients_reach_latent_weights_and_learned_scales():
+    lin = nn.Linear(64, 8)
+    q = QuantLinear.from_linear(lin, QuantSpec(4, 32), learn_scales=True)
+    assert isinstance(q.scales, nn.Parameter) and not isinstance(q.zeros, nn.Parameter)
+    q(torch.randn(5, 64)).pow(2).sum().backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    assert q.scales.grad is not None and q.scales.grad.shape == (8, 2)
+    assert q.bias.grad is not None
+    trainable = {n for n, p in q.named_parameters()}
+    assert trainable == {"weight", "scales", "bias"}
+
+
+def test_packed_layer_passes_gradient_to_input_only():
+    q = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 64), mode="packed")
+    x = torch.randn(2, 64, requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert {n for n, _ in q.named_parameters()} == {"bias"}
+
+
+def test_to_train_from_packed_starts_at_w_hat():
+    lin = nn.Linear(64, 8)
+    q = QuantLinear.from_linear(lin, QuantSpec(4, 32), mode="packed")
+    w_hat = qdpo.dequantize(q.quantized_weight())
+    q.to_train()
+    assert_exact(q.weight.detach(), w_hat, "latent")
+    x = torch.randn(3, 64)
+    y_train = q(x)
+    q.to_packed()
+    assert_exact(q(x), y_train, "y")
+
+
+def test_exclude_patterns_and_lm_head():
+    model = tiny("llama")
+    names = quantizable_layers(model, exclude=("lm_head", "*.mlp.down_proj"))
+    assert not any(n.endswith("down_proj") or n == "lm_head" for n in names)
+    assert len(names) == 12
+
+
+def test_shape_error_names_layer_and_leaves_model_unchanged():
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: K=64 is not divisible by group_size=128"):
+        qdpo.quantize_model(model, QuantSpec(4, 128))
+    assert not quantized_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_weights_are_refused_before_any_change():
+    model = tiny("qwen2")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj: weight contains NaN"):
+        qdpo.quantize_model(model, QuantSpec(4, 32))
+    assert not quantized_layers(model)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="spec must be a qdpo.QuantSpec"):
+        qdpo.quantize_model(tiny("llama"), (4, 32))
+    with pytest.raises(ValueError, match="method='gptq' is not known"):
+        qdpo.quantize_model(tiny("llama"), QuantSpec(4, 32), method="gptq")
+    with pytest.raises(ValueError, match="mode='fast' is not known"):
+        QuantLinear(64, 8, QuantSpec(4, 32), mode="fast")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["train", "packed"])
+def test_save_load_roundtrip(arch, mode, tmp_path):
+    model = tiny(arch)
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode=mode)
+    expect = model(IDS).logits
+    qdpo.save_quantized(model, tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "qdpo_quant.json", "config.json"} <= files
+    assert not any(f.startswith(".") for f in files)  # no temporary leftovers
+    loaded = qdpo.load_quantized(tmp_path)
+    assert_exact(loaded(IDS).logits, expect, "logits")
+    assert all(m.mode == "packed" for m in quantized_layers(loaded).values())
+    trained = qdpo.load_quantized(tmp_path, mode="train")
+    assert_exact(trained(IDS).logits, expect, "logits")
+
+
+def test_tied_embeddings_stored_once(tmp_path):
+    model = tiny("llama")
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    qdpo.save_quantized(model, tmp_path)
+    cfg = json.loads((tmp_path / "qdpo_quant.json").read_text())
+    assert cfg["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = qdpo.load_quantized(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def _saved(tmp_path):
+    model = tiny("llama")
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    qdpo.save_quantized(model, tmp_path)
+    return tmp_path
+
+
+def test_load_errors_missing_tensor(tmp_path):
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("model.layers.1.mlp.up_proj.scales")
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="has no tensor 'model.layers.1.mlp.up_proj.scales'"):
+        qdpo.load_quantized(path)
+
+
+def test_load_errors_wrong_shape(tmp_path):
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.qweight"] = tensors["model.layers.0.mlp.up_proj.qweight"][:, :8].contiguous()
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="up_proj.qweight' has shape"):
+        qdpo.load_quantized(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(format="gptq"), "'format' must be 'qdpo-packed'"),
+    (lambda c: c["spec"].update(bits=3), "bits=3 is not supported"),
+    (lambda c: c["spec"].pop("group_size"), "missing"),
+    (lambda c: c.update(modules=["model.layers.9.mlp"]), "names module 'model.layers.9.mlp'"),
+])
+def test_load_errors_wrong_config(tmp_path, edit, match):
+    path = _saved(tmp_path)
+    cfg = json.loads((path / "qdpo_quant.json").read_text())
+    edit(cfg)
+    (path / "qdpo_quant.json").write_text(json.dumps(cfg))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        qdpo.load_quantized(path)
+
+
+def test_load_errors_not_json_missing_dir_and_pickles(tmp_path):
+    path = _saved(tmp_path / "m")
+    (path / "qdpo_quant.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        qdpo.load_quantized(path)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        qdpo.load_quantized(tmp_path / "nowhere")
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    torch.save({"x": torch.ones(1)}, pick / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="refuses pickles"):
+        qdpo.load_quantized(pick)
+
+
+def test_save_refuses_unquantized_model(tmp_path):
+    with pytest.raises(ValueError, match="no QuantLinear layers; call qdpo.quantize_model first"):
+        qdpo.save_quantized(tiny("llama"), tmp_path)
+
+
+def test_bf16_model_modes_agree():
+    model = tiny("llama").to(torch.bfloat16)
+    qdpo.quantize_model(model, QuantSpec(4, 64))
+    a = model(IDS).logits
+    to_packed(model)
+    assert_exact(model(IDS).logits, a, "logits")
