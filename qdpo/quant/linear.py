@@ -94,10 +94,15 @@ class QuantLinear(nn.Module):
         return q
 
     # ------------------------------------------------------------------ forward
+    _w_hat: Tensor | None = None  # set by frozen_weights(): a cached ŵ for inference
+
     def forward(self, x: Tensor) -> Tensor:
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # custom ops are not autocast-aware: cast here
             x = x.to(torch.get_autocast_dtype(dev))
+        if self._w_hat is not None:
+            w_hat = self._w_hat.to(x.dtype)
+            return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
         bits = self.spec.bits
         if self.mode == "train":
             return ops.fake_quant_matmul(x, self.weight, self.scales, self.zeros, bits, self.bias, self.backend)
@@ -134,6 +139,12 @@ class QuantLinear(nn.Module):
         self.mode = "train"
         return self
 
+    @torch.no_grad()
+    def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
+        """ŵ ``(N, K)`` in ``dtype`` (default: the scales' dtype)."""
+        qw = self.quantized_weight()
+        return ops.dequantize(qw.qweight, qw.scales, qw.zeros, self.spec.bits, dtype or qw.dtype, self.backend)
+
     def quantized_weight(self) -> QuantizedWeight:
         """The layer's weight in the canonical packed format (packing the latent weight in train mode)."""
         with torch.no_grad():
@@ -156,3 +167,28 @@ def _linear_weight(module: nn.Module) -> Tensor:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.t()
     raise TypeError(f"cannot quantize a {type(module).__name__}; expected nn.Linear or transformers Conv1D")
+
+
+class frozen_weights:
+    """Context manager: every :class:`QuantLinear` of ``model`` runs on a cached ŵ.
+
+    For generation and evaluation: ŵ is computed once per layer (in ``dtype``,
+    default each layer's own) and the forward becomes a plain ``F.linear``, so
+    the hundreds of decoding steps do not re-quantize the weights each time.
+    Outputs equal the layer's normal forward for inputs of that dtype. Use
+    under ``torch.no_grad()``; the cache is dropped on exit.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        self.dtype = dtype
+
+    def __enter__(self):
+        with torch.no_grad():
+            for m in self.layers:
+                m._w_hat = m.dequantized(self.dtype)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.layers:
+            m._w_hat = None

@@ -1,0 +1,278 @@
+"""``python -m qdpo.train``: quantize a chat model and train it to answer like its FP original.
+
+Runs, each stage writing its artifact into ``--output-dir`` (see
+``qdpo/training/stages.py``): load model and prompts → FP greedy answers →
+initial quantization (RTN or AWQ) → the quantized model's answers → pairs
+(chosen = FP, rejected = quantized) with reference log-probs → training
+(QDPO, and/or the KD and SFT baselines) with early stopping on the validation
+split → evaluation against the FP model on the test split → export of the
+packed model (reloaded and checked) → ``metrics.json``, ``report.md``, plots.
+
+Examples::
+
+    python -m qdpo.train                                   # embedded SmolLM2, W4 g64, QDPO
+    python -m qdpo.train --method all --output-dir runs/all # QDPO, KD and SFT side by side
+    python -m qdpo.train --model path/to/hf-model --prompts my.jsonl --bits 8 --group-size 128
+    python -m qdpo.train --output-dir runs/default --resume   # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qdpo.training.config import ConfigError, TrainConfig, parse_args
+from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
+from qdpo.training.trainer import CheckpointError, Example, Trainer
+
+log = logging.getLogger("qdpo.train")
+RUN_FILE = "run.json"
+# Fields that do not change what a run computes (so --resume accepts a change in them).
+NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "judge_url",
+                     "checkpoint_every", "method")
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked: printed without a traceback."""
+
+
+USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
+
+
+# ----------------------------------------------------------------------------- run directory
+def _fingerprint(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create, reuse (``--resume``) or replace (``--overwrite``) the run directory."""
+    out = Path(cfg.output_dir)
+    run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()):
+        if not run_file.exists():
+            raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
+        old = json.loads(run_file.read_text()).get("fingerprint", {})
+        diff = sorted(k for k in set(old) | set(_fingerprint(cfg)) if old.get(k) != _fingerprint(cfg).get(k))
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif not cfg.resume:
+            raise RunDirError(f"--output-dir {out} already holds a run; pass --resume to continue it or "
+                              "--overwrite to start again")
+        elif diff:
+            raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
+                              "use another --output-dir, or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    from qdpo.training.stages import atomic_write_text
+
+    atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": cfg.to_dict()}, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+class Stages:
+    """Wall time and peak memory per stage, for metrics.json."""
+
+    def __init__(self) -> None:
+        self.timing: dict[str, dict] = {}
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("stage: %s", name)
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+
+            def __exit__(self, *exc):
+                rec = {"seconds": round(time.perf_counter() - self.t0, 2),
+                       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+                if torch.cuda.is_available():
+                    rec["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                stages.timing[name] = rec
+
+        return _Stage()
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def _load(cfg: TrainConfig, device):
+    from qdpo.loading import load_model
+
+    try:
+        return load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--model {cfg.model}: {e}") from None
+
+
+def _prompt_sets(cfg: TrainConfig):
+    prompts = load_prompt_set(cfg.prompts, cfg.seed)
+    train = split(prompts, "train", cfg.max_train_prompts)
+    val = split(prompts, "validation", cfg.max_eval_prompts)
+    test = split(prompts, "test", cfg.max_eval_prompts)
+    if cfg.eval_prompts:
+        test = read_prompts(cfg.eval_prompts)[: cfg.max_eval_prompts or None]
+        for p in test:
+            p.id, p.split = f"eval:{p.id}", "test"
+    if not train:
+        raise PromptError(f"the prompt set {cfg.prompts} has no training prompts")
+    if not test:
+        raise PromptError(f"the prompt set {cfg.prompts} has no test prompts; add a 'test' split or --eval-prompts")
+    return train, val, test
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def run(cfg: TrainConfig) -> dict:
+    from qdpo.eval import metrics as M
+    from qdpo.training import stages as S
+
+    out = prepare_run_dir(cfg)
+    stage = Stages()
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+    with stage("load"):
+        fp_model, tok = _load(cfg, device)
+        train_p, val_p, test_p = _prompt_sets(cfg)
+        all_p, all_ids, dropped = S.tokenize_prompts(tok, train_p + val_p + test_p, cfg.max_length)
+        ids = {p.id: t for p, t in zip(all_p, all_ids)}
+        keep = set(ids)
+        train_p, val_p, test_p = ([p for p in ps if p.id in keep] for ps in (train_p, val_p, test_p))
+        if not train_p or not test_p:
+            raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with stage("fp_answers"):
+        fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers")
+    with stage("quantize"):
+        calib = [ids[p.id] + fp[p.id] for p in train_p]
+        q0, init_stats = S.quantize_initial(fp_model, cfg, calib, out / "initial")
+    with stage("initial_answers"):
+        tt = train_p + test_p
+        q_ans = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
+                          "quantized answers")
+    with stage("pairs"):
+        pairs, pair_stats = S.build_pairs(out / "pairs.jsonl", train_p, ids, fp, q_ans, q0, tok, cfg, pad)
+    test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
+    val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
+    evals, curves, histories, summaries = {}, {}, {}, {}
+    ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk)
+    with stage("eval_start"):
+        val = (val_ex, M.fp_targets(fp_model, val_ex, **ev, disable=True)) if val_ex else None
+        for name, model, answers in (("fp", fp_model, fp), ("initial", q0, q_ans)):
+            evals[name], curves[name] = _evaluate(fp_model, model, tok, test_ex, [answers[p.id] for p in test_p], ev)
+    for method in cfg.methods():
+        model = copy.deepcopy(q0)
+        examples = _examples(method, pairs, train_p, ids, fp)
+        with stage(f"train_{method}"):
+            trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model, val=val,
+                              pad_id=pad)
+            summaries[method] = trainer.run(resume=cfg.resume)
+            histories[method] = trainer.history
+        with stage(f"eval_{method}"):
+            answers = S.greedy(model, tok, [ids[p.id] for p in test_p], cfg.max_new_tokens, cfg.gen_batch_size,
+                               desc=f"{method} answers")
+            evals[method], curves[method] = _evaluate(fp_model, model, tok, test_ex, answers, ev)
+            S.write_jsonl(out / "answers" / f"{method}.jsonl",
+                          [{"id": p.id, "answer": tok.decode(a, skip_special_tokens=True), "answer_ids": a}
+                           for p, a in zip(test_p, answers)])
+        if cfg.export:
+            with stage(f"export_{method}"):
+                summaries[method]["export"] = _export(model, tok, out / f"export_{method}", fp_model, test_ex,
+                                                      evals[method], ev)
+    return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
+
+
+def _examples(method: str, pairs: list[dict], train_p, ids, fp) -> list[Example]:
+    if method == "qdpo":
+        return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r["ref_chosen_logps"],
+                        r["ref_rejected_logps"]) for r in pairs]
+    return [Example(ids[p.id], fp[p.id]) for p in train_p]
+
+
+def _evaluate(fp_model, model, tok, test_ex, answers, ev) -> tuple[dict, tuple]:
+    from qdpo.eval import metrics as M
+
+    tf = M.teacher_forced(fp_model, model, test_ex, **ev)
+    gen = M.generation_metrics(fp_model, test_ex, answers, tok, **ev)
+    curve = (tf.pop("margins"), tf.pop("flipped"))
+    return {**tf, **gen}, curve
+
+
+def _export(model, tok, path: Path, fp_model, test_ex, evaluated: dict, ev) -> dict:
+    """Save packed, reload, and check the reloaded model reproduces the evaluated flip rate and KL."""
+    from qdpo.eval import metrics as M
+    from qdpo.quant import load_quantized, save_quantized
+
+    save_quantized(model, path, tokenizer=tok)
+    reloaded = load_quantized(path, device=next(model.parameters()).device)
+    tf = M.teacher_forced(fp_model, reloaded, test_ex, **ev, disable=True)
+    ok = abs(tf["flip_rate"] - evaluated["flip_rate"]) < 1e-6 and abs(tf["kl"] - evaluated["kl"]) < 1e-4
+    if not ok:
+        log.error("exported model at %s does not reproduce the evaluation (flip %.6f vs %.6f)", path,
+                  tf["flip_rate"], evaluated["flip_rate"])
+    return {"path": str(path), "reproduces_eval": ok, "flip_rate": tf["flip_rate"], "kl": tf["kl"]}
+
+
+def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped) -> dict:
+    from qdpo.eval import plots, report
+
+    plot_paths = {"flip_vs_margin": plots.flip_vs_margin(curves, out / "flip_vs_margin.png")}
+    if histories:
+        plot_paths["training_curves"] = plots.training_curves(histories, out / "training_curves.png")
+    pair_stats = {**pair_stats, "prompts_dropped_too_long": dropped}
+    metrics_path = report.write_metrics_json(
+        out / "metrics.json", config=cfg.to_dict(), pairs=pair_stats, eval=evals, timing=stage.timing,
+        training=summaries, init=init_stats)
+    metrics = json.loads(metrics_path.read_text())
+    rpath = report.write_report_md(out / "report.md", metrics, plots=plot_paths, notes=_notes(cfg, summaries))
+    return {"report": str(rpath), "metrics": metrics}
+
+
+def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
+    notes = [f"QDPO recipe: loss={cfg.loss}, beta={cfg.beta}, lr={cfg.lr}, steps={cfg.steps}, "
+             f"batch={cfg.batch_size}, window={cfg.window or 'whole answers'}, nll_weight={cfg.nll_weight}, "
+             f"kd_weight={cfg.kd_weight}, learn_scales={cfg.learn_scales}, early stopping on the validation "
+             f"flip rate every {cfg.eval_every} steps (patience {cfg.patience})."]
+    for m, s in summaries.items():
+        notes.append(f"{m}: ran {s['steps_run']} steps, kept the weights of step {s['best_step']}"
+                     + (" (early stop)" if s.get("early_stopped") else "")
+                     + ("" if "export" not in s else
+                        f"; export {'reproduces' if s['export']['reproduces_eval'] else 'DOES NOT reproduce'} "
+                        "the evaluation"))
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        cfg = parse_args(argv)
+        result = run(cfg)
+    except USER_ERRORS as e:
+        print(f"qdpo.train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdpo.train: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    ev = result["metrics"]["eval"]
+    line = ", ".join(f"{k} {v['flip_rate']:.4f}" for k, v in ev.items() if k != "fp")
+    print(f"report: {result['report']}\ntest token-flip rate: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

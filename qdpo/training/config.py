@@ -1,0 +1,180 @@
+"""The run configuration: one typed dataclass, every field a ``--flag``.
+
+``python -m qdpo.train --help`` lists the flags; ``--config run.yaml`` reads
+the same keys (command-line flags win over the file). Every default is the one
+a user should get: the embedded model and prompts, W4 g64 asymmetric RTN,
+QDPO with the recipe chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("qdpo", "kd", "sft")
+LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed without a traceback."""
+
+
+@dataclass
+class TrainConfig:
+    # --- inputs
+    model: str = "default"  # local HF model dir, a .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
+    prompts: str = "default"  # JSONL with "prompt" or "messages" (+ optional "split"), or "default"
+    eval_prompts: str = ""  # JSONL of held-out test prompts; default: the prompt set's test split
+    trust_remote_code: bool = False  # allow model code from the model directory
+    output_dir: str = "runs/default"  # run directory: every artifact goes here
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
+    overwrite: bool = False  # replace a different run found in output_dir
+    seed: int = 0  # seeds data order, splits of un-split prompt files, and init
+    # --- quantization
+    bits: int = 4  # 4 or 8
+    group_size: int = 64  # -1, 32, 64, 128, 256 (64 is the largest that divides SmolLM2's hidden 576)
+    symmetric: bool = False  # symmetric grid (zero point fixed at 2^(bits-1))
+    init: str = "rtn"  # initial quantization: rtn or awq
+    awq_grid: int = 20  # AWQ: alpha grid points
+    # --- pairs
+    max_new_tokens: int = 48  # greedy answer length for pairs and evaluation
+    gen_batch_size: int = 16  # prompts per generation batch
+    max_length: int = 512  # prompt + answer tokens; longer examples are truncated, prompt-only overflow dropped
+    max_train_prompts: int = 0  # use at most this many training prompts (0 = all)
+    max_eval_prompts: int = 0  # use at most this many validation/test prompts each (0 = all)
+    # --- training
+    method: str = "qdpo"  # qdpo, kd, sft, or all (each from the same start, same data and budget)
+    loss: str = "sigmoid"  # DPO loss: sigmoid, ipo, hinge, robust
+    beta: float = 0.1  # DPO temperature
+    label_smoothing: float = 0.0  # robust DPO: assumed label noise
+    nll_weight: float = 0.0  # QDPO: weight of an NLL term on the chosen (FP) answer
+    kd_weight: float = 0.0  # QDPO: weight of a token-level KL(FP || quantized) term on the chosen answer
+    window: int = 0  # QDPO: keep only k tokens of each answer after the common prefix (0 = whole answers)
+    learn_scales: bool = False  # also train the quantization scales (LSQ gradient)
+    scale_lr: float = 1e-5  # learning rate of the scales when learned
+    lr: float = 1e-5  # AdamW learning rate of the latent weights
+    weight_decay: float = 0.0  # AdamW weight decay (latent weights should not decay)
+    warmup_steps: int = 3  # linear warm-up steps, then cosine decay to 10 %
+    steps: int = 30  # optimizer steps
+    batch_size: int = 8  # pairs (or answers) per optimizer step
+    micro_batch_size: int = 8  # pairs per forward; batch_size / micro_batch_size accumulation steps
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    eval_every: int = 5  # steps between validation flip-rate checks (0 = never)
+    patience: int = 3  # early stopping: validation checks without improvement before stopping (0 = off)
+    checkpoint_every: int = 5  # steps between checkpoints (0 = only at the end)
+    log_every: int = 1  # steps between log lines
+    logps_chunk: int = 1024  # positions per chunk of the output layer (bounds the logits memory)
+    dtype: str = "auto"  # compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16
+    device: str = "auto"  # auto, cpu, cuda
+    # --- evaluation and export
+    export: bool = True  # write the trained model in the packed format and check it reloads
+    judge_url: str = ""  # optional OpenAI-compatible endpoint for an LLM-judge score (off by default)
+
+    def methods(self) -> list[str]:
+        return list(METHODS) if self.method == "all" else [self.method]
+
+    def validate(self) -> "TrainConfig":
+        from qdpo.quant.spec import QuantSpec
+
+        try:
+            QuantSpec(self.bits, self.group_size, self.symmetric)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"--bits/--group-size: {e}") from None
+        checks = [
+            (self.method in (*METHODS, "all"), f"--method {self.method!r}: use one of {METHODS} or all"),
+            (self.loss in LOSSES, f"--loss {self.loss!r}: use one of {LOSSES}"),
+            (self.init in ("rtn", "awq"), f"--init {self.init!r}: use rtn or awq"),
+            (self.steps >= 1, f"--steps {self.steps}: must be >= 1"),
+            (self.batch_size >= 1 and self.micro_batch_size >= 1, "--batch-size and --micro-batch-size must be >= 1"),
+            (self.batch_size % self.micro_batch_size == 0 or self.micro_batch_size > self.batch_size,
+             f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}"),
+            (self.beta > 0, f"--beta {self.beta}: must be > 0"),
+            (0 <= self.label_smoothing < 0.5, f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)"),
+            (self.lr > 0, f"--lr {self.lr}: must be > 0"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens}: must be >= 1"),
+            (self.max_length > 8, f"--max-length {self.max_length}: too small"),
+            (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype {self.dtype!r}: use auto, float32 or bfloat16"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: use auto, cpu or cuda"),
+            (self.window >= 0, f"--window {self.window}: must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _comments() -> dict[str, str]:
+    """Field → its one-line comment in this file (the --help text)."""
+    out = {}
+    for line in Path(__file__).read_text().splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", "def", "class", "(")):
+            name = line.split(":", 1)[0].strip()
+            out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qdpo.train",
+        description="Quantize a chat model and train it with QDPO (or KD/SFT) to answer like its FP original.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default="", help="YAML or JSON file with the same keys as the flags")
+    helps = _comments()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        typ = hints[f.name]
+        if typ is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+        else:
+            p.add_argument(_flag(f.name), type=typ, default=None, metavar=typ.__name__.upper(),
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+    return p
+
+
+def _read_config_file(path: str) -> dict:
+    f = Path(path)
+    if not f.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = f.read_text()
+    try:
+        if f.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one message
+        raise ConfigError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {unknown}")
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return cfg.validate()

@@ -1,0 +1,69 @@
+"""Batched greedy decoding with a KV cache (``transformers.generate``).
+
+Prompts are left-padded into batches; each answer is the generated ids up to
+and including the first EOS (or ``max_new_tokens`` ids). Quantized layers
+run on a cached ŵ during decoding (``frozen_weights``), so the weights are
+not re-quantized at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from qdpo.quant.linear import frozen_weights
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p, dtype=torch.long)
+        att[i, t - len(p):] = 1
+    return ids, att
+
+
+def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    out = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            out.add(src)
+        elif isinstance(src, (list, tuple)):
+            out.update(int(x) for x in src)
+    return out
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+           desc: str = "generate", disable: bool = False) -> list[list[int]]:
+    """Greedy answers (token ids) for tokenized prompts, in order."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = eos_ids(model, tokenizer)
+    # sort by length so batches pad little; restore order at the end
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, list[int]] = {}
+    was_training = model.training
+    model.eval()
+    with frozen_weights(model), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, att = left_pad([prompts[i] for i in idx], pad)
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                pad_token_id=pad, eos_token_id=sorted(eos) or None,
+            )
+            for row, i in enumerate(idx):
+                answers[i] = cut_at_eos(out[row, ids.shape[1]:].tolist(), eos)
+            bar.update(len(idx))
+    model.train(was_training)
+    return [answers[i] for i in range(len(prompts))]

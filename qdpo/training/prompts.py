@@ -1,0 +1,133 @@
+"""Prompt sets: reading JSONL, splits, and rendering with the chat template.
+
+A prompt file is JSONL, one object per line, with either ``"prompt"`` (a
+string: one user turn) or ``"messages"`` (a list of ``{"role", "content"}``
+ending with a user turn), and optionally ``"split"`` (``train``,
+``validation`` or ``test``) and ``"id"``. Files without splits are split
+deterministically by ``seed``: 60 % train, 20 % validation, 20 % test.
+
+Rendering: the tokenizer's chat template with the generation prompt when it
+has one; otherwise the plain template ``"User: {content}\\nAssistant:"`` per
+turn (``"System: ..."`` for a system turn).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class PromptError(ValueError):
+    """A user error in a prompt file: printed without a traceback."""
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list[dict]  # [{"role": ..., "content": ...}], ending with a user turn
+    split: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The last user turn (for reports)."""
+        return self.messages[-1]["content"]
+
+
+def default_prompts_path() -> Path:
+    return Path(str(resources.files("qdpo") / "data" / "prompts.jsonl"))
+
+
+def _parse_line(obj, where: str, index: int) -> Prompt:
+    if not isinstance(obj, dict):
+        raise PromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in PLAIN_ROLES for m in msgs)
+        if not ok:
+            raise PromptError(f"{where}: 'messages' must be a non-empty list of {{role, content}} with roles "
+                              f"{sorted(PLAIN_ROLES)}")
+        if msgs[-1]["role"] != "user":
+            raise PromptError(f"{where}: the last message must be a user turn (the answer is generated)")
+    elif isinstance(obj.get("prompt"), str):
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        raise PromptError(f"{where}: needs a string 'prompt' or a list 'messages'")
+    if not msgs[-1]["content"].strip():
+        raise PromptError(f"{where}: the prompt is empty")
+    split = obj.get("split", "")
+    if split and split not in SPLITS:
+        raise PromptError(f"{where}: split {split!r} is not one of {SPLITS}")
+    pid = str(obj.get("id", f"line{index + 1}"))
+    extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "split", "id")}
+    return Prompt(pid, msgs, split, extra)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read a prompt JSONL file; one clear error (with the line number) for each problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file {path} not found; pass --prompts PATH to a JSONL file or 'default'")
+    prompts = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            where = f"{path}:{i + 1}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            prompts.append(_parse_line(obj, where, i))
+    if not prompts:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise PromptError(f"prompt file {path}: id {dup!r} appears more than once")
+    return prompts
+
+
+def load_prompt_set(source: str, seed: int = 0) -> list[Prompt]:
+    """The prompts of ``source`` ("default" or a path), each with a split."""
+    prompts = read_prompts(default_prompts_path() if source in ("", "default") else source)
+    unsplit = [p for p in prompts if not p.split]
+    if unsplit:
+        rng = random.Random(seed)
+        order = list(range(len(unsplit)))
+        rng.shuffle(order)
+        n = len(unsplit)
+        for rank, i in enumerate(order):
+            unsplit[i].split = "train" if rank < 0.6 * n else ("validation" if rank < 0.8 * n else "test")
+    return prompts
+
+
+def split(prompts: list[Prompt], name: str, limit: int = 0) -> list[Prompt]:
+    out = [p for p in prompts if p.split == name]
+    return out[:limit] if limit else out
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    """The prompt text up to where the assistant's answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    turns = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
+    return "\n".join(turns) + "\nAssistant:"
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the rendered prompt.
+
+    A chat template writes its own special tokens, so none are added; the
+    plain template gets the tokenizer's usual BOS.
+    """
+    text = render(tokenizer, messages)
+    add = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(text, add_special_tokens=add)["input_ids"]

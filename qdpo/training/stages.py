@@ -1,0 +1,188 @@
+"""Pipeline stages of ``python -m qdpo.train``, each writing one artifact to the run directory.
+
+========================  ==================================================================
+artifact                  stage
+========================  ==================================================================
+``answers/fp.jsonl``      FP greedy answers for every prompt used (train, validation, test)
+``initial/``              the initial quantized model (RTN or AWQ), latent weights + grid
+``answers/initial.jsonl`` the initial quantized model's greedy answers (train and test)
+``pairs.jsonl``           TRL preference pairs (prompt / chosen / rejected) + token ids,
+                          first-divergence index and reference log-probs
+========================  ==================================================================
+
+A stage whose artifact exists is loaded instead of recomputed (``--resume``).
+Every artifact is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qdpo.quant import QuantSpec, quantize_model
+from qdpo.training.data import collate, common_prefix, fit
+from qdpo.training.generate import greedy
+from qdpo.training.logps import sequence_logps
+from qdpo.training.prompts import Prompt, prompt_ids
+
+log = logging.getLogger("qdpo.train")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- prompts
+def tokenize_prompts(tokenizer, prompts: list[Prompt], max_length: int) -> tuple[list[Prompt], list[list[int]], int]:
+    """Token ids of each rendered prompt; prompts that leave no room for an answer are dropped."""
+    kept, ids, dropped = [], [], 0
+    for p in prompts:
+        t = prompt_ids(tokenizer, p.messages)
+        if fit(t, [0], max_length) is None:
+            dropped += 1
+            continue
+        kept.append(p)
+        ids.append(t)
+    if dropped:
+        log.warning("%d prompt(s) longer than --max-length %d were dropped", dropped, max_length)
+    return kept, ids, dropped
+
+
+# ----------------------------------------------------------------------------- answers
+def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[int]], cfg, desc: str) -> dict:
+    """``{prompt id: answer ids}``: loaded from ``path`` when complete, else generated and written."""
+    if path.exists():
+        rows = {r["id"]: r["answer_ids"] for r in read_jsonl(path)}
+        if all(p.id in rows for p in prompts):
+            return rows
+    out = greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc)
+    rows = [{"id": p.id, "split": p.split, "answer": tokenizer.decode(a, skip_special_tokens=True),
+             "answer_ids": a} for p, a in zip(prompts, out)]
+    write_jsonl(path, rows)
+    return {r["id"]: r["answer_ids"] for r in rows}
+
+
+# ----------------------------------------------------------------------------- initial model
+def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
+    """A quantized copy of ``fp_model`` (train mode); cached in ``out_dir``."""
+    spec = QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
+    model = copy.deepcopy(fp_model)
+    weights = out_dir / "model.safetensors"
+    if weights.exists() and (out_dir / "done.json").exists():
+        quantize_model(model, spec)  # the structure; the file holds the actual (maybe AWQ) values
+        state = load_file(str(weights))
+        missing = [k for k in model.state_dict() if k not in state]
+        model.load_state_dict({**model.state_dict(), **state}, strict=True)
+        if missing and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model, json.loads((out_dir / "done.json").read_text())
+    stats: dict = {"init": cfg.init}
+    if cfg.init == "awq":
+        from qdpo.quant.awq import awq_quantize_model
+
+        calib = [torch.tensor(c) for c in calib_ids]
+        awq_quantize_model(model, spec, calib, n_grid=cfg.awq_grid)
+        stats["awq"] = getattr(model, "qdpo_awq_stats", {})
+    else:
+        quantize_model(model, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, _aliases = _unique_state(model)
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    atomic_write_text(out_dir / "done.json", json.dumps(_jsonable(stats)))
+    return model, stats
+
+
+def _unique_state(model) -> tuple[dict, dict]:
+    """State dict with tensors that share memory (tied embeddings) stored once."""
+    seen, out, aliases = {}, {}, {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        out[k] = t.detach().contiguous().cpu()
+    return out, aliases
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+# ----------------------------------------------------------------------------- pairs
+@torch.no_grad()
+def reference_logps(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                    chunk: int) -> list[float]:
+    """Summed completion log-probs under ``model`` (no grad), in order."""
+    from qdpo.quant.linear import frozen_weights
+
+    out = []
+    model.eval()
+    with frozen_weights(model):
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_id).to(next(model.parameters()).device)
+            total, _ = sequence_logps(model, batch, chunk)
+            out.extend(total.tolist())
+    return out
+
+
+def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp: dict, q: dict, q_model,
+                tokenizer, cfg, pad_id: int) -> tuple[list[dict], dict]:
+    """TRL-format pairs for ``prompts`` (chosen = FP answer, rejected = quantized); identical ones dropped."""
+    if path.exists():
+        rows = read_jsonl(path)
+        stats = json.loads(path.with_suffix(".stats.json").read_text())
+        return rows, stats
+    rows, identical, truncated = [], 0, 0
+    for p in prompts:
+        c, r = fp[p.id], q[p.id]
+        if c == r:
+            identical += 1
+            continue
+        pc, pr = fit(ids[p.id], c, cfg.max_length), fit(ids[p.id], r, cfg.max_length)
+        truncated += int(len(pc[1]) < len(c) or len(pr[1]) < len(r))
+        rows.append({
+            "id": p.id, "prompt": p.messages,
+            "chosen": [{"role": "assistant", "content": tokenizer.decode(pc[1], skip_special_tokens=True)}],
+            "rejected": [{"role": "assistant", "content": tokenizer.decode(pr[1], skip_special_tokens=True)}],
+            "prompt_ids": pc[0], "chosen_ids": pc[1], "rejected_ids": pr[1],
+            "first_divergence": common_prefix(pc[1], pr[1]),
+        })
+    ex_c = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
+    ex_r = [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+    ref = reference_logps(q_model, ex_c + ex_r, pad_id, cfg.micro_batch_size * 2, cfg.logps_chunk)
+    for i, r in enumerate(rows):
+        r["ref_chosen_logps"], r["ref_rejected_logps"] = ref[i], ref[len(rows) + i]
+    fd = [r["first_divergence"] for r in rows]
+    stats = {"total": len(prompts), "identical_dropped": identical, "pairs": len(rows), "truncated": truncated,
+             "mean_first_divergence": sum(fd) / len(fd) if fd else None,
+             "mean_chosen_tokens": sum(len(r["chosen_ids"]) for r in rows) / max(len(rows), 1),
+             "mean_rejected_tokens": sum(len(r["rejected_ids"]) for r in rows) / max(len(rows), 1)}
+    atomic_write_text(path.with_suffix(".stats.json"), json.dumps(stats))
+    write_jsonl(path, rows)  # last: its presence marks the stage complete
+    return rows, stats
