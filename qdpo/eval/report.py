@@ -1,0 +1,298 @@
+"""The run's results: ``metrics.json`` (stable schema, for tools) and ``report.md`` (for people).
+
+``metrics.json``, ``schema_version`` 1::
+
+    {
+      "schema_version": 1,
+      "config": {...},            # the run configuration (TrainConfig.to_dict(): every --flag and its value)
+      "pairs": {                  # preference pairs built from greedy answers on the training prompts
+        "total": int,             #   prompts answered by both models
+        "identical_dropped": int, #   pairs whose FP and quantized answers were identical (no preference)
+        ...                       #   anything else the caller counts (kept, truncated, dropped_too_long, ...)
+      },
+      "eval": {                   # one entry per model that was evaluated, in this order when present:
+        "fp": {...},              #   the full-precision model itself (the ceiling: flip 0, KL 0)
+        "initial": {...},         #   the quantized start (RTN or AWQ, see config.init), before training
+        "qdpo": {...}, "kd": {...}, "sft": {...}   # each trained method that ran
+      },
+      "timing": {                 # per stage (e.g. "load", "quantize", "pairs", "train/qdpo", "eval"):
+        "<stage>": {"seconds": float, "peak_memory_mb": float, ...} or a plain number of seconds
+      },
+      ...                         # extra top-level keys passed by the caller (e.g. "training": per-method
+                                  # steps run, best step, early stop), same cleaning rules
+    }
+
+Each ``eval`` entry holds the metrics of :mod:`qdpo.eval.metrics` on the test
+split (teacher-forced on the FP answers unless noted):
+
+==================  =========  =====  ====================================================================
+key                 units      best   meaning
+==================  =========  =====  ====================================================================
+flip_rate           fraction   lower  answer positions whose top-1 token differs from the FP top-1
+top1_agreement      fraction   higher 1 − flip_rate (llama.cpp "same top p")
+kl                  nats/token lower  mean KL(p_FP ‖ p_q) over answer positions, exact over the vocabulary
+first_divergence    tokens     higher mean length of the common prefix of the greedy and FP answers
+exact_match         fraction   higher greedy answers identical to the FP answers
+rouge_l             F1 [0, 1]  higher mean word-level ROUGE-L of greedy vs FP answer texts
+fp_nll              nats/token lower  the FP model's mean NLL of this model's own greedy answers (FP as judge)
+ppl                 —          lower  exp(mean NLL of the FP answers under this model)
+delta_p_rms         prob.      lower  RMS of p_q(y) − p_FP(y) for the FP answer token y (llama.cpp "Δp RMS")
+==================  =========  =====  ====================================================================
+
+plus ``tokens`` (answer positions measured), ``nll``, ``fp_ppl``, ``ppl_ratio``
+(ppl / fp_ppl), ``answer_tokens`` / ``fp_answer_tokens`` (mean greedy answer
+lengths), ``empty_answers`` and ``examples`` when the caller passes them.
+
+Cleaning: 0-dim tensors and NumPy scalars become numbers; every other tensor or
+array (e.g. the per-position ``margins`` / ``flipped``) is dropped; NaN and
+±inf become ``null``; paths become strings. Both files are written to a
+temporary name and renamed, so an existing file is never left half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+METRIC_KEYS = ("flip_rate", "top1_agreement", "kl", "first_divergence", "exact_match", "rouge_l", "fp_nll", "ppl")
+EXTRA_METRIC_KEYS = ("delta_p_rms",)  # shown in the table when present
+LOWER_IS_BETTER = {"flip_rate", "kl", "fp_nll", "ppl", "delta_p_rms"}
+PERCENT_KEYS = {"flip_rate", "top1_agreement", "exact_match"}
+MODEL_ORDER = ("fp", "initial")  # then the methods, in the order they were given
+LABELS = {"fp": "FP", "initial": "initial", "qdpo": "QDPO", "kd": "KD", "sft": "SFT"}
+_DROP = object()
+
+
+# ---------------------------------------------------------------------------- writing
+def _write_atomic(path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _clean(x):
+    """JSON-ready copy of ``x`` (see the module docstring); ``_DROP`` for what is stripped."""
+    if isinstance(x, torch.Tensor):
+        return _clean(x.item()) if x.dim() == 0 else _DROP
+    if isinstance(x, np.ndarray):
+        return _DROP
+    if isinstance(x, np.generic):
+        return _clean(x.item())
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        out = {str(k): _clean(v) for k, v in x.items()}
+        return {k: v for k, v in out.items() if v is not _DROP}
+    if isinstance(x, (list, tuple)):
+        return [v for v in map(_clean, x) if v is not _DROP]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _clean(dataclasses.asdict(x))
+    return str(x)
+
+
+def _ordered_models(ev: Mapping) -> list[str]:
+    return [m for m in MODEL_ORDER if m in ev] + [m for m in ev if m not in MODEL_ORDER]
+
+
+def write_metrics_json(path, *, config: dict, pairs: dict, eval: dict[str, dict], timing: dict, **extra) -> Path:
+    """Write ``metrics.json`` with the schema of the module docstring; returns the path."""
+    clash = {"schema_version"} & set(extra)
+    if clash:
+        raise ValueError(f"write_metrics_json: extra key(s) {sorted(clash)} would overwrite the schema's own")
+    for name, metrics in eval.items():
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"eval[{name!r}] must be a dict of metrics, got {type(metrics).__name__}")
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "config": _clean(config),
+        "pairs": _clean(pairs),
+        "eval": {m: _clean(eval[m]) for m in _ordered_models(eval)},
+        "timing": _clean(timing),
+        **{k: _clean(v) for k, v in extra.items()},
+    }
+    return _write_atomic(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- formatting
+def _label(model: str) -> str:
+    return LABELS.get(model, model.upper() if len(model) <= 4 else model)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def _fmt(key: str, v) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if key in PERCENT_KEYS:
+        return _pct(v)
+    if key == "first_divergence":
+        return f"{v:.2f}"
+    return f"{v:.4g}"
+
+
+def _num(metrics: Mapping, key: str):
+    v = metrics.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _spec_name(cfg: Mapping) -> str | None:
+    if "bits" not in cfg:
+        return None
+    gs = cfg.get("group_size", -1)
+    return f"W{cfg['bits']}A16-{'ch' if gs == -1 else f'g{gs}'}-{'sym' if cfg.get('symmetric') else 'asym'}"
+
+
+def _config_lines(cfg: Mapping) -> list[str]:
+    """The configuration facts a reader needs, then the full config folded away."""
+    g = cfg.get
+    recipe = [f"{k}={g(k)}" for k in ("loss", "beta", "label_smoothing", "lr", "warmup_steps", "steps",
+                                      "batch_size", "max_grad_norm", "nll_weight", "kd_weight", "window",
+                                      "learn_scales") if k in cfg]
+    if g("eval_every") is not None:
+        stop = (f"validation flip rate every {g('eval_every')} steps, patience {g('patience')}"
+                if g("eval_every") and g("patience") else "off")
+    else:
+        stop = None
+    facts = [("Model", g("model")), ("Quantization", _spec_name(cfg)), ("Initial quantization", g("init")),
+             ("Method(s)", g("method")), ("Recipe", ", ".join(recipe) or None), ("Early stopping", stop),
+             ("Greedy answers", f"max_new_tokens={g('max_new_tokens')}" if "max_new_tokens" in cfg else None),
+             ("Seed", g("seed"))]
+    lines = [f"- **{k}**: {v}" for k, v in facts if v is not None]
+    if cfg:
+        lines += ["", "<details><summary>Full configuration</summary>", "", "```json",
+                  json.dumps(cfg, indent=2), "```", "", "</details>"]
+    return lines or ["(no configuration recorded)"]
+
+
+def _eval_table(ev: Mapping) -> list[str]:
+    models = _ordered_models(ev)
+    keys = list(METRIC_KEYS) + [k for k in EXTRA_METRIC_KEYS if any(_num(ev[m], k) is not None for m in models)]
+    best = {}  # key -> best value among the quantized models (bolded when at least two compete)
+    for k in keys:
+        vals = [v for m in models if m != "fp" and (v := _num(ev[m], k)) is not None]
+        if len(vals) >= 2:
+            best[k] = min(vals) if k in LOWER_IS_BETTER else max(vals)
+    rows = []
+    for m in models:
+        cells = []
+        for k in keys:
+            cell = _fmt(k, ev[m].get(k))
+            cells.append(f"**{cell}**" if m != "fp" and k in best and _num(ev[m], k) == best[k] else cell)
+        rows.append([_label(m)] + cells)
+    header = ["model"] + [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
+    return _table(header, rows) + ["", "↓ lower is better, ↑ higher is better; bold: best quantized model. "
+                                   "Teacher-forced metrics on the FP answers of the test prompts; "
+                                   "first_divergence, exact_match, rouge_l and fp_nll on each model's own "
+                                   "greedy answers."]
+
+
+def verdict(metrics: Mapping) -> list[str]:
+    """Plain-language conclusions computed from ``metrics['eval']``."""
+    ev = metrics.get("eval", {})
+    init = str(metrics.get("config", {}).get("init", "")).upper() or "quantized"
+    methods = [m for m in _ordered_models(ev) if m not in MODEL_ORDER]
+    flips = {m: _num(ev[m], "flip_rate") for m in ev}
+    start = flips.get("initial")
+    out = []
+    if not methods:
+        if start is not None:
+            out.append(f"No training method ran; the {init} start flips {_pct(start)} of the test tokens.")
+        return out
+    lead = "qdpo" if "qdpo" in methods else methods[0]
+    others = [f"{_label(m)} reached {_pct(flips[m])}" for m in methods if m != lead and flips[m] is not None]
+    if start is None or flips[lead] is None:
+        out.append("The initial quantized model was not evaluated, so there is no before/after comparison.")
+    else:
+        verb = "lowered" if flips[lead] < start else "raised" if flips[lead] > start else "did not change"
+        rel = f", {100 * (flips[lead] - start) / start:+.0f} % relative" if start > 0 else ""
+        text = f"{_label(lead)} {verb} the test flip rate from {_pct(start)} to {_pct(flips[lead])} ({init} start{rel})"
+        out.append(text + ("; " + ", ".join(others) if others else "") + ".")
+    if "qdpo" in methods and "kd" in methods and flips["qdpo"] is not None and flips["kd"] is not None:
+        q, k = flips["qdpo"], flips["kd"]
+        if q < k:
+            out.append(f"QDPO beats KD on flip rate ({_pct(q)} vs {_pct(k)}).")
+        elif q > k:
+            out.append(f"QDPO does not beat KD: KD's flip rate {_pct(k)} is lower than QDPO's {_pct(q)}.")
+        else:
+            out.append(f"QDPO and KD tie on flip rate ({_pct(q)}).")
+    for key, what, fmt in (("kl", "KL(FP ‖ quantized) in nats/token", "{:.4g}"),
+                           ("exact_match", "Greedy answers identical to FP", None)):
+        vals = [(m, _num(ev[m], key)) for m in ["initial", *methods] if m in ev]
+        vals = [(m, v) for m, v in vals if v is not None]
+        if vals:
+            out.append(f"{what}: " + ", ".join(f"{_label(m)} {fmt.format(v) if fmt else _pct(v)}"
+                                               for m, v in vals) + ".")
+    return out
+
+
+def _generic(value) -> list[str]:
+    """A table for a dict of dicts or of scalars; JSON otherwise."""
+    if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+        cols = list(dict.fromkeys(k for v in value.values() for k in v))
+        return _table([""] + cols, [[str(r)] + [_cell(v.get(c)) for c in cols] for r, v in value.items()])
+    if isinstance(value, Mapping) and value:
+        return _table(["", "value"], [[str(k), _cell(v)] for k, v in value.items()])
+    return ["```json", json.dumps(value, indent=2), "```"]
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v) if not isinstance(v, (Mapping, list)) else json.dumps(v)
+
+
+def _timing(timing: Mapping) -> list[str]:
+    rows = {k: (v if isinstance(v, Mapping) else {"seconds": v}) for k, v in timing.items()}
+    return _generic(rows) if rows else ["(not recorded)"]
+
+
+# ---------------------------------------------------------------------------- report
+STANDARD_KEYS = ("schema_version", "config", "pairs", "eval", "timing")
+
+
+def write_report_md(path, metrics: dict, plots: dict[str, Path] | None = None, notes: list[str] | None = None) -> Path:
+    """Write a readable ``report.md`` from the ``metrics.json`` document; returns the path.
+
+    ``plots`` maps a caption to an image file; it is embedded by its path relative to the report.
+    """
+    path = Path(path)
+    metrics = _clean(metrics)
+    cfg, ev = metrics.get("config") or {}, metrics.get("eval") or {}
+    lines = ["# QDPO run report", "", "## Configuration", "", *_config_lines(cfg), ""]
+    lines += ["## Preference pairs", "", *(_generic(metrics["pairs"]) if metrics.get("pairs") else ["(none)"]), ""]
+    lines += ["## Evaluation", "", *(_eval_table(ev) if ev else ["(no model was evaluated)"]), ""]
+    lines += ["## Verdict", "", *[f"- {s}" for s in verdict(metrics) or ["Nothing to compare."]], ""]
+    for key in metrics:
+        if key not in STANDARD_KEYS:
+            lines += [f"## {key.replace('_', ' ').capitalize()}", "", *_generic(metrics[key]), ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    lines += ["## Timing and peak memory", "", *_timing(metrics.get("timing") or {}), ""]
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, p in plots.items():
+            rel = Path(os.path.relpath(Path(p).resolve(), path.resolve().parent)).as_posix()
+            lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    return _write_atomic(path, "\n".join(lines))
