@@ -119,3 +119,21 @@ def write_results(outdir: Path = RESULTS) -> Path | None:
     md = outdir / f"{meta['device']}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+# (N, K) weight shapes shared by the matmul benchmarks: two squares plus the real
+# layer shapes the tests use (tests/conftest.py LLAMA_SHAPES), deduplicated by shape.
+def _shapes() -> dict[str, tuple[int, int]]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import LLAMA_SHAPES
+
+    table = {"square-8192": (8192, 8192), "square-16384": (16384, 16384)}
+    for name, nk in LLAMA_SHAPES.items():
+        if nk not in table.values():
+            table[name] = nk
+    return table
+
+
+SHAPES = _shapes()

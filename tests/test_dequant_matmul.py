@@ -1,0 +1,290 @@
+"""Triton dequant-matmul (``qdpo/kernels/triton/dequant_matmul*.py``) against ``reference.py``.
+
+Floats follow the 2×-of-PyTorch rule of ``conftest.py``: the "fp32" reference
+is the reference function run in float64 (x, dy and bias upcast; ŵ is exact),
+the low-precision one is the same reference in the kernel's dtype. Paths:
+M <= 16 rows run the split-K gemv kernel (M = 1 on FMAs, else ``tl.dot``),
+more rows the tiled gemm (or, from ``WORKSPACE_MIN_M``, dequantize + matmul);
+tests force each path explicitly as well as going through the op's dispatch.
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.kernels import reference as ref
+from qdpo.kernels.backends import Unsupported
+from qdpo.kernels.triton import dequant_matmul as dm
+from qdpo.kernels.triton import dequant_matmul_gemm as dmg
+from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x
+
+DEV = "cuda" if HAS_GPU else "cpu"
+OPS = torch.ops.qdpo
+XDTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GROUPS = (-1, 32, 64, 128, 256)
+
+
+def _weight(n, k, bits=4, gs=64, sym=False, wdtype=torch.float32, seed=0):
+    """A quantized ``(n, k)`` weight (reference quantizer) on ``DEV``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(wdtype)
+    return qdpo.quantize(w, QuantSpec(bits, gs, sym), backend="reference").to(DEV)
+
+
+def _rand(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEV)
+
+
+def _args(qw):
+    return qw.qweight, qw.scales, qw.zeros, qw.spec.bits
+
+
+def _check_y(y, x, qw, bias=None, what="y"):
+    """``y`` vs the reference forward: float64 truth, x.dtype PyTorch as the error budget."""
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
+    hi = ref.dequant_matmul(x.double(), *_args(qw), None if bias is None else bias.double())
+    lo = ref.dequant_matmul(x, *_args(qw), bias)
+    assert_close_2x(y, hi, lo, what=what)
+
+
+def _check_dx(dx, dy, qw, what="dx"):
+    assert dx.dtype == dy.dtype and dx.shape == (*dy.shape[:-1], qw.shape[1])
+    hi = ref.dequant_matmul_dx(dy.double(), *_args(qw))
+    assert_close_2x(dx, hi, ref.dequant_matmul_dx(dy, *_args(qw)), what=what)
+
+
+def _gs_for(k: int, i: int) -> int:
+    """A group size dividing k, cycling through the supported ones with i."""
+    fits = [g for g in GROUPS if g == -1 or k % g == 0]
+    return fits[i % len(fits)]
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("i,m,nk", [(i, m, nk) for i, (m, nk) in enumerate(itertools.product(MS, ODD_NK))])
+def test_forward_odd_shapes(i, m, nk):
+    """Every M × odd (N, K) through the op; dtype, bits, group, symmetry and bias cycle with i."""
+    n, k = nk
+    bits, sym, has_bias = (4, 8)[i % 2], bool(i // 2 % 2), i % 3 != 0
+    qw = _weight(n, k, bits, _gs_for(k, i), sym, seed=i)
+    x = _rand(m, k, dtype=XDTYPES[i % 3], seed=i)
+    b = _rand(n, seed=i + 100) if has_bias else None
+    _check_y(OPS.dequant_matmul(x, *_args(qw), b, "triton"), x, qw, b, f"{dm.choose_path(m)} path")
+
+
+@pytest.mark.parametrize("xdtype", XDTYPES)
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("gs", GROUPS)
+def test_forward_dtypes_and_groups(xdtype, bits, gs):
+    """All dtypes × bits × group sizes, on the three paths; symmetry and scale dtype alternate."""
+    case = XDTYPES.index(xdtype) + 3 * GROUPS.index(gs)
+    sym = (case + bits // 4) % 2 == 1
+    qw = _weight(33, 512, bits, gs, sym, wdtype=XDTYPES[case % 3], seed=case)
+    b = _rand(33, dtype=xdtype, seed=7)
+    for m, path in ((1, "gemv"), (3, "gemv"), (17, "gemm"), (5, "workspace")):
+        x = _rand(m, 512, dtype=xdtype, seed=m)
+        _check_y(dm.forward(x, *_args(qw), b, path=path), x, qw, b, f"{path} M={m}")
+
+
+@pytest.mark.parametrize("path", dm.PATHS)
+def test_every_path_with_bias_and_batch_dims(path):
+    """The public API with leading batch dims ``(2, 3, K)``, forced through each path."""
+    qw = _weight(67, 320, 4, 64, sym=False)
+    x, b = _rand(2, 3, 320, dtype=torch.bfloat16), _rand(67, dtype=torch.float32)
+    _check_y(dm.forward(x, *_args(qw), b, path=path), x, qw, b, path)
+    _check_y(qdpo.dequant_matmul(x, qw, b, backend="triton"), x, qw, b, "public API")
+
+
+def test_default_dispatch_by_rows():
+    """M picks the path: gemv to GEMV_MAX_M rows, then gemm, then the workspace."""
+    assert [dm.choose_path(m) for m in (1, 3, dm.GEMV_MAX_M)] == ["gemv"] * 3
+    assert dm.choose_path(dm.GEMV_MAX_M + 1) == "gemm"
+    assert dm.choose_path(dm.WORKSPACE_MIN_M - 1) == "gemm"
+    assert dm.choose_path(dm.WORKSPACE_MIN_M) == "workspace"
+    assert dm.choose_path(dm.WORKSPACE_MIN_M, 2**31) == "gemm", "a workspace past int32 indexing"
+
+
+@pytest.mark.parametrize("cfg", dm.GEMV_GPU + (dm.GemvConfig(32, 32, 3, 4, 1),), ids=str)
+def test_gemv_configs(cfg):
+    """Each GPU gemv config (tile sizes, split-K incl. uneven splits) computes the same y."""
+    qw = _weight(67, 640, 4, 32, sym=True)
+    for m in (1, 5):
+        x = _rand(m, 640, dtype=torch.float16, seed=m)
+        y = torch.empty(m, 67, dtype=x.dtype, device=DEV)
+        dm._launch_gemv(x, dmg.Packed.of(*_args(qw)), None, y, cfg)
+        _check_y(y, x, qw, what=f"gemv {cfg} M={m}")
+
+
+@pytest.mark.parametrize("cfg", dmg.GEMM_GPU, ids=str)
+def test_gemm_configs(cfg):
+    """Each GPU gemm config (tiles, grouped program order) computes the same y."""
+    qw = _weight(130, 256, 8, 128, sym=False)
+    x, b = _rand(70, 256, dtype=torch.bfloat16), _rand(130)
+    y = torch.empty(70, 130, dtype=x.dtype, device=DEV)
+    dmg.launch_gemm(x, dmg.Packed.of(*_args(qw)), b, y, cfg)
+    _check_y(y, x, qw, b, f"gemm {cfg}")
+
+
+def test_gemm_grouped_order_covers_every_tile():
+    """7 row-blocks in groups of 3 (a short last group) × 3 column-blocks: each tile written once."""
+    qw = _weight(67, 128, 4, 64)
+    x = _rand(100, 128, dtype=torch.float16)
+    y = torch.full((100, 67), float("nan"), dtype=x.dtype, device=DEV)
+    dmg.launch_gemm(x, dmg.Packed.of(*_args(qw)), None, y, dmg.GemmConfig(16, 32, 64, 3, 4, 1))
+    _check_y(y, x, qw, what="grouped order")
+
+
+def test_one_group_per_row_and_k_equal_to_group():
+    """G = K as group_size=-1 (K not a power of two) and as K equal to one explicit group."""
+    for gs, k in ((-1, 96), (-1, 320), (128, 128), (256, 256)):
+        qw = _weight(33, k, 4, gs, sym=False, seed=k)
+        for m in (1, 3, 17):
+            x = _rand(m, k, dtype=torch.float16, seed=m)
+            _check_y(OPS.dequant_matmul(x, *_args(qw), None, "triton"), x, qw, what=f"G={gs} K={k} M={m}")
+
+
+def test_zero_and_constant_rows():
+    """An all-zero row gives exactly the bias; a constant row gives c · Σx."""
+    w = torch.randn(5, 256)
+    w[1] = 0.0
+    w[3] = 0.25
+    qw = qdpo.quantize(w, QuantSpec(4, 64, False), backend="reference").to(DEV)
+    b = _rand(5)
+    for m in (1, 3, 17):
+        x = _rand(m, 256, seed=m)
+        y = OPS.dequant_matmul(x, *_args(qw), b, "triton")
+        assert torch.equal(y[:, 1], b[1].expand(m)), "zero row must give the bias exactly"
+        _check_y(y, x, qw, b)
+
+
+def test_sliced_llama_shape():
+    """64 output rows of a Llama-2-7B projection (K = 4096), W4 g128 bf16: forward and dx."""
+    n, k = 64, LLAMA_SHAPES["llama2-7b.qkv"][1]
+    qw = _weight(n, k, 4, 128, sym=False, wdtype=torch.bfloat16)
+    for m in (1, 3, 17):
+        x = _rand(m, k, dtype=torch.bfloat16, seed=m)
+        _check_y(OPS.dequant_matmul(x, *_args(qw), None, "triton"), x, qw, what=f"M={m}")
+    dy = _rand(5, n, dtype=torch.bfloat16)
+    _check_dx(OPS.dequant_matmul_dx(dy, *_args(qw), "triton"), dy, qw)
+
+
+def test_empty_batch():
+    qw = _weight(7, 96, 4, 32)
+    y = OPS.dequant_matmul(_rand(0, 96), *_args(qw), None, "triton")
+    assert y.shape == (0, 7)
+    assert OPS.dequant_matmul_dx(_rand(2, 0, 7), *_args(qw), "triton").shape == (2, 0, 96)
+
+
+# --------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("path", ("fused", "workspace"))
+@pytest.mark.parametrize("i,m,nk", [(i, m, nk) for i, (m, nk) in enumerate(itertools.product(MS, ODD_NK))])
+def test_dx_shapes(i, m, nk, path):
+    """``dy @ ŵ`` over M × odd (N, K); dtype, bits, group and symmetry cycle with i."""
+    n, k = nk
+    qw = _weight(n, k, (4, 8)[i % 2], _gs_for(k, i + 1), bool(i // 2 % 2), seed=i)
+    dy = _rand(m, n, dtype=XDTYPES[i % 3], seed=i)
+    _check_dx(dm.backward_dx(dy, *_args(qw), path=path), dy, qw, f"dx {path}")
+
+
+@pytest.mark.parametrize("xdtype", XDTYPES)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_autograd_x_and_bias(xdtype, bits):
+    """x.grad and bias.grad through qdpo.dequant_matmul(backend="triton"), batch dims (2, 3, K)."""
+    qw = _weight(67, 256, bits, 32 if bits == 4 else -1, sym=bits == 8)
+    x = _rand(2, 3, 256, dtype=xdtype).requires_grad_()
+    b = _rand(67, dtype=xdtype).requires_grad_()
+    dy = _rand(2, 3, 67, dtype=xdtype, seed=3)
+    y = qdpo.dequant_matmul(x, qw, b, backend="triton")
+    _check_y(y.detach(), x.detach(), qw, b.detach())
+    y.backward(dy)
+    _check_dx(x.grad, dy, qw, "x.grad")
+    db_hi = dy.double().sum((0, 1))
+    assert_close_2x(b.grad, db_hi, dy.sum((0, 1)), what="bias.grad")
+
+
+def test_autograd_from_sum_and_large_m():
+    """A stride-0 gradient from ``.sum()``, M = 129 rows (gemm forward, fused dx)."""
+    qw = _weight(33, 128, 4, 64)
+    x = _rand(129, 128, dtype=torch.float16).requires_grad_()
+    qdpo.dequant_matmul(x, qw, backend="triton").float().sum().backward()
+    _check_dx(x.grad, torch.ones(129, 33, dtype=torch.float16, device=DEV), qw, "x.grad")
+
+
+# --------------------------------------------------------------------------- registration, errors
+def test_opcheck_forward():
+    qw = _weight(7, 96, 4, 32)
+    for m in (3, 17):
+        x = _rand(m, 96, dtype=torch.float32).requires_grad_()
+        opcheck(OPS.dequant_matmul, (x, *_args(qw), _rand(7).requires_grad_(), "triton"))
+    opcheck(OPS.dequant_matmul, (_rand(1, 96, dtype=torch.float16), *_args(qw), None, "triton"))
+
+
+def test_opcheck_dx():
+    qw = _weight(7, 96, 8, -1)
+    opcheck(OPS.dequant_matmul_dx, (_rand(2, 3, 7), *_args(qw), "triton"))
+
+
+def test_errors():
+    qw = _weight(7, 96, 4, 32)
+    x = _rand(3, 96)
+    q, s, z, bits = _args(qw)
+    s48, z48 = s[:, :2].contiguous(), z[:, :2].contiguous()  # two groups of 48: not a power of two
+    with pytest.raises(Unsupported, match="group size 48"):
+        dm.dequant_matmul(x, q, s48, z48, bits)
+    with pytest.raises(Unsupported, match="dtype torch.int32"):
+        dm.dequant_matmul(x.int(), q, s, z, bits)
+    with pytest.raises(Unsupported, match="last dimension must be 7"):
+        dm.dequant_matmul_dx(_rand(3, 96), q, s, z, bits)
+    with pytest.raises(Unsupported, match="bits=3"):
+        dm.dequant_matmul(x, q, s, z, 3)
+    with pytest.raises(ValueError, match="cannot serve M=17"):
+        dm.forward(_rand(17, 96), q, s, z, bits, path="gemv")
+    with pytest.raises(ValueError, match="path='tiles'"):
+        dm.backward_dx(_rand(3, 7), q, s, z, bits, path="tiles")
+
+
+# --------------------------------------------------------------------------- GPU, real sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LLAMA_SHAPES))
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1)])
+def test_gpu_llama_shapes(name, bits, gs):
+    """Real layer shapes at decode (1, 16) and prefill (512, 4096) rows, bf16, forward and dx."""
+    n, k = LLAMA_SHAPES[name]
+    qw = _weight(n, k, bits, gs, wdtype=torch.bfloat16)
+    for m in (1, 16, 512, 4096):
+        x = _rand(m, k, dtype=torch.bfloat16, seed=m)
+        _check_y(OPS.dequant_matmul(x, *_args(qw), None, "triton"), x, qw, what=f"{name} M={m}")
+    dy = _rand(512, n, dtype=torch.bfloat16)
+    _check_dx(OPS.dequant_matmul_dx(dy, *_args(qw), "triton"), dy, qw, f"{name} dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xdtype", XDTYPES)
+def test_gpu_every_path_at_8192(xdtype):
+    """Every path (and fused dx) forced on an 8192 × 8192 W4 g128 weight; gemv is deterministic."""
+    qw = _weight(8192, 8192, 4, 128, wdtype=torch.float16)
+    b = _rand(8192, dtype=xdtype)
+    for m, path in ((1, "gemv"), (16, "gemv"), (16, "gemm"), (1024, "gemm"), (1024, "workspace")):
+        x = _rand(m, 8192, dtype=xdtype, seed=m)
+        y = dm.forward(x, *_args(qw), b, path=path)
+        _check_y(y, x, qw, b, f"{path} M={m}")
+        if path == "gemv":
+            assert torch.equal(y, dm.forward(x, *_args(qw), b, path=path)), "split-K must be deterministic"
+    dy = _rand(64, 8192, dtype=xdtype)
+    _check_dx(dm.backward_dx(dy, *_args(qw), path="fused"), dy, qw)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    """The op inside torch.compile(fullgraph=True), forward and backward."""
+    qw = _weight(4096, 4096, 4, 128, wdtype=torch.bfloat16)
+    x = _rand(8, 4096, dtype=torch.bfloat16).requires_grad_()
+    f = torch.compile(lambda t: qdpo.dequant_matmul(t, qw, backend="triton"), fullgraph=True)
+    y = f(x)
+    _check_y(y.detach(), x.detach(), qw)
+    y.backward(torch.ones_like(y))
+    _check_dx(x.grad, torch.ones_like(y), qw)
