@@ -233,3 +233,27 @@ def test_bf16_model_modes_agree():
     a = model(IDS).logits
     to_packed(model)
     assert_exact(model(IDS).logits, a, "logits")
+
+
+def test_cpu_step_cache_matches_ops_path_and_refreshes_after_a_step():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8)
+    a = QuantLinear.from_linear(lin, QuantSpec(4, 32))
+    b = QuantLinear.from_linear(lin, QuantSpec(4, 32), backend="reference")
+    with torch.no_grad():  # push latent weights off the grid so the mask matters
+        a.weight.add_(torch.randn_like(a.weight))
+        b.weight.copy_(a.weight)
+    x = torch.randn(5, 64)
+    for _ in range(2):  # the second round runs on a cache refreshed after the in-place update
+        assert a._use_step_cache(x)
+        ya = a(x)
+        yb = torch.ops.qdpo.fake_quant_matmul(x, b.weight, b.scales, b.zeros, 4, b.bias, "reference")
+        assert_exact(ya, yb, "y")
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_exact(a.weight.grad, b.weight.grad, "dw")
+        with torch.no_grad():
+            a.weight.sub_(0.5 * a.weight.grad)
+            b.weight.sub_(0.5 * b.weight.grad)
+        a.weight.grad = b.weight.grad = None

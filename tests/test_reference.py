@@ -176,3 +176,15 @@ def test_matmul_reference_gradients():
     torch.testing.assert_close(ds, scales.grad, rtol=1e-4, atol=1e-5)
     qweight = ref.pack(ref.quantize_codes(w0, s, z, 4), 4)
     torch.testing.assert_close(ref.dequant_matmul_dx(dy, qweight, s, z, 4), x.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_with_mask_is_both_functions(dtype, bits):
+    w0 = _weights(6, 128, seed=5)
+    s, z = ref.qparams(w0, bits, 64, symmetric=False)
+    w = (w0 + torch.randn_like(w0) * 3 * s.repeat_interleave(64, 1)).to(dtype)  # some clipping
+    w_hat, mask = ref.fake_quant_with_mask(w, s, z, bits, torch.float16)
+    assert_exact(w_hat, ref.fake_quant(w, s, z, bits, torch.float16), "ŵ")
+    assert_exact(mask, ref.fake_quant_mask(w, s, z, bits), "mask")
+    assert 0 < int((~mask).sum())

@@ -48,6 +48,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "fake_quant_mask",
+    "fake_quant_with_mask",
     "fake_quant_backward",
     "fake_quant_autograd",
     "dequant_matmul",
@@ -194,6 +195,29 @@ def fake_quant(
 ) -> torch.Tensor:
     """``dequantize(quantize(w))`` without packing: ``(N, K)`` in ``dtype`` (default ``w.dtype``)."""
     return dequantize_codes(quantize_codes(w, scales, zeros, bits), scales, zeros, dtype or w.dtype)
+
+
+def fake_quant_with_mask(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fake_quant` and :func:`fake_quant_mask` in one pass, with in-place fp32 math.
+
+    The same operations in the same order as the two functions (so the same
+    bits), on one ``(N, K)`` fp32 buffer: the CPU training path uses it to
+    compute ŵ and the straight-through mask once per optimizer step.
+    """
+    n_groups = scales.shape[1]
+    s, z = _expand(scales), _expand(zeros)
+    u = _grouped(w, n_groups) / s  # new fp32 buffer [N, n_groups, G]
+    u.round_().add_(z)
+    qmax = (1 << bits) - 1
+    mask = (u >= 0) & (u <= qmax)
+    u.clamp_(0, qmax).sub_(z).mul_(s)
+    return u.reshape(w.shape).to(dtype or w.dtype), mask.reshape(w.shape)
 
 
 def fake_quant_mask(

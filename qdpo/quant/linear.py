@@ -104,9 +104,43 @@ class QuantLinear(nn.Module):
             w_hat = self._w_hat.to(x.dtype)
             return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
         bits = self.spec.bits
+        if self.mode == "train" and self._use_step_cache(x):
+            w_hat = _StepSTE.apply(self.weight, *self._step_cache(x.dtype))
+            return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
         if self.mode == "train":
             return ops.fake_quant_matmul(x, self.weight, self.scales, self.zeros, bits, self.bias, self.backend)
         return ops.dequant_matmul(x, self.qweight, self.scales, self.zeros, bits, self.bias, self.backend)
+
+    # ------------------------------------------------------------------ CPU training path
+    _cache: tuple | None = None  # (key, ŵ, mask) for the current latent weights
+
+    def _use_step_cache(self, x: Tensor) -> bool:
+        """Cache ŵ and the STE mask across micro-batches when training on the reference backend.
+
+        On the CPU the reference ops would re-quantize every weight in every
+        forward and again in every backward; with frozen scales ŵ only changes
+        when the optimizer steps, so it is computed once per step (at the cost
+        of holding ŵ and a bool mask). Learned scales need the LSQ gradient of
+        the ops, so they take the ops path.
+        """
+        if not torch.is_grad_enabled() or not self.weight.requires_grad or self.scales.requires_grad:
+            return False
+        from qdpo.kernels import backends
+
+        b = backends.requested(self.backend)
+        return b == "reference" or (b == "auto" and x.device.type == "cpu")
+
+    def _step_cache(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        w, s = self.weight, self.scales
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version, dtype)
+        if self._cache is None or self._cache[0] != key:
+            from qdpo.kernels import reference
+
+            with torch.no_grad():
+                w_hat, mask = reference.fake_quant_with_mask(w, s, self.zeros, self.spec.bits, dtype)
+                clipped = ~mask
+            self._cache = (key, w_hat, clipped if bool(clipped.any()) else None)
+        return self._cache[1], self._cache[2]
 
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
@@ -114,6 +148,7 @@ class QuantLinear(nn.Module):
         """Train → packed, in place and exact; returns ``self``."""
         if self.mode == "packed":
             return self
+        self._cache = None
         qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
         scales = self.scales.detach().clone()
         del self.weight, self.scales
@@ -158,6 +193,22 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, spec={self.spec.name}, mode={self.mode}")
+
+
+class _StepSTE(torch.autograd.Function):
+    """Hands out a precomputed ŵ; backward is the straight-through ``grad ⊙ mask``."""
+
+    @staticmethod
+    def forward(ctx, w, w_hat, clipped):
+        ctx.clipped = clipped  # bool (N, K), or None when no code was clipped
+        ctx.w_dtype = w.dtype
+        return w_hat.view_as(w_hat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.clipped is not None:
+            grad = grad.masked_fill(ctx.clipped, 0)
+        return grad.to(ctx.w_dtype), None, None
 
 
 def _linear_weight(module: nn.Module) -> Tensor:

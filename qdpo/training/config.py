@@ -42,7 +42,7 @@ class TrainConfig:
     awq_grid: int = 20  # AWQ: alpha grid points
     # --- pairs
     max_new_tokens: int = 48  # greedy answer length for pairs and evaluation
-    gen_batch_size: int = 16  # prompts per generation batch
+    gen_batch_size: int = 32  # prompts per generation batch (decoding is memory-bound: bigger is cheaper)
     max_length: int = 512  # prompt + answer tokens; longer examples are truncated, prompt-only overflow dropped
     max_train_prompts: int = 0  # use at most this many training prompts (0 = all)
     max_eval_prompts: int = 0  # use at most this many validation/test prompts each (0 = all)

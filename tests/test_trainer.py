@@ -1,0 +1,154 @@
+"""The training loop on a tiny model: loss falls, flips fall, resume is exact, only latent weights train."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.quant import quantized_layers
+from qdpo.training.config import TrainConfig
+from qdpo.training.generate import greedy
+from qdpo.training.stages import reference_logps
+from qdpo.training.trainer import Example, Trainer, batch_indices
+
+VOCAB = 64
+
+
+def tiny_fp(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=1, pad_token_id=1, bos_token_id=None, initializer_range=0.15)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Tok:
+    """The few tokenizer attributes generation needs."""
+    pad_token_id = 1
+    eos_token_id = 1
+
+
+def make_data(n_prompts=12, new_tokens=8, seed=0):
+    fp = tiny_fp(seed)
+    q = copy.deepcopy(fp)
+    qdpo.quantize_model(q, QuantSpec(4, -1))
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randint(2, VOCAB, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n_prompts)]
+    fp_ans = greedy(fp, Tok, prompts, new_tokens, batch_size=4, disable=True)
+    q_ans = greedy(q, Tok, prompts, new_tokens, batch_size=4, disable=True)
+    pairs = [(p, c, r) for p, c, r in zip(prompts, fp_ans, q_ans) if c != r]
+    ref = reference_logps(q, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 1, 8, 1024)
+    examples = [Example(p, c, r, ref[i], ref[len(pairs) + i]) for i, (p, c, r) in enumerate(pairs)]
+    return fp, q, examples
+
+
+def cfg(**kw):
+    base = dict(steps=12, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, eval_every=0,
+                checkpoint_every=4, beta=0.5, seed=3)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def _flips(fp, q, examples):
+    """Teacher-forced argmax disagreements on the chosen answers: an independent full-logits count."""
+    n = tot = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.prompt_ids + e.chosen_ids])
+            a, b = fp(ids).logits[0].argmax(-1), q(ids).logits[0].argmax(-1)
+            s = len(e.prompt_ids) - 1
+            n += int((a[s:-1] != b[s:-1]).sum())
+            tot += len(e.chosen_ids)
+    return n / tot
+
+
+def test_qdpo_loss_and_flip_rate_fall(tmp_path):
+    fp, q, examples = make_data()
+    assert len(examples) >= 6
+    before = _flips(fp, q, examples)
+    t = Trainer(q, cfg(steps=20), "qdpo", examples, tmp_path, fp_model=fp, pad_id=1, disable_progress=True)
+    t.run()
+    losses = [h["loss"] for h in t.history if "loss" in h]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert _flips(fp, q, examples) < before
+
+
+@pytest.mark.parametrize("method", ["kd", "sft"])
+def test_baselines_reduce_their_loss(tmp_path, method):
+    fp, q, examples = make_data()
+    t = Trainer(q, cfg(steps=10), method, examples, tmp_path, fp_model=fp, pad_id=1, disable_progress=True)
+    t.run()
+    losses = [h["loss"] for h in t.history if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_only_latent_weights_train(tmp_path):
+    fp, q, examples = make_data()
+    frozen = {n: p.detach().clone() for n, p in q.named_parameters() if not n.endswith("weight")
+              or "embed" in n or "norm" in n}
+    grids = {n: (m.scales.clone(), m.zeros.clone()) for n, m in quantized_layers(q).items()}
+    Trainer(q, cfg(steps=3), "qdpo", examples, tmp_path, pad_id=1, disable_progress=True).run()
+    for n, p in q.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    for n, m in quantized_layers(q).items():
+        assert torch.equal(m.scales, grids[n][0]) and torch.equal(m.zeros, grids[n][1])
+
+
+def test_learned_scales_move(tmp_path):
+    fp, q, examples = make_data()
+    before = {n: m.scales.clone() for n, m in quantized_layers(q).items()}
+    Trainer(q, cfg(steps=3, learn_scales=True, scale_lr=1e-3), "qdpo", examples, tmp_path, pad_id=1,
+            disable_progress=True).run()
+    assert any(not torch.equal(m.scales.detach(), before[n]) for n, m in quantized_layers(q).items())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_final_weights(tmp_path):
+    fp, q, examples = make_data()
+    c = cfg(steps=10, checkpoint_every=3)
+    q_full = copy.deepcopy(q)
+    Trainer(q_full, c, "qdpo", examples, tmp_path / "full", pad_id=1, disable_progress=True).run()
+
+    q_a = copy.deepcopy(q)
+    t = Trainer(q_a, c, "qdpo", examples, tmp_path / "cut", pad_id=1, disable_progress=True)
+    orig = t.train_step
+
+    def step_then_die():
+        rec = orig()
+        if t.step == 7:  # killed between checkpoints (last one at step 6)
+            raise _Interrupt
+        return rec
+
+    t.train_step = step_then_die
+    with pytest.raises(_Interrupt):
+        t.run()
+    q_b = copy.deepcopy(q)
+    t2 = Trainer(q_b, c, "qdpo", examples, tmp_path / "cut", pad_id=1, disable_progress=True)
+    t2.run(resume=True)
+    assert t2.history[-1]["step"] == 10 and [h["step"] for h in t2.history] == list(range(11))
+    for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_batch_order_is_a_function_of_step():
+    a = [batch_indices(10, s, 4, seed=1) for s in range(6)]
+    assert a == [batch_indices(10, s, 4, seed=1) for s in range(6)]
+    flat = sum(a[:5], [])[:20]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_refuses_packed_or_unquantized_model(tmp_path):
+    fp, q, examples = make_data()
+    with pytest.raises(ValueError, match="no QuantLinear layers"):
+        Trainer(fp, cfg(), "qdpo", examples, tmp_path, pad_id=1)
+    qdpo.quant.to_packed(q)
+    with pytest.raises(ValueError, match="packed"):
+        Trainer(q, cfg(), "qdpo", examples, tmp_path, pad_id=1)
