@@ -6,6 +6,7 @@ from qdpo.quant.functional import dequant_matmul, dequantize, fake_quant, fake_q
 from qdpo.quant.linear import QuantLinear
 from qdpo.quant.model import quantizable_layers, quantize_model, quantized_layers, to_packed
 from qdpo.quant.io import load_quantized, save_quantized
+from qdpo.quant.awq import awq_quantize_model
 
 __all__ = [
     "QuantSpec", "QuantizedWeight", "quantize", "dequantize", "dequant_matmul", "fake_quant",
