@@ -213,9 +213,16 @@ def _check_hf_dir(path: Path) -> None:
 def _load_hf_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     kwargs = {_DTYPE_KW: dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot load the model in {path}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # e.g. a base model saved without its causal-LM head: transformers would fill it randomly
+        raise ValueError(
+            f"cannot load the model in {path} as a causal LM: its weights lack {missing[:3]}"
+            f"{' and more' if len(missing) > 3 else ''} (a model without a causal-LM head?); "
+            "pass a checkpoint of a *ForCausalLM model"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:

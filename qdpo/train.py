@@ -36,8 +36,8 @@ from qdpo.training.trainer import CheckpointError, Example, Trainer
 log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
 # Fields that do not change what a run computes (so --resume accepts a change in them).
-NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "judge_url",
-                     "checkpoint_every", "method")
+NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "checkpoint_every",
+                     "method")
 
 
 class RunDirError(ValueError):
@@ -159,7 +159,11 @@ def run(cfg: TrainConfig) -> dict:
         fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers")
     with stage("quantize"):
         calib = [ids[p.id] + fp[p.id] for p in train_p]
-        q0, init_stats = S.quantize_initial(fp_model, cfg, calib, out / "initial")
+        try:
+            q0, init_stats = S.quantize_initial(fp_model, cfg, calib, out / "initial")
+        except ValueError as e:  # a spec that does not fit the model's layers
+            raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
+                              f"{cfg.group_size}: {e}") from None
     with stage("initial_answers"):
         tt = train_p + test_p
         q_ans = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
@@ -259,6 +263,9 @@ def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-tensor bars of instant loads; qdpo has its own
     try:
         cfg = parse_args(argv)
         result = run(cfg)

@@ -11,7 +11,11 @@ Tolerance policy (one place, used by every test):
 
 import os
 
-import torch
+# The Triton interpreter runs tl.dot through numpy: OpenBLAS threads only add
+# contention on small tiles (about 1000x slower on a loaded 2-core machine).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Triton kernels run on the CPU only through the interpreter, and the switch
 # must be set before any @triton.jit decorator runs: here, before qdpo imports.

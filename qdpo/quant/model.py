@@ -86,9 +86,9 @@ def quantize_model(
     layers = quantizable_layers(model, exclude)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {tuple(exclude)} to quantize")
+    _check_shapes(layers, spec)
     for name, m in layers.items():  # check every layer before changing any
         w = _linear_weight(m)
-        spec.check_shape(*w.shape, what=name)
         if not w.is_floating_point():
             raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
         if not bool(torch.isfinite(w).all()):
@@ -100,6 +100,24 @@ def quantize_model(
             m, spec, mode=mode, learn_scales=learn_scales, scales=s, zeros=z, backend=backend))
     model.qdpo_spec = spec
     return model
+
+
+def _check_shapes(layers: dict[str, nn.Module], spec: QuantSpec) -> None:
+    """One error naming every layer the spec does not fit, and the group sizes that fit them all."""
+    from qdpo.quant.spec import SUPPORTED_GROUP_SIZES
+
+    bad = []
+    for name, m in layers.items():
+        try:
+            spec.check_shape(*_linear_weight(m).shape, what=name)
+        except ValueError as e:
+            bad.append(str(e))
+    if not bad:
+        return
+    ks = {_linear_weight(m).shape[1] for m in layers.values()}
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g > 0 and all(k % g == 0 for k in ks)]
+    more = f" (and {len(bad) - 3} more layers)" if len(bad) > 3 else ""
+    raise ValueError("; ".join(bad[:3]) + more + f". Group sizes that fit every layer: {fits + [-1]}")
 
 
 def to_packed(model: nn.Module) -> nn.Module:

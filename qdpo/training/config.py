@@ -72,7 +72,6 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     # --- evaluation and export
     export: bool = True  # write the trained model in the packed format and check it reloads
-    judge_url: str = ""  # optional OpenAI-compatible endpoint for an LLM-judge score (off by default)
 
     def methods(self) -> list[str]:
         return list(METHODS) if self.method == "all" else [self.method]

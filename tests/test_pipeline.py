@@ -1,0 +1,216 @@
+"""python -m qdpo.train end to end on a tiny local model: artifacts, run-directory rules, resume, bad input."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
+
+from qdpo import train
+from qdpo.training import trainer as trainer_mod
+
+VOCAB = 200
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def _tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    if chat:
+        tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      initializer_range=0.2, eos_token_id=2, pad_token_id=2, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    _tokenizer(chat=True).save_pretrained(d)
+    return d
+
+
+def _prompts(path: Path, n=15, split=True) -> Path:
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        words = " ".join(f"w{int(t)}" for t in torch.randint(0, 150, (int(torch.randint(2, 6, (1,), generator=g)),),
+                                                              generator=g))
+        row = {"id": f"q{i}", "prompt": words}
+        if split:
+            row["split"] = ("train", "train", "train", "validation", "test")[i % 5]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _args(model_dir, prompts, out, *extra):
+    return ["--model", str(model_dir), "--prompts", str(prompts), "--output-dir", str(out),
+            "--max-new-tokens", "6", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2",
+            "--group-size", "32", "--eval-every", "2", "--checkpoint-every", "2", "--lr", "1e-3", *extra]
+
+
+def test_end_to_end_all_methods(model_dir, tmp_path, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--method", "all")) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed and "test token-flip rate: initial" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"config", "pairs", "eval", "timing"} <= set(m)
+    assert list(m["eval"]) == ["fp", "initial", "qdpo", "kd", "sft"]
+    for name, row in m["eval"].items():
+        for key in ("flip_rate", "top1_agreement", "kl", "first_divergence", "exact_match", "rouge_l",
+                    "fp_nll", "ppl"):
+            assert key in row, (name, key)
+    assert m["eval"]["fp"]["flip_rate"] == 0 and m["eval"]["fp"]["exact_match"] == 1
+    assert m["pairs"]["total"] == 9 and m["pairs"]["pairs"] + m["pairs"]["identical_dropped"] == 9
+    for method in ("qdpo", "kd", "sft"):
+        assert m["training"][method]["export"]["reproduces_eval"] is True
+        assert (out / f"export_{method}" / "qdpo_quant.json").exists()
+        lines = (out / f"train_{method}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == list(range(5))
+    assert {"load", "fp_answers", "quantize", "pairs", "train_qdpo"} <= set(m["timing"])
+    assert "peak_rss_gb" in m["timing"]["train_qdpo"]
+    pair = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "chosen", "rejected", "first_divergence", "ref_chosen_logps", "ref_rejected_logps"} <= set(pair)
+    assert pair["prompt"][-1]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
+    report = (out / "report.md").read_text()
+    assert "| initial" in report and "kd" in report and "flip_vs_margin.png" in report
+    assert (out / "flip_vs_margin.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
+
+
+def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out)) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert train.main(_args(model_dir, prompts, out)) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--resume")) == 2
+    assert "holds a different run (differs in bits)" in capsys.readouterr().err
+    assert train.main(_args(model_dir, prompts, out, "--resume")) == 0  # every stage reused
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["eval"]["qdpo"]["flip_rate"] == first["eval"]["qdpo"]["flip_rate"]
+    assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--overwrite")) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["bits"] == 8
+    stranger = tmp_path / "not_a_run"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert train.main(_args(model_dir, prompts, stranger, "--overwrite")) == 2
+    assert "holds no qdpo run" in capsys.readouterr().err
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    full = tmp_path / "full"
+    assert train.main(_args(model_dir, prompts, full, "--steps", "6", "--eval-every", "0")) == 0
+    cut = tmp_path / "cut"
+    orig = trainer_mod.Trainer.train_step
+
+    def dying(self):
+        rec = orig(self)
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return rec
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", dying)
+    assert train.main(_args(model_dir, prompts, cut, "--steps", "6", "--eval-every", "0")) == 130
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", orig)
+    assert train.main(_args(model_dir, prompts, cut, "--steps", "6", "--eval-every", "0", "--resume")) == 0
+    a = json.loads((full / "metrics.json").read_text())["eval"]["qdpo"]
+    b = json.loads((cut / "metrics.json").read_text())["eval"]["qdpo"]
+    assert a == b
+
+
+def test_plain_template_and_unsplit_prompts(tmp_path):
+    d = tmp_path / "plain"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    _tokenizer(chat=False).save_pretrained(d)
+    prompts = _prompts(tmp_path / "p.jsonl", n=20, split=False)
+    out = tmp_path / "run"
+    assert train.main(_args(d, prompts, out, "--steps", "1", "--export", "--no-export")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pairs"]["total"] == 12  # 60 % of 20 unsplit prompts are training prompts
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_model", "--model .*does not exist|not found"),
+    ("no_head", "without a causal-LM head"),
+    ("malformed", r"p.jsonl:3: malformed JSON"),
+    ("empty", "holds no prompts"),
+    ("bits", "bits=3 is not supported"),
+    ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
+    ("too_long", "longer than --max-length"),
+    ("no_test", "no test prompts"),
+])
+def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, match):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    model, extra = model_dir, []
+    if case == "missing_model":
+        model = tmp_path / "nowhere"
+    elif case == "no_head":
+        model = tmp_path / "base"
+        LlamaModel(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=False)).save_pretrained(model)
+        _tokenizer(True).save_pretrained(model)
+    elif case == "malformed":
+        lines = prompts.read_text().splitlines()
+        lines[2] = '{"prompt": "w1 w2"'
+        prompts.write_text("\n".join(lines) + "\n")
+    elif case == "empty":
+        prompts.write_text("\n")
+    elif case == "bits":
+        extra = ["--bits", "3"]
+    elif case == "too_long":
+        extra = ["--max-length", "9"]
+    elif case == "no_test":
+        prompts.write_text("".join(l.replace('"test"', '"train"') + "\n" for l in prompts.read_text().splitlines()))
+    out = tmp_path / "run"
+    args = _args(model, prompts, out, *extra)
+    if case == "group":
+        args[args.index("--group-size") + 1] = "128"
+    capsys.readouterr()  # drop what building the fixture printed
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("qdpo.train: error: ") == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("qdpo.train: error: ")
+    assert re.search(match, last), last
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def flaky_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.torch, "save", flaky_save)
+    assert train.main(_args(model_dir, prompts, out, "--eval-every", "0")) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--resume" in err
+    ckpts = sorted((out / "train_qdpo" / "checkpoints").glob("*"))
+    assert [p.name for p in ckpts] == ["step-000002.pt"]
+    assert torch.load(ckpts[0], weights_only=True)["step"] == 2
