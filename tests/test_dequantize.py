@@ -1,0 +1,136 @@
+"""Triton dequantize vs ``qdpo.kernels.reference``: bit-exact in every output dtype.
+
+Runs on the CPU under ``TRITON_INTERPRET=1`` (see conftest).
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.kernels import reference as ref
+from qdpo.kernels.triton import dequantize as td, quantize as tq
+from tests.conftest import DTYPES, LLAMA_SHAPES, ODD_NK, assert_exact
+
+OPS = torch.ops.qdpo
+GROUPS = (-1, 32, 64, 128, 256)
+SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
+
+
+def _randn(n, k, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g).to(dtype)
+
+
+def _random_packed(n, k, bits, ng, sdtype, seed=0, mag=1.0):
+    """Arbitrary packed bytes (every nibble/byte value), zero points and positive scales."""
+    g = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(0, 256, (n, k * bits // 8), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 1 << bits, (n, ng), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, ng, generator=g) * mag + 1e-3 * mag).to(sdtype)
+    return qweight, scales, zeros
+
+
+def _assert_dequantize(q, s, z, bits, dtype):
+    out = OPS.dequantize(q, s, z, bits, dtype, "triton")
+    assert_exact(out, ref.dequantize(q, s, z, bits, dtype), "ŵ")
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_reference(dtype, bits, gs, sym):
+    q, s, z = ref.quantize(_randn(*SHAPE_FOR[gs], dtype, seed=gs), bits, gs, sym)
+    _assert_dequantize(q, s, z, bits, dtype)
+
+
+@pytest.mark.parametrize("sdtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arbitrary_codes_into_every_output_dtype(dtype, sdtype):
+    for bits in (4, 8):
+        q, s, z = _random_packed(33, 256, bits, 4, sdtype, seed=bits)
+        _assert_dequantize(q, s, z, bits, dtype)
+
+
+@pytest.mark.parametrize("nk", ODD_NK)
+def test_odd_shapes_every_group_size(nk):
+    n, k = nk
+    for gs in GROUPS:
+        if gs != -1 and k % gs:
+            continue
+        ng = 1 if gs == -1 else k // gs
+        for bits, sdtype in ((4, torch.bfloat16), (8, torch.float16)):
+            q, s, z = _random_packed(n, k, bits, ng, sdtype, seed=n + ng)
+            _assert_dequantize(q, s, z, bits, torch.bfloat16 if bits == 4 else torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_long_rows_are_split_over_programs(bits):
+    q, s, z = _random_packed(9, 320, bits, 1, torch.float16, seed=3)
+    out = td.launch(q, s, z, bits, torch.bfloat16, tq.Config(block_r=4, block_g=64, num_warps=4))
+    assert_exact(out, ref.dequantize(q, s, z, bits, torch.bfloat16), "ŵ")
+
+
+def test_strided_qweight_and_grid():
+    q, s, z = _random_packed(7, 96, 4, 3, torch.float32, seed=4)
+    q_wide = torch.zeros(7, 64, dtype=torch.uint8)[:, :48]  # row stride 64 bytes
+    q_wide.copy_(q)
+    s_t, z_t = s.t().contiguous().t(), z.t().contiguous().t()  # column-major (N, NG)
+    _assert_dequantize(q_wide, s_t, z_t, 4, torch.float16)
+    q_t = q.t().contiguous().t()  # K not contiguous: copied once
+    _assert_dequantize(q_t, s, z, 4, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy, for the fp16 infs
+@pytest.mark.parametrize("mag", [1e-30, 1e30])
+def test_tiny_and_huge_scales_fp32(mag):
+    for bits in (4, 8):
+        q, s, z = _random_packed(5, 256, bits, 8, torch.float32, seed=5, mag=mag)
+        _assert_dequantize(q, s, z, bits, torch.float32)
+        _assert_dequantize(q, s, z, bits, torch.float16)  # 1e30: ±inf like Tensor.to; 1e-30: zeros
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_groups_dequantize_to_exact_zeros(dtype):
+    w = _randn(6, 128, dtype, seed=6)
+    w[0] = 0
+    w[1, :32] = 0
+    for bits, gs, sym in ((4, 32, False), (8, -1, True)):
+        q, s, z = ref.quantize(w, bits, gs, sym)
+        out = OPS.dequantize(q, s, z, bits, dtype, "triton")
+        assert out[0].eq(0).all() and out[1, :32].eq(0).all()
+        assert_exact(out, ref.dequantize(q, s, z, bits, dtype), "ŵ")
+
+
+def test_llama_shape_slice():
+    n, k = LLAMA_SHAPES["llama3-8b.kv"]
+    for bits, gs in ((4, 128), (8, -1)):
+        q, s, z = ref.quantize(_randn(n, k, torch.bfloat16, seed=7)[:64], bits, gs, False)
+        _assert_dequantize(q, s, z, bits, torch.bfloat16)
+
+
+def test_public_api_with_triton_backend():
+    w = _randn(33, 128, torch.float16, seed=8)
+    qw = qdpo.quantize(w, QuantSpec(4, 32, False), backend="reference")
+    assert_exact(qdpo.dequantize(qw, backend="triton"), qdpo.dequantize(qw, backend="reference"), "ŵ")
+    assert_exact(qdpo.dequantize(qw, torch.float32, backend="triton"), ref.dequantize(
+        qw.qweight, qw.scales, qw.zeros, 4, torch.float32), "ŵ fp32")
+
+
+def test_errors_are_raised_by_the_op_checks():
+    q, s, z = _random_packed(4, 64, 4, 2, torch.float16)
+    with pytest.raises(TypeError, match="zero points are stored as uint8"):
+        OPS.dequantize(q, s, z.int(), 4, None, "triton")
+    with pytest.raises(ValueError, match="must both be"):
+        OPS.dequantize(q, s[:2], z[:2], 4, None, "triton")
+    with pytest.raises(TypeError, match="qweight must be a 2-D uint8"):
+        OPS.dequantize(q.int(), s, z, 4, None, "triton")
+
+
+def test_opcheck():
+    q, s, z = _random_packed(7, 96, 4, 3, torch.float16, seed=9)
+    opcheck(OPS.dequantize, (q, s, z, 4, torch.bfloat16, "triton"))
+    q8, s8, z8 = _random_packed(7, 96, 8, 1, torch.float32, seed=10)
+    opcheck(OPS.dequantize, (q8, s8, z8, 8, None, "triton"))

@@ -1,0 +1,237 @@
+"""Triton fake_quant and its STE / LSQ backward vs ``qdpo.kernels.reference``.
+
+Forward and ``grad_w`` are bit-exact; ``grad_scales`` is an fp32 sum taken in
+another order, so it is compared within the bound of :func:`_assert_sum_close`,
+against ``reference.fake_quant_backward`` and against autograd through
+``reference.fake_quant_autograd``. Runs on the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.kernels import reference as ref
+from qdpo.kernels.triton import fake_quant as tf, quantize as tq
+from tests.conftest import DTYPES, LLAMA_SHAPES, ODD_NK, assert_exact
+
+OPS = torch.ops.qdpo
+GROUPS = (-1, 32, 64, 128, 256)
+SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
+
+
+def _randn(n, k, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g).to(dtype)
+
+
+def _grid(w, bits, gs, sym, shrink=0.8):
+    """RTN scales shrunk so that some codes clip (both STE branches are exercised)."""
+    s, z = ref.qparams(w, bits, gs, sym)
+    return (s.float() * shrink).to(s.dtype), z
+
+
+def _assert_sum_close(actual, expected, grad, bits, what="grad_scales"):
+    """Per-group sums in fp32 (any order) then one cast: |Δ| ≤ 2·G·2⁻²⁴·Σ|g|·qmax + an ulp of the dtype.
+
+    ``qmax`` bounds every term's factor ``|round(w/s) - w/s|`` or ``|q - z|``.
+    """
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    n, ng = expected.shape
+    g_abs = grad.float().abs().reshape(n, ng, -1)
+    bound = 2 * g_abs.shape[-1] * 2.0**-24 * g_abs.sum(-1) * ((1 << bits) - 1)
+    tol = bound + torch.finfo(expected.dtype).eps * expected.float().abs()
+    err = (actual.float() - expected.float()).abs()
+    assert (err <= tol).all(), f"{what}: error {err.max().item():.3g} over the bound {tol.min().item():.3g}"
+
+
+def _assert_backward(grad, w, s, z, bits):
+    gw, gs = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
+    rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
+    assert_exact(gw, rw, "grad_w")
+    _assert_sum_close(gs, rs, grad, bits)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference(dtype, bits, gs, sym):
+    w = _randn(*SHAPE_FOR[gs], dtype, seed=gs)
+    s, z = _grid(w, bits, gs, sym)
+    assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_reference(dtype, bits, gs, sym):
+    n, k = SHAPE_FOR[gs]
+    w = _randn(n, k, dtype, seed=gs)
+    s, z = _grid(w, bits, gs, sym)
+    assert not ref.fake_quant_mask(w, s, z, bits).all(), "the grid should clip some codes"
+    grad = _randn(n, k, dtype, seed=gs + 1)
+    _assert_backward(grad, w, s, z, bits)
+    gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, False, "triton")
+    assert_exact(gw, ref.fake_quant_backward(grad, w, s, z, bits)[0], "grad_w")
+    assert gs_.numel() == 0
+
+
+@pytest.mark.parametrize("nk", ODD_NK)
+def test_odd_shapes_every_group_size(nk):
+    w = _randn(*nk, torch.bfloat16, seed=nk[0])
+    grad = _randn(*nk, seed=nk[1])  # fp32 grad into a bf16 weight: grad_w rounds to nearest even
+    for gs in GROUPS:
+        if gs == -1 or nk[1] % gs == 0:
+            s, z = _grid(w, 4, gs, False)
+            assert_exact(OPS.fake_quant(w, s, z, 4, torch.float32, "triton"),
+                         ref.fake_quant(w, s, z, 4, torch.float32), "ŵ")
+            _assert_backward(grad, w, s, z, 4)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lsq_gradient_matches_autograd(dtype, bits, gs):
+    """An independent statement of the gradients: autograd through the fake-quant formula."""
+    w = _randn(33, 128, dtype, seed=1)
+    s, z = _grid(w, bits, gs, False)
+    grad = _randn(33, 128, dtype, seed=2)
+    w_leaf, s_leaf = w.clone().requires_grad_(), s.clone().requires_grad_()
+    ref.fake_quant_autograd(w_leaf, s_leaf, z, bits).backward(grad)
+    gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
+    # autograd's ∂w is (g·s)/s: within an ulp of g before the cast
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(gw, w_leaf.grad, rtol=2 * eps, atol=0)
+    _assert_sum_close(gs_, s_leaf.grad, grad, bits, "grad_scales vs autograd")
+
+
+def test_mixed_dtypes_of_output_grad_and_scales():
+    w = _randn(7, 96, torch.bfloat16, seed=3)
+    s, z = _grid(w.float(), 8, 32, True)
+    s16 = s.half()
+    for out_dtype in DTYPES:
+        assert_exact(OPS.fake_quant(w, s16, z, 8, out_dtype, "triton"), ref.fake_quant(w, s16, z, 8, out_dtype), "ŵ")
+    _assert_backward(_randn(7, 96, torch.float16, seed=4), w, s16, z, 8)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
+def test_long_rows_are_processed_in_chunks(bits, sym):
+    """Per-row mode with a row longer than a tile (forced small tile): split forward, looped LSQ sum."""
+    w = _randn(9, 320, torch.float16, seed=5)
+    s, z = _grid(w, bits, -1, sym)
+    grad = _randn(9, 320, torch.float16, seed=6)
+    cfg = tq.Config(block_r=4, block_g=64, num_warps=4)  # 5 chunks per row
+    assert_exact(tf.fake_quant(w, s, z, bits, torch.float16, cfg), ref.fake_quant(w, s, z, bits), "ŵ")
+    for need in (False, True):
+        gw, gs = tf.fake_quant_backward(grad, w, s, z, bits, need, cfg)
+        rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, need)
+        assert_exact(gw, rw, "grad_w")
+        if need:
+            _assert_sum_close(gs, rs, grad, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_and_constant_groups(dtype):
+    w = _randn(6, 128, dtype, seed=7)
+    w[0] = 0
+    w[1, :32] = 0
+    w[2, 32:64] = 3
+    w[3] = -0.25
+    grad = _randn(6, 128, dtype, seed=8)
+    for bits, gs, sym in ((4, 32, False), (8, -1, True)):
+        s, z = ref.qparams(w, bits, gs, sym)
+        out = OPS.fake_quant(w, s, z, bits, None, "triton")
+        assert out[0].eq(0).all() and out[1, :32].eq(0).all()
+        assert_exact(out, ref.fake_quant(w, s, z, bits), "ŵ")
+        gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
+        assert_exact(gw, grad, "grad_w (nothing clips on an RTN grid)")
+        assert gs_[0].eq(0).all(), "a zero group has round(w/s) - w/s = 0"
+        _assert_backward(grad, w, s, z, bits)
+
+
+@pytest.mark.parametrize("mag", [1e-30, 1e30])
+def test_tiny_and_huge_magnitudes_fp32(mag):
+    w = _randn(5, 256, seed=9) * mag
+    grad = _randn(5, 256, seed=10)
+    for bits, gs, sym in ((4, 32, False), (8, -1, True)):
+        s, z = _grid(w, bits, gs, sym)
+        assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
+        _assert_backward(grad, w, s, z, bits)
+
+
+def test_exact_half_ties_round_to_even():
+    halves = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -3.5, -4.5, -5.5, -6.5, 8.5, -7.5]
+    w = torch.tensor(halves).repeat(2, 2)  # (2, 32)
+    # s = 1, z = 8: 8.5 rounds to 8 and clips (u = 16); -7.5 rounds to -8, u = 0 is still inside
+    s, z = torch.ones(2, 1), torch.full((2, 1), 8, dtype=torch.uint8)
+    mask = ref.fake_quant_mask(w, s, z, 4)
+    assert not mask[:, 14].any() and mask[:, 15].all()
+    assert_exact(OPS.fake_quant(w, s, z, 4, None, "triton"), ref.fake_quant(w, s, z, 4), "ŵ")
+    _assert_backward(torch.ones(2, 32), w, s, z, 4)
+
+
+def test_llama_shape_slice():
+    n, k = LLAMA_SHAPES["llama3-8b.q"]
+    w = _randn(n, k, torch.bfloat16, seed=11)[:64]
+    s, z = _grid(w, 4, 128, False)
+    assert_exact(OPS.fake_quant(w, s, z, 4, None, "triton"), ref.fake_quant(w, s, z, 4), "ŵ")
+    _assert_backward(_randn(64, k, torch.bfloat16, seed=12), w, s, z, 4)
+
+
+def test_public_api_autograd_with_triton_backend():
+    spec = QuantSpec(4, 64, False)
+    w = _randn(33, 128, torch.float16, seed=13)
+    s, z = _grid(w, 4, 64, False)
+    grad = _randn(33, 128, torch.float16, seed=14)
+    grads = {}
+    for backend in ("triton", "reference"):
+        wl, sl = w.clone().requires_grad_(), s.clone().requires_grad_()
+        out = qdpo.fake_quant(wl, spec, sl, z, backend=backend)
+        out.backward(grad)
+        grads[backend] = (out.detach(), wl.grad, sl.grad)
+    (o, gw, gs), (ro, rgw, rgs) = grads["triton"], grads["reference"]
+    assert_exact(o, ro, "ŵ")
+    assert_exact(gw, rgw, "grad_w")
+    _assert_sum_close(gs, rgs, grad, 4)
+    # a gradient from .sum() arrives as a stride-0 expanded tensor
+    wl = w.clone().requires_grad_()
+    qdpo.fake_quant(wl, spec, s, z, backend="triton").sum().backward()
+    assert_exact(wl.grad, ref.fake_quant_mask(w, s, z, 4).to(w.dtype), "grad_w from .sum()")
+
+
+def test_errors():
+    w = _randn(6, 64)
+    s, z = ref.qparams(w, 4, 32, False)
+    with pytest.raises(ValueError, match="grad has shape"):
+        OPS.fake_quant_backward(torch.randn(3, 64), w, s, z, 4, False, "triton")
+    with pytest.raises(ValueError, match="does not split K=64"):
+        OPS.fake_quant(w, s[:, :1].expand(6, 3).contiguous(), z[:, :1].expand(6, 3).contiguous(), 4, None,
+                       "triton")
+    with pytest.raises(TypeError, match="zero points are stored as uint8"):
+        OPS.fake_quant(w, s, z.float(), 4, None, "triton")
+
+
+def test_opcheck():
+    w = _randn(7, 96, seed=15)
+    s, z = _grid(w, 4, 32, False)
+    opcheck(OPS.fake_quant, (w.clone().requires_grad_(), s.clone().requires_grad_(), z, 4, None, "triton"))
+    opcheck(OPS.fake_quant_backward, (_randn(7, 96, seed=16), w, s, z, 4, True, "triton"))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    def loss_fn(w, s, z):
+        return OPS.fake_quant(w, s, z, 4, None, "triton").square().sum()
+
+    w = _randn(7, 96, seed=17)
+    s, z = _grid(w, 4, 32, False)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    wc, we = w.clone().requires_grad_(), w.clone().requires_grad_()
+    loss_c, loss_e = compiled(wc, s, z), loss_fn(we, s, z)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(wc.grad, we.grad)
+    assert_exact(we.grad, ref.fake_quant_backward(2 * ref.fake_quant(w, s, z, 4), w, s, z, 4)[0], "grad_w")
