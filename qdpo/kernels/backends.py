@@ -69,7 +69,7 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
         return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
     if backend == "triton" and device.type != "cuda":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+            return _load(backend)
         return (
             f"the triton backend needs CUDA tensors, got a {device.type} tensor "
             "(set TRITON_INTERPRET=1 before importing qdpo to run Triton kernels on the CPU)"

@@ -113,11 +113,22 @@ def _check_x(x: Tensor, k: int, name: str = "x") -> None:
         )
 
 
+def _check_rows(dy: Tensor, x: Tensor) -> None:
+    if dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+
+
 def _check_bias(bias: Optional[Tensor], n: int) -> None:
     if bias is not None:
         _check_float(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+
+
+def _check_grad(grad: Tensor, w: Tensor) -> None:
+    _check_float(grad, "grad")
+    if grad.shape != w.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)}; expected the weight's {tuple(w.shape)}")
 
 
 def _check_same_device(*ts: Optional[Tensor]) -> None:
@@ -283,6 +294,7 @@ def fake_quant_backward(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(grad_w, grad_scales)``; ``grad_scales`` is empty ``(0,)`` unless asked for."""
     _check_fq(w, scales, zeros, bits)
+    _check_grad(grad, w)
     gw, gs = backends.call(
         "fake_quant_backward", backend, w.device, grad.contiguous(), w, scales, zeros, bits, need_scales_grad
     )
@@ -292,6 +304,7 @@ def fake_quant_backward(
 @fake_quant_backward.register_fake
 def _(grad, w, scales, zeros, bits, need_scales_grad, backend="auto"):
     _check_fq(w, scales, zeros, bits)
+    _check_grad(grad, w)
     return torch.empty_like(w), (torch.empty_like(scales) if need_scales_grad else scales.new_empty(0))
 
 
@@ -404,6 +417,7 @@ def fake_quant_matmul_backward(
     """Returns ``(dx, dw, dscales)``; ``dscales`` is empty ``(0,)`` unless asked for."""
     _check_fqmm(x, w, scales, zeros, bits, None)
     _check_x(dy, w.shape[0], "dy")
+    _check_rows(dy, x)
     dx, dw, ds = backends.call(
         "fake_quant_matmul_backward", backend, x.device,
         dy.contiguous(), x.contiguous(), w, scales, zeros, bits, need_scales_grad,
