@@ -75,29 +75,10 @@ def _copies(w: torch.Tensor, packed) -> list:
     return [(w, packed)] + [(w.clone(), (*(t.clone() for t in packed[:3]), packed[3])) for _ in range(n - 1)]
 
 
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph, as its replay; ``None`` where capture fails. Identity on the CPU."""
-    if not GPU:
-        return fn
-    fn()  # compile, autotune and allocate outside the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception:  # e.g. a peer that synchronises inside its forward
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
-
 
 def _cycled(fns: list, eager: bool):
     """One callable running ``fns`` in turn (graph replays unless ``eager``); and whether it is eager."""
-    runs = fns if eager else [_graphed(f) for f in fns]
+    runs = fns if eager else [common.graphed(f) for f in fns]
     if any(r is None for r in runs):
         runs, eager = fns, True
     it = itertools.cycle(runs)

@@ -38,23 +38,6 @@ FORMATS = {"W4g128": (4, 128, False), "W8-ch-sym": (8, -1, True)}  # name → (b
 IMPLS = ("triton", "qdpo-op", "reference", "compile(reference)")
 
 
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph, as its replay; ``None`` where capture fails."""
-    fn()  # compile, autotune and allocate outside the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception:  # e.g. a host sync inside (the op's NaN check)
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
-
 
 def cold_cycle(make_fn, nbytes: int):
     """``(fn, eager)``: one callable cycling over independent problems made by ``make_fn``.
@@ -67,7 +50,7 @@ def cold_cycle(make_fn, nbytes: int):
         return make_fn(), True
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     fns = [make_fn() for _ in range(max(1, math.ceil(2 * l2 / nbytes)))]
-    runs = [_graphed(f) for f in fns]
+    runs = [common.graphed(f) for f in fns]
     eager = any(r is None for r in runs)
     it = itertools.cycle(fns if eager else runs)
     return (lambda: next(it)()), eager

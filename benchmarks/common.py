@@ -137,3 +137,29 @@ def _shapes() -> dict[str, tuple[int, int]]:
 
 
 SHAPES = _shapes()
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph, as its replay; ``None`` where capture fails. Identity on the CPU.
+
+    Replays time the kernels without Python launch overhead (what a serving
+    engine sees); a callable that syncs inside (e.g. the ops' NaN check) cannot
+    be captured and gets ``None``.
+    """
+    if not torch.cuda.is_available():
+        return fn
+    fn()  # compile, autotune and allocate outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - any capture failure means "not graphable"
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+

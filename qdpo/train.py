@@ -173,14 +173,14 @@ def run(cfg: TrainConfig) -> dict:
     test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
     val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
     evals, curves, histories, summaries = {}, {}, {}, {}
-    ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk)
+    ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={})  # FP runs once on test
     with stage("eval_start"):
-        val = (val_ex, M.fp_targets(fp_model, val_ex, **ev, disable=True)) if val_ex else None
+        val = (val_ex, M.fp_targets(fp_model, val_ex, ev["batch_size"], ev["chunk"], disable=True)) if val_ex else None
         for name, model, answers in (("fp", fp_model, fp), ("initial", q0, q_ans)):
             evals[name], curves[name] = _evaluate(fp_model, model, tok, test_ex, [answers[p.id] for p in test_p], ev)
     for method in cfg.methods():
         model = copy.deepcopy(q0)
-        examples = _examples(method, pairs, train_p, ids, fp)
+        examples = _examples(method, pairs, train_p, ids, fp, cfg.window)
         with stage(f"train_{method}"):
             trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model, val=val,
                               pad_id=pad)
@@ -200,10 +200,11 @@ def run(cfg: TrainConfig) -> dict:
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
 
 
-def _examples(method: str, pairs: list[dict], train_p, ids, fp) -> list[Example]:
+def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0) -> list[Example]:
     if method == "qdpo":
-        return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r["ref_chosen_logps"],
-                        r["ref_rejected_logps"]) for r in pairs]
+        pre = f"window{window}_" if window else ""
+        return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r[f"{pre}ref_chosen_logps"],
+                        r[f"{pre}ref_rejected_logps"]).windowed(window) for r in pairs]
     return [Example(ids[p.id], fp[p.id]) for p in train_p]
 
 
@@ -211,7 +212,8 @@ def _evaluate(fp_model, model, tok, test_ex, answers, ev) -> tuple[dict, tuple]:
     from qdpo.eval import metrics as M
 
     tf = M.teacher_forced(fp_model, model, test_ex, **ev)
-    gen = M.generation_metrics(fp_model, test_ex, answers, tok, **ev)
+    known = tf["nll"] if model is fp_model else None  # the FP model judging its own answers
+    gen = M.generation_metrics(fp_model, test_ex, answers, tok, ev["batch_size"], ev["chunk"], fp_nll=known)
     curve = (tf.pop("margins"), tf.pop("flipped"))
     return {**tf, **gen}, curve
 

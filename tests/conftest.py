@@ -43,6 +43,15 @@ LLAMA_SHAPES = {
     "llama3-8b.down": (4096, 14336),
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUPS = (-1, 32, 64, 128, 256)
+# one odd shape per group size with several groups per row (K = G for 256: K equal to one group)
+SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
+
+
+def randn(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal ``(n, k)`` weights in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g).to(dtype)
 
 
 def pytest_collection_modifyitems(config, items):

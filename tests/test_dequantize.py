@@ -11,16 +11,10 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import dequantize as td, quantize as tq
-from tests.conftest import DTYPES, LLAMA_SHAPES, ODD_NK, assert_exact
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
 
 OPS = torch.ops.qdpo
-GROUPS = (-1, 32, 64, 128, 256)
-SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
 
-
-def _randn(n, k, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g).to(dtype)
 
 
 def _random_packed(n, k, bits, ng, sdtype, seed=0, mag=1.0):
@@ -42,7 +36,7 @@ def _assert_dequantize(q, s, z, bits, dtype):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_matches_reference(dtype, bits, gs, sym):
-    q, s, z = ref.quantize(_randn(*SHAPE_FOR[gs], dtype, seed=gs), bits, gs, sym)
+    q, s, z = ref.quantize(randn(*SHAPE_FOR[gs], dtype, seed=gs), bits, gs, sym)
     _assert_dequantize(q, s, z, bits, dtype)
 
 
@@ -94,7 +88,7 @@ def test_tiny_and_huge_scales_fp32(mag):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_groups_dequantize_to_exact_zeros(dtype):
-    w = _randn(6, 128, dtype, seed=6)
+    w = randn(6, 128, dtype, seed=6)
     w[0] = 0
     w[1, :32] = 0
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
@@ -107,12 +101,12 @@ def test_zero_groups_dequantize_to_exact_zeros(dtype):
 def test_llama_shape_slice():
     n, k = LLAMA_SHAPES["llama3-8b.kv"]
     for bits, gs in ((4, 128), (8, -1)):
-        q, s, z = ref.quantize(_randn(n, k, torch.bfloat16, seed=7)[:64], bits, gs, False)
+        q, s, z = ref.quantize(randn(n, k, torch.bfloat16, seed=7)[:64], bits, gs, False)
         _assert_dequantize(q, s, z, bits, torch.bfloat16)
 
 
 def test_public_api_with_triton_backend():
-    w = _randn(33, 128, torch.float16, seed=8)
+    w = randn(33, 128, torch.float16, seed=8)
     qw = qdpo.quantize(w, QuantSpec(4, 32, False), backend="reference")
     assert_exact(qdpo.dequantize(qw, backend="triton"), qdpo.dequantize(qw, backend="reference"), "ŵ")
     assert_exact(qdpo.dequantize(qw, torch.float32, backend="triton"), ref.dequantize(

@@ -14,16 +14,10 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import fake_quant as tf, quantize as tq
-from tests.conftest import DTYPES, LLAMA_SHAPES, ODD_NK, assert_exact
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
 
 OPS = torch.ops.qdpo
-GROUPS = (-1, 32, 64, 128, 256)
-SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
 
-
-def _randn(n, k, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g).to(dtype)
 
 
 def _grid(w, bits, gs, sym, shrink=0.8):
@@ -59,7 +53,7 @@ def _assert_backward(grad, w, s, z, bits):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_reference(dtype, bits, gs, sym):
-    w = _randn(*SHAPE_FOR[gs], dtype, seed=gs)
+    w = randn(*SHAPE_FOR[gs], dtype, seed=gs)
     s, z = _grid(w, bits, gs, sym)
     assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
 
@@ -70,10 +64,10 @@ def test_forward_matches_reference(dtype, bits, gs, sym):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_reference(dtype, bits, gs, sym):
     n, k = SHAPE_FOR[gs]
-    w = _randn(n, k, dtype, seed=gs)
+    w = randn(n, k, dtype, seed=gs)
     s, z = _grid(w, bits, gs, sym)
     assert not ref.fake_quant_mask(w, s, z, bits).all(), "the grid should clip some codes"
-    grad = _randn(n, k, dtype, seed=gs + 1)
+    grad = randn(n, k, dtype, seed=gs + 1)
     _assert_backward(grad, w, s, z, bits)
     gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, False, "triton")
     assert_exact(gw, ref.fake_quant_backward(grad, w, s, z, bits)[0], "grad_w")
@@ -82,8 +76,8 @@ def test_backward_matches_reference(dtype, bits, gs, sym):
 
 @pytest.mark.parametrize("nk", ODD_NK)
 def test_odd_shapes_every_group_size(nk):
-    w = _randn(*nk, torch.bfloat16, seed=nk[0])
-    grad = _randn(*nk, seed=nk[1])  # fp32 grad into a bf16 weight: grad_w rounds to nearest even
+    w = randn(*nk, torch.bfloat16, seed=nk[0])
+    grad = randn(*nk, seed=nk[1])  # fp32 grad into a bf16 weight: grad_w rounds to nearest even
     for gs in GROUPS:
         if gs == -1 or nk[1] % gs == 0:
             s, z = _grid(w, 4, gs, False)
@@ -96,9 +90,9 @@ def test_odd_shapes_every_group_size(nk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lsq_gradient_matches_autograd(dtype, bits, gs):
     """An independent statement of the gradients: autograd through the fake-quant formula."""
-    w = _randn(33, 128, dtype, seed=1)
+    w = randn(33, 128, dtype, seed=1)
     s, z = _grid(w, bits, gs, False)
-    grad = _randn(33, 128, dtype, seed=2)
+    grad = randn(33, 128, dtype, seed=2)
     w_leaf, s_leaf = w.clone().requires_grad_(), s.clone().requires_grad_()
     ref.fake_quant_autograd(w_leaf, s_leaf, z, bits).backward(grad)
     gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
@@ -109,20 +103,20 @@ def test_lsq_gradient_matches_autograd(dtype, bits, gs):
 
 
 def test_mixed_dtypes_of_output_grad_and_scales():
-    w = _randn(7, 96, torch.bfloat16, seed=3)
+    w = randn(7, 96, torch.bfloat16, seed=3)
     s, z = _grid(w.float(), 8, 32, True)
     s16 = s.half()
     for out_dtype in DTYPES:
         assert_exact(OPS.fake_quant(w, s16, z, 8, out_dtype, "triton"), ref.fake_quant(w, s16, z, 8, out_dtype), "ŵ")
-    _assert_backward(_randn(7, 96, torch.float16, seed=4), w, s16, z, 8)
+    _assert_backward(randn(7, 96, torch.float16, seed=4), w, s16, z, 8)
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
 def test_long_rows_are_processed_in_chunks(bits, sym):
     """Per-row mode with a row longer than a tile (forced small tile): split forward, looped LSQ sum."""
-    w = _randn(9, 320, torch.float16, seed=5)
+    w = randn(9, 320, torch.float16, seed=5)
     s, z = _grid(w, bits, -1, sym)
-    grad = _randn(9, 320, torch.float16, seed=6)
+    grad = randn(9, 320, torch.float16, seed=6)
     cfg = tq.Config(block_r=4, block_g=64, num_warps=4)  # 5 chunks per row
     assert_exact(tf.fake_quant(w, s, z, bits, torch.float16, cfg), ref.fake_quant(w, s, z, bits), "ŵ")
     for need in (False, True):
@@ -135,12 +129,12 @@ def test_long_rows_are_processed_in_chunks(bits, sym):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_and_constant_groups(dtype):
-    w = _randn(6, 128, dtype, seed=7)
+    w = randn(6, 128, dtype, seed=7)
     w[0] = 0
     w[1, :32] = 0
     w[2, 32:64] = 3
     w[3] = -0.25
-    grad = _randn(6, 128, dtype, seed=8)
+    grad = randn(6, 128, dtype, seed=8)
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
         s, z = ref.qparams(w, bits, gs, sym)
         out = OPS.fake_quant(w, s, z, bits, None, "triton")
@@ -154,8 +148,8 @@ def test_zero_and_constant_groups(dtype):
 
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
 def test_tiny_and_huge_magnitudes_fp32(mag):
-    w = _randn(5, 256, seed=9) * mag
-    grad = _randn(5, 256, seed=10)
+    w = randn(5, 256, seed=9) * mag
+    grad = randn(5, 256, seed=10)
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
         s, z = _grid(w, bits, gs, sym)
         assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
@@ -175,17 +169,17 @@ def test_exact_half_ties_round_to_even():
 
 def test_llama_shape_slice():
     n, k = LLAMA_SHAPES["llama3-8b.q"]
-    w = _randn(n, k, torch.bfloat16, seed=11)[:64]
+    w = randn(n, k, torch.bfloat16, seed=11)[:64]
     s, z = _grid(w, 4, 128, False)
     assert_exact(OPS.fake_quant(w, s, z, 4, None, "triton"), ref.fake_quant(w, s, z, 4), "ŵ")
-    _assert_backward(_randn(64, k, torch.bfloat16, seed=12), w, s, z, 4)
+    _assert_backward(randn(64, k, torch.bfloat16, seed=12), w, s, z, 4)
 
 
 def test_public_api_autograd_with_triton_backend():
     spec = QuantSpec(4, 64, False)
-    w = _randn(33, 128, torch.float16, seed=13)
+    w = randn(33, 128, torch.float16, seed=13)
     s, z = _grid(w, 4, 64, False)
-    grad = _randn(33, 128, torch.float16, seed=14)
+    grad = randn(33, 128, torch.float16, seed=14)
     grads = {}
     for backend in ("triton", "reference"):
         wl, sl = w.clone().requires_grad_(), s.clone().requires_grad_()
@@ -203,7 +197,7 @@ def test_public_api_autograd_with_triton_backend():
 
 
 def test_errors():
-    w = _randn(6, 64)
+    w = randn(6, 64)
     s, z = ref.qparams(w, 4, 32, False)
     with pytest.raises(ValueError, match="grad has shape"):
         OPS.fake_quant_backward(torch.randn(3, 64), w, s, z, 4, False, "triton")
@@ -215,17 +209,17 @@ def test_errors():
 
 
 def test_opcheck():
-    w = _randn(7, 96, seed=15)
+    w = randn(7, 96, seed=15)
     s, z = _grid(w, 4, 32, False)
     opcheck(OPS.fake_quant, (w.clone().requires_grad_(), s.clone().requires_grad_(), z, 4, None, "triton"))
-    opcheck(OPS.fake_quant_backward, (_randn(7, 96, seed=16), w, s, z, 4, True, "triton"))
+    opcheck(OPS.fake_quant_backward, (randn(7, 96, seed=16), w, s, z, 4, True, "triton"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
     def loss_fn(w, s, z):
         return OPS.fake_quant(w, s, z, 4, None, "triton").square().sum()
 
-    w = _randn(7, 96, seed=17)
+    w = randn(7, 96, seed=17)
     s, z = _grid(w, 4, 32, False)
     compiled = torch.compile(loss_fn, fullgraph=True)
     wc, we = w.clone().requires_grad_(), w.clone().requires_grad_()

@@ -13,17 +13,10 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import quantize as tq
-from tests.conftest import DTYPES, LLAMA_SHAPES, ODD_NK, assert_exact
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
 
 OPS = torch.ops.qdpo
-GROUPS = (-1, 32, 64, 128, 256)
-# one odd shape per group size with several groups per row (K = G for 256: K equal to one group)
-SHAPE_FOR = {-1: (67, 320), 32: (67, 320), 64: (33, 128), 128: (130, 256), 256: (130, 256)}
 
-
-def _randn(n, k, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g).to(dtype)
 
 
 def _assert_quantize(w, bits, gs, sym):
@@ -40,13 +33,13 @@ def _assert_quantize(w, bits, gs, sym):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_matches_reference(dtype, bits, gs, sym):
-    _assert_quantize(_randn(*SHAPE_FOR[gs], dtype, seed=bits + gs), bits, gs, sym)
+    _assert_quantize(randn(*SHAPE_FOR[gs], dtype, seed=bits + gs), bits, gs, sym)
 
 
 @pytest.mark.parametrize("nk", ODD_NK)
 @pytest.mark.parametrize("bits,sym,dtype", [(4, False, torch.float16), (8, True, torch.bfloat16)])
 def test_odd_shapes_every_group_size(nk, bits, sym, dtype):
-    w = _randn(*nk, dtype, seed=nk[0])
+    w = randn(*nk, dtype, seed=nk[0])
     for gs in GROUPS:
         if gs == -1 or nk[1] % gs == 0:
             _assert_quantize(w, bits, gs, sym)
@@ -56,7 +49,7 @@ def test_odd_shapes_every_group_size(nk, bits, sym, dtype):
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qparams_matches_reference(dtype, sym, gs):
-    w = _randn(33, 128, dtype, seed=3) * 4
+    w = randn(33, 128, dtype, seed=3) * 4
     s, z = OPS.qparams(w, 4, gs, sym, "triton")
     rs, rz = ref.qparams(w, 4, gs, sym)
     assert_exact(s, rs, "scales")
@@ -67,7 +60,7 @@ def test_qparams_matches_reference(dtype, sym, gs):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_with_frozen_grid_clips_like_reference(dtype, bits):
     # scales shrunk so that many codes clip at 0 and qmax; zeros off-centre
-    w = _randn(67, 320, dtype, seed=5)
+    w = randn(67, 320, dtype, seed=5)
     s, z = ref.qparams(w, bits, 64, False)
     s = (s.float() * 0.4).to(dtype)
     z = (z.int() + 2).clamp(max=(1 << bits) - 1).to(torch.uint8)
@@ -79,7 +72,7 @@ def test_quantize_with_frozen_grid_clips_like_reference(dtype, bits):
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
 def test_quantize_with_other_scale_dtype_and_strided_grid(sdtype):
-    w = _randn(7, 96, torch.float16, seed=6)
+    w = randn(7, 96, torch.float16, seed=6)
     s, z = ref.qparams(w.float(), 8, 32, True)
     s_t = s.to(sdtype).t().contiguous().t()  # (N, NG) with column-major strides
     z_t = z.t().contiguous().t()
@@ -90,7 +83,7 @@ def test_quantize_with_other_scale_dtype_and_strided_grid(sdtype):
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
 def test_long_rows_are_quantized_in_chunks(bits, sym):
     """Per-row mode with a row longer than a tile: two passes over chunks (forced small tile)."""
-    w = _randn(9, 320, torch.bfloat16, seed=7)
+    w = randn(9, 320, torch.bfloat16, seed=7)
     cfg = tq.Config(block_r=4, block_g=64, num_warps=4)  # 5 chunks per row
     q, s, z = tq.launch(w, bits, -1, sym, cfg=cfg)
     rq, rs, rz = ref.quantize(w, bits, -1, sym)
@@ -103,7 +96,7 @@ def test_long_rows_are_quantized_in_chunks(bits, sym):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_and_constant_groups(dtype, bits):
-    w = _randn(6, 128, dtype, seed=8)
+    w = randn(6, 128, dtype, seed=8)
     w[0] = 0  # all-zero row: tiny scale, codes = zero point
     w[1, :32] = 0  # one all-zero group among random ones
     w[2, 32:64] = 3  # constant positive group
@@ -115,7 +108,7 @@ def test_zero_and_constant_groups(dtype, bits):
 
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
 def test_tiny_and_huge_magnitudes_fp32(mag):
-    w = _randn(5, 256, seed=9) * mag
+    w = randn(5, 256, seed=9) * mag
     for bits, gs, sym in [(4, 32, False), (8, 128, True), (4, -1, True), (8, -1, False)]:
         _assert_quantize(w, bits, gs, sym)
 
@@ -135,17 +128,17 @@ def test_exact_half_ties_round_to_even(dtype):
 @pytest.mark.parametrize("bits,gs,sym", [(4, 128, False), (8, -1, True)])
 def test_llama_shape_slices_and_strides(bits, gs, sym):
     n, k = LLAMA_SHAPES["llama2-7b.qkv"]
-    w = _randn(n, k, torch.float16, seed=10)[:64]  # first 64 rows of a real layer
+    w = randn(n, k, torch.float16, seed=10)[:64]  # first 64 rows of a real layer
     _assert_quantize(w, bits, gs, sym)
-    wide = _randn(64, k + 128, torch.bfloat16, seed=11)[:, :k]  # row stride K + 128
+    wide = randn(64, k + 128, torch.bfloat16, seed=11)[:, :k]  # row stride K + 128
     _assert_quantize(wide, bits, gs, sym)
-    transposed = _randn(256, 48, seed=12).t()  # K not contiguous: copied once
+    transposed = randn(256, 48, seed=12).t()  # K not contiguous: copied once
     _assert_quantize(transposed, bits, gs if gs == -1 else 128, sym)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 64, False), QuantSpec(8, -1, True)])
 def test_public_api_with_triton_backend(spec):
-    w = _randn(33, 128, torch.bfloat16, seed=13)
+    w = randn(33, 128, torch.bfloat16, seed=13)
     qw, rw = qdpo.quantize(w, spec, backend="triton"), qdpo.quantize(w, spec, backend="reference")
     for name in ("qweight", "scales", "zeros"):
         assert_exact(getattr(qw, name), getattr(rw, name), name)
@@ -164,7 +157,7 @@ def test_errors_are_raised_by_the_op_checks():
 
 
 def test_opcheck():
-    w = _randn(7, 96, seed=14)
+    w = randn(7, 96, seed=14)
     s, z = ref.qparams(w, 4, 32, False)
     opcheck(OPS.qparams, (w, 4, 32, False, "triton"))
     opcheck(OPS.quantize, (w, 8, -1, True, "triton"))

@@ -191,13 +191,16 @@ def flip_rate(q_model, examples: list[Example], targets: FPTargets, batch_size: 
 
 
 def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int = 8, chunk: int = 1024,
-                   disable: bool = False, pad_id: int = 0) -> dict:
+                   disable: bool = False, pad_id: int = 0, fp_cache: dict | None = None) -> dict:
     """Flip rate, top-1 agreement, KL(FP ‖ q), perplexity and Δp RMS on the FP answers.
 
     Returns floats ``flip_rate``, ``top1_agreement``, ``kl`` (nats/token), ``nll``, ``ppl``,
     ``fp_ppl``, ``ppl_ratio``, ``delta_p_rms``; the int ``tokens``; and per-position CPU
     tensors in example order for the flip-vs-margin plot: ``margins`` ``[P]`` fp32 (FP
-    top-1 − top-2 logit) and ``flipped`` ``[P]`` bool. ``fp_model`` may be ``q_model``.
+    top-1 − top-2 logit) and ``flipped`` ``[P]`` bool. ``fp_model`` may be ``q_model`` (one
+    forward then). ``fp_cache``: a dict kept by the caller across calls on the same examples and
+    batch size; it holds the FP hidden states at answer positions (``P × H`` floats, small), so
+    the FP decoder runs once however many models are compared.
     """
     _check_examples(examples)
     lengths = [len(a) for _, a in examples]
@@ -208,8 +211,14 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
     with _inference(fp_model, q_model):
         head_f, head_q = _head(fp_model), _head(q_model)
         for idx, batch in _batches(examples, batch_size, pad_id, "teacher-forced eval", disable):
-            h_f, labels = _hidden(fp_model, batch)
-            h_q, _ = _hidden(q_model, batch)
+            key = tuple(idx)
+            if fp_cache is not None and key in fp_cache:
+                h_f, labels = fp_cache[key]
+            else:
+                h_f, labels = _hidden(fp_model, batch)
+                if fp_cache is not None:
+                    fp_cache[key] = (h_f, labels)
+            h_q = h_f if q_model is fp_model else _hidden(q_model, batch)[0]
             if h_q.shape[0] == 0:  # a batch of empty answers
                 continue
             labels = labels.to(dev)[:, None]
@@ -281,14 +290,15 @@ def mean_nll(model, examples: list[Example], batch_size: int = 8, chunk: int = 1
 
 def generation_metrics(fp_model, examples: list[Example], q_answers: list[list[int]], tokenizer,
                        batch_size: int = 8, chunk: int = 1024, disable: bool = False,
-                       pad_id: int | None = None) -> dict:
+                       pad_id: int | None = None, fp_nll: float | None = None) -> dict:
     """Compare the quantized model's greedy answers ``q_answers`` with the FP answers of ``examples``.
 
     Returns ``first_divergence`` (mean common-prefix length, tokens), ``exact_match`` (fraction),
     ``rouge_l`` (mean word-level ROUGE-L F1 of the decoded texts), ``fp_nll`` (the FP model's mean
     per-token NLL of the non-empty quantized answers, nats; NaN if all are empty),
     ``answer_tokens`` / ``fp_answer_tokens`` (mean lengths), ``empty_answers`` and ``examples`` (counts).
-    ``tokenizer`` may be ``None``: ROUGE-L then treats token ids as words.
+    ``tokenizer`` may be ``None``: ROUGE-L then treats token ids as words. ``fp_nll`` may be
+    passed when already known (the FP model's own answers: its teacher-forced ``nll``).
     """
     if len(q_answers) != len(examples):
         raise ValueError(f"{len(q_answers)} quantized answers for {len(examples)} examples; "
@@ -299,7 +309,8 @@ def generation_metrics(fp_model, examples: list[Example], q_answers: list[list[i
     n = len(examples)
     judged = [(p, q) for (p, _), q in zip(examples, q_answers) if q]
     pid = _pad_id(tokenizer) if pad_id is None else pad_id
-    fp_nll = mean_nll(fp_model, judged, batch_size, chunk, disable, pid, "FP judge") if judged else math.nan
+    if fp_nll is None:
+        fp_nll = mean_nll(fp_model, judged, batch_size, chunk, disable, pid, "FP judge") if judged else math.nan
     return {
         "first_divergence": sum(common_prefix(q, f) for q, f in zip(q_answers, fp_answers)) / n,
         "exact_match": sum(q == f for q, f in zip(q_answers, fp_answers)) / n,

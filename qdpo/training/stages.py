@@ -30,6 +30,7 @@ from qdpo.training.data import collate, common_prefix, fit
 from qdpo.training.generate import greedy
 from qdpo.training.logps import sequence_logps
 from qdpo.training.prompts import Prompt, prompt_ids
+from qdpo.training.trainer import Example
 
 log = logging.getLogger("qdpo.train")
 
@@ -151,9 +152,24 @@ def reference_logps(model, examples: list[tuple[list[int], list[int]]], pad_id: 
     return out
 
 
+def windowed_reference(q_model, examples: list[Example], window: int, pad_id: int, cfg) -> list[Example]:
+    """Examples cut to ``window`` tokens after the common prefix, with reference log-probs of exactly those."""
+    ex = [e.windowed(window) for e in examples]
+    seqs = [(e.prompt_ids, e.chosen_ids) for e in ex] + [(e.prompt_ids, e.rejected_ids) for e in ex]
+    ref = reference_logps(q_model, seqs, pad_id, cfg.micro_batch_size * 2, cfg.logps_chunk)
+    for i, e in enumerate(ex):
+        e.ref_chosen, e.ref_rejected = ref[i], ref[len(ex) + i]
+    return ex
+
+
 def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp: dict, q: dict, q_model,
                 tokenizer, cfg, pad_id: int) -> tuple[list[dict], dict]:
-    """TRL-format pairs for ``prompts`` (chosen = FP answer, rejected = quantized); identical ones dropped."""
+    """TRL-format pairs for ``prompts`` (chosen = FP answer, rejected = quantized); identical ones dropped.
+
+    Reference log-probs (the initial quantized model, no grad) are stored as
+    TRL's ``ref_chosen_logps``/``ref_rejected_logps`` for whole answers, or as
+    ``window<k>_ref_*`` for the answers cut by ``--window k`` that training uses.
+    """
     if path.exists():
         rows = read_jsonl(path)
         stats = json.loads(path.with_suffix(".stats.json").read_text())
@@ -173,11 +189,11 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
             "prompt_ids": pc[0], "chosen_ids": pc[1], "rejected_ids": pr[1],
             "first_divergence": common_prefix(pc[1], pr[1]),
         })
-    ex_c = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
-    ex_r = [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
-    ref = reference_logps(q_model, ex_c + ex_r, pad_id, cfg.micro_batch_size * 2, cfg.logps_chunk)
-    for i, r in enumerate(rows):
-        r["ref_chosen_logps"], r["ref_rejected_logps"] = ref[i], ref[len(rows) + i]
+    examples = windowed_reference(q_model, [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+                                            for r in rows], cfg.window, pad_id, cfg)
+    prefix = f"window{cfg.window}_" if cfg.window else ""  # windowed values are not TRL's full-answer columns
+    for r, e in zip(rows, examples):
+        r[f"{prefix}ref_chosen_logps"], r[f"{prefix}ref_rejected_logps"] = e.ref_chosen, e.ref_rejected
     fd = [r["first_divergence"] for r in rows]
     stats = {"total": len(prompts), "identical_dropped": identical, "pairs": len(rows), "truncated": truncated,
              "mean_first_divergence": sum(fd) / len(fd) if fd else None,

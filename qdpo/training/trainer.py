@@ -52,13 +52,20 @@ class Example:
     ref_rejected: float = 0.0
 
     def windowed(self, k: int) -> "Example":
-        """Keep ``k`` answer tokens after the common prefix of chosen and rejected."""
+        """Keep ``k`` answer tokens after the common prefix of chosen and rejected.
+
+        The reference log-probs are carried over unchanged: they must already be
+        those of the cut answers (``stages.windowed_reference`` computes them).
+        """
         if not k or self.rejected_ids is None:
             return self
         from qdpo.training.data import common_prefix
 
         end = common_prefix(self.chosen_ids, self.rejected_ids) + k
-        return Example(self.prompt_ids, self.chosen_ids[:end], self.rejected_ids[:end])
+        if end >= max(len(self.chosen_ids), len(self.rejected_ids)):
+            return self  # nothing to cut: keep the reference log-probs
+        return Example(self.prompt_ids, self.chosen_ids[:end], self.rejected_ids[:end], self.ref_chosen,
+                       self.ref_rejected)
 
 
 class CheckpointError(RuntimeError):
@@ -213,7 +220,7 @@ class Trainer:
         if not examples:
             raise ValueError(f"no training examples for {method}")
         self.model, self.cfg, self.method, self.fp_model = model, cfg, method, fp_model
-        self.examples = [e.windowed(cfg.window) for e in examples] if method == "qdpo" else examples
+        self.examples = examples  # QDPO: already cut to cfg.window, with matching reference log-probs
         self.out_dir, self.pad_id, self.val = Path(out_dir), pad_id, val  # val: (examples, FPTargets)
         self.device = next(model.parameters()).device
         self.disable = disable_progress
