@@ -166,10 +166,10 @@ def run(cfg: TrainConfig) -> dict:
                               f"{cfg.group_size}: {e}") from None
     with stage("initial_answers"):
         tt = train_p + test_p
-        q_ans = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
-                          "quantized answers")
+        q_ans, q_logps = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
+                                   "quantized answers", with_logps=True)
     with stage("pairs"):
-        pairs, pair_stats = S.build_pairs(out / "pairs.jsonl", train_p, ids, fp, q_ans, q0, tok, cfg, pad)
+        pairs, pair_stats = S.build_pairs(out / "pairs.jsonl", train_p, ids, fp, q_ans, q0, tok, cfg, pad, q_logps)
     test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
     val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
     evals, curves, histories, summaries = {}, {}, {}, {}

@@ -31,6 +31,17 @@ class Tok:
     eos_token_id = 1
 
 
+@pytest.fixture(scope="module")
+def data():
+    """``(fp, q, examples)`` made once; tests train deep copies of ``q``."""
+    return make_data()
+
+
+def fresh(data):
+    fp, q, examples = data
+    return fp, copy.deepcopy(q), examples
+
+
 def make_data(n_prompts=12, new_tokens=8, seed=0):
     fp = tiny_fp(seed)
     q = copy.deepcopy(fp)
@@ -66,8 +77,8 @@ def _flips(fp, q, examples):
     return n / tot
 
 
-def test_qdpo_loss_and_flip_rate_fall(tmp_path):
-    fp, q, examples = make_data()
+def test_qdpo_loss_and_flip_rate_fall(data, tmp_path):
+    fp, q, examples = fresh(data)
     assert len(examples) >= 6
     before = _flips(fp, q, examples)
     t = Trainer(q, cfg(steps=20), "qdpo", examples, tmp_path, fp_model=fp, pad_id=1, disable_progress=True)
@@ -78,16 +89,16 @@ def test_qdpo_loss_and_flip_rate_fall(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["kd", "sft"])
-def test_baselines_reduce_their_loss(tmp_path, method):
-    fp, q, examples = make_data()
+def test_baselines_reduce_their_loss(data, tmp_path, method):
+    fp, q, examples = fresh(data)
     t = Trainer(q, cfg(steps=10), method, examples, tmp_path, fp_model=fp, pad_id=1, disable_progress=True)
     t.run()
     losses = [h["loss"] for h in t.history if "loss" in h]
     assert losses[-1] < losses[0]
 
 
-def test_only_latent_weights_train(tmp_path):
-    fp, q, examples = make_data()
+def test_only_latent_weights_train(data, tmp_path):
+    fp, q, examples = fresh(data)
     frozen = {n: p.detach().clone() for n, p in q.named_parameters() if not n.endswith("weight")
               or "embed" in n or "norm" in n}
     grids = {n: (m.scales.clone(), m.zeros.clone()) for n, m in quantized_layers(q).items()}
@@ -99,8 +110,8 @@ def test_only_latent_weights_train(tmp_path):
         assert torch.equal(m.scales, grids[n][0]) and torch.equal(m.zeros, grids[n][1])
 
 
-def test_learned_scales_move(tmp_path):
-    fp, q, examples = make_data()
+def test_learned_scales_move(data, tmp_path):
+    fp, q, examples = fresh(data)
     before = {n: m.scales.clone() for n, m in quantized_layers(q).items()}
     Trainer(q, cfg(steps=3, learn_scales=True, scale_lr=1e-3), "qdpo", examples, tmp_path, pad_id=1,
             disable_progress=True).run()
@@ -111,8 +122,8 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_gives_the_same_final_weights(tmp_path):
-    fp, q, examples = make_data()
+def test_resume_gives_the_same_final_weights(data, tmp_path):
+    fp, q, examples = fresh(data)
     c = cfg(steps=10, checkpoint_every=3)
     q_full = copy.deepcopy(q)
     Trainer(q_full, c, "qdpo", examples, tmp_path / "full", pad_id=1, disable_progress=True).run()
@@ -145,10 +156,19 @@ def test_batch_order_is_a_function_of_step():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
-def test_refuses_packed_or_unquantized_model(tmp_path):
-    fp, q, examples = make_data()
+def test_refuses_packed_or_unquantized_model(data, tmp_path):
+    fp, q, examples = fresh(data)
     with pytest.raises(ValueError, match="no QuantLinear layers"):
         Trainer(fp, cfg(), "qdpo", examples, tmp_path, pad_id=1)
     qdpo.quant.to_packed(q)
     with pytest.raises(ValueError, match="packed"):
         Trainer(q, cfg(), "qdpo", examples, tmp_path, pad_id=1)
+
+
+def test_decoding_logps_equal_teacher_forced_reference(data):
+    """The rejected answers' reference log-probs may come from decoding: same values as a forward pass."""
+    fp, q, examples = fresh(data)
+    prompts = [e.prompt_ids for e in examples[:6]]
+    answers, logps = greedy(q, Tok, prompts, 8, batch_size=3, disable=True, with_logps=True)
+    ref = reference_logps(q, list(zip(prompts, answers)), 1, 4, 1024)
+    torch.testing.assert_close(torch.tensor(logps), torch.tensor(ref), rtol=1e-4, atol=1e-4)

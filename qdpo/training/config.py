@@ -58,8 +58,8 @@ class TrainConfig:
     scale_lr: float = 1e-5  # learning rate of the scales when learned
     lr: float = 1e-5  # AdamW learning rate of the latent weights
     weight_decay: float = 0.0  # AdamW weight decay (latent weights should not decay)
-    warmup_steps: int = 3  # linear warm-up steps, then cosine decay to 10 %
-    steps: int = 30  # optimizer steps
+    warmup_steps: int = 2  # linear warm-up steps, then cosine decay to 10 %
+    steps: int = 20  # optimizer steps (the best step is kept by early stopping on the validation split)
     batch_size: int = 8  # pairs (or answers) per optimizer step
     micro_batch_size: int = 8  # pairs per forward; batch_size / micro_batch_size accumulation steps
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)

@@ -43,14 +43,20 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-           desc: str = "generate", disable: bool = False) -> list[list[int]]:
-    """Greedy answers (token ids) for tokenized prompts, in order."""
+           desc: str = "generate", disable: bool = False, with_logps: bool = False):
+    """Greedy answers (token ids) for tokenized prompts, in order.
+
+    With ``with_logps`` also returns each answer's summed log-prob under the
+    model (fp32, from the decoding logits): the reference log-prob of an answer
+    the model wrote itself, without a second forward pass.
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = eos_ids(model, tokenizer)
     # sort by length so batches pad little; restore order at the end
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, list[int]] = {}
+    logps: dict[int, float] = {}
     was_training = model.training
     model.eval()
     with frozen_weights(model), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable) as bar:
@@ -61,9 +67,22 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
                 input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
                 pad_token_id=pad, eos_token_id=sorted(eos) or None,
+                return_dict_in_generate=True, output_logits=with_logps,
             )
+            new = out.sequences[:, ids.shape[1]:]
+            step_lp = _token_logps(out.logits, new) if with_logps else None  # [B, T] fp32
             for row, i in enumerate(idx):
-                answers[i] = cut_at_eos(out[row, ids.shape[1]:].tolist(), eos)
+                answers[i] = cut_at_eos(new[row].tolist(), eos)
+                if with_logps:
+                    logps[i] = step_lp[row, : len(answers[i])].sum().item()
             bar.update(len(idx))
     model.train(was_training)
-    return [answers[i] for i in range(len(prompts))]
+    ordered = [answers[i] for i in range(len(prompts))]
+    return (ordered, [logps[i] for i in range(len(prompts))]) if with_logps else ordered
+
+
+def _token_logps(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-prob ``[B, T]`` of each generated token under the logits of its step."""
+    cols = [torch.log_softmax(z.float(), -1).gather(1, tokens[:, t, None]).squeeze(1)
+            for t, z in enumerate(step_logits)]
+    return torch.stack(cols, 1)

@@ -67,17 +67,28 @@ def tokenize_prompts(tokenizer, prompts: list[Prompt], max_length: int) -> tuple
 
 
 # ----------------------------------------------------------------------------- answers
-def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[int]], cfg, desc: str) -> dict:
-    """``{prompt id: answer ids}``: loaded from ``path`` when complete, else generated and written."""
+def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[int]], cfg, desc: str,
+            with_logps: bool = False) -> dict:
+    """``{prompt id: answer ids}`` (and ``{id: summed log-prob}`` with ``with_logps``).
+
+    Loaded from ``path`` when it covers every prompt, else generated and written.
+    """
     if path.exists():
-        rows = {r["id"]: r["answer_ids"] for r in read_jsonl(path)}
-        if all(p.id in rows for p in prompts):
-            return rows
-    out = greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc)
+        rows = read_jsonl(path)
+        if all(p.id in {r["id"] for r in rows} for p in prompts) and (not with_logps or "logp" in rows[0]):
+            return _answer_maps(rows, with_logps)
+    out = greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc, with_logps=with_logps)
+    answers_, logps = out if with_logps else (out, None)
     rows = [{"id": p.id, "split": p.split, "answer": tokenizer.decode(a, skip_special_tokens=True),
-             "answer_ids": a} for p, a in zip(prompts, out)]
+             "answer_ids": a, **({"logp": logps[i]} if with_logps else {})}
+            for i, (p, a) in enumerate(zip(prompts, answers_))]
     write_jsonl(path, rows)
-    return {r["id"]: r["answer_ids"] for r in rows}
+    return _answer_maps(rows, with_logps)
+
+
+def _answer_maps(rows: list[dict], with_logps: bool):
+    ans = {r["id"]: r["answer_ids"] for r in rows}
+    return (ans, {r["id"]: r["logp"] for r in rows}) if with_logps else ans
 
 
 # ----------------------------------------------------------------------------- initial model
@@ -163,7 +174,7 @@ def windowed_reference(q_model, examples: list[Example], window: int, pad_id: in
 
 
 def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp: dict, q: dict, q_model,
-                tokenizer, cfg, pad_id: int) -> tuple[list[dict], dict]:
+                tokenizer, cfg, pad_id: int, q_logps: dict | None = None) -> tuple[list[dict], dict]:
     """TRL-format pairs for ``prompts`` (chosen = FP answer, rejected = quantized); identical ones dropped.
 
     Reference log-probs (the initial quantized model, no grad) are stored as
@@ -189,8 +200,14 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
             "prompt_ids": pc[0], "chosen_ids": pc[1], "rejected_ids": pr[1],
             "first_divergence": common_prefix(pc[1], pr[1]),
         })
-    examples = windowed_reference(q_model, [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
-                                            for r in rows], cfg.window, pad_id, cfg)
+    if q_logps is not None and not cfg.window and not truncated:
+        # the rejected answers are the quantized model's own: their log-probs came with decoding
+        examples = [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], ref, q_logps[r["id"]])
+                    for r, ref in zip(rows, reference_logps(q_model, [(r["prompt_ids"], r["chosen_ids"]) for r in rows],
+                                                            pad_id, cfg.micro_batch_size * 2, cfg.logps_chunk))]
+    else:
+        examples = windowed_reference(q_model, [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+                                                for r in rows], cfg.window, pad_id, cfg)
     prefix = f"window{cfg.window}_" if cfg.window else ""  # windowed values are not TRL's full-answer columns
     for r, e in zip(rows, examples):
         r[f"{prefix}ref_chosen_logps"], r[f"{prefix}ref_rejected_logps"] = e.ref_chosen, e.ref_rejected

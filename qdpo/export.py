@@ -1,0 +1,293 @@
+"""``python -m qdpo.export``: a qdpo packed model as a checkpoint other tools load without qdpo.
+
+Reads a directory written by :func:`qdpo.quant.io.save_quantized` (or a run
+directory of ``python -m qdpo.train``, taking its ``export_<method>/``) and
+writes a Hugging Face checkpoint: ``config.json`` with the format's
+``quantization_config``, ``model.safetensors`` in the format's layout
+(:mod:`qdpo.quant.convert`), and the tokenizer files copied as they are.
+
+* ``compressed-tensors`` (``pack-quantized``; W4/W8, symmetric and
+  asymmetric, every group size and per-channel): ``AutoModelForCausalLM.
+  from_pretrained(dir)`` loads it with the ``compressed-tensors`` package and
+  reproduces qdpo's packed model's logits exactly in fp32. Asymmetric exports
+  carry ``"dequantize": true`` in the ``quantization_config``: compressed-
+  tensors 0.20 otherwise allocates the zero points unpacked and the load
+  fails with a size mismatch; transformers then dequantizes at load time.
+* ``gptq`` (v1; W4/W8) and ``awq`` (GEMM; W4): load in transformers through
+  ``optimum`` + ``gptqmodel`` (``make interop-check``). Both store float16
+  scales: see :mod:`qdpo.quant.convert` for what is exact.
+
+Examples::
+
+    python -m qdpo.export runs/default --format compressed-tensors --out exported/ct
+    python -m qdpo.export runs/default/export_qdpo --format gptq --out exported/gptq --allow-inexact-scales
+
+Output is written to a temporary directory beside ``--out`` and renamed into
+place, so an interrupted export never leaves a directory that loads; an
+existing non-empty ``--out`` is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qdpo.quant import convert
+from qdpo.quant.convert import FORMATS, FormatError
+from qdpo.quant.format import QuantizedWeight
+from qdpo.quant.io import CONFIG_NAME, WEIGHTS_NAME, read_quant_config
+from qdpo.quant.spec import QuantSpec
+
+log = logging.getLogger("qdpo.export")
+# Files of a qdpo packed model that the export rewrites instead of copying.
+_REWRITTEN = {CONFIG_NAME, WEIGHTS_NAME, "config.json"}
+
+
+class ExportError(ValueError):
+    """A user error: printed as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- source and destination
+def find_export(path: str | os.PathLike, method: str | None = None) -> Path:
+    """The qdpo packed model at ``path``: the directory itself, or a run directory's ``export_<method>/``.
+
+    A run directory with several exports needs ``method`` unless it has
+    ``export_qdpo/``, which is taken.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if not p.is_dir():
+        raise ExportError(f"{p} is a file; pass the directory written by qdpo.save_quantized or a run directory")
+    if (p / CONFIG_NAME).exists():
+        return p
+    found = {d.name[len("export_"):]: d for d in sorted(p.glob("export_*")) if (d / CONFIG_NAME).exists()}
+    if method:
+        if method not in found:
+            raise ExportError(f"{p} has no qdpo export export_{method}/ (found: {sorted(found) or 'none'})")
+        return found[method]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if "qdpo" in found:
+        log.info("%s holds exports %s; using export_qdpo (pass --method to choose)", p, sorted(found))
+        return found["qdpo"]
+    if found:
+        raise ExportError(f"{p} holds several exports {sorted(found)}; pass --method to choose one")
+    raise ExportError(f"{p} is not a qdpo export: it has no {CONFIG_NAME} and no export_<method>/ with one"
+                      + _what_is_it(p))
+
+
+def _what_is_it(p: Path) -> str:
+    try:
+        qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if qc.get("quant_method"):
+        return (f" (it is a {qc['quant_method']} checkpoint already; qdpo.quant.importers.load_external "
+                "reads those)")
+    return " (a plain model? quantize it with python -m qdpo.train or qdpo.quantize_model first)"
+
+
+def _check_out(out: Path, overwrite: bool, src: Path) -> None:
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside the model being exported; choose another directory")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is removed only after the rename."""
+    old = None
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif overwrite:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        else:
+            raise ExportError(f"--out {out} appeared while exporting; pass --overwrite to replace it")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# ----------------------------------------------------------------------------- conversion
+def _skeleton(src: Path) -> nn.Module:
+    """The model's module tree on the meta device (no memory): names, classes and shapes of its layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(src))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"{src}/config.json does not describe a transformers causal LM: {e}") from None
+
+
+def _plan(src: Path, modules: list[str], spec: QuantSpec, fmt: str) -> list[str]:
+    """Check every quantized layer against the model and the format; returns the Linear layers left unquantized."""
+    model = _skeleton(src)
+    head = model.get_output_embeddings()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    bad = []
+    for name in modules:
+        m = model.get_submodule(name) if _has(model, name) else None
+        if not isinstance(m, nn.Linear):
+            what = "does not exist" if m is None else f"is a {type(m).__name__}, not an nn.Linear"
+            bad.append(f"{name} {what} in {type(model).__name__}")
+            continue
+        try:
+            convert.check_exportable(spec, m.out_features, m.in_features, fmt)
+        except FormatError as e:
+            bad.append(f"{name}: {e}")
+    left = sorted(set(linears) - set(modules))
+    head_name = next((n for n, m in linears.items() if m is head), None)
+    if fmt != "compressed-tensors" and [n for n in left if n != head_name]:
+        bad.append(f"{fmt} export needs every Linear layer but the LM head quantized; {left[:3]} are not: "
+                   "export as compressed-tensors, whose 'ignore' list can name them")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ExportError("; ".join(bad[:3]) + more)
+    return left
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def convert_state_dict(tensors: dict[str, torch.Tensor], modules: list[str], spec: QuantSpec, fmt: str,
+                       allow_inexact_scales: bool = False) -> dict[str, torch.Tensor]:
+    """A qdpo packed state dict in ``fmt``'s tensor names and layouts; other tensors are kept as they are."""
+    out = dict(tensors)
+    for name in modules:
+        parts = {}
+        for part in ("qweight", "scales", "zeros"):
+            t = out.pop(f"{name}.{part}", None)
+            if t is None:
+                raise ExportError(f"the qdpo export has no tensor {name}.{part}; it is incomplete, save it again")
+            parts[part] = t
+        n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * 8 // spec.bits
+        qw = QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"], spec, (n, k), parts["scales"].dtype)
+        try:
+            if fmt == "compressed-tensors":
+                new = convert.to_compressed_tensors(qw)
+            elif fmt == "gptq":
+                new = convert.to_gptq(qw, allow_inexact_scales)
+            else:
+                new = convert.to_awq(qw, allow_inexact_scales)
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from None
+        out.update({f"{name}.{k_}": v for k_, v in new.items()})
+    return out
+
+
+def quantization_config(fmt: str, spec: QuantSpec, ignore: list[str]) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` that makes transformers load ``fmt``."""
+    g = spec.group_size
+    if fmt == "compressed-tensors":
+        weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+                   "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g,
+                   "dynamic": False, "actorder": None, "observer": "minmax"}
+        qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "quantization_status": "compressed", "global_compression_ratio": None, "kv_cache_scheme": None,
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                            "output_activations": None, "format": "pack-quantized"}},
+              "ignore": ignore}
+        if not spec.symmetric:  # compressed-tensors 0.20 cannot load packed zero points otherwise
+            qc["dequantize"] = True
+        return qc
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": spec.bits, "group_size": g, "desc_act": False,
+                "sym": spec.symmetric, "true_sequential": True, "damp_percent": 0.01, "static_groups": False,
+                "lm_head": False, "checkpoint_format": "gptq", "pack_dtype": "int32",
+                "meta": {"quantizer": ["qdpo:0.1.0"]}}
+    return {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True, "version": "gemm",
+            "modules_to_not_convert": ignore or None}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ExportError(f"{path} is not a readable safetensors file ({e}); save the model again") from None
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compressed-tensors",
+           overwrite: bool = False, allow_inexact_scales: bool = False, method: str | None = None) -> Path:
+    """Write the qdpo packed model at ``src`` (or a run directory's export) to ``out`` in ``fmt``; returns ``out``."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
+    src, out = find_export(src, method), Path(out)
+    _check_out(out, overwrite, src)
+    qcfg = read_quant_config(src)
+    spec, modules = qcfg["spec"], list(qcfg["modules"])
+    ignore = _plan(src, modules, spec, fmt)
+    config = json.loads((src / "config.json").read_text())
+    tensors = _read_tensors(src / WEIGHTS_NAME)
+    for alias, target in qcfg["aliases"].items():  # tied weights: transformers ties them again on load
+        if not config.get("tie_word_embeddings", False) and target in tensors:
+            tensors[alias] = tensors[target].clone()
+    tensors = convert_state_dict(tensors, modules, spec, fmt, allow_inexact_scales)
+    config["quantization_config"] = quantization_config(fmt, spec, ignore)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in sorted(src.iterdir()):  # tokenizer, chat template, generation config
+            if f.is_file() and f.name not in _REWRITTEN and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        _publish(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s, %d layers) to %s", src, spec.name, len(modules), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qdpo.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="a qdpo packed model directory (export_<method>/) or a run directory")
+    p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint format to write")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--method", default=None, help="which export_<method>/ of a run directory (default: qdpo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--allow-inexact-scales", action="store_true",
+                   help="gptq/awq: round scales float16 cannot hold exactly to nearest instead of refusing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        src = find_export(args.source, args.method)
+        out = export(src, args.out, args.format, args.overwrite, args.allow_inexact_scales)
+    except (ValueError, OSError) as e:  # ExportError, FormatError, a bad qdpo_quant.json, a missing file
+        print(f"qdpo.export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}, from {src}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Reading GPTQ, AWQ and compressed-tensors checkpoints into qdpo models.
+
+:func:`load_external` reads a checkpoint directory (``config.json`` with a
+``quantization_config``, or the older ``quantize_config.json`` /
+``quant_config.json`` beside it, and ``*.safetensors`` weights: pickled
+checkpoints are refused) into a ``transformers`` causal LM whose quantized
+Linear layers are :class:`QuantLinear`. Codes, zero points and scales are
+the file's, bit for bit (:mod:`qdpo.quant.convert` does the unpacking);
+every other tensor (embeddings, norms, which AWQ has rescaled, the LM head)
+is the file's too.
+
+Supported: GPTQ v1 (and ``gptq_v2``) W4/W8 without act-order, AWQ GEMM W4
+with zero points, compressed-tensors ``pack-quantized`` W4/W8 (group or
+channel strategy, weight-only). Anything else gets one :class:`FormatError`
+naming what is unsupported.
+
+:func:`quantize_initial_from` is the pipeline's entry point (``--init PATH``):
+the imported model in train mode, checked against the full-precision model
+it will be trained towards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qdpo.quant import convert
+from qdpo.quant.convert import FormatError
+from qdpo.quant.format import QuantizedWeight
+from qdpo.quant.linear import QuantLinear
+from qdpo.quant.model import quantized_layers, set_module
+from qdpo.quant.spec import QuantSpec
+
+__all__ = ["FormatError", "read_external_config", "load_external", "quantize_initial_from"]
+
+log = logging.getLogger(__name__)
+_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Per-module tensor names each format stores (the module's bias is read separately).
+_PARTS = {
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+}
+_MARKER = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed"}
+
+
+# ----------------------------------------------------------------------------- config
+def read_external_config(path: str | os.PathLike) -> tuple[str, QuantSpec, dict]:
+    """``(format, spec, details)`` of the checkpoint at ``path``; :class:`FormatError` if unsupported.
+
+    ``format`` is ``"gptq"``, ``"awq"`` or ``"compressed-tensors"``;
+    ``details`` holds ``{"v2": bool}`` for GPTQ.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a quantized checkpoint")
+    qc = _quantization_config(path)
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        return "gptq", *_gptq_spec(qc)
+    if method == "awq":
+        return "awq", _awq_spec(qc), {}
+    if method == "compressed-tensors":
+        return "compressed-tensors", _ct_spec(qc), {}
+    raise FormatError(f"{path}: quant_method {method!r} is not supported; qdpo reads gptq, awq and "
+                      "compressed-tensors (pack-quantized)")
+
+
+def _quantization_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a Hugging Face checkpoint")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfg_file} is not valid JSON ({e})") from None
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict):
+        return qc
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):  # AutoGPTQ / AutoAWQ
+        if (path / name).exists():
+            return {"quant_method": method, **json.loads((path / name).read_text())}
+    raise FormatError(f"{cfg_file} has no quantization_config: {path} is not a quantized checkpoint "
+                      "(quantize it with python -m qdpo.train instead)")
+
+
+def _spec(bits, group_size, symmetric, what: str) -> QuantSpec:
+    if bits not in (4, 8):
+        raise FormatError(f"{what}: {bits}-bit weights are not supported; qdpo handles 4 and 8 bits")
+    try:
+        return QuantSpec(int(bits), int(group_size), bool(symmetric))
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{what}: {e}") from None
+
+
+def _gptq_spec(qc: dict) -> tuple[QuantSpec, dict]:
+    fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not supported; qdpo reads gptq (v1) and gptq_v2")
+    return _spec(qc.get("bits"), qc.get("group_size", 128), qc.get("sym", True), "GPTQ"), {"v2": fmt == "gptq_v2"}
+
+
+def _awq_spec(qc: dict) -> QuantSpec:
+    bits = qc.get("bits", qc.get("w_bit"))
+    version = str(qc.get("version", qc.get("format", "gemm"))).lower()
+    if version != "gemm":
+        raise FormatError(f"AWQ version {version!r} is not supported; qdpo reads the GEMM layout")
+    if not qc.get("zero_point", True):
+        raise FormatError("AWQ without zero points (zero_point: false) is not supported")
+    if bits != 4:
+        raise FormatError(f"AWQ: {bits}-bit weights are not supported; AWQ GEMM is 4-bit")
+    return _spec(bits, qc.get("group_size", qc.get("q_group_size", 128)), False, "AWQ")
+
+
+def _ct_spec(qc: dict) -> QuantSpec:
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise FormatError(f"compressed-tensors: {len(groups)} config groups; qdpo reads one (one spec per model)")
+    group = next(iter(groups.values()))
+    fmt = group.get("format") or qc.get("format")
+    if fmt != "pack-quantized":
+        raise FormatError(f"compressed-tensors format {fmt!r} is not supported; qdpo reads pack-quantized")
+    w = group.get("weights") or {}
+    if group.get("input_activations") or w.get("type", "int") != "int":
+        raise FormatError("compressed-tensors: only weight-only integer quantization (W4A16/W8A16) is supported")
+    if w.get("actorder") not in (None, False, "weight"):
+        raise FormatError(f"compressed-tensors actorder={w.get('actorder')!r} (act-order g_idx) is not supported")
+    strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
+    if strategy not in ("group", "channel"):
+        raise FormatError(f"compressed-tensors strategy {strategy!r} is not supported; use group or channel")
+    g = -1 if strategy == "channel" else w.get("group_size")
+    return _spec(w.get("num_bits", 8), g, w.get("symmetric", True), "compressed-tensors")
+
+
+# ----------------------------------------------------------------------------- tensors
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLES)
+        if pickles:
+            raise FormatError(f"{path} holds pickled weights {pickles}; qdpo refuses pickles (they can run code): "
+                              "convert the checkpoint to safetensors")
+        raise FileNotFoundError(f"{path} has no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt", device="cpu") as sf:
+                tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise FormatError(f"{f} is not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def _layer(fmt: str, spec: QuantSpec, parts: dict, details: dict, name: str) -> QuantizedWeight:
+    try:
+        if fmt == "gptq":
+            return convert.from_gptq(parts, spec, v2=details.get("v2", False))
+        if fmt == "awq":
+            return convert.from_awq(parts, spec)
+        return convert.from_compressed_tensors(parts, spec)
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+
+
+def _default_dtype(tensors: dict) -> torch.dtype:
+    """The dtype of the file's full-precision tensors, or float32 when they and the scales differ."""
+    dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _cast_exact(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    out = t.to(dtype)
+    if out.dtype != t.dtype and not torch.equal(out.to(t.dtype), t):
+        raise FormatError(f"{what}: {t.dtype} scales do not convert to {dtype} exactly; load with "
+                          "dtype=torch.float32 (exact for every scale dtype)")
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+def load_external(path: str | os.PathLike, mode: str = "train", dtype: torch.dtype | None = None,
+                  device="cpu", backend: str = "auto") -> tuple[nn.Module, QuantSpec]:
+    """Load a GPTQ, AWQ or compressed-tensors checkpoint as a qdpo model; returns ``(model, spec)``.
+
+    Args:
+        path: the checkpoint directory (``config.json`` + ``*.safetensors``).
+        mode: ``"train"`` (latent weights start at ŵ, ready for QDPO) or
+            ``"packed"`` (the file's codes, run on the dequant-matmul kernels).
+        dtype: model dtype. Default: the file's full-precision dtype, or
+            float32 when the file mixes dtypes (e.g. bf16 weights, fp16
+            scales). Scales are cast to it only where exact (else
+            :class:`FormatError`); float32 is exact for every scale dtype.
+
+    In train mode, re-quantizing the latent weights gives the file's codes
+    back exactly in float32; in float16/bfloat16 the stored ŵ is rounded and
+    an 8-bit code can move by one.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if mode not in ("train", "packed"):
+        raise ValueError(f"mode={mode!r} is not known; use 'train' or 'packed'")
+    path = Path(path)
+    fmt, spec, details = read_external_config(path)
+    tensors = _read_safetensors(path)
+    marker = _MARKER[fmt]
+    names = sorted(k[: -len(marker) - 1] for k in tensors if k.endswith("." + marker))
+    if not names:
+        raise FormatError(f"{path} is a {fmt} checkpoint without any '*.{marker}' tensor; the weights are missing")
+    dtype = dtype or _default_dtype(tensors)
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build the plain architecture; qdpo fills in the layers
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in names:
+        _install(model, name, fmt, spec, details, tensors, dtype, backend)
+    _load_rest(model, tensors, set(names), path)
+    model.qdpo_spec = spec
+    if mode == "train":
+        for m in quantized_layers(model).values():
+            m.to_train(dtype)
+    log.info("loaded %s checkpoint %s (%s, %d layers)", fmt, path, spec.name, len(names))
+    return model.to(device).eval(), spec
+
+
+def _install(model: nn.Module, name: str, fmt: str, spec: QuantSpec, details: dict, tensors: dict,
+             dtype: torch.dtype, backend: str) -> None:
+    """Replace the Linear at ``name`` by a packed :class:`QuantLinear` holding the file's weight."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise FormatError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from None
+    if not isinstance(old, nn.Linear):
+        raise FormatError(f"the checkpoint quantizes {name!r}, a {type(old).__name__}; qdpo imports nn.Linear layers")
+    parts = {p: tensors.pop(f"{name}.{p}") for p in _PARTS[fmt] if f"{name}.{p}" in tensors}
+    qw = _layer(fmt, spec, parts, details, name)
+    if qw.shape != (old.out_features, old.in_features):
+        raise FormatError(f"{name}: the file's weight is {qw.shape} (N, K), the model's layer is "
+                          f"{(old.out_features, old.in_features)}; config.json does not match the weights")
+    bias = tensors.pop(f"{name}.bias", None)
+    if bias is not None and old.bias is None and not bool(bias.any()):
+        bias = None  # some GPTQ writers store a zero bias for every layer
+    if (bias is None) != (old.bias is None):
+        raise FormatError(f"{name}: the layer {'has' if old.bias is not None else 'has no'} bias but the file "
+                          f"{'has none' if bias is None else 'has one'}")
+    q = QuantLinear(old.in_features, old.out_features, spec, bias=bias is not None, mode="packed", dtype=dtype,
+                    backend=backend)
+    with torch.no_grad():
+        q.qweight.copy_(qw.qweight)
+        q.scales.copy_(_cast_exact(qw.scales, dtype, name))
+        q.zeros.copy_(qw.zeros)
+        if bias is not None:
+            q.bias.copy_(bias.to(dtype))
+    set_module(model, name, q)
+
+
+def _load_rest(model: nn.Module, tensors: dict, quantized: set[str], path: Path) -> None:
+    """Load the non-quantized tensors; every one the model needs must be present with its shape."""
+    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in quantized}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    tied = {f"{head_name}.weight"} if head_name and getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in expected if k not in tensors and k not in tied)
+    if missing:
+        raise FormatError(f"{path} has no tensor(s) {missing[:5]}; the checkpoint is incomplete or from another model")
+    extra = sorted(k for k in tensors if k not in expected)
+    if extra:
+        raise FormatError(f"{path} has tensors the model does not expect: {extra[:5]}; wrong config.json?")
+    for k in expected:
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape):
+            raise FormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the model expects "
+                              f"{tuple(expected[k].shape)}")
+    model.load_state_dict({k: t for k, t in tensors.items()}, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# ----------------------------------------------------------------------------- the pipeline's entry point
+def quantize_initial_from(path: str | os.PathLike, fp_model_like: nn.Module,
+                          spec: QuantSpec | None = None) -> tuple[nn.Module, dict]:
+    """The pipeline's initial quantized model read from an existing checkpoint (``--init PATH``).
+
+    Returns ``(model, stats)`` like ``qdpo.training.stages.quantize_initial``:
+    a train-mode copy in ``fp_model_like``'s dtype and device whose codes,
+    zero points and scales are the checkpoint's, and
+    ``{"init": "external", "path", "format", "spec", "layers"}``.
+
+    Raises :class:`FormatError` (a ``ValueError``) when the checkpoint is
+    unsupported, when its architecture differs from ``fp_model_like`` (layer
+    names or shapes), or when ``spec`` is given and differs from the
+    checkpoint's.
+    """
+    p = next(fp_model_like.parameters())
+    fmt, file_spec, _ = read_external_config(path)
+    if spec is not None and spec != file_spec:
+        raise FormatError(f"{path} is quantized {file_spec.name}, but {spec.name} was asked for; drop the "
+                          "--bits/--group-size/--symmetric flags or make them match the checkpoint")
+    model, file_spec = load_external(path, mode="train", dtype=p.dtype)
+    _check_same_architecture(model, fp_model_like, path)
+    model = model.to(p.device)
+    stats = {"init": "external", "path": str(path), "format": fmt, "spec": file_spec.to_dict(),
+             "layers": len(quantized_layers(model))}
+    return model, stats
+
+
+def _check_same_architecture(model: nn.Module, fp: nn.Module, path) -> None:
+    """Same state-dict names and shapes as ``fp`` (a quantized layer's latent ``weight`` standing for its Linear)."""
+    qnames = set(quantized_layers(model))
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()
+           if not (k.rsplit(".", 1)[0] in qnames and k.rsplit(".", 1)[1] in ("scales", "zeros"))}
+    want = {k: tuple(v.shape) for k, v in fp.state_dict().items()}
+    bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if bad:
+        k = bad[0]
+        raise FormatError(f"{path} does not fit the full-precision model: {k} is {got.get(k, 'absent')} in the "
+                          f"checkpoint and {want.get(k, 'absent')} in the model ({len(bad)} differences); "
+                          "pass the checkpoint of the same model as --model")

@@ -1,0 +1,379 @@
+"""python -m qdpo.export and qdpo.quant.importers on tiny Llamas built from configs.
+
+The compressed-tensors exports are loaded by ``transformers`` in a fresh
+interpreter in which importing qdpo fails, and must give qdpo's packed
+model's fp32 logits exactly. GPTQ/AWQ loading through transformers needs
+``optimum`` + ``gptqmodel`` (``make interop-check``) and is skipped without.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qdpo import QuantSpec
+from qdpo.export import main as export_main
+from qdpo.kernels import ops
+from qdpo.quant import quantizable_layers, quantize_model, quantized_layers, save_quantized, to_packed
+from qdpo.quant.convert import FormatError
+from qdpo.quant.importers import load_external, quantize_initial_from
+from qdpo.quant.linear import frozen_weights
+from tests.conftest import assert_close_2x, assert_exact
+
+VOCAB = 96
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+HAS_INTEROP = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum"))
+TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}', "chat_template.jinja": "{{ messages }}"}
+
+
+def tiny_llama(odd: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    """hidden 128 fits every group size; ``odd``: q N=72, k/v N=36, MLP N=180 (per-channel only)."""
+    torch.manual_seed(seed)
+    kw = dict(head_dim=18, intermediate_size=180) if odd else dict(intermediate_size=256)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def packed_export(path: Path, spec: QuantSpec, odd: bool = False, fp16_scales: bool = False, seed: int = 0):
+    """qdpo.quantize_model + to_packed + save_quantized; returns (dir, packed model, fp32 logits)."""
+    model = tiny_llama(odd, seed)
+    grids = None
+    if fp16_scales:  # GPTQ/AWQ store float16 scales: make them exact in an fp32 model
+        grids = {}
+        for name, m in quantizable_layers(model).items():
+            s, z = ops.qparams(m.weight.detach().half(), spec.bits, spec.group_size, spec.symmetric)
+            grids[name] = (s.float(), z)
+    quantize_model(model, spec, grids=grids)
+    to_packed(model)
+    save_quantized(model, path)
+    for name, text in TOKENIZER_FILES.items():
+        (path / name).write_text(text)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    return path, model, logits
+
+
+def run_export(*argv) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = export_main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_user_error(rc: int, err: str, match: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qdpo.export: error:") and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+def assert_same_layers(a, b) -> None:
+    la, lb = quantized_layers(a), quantized_layers(b)
+    assert sorted(la) == sorted(lb)
+    for name in la:
+        qa, qb = la[name].quantized_weight(), lb[name].quantized_weight()
+        assert_exact(qb.qweight, qa.qweight, f"{name} codes")
+        assert_exact(qb.zeros, qa.zeros, f"{name} zeros")
+        assert_exact(qb.scales.to(qa.scales.dtype), qa.scales, f"{name} scales")
+
+
+# A fresh interpreter that cannot import qdpo loads each checkpoint with transformers alone.
+LOADER = r"""
+import importlib.abc, json, sys
+
+class NoQdpo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "qdpo":
+            raise ImportError("qdpo must not be imported here")
+
+sys.meta_path.insert(0, NoQdpo())
+import torch
+from transformers import AutoModelForCausalLM
+
+for job in json.loads(sys.argv[1]):
+    kwargs = {}
+    if job.get("backend") == "gptq":
+        from transformers import GPTQConfig
+        kwargs["quantization_config"] = GPTQConfig(bits=job["bits"], backend="torch")
+    elif job.get("backend") == "awq":
+        from transformers import AwqConfig
+        kwargs["quantization_config"] = AwqConfig(backend="torch_awq")
+    model = AutoModelForCausalLM.from_pretrained(job["dir"], device_map="cpu", **kwargs).eval()
+    result = {}
+    with torch.no_grad():
+        result["logits"] = model(torch.load(job["ids"])).logits.float()
+        result["layers"] = [type(m).__name__ for m in model.modules()]
+        if job.get("backend") == "gptq":
+            result["w"] = model.model.layers[0].mlp.down_proj.dequantize_weight()
+        elif job.get("backend") == "awq":
+            from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+            m = model.model.layers[0].mlp.down_proj
+            result["w"] = dequantize_gemm(m.qweight, m.qzeros, m.scales, 4, m.group_size)
+    torch.save(result, job["out"])
+assert "qdpo" not in sys.modules
+print("loaded without qdpo")
+"""
+
+
+def load_elsewhere(tmp: Path, jobs: list[dict]) -> list[dict]:
+    torch.save(IDS, tmp / "ids.pt")
+    for i, job in enumerate(jobs):
+        job.update(ids=str(tmp / "ids.pt"), out=str(tmp / f"result{i}.pt"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "loaded without qdpo" in proc.stdout, proc.stderr[-3000:]
+    return [torch.load(job["out"]) for job in jobs]
+
+
+# ----------------------------------------------------------------------------- compressed-tensors in transformers
+CT_CASES = {  # name: (spec, odd shapes)
+    "W4-g32-asym": (QuantSpec(4, 32, False), False),
+    "W8-ch-sym-odd": (QuantSpec(8, -1, True), True),
+    "W4-ch-asym-odd": (QuantSpec(4, -1, False), True),
+    "W8-g128-asym": (QuantSpec(8, 128, False), False),
+    "W4-g64-sym": (QuantSpec(4, 64, True), False),
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_compressed_tensors_export_loads_in_transformers_alone_with_identical_logits(tmp_path):
+    jobs, expected = [], []
+    for i, (name, (spec, odd)) in enumerate(CT_CASES.items()):
+        src, _, logits = packed_export(tmp_path / f"src_{name}", spec, odd, seed=i)
+        rc, out, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / f"ct_{name}")
+        assert rc == 0, err
+        jobs.append({"dir": str(tmp_path / f"ct_{name}")})
+        expected.append((name, logits))
+    for (name, logits), got in zip(expected, load_elsewhere(tmp_path, jobs)):
+        assert "Linear" in got["layers"]
+        assert_exact(got["logits"], logits, f"{name} logits")  # fp32: ŵ = (q - z)·s in both, then F.linear
+
+
+def test_export_writes_config_tokenizer_and_nothing_else(tmp_path):
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, False))
+    rc, out, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert rc == 0 and "wrote" in out, err
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir()) == sorted(
+        ["config.json", "model.safetensors", *TOKENIZER_FILES])
+    for name, text in TOKENIZER_FILES.items():
+        assert (tmp_path / "ct" / name).read_text() == text
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert (qc["quant_method"], qc["format"], qc["ignore"], qc["dequantize"]) == (
+        "compressed-tensors", "pack-quantized", ["lm_head"], True)
+    assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 32
+    assert not group["weights"]["symmetric"] and group["targets"] == ["Linear"]
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj."
+    assert {k[len(q):] for k in tensors if k.startswith(q)} == {
+        "weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "src"]  # no temporary directory left
+
+
+# ----------------------------------------------------------------------------- export → import round trips
+@pytest.mark.parametrize("fmt,spec,fp16", [
+    ("compressed-tensors", QuantSpec(4, 32, False), False),
+    ("compressed-tensors", QuantSpec(8, -1, True), False),
+    ("gptq", QuantSpec(4, 64, False), True),
+    ("gptq", QuantSpec(8, 128, True), True),
+    ("awq", QuantSpec(4, -1, False), True),
+])
+def test_export_then_import_is_bit_exact(tmp_path, fmt, spec, fp16):
+    src, model, logits = packed_export(tmp_path / "src", spec, fp16_scales=fp16)
+    rc, _, err = run_export(src, "--format", fmt, "--out", tmp_path / "ext")
+    assert rc == 0, err
+    packed, got_spec = load_external(tmp_path / "ext", mode="packed", dtype=torch.float32)
+    assert got_spec == spec
+    assert_same_layers(model, packed)
+    with torch.no_grad():
+        assert_exact(packed(IDS).logits, logits, "logits")
+    trained, _ = load_external(tmp_path / "ext", mode="train", dtype=torch.float32)
+    assert all(m.mode == "train" for m in quantized_layers(trained).values())
+    assert_same_layers(model, trained)  # re-quantizing the latent ŵ gives the file's codes back
+
+
+def test_quantize_initial_from_for_the_pipeline(tmp_path):
+    spec = QuantSpec(4, 32, False)
+    src, model, _ = packed_export(tmp_path / "src", spec, fp16_scales=True)
+    assert run_export(src, "--format", "gptq", "--out", tmp_path / "gptq")[0] == 0
+    fp = tiny_llama()
+    q0, stats = quantize_initial_from(tmp_path / "gptq", fp)
+    assert stats == {"init": "external", "path": str(tmp_path / "gptq"), "format": "gptq",
+                     "spec": spec.to_dict(), "layers": 14}
+    assert q0.qdpo_spec == spec and next(q0.parameters()).dtype == torch.float32
+    assert all(m.mode == "train" and m.weight.requires_grad for m in quantized_layers(q0).values())
+    assert_same_layers(model, q0)
+    with pytest.raises(FormatError, match="W8A16-g32-asym was asked for"):
+        quantize_initial_from(tmp_path / "gptq", fp, spec=QuantSpec(8, 32, False))
+    with pytest.raises(FormatError, match="does not fit the full-precision model"):
+        quantize_initial_from(tmp_path / "gptq", tiny_llama(odd=True))
+
+
+# ----------------------------------------------------------------------------- export: bad input
+def test_export_user_errors(tmp_path):
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(8, 32, False))
+    rc, _, err = run_export(tmp_path / "nope", "--format", "gptq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "does not exist")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_export(tmp_path / "empty", "--format", "gptq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "is not a qdpo export")
+    rc, _, err = run_export(src, "--format", "awq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "AWQ GEMM is 4-bit only")
+    rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "o")  # fp32 scales
+    assert_user_error(rc, err, "--allow-inexact-scales")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "full")
+    assert_user_error(rc, err, "exists and is not empty")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "full", "--overwrite",
+                            "--allow-inexact-scales")
+    assert rc == 0, err
+    assert not (tmp_path / "full" / "keep.txt").exists()
+    rc, _, err = run_export(tmp_path / "full", "--format", "gptq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "is a gptq checkpoint already")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_export_unsupported_shapes_name_the_layer(tmp_path):
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, -1, False), odd=True, fp16_scales=True)
+    rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "model.layers.0.mlp.down_proj: gptq packs 8 4-bit codes per int32 and needs "
+                               "K (in_features)=180 divisible by 8")
+    rc, _, err = run_export(src, "--format", "awq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "model.layers.0.mlp.gate_proj: awq packs 8 4-bit codes per int32 and needs "
+                               "N (out_features)=180 divisible by 8")
+
+
+def test_export_picks_from_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    for method in ("kd", "sft"):
+        packed_export(run / f"export_{method}", QuantSpec(4, 32, True))
+    rc, _, err = run_export(run, "--format", "compressed-tensors", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "several exports ['kd', 'sft']; pass --method")
+    rc, _, err = run_export(run, "--format", "compressed-tensors", "--out", tmp_path / "o", "--method", "sft")
+    assert rc == 0, err
+    packed_export(run / "export_qdpo", QuantSpec(4, 32, True))
+    rc, _, err = run_export(run, "--format", "compressed-tensors", "--out", tmp_path / "o2")
+    assert rc == 0, err
+
+
+def test_export_cli_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qdpo.export", str(tmp_path / "missing"), "--format", "awq",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("qdpo.export: error:")
+
+
+# ----------------------------------------------------------------------------- import: bad input
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gptq")
+    src, _, _ = packed_export(tmp / "src", QuantSpec(4, 32, True), fp16_scales=True)
+    assert run_export(src, "--format", "gptq", "--out", tmp / "gptq")[0] == 0
+    return tmp / "gptq"
+
+
+def _copy(d: Path, to: Path, config=None, tensors=None) -> Path:
+    to.mkdir()
+    cfg = json.loads((d / "config.json").read_text())
+    sd = load_file(str(d / "model.safetensors"))
+    (to / "config.json").write_text(json.dumps(config(cfg) if config else cfg))
+    save_file(tensors(sd) if tensors else sd, str(to / "model.safetensors"))
+    return to
+
+
+def _set(d: dict, **kw) -> dict:
+    d["quantization_config"].update(kw)
+    return d
+
+
+def _pop(sd: dict, key: str) -> dict:
+    sd.pop(key)
+    return sd
+
+
+def _flip(sd: dict, key: str) -> dict:
+    sd[key] = sd[key].flip(0).contiguous()
+    return sd
+
+
+@pytest.mark.parametrize("case,match", [
+    ("bits3", "3-bit weights are not supported"),
+    ("act_order", "act-order (desc_act) checkpoints, whose groups follow a permutation of K, are not supported"),
+    ("missing", "model.layers.1.mlp.up_proj: GPTQ weight is missing tensor(s) ['scales']"),
+    ("missing_norm", "has no tensor(s) ['model.norm.weight']"),
+    ("shapes", "down_proj: the file's weight is (128, 256) (N, K), the model's layer is (128, 200)"),
+    ("method", "quant_method 'bitsandbytes' is not supported"),
+    ("v3", "checkpoint_format 'marlin' is not supported"),
+])
+def test_import_errors(gptq_dir, tmp_path, case, match):
+    g = "model.layers.1.mlp.up_proj."
+    edits = {
+        "bits3": dict(config=lambda c: _set(c, bits=3)),
+        "act_order": dict(tensors=lambda sd: _flip(sd, g + "g_idx")),
+        "missing": dict(tensors=lambda sd: _pop(sd, g + "scales")),
+        "missing_norm": dict(tensors=lambda sd: _pop(sd, "model.norm.weight")),
+        "shapes": dict(config=lambda c: {**c, "intermediate_size": 200}),
+        "method": dict(config=lambda c: _set(c, quant_method="bitsandbytes")),
+        "v3": dict(config=lambda c: _set(c, checkpoint_format="marlin")),
+    }
+    bad = _copy(gptq_dir, tmp_path / "bad", **edits[case])
+    with pytest.raises(FormatError) as e:
+        load_external(bad)
+    assert match in str(e.value)
+
+
+def test_import_refuses_pickles_and_plain_models(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}}))
+    torch.save({}, d / "pytorch_model.bin")
+    with pytest.raises(FormatError, match="pickled weights .*pytorch_model.bin.* refuses pickles"):
+        load_external(d)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FormatError, match="has no quantization_config"):
+        load_external(d)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_external(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- GPTQ/AWQ in transformers (optimum + gptqmodel)
+@pytest.mark.skipif(not HAS_INTEROP, reason="GPTQ/AWQ loading needs optimum + gptqmodel: run `make interop-check`")
+def test_gptq_and_awq_exports_load_in_transformers(tmp_path):
+    """gptqmodel's torch kernels: ŵ bit-exact to qdpo's ŵ in float16 (they dequantize in float16).
+
+    GPTQ (TorchLinear) multiplies fp32 activations by that fp16 ŵ: logits equal qdpo's with ŵ rounded
+    to float16. AWQ (AwqTorchLinear) casts activations to float16 too: within 2× qdpo's own fp16 error.
+    """
+    cases = [("gptq", QuantSpec(4, 32, False)), ("gptq", QuantSpec(8, -1, True)), ("awq", QuantSpec(4, 64, False))]
+    jobs, models = [], []
+    for i, (fmt, spec) in enumerate(cases):
+        src, model, logits = packed_export(tmp_path / f"src{i}", spec, fp16_scales=True, seed=i)
+        assert run_export(src, "--format", fmt, "--out", tmp_path / f"{fmt}{i}")[0] == 0
+        jobs.append({"dir": str(tmp_path / f"{fmt}{i}"), "backend": fmt, "bits": spec.bits})
+        models.append((fmt, model, logits))
+    for (fmt, model, logits), got in zip(models, load_elsewhere(tmp_path, jobs)):
+        layer = model.model.layers[0].mlp.down_proj
+        assert_exact(got["w"].contiguous(), layer.dequantized(torch.float16).t().contiguous(), f"{fmt} ŵ")
+        with torch.no_grad(), frozen_weights(model, torch.float16):
+            rounded = model(IDS).logits
+        if fmt == "gptq":
+            assert_exact(got["logits"], rounded, "gptq logits")
+        else:
+            with torch.no_grad():
+                half = model.half()(IDS).logits.float()
+            assert_close_2x(got["logits"], logits, half, what="awq logits")
