@@ -47,3 +47,17 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info qdpo/_C*.so .pytest_cache
+
+# GPTQ/AWQ exports load in transformers only through optimum + gptqmodel,
+# which pin torch tightly and bring ~20 packages: check them (and the
+# compressed-tensors export) in a virtualenv of their own, never in $(VENV).
+# gptqmodel 7.7 wants torch >= 2.14.1; 7.6.0 runs with the CPU torch 2.13.
+INTEROP_VENV ?= .venv-interop
+GPTQMODEL ?= gptqmodel==7.6.0
+.PHONY: interop-check
+interop-check:
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q $(TORCH_CPU)
+	$(INTEROP_VENV)/bin/python -m pip install -q $(GPTQMODEL) optimum compressed-tensors
+	$(INTEROP_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(INTEROP_VENV)/bin/python -m pytest -q tests/test_convert.py tests/test_export.py

@@ -215,7 +215,8 @@ def test_act_order_g_idx_is_refused():
         convert.from_compressed_tensors(ct, spec)
 
 
-@pytest.mark.parametrize("fmt,drop", [("gptq", "qzeros"), ("awq", "scales"), ("compressed-tensors", "weight_zero_point")])
+@pytest.mark.parametrize("fmt,drop", [("gptq", "qzeros"), ("awq", "scales"),
+                                      ("compressed-tensors", "weight_zero_point")])
 def test_missing_tensor(fmt, drop):
     spec = QuantSpec(4, 32, False)
     qw = random_weight(8, 64, spec, torch.float16, zmin=1)

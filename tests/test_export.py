@@ -351,7 +351,7 @@ def test_import_refuses_pickles_and_plain_models(tmp_path):
         load_external(tmp_path / "missing")
 
 
-# ----------------------------------------------------------------------------- GPTQ/AWQ in transformers (optimum + gptqmodel)
+# ----------------------------------------------------------------------------- GPTQ/AWQ in transformers
 @pytest.mark.skipif(not HAS_INTEROP, reason="GPTQ/AWQ loading needs optimum + gptqmodel: run `make interop-check`")
 def test_gptq_and_awq_exports_load_in_transformers(tmp_path):
     """gptqmodel's torch kernels: ŵ bit-exact to qdpo's ŵ in float16 (they dequantize in float16).
