@@ -159,11 +159,7 @@ def run(cfg: TrainConfig) -> dict:
         fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers")
     with stage("quantize"):
         calib = [ids[p.id] + fp[p.id] for p in train_p]
-        try:
-            q0, init_stats = S.quantize_initial(fp_model, cfg, calib, out / "initial")
-        except ValueError as e:  # a spec that does not fit the model's layers
-            raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
-                              f"{cfg.group_size}: {e}") from None
+        q0, init_stats = _initial(fp_model, cfg, calib, out)
     with stage("initial_answers"):
         tt = train_p + test_p
         q_ans, q_logps = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
@@ -182,10 +178,15 @@ def run(cfg: TrainConfig) -> dict:
         model = copy.deepcopy(q0)
         examples = _examples(method, pairs, train_p, ids, fp, cfg.window)
         with stage(f"train_{method}"):
-            trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model, val=val,
-                              pad_id=pad)
-            summaries[method] = trainer.run(resume=cfg.resume)
-            histories[method] = trainer.history
+            if not examples:  # every pair identical: nothing to prefer
+                log.warning("%s: no training pairs (the quantized model already answers every training prompt "
+                            "like the FP model); evaluating the initial model unchanged", method)
+                summaries[method] = {"steps_run": 0, "best_step": 0, "skipped": "no differing pairs"}
+            else:
+                trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model,
+                                  val=val, pad_id=pad)
+                summaries[method] = trainer.run(resume=cfg.resume)
+                histories[method] = trainer.history
         with stage(f"eval_{method}"):
             answers = S.greedy(model, tok, [ids[p.id] for p in test_p], cfg.max_new_tokens, cfg.gen_batch_size,
                                desc=f"{method} answers")
@@ -198,6 +199,25 @@ def run(cfg: TrainConfig) -> dict:
                 summaries[method]["export"] = _export(model, tok, out / f"export_{method}", fp_model, test_ex,
                                                       evals[method], ev)
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
+
+
+def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
+    """The initial quantized model: RTN/AWQ (cached in ``initial/``) or read from ``--init PATH``."""
+    from qdpo.training import stages as S
+
+    if cfg.init not in ("rtn", "awq"):
+        from qdpo.quant import QuantSpec
+        from qdpo.quant.importers import quantize_initial_from
+
+        try:
+            return quantize_initial_from(cfg.init, fp_model, spec=QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric))
+        except ValueError as e:
+            raise ConfigError(f"--init {cfg.init}: {e}") from None
+    try:
+        return S.quantize_initial(fp_model, cfg, calib, out / "initial")
+    except ValueError as e:  # a spec that does not fit the model's layers
+        raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
+                          f"{cfg.group_size}: {e}") from None
 
 
 def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0) -> list[Example]:
@@ -219,18 +239,58 @@ def _evaluate(fp_model, model, tok, test_ex, answers, ev) -> tuple[dict, tuple]:
 
 
 def _export(model, tok, path: Path, fp_model, test_ex, evaluated: dict, ev) -> dict:
-    """Save packed, reload, and check the reloaded model reproduces the evaluated flip rate and KL."""
+    """Save packed and as compressed-tensors; check both reload and reproduce the evaluation.
+
+    The packed reload must give the evaluated flip rate and KL on the test split
+    (only the quantized model runs: the FP side is cached). The compressed-tensors
+    checkpoint is loaded by ``transformers`` itself and its logits compared with
+    the trained model's on a few test examples.
+    """
     from qdpo.eval import metrics as M
     from qdpo.quant import load_quantized, save_quantized
 
     save_quantized(model, path, tokenizer=tok)
-    reloaded = load_quantized(path, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    reloaded = load_quantized(path, device=device)
     tf = M.teacher_forced(fp_model, reloaded, test_ex, **ev, disable=True)
     ok = abs(tf["flip_rate"] - evaluated["flip_rate"]) < 1e-6 and abs(tf["kl"] - evaluated["kl"]) < 1e-4
     if not ok:
         log.error("exported model at %s does not reproduce the evaluation (flip %.6f vs %.6f)", path,
                   tf["flip_rate"], evaluated["flip_rate"])
-    return {"path": str(path), "reproduces_eval": ok, "flip_rate": tf["flip_rate"], "kl": tf["kl"]}
+    rec = {"path": str(path), "reproduces_eval": ok, "flip_rate": tf["flip_rate"], "kl": tf["kl"]}
+    rec.update(_export_compressed_tensors(model, path, test_ex[:4], device))
+    return rec
+
+
+def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
+    """``python -m qdpo.export`` into ``<path>_compressed_tensors``, loaded back by transformers alone."""
+    import importlib.util
+
+    from qdpo.export import export
+
+    out = path.with_name(path.name + "_compressed_tensors")
+    try:
+        export(path, out, "compressed-tensors", overwrite=True)
+    except ValueError as e:
+        log.warning("compressed-tensors export skipped: %s", e)
+        return {"compressed_tensors": None}
+    if importlib.util.find_spec("compressed_tensors") is None:
+        log.warning("compressed-tensors is not installed: %s was written but not checked", out)
+        return {"compressed_tensors": str(out), "compressed_tensors_checked": False}
+    from transformers import AutoModelForCausalLM
+
+    from qdpo.quant.linear import frozen_weights
+    from qdpo.training.data import collate
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).to(device).eval()
+    batch = collate(examples, 0).to(device)
+    with torch.no_grad(), frozen_weights(model):
+        a = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    m = batch.attention_mask.bool()
+    diff = (a[m] - b[m]).abs().max().item()
+    log.info("compressed-tensors export %s: max |Δlogit| vs the trained model = %.3g", out, diff)
+    return {"compressed_tensors": str(out), "compressed_tensors_max_abs_logit_diff": diff}
 
 
 def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped) -> dict:

@@ -78,6 +78,8 @@ def test_end_to_end_all_methods(model_dir, tmp_path, capsys):
     assert m["pairs"]["total"] == 9 and m["pairs"]["pairs"] + m["pairs"]["identical_dropped"] == 9
     for method in ("qdpo", "kd", "sft"):
         assert m["training"][method]["export"]["reproduces_eval"] is True
+        # the compressed-tensors copy, loaded by transformers itself, computes the same logits
+        assert m["training"][method]["export"]["compressed_tensors_max_abs_logit_diff"] < 1e-4
         assert (out / f"export_{method}" / "qdpo_quant.json").exists()
         lines = (out / f"train_{method}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in lines] == list(range(5))
@@ -214,3 +216,32 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(model_dir, 
     ckpts = sorted((out / "train_qdpo" / "checkpoints").glob("*"))
     assert [p.name for p in ckpts] == ["step-000002.pt"]
     assert torch.load(ckpts[0], weights_only=True)["step"] == 2
+
+
+def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):
+    """--init PATH starts from a compressed-tensors checkpoint: its spec and codes, not RTN's."""
+    import qdpo
+    from qdpo.export import export
+    from qdpo.loading import load_model
+
+    model, tok = load_model(model_dir)
+    qdpo.quantize_model(model, qdpo.QuantSpec(4, 64, symmetric=True), mode="packed")
+    qdpo.save_quantized(model, tmp_path / "packed", tokenizer=tok)
+    ckpt = export(tmp_path / "packed", tmp_path / "ct", "compressed-tensors")
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--init", str(ckpt), "--steps", "1")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["config"]["bits"], m["config"]["group_size"], m["config"]["symmetric"]) == (4, 64, True)
+    assert m["init"]["init"] == "external"
+    assert train.main(_args(model_dir, prompts, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))) == 2
+
+
+def test_no_differing_pairs_skips_qdpo_with_a_clear_note(model_dir, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--group-size", "-1", "--steps", "1")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pairs"]["pairs"] == 0  # W8 per-channel on this tiny model changes no greedy answer
+    assert m["training"]["qdpo"]["skipped"] == "no differing pairs"
+    assert m["eval"]["qdpo"]["flip_rate"] == m["eval"]["initial"]["flip_rate"]

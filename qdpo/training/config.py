@@ -38,10 +38,10 @@ class TrainConfig:
     bits: int = 4  # 4 or 8
     group_size: int = 64  # -1, 32, 64, 128, 256 (64 is the largest that divides SmolLM2's hidden 576)
     symmetric: bool = False  # symmetric grid (zero point fixed at 2^(bits-1))
-    init: str = "rtn"  # initial quantization: rtn or awq
+    init: str = "rtn"  # initial quantization: rtn, awq, or a GPTQ/AWQ/compressed-tensors checkpoint directory
     awq_grid: int = 20  # AWQ: alpha grid points
     # --- pairs
-    max_new_tokens: int = 48  # greedy answer length for pairs and evaluation
+    max_new_tokens: int = 40  # greedy answer length for pairs and evaluation
     gen_batch_size: int = 32  # prompts per generation batch (decoding is memory-bound: bigger is cheaper)
     max_length: int = 512  # prompt + answer tokens; longer examples are truncated, prompt-only overflow dropped
     max_train_prompts: int = 0  # use at most this many training prompts (0 = all)
@@ -79,6 +79,16 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         from qdpo.quant.spec import QuantSpec
 
+        if self.init not in ("rtn", "awq"):  # a quantized checkpoint: its spec wins
+            from qdpo.quant.importers import read_external_config
+
+            try:
+                _, spec, _ = read_external_config(self.init)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--init {self.init}: {e} (use rtn, awq or a GPTQ/AWQ/compressed-tensors "
+                                  "checkpoint directory)") from None
+            self.bits, self.group_size, self.symmetric = spec.bits, spec.group_size, spec.symmetric
+
         try:
             QuantSpec(self.bits, self.group_size, self.symmetric)
         except (ValueError, TypeError) as e:
@@ -86,7 +96,7 @@ class TrainConfig:
         checks = [
             (self.method in (*METHODS, "all"), f"--method {self.method!r}: use one of {METHODS} or all"),
             (self.loss in LOSSES, f"--loss {self.loss!r}: use one of {LOSSES}"),
-            (self.init in ("rtn", "awq"), f"--init {self.init!r}: use rtn or awq"),
+
             (self.steps >= 1, f"--steps {self.steps}: must be >= 1"),
             (self.batch_size >= 1 and self.micro_batch_size >= 1, "--batch-size and --micro-batch-size must be >= 1"),
             (self.batch_size % self.micro_batch_size == 0 or self.micro_batch_size > self.batch_size,
