@@ -130,9 +130,13 @@ class QuantLinear(nn.Module):
         b = backends.requested(self.backend)
         return b == "reference" or (b == "auto" and x.device.type == "cpu")
 
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        w, s = self.weight, self.scales
+        return (w.data_ptr(), w._version, s.data_ptr(), s._version, dtype)
+
     def _step_cache(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         w, s = self.weight, self.scales
-        key = (w.data_ptr(), w._version, s.data_ptr(), s._version, dtype)
+        key = self._cache_key(dtype)
         if self._cache is None or self._cache[0] != key:
             from qdpo.kernels import reference
 
@@ -177,6 +181,9 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         """ŵ ``(N, K)`` in ``dtype`` (default: the scales' dtype)."""
+        dtype = dtype or self.scales.dtype
+        if self.mode == "train" and self._cache is not None and self._cache[0] == self._cache_key(dtype):
+            return self._cache[1]  # the training step's ŵ of these very weights
         qw = self.quantized_weight()
         return ops.dequantize(qw.qweight, qw.scales, qw.zeros, self.spec.bits, dtype or qw.dtype, self.backend)
 

@@ -42,7 +42,7 @@ class TrainConfig:
     awq_grid: int = 20  # AWQ: alpha grid points
     # --- pairs
     max_new_tokens: int = 40  # greedy answer length for pairs and evaluation
-    gen_batch_size: int = 32  # prompts per generation batch (decoding is memory-bound: bigger is cheaper)
+    gen_batch_size: int = 64  # prompts per generation batch (fewer, larger batches decode faster)
     max_length: int = 512  # prompt + answer tokens; longer examples are truncated, prompt-only overflow dropped
     max_train_prompts: int = 0  # use at most this many training prompts (0 = all)
     max_eval_prompts: int = 0  # use at most this many validation/test prompts each (0 = all)
@@ -59,13 +59,13 @@ class TrainConfig:
     lr: float = 1e-5  # AdamW learning rate of the latent weights
     weight_decay: float = 0.0  # AdamW weight decay (latent weights should not decay)
     warmup_steps: int = 2  # linear warm-up steps, then cosine decay to 10 %
-    steps: int = 20  # optimizer steps (the best step is kept by early stopping on the validation split)
+    steps: int = 16  # optimizer steps (the best step is kept by early stopping on the validation split)
     batch_size: int = 8  # pairs (or answers) per optimizer step
     micro_batch_size: int = 8  # pairs per forward; batch_size / micro_batch_size accumulation steps
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    eval_every: int = 5  # steps between validation flip-rate checks (0 = never)
+    eval_every: int = 4  # steps between validation flip-rate checks (0 = never)
     patience: int = 3  # early stopping: validation checks without improvement before stopping (0 = off)
-    checkpoint_every: int = 5  # steps between checkpoints (0 = only at the end)
+    checkpoint_every: int = 4  # steps between checkpoints (0 = only at the end)
     log_every: int = 1  # steps between log lines
     logps_chunk: int = 1024  # positions per chunk of the output layer (bounds the logits memory)
     dtype: str = "auto"  # compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16
