@@ -1,11 +1,17 @@
 // bindings.cpp — the pybind11 module qdpo._C. Functions take plain integers
-// (device pointers, sizes, a stream) so the module links against the CUDA
-// runtime only; Python turns them into torch.ops.qdpo backends.
+// (device pointers, sizes, dtype codes, a stream) so the module links against
+// the CUDA runtime only; qdpo/kernels/cuda.py turns them into the `cuda`
+// backend of torch.ops.qdpo. A launcher's Status becomes an exception here:
+// ValueError for a bad argument (nothing was launched), RuntimeError for a
+// CUDA error.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
+#include "gemv_fragments.cuh"
+#include "qdpo_api.h"
 #include "qdpo_math.cuh"
 
 namespace qdpo {
@@ -15,6 +21,92 @@ const char* error_string(int code);
 }  // namespace qdpo
 
 namespace py = pybind11;
+using qdpo::ptr_t;
+
+namespace {
+
+void check(const char* fn, int code) {
+  if (code == qdpo::kOk) return;
+  const std::string where = std::string("qdpo._C.") + fn + ": ";
+  if (code < 0) {
+    throw py::value_error(where + qdpo::status_name(code) + " (failed check: " + qdpo::last_detail() +
+                          "; status " + std::to_string(code) + ")");
+  }
+  throw std::runtime_error(where + "CUDA error " + std::to_string(code) + " (" + qdpo::cuda_error_string(code) +
+                           ")");
+}
+
+void def_host_math(py::module_& m) {
+  // Host builds of the shared math, so the CPU test suite checks it bit-exactly.
+  m.def("host_quantize_one", &qdpo::quantize_one, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
+  m.def("host_dequantize_one", &qdpo::dequantize_one, py::arg("q"), py::arg("s"), py::arg("z"));
+  m.def("host_fake_quant_one", &qdpo::fake_quant_one, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
+  m.def("host_ste_pass", &qdpo::ste_pass, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
+  m.def("host_lsq_term", &qdpo::lsq_term, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
+  m.def("host_pack_nibbles", &qdpo::pack_nibbles, py::arg("even"), py::arg("odd"));
+  m.def("host_unpack_nibble", &qdpo::unpack_nibble, py::arg("byte"), py::arg("k"));
+  m.def("host_f16_bits", &qdpo::f32_to_f16_bits, py::arg("x"), "fp32 → fp16 bits, round to nearest even");
+  m.def("host_f16_value", &qdpo::f16_bits_to_f32, py::arg("bits"));
+  m.def("host_bf16_bits", &qdpo::f32_to_bf16_bits, py::arg("x"), "fp32 → bf16 bits, round to nearest even");
+  m.def("host_cast_up", &qdpo::cast_up, py::arg("s"), py::arg("dtype"), "reference.to_scale_dtype of one scale");
+  m.def("host_group_qparams", [](float wmin, float wmax, int bits, bool symmetric, int dtype) {
+    const qdpo::GroupParams p = qdpo::group_qparams(wmin, wmax, bits, symmetric, dtype);
+    return std::make_tuple(p.s, static_cast<int>(p.z));
+  }, py::arg("wmin"), py::arg("wmax"), py::arg("bits"), py::arg("symmetric"), py::arg("dtype"),
+        "(scale, zero) of one group from its min and max, as reference.qparams");
+  m.def("host_gemv_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
+                                    ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y) {
+    check("host_gemv_mma_emulate",
+          qdpo::gemv_mma_emulate(reinterpret_cast<const uint8_t*>(qweight), stride_qn, rows, k, ng, bits,
+                                 reinterpret_cast<const float*>(scales), reinterpret_cast<const uint8_t*>(zeros),
+                                 reinterpret_cast<const uint16_t*>(x), m, x_dtype, reinterpret_cast<float*>(y)));
+  }, "One 16-row tile of the tensor-core GEMV emulated on the host from CPU buffers (pointers): "
+     "y (m, rows) fp32 from qweight (rows, K·b/8) uint8, scales (rows, ng) fp32, zeros (rows, ng) uint8, "
+     "x (m, K) as 16-bit words");
+}
+
+void def_kernels(py::module_& m) {
+  m.def("quantize", [](int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                       bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t stream) {
+    check("quantize", qdpo::quantize(mode, w, w_dtype, stride_wn, n, k, ng, bits, symmetric, qweight, scales, s_dtype,
+                                     zeros, stream));
+  }, "mode 0: scales/zeros; 1: plus packed codes; 2: codes on the given scales/zeros (see csrc/quantize.cu)");
+  m.def("dequantize", [](ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+                         int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
+    check("dequantize", qdpo::dequantize(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+                                         stream));
+  }, "ŵ (N, K) from packed codes (see csrc/dequantize.cu)");
+  m.def("fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                         ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
+    check("fake_quant", qdpo::fake_quant(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out,
+                                         out_dtype, stream));
+  }, "ŵ = dequantize(quantize(w)) on a given grid (see csrc/fake_quant.cu)");
+  m.def("fake_quant_backward", [](ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
+                                  int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
+                                  ptr_t grad_w, ptr_t grad_s, ptr_t stream) {
+    check("fake_quant_backward", qdpo::fake_quant_backward(grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits,
+                                                           scales, s_dtype, zeros, grad_w, grad_s, stream));
+  }, "STE backward; grad_s = 0 skips the LSQ scale gradient (see csrc/fake_quant.cu)");
+  m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, ptr_t x,
+                                  ptr_t qweight, int64_t stride_qn, int sm_count) {
+    qdpo::GemvPlan p{};
+    check("dequant_matmul_plan",
+          qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, x, qweight, stride_qn, sm_count, &p));
+    return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
+                    py::arg("rt") = p.rt, py::arg("splits") = p.splits,
+                    py::arg("workspace_bytes") = p.workspace_bytes);
+  }, "The GEMV kernel, tile and split-K choice for these sizes and pointers (host only, no GPU needed)");
+  m.def("dequant_matmul", [](ptr_t x, int x_dtype, int64_t mrows, int64_t n, int64_t k, int64_t ng, int bits,
+                             ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
+                             int b_dtype, ptr_t y, ptr_t workspace, int64_t workspace_bytes, int sm_count,
+                             ptr_t stream) {
+    check("dequant_matmul", qdpo::dequant_matmul(x, x_dtype, mrows, n, k, ng, bits, qweight, stride_qn, scales,
+                                                 s_dtype, zeros, bias, b_dtype, y, workspace, workspace_bytes,
+                                                 sm_count, stream));
+  }, "y = x @ ŵᵀ (+ bias) for M <= 16 rows of x (see csrc/dequant_matmul_gemv.cu)");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qdpo CUDA extension (built from csrc/ by setup.py)";
@@ -28,10 +120,13 @@ PYBIND11_MODULE(_C, m) {
     }
     return n;
   }, "Number of CUDA devices; raises RuntimeError when there is no usable GPU");
-  // Host builds of the shared math, so the CPU test suite checks it bit-exactly.
-  m.def("host_quantize_one", &qdpo::quantize_one, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
-  m.def("host_dequantize_one", &qdpo::dequantize_one, py::arg("q"), py::arg("s"), py::arg("z"));
-  m.def("host_ste_pass", &qdpo::ste_pass, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
-  m.def("host_pack_nibbles", &qdpo::pack_nibbles, py::arg("even"), py::arg("odd"));
-  m.def("host_unpack_nibble", &qdpo::unpack_nibble, py::arg("byte"), py::arg("k"));
+  m.attr("F32") = static_cast<int>(qdpo::kF32);
+  m.attr("F16") = static_cast<int>(qdpo::kF16);
+  m.attr("BF16") = static_cast<int>(qdpo::kBF16);
+  m.attr("QPARAMS") = static_cast<int>(qdpo::kQParams);
+  m.attr("QUANTIZE") = static_cast<int>(qdpo::kQuantize);
+  m.attr("QUANTIZE_WITH") = static_cast<int>(qdpo::kQuantizeWith);
+  m.attr("GEMV_MAX_M") = qdpo::kGemvMaxM;
+  def_host_math(m);
+  def_kernels(m);
 }

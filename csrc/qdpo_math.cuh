@@ -1,24 +1,157 @@
 // qdpo_math.cuh — the quantization math shared by every CUDA kernel and by the
-// host-side test module: round half to even, clamp, nibble pack/unpack.
+// host-side test module: round half to even, clamp, nibble pack/unpack, float
+// ↔ fp16/bf16 rounding, the per-group scale rule and the LSQ term.
 // Everything is __host__ __device__ so the CPU test suite can check it
 // bit-exactly against qdpo/kernels/reference.py without a GPU.
+//
+// Spec: qdpo/kernels/reference.py. All arithmetic is fp32, `round` is
+// torch.round (half to even, rintf), division is the IEEE `w / s` (nvcc's
+// default -prec-div=true; never build with --use_fast_math), and a value is
+// rounded to fp16/bf16 once, to nearest even, as Tensor.to does.
 #pragma once
 
 #include <cstdint>
 #include <cmath>
+#include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define QDPO_HD __host__ __device__ __forceinline__
+#define QDPO_UNROLL _Pragma("unroll")
 #else
 #define QDPO_HD inline
+#define QDPO_UNROLL
 #endif
 
 namespace qdpo {
+
+// Float dtype codes shared with Python (qdpo/kernels/cuda.py DTYPE_CODES).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+QDPO_HD bool valid_dtype(int dtype) { return dtype == kF32 || dtype == kF16 || dtype == kBF16; }
+QDPO_HD int dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
 // torch.round semantics: ties to even (rintf uses the default FE_TONEAREST mode).
 QDPO_HD float round_half_even(float x) { return rintf(x); }
 
 QDPO_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+QDPO_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+#endif
+}
+
+QDPO_HD float bits_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+#endif
+}
+
+// fp32 → fp16 bits, round to nearest even with subnormals and overflow to inf
+// (the device uses the cvt.rn instruction; the host path is the same IEEE rule).
+QDPO_HD uint16_t f32_to_f16_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(x));
+#else
+  const uint32_t f = float_bits(x);
+  const uint32_t sign = (f >> 16) & 0x8000u;
+  const uint32_t a = f & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return static_cast<uint16_t>(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {  // below 2^-14: a multiple of 2^-24 (exact scaling, RNE by rintf)
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(rintf(fabsf(x) * 16777216.f)));
+  }
+  uint32_t h = (((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu);  // rebias 127 → 15
+  const uint32_t rem = a & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1;  // a carry rolls into the exponent
+  return static_cast<uint16_t>(sign | h);
+#endif
+}
+
+QDPO_HD float f16_bits_to_f32(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) {  // zero or subnormal: m · 2^-24 is exact in fp32
+    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  if (e == 31) return bits_float(sign | 0x7F800000u | (m << 13));
+  return bits_float(sign | ((e + 112u) << 23) | (m << 13));
+#endif
+}
+
+// fp32 → bf16 bits, round to nearest even (NaN stays a quiet NaN).
+QDPO_HD uint16_t f32_to_bf16_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#else
+  const uint32_t f = float_bits(x);
+  if ((f & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((f >> 16) | 0x40u);
+  return static_cast<uint16_t>((f + 0x7FFFu + ((f >> 16) & 1u)) >> 16);
+#endif
+}
+
+QDPO_HD float bf16_bits_to_f32(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// x rounded to `dtype` (nearest even) and back to fp32: the value a store would keep.
+QDPO_HD float round_to_dtype(float x, int dtype) {
+  if (dtype == kF16) return f16_bits_to_f32(f32_to_f16_bits(x));
+  if (dtype == kBF16) return bf16_bits_to_f32(f32_to_bf16_bits(x));
+  return x;
+}
+
+// reference.to_scale_dtype for a positive scale: the nearest `dtype` value, or
+// the next one above when that fell below s (a scale rounded down would clip
+// the group's extreme weight). Overflow gives +inf, as torch.nextafter does.
+QDPO_HD float cast_up(float s, int dtype) {
+  if (dtype == kF16) {
+    uint16_t h = f32_to_f16_bits(s);
+    if (f16_bits_to_f32(h) < s) h = static_cast<uint16_t>(h + 1);  // next positive fp16 value
+    return f16_bits_to_f32(h);
+  }
+  if (dtype == kBF16) {
+    uint16_t h = f32_to_bf16_bits(s);
+    if (bf16_bits_to_f32(h) < s) h = static_cast<uint16_t>(h + 1);
+    return bf16_bits_to_f32(h);
+  }
+  return s;
+}
+
+// torch.finfo(dtype).tiny: the scale of a zero-range group (never 0, never NaN).
+QDPO_HD float tiny_of(int dtype) { return dtype == kF16 ? 6.103515625e-05f : 1.17549435082228750797e-38f; }
+
+struct GroupParams {
+  float s;  // scale, exactly representable in the scale dtype
+  float z;  // zero point, an integer in [0, 2^bits - 1]
+};
+
+// reference.qparams for one group from its fp32 min and max (any order of
+// reduction gives the same min/max). `dtype` is the scale dtype (= w.dtype).
+QDPO_HD GroupParams group_qparams(float wmin, float wmax, int bits, bool symmetric, int dtype) {
+  const float lo = fminf(wmin, 0.f), hi = fmaxf(wmax, 0.f);  // the range always contains 0
+  const float tiny = tiny_of(dtype);
+  if (symmetric) {
+    const int half = 1 << (bits - 1);
+    const float s = cast_up(fmaxf(fmaxf(-lo, hi) / static_cast<float>(half - 1), tiny), dtype);
+    return {s, static_cast<float>(half)};
+  }
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const float s = cast_up(fmaxf((hi - lo) / qmax, tiny), dtype);
+  return {s, clampf(round_half_even(-lo / s), 0.f, qmax)};
+}
 
 // Code of w on the grid (s, z): clamp(round(w / s) + z, 0, qmax). True division, as the reference.
 QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) {
@@ -29,11 +162,34 @@ QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) {
 // ŵ = (q - z) · s in fp32.
 QDPO_HD float dequantize_one(uint8_t q, float s, float z) { return (static_cast<float>(q) - z) * s; }
 
-// Straight-through mask: 1 where round(w / s) + z was inside [0, qmax].
-QDPO_HD bool ste_pass(float w, float s, float z, int bits) {
-  const float u = round_half_even(w / s) + z;
-  return u >= 0.f && u <= static_cast<float>((1 << bits) - 1);
+// ŵ of w on the grid without storing the code: (clamp(round(w / s) + z) - z) · s.
+QDPO_HD float fake_quant_one(float w, float s, float z, int bits) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  return (clampf(round_half_even(w / s) + z, 0.f, qmax) - z) * s;
 }
+
+// One element's straight-through terms on the grid (s, z), from u = round(w / s) + z:
+// `inside` (the mask: 0 <= u <= qmax) and the LSQ factor ∂ŵ/∂s, which is
+// round(w/s) - w/s inside the grid and clamp(u, 0, qmax) - z where clipped.
+struct SteTerms {
+  bool inside;
+  float lsq;
+};
+
+QDPO_HD SteTerms ste_terms(float w, float s, float z, int bits) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const float x = w / s;
+  const float r = round_half_even(x);
+  const float u = r + z;
+  const bool inside = u >= 0.f && u <= qmax;
+  return {inside, inside ? r - x : clampf(u, 0.f, qmax) - z};
+}
+
+// Straight-through mask: 1 where round(w / s) + z was inside [0, qmax].
+QDPO_HD bool ste_pass(float w, float s, float z, int bits) { return ste_terms(w, s, z, bits).inside; }
+
+// LSQ factor of one element (see ste_terms).
+QDPO_HD float lsq_term(float w, float s, float z, int bits) { return ste_terms(w, s, z, bits).lsq; }
 
 // Canonical 4-bit packing: code k = 2j in the low nibble of byte j, k = 2j + 1 in the high one.
 QDPO_HD uint8_t pack_nibbles(uint8_t even, uint8_t odd) {

@@ -3,11 +3,229 @@
 Importing this module fails with ImportError when the extension was not
 built (no ``nvcc`` at install time, or ``QDPO_SKIP_CUDA_BUILD=1``); the
 backend registry then reports the backend unavailable and the other
-backends serve every op. Kernels register themselves here with
-``backends.register("cuda", op)`` as they are added; an op without a CUDA
-kernel is served by the next backend under ``backend="auto"``.
+backends serve every op.
+
+Ops served (each kernel file in ``csrc/`` opens with its contract: formula,
+shapes, dtypes, layouts, bytes moved):
+
+==========================  ==========================  ===========================================
+op                          kernel                      served
+==========================  ==========================  ===========================================
+``qparams``, ``quantize``   ``csrc/quantize.cu``        every spec the ops accept (one pass over W)
+``quantize_with``           ``csrc/quantize.cu``        any scale dtype (frozen grid)
+``dequantize``              ``csrc/dequantize.cu``      every spec, any output dtype
+``fake_quant`` (+backward)  ``csrc/fake_quant.cu``      STE mask recomputed, LSQ sum per group
+``dequant_matmul``          ``csrc/dequant_matmul_*.cu``  M <= 16 rows of x (decode GEMV)
+==========================  ==========================  ===========================================
+
+Not served (:class:`~qdpo.kernels.backends.Unsupported` under an explicit
+``backend="cuda"``; ``auto`` moves on to triton): ``dequant_matmul`` with more
+than 16 rows of x (prefill GEMM), ``dequant_matmul_dx``, ``fake_quant_matmul``
+and GPUs below compute capability 8.0 (the extension is built for sm_80 and
+sm_90). ``auto`` tries this backend only while
+``qdpo.kernels.backends.CUDA_IN_AUTO`` is True (see there).
+
+Every wrapper (1) checks devices, dtypes, sizes, (2) allocates its outputs with
+torch on the tensor's device, (3) launches on the current torch stream with raw
+``data_ptr()`` values. The C++ side checks its arguments again and raises
+ValueError (bad argument) or RuntimeError (CUDA error).
 """
 
-from qdpo import _C  # noqa: F401  (ImportError: extension not built)
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qdpo import _C  # ImportError: extension not built
+from qdpo.kernels.backends import Unsupported, register
 
 RUNTIME_VERSION = _C.runtime_version()
+DTYPE_CODES = {torch.float32: _C.F32, torch.float16: _C.F16, torch.bfloat16: _C.BF16}
+GEMV_MAX_M = _C.GEMV_MAX_M  # rows of x the decode GEMV serves
+MIN_CAPABILITY = (8, 0)  # mma.sync bf16, cvt.rn.bf16x2: sm_80 and later
+INT32_LIMIT = 2**31  # the kernels index within a row with int32
+
+
+# --------------------------------------------------------------------------- checks
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_device(*tensors) -> torch.device:
+    """The one CUDA device of ``tensors`` (None entries skipped), with a supported capability."""
+    ts = [t for t in tensors if t is not None]
+    dev = ts[0].device
+    if dev.type != "cuda" or any(t.device != dev for t in ts):
+        raise Unsupported(f"the cuda backend needs all tensors on one CUDA device, got {[str(t.device) for t in ts]}")
+    cap = _capability(dev.index)
+    if cap < MIN_CAPABILITY:
+        raise Unsupported(f"compute capability {cap[0]}.{cap[1]} is below 8.0; qdpo._C is built for sm_80 and sm_90")
+    for t in ts:
+        if t.numel() >= INT32_LIMIT:
+            raise Unsupported(f"a tensor of shape {tuple(t.shape)} has 2^31 elements or more (int32 indexing)")
+    return dev
+
+
+def _code(dtype: torch.dtype, what: str) -> int:
+    if dtype not in DTYPE_CODES:
+        raise Unsupported(f"{what} has dtype {dtype}; the cuda kernels take float32, float16 or bfloat16")
+    return DTYPE_CODES[dtype]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D view whose last dimension is contiguous and whose rows do not overlap (else a copy)."""
+    if t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
+        return t
+    return t.contiguous()
+
+
+def _launch(device: torch.device, fn, *args) -> None:
+    """``fn(*args, stream)`` with ``device`` current and torch's current stream on it."""
+    if torch.cuda.current_device() == device.index:
+        fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        return
+    with torch.cuda.device(device):
+        fn(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _grid(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros as the kernels read them: contiguous ``(N, NG)``."""
+    _code(scales.dtype, "scales")
+    return scales.contiguous(), zeros.contiguous()
+
+
+# --------------------------------------------------------------------------- quantize
+def _quantize(w, bits, mode, group_size=-1, symmetric=False, scales=None, zeros=None):
+    """Run csrc/quantize.cu; returns ``(qweight or None, scales, zeros)``."""
+    dev = _check_device(w, scales, zeros)
+    w_code = _code(w.dtype, "weight")
+    w = _rows(w)
+    n, k = w.shape
+    qweight = None if mode == _C.QPARAMS else torch.empty(n, k * bits // 8, dtype=torch.uint8, device=dev)
+    if scales is None:
+        ng = 1 if group_size == -1 else k // group_size
+        scales = torch.empty(n, ng, dtype=w.dtype, device=dev)  # [N, NG] w.dtype
+        zeros = torch.empty(n, ng, dtype=torch.uint8, device=dev)  # [N, NG] uint8
+    else:
+        scales, zeros = _grid(scales, zeros)
+    _launch(dev, _C.quantize, mode, w.data_ptr(), w_code, w.stride(0), n, k, scales.shape[1], bits, symmetric,
+            _ptr(qweight), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr())
+    return qweight, scales, zeros
+
+
+@register("cuda", "qparams")
+def qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """``(scales, zeros)``, each ``(N, NG)``: one read of W, no codes written."""
+    _, s, z = _quantize(w, bits, _C.QPARAMS, group_size, symmetric)
+    return s, z
+
+
+@register("cuda", "quantize")
+def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """``(qweight, scales, zeros)`` in one pass over W."""
+    return _quantize(w, bits, _C.QUANTIZE, group_size, symmetric)
+
+
+@register("cuda", "quantize_with")
+def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int):
+    """Packed ``qweight`` on a frozen grid (scales/zeros given, any float scale dtype)."""
+    return _quantize(w, bits, _C.QUANTIZE_WITH, scales=scales, zeros=zeros)[0]
+
+
+# --------------------------------------------------------------------------- dequantize
+@register("cuda", "dequantize")
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
+    """``ŵ`` ``(N, K)`` in ``dtype``."""
+    dev = _check_device(qweight, scales, zeros)
+    out_code = _code(dtype, "the output")
+    qweight = _rows(qweight)
+    scales, zeros = _grid(scales, zeros)
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    out = torch.empty(n, k, dtype=dtype, device=dev)  # ŵ: [N, K] dtype
+    _launch(dev, _C.dequantize, qweight.data_ptr(), qweight.stride(0), n, k, scales.shape[1], bits,
+            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code)
+    return out
+
+
+# --------------------------------------------------------------------------- fake_quant
+@register("cuda", "fake_quant")
+def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
+    """``ŵ`` ``(N, K)`` in ``dtype``."""
+    dev = _check_device(w, scales, zeros)
+    w_code, out_code = _code(w.dtype, "weight"), _code(dtype, "the output")
+    w = _rows(w)
+    scales, zeros = _grid(scales, zeros)
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=dev)  # ŵ: [N, K] dtype
+    _launch(dev, _C.fake_quant, w.data_ptr(), w_code, w.stride(0), n, k, scales.shape[1], bits,
+            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code)
+    return out
+
+
+@register("cuda", "fake_quant_backward")
+def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        bits: int, need_scales_grad: bool):
+    """``(grad_w, grad_scales or None)``: STE mask recomputed, LSQ sums per group in fp32."""
+    dev = _check_device(grad, w, scales, zeros)
+    g_code, w_code = _code(grad.dtype, "grad"), _code(w.dtype, "weight")
+    if grad.shape != w.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)}; expected the weight's {tuple(w.shape)}")
+    grad, w = grad.contiguous(), _rows(w)  # a gradient from .sum() arrives stride-0 expanded
+    scales, zeros = _grid(scales, zeros)
+    n, k = w.shape
+    grad_w = torch.empty(n, k, dtype=w.dtype, device=dev)  # [N, K] w.dtype
+    grad_s = torch.empty_like(scales) if need_scales_grad else None  # [N, NG] scales.dtype
+    _launch(dev, _C.fake_quant_backward, grad.data_ptr(), g_code, w.data_ptr(), w_code, w.stride(0), n, k,
+            scales.shape[1], bits, scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(),
+            grad_w.data_ptr(), _ptr(grad_s))
+    return grad_w, grad_s
+
+
+# --------------------------------------------------------------------------- dequant_matmul
+def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:
+    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"), x2.data_ptr(),
+                                  qweight.data_ptr(), qweight.stride(0), _sm_count(x2.device.index))
+
+
+@register("cuda", "dequant_matmul")
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
+    """``x @ ŵᵀ (+ bias)`` in x's dtype for at most :data:`GEMV_MAX_M` rows of x."""
+    dev = _check_device(x, qweight, scales, zeros, bias)
+    x_code = _code(x.dtype, "x")
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    x2 = x.reshape(-1, k).contiguous()  # [M, K]
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:
+        raise Unsupported(
+            f"x has M={m} rows; the cuda backend serves decode (M <= {GEMV_MAX_M}) only, "
+            "use backend='triton' (or 'auto') for larger M"
+        )
+    y = torch.empty(m, n, dtype=x.dtype, device=dev)  # [M, N]
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    qweight = _rows(qweight)
+    scales, zeros = _grid(scales, zeros)
+    if bias is not None:
+        bias = bias.contiguous()
+        _code(bias.dtype, "bias")
+    plan = gemv_plan(x2, qweight, scales, bits)
+    ws = plan["workspace_bytes"]
+    workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
+    _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
+            qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
+            DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
+            _sm_count(dev.index))
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,37 @@
+// dequant_matmul.cuh — what the two GEMV kernel files share: the argument
+// block, the tile constants and the launchers dequant_matmul_gemv.cu calls in
+// dequant_matmul_fma.cu. The contract of the op is in dequant_matmul_gemv.cu.
+#pragma once
+
+#include "qdpo_device.cuh"
+
+namespace qdpo {
+
+constexpr int kGemvWarps = 8;    // mma: warps of a block, all on the same rows, splitting K step by step
+constexpr int kFmaRows = 4;      // fma: rows of ŵ per block, one warp each
+constexpr int kMaxSplits = 16;   // split-K ranges at most (partials: splits · M · N fp32)
+
+struct GemvArgs {
+  const void* x;  // (M, K) contiguous
+  int x_dtype;
+  int m, n, k;
+  int bits;
+  int g, ng;      // group size, groups per row
+  const uint8_t* q;
+  int64_t stride_qn;  // bytes
+  const void* s;      // (N, NG) contiguous
+  int s_dtype;
+  const uint8_t* z;   // (N, NG) contiguous
+  const void* bias;   // (N,) or null
+  int b_dtype;
+  void* y;            // (M, N) contiguous, x.dtype
+  float* partial;     // [splits, M, N] fp32 when splits > 1
+  int splits;
+  int steps;            // mma: ceil(K / 128)
+  int steps_per_split;  // mma: 128-code steps per K range
+};
+
+int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);
+int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream);
+
+}  // namespace qdpo

@@ -1,0 +1,150 @@
+// fake_quant.cu — ŵ = dequantize(quantize(w)) on a given grid, and its STE backward.
+//
+// Forward (reference.fake_quant), fp32, one cast at the end:
+//   u = round(w / s) + z, q = clamp(u, 0, qmax), ŵ = cast((q - z) · s).
+// Backward (reference.fake_quant_backward), the mask recomputed, never stored:
+//   mask = 0 <= u <= qmax;  ∂w = cast_w(mask ? g : 0)  (bit-exact);
+//   LSQ (grad_s given): ∂s[n, j] = Σ_{k in group j} g · (mask ? round(w/s) - w/s : q - z),
+//   accumulated in fp32 per thread, then a fixed-order team sum (deterministic),
+//   cast once to scales.dtype. Zero points get no gradient.
+//
+// Tensors (N = out_features, K = in_features, G = K / NG):
+//   w        (N, K)   fp32/fp16/bf16   K contiguous, row stride stride_wn elements
+//   scales   (N, NG)  fp32/fp16/bf16   contiguous
+//   zeros    (N, NG)  uint8            contiguous
+//   out      (N, K)   any float        contiguous (forward)
+//   grad     (N, K)   any float        contiguous (backward)
+//   grad_w   (N, K)   w.dtype          contiguous
+//   grad_s   (N, NG)  scales.dtype     contiguous, or 0 for no LSQ gradient
+// Constraints: bits ∈ {4, 8}; NG divides K; G even for 4 bits; N·NG and K below 2^31.
+//
+// Work: one team per group row; 8-element (16/32-byte) chunks when aligned.
+// Bytes moved — forward: read N·K·w_size + N·NG·(s_size + 1), write N·K·out_size.
+// Backward: read N·K·(g_size + w_size) + N·NG·(s_size + 1), write N·K·w_size
+// (+ N·NG·s_size with LSQ).
+#include "qdpo_device.cuh"
+
+namespace qdpo {
+namespace {
+
+struct FakeQuantArgs {
+  const void* w;
+  int w_dtype;
+  int64_t stride_wn;  // elements
+  int64_t rows;       // N · NG
+  int64_t ng;
+  int g;
+  int team;
+  const void* s;
+  int s_dtype;
+  const uint8_t* z;
+  int64_t k;
+  const void* grad;   // backward only, (N, K) contiguous
+  int g_dtype;
+  void* out;          // forward: ŵ in out_dtype; backward: grad_w in w_dtype
+  int out_dtype;
+  void* grad_s;       // backward with LSQ
+};
+
+template <int BITS, int VEC>
+__global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a) {
+  const Team tm = my_team(a.team, a.rows);
+  if (!tm.valid) return;  // no reduction in this kernel
+  const int64_t n = tm.r / a.ng, grp = tm.r % a.ng;
+  const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
+  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
+    float v[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) v[j] = fake_quant_one(v[j], s, z, BITS);
+    store_vec<VEC>(a.out, a.out_dtype, n * a.k + k, v);
+  }
+}
+
+template <int BITS, int VEC, bool LSQ>
+__global__ void __launch_bounds__(kTeamBlock) fake_quant_backward_kernel(FakeQuantArgs a) {
+  const Team tm = my_team(a.team, a.rows);
+  if (!LSQ && !tm.valid) return;  // with LSQ every thread joins the team sum
+  const int64_t n = tm.valid ? tm.r / a.ng : 0, grp = tm.valid ? tm.r % a.ng : 0;
+  const float s = tm.valid ? load1(a.s, a.s_dtype, tm.r) : 1.f, z = tm.valid ? a.z[tm.r] : 0.f;
+  float acc = 0.f;
+  for (int c = tm.lane; tm.valid && c < a.g / VEC; c += a.team) {
+    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
+    float w[VEC], g[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, w);
+    load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, g);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      const SteTerms st = ste_terms(w[j], s, z, BITS);
+      if (LSQ) acc += g[j] * st.lsq;
+      g[j] = st.inside ? g[j] : 0.f;
+    }
+    store_vec<VEC>(a.out, a.w_dtype, n * a.k + k, g);
+  }
+  if (LSQ) {
+    acc = team_allreduce(acc, a.team, SumOp());
+    if (tm.valid && tm.lane == 0) store1(a.grad_s, a.s_dtype, tm.r, acc);
+  }
+}
+
+int check_fq(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+             int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+  if (int e = check_grid(n, k, ng, bits)) return e;
+  QDPO_REQUIRE(valid_dtype(w_dtype) && valid_dtype(s_dtype) && valid_dtype(out_dtype), kErrDtype);
+  QDPO_REQUIRE(w != 0 && scales != 0 && zeros != 0 && out != 0, kErrNull);
+  QDPO_REQUIRE(stride_wn >= k, kErrShape);
+  QDPO_REQUIRE(aligned(w, dtype_size(w_dtype)) && aligned(scales, dtype_size(s_dtype)) &&
+                   aligned(out, dtype_size(out_dtype)), kErrAlign);
+  return kOk;
+}
+
+bool vec8_ok(ptr_t w, int w_dtype, int64_t stride_wn, int64_t g, ptr_t out) {
+  return g % 8 == 0 && aligned(w, 16) && (stride_wn * dtype_size(w_dtype)) % 16 == 0 && aligned(out, 16);
+}
+
+}  // namespace
+
+int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
+  if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype)) return e;
+  const int64_t g = k / ng;
+  return dispatch_bits_vec(bits, vec8_ok(w, w_dtype, stride_wn, g, out), [&](auto b, auto v) {
+    constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n * ng, g / VEC);
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, n * ng, ng, static_cast<int>(g),
+                          sh.team, reinterpret_cast<const void*>(scales), s_dtype,
+                          reinterpret_cast<const uint8_t*>(zeros), k, nullptr, 0, reinterpret_cast<void*>(out),
+                          out_dtype, nullptr};
+    fake_quant_kernel<BITS, VEC><<<sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+    return launch_status();
+  });
+}
+
+int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k,
+                        int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w, ptr_t grad_s,
+                        ptr_t stream) {
+  if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, w_dtype)) return e;
+  QDPO_REQUIRE(valid_dtype(g_dtype), kErrDtype);
+  QDPO_REQUIRE(grad != 0, kErrNull);
+  QDPO_REQUIRE(aligned(grad, dtype_size(g_dtype)) && aligned(grad_s, dtype_size(s_dtype)), kErrAlign);
+  const int64_t g = k / ng;
+  const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
+  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+    constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n * ng, g / VEC);
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, n * ng, ng, static_cast<int>(g),
+                          sh.team, reinterpret_cast<const void*>(scales), s_dtype,
+                          reinterpret_cast<const uint8_t*>(zeros), k, reinterpret_cast<const void*>(grad), g_dtype,
+                          reinterpret_cast<void*>(grad_w), w_dtype, reinterpret_cast<void*>(grad_s)};
+    const auto st = reinterpret_cast<cudaStream_t>(stream);
+    if (grad_s != 0) {
+      fake_quant_backward_kernel<BITS, VEC, true><<<sh.grid, sh.block, 0, st>>>(a);
+    } else {
+      fake_quant_backward_kernel<BITS, VEC, false><<<sh.grid, sh.block, 0, st>>>(a);
+    }
+    return launch_status();
+  });
+}
+
+}  // namespace qdpo

@@ -1,0 +1,112 @@
+// gemv_emulate.cpp — a host emulation of one 16-row tile of the tensor-core
+// GEMV (dequant_matmul_gemv.cu), for the CPU test suite.
+//
+// Every lane's loads, dequantization and fragment assembly run through the
+// same gemv_fragments.cuh functions the kernel calls; the mma.sync.m16n8k16
+// instruction is emulated from the PTX ISA's fragment tables, written out here
+// independently of gemv_fragments.cuh (A: row g + 8·(r & 1), col 2t + e + 8·(r >> 1);
+// B: k 2t + e + 8r, col g; C: row g + 8·(i >> 1), col 2t + (i & 1)), in double.
+// The output goes through the kernel's own c_row/c_col. A wrong byte offset,
+// nibble order, A/B slot pairing or output map makes y differ from
+// reference.dequant_matmul; only the instruction's semantics are assumed.
+#include <cstring>
+#include <vector>
+
+#include "gemv_fragments.cuh"
+#include "qdpo_api.h"
+
+namespace qdpo {
+
+namespace {
+
+// D[16 × 8] += A[16 × 16] · B[16 × 8] from the 32 lanes' registers, per the PTX tables.
+void mma_emulate(const uint32_t (*a)[4], const uint32_t (*b)[2], int hd, double (*acc)[4]) {
+  double am[16][16], bm[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int r = 0; r < 4; ++r) {
+      for (int e = 0; e < 2; ++e) {
+        am[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = gemv::from_h_bits((a[lane][r] >> (16 * e)) & 0xFFFFu, hd);
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      for (int e = 0; e < 2; ++e) bm[2 * t + e + 8 * r][g] = gemv::from_h_bits((b[lane][r] >> (16 * e)) & 0xFFFFu, hd);
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+      for (int kk = 0; kk < 16; ++kk) acc[lane][i] += am[row][kk] * bm[kk][col];
+    }
+  }
+}
+
+}  // namespace
+
+int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
+                     const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y) {
+  if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
+  if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
+  if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
+    return fail(kErrShape, "1 <= rows, m <= 16 and K, G multiples of 32");
+  }
+  const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
+  std::vector<double> acc(32 * 2 * 4, 0.0);
+  const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
+  for (int step = 0; step < steps; ++step) {
+    uint32_t a[8][32][4], b[2][8][32][2];
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, t = lane & 3, kl = gemv::lane_k(step, t);
+      const bool kin = kl < k;
+      uint32_t w[2][8] = {}, xw[2][16] = {};
+      gemv::RowGrid grid[2];
+      for (int h = 0; h < 2; ++h) {  // the kernel's load_stage, one 16-row tile
+        const int n = g + 8 * h;
+        float s = 0.f, z = 0.f;
+        if (kin && n < rows) {
+          std::memcpy(w[h], qweight + n * stride_qn + kl * bits / 8, bits == 4 ? 16 : 32);
+          s = scales[n * ng + kl / g_size], z = zeros[n * ng + kl / g_size];
+        }
+        grid[h] = gemv::row_grid(s, z, x_dtype);
+      }
+      for (int mt = 0; mt < mt_count; ++mt) {
+        const int row = g + 8 * mt;
+        if (kin && row < m) std::memcpy(xw[mt], x + row * k + kl, 64);
+      }
+      for (int c = 0; c < gemv::kChunks; ++c) {  // the kernel's compute_stage
+        uint32_t pg[4], pg8[4], px[2][4];
+        if (bits == 4) {
+          gemv::dequant_chunk<4>(w[0], c, grid[0], x_dtype, pg);
+          gemv::dequant_chunk<4>(w[1], c, grid[1], x_dtype, pg8);
+        } else {
+          gemv::dequant_chunk<8>(w[0], c, grid[0], x_dtype, pg);
+          gemv::dequant_chunk<8>(w[1], c, grid[1], x_dtype, pg8);
+        }
+        for (int mt = 0; mt < mt_count; ++mt) gemv::x_pairs(&xw[mt][4 * c], px[mt]);
+        for (int h = 0; h < 2; ++h) {
+          gemv::a_frag(pg, pg8, h, a[2 * c + h][lane]);
+          for (int mt = 0; mt < mt_count; ++mt) gemv::b_frag(px[mt], h, b[mt][2 * c + h][lane]);
+        }
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      for (int mt = 0; mt < mt_count; ++mt) {
+        double(*acc_mt)[4] = reinterpret_cast<double(*)[4]>(acc.data() + mt * 32 * 4);
+        mma_emulate(a[j], b[mt][j], x_dtype, acc_mt);
+      }
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {  // the kernel's epilogue map
+    const int g = lane >> 2, t = lane & 3;
+    for (int mt = 0; mt < mt_count; ++mt) {
+      for (int i = 0; i < 4; ++i) {
+        const int n = gemv::c_row(g, i), row = 8 * mt + gemv::c_col(t, i);
+        if (n < rows && row < m) y[row * rows + n] = static_cast<float>(acc[(mt * 32 + lane) * 4 + i]);
+      }
+    }
+  }
+  return kOk;
+}
+
+}  // namespace qdpo

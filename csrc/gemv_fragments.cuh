@@ -1,0 +1,158 @@
+// gemv_fragments.cuh — how the tensor-core GEMV (dequant_matmul_gemv.cu) turns
+// packed weights and activations into mma.sync.m16n8k16 fragments. Shared by
+// the kernel and by its host emulation (gemv_emulate.cpp), which the CPU test
+// suite runs against reference.dequant_matmul: every bit trick and index map
+// below is checked without a GPU; only the instruction itself (its fragment
+// layout as the PTX ISA states it) is taken on trust.
+//
+// The product is yᵀ = ŵ · xᵀ: A = 16 rows of ŵ (n) × 16 k, B = 16 k × 8 rows of x
+// (m), C = 16 n × 8 m in fp32. PTX fragment layout (g = lane / 4, t = lane % 4):
+//   A regs a0..a3 (two 16-bit values each): a0 = (row g, cols 2t, 2t+1),
+//     a1 = (row g+8, same cols), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, same);
+//   B regs b0, b1: b0 = (k 2t, 2t+1; col g), b1 = (k 2t+8, 2t+9; col g);
+//   C regs c0..c3 (fp32): c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same).
+// A dot product does not care which k sits in which slot, as long as A and B
+// agree. So no re-layout of the canonical weights is needed: in one "step" of
+// 128 codes, lane (g, t) loads codes [32t, 32t + 32) of rows g and g+8 straight
+// from qdpo's row-major format (16 bytes of W4, 32 of W8, per row) and the 32
+// matching activations of x row m = g; a chunk c (codes 8c .. 8c+7 of the lane)
+// becomes 4 register pairs P_i = (code i, code i + 4), i = 0..3, and k-tile
+// j = 2c + h of the step uses pairs 2h and 2h + 1. Lanes with the same t use the
+// same map, so A's slot s and B's slot s always hold the same k.
+#pragma once
+
+#include "qdpo_math.cuh"
+
+namespace qdpo {
+namespace gemv {
+
+constexpr int kStepK = 128;  // codes per row per warp step: 4 lanes (t) × 32
+constexpr int kLaneK = 32;   // consecutive codes of one row a lane loads per step
+constexpr int kChunks = 4;   // chunks of 8 codes in a lane's 32
+constexpr uint32_t kF16Bias = 0x6400u;   // fp16 1024.0: 1024 + q is exact for q < 1024
+constexpr uint32_t kBF16Bias = 0x4300u;  // bf16 128.0: 128 + q is exact for q < 128 (W4 only)
+constexpr uint32_t kF32Bias = 0x4B000000u;  // fp32 2^23: 2^23 + q is exact for q < 2^23
+
+// First code of lane t's 32 in step `step`.
+QDPO_HD int lane_k(int step, int t) { return step * kStepK + kLaneK * t; }
+
+// Output coordinates of accumulator register i of lane (g, t) within a 16 × 8 tile.
+QDPO_HD int c_row(int g, int i) { return g + 8 * (i >> 1); }
+QDPO_HD int c_col(int t, int i) { return 2 * t + (i & 1); }
+
+// W4: codes i and i + 4 of a little-endian word (nibble j = code j) as a
+// 16-bit pair biased by `bias` (fp16 or bf16): one LOP3 on the device.
+QDPO_HD uint32_t w4_pair_biased(uint32_t word, int i, uint32_t bias) {
+  return ((word >> (4 * i)) & 0x000F000Fu) | (bias * 0x00010001u);
+}
+
+// W8: code i of a little-endian word as fp32 2^23 + q.
+QDPO_HD float w8_biased(uint32_t word, int i) { return bits_float(kF32Bias | ((word >> (8 * i)) & 0xFFu)); }
+
+// Activation pair P_i = (x_i, x_{i+4}) from 8 consecutive 16-bit values in words
+// xw[0..3] (x_0 in the low half of xw[0]): low halves for even i, high for odd.
+QDPO_HD uint32_t x_pair(uint32_t lo_word, uint32_t hi_word, int odd) {
+  return odd ? (lo_word >> 16) | (hi_word & 0xFFFF0000u) : (lo_word & 0xFFFFu) | (hi_word << 16);
+}
+QDPO_HD void x_pairs(const uint32_t xw[4], uint32_t p[4]) {
+  QDPO_UNROLL
+  for (int i = 0; i < 4; ++i) p[i] = x_pair(xw[i >> 1], xw[(i >> 1) + 2], i & 1);
+}
+
+// A registers of k-tile half h (0: pairs 0, 1; 1: pairs 2, 3) from the pairs of
+// rows g (pg) and g + 8 (pg8) of one chunk; B registers from the x pairs.
+QDPO_HD void a_frag(const uint32_t pg[4], const uint32_t pg8[4], int h, uint32_t a[4]) {
+  a[0] = pg[2 * h];
+  a[1] = pg8[2 * h];
+  a[2] = pg[2 * h + 1];
+  a[3] = pg8[2 * h + 1];
+}
+QDPO_HD void b_frag(const uint32_t px[4], int h, uint32_t b[2]) {
+  b[0] = px[2 * h];
+  b[1] = px[2 * h + 1];
+}
+
+// One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
+// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8.
+struct RowGrid {
+  uint32_t s2;
+  uint32_t zb2;
+  float zf;
+};
+
+QDPO_HD uint16_t to_h_bits(float v, int hdtype) { return hdtype == kF16 ? f32_to_f16_bits(v) : f32_to_bf16_bits(v); }
+QDPO_HD float from_h_bits(uint32_t b, int hdtype) {
+  return hdtype == kF16 ? f16_bits_to_f32(static_cast<uint16_t>(b)) : bf16_bits_to_f32(static_cast<uint16_t>(b));
+}
+QDPO_HD uint32_t h_bias(int hdtype) { return hdtype == kF16 ? kF16Bias : kBF16Bias; }
+
+// s and z of a row that is out of range are 0: every ŵ of the row is then exactly 0.
+QDPO_HD RowGrid row_grid(float s, float z, int hdtype) {
+  const uint32_t sh = to_h_bits(s, hdtype);
+  const uint32_t zb = to_h_bits(from_h_bits(h_bias(hdtype), hdtype) + z, hdtype);  // exact: z < 16 for W4
+  return {sh * 0x00010001u, zb * 0x00010001u, 8388608.f + z};
+}
+
+#if defined(__CUDA_ARCH__)
+template <typename H2>
+__device__ __forceinline__ H2 as_h2(uint32_t u) {
+  H2 h;
+  memcpy(&h, &u, 4);
+  return h;
+}
+template <typename H2>
+__device__ __forceinline__ uint32_t h2_bits(H2 h) {
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+#endif
+
+// ŵ of one 16-bit pair: round_H((v - zb) · s) per half; v - zb is an exact small
+// integer, so the product is rounded once, as reference.dequantize(..., H) does.
+QDPO_HD uint32_t w4_dequant_pair(uint32_t v, const RowGrid& r, int hdtype) {
+#if defined(__CUDA_ARCH__)
+  if (hdtype == kF16) {
+    return h2_bits(__hmul2(__hsub2(as_h2<__half2>(v), as_h2<__half2>(r.zb2)), as_h2<__half2>(r.s2)));
+  }
+  return h2_bits(__hmul2(__hsub2(as_h2<__nv_bfloat162>(v), as_h2<__nv_bfloat162>(r.zb2)),
+                         as_h2<__nv_bfloat162>(r.s2)));
+#else
+  const float s = from_h_bits(r.s2 & 0xFFFFu, hdtype), zb = from_h_bits(r.zb2 & 0xFFFFu, hdtype);
+  const float lo = (from_h_bits(v & 0xFFFFu, hdtype) - zb) * s;
+  const float hi = (from_h_bits(v >> 16, hdtype) - zb) * s;
+  return to_h_bits(lo, hdtype) | (static_cast<uint32_t>(to_h_bits(hi, hdtype)) << 16);
+#endif
+}
+
+// W8 pair from fp32 (2^23 + q): (q - z) is exact in fp32 and in both 16-bit
+// types (|q - z| <= 255 needs 8 significant bits), then one rounded product.
+QDPO_HD uint32_t w8_dequant_pair(float lo_biased, float hi_biased, const RowGrid& r, int hdtype) {
+  const float lo = lo_biased - r.zf, hi = hi_biased - r.zf;
+#if defined(__CUDA_ARCH__)
+  if (hdtype == kF16) return h2_bits(__hmul2(__floats2half2_rn(lo, hi), as_h2<__half2>(r.s2)));
+  return h2_bits(__hmul2(__floats2bfloat162_rn(lo, hi), as_h2<__nv_bfloat162>(r.s2)));
+#else
+  const float s = from_h_bits(r.s2 & 0xFFFFu, hdtype);
+  return to_h_bits(lo * s, hdtype) | (static_cast<uint32_t>(to_h_bits(hi * s, hdtype)) << 16);
+#endif
+}
+
+// The 4 ŵ pairs of chunk c (codes 8c .. 8c+7 of a lane's 32): `words` is the
+// lane's row data (4 words of W4, 8 words of W8).
+template <int BITS>
+QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int hdtype, uint32_t p[4]) {
+  if (BITS == 4) {
+    const uint32_t bias = h_bias(hdtype);
+    QDPO_UNROLL
+    for (int i = 0; i < 4; ++i) p[i] = w4_dequant_pair(w4_pair_biased(words[c], i, bias), r, hdtype);
+  } else {
+    QDPO_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      p[i] = w8_dequant_pair(w8_biased(words[2 * c], i), w8_biased(words[2 * c + 1], i), r, hdtype);
+    }
+  }
+}
+
+}  // namespace gemv
+}  // namespace qdpo

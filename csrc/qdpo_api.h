@@ -1,0 +1,69 @@
+// qdpo_api.h — the host API of the CUDA kernels, as bindings.cpp sees it.
+// Plain C++ (no CUDA headers): pointers are integers, a stream is an integer
+// (cudaStream_t), dtypes are the codes of qdpo_math.cuh (0 fp32, 1 fp16,
+// 2 bf16). Every launcher checks its arguments first and returns a Status:
+// 0 on success, a negative code for a bad argument (nothing launched;
+// last_detail() names the failed check), or a positive cudaError_t when the
+// launch itself failed (e.g. 35/100: no driver or no GPU).
+#pragma once
+
+#include <cstdint>
+
+namespace qdpo {
+
+using ptr_t = std::uintptr_t;
+
+enum Status : int {
+  kOk = 0,
+  kErrBits = -1,       // bits not in {4, 8}
+  kErrDtype = -2,      // a dtype code not in {0, 1, 2}, or not allowed for this operand
+  kErrShape = -3,      // sizes < 1, K not split into whole groups, odd K or group for 4 bits, M too large
+  kErrTooLarge = -4,   // an operand of 2^31 elements or more (the kernels index with int32)
+  kErrNull = -5,       // a required pointer is 0
+  kErrAlign = -6,      // a pointer or row stride not aligned as the operand's element needs
+  kErrWorkspace = -7,  // the split-K workspace is smaller than dequant_matmul_plan said
+  kErrMode = -8,       // an unknown mode
+};
+
+const char* status_name(int code);  // "bad bits", ... for negative codes
+const char* last_detail();          // the failed check of this thread's last negative status
+int fail(int code, const char* detail);  // records `detail` and returns `code`
+const char* cuda_error_string(int code);
+
+// quantize.cu — modes: per-group (scales, zeros) only; plus packed codes; codes on a frozen grid.
+enum QuantizeMode : int { kQParams = 0, kQuantize = 1, kQuantizeWith = 2 };
+int quantize(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+             bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t stream);
+
+// dequantize.cu
+int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream);
+
+// fake_quant.cu — grad_s == 0: no LSQ scale gradient.
+int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream);
+int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k,
+                        int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w, ptr_t grad_s,
+                        ptr_t stream);
+
+// dequant_matmul_gemv.cu / dequant_matmul_fma.cu — y = x @ ŵᵀ (+ bias) for M <= 16 rows of x.
+constexpr int kGemvMaxM = 16;  // rows of x the GEMV serves (larger M: the ops raise Unsupported)
+enum GemvKernel : int { kGemvMma = 0, kGemvFma = 1 };
+struct GemvPlan {
+  int kernel;               // GemvKernel
+  int mt;                   // mma: n8 tiles of x rows (1: M <= 8, 2: M <= 16)
+  int rt;                   // mma: 16-row weight tiles per warp
+  int splits;               // K ranges over the grid's y axis (partials + reduce when > 1)
+  int64_t workspace_bytes;  // fp32 partials [splits, M, N] when splits > 1
+};
+int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, ptr_t x,
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan);
+int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
+                   int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream);
+
+// gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
+int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
+                     const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);
+
+}  // namespace qdpo

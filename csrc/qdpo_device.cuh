@@ -1,0 +1,219 @@
+// qdpo_device.cuh — device plumbing shared by the element-wise kernels
+// (quantize.cu, dequantize.cu, fake_quant.cu): argument-check macro, loads and
+// stores of 8-element chunks with a run-time dtype, packed-code access, and the
+// "team" that owns one group row.
+//
+// Team: a group row is the G elements of one row that share a scale (G = K for
+// one group per row). A team of T threads (a power of two) walks its group row
+// in chunks of VEC elements (VEC = 8 with 16-byte-aligned operands, else 2 for
+// 4 bits / 1 for 8 bits). T <= 32 teams are lanes of one warp (several per
+// block, shuffle reductions); T > 32 is the whole block (one group row per
+// block, shared-memory reduction). Every thread reaches every reduction, so
+// full-warp shuffles are safe even for teams past the last group row.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "qdpo_api.h"
+#include "qdpo_math.cuh"
+
+#define QDPO_REQUIRE(cond, code)                      \
+  do {                                                \
+    if (!(cond)) return ::qdpo::fail((code), #cond);  \
+  } while (0)
+
+namespace qdpo {
+
+constexpr int64_t kInt32Limit = int64_t(1) << 31;  // kernels index with int32 within a row, int64 across rows
+constexpr int kTeamBlock = 256;                    // threads per block when teams are sub-warp
+
+inline bool aligned(ptr_t p, int64_t bytes) { return p % static_cast<ptr_t>(bytes) == 0; }
+
+// The launch status: 0 or the cudaError_t of the launch (no GPU: 35 or 100).
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+// ------------------------------------------------------------------ loads/stores
+__device__ __forceinline__ float load1(const void* p, int dtype, int64_t i) {
+  if (dtype == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dtype == kF16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h);
+}
+
+__device__ __forceinline__ void store1(void* p, int dtype, int64_t i, float v) {
+  if (dtype == kF32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<uint16_t*>(p)[i] = dtype == kF16 ? f32_to_f16_bits(v) : f32_to_bf16_bits(v);
+  }
+}
+
+// VEC values starting at element i: one or two 16-byte accesses when VEC == 8
+// (the launcher checked the alignment), element by element otherwise.
+template <int VEC>
+__device__ __forceinline__ void load_vec(const void* p, int dtype, int64_t i, float (&v)[VEC]) {
+  if (VEC == 8) {
+    if (dtype == kF32) {
+      const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+      const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+      const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+      QDPO_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t lo = static_cast<uint16_t>(w[j]), hi = static_cast<uint16_t>(w[j] >> 16);
+        v[2 * j] = dtype == kF16 ? f16_bits_to_f32(lo) : bf16_bits_to_f32(lo);
+        v[2 * j + 1] = dtype == kF16 ? f16_bits_to_f32(hi) : bf16_bits_to_f32(hi);
+      }
+    }
+  } else {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) v[j] = load1(p, dtype, i + j);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const float (&v)[VEC]) {
+  if (VEC == 8) {
+    if (dtype == kF32) {
+      *reinterpret_cast<float4*>(static_cast<float*>(p) + i) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(static_cast<float*>(p) + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint32_t w[4];
+      QDPO_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t lo = dtype == kF16 ? f32_to_f16_bits(v[2 * j]) : f32_to_bf16_bits(v[2 * j]);
+        const uint32_t hi = dtype == kF16 ? f32_to_f16_bits(v[2 * j + 1]) : f32_to_bf16_bits(v[2 * j + 1]);
+        w[j] = lo | (hi << 16);
+      }
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) store1(p, dtype, i + j, v[j]);
+  }
+}
+
+// Codes k .. k+VEC-1 of a packed row (qdpo/quant/format.py): VEC == 8 is one
+// 4-byte (W4) or 8-byte (W8) access; W4 chunks start at an even k.
+template <int BITS, int VEC>
+__device__ __forceinline__ void load_codes(const uint8_t* row, int64_t k, uint8_t (&c)[VEC]) {
+  if (BITS == 4 && VEC == 8) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(row + k / 2);
+    QDPO_UNROLL
+    for (int j = 0; j < 8; ++j) c[j] = static_cast<uint8_t>((w >> (4 * j)) & 0xFu);
+  } else if (BITS == 8 && VEC == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(row + k);
+    QDPO_UNROLL
+    for (int j = 0; j < 4; ++j) c[j] = static_cast<uint8_t>(u.x >> (8 * j)), c[4 + j] = static_cast<uint8_t>(u.y >> (8 * j));
+  } else if (BITS == 4) {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; j += 2) {
+      const uint8_t b = row[(k + j) / 2];
+      c[j] = unpack_nibble(b, 0), c[j + 1] = unpack_nibble(b, 1);
+    }
+  } else {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) c[j] = row[k + j];
+  }
+}
+
+template <int BITS, int VEC>
+__device__ __forceinline__ void store_codes(uint8_t* row, int64_t k, const uint8_t (&c)[VEC]) {
+  if (BITS == 4 && VEC == 8) {
+    uint32_t w = 0;
+    QDPO_UNROLL
+    for (int j = 0; j < 8; ++j) w |= static_cast<uint32_t>(c[j]) << (4 * j);
+    *reinterpret_cast<uint32_t*>(row + k / 2) = w;
+  } else if (BITS == 8 && VEC == 8) {
+    uint2 u = make_uint2(0, 0);
+    QDPO_UNROLL
+    for (int j = 0; j < 4; ++j) u.x |= static_cast<uint32_t>(c[j]) << (8 * j), u.y |= static_cast<uint32_t>(c[4 + j]) << (8 * j);
+    *reinterpret_cast<uint2*>(row + k) = u;
+  } else if (BITS == 4) {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; j += 2) row[(k + j) / 2] = pack_nibbles(c[j], c[j + 1]);
+  } else {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) row[k + j] = c[j];
+  }
+}
+
+// ------------------------------------------------------------------ teams
+struct Team {
+  int64_t r;  // group row: n * ng + group
+  int lane;   // thread within the team
+  bool valid; // r < N * ng
+};
+
+__device__ __forceinline__ Team my_team(int team, int64_t rows) {
+  const int per_block = blockDim.x / team;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / team;
+  return {r, static_cast<int>(threadIdx.x) & (team - 1), r < rows};
+}
+
+// All-reduce of v over the team (fixed order: deterministic). `op` is a binary functor.
+template <typename Op>
+__device__ __forceinline__ float team_allreduce(float v, int team, Op op) {
+  const int width = team < 32 ? team : 32;
+  for (int o = width >> 1; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  if (team > 32) {  // the team is the block
+    __shared__ float buf[32];
+    __syncthreads();  // the previous call's readers are done with buf
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = buf[0];
+    for (int i = 1; i < team / 32; ++i) v = op(v, buf[i]);
+  }
+  return v;
+}
+
+struct MinOp {
+  __device__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+// Launch shape of a team kernel over `rows` group rows of `chunks` chunks each.
+struct TeamShape {
+  int team, block;
+  int64_t grid;
+};
+
+inline TeamShape team_shape(int64_t rows, int64_t chunks) {
+  int team = 1;
+  while (team < chunks && team < kTeamBlock) team *= 2;
+  const int block = team > 32 ? team : kTeamBlock;
+  const int64_t per_block = block / team;
+  return {team, block, (rows + per_block - 1) / per_block};
+}
+
+// Common checks of an (N, K) weight split into ng groups along K.
+inline int check_grid(int64_t n, int64_t k, int64_t ng, int bits) {
+  QDPO_REQUIRE(bits == 4 || bits == 8, kErrBits);
+  QDPO_REQUIRE(n >= 1 && k >= 1 && ng >= 1 && k % ng == 0, kErrShape);
+  QDPO_REQUIRE(bits == 8 || (k / ng) % 2 == 0, kErrShape);  // 4-bit codes pair up within a group
+  QDPO_REQUIRE(k < kInt32Limit && n * ng < kInt32Limit, kErrTooLarge);
+  return kOk;
+}
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Calls f(Int<BITS>, Int<VEC>) for the run-time bits and chunk width: VEC 8 when
+// every operand allows 16-byte chunks, else the narrowest chunk (2 codes share
+// a byte at 4 bits). Two instantiations per bits value, not one per dtype:
+// dtypes are run-time arguments of the kernels (a uniform branch per chunk).
+template <typename F>
+int dispatch_bits_vec(int bits, bool vec8, F&& f) {
+  if (bits == 4) return vec8 ? f(Int<4>(), Int<8>()) : f(Int<4>(), Int<2>());
+  return vec8 ? f(Int<8>(), Int<8>()) : f(Int<8>(), Int<1>());
+}
+
+}  // namespace qdpo
