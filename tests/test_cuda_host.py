@@ -1,0 +1,336 @@
+"""The CUDA backend's host side, without a GPU: shared math, GEMV data flow, plans, argument checks.
+
+``csrc/`` is compiled once per session (as ``tests/test_build.py`` does, into a
+temporary directory; reused from pytest's cache while the sources are
+unchanged) and its ``__host__ __device__`` math is checked bit for bit against
+``qdpo/kernels/reference.py``: fp32 → fp16/bf16 rounding, the scale rule
+(round *up* to the scale dtype, tiny scale for zero-range groups), zero points,
+codes, ŵ, the STE mask and the LSQ factor. The tensor-core GEMV's data flow
+(byte offsets, nibble pairs, A/B fragment slots, output map) runs in a host
+emulation against ``reference.dequant_matmul``. The launchers' argument checks
+run too: they return before any CUDA call. What needs a GPU is in
+``tests/test_cuda_kernels.py``.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qdpo.kernels import backends
+from qdpo.kernels import reference as ref
+from tests.conftest import DTYPES, randn
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "csrc").iterdir()) + [ROOT / "setup.py"]:
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def C(request):
+    """The extension built from this checkout (once per session, cached by source hash)."""
+    if not HAS_NVCC:
+        pytest.skip("nvcc not installed")
+    out = Path(request.config.cache.mkdir("qdpo_cuda_build")) / _source_hash()
+    found = list((out / "lib" / "qdpo").glob("_C*.so"))
+    if not found:
+        cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
+               "--build-temp", str(out / "tmp")]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"CUDA extension failed to build:\n{res.stderr[-4000:]}"
+        found = list((out / "lib" / "qdpo").glob("_C*.so"))
+    spec = importlib.util.spec_from_file_location("_C", found[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bits16(t: torch.Tensor) -> list[int]:
+    return (t.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+
+
+# --------------------------------------------------------------------------- float rounding
+def _wide_floats(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """Random magnitudes over ~90 binades, exact ties, fp16 subnormals and the overflow edge."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 50, (n,), generator=g).float())
+    ties = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8, 2**-24, 3 * 2**-25, 2**-25])
+    edge = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 3e38, 1e-40, 0.0, -0.0, float("inf"), -float("inf")])
+    return torch.cat([x, ties, -ties, edge])
+
+
+def test_fp16_rounding_matches_torch(C):
+    x = _wide_floats()
+    assert [C.host_f16_bits(v) for v in x.tolist()] == _bits16(x.to(torch.float16))
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    back = torch.tensor([C.host_f16_value(b) for b in range(65536)])
+    assert torch.equal(back.isnan(), every.isnan())
+    assert torch.equal(back[~back.isnan()], every[~every.isnan()])
+
+
+def test_bf16_rounding_matches_torch(C):
+    x = _wide_floats(seed=1)
+    assert [C.host_bf16_bits(v) for v in x.tolist()] == _bits16(x.to(torch.bfloat16))
+    assert C.host_bf16_bits(float("nan")) & 0x7FC0 == 0x7FC0, "NaN stays a quiet NaN"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_cast_rounds_up(C, dtype):
+    """``cast_up`` is reference.to_scale_dtype: nearest, or the next value above when that was below."""
+    s = _wide_floats(seed=2).abs()
+    s = s[torch.isfinite(s) & (s > 0)]
+    want = ref.to_scale_dtype(s, dtype).float()
+    got = torch.tensor([C.host_cast_up(v, CODES[dtype]) for v in s.tolist()])
+    assert torch.equal(got, want)
+    if dtype != torch.float32:
+        assert (got > s.to(dtype).float()).any(), "some scales must have been rounded up"
+
+
+# --------------------------------------------------------------------------- scale rule
+def _edge_weights(dtype) -> torch.Tensor:
+    """(8, 256): random groups, all-zero, constant, one-sign groups and a ±7.5 tie row."""
+    w = randn(8, 256, seed=3) * 3
+    w[0] = 0  # zero-range groups: tiny scale
+    w[1, :32] = 0
+    w[2, 32:64] = 3  # constant positive
+    w[3, 64:96] = -1.5  # constant negative
+    w[4] = w[4].abs() + 0.1  # all positive: lo clamps to 0
+    w[5] = -w[5].abs()  # all non-positive
+    halves = torch.tensor([-7.5, 7.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -3.5, -4.5, -5.5, -6.5])
+    w[6] = halves.repeat(16)  # range 15 → s = 1 at 4 bits, z = round(7.5) = 8 (ties to even)
+    return w.to(dtype)
+
+
+def _assert_qparams(C, w, bits, gs, sym):
+    s, z = ref.qparams(w, bits, gs, sym)
+    n, k = w.shape
+    wg = w.float().reshape(n, s.shape[1], -1)
+    lo, hi = wg.amin(-1).tolist(), wg.amax(-1).tolist()
+    for i in range(n):
+        for j in range(s.shape[1]):
+            got = C.host_group_qparams(lo[i][j], hi[i][j], bits, sym, CODES[w.dtype])
+            assert got == (s[i, j].item(), z[i, j].item()), f"group ({i}, {j}) of {w.dtype} bits={bits} sym={sym}"
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_qparams_match_reference(C, dtype, bits, sym):
+    w = _edge_weights(dtype)
+    for gs in (32, -1):
+        _assert_qparams(C, w, bits, gs, sym)
+
+
+@pytest.mark.parametrize("mag", [1e-30, 1e30])
+def test_group_qparams_tiny_and_huge_fp32(C, mag):
+    w = randn(4, 128, seed=4) * mag
+    for bits, sym in ((4, False), (8, True)):
+        _assert_qparams(C, w, bits, 32, sym)
+
+
+def test_zero_range_group_gets_tiny_scale(C):
+    for dtype in DTYPES:
+        s, z = C.host_group_qparams(0.0, 0.0, 4, False, CODES[dtype])
+        assert s == torch.finfo(dtype).tiny and z == 0
+        assert C.host_fake_quant_one(0.0, s, z, 4) == 0.0
+
+
+# --------------------------------------------------------------------------- element math
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codes_fake_quant_and_mask_match_reference(C, dtype, bits):
+    w = _edge_weights(dtype)
+    s, z = ref.qparams(w, bits, 32, False)
+    s = (s.float() * 0.7).to(dtype)  # a shrunk grid: both STE branches, clipping at 0 and qmax
+    q = ref.quantize_codes(w, s, z, bits)
+    fq = ref.fake_quant(w, s, z, bits, torch.float32)
+    mask = ref.fake_quant_mask(w, s, z, bits)
+    assert not mask.all() and mask.any()
+    sk = s.float().repeat_interleave(32, 1).tolist()
+    zk = z.float().repeat_interleave(32, 1).tolist()
+    wl = w.float().tolist()
+    for i in range(w.shape[0]):
+        got_q = [C.host_quantize_one(a, b, c, bits) for a, b, c in zip(wl[i], sk[i], zk[i])]
+        got_fq = [C.host_fake_quant_one(a, b, c, bits) for a, b, c in zip(wl[i], sk[i], zk[i])]
+        got_m = [C.host_ste_pass(a, b, c, bits) for a, b, c in zip(wl[i], sk[i], zk[i])]
+        assert got_q == q[i].tolist() and got_fq == fq[i].tolist() and got_m == mask[i].tolist(), f"row {i}"
+        got_dq = [C.host_dequantize_one(c, b, zz) for c, b, zz in zip(got_q, sk[i], zk[i])]
+        assert got_dq == fq[i].tolist(), f"dequantize row {i}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lsq_term_matches_reference(C, bits):
+    """Per-element ∂ŵ/∂s: grad = eye puts each element's factor alone in its row's group sum."""
+    w = torch.cat([randn(1, 24, seed=5) * 4, torch.tensor([[0.5, 1.5, -2.5, 7.5, -7.5, 0.0, 9.0, -9.0]])], 1)
+    s, z = ref.qparams(w, bits, -1, False)
+    s = s * 0.6
+    g = w.shape[1]
+    rows = w.expand(g, g).contiguous()
+    _, ds = ref.fake_quant_backward(torch.eye(g), rows, s.expand(g, 1).contiguous(), z.expand(g, 1).contiguous(),
+                                    bits, True)
+    got = [C.host_lsq_term(v, s.item(), float(z.item()), bits) for v in w[0].tolist()]
+    assert got == ds[:, 0].tolist()
+
+
+# --------------------------------------------------------------------------- GEMV data flow
+def _emulate(C, qw, s, z, x, bits):
+    rows, m, k = qw.shape[0], x.shape[0], x.shape[1]
+    y = torch.full((m, rows), float("nan"))
+    sf, xb = s.float().contiguous(), x.view(torch.int16).contiguous()
+    C.host_gemv_mma_emulate(qw.data_ptr(), qw.stride(0), rows, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(),
+                            xb.data_ptr(), m, CODES[x.dtype], y.data_ptr())
+    return y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 128, 32), (3, 7, 256, 64), (8, 16, 320, -1), (9, 16, 512, 128),
+                                         (16, 13, 256, 256), (5, 16, 96, 32)])
+def test_gemv_fragment_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
+    """The emulated tensor-core tile equals x @ ŵᵀ with ŵ rounded to x.dtype (fp64 sums; only order differs)."""
+    w = randn(rows, k, xdtype, seed=m + k)
+    w[rows // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
+    qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
+    x = randn(m, k, xdtype, seed=rows)
+    y = _emulate(C, qw, s, z, x, bits)
+    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert y[:, rows // 2].eq(0).all()
+
+
+def test_gemv_emulation_checks_its_arguments(C):
+    buf = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="bad shape"):
+        C.host_gemv_mma_emulate(buf.data_ptr(), 48, 16, 96, 2, 4, 0, 0, 0, 1, 1, 0)  # G = 48
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
+
+
+# --------------------------------------------------------------------------- plans
+def _plan(C, m=1, n=4096, k=4096, ng=32, bits=4, xdtype=torch.bfloat16, x=1 << 20, q=1 << 24, stride=None, sms=132):
+    return C.dequant_matmul_plan(m, n, k, ng, bits, CODES[xdtype], x, q, k * bits // 8 if stride is None else stride,
+                                 sms)
+
+
+def test_plan_picks_the_tensor_core_path_for_16_bit_x(C):
+    for xdtype in (torch.float16, torch.bfloat16):
+        for bits in (4, 8):
+            assert _plan(C, xdtype=xdtype, bits=bits)["kernel"] == "mma"
+    assert [(_plan(C, m=m)["mt"], _plan(C, m=m)["rt"]) for m in (1, 2, 3, 8, 9, 16)] == [
+        (1, 1), (1, 1), (1, 2), (1, 2), (2, 2), (2, 2)]
+    assert _plan(C, k=96, ng=1)["kernel"] == "mma", "one group per row with K % 32 == 0"
+
+
+def test_plan_falls_back_to_fma(C):
+    assert _plan(C, xdtype=torch.float32)["kernel"] == "fma"
+    assert _plan(C, k=80, ng=1)["kernel"] == "fma", "K % 32 != 0"
+    assert _plan(C, x=(1 << 20) + 2)["kernel"] == "fma", "x not 16-byte aligned"
+    assert _plan(C, q=(1 << 24) + 8)["kernel"] == "fma", "qweight not 16-byte aligned"
+    assert _plan(C, stride=4096 // 2 + 8)["kernel"] == "fma", "qweight rows not 16-byte aligned"
+
+
+def test_plan_splits_k_only_when_rows_leave_sms_idle(C):
+    assert _plan(C, n=8192)["splits"] == 1 and _plan(C, n=8192)["workspace_bytes"] == 0
+    p = _plan(C, m=3, n=64, k=8192, ng=64)
+    assert p["splits"] > 1 and p["workspace_bytes"] == p["splits"] * 3 * 64 * 4
+    steps = 8192 // 128
+    assert steps // p["splits"] >= 8, "every warp of a split keeps at least one K step"
+    assert _plan(C, n=64, k=256, ng=2)["splits"] == 1, "too few K steps to split"
+
+
+def test_plan_rejects_what_no_path_serves(C):
+    with pytest.raises(ValueError, match="bad shape"):
+        _plan(C, m=17)
+    with pytest.raises(ValueError, match="bits not in"):
+        _plan(C, bits=3)
+    with pytest.raises(ValueError, match="bad shape"):
+        _plan(C, k=4096, ng=3)
+
+
+# --------------------------------------------------------------------------- argument checks
+def _quantize(C, **kw):
+    a = dict(mode=1, w=1 << 20, w_dtype=0, stride_wn=256, n=4, k=256, ng=8, bits=4, symmetric=False,
+             qweight=1 << 21, scales=1 << 22, s_dtype=0, zeros=1 << 23, stream=0)
+    a.update(kw)
+    return C.quantize(*a.values())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=3), "bits not in"),
+    (dict(ng=3), "bad shape.*k % ng == 0"),
+    (dict(k=250, stride_wn=250, ng=1, n=4), None),  # fine: K even, one group
+    (dict(k=255, stride_wn=255, ng=1), "bad shape"),  # odd K at 4 bits
+    (dict(w_dtype=5), "unsupported dtype"),
+    (dict(s_dtype=1), "unsupported dtype.*s_dtype == w_dtype"),
+    (dict(w=0), "null pointer"),
+    (dict(mode=7), "unknown mode"),
+    (dict(stride_wn=100), "bad shape.*stride_wn >= k"),
+    (dict(w=(1 << 20) + 1), "misaligned"),
+    (dict(n=1 << 28, ng=16), "too large"),
+])
+def test_launcher_argument_checks(C, kw, match):
+    if match is None:
+        if torch.cuda.is_available():
+            pytest.skip("valid arguments with fake pointers would launch on the GPU")
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            _quantize(C, **kw)
+        return
+    with pytest.raises(ValueError, match=match):
+        _quantize(C, **kw)
+
+
+def test_every_launcher_checks_before_launching(C):
+    with pytest.raises(ValueError, match="bits not in"):
+        C.dequantize(1 << 20, 128, 4, 256, 8, 5, 1 << 21, 0, 1 << 22, 1 << 23, 0, 0)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        C.fake_quant(1 << 20, 0, 256, 4, 256, 8, 4, 1 << 21, 0, 1 << 22, 1 << 23, 9, 0)
+    with pytest.raises(ValueError, match="null pointer"):
+        C.fake_quant_backward(0, 0, 1 << 20, 0, 256, 4, 256, 8, 4, 1 << 21, 0, 1 << 22, 1 << 23, 0, 0)
+    with pytest.raises(ValueError, match="workspace too small"):  # this plan splits K: partials needed
+        C.dequant_matmul(1 << 20, 2, 3, 64, 8192, 64, 4, 1 << 24, 4096, 1 << 21, 2, 1 << 22, 0, 0, 1 << 23,
+                         0, 0, 132, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_valid_launch_without_gpu_raises_cuda_error(C):
+    with pytest.raises(RuntimeError, match=r"CUDA error (35|100)"):
+        C.fake_quant(1 << 20, 0, 256, 4, 256, 8, 4, 1 << 21, 0, 1 << 22, 1 << 23, 0, 0)
+
+
+# --------------------------------------------------------------------------- backend registry
+def test_cuda_backend_registers_its_ops():
+    pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
+    assert set(backends._IMPLS["cuda"]) == {
+        "qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward", "dequant_matmul"}
+
+
+@pytest.mark.parametrize("in_auto", [False, True])
+def test_auto_tries_cuda_only_when_enabled(monkeypatch, in_auto):
+    """CUDA_IN_AUTO gates the cuda backend under auto; an explicit backend='cuda' always reaches it."""
+    calls = []
+
+    def fake_cuda(*args):
+        calls.append("cuda")
+        raise backends.Unsupported("fake")
+
+    monkeypatch.setattr(backends, "CUDA_IN_AUTO", in_auto)
+    monkeypatch.setitem(backends._IMPLS["cuda"], "dequantize", fake_cuda)
+    monkeypatch.setitem(backends._IMPLS["triton"], "dequantize", lambda *a: "triton")
+    monkeypatch.setattr(backends, "_device_reason", lambda b, d: None)
+    assert backends.call("dequantize", "auto", torch.device("cuda"), None) == "triton"
+    assert calls == (["cuda"] if in_auto else [])
+    with pytest.raises(RuntimeError, match="cuda backend cannot serve this request: fake"):
+        backends.call("dequantize", "cuda", torch.device("cuda"), None)
