@@ -87,11 +87,11 @@ void def_kernels(py::module_& m) {
     check("fake_quant_backward", qdpo::fake_quant_backward(grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits,
                                                            scales, s_dtype, zeros, grad_w, grad_s, stream));
   }, "STE backward; grad_s = 0 skips the LSQ scale gradient (see csrc/fake_quant.cu)");
-  m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, ptr_t x,
-                                  ptr_t qweight, int64_t stride_qn, int sm_count) {
+  m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
+                                  ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count) {
     qdpo::GemvPlan p{};
     check("dequant_matmul_plan",
-          qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, x, qweight, stride_qn, sm_count, &p));
+          qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p));
     return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
                     py::arg("rt") = p.rt, py::arg("splits") = p.splits,
                     py::arg("workspace_bytes") = p.workspace_bytes);

@@ -17,6 +17,7 @@ struct GemvArgs {
   int m, n, k;
   int bits;
   int g, ng;      // group size, groups per row
+  int g_shift;    // log2(G) when G is a power of two, else -1
   const uint8_t* q;
   int64_t stride_qn;  // bytes
   const void* s;      // (N, NG) contiguous

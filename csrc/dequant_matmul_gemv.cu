@@ -8,22 +8,23 @@
 // Tensors (N = out_features, K = in_features, G = K / NG):
 //   x        (M, K)      fp16/bf16 (this path)   contiguous, 16-byte aligned
 //   qweight  (N, K·b/8)  uint8                   qdpo/quant/format.py, rows 16-byte aligned
-//   scales   (N, NG)     fp32/fp16/bf16          contiguous (rounded to x.dtype for the product)
+//   scales   (N, NG)     x.dtype (this path)     contiguous (the Python wrapper rounds other dtypes
+//                                                to x.dtype first, as the product would)
 //   zeros    (N, NG)     uint8                   contiguous
 //   bias     (N,)        any float or none       added in fp32
 //   y        (M, N)      x.dtype                 contiguous
-// This path needs K % 32 == 0 and G % 32 == 0 (G = K included); everything else
-// — fp32 x, odd sizes, misalignment — goes to dequant_matmul_fma.cu (the plan
-// below picks). M > 16 is not served (the Python wrapper raises Unsupported).
+// This path needs K % 32 == 0 and G % 32 == 0 (G = K included) and scales in
+// x.dtype; everything else — fp32 x, odd sizes, misalignment — goes to
+// dequant_matmul_fma.cu (the plan below picks). M > 16 is not served (the Python wrapper raises Unsupported).
 //
 // Work: a block of 8 warps owns 16·RT rows of ŵ; its warps take turns over the
 // 128-code K steps of the block's K range (blockIdx.y: split-K when N is too
 // small to fill the GPU). Per step a lane issues one 16-byte (W4) or two
 // (W8) loads per weight row straight from the canonical format, and 4 of x —
 // the fragment map in gemv_fragments.cuh makes a re-layout unnecessary — then
-// dequantizes in registers (LOP3 + HSUB2 + HMUL2 per two W4 codes) and issues
-// 8 · RT · MT mma.sync. The next step's loads are issued before this step's
-// math (register double buffer). Warps' partial tiles are summed in shared
+// dequantizes in registers (SHF + LOP3 + HSUB2 + HMUL2 per two W4 codes) and
+// issues 8 · RT · MT mma.sync. The next step's loads are issued before this
+// step's math (two register stages in ping-pong). Warps' partial tiles are summed in shared
 // memory in a fixed order; splits write fp32 partials that a small kernel sums
 // in split order: results are deterministic.
 // Bytes moved: N·K·b/8 + N·NG·(s_size + 1) of weight, exactly once; x once per
@@ -71,42 +72,69 @@ __device__ __forceinline__ void load16_stream(uint32_t* dst, const void* src) {
   dst[0] = u.x, dst[1] = u.y, dst[2] = u.z, dst[3] = u.w;
 }
 
+// Group of code kl: G is a power of two (qdpo's 32..256) or K (one group per row).
+__device__ __forceinline__ int group_of(const GemvArgs& a, int kl) {
+  return a.ng == 1 ? 0 : (a.g_shift >= 0 ? kl >> a.g_shift : kl / a.g);
+}
+
+// A lane's rows, resolved once per block: int32 offsets (every operand is below
+// 2^31 elements), -1 for a row past N (weights) or M (x).
+template <int MT, int RT>
+struct LaneRows {
+  int q[RT][2];  // byte offset of weight row n in qweight
+  int p[RT][2];  // n · NG: the row's first scale and zero
+  int x[MT];     // element offset of x row m
+};
+
+template <int MT, int RT>
+__device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0) {
+  const int g = (threadIdx.x & 31) >> 2;
+  LaneRows<MT, RT> r;
+  QDPO_UNROLL
+  for (int rt = 0; rt < RT; ++rt) {
+    QDPO_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + 16 * rt + g + 8 * h;
+      r.q[rt][h] = n < a.n ? static_cast<int>(n * a.stride_qn) : -1;
+      r.p[rt][h] = n * a.ng;
+    }
+  }
+  QDPO_UNROLL
+  for (int mt = 0; mt < MT; ++mt) r.x[mt] = g + 8 * mt < a.m ? (g + 8 * mt) * a.k : -1;
+  return r;
+}
+
 template <int HD, int BITS, int MT, int RT>
-__device__ __forceinline__ void load_stage(const GemvArgs& a, int n0, int step, int step_hi,
+__device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step, int step_hi,
                                            Stage<BITS, MT, RT>& st) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int kl = gemv::lane_k(step, t);
+  const int kl = gemv::lane_k(step, threadIdx.x & 3);
   const bool kin = step < step_hi && kl < a.k;  // K % 32 == 0: a lane's 32 codes are all in or all out
+  const int grp = group_of(a, kl);
   QDPO_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    const int m = g + 8 * mt;
-    const uint16_t* src = static_cast<const uint16_t*>(a.x) + static_cast<int64_t>(m) * a.k + kl;
+    const uint16_t* src = static_cast<const uint16_t*>(a.x) + rows.x[mt] + kl;
     QDPO_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      if (kin && m < a.m) {
-        load16(&st.x[mt][4 * i], src + 8 * i);
-      } else {
-        st.x[mt][4 * i] = st.x[mt][4 * i + 1] = st.x[mt][4 * i + 2] = st.x[mt][4 * i + 3] = 0u;
-      }
+    for (int i = 0; i < 16; ++i) st.x[mt][i] = 0u;
+    if (kin && rows.x[mt] >= 0) {
+      QDPO_UNROLL
+      for (int i = 0; i < 4; ++i) load16(&st.x[mt][4 * i], src + 8 * i);
     }
   }
   QDPO_UNROLL
   for (int rt = 0; rt < RT; ++rt) {
     QDPO_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const int n = n0 + 16 * rt + g + 8 * h;
-      float s = 0.f, z = 0.f;  // rows past N: ŵ = 0
-      if (kin && n < a.n) {
-        const uint8_t* src = a.q + n * a.stride_qn + kl * BITS / 8;
+      uint32_t s_bits = 0u, z = 0u;  // rows past N: ŵ = 0
+      QDPO_UNROLL
+      for (int i = 0; i < BITS; ++i) st.w[rt][h][i] = 0u;
+      if (kin && rows.q[rt][h] >= 0) {
+        const uint8_t* src = a.q + rows.q[rt][h] + kl * BITS / 8;
         load16_stream(st.w[rt][h], src);
         if (BITS == 8) load16_stream(st.w[rt][h] + 4, src + 16);
-        const int64_t p = static_cast<int64_t>(n) * a.ng + kl / a.g;
-        s = load1(a.s, a.s_dtype, p), z = a.z[p];
-      } else {
-        QDPO_UNROLL
-        for (int i = 0; i < BITS; ++i) st.w[rt][h][i] = 0u;
+        const int p = rows.p[rt][h] + grp;
+        s_bits = static_cast<const uint16_t*>(a.s)[p], z = a.z[p];  // scales in x.dtype on this path
       }
-      st.grid[rt][h] = gemv::row_grid(s, z, HD);
+      st.grid[rt][h] = gemv::row_grid_bits(s_bits, z, HD);
     }
   }
 }
@@ -145,13 +173,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_kernel(GemvArgs a) {
   const int step_lo = blockIdx.y * a.steps_per_split;
   const int step_hi = min(step_lo + a.steps_per_split, a.steps);
   float acc[RT][MT][4] = {};
-  Stage<BITS, MT, RT> cur;
-  load_stage<HD>(a, n0, step_lo + warp, step_hi, cur);
-  for (int step = step_lo + warp; step < step_hi; step += kGemvWarps) {
-    Stage<BITS, MT, RT> nxt;
-    load_stage<HD>(a, n0, step + kGemvWarps, step_hi, nxt);  // in flight during the math below
-    compute_stage<HD>(cur, acc);
-    cur = nxt;
+  // two register stages in ping-pong: the next step's loads are in flight during this step's math
+  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, n0);
+  Stage<BITS, MT, RT> s0, s1;
+  load_stage<HD>(a, rows, step_lo + warp, step_hi, s0);
+  for (int step = step_lo + warp; step < step_hi; step += 2 * kGemvWarps) {
+    load_stage<HD>(a, rows, step + kGemvWarps, step_hi, s1);
+    compute_stage<HD>(s0, acc);
+    if (step + kGemvWarps >= step_hi) break;
+    load_stage<HD>(a, rows, step + 2 * kGemvWarps, step_hi, s0);
+    compute_stage<HD>(s1, acc);
   }
   // the block's warps hold partial sums of the same tile: add them in warp order
   constexpr int E = RT * MT * 4;
@@ -191,18 +222,24 @@ int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+int log2_if_pow2(int64_t v) {
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return (int64_t(1) << s) == v ? s : -1;
+}
+
 }  // namespace
 
-int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, ptr_t x,
+int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan) {
   if (int e = check_grid(n, k, ng, bits)) return e;
-  QDPO_REQUIRE(valid_dtype(x_dtype), kErrDtype);
+  QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
-  QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit, kErrTooLarge);
+  QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
-  const bool mma = x_dtype != kF32 && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) && aligned(qweight, 16) &&
-                   stride_qn % 16 == 0;
+  const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
+                   aligned(qweight, 16) && stride_qn % 16 == 0;
   *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0};
   if (!mma) return kOk;
   // split K only when the row tiles alone leave SMs idle; keep >= 1 step per warp
@@ -221,8 +258,8 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream) {
   GemvPlan p;
-  if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, x, qweight, stride_qn, sm_count, &p)) return e;
-  QDPO_REQUIRE(valid_dtype(s_dtype) && (bias == 0 || valid_dtype(b_dtype)), kErrDtype);
+  if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p)) return e;
+  QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);
   QDPO_REQUIRE(x != 0 && qweight != 0 && scales != 0 && zeros != 0 && y != 0, kErrNull);
   QDPO_REQUIRE(aligned(x, dtype_size(x_dtype)) && aligned(y, dtype_size(x_dtype)) &&
                    aligned(scales, dtype_size(s_dtype)) && aligned(bias, bias ? dtype_size(b_dtype) : 1), kErrAlign);
@@ -230,7 +267,7 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
   QDPO_REQUIRE(aligned(workspace, 4), kErrAlign);
   const int64_t steps = cdiv(k, gemv::kStepK);
   GemvArgs a{reinterpret_cast<const void*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
-             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng),
+             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng), log2_if_pow2(k / ng),
              reinterpret_cast<const uint8_t*>(qweight), stride_qn, reinterpret_cast<const void*>(scales), s_dtype,
              reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<const void*>(bias), b_dtype,
              reinterpret_cast<void*>(y), reinterpret_cast<float*>(workspace), p.splits, static_cast<int>(steps),

@@ -43,7 +43,13 @@ QDPO_HD int c_col(int t, int i) { return 2 * t + (i & 1); }
 // W4: codes i and i + 4 of a little-endian word (nibble j = code j) as a
 // 16-bit pair biased by `bias` (fp16 or bf16): one LOP3 on the device.
 QDPO_HD uint32_t w4_pair_biased(uint32_t word, int i, uint32_t bias) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;  // (word >> 4i) & 0x000F000F | bias2 in one LOP3 (C++ gives AND + OR: two immediates)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(word >> (4 * i)), "n"(0x000F000F), "r"(bias * 0x00010001u));
+  return r;
+#else
   return ((word >> (4 * i)) & 0x000F000Fu) | (bias * 0x00010001u);
+#endif
 }
 
 // W8: code i of a little-endian word as fp32 2^23 + q.
@@ -52,7 +58,11 @@ QDPO_HD float w8_biased(uint32_t word, int i) { return bits_float(kF32Bias | ((w
 // Activation pair P_i = (x_i, x_{i+4}) from 8 consecutive 16-bit values in words
 // xw[0..3] (x_0 in the low half of xw[0]): low halves for even i, high for odd.
 QDPO_HD uint32_t x_pair(uint32_t lo_word, uint32_t hi_word, int odd) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(lo_word, hi_word, odd ? 0x7632 : 0x5410);  // one PRMT
+#else
   return odd ? (lo_word >> 16) | (hi_word & 0xFFFF0000u) : (lo_word & 0xFFFFu) | (hi_word << 16);
+#endif
 }
 QDPO_HD void x_pairs(const uint32_t xw[4], uint32_t p[4]) {
   QDPO_UNROLL
@@ -86,11 +96,15 @@ QDPO_HD float from_h_bits(uint32_t b, int hdtype) {
 }
 QDPO_HD uint32_t h_bias(int hdtype) { return hdtype == kF16 ? kF16Bias : kBF16Bias; }
 
-// s and z of a row that is out of range are 0: every ŵ of the row is then exactly 0.
+// From the scale's 16-bit pattern (the kernel reads scales in x.dtype) and the
+// zero point: bias + z is an integer add on the bits (unit steps: z < 1024 for
+// fp16, z < 128 for bf16, so W4's z < 16 is exact in both). A row that is out
+// of range gets s = 0, z = 0: every ŵ of it is then exactly 0.
+QDPO_HD RowGrid row_grid_bits(uint32_t s_bits, uint32_t z, int hdtype) {
+  return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, 8388608.f + static_cast<float>(z)};
+}
 QDPO_HD RowGrid row_grid(float s, float z, int hdtype) {
-  const uint32_t sh = to_h_bits(s, hdtype);
-  const uint32_t zb = to_h_bits(from_h_bits(h_bias(hdtype), hdtype) + z, hdtype);  // exact: z < 16 for W4
-  return {sh * 0x00010001u, zb * 0x00010001u, 8388608.f + z};
+  return row_grid_bits(to_h_bits(s, hdtype), static_cast<uint32_t>(z), hdtype);
 }
 
 #if defined(__CUDA_ARCH__)

@@ -39,20 +39,36 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _build_cached(cache: Path) -> Path:
+    """``_C*.so`` built from the current sources, kept under ``cache/<source hash>``.
+
+    A build is kept only if the sources did not change while it ran (another
+    checkout operation mid-build would otherwise leave a mixed module).
+    """
+    for _ in range(3):
+        key = _source_hash()
+        found = list((cache / key / "lib" / "qdpo").glob("_C*.so"))
+        if found:
+            return found[0]
+        tmp = cache / f"{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp / "lib"),
+               "--build-temp", str(tmp / "tmp")]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"CUDA extension failed to build:\n{res.stderr[-4000:]}"
+        if _source_hash() == key:
+            shutil.rmtree(cache / key, ignore_errors=True)
+            tmp.rename(cache / key)
+    raise AssertionError("csrc/ kept changing during the build")
+
+
 @pytest.fixture(scope="session")
 def C(request):
     """The extension built from this checkout (once per session, cached by source hash)."""
     if not HAS_NVCC:
         pytest.skip("nvcc not installed")
-    out = Path(request.config.cache.mkdir("qdpo_cuda_build")) / _source_hash()
-    found = list((out / "lib" / "qdpo").glob("_C*.so"))
-    if not found:
-        cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
-               "--build-temp", str(out / "tmp")]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, f"CUDA extension failed to build:\n{res.stderr[-4000:]}"
-        found = list((out / "lib" / "qdpo").glob("_C*.so"))
-    spec = importlib.util.spec_from_file_location("_C", found[0])
+    so = _build_cached(Path(request.config.cache.mkdir("qdpo_cuda_build")))
+    spec = importlib.util.spec_from_file_location("_C", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -220,9 +236,10 @@ def test_gemv_emulation_checks_its_arguments(C):
 
 
 # --------------------------------------------------------------------------- plans
-def _plan(C, m=1, n=4096, k=4096, ng=32, bits=4, xdtype=torch.bfloat16, x=1 << 20, q=1 << 24, stride=None, sms=132):
-    return C.dequant_matmul_plan(m, n, k, ng, bits, CODES[xdtype], x, q, k * bits // 8 if stride is None else stride,
-                                 sms)
+def _plan(C, m=1, n=4096, k=4096, ng=32, bits=4, xdtype=torch.bfloat16, sdtype=None, x=1 << 20, q=1 << 24,
+          stride=None, sms=132):
+    return C.dequant_matmul_plan(m, n, k, ng, bits, CODES[xdtype], CODES[sdtype or xdtype], x, q,
+                                 k * bits // 8 if stride is None else stride, sms)
 
 
 def test_plan_picks_the_tensor_core_path_for_16_bit_x(C):
@@ -236,6 +253,7 @@ def test_plan_picks_the_tensor_core_path_for_16_bit_x(C):
 
 def test_plan_falls_back_to_fma(C):
     assert _plan(C, xdtype=torch.float32)["kernel"] == "fma"
+    assert _plan(C, sdtype=torch.float32)["kernel"] == "fma", "scales not in x.dtype (the wrapper casts them)"
     assert _plan(C, k=80, ng=1)["kernel"] == "fma", "K % 32 != 0"
     assert _plan(C, x=(1 << 20) + 2)["kernel"] == "fma", "x not 16-byte aligned"
     assert _plan(C, q=(1 << 24) + 8)["kernel"] == "fma", "qweight not 16-byte aligned"

@@ -196,8 +196,9 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
-    return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"), x2.data_ptr(),
-                                  qweight.data_ptr(), qweight.stride(0), _sm_count(x2.device.index))
+    return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
+                                  _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
+                                  _sm_count(x2.device.index))
 
 
 @register("cuda", "dequant_matmul")
@@ -218,6 +219,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
         return y.reshape(*x.shape[:-1], n)
     qweight = _rows(qweight)
     scales, zeros = _grid(scales, zeros)
+    if x.dtype != torch.float32 and scales.dtype != x.dtype:
+        # the tensor-core path reads 16-bit scales in x.dtype: it rounds s to x.dtype anyway
+        scales = scales.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
