@@ -14,6 +14,11 @@ Examples::
     python -m qdpo.train --method all --output-dir runs/all # QDPO, KD and SFT side by side
     python -m qdpo.train --model path/to/hf-model --prompts my.jsonl --bits 8 --group-size 128
     python -m qdpo.train --output-dir runs/default --resume   # continue an interrupted run
+    torchrun --nproc-per-node 8 -m qdpo.train --model path/to/7b  # FSDP2 over 8 GPUs (README: Multi-GPU)
+
+Under ``torchrun`` every rank runs this pipeline: generation and reference
+log-probs are split by prompt, training is sharded (``--dist``), and rank 0
+alone evaluates, exports and writes the reports while the others wait.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
 from qdpo.training.trainer import CheckpointError, Example, Trainer
@@ -37,7 +44,7 @@ log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
 # Fields that do not change what a run computes (so --resume accepts a change in them).
 NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "checkpoint_every",
-                     "method")
+                     "method", "dist", "activation_checkpointing")
 
 
 class RunDirError(ValueError):
@@ -141,10 +148,12 @@ def run(cfg: TrainConfig) -> dict:
     from qdpo.eval import metrics as M
     from qdpo.training import stages as S
 
-    out = prepare_run_dir(cfg)
+    device = D.init(_device(cfg))
+    D.resolve_mode(cfg.dist, cfg.batch_size)  # a batch the ranks cannot split fails now, not after generation
+    D.on_main(lambda: prepare_run_dir(cfg))
+    out = Path(cfg.output_dir)
     stage = Stages()
     torch.manual_seed(cfg.seed)
-    device = _device(cfg)
     with stage("load"):
         fp_model, tok = _load(cfg, device)
         train_p, val_p, test_p = _prompt_sets(cfg)
@@ -172,10 +181,14 @@ def run(cfg: TrainConfig) -> dict:
     ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={})  # FP runs once on test
     with stage("eval_start"):
         val = (val_ex, M.fp_targets(fp_model, val_ex, ev["batch_size"], ev["chunk"], disable=True)) if val_ex else None
-        for name, model, answers in (("fp", fp_model, fp), ("initial", q0, q_ans)):
-            evals[name], curves[name] = _evaluate(fp_model, model, tok, test_ex, [answers[p.id] for p in test_p], ev)
+        if D.is_main():
+            for name, model, answers in (("fp", fp_model, fp), ("initial", q0, q_ans)):
+                evals[name], curves[name] = _evaluate(fp_model, model, tok, test_ex, [answers[p.id] for p in test_p],
+                                                      ev)
+    if device.type == "cuda":
+        q0.to("cpu")  # from here on only the template of each method's copy: off the GPU
     for method in cfg.methods():
-        model = copy.deepcopy(q0)
+        model = copy.deepcopy(q0).to(device)
         examples = _examples(method, pairs, train_p, ids, fp, cfg.window)
         with stage(f"train_{method}"):
             if not examples:  # every pair identical: nothing to prefer
@@ -183,10 +196,16 @@ def run(cfg: TrainConfig) -> dict:
                             "like the FP model); evaluating the initial model unchanged", method)
                 summaries[method] = {"steps_run": 0, "best_step": 0, "skipped": "no differing pairs"}
             else:
-                trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model,
-                                  val=val, pad_id=pad)
-                summaries[method] = trainer.run(resume=cfg.resume)
-                histories[method] = trainer.history
+                with _parked(device, None if _needs_fp(method, cfg) else fp_model):
+                    trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model,
+                                      val=val, pad_id=pad)
+                    summaries[method] = trainer.run(resume=cfg.resume)
+                    histories[method] = trainer.history
+                    model = trainer.final_model(q0)  # FSDP2: gathered into a plain copy on rank 0
+                    del trainer
+        if not D.is_main():  # rank 0 evaluates and exports alone
+            D.barrier()
+            continue
         with stage(f"eval_{method}"):
             answers = S.greedy(model, tok, [ids[p.id] for p in test_p], cfg.max_new_tokens, cfg.gen_batch_size,
                                desc=f"{method} answers")
@@ -198,7 +217,27 @@ def run(cfg: TrainConfig) -> dict:
             with stage(f"export_{method}"):
                 summaries[method]["export"] = _export(model, tok, out / f"export_{method}", fp_model, test_ex,
                                                       evals[method], ev)
+        D.barrier()
+    if not D.is_main():
+        return {"report": None, "metrics": None}
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
+
+
+def _needs_fp(method: str, cfg: TrainConfig) -> bool:
+    return method == "kd" or (method == "qdpo" and cfg.kd_weight > 0)
+
+
+@contextmanager
+def _parked(device: torch.device, *models):
+    """On a GPU, hold ``models`` (those training does not use) in CPU memory meanwhile."""
+    parked = [m for m in models if m is not None] if device.type == "cuda" else []
+    for m in parked:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        for m in parked:
+            m.to(device)
 
 
 def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
@@ -213,11 +252,15 @@ def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
             return quantize_initial_from(cfg.init, fp_model, spec=QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric))
         except ValueError as e:
             raise ConfigError(f"--init {cfg.init}: {e}") from None
-    try:
-        return S.quantize_initial(fp_model, cfg, calib, out / "initial")
-    except ValueError as e:  # a spec that does not fit the model's layers
-        raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
-                          f"{cfg.group_size}: {e}") from None
+
+    def quantize():
+        try:
+            return S.quantize_initial(fp_model, cfg, calib, out / "initial")
+        except ValueError as e:  # a spec that does not fit the model's layers
+            raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
+                              f"{cfg.group_size}: {e}") from None
+
+    return D.main_first(quantize)  # rank 0 quantizes and writes initial/; the others load it
 
 
 def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0) -> list[Example]:
@@ -323,7 +366,10 @@ def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    env = D.env()
+    where = f"rank {env.rank} of {env.world_size}: " if env.world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,  # logs from rank 0 only
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import transformers
 
@@ -332,11 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         result = run(cfg)
     except USER_ERRORS as e:
-        print(f"qdpo.train: error: {e}", file=sys.stderr)
+        print(f"qdpo.train: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qdpo.train: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        D.shutdown()
+    if env.rank != 0:
+        return 0
     ev = result["metrics"]["eval"]
     line = ", ".join(f"{k} {v['flip_rate']:.4f}" for k, v in ev.items() if k != "fp")
     print(f"report: {result['report']}\ntest token-flip rate: {line}")
@@ -344,4 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if D.env().world_size > 1:  # under torchrun: an uncaught error's message goes into the launcher's summary
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        main = record(main)
     sys.exit(main())

@@ -198,24 +198,34 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
-    real_save = torch.save
-    calls = []
+    real_dcp_save, real_torch_save = trainer_mod.D.dcp.save, torch.save
+    saves = []
 
-    def flaky_save(obj, f, *a, **k):
-        calls.append(f)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *a, **k)
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainer_mod.torch, "save", flaky_save)
+    def flaky_dcp_save(*a, **k):  # every write of the second checkpoint hits a full disk
+        saves.append(1)
+        if len(saves) == 2:
+            monkeypatch.setattr(torch, "save", disk_full)
+        try:
+            return real_dcp_save(*a, **k)
+        finally:
+            monkeypatch.setattr(torch, "save", real_torch_save)
+
+    monkeypatch.setattr(trainer_mod.D.dcp, "save", flaky_dcp_save)
     assert train.main(_args(model_dir, prompts, out, "--eval-every", "0")) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "--resume" in err
     ckpts = sorted((out / "train_qdpo" / "checkpoints").glob("*"))
-    assert [p.name for p in ckpts] == ["step-000002.pt"]
-    assert torch.load(ckpts[0], weights_only=True)["step"] == 2
+    assert [p.name for p in ckpts] == ["step-000002"]  # the failed save left nothing behind
+    assert trainer_mod.D.read_meta(ckpts[0])["step"] == 2
+    dcp_to_torch_save(ckpts[0], tmp_path / "ckpt.pt")  # complete and readable
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
 
 
 def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):

@@ -113,6 +113,9 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ CPU training path
     _cache: tuple | None = None  # (key, ŵ, mask) for the current latent weights
+    # False under FSDP2: its all-gathers refill the same unsharded storage without bumping ``_version`` (a
+    # stale key), and a cache per layer would keep every layer's full ŵ that sharding is meant to free
+    step_cache: bool = True
 
     def _use_step_cache(self, x: Tensor) -> bool:
         """Cache ŵ and the STE mask across micro-batches when training on the reference backend.
@@ -123,7 +126,7 @@ class QuantLinear(nn.Module):
         of holding ŵ and a bool mask). Learned scales need the LSQ gradient of
         the ops, so they take the ops path.
         """
-        if not torch.is_grad_enabled() or not self.weight.requires_grad or self.scales.requires_grad:
+        if not (self.step_cache and torch.is_grad_enabled() and self.weight.requires_grad) or self.scales.requires_grad:
             return False
         from qdpo.kernels import backends
 

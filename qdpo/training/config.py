@@ -17,6 +17,7 @@ from pathlib import Path
 
 METHODS = ("qdpo", "kd", "sft")
 LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DIST_MODES = ("auto", "none", "ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,10 @@ class TrainConfig:
     logps_chunk: int = 1024  # positions per chunk of the output layer (bounds the logits memory)
     dtype: str = "auto"  # compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
+    # --- scale (torchrun --nproc-per-node N -m qdpo.train ...)
+    dist: str = "auto"  # several processes: ddp, fsdp (FSDP2, shards weights, grads, optimizer state) or auto (fsdp)
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory
+    latent_dtype: str = "float32"  # latent weights: float32, or bfloat16 with an fp32 master copy in the optimizer
     # --- evaluation and export
     export: bool = True  # write the trained model in the packed format and check it reloads
 
@@ -109,6 +114,9 @@ class TrainConfig:
             (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype {self.dtype!r}: use auto, float32 or bfloat16"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: use auto, cpu or cuda"),
             (self.window >= 0, f"--window {self.window}: must be >= 0"),
+            (self.dist in DIST_MODES, f"--dist {self.dist!r}: use one of {DIST_MODES}"),
+            (self.latent_dtype in ("float32", "bfloat16"),
+             f"--latent-dtype {self.latent_dtype!r}: use float32 or bfloat16"),
         ]
         for ok, msg in checks:
             if not ok:

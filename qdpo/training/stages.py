@@ -12,6 +12,10 @@ artifact                  stage
 
 A stage whose artifact exists is loaded instead of recomputed (``--resume``).
 Every artifact is written under a temporary name and renamed.
+
+Under ``torchrun`` the greedy answers and the reference log-probs are split
+across the ranks by prompt (``distributed.shard_map``) and gathered; rank 0
+writes each artifact while the others wait, then read it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qdpo.quant import QuantSpec, quantize_model
+from qdpo.training import distributed as D
 from qdpo.training.data import collate, common_prefix, fit
 from qdpo.training.generate import greedy
 from qdpo.training.logps import sequence_logps
@@ -48,6 +53,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def publish_jsonl(path: Path, rows: list[dict]) -> list[dict]:
+    """Rank 0 writes ``rows``; the other ranks wait, then read the file (one source of truth)."""
+    D.on_main(lambda: write_jsonl(path, rows))
+    return rows if D.is_main() else read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -77,13 +88,18 @@ def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[
         rows = read_jsonl(path)
         if all(p.id in {r["id"] for r in rows} for p in prompts) and (not with_logps or "logp" in rows[0]):
             return _answer_maps(rows, with_logps)
-    out = greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc, with_logps=with_logps)
-    answers_, logps = out if with_logps else (out, None)
+
+    def generate(part: list[list[int]]) -> list:
+        out = greedy(model, tokenizer, part, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc, with_logps=with_logps,
+                     disable=not D.is_main())
+        return list(zip(*out)) if with_logps else out  # one (answer, logp) per prompt
+
+    results = D.shard_map(generate, ids, key=len)  # one process: generate(ids)
+    answers_, logps = ([r[0] for r in results], [r[1] for r in results]) if with_logps else (results, None)
     rows = [{"id": p.id, "split": p.split, "answer": tokenizer.decode(a, skip_special_tokens=True),
              "answer_ids": a, **({"logp": logps[i]} if with_logps else {})}
             for i, (p, a) in enumerate(zip(prompts, answers_))]
-    write_jsonl(path, rows)
-    return _answer_maps(rows, with_logps)
+    return _answer_maps(publish_jsonl(path, rows), with_logps)
 
 
 def _answer_maps(rows: list[dict], with_logps: bool):
@@ -147,10 +163,15 @@ def _jsonable(obj):
 
 
 # ----------------------------------------------------------------------------- pairs
-@torch.no_grad()
 def reference_logps(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
                     chunk: int) -> list[float]:
-    """Summed completion log-probs under ``model`` (no grad), in order."""
+    """Summed completion log-probs under ``model`` (no grad), in order; split across ranks under torchrun."""
+    return D.shard_map(lambda part: _reference_logps(model, part, pad_id, batch_size, chunk), examples,
+                       key=lambda e: len(e[0]) + len(e[1]))
+
+
+@torch.no_grad()
+def _reference_logps(model, examples, pad_id: int, batch_size: int, chunk: int) -> list[float]:
     from qdpo.quant.linear import frozen_weights
 
     out = []
@@ -216,6 +237,12 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
              "mean_first_divergence": sum(fd) / len(fd) if fd else None,
              "mean_chosen_tokens": sum(len(r["chosen_ids"]) for r in rows) / max(len(rows), 1),
              "mean_rejected_tokens": sum(len(r["rejected_ids"]) for r in rows) / max(len(rows), 1)}
-    atomic_write_text(path.with_suffix(".stats.json"), json.dumps(stats))
-    write_jsonl(path, rows)  # last: its presence marks the stage complete
+
+    def write() -> None:
+        atomic_write_text(path.with_suffix(".stats.json"), json.dumps(stats))
+        write_jsonl(path, rows)  # last: its presence marks the stage complete
+
+    D.on_main(write)
+    if not D.is_main():  # every rank trains on the very rows rank 0 wrote
+        return read_jsonl(path), json.loads(path.with_suffix(".stats.json").read_text())
     return rows, stats

@@ -4,10 +4,19 @@ An explicit loop: for each optimizer step, take ``batch_size`` examples in a
 seeded per-epoch order, run them in ``micro_batch_size`` pieces (gradient
 accumulation), clip, step AdamW, step the warm-up + cosine schedule, log one
 line per ``log_every`` steps, check the validation flip rate every
-``eval_every`` steps (early stopping keeps the best weights), and write an
-atomic checkpoint every ``checkpoint_every`` steps. Only the quantized
-layers' latent weights (and, with ``learn_scales``, their scales) train;
-everything else is frozen.
+``eval_every`` steps (early stopping keeps the best weights), and write a
+checkpoint every ``checkpoint_every`` steps. Only the quantized layers'
+latent weights (and, with ``learn_scales``, their scales) train; everything
+else is frozen.
+
+Under ``torchrun`` (``qdpo.training.distributed``) the model is wrapped with
+FSDP2 or DDP, each rank runs its contiguous slice of every global batch (so
+the global batch, the loss curve and the weights equal a one-process run's),
+metrics are summed over the ranks, validation runs on every rank and rank 0's
+value decides early stopping everywhere, and only rank 0 writes logs and
+shows progress. Checkpoints are ``torch.distributed.checkpoint`` folders
+(``checkpoints/step-NNNNNN/``, complete once ``.metadata`` exists, the last
+two kept) that any number of processes can resume.
 
 Losses per method (all per micro-batch, averaged over the batch):
 
@@ -21,10 +30,10 @@ Losses per method (all per micro-batch, averaged over the batch):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +42,12 @@ import torch
 from tqdm.auto import tqdm
 
 from qdpo.quant.linear import QuantLinear
+from qdpo.training import distributed as D
 from qdpo.training.config import TrainConfig
 from qdpo.training.data import Batch, collate
 from qdpo.training.logps import completion_hidden, label_logps, output_layer, token_kl
 from qdpo.training.losses import dpo_loss, preference_metrics
+from qdpo.training.optim import make_optimizer, set_latent_dtype
 
 log = logging.getLogger("qdpo.train")
 
@@ -92,6 +103,18 @@ def freeze_for_training(model, learn_scales: bool) -> tuple[list, list]:
     if not weights:
         raise ValueError("the model has no QuantLinear layers to train; quantize it first")
     return weights, scales
+
+
+def trainable_params(model) -> tuple[list, list]:
+    """The latent weights and learned scales of the QuantLinear layers (after any wrapping replaced them)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return [m.weight for m in layers], [m.scales for m in layers if m.scales.requires_grad]
+
+
+def prepare_for_training(model, cfg: TrainConfig) -> None:
+    """Latent weights in ``cfg.latent_dtype``, everything but them (and learned scales) frozen."""
+    set_latent_dtype(model, cfg.latent_dtype)
+    freeze_for_training(model, cfg.learn_scales)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -189,26 +212,27 @@ def _kd_tokens(model, fp_model, batch: Batch, h, cfg: TrainConfig, device) -> to
     return token_kl(h, w, b, h_t, wt, bt, cfg.logps_chunk)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); free space and rerun "
-                              "with --resume: the previous checkpoint is intact") from None
+@torch.no_grad()
+def sharded_flip_rate(model, examples, targets, batch_size: int, chunk: int) -> float:
+    """``qdpo.eval.metrics.flip_rate`` for a model FSDP2 shards (call it through the Runner).
 
-
-def latest_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest checkpoint that loads; None if there is none."""
-    for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the previous one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
-    return None
+    The same length-sorted batches and FP targets, but without caching every
+    layer's ŵ up front (the layers are sharded until their own forward): each
+    QuantLinear fake-quantizes its gathered weight as it runs.
+    """
+    was = model.training
+    model.eval()
+    head, device = model.get_output_embeddings(), next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+    flips = 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        h, _, _ = completion_hidden(model, collate([examples[i] for i in idx], 0).to(device))
+        want = torch.cat([targets.example(i)[0] for i in idx]).to(device)
+        for c in range(0, h.shape[0], chunk):
+            flips += int((head(h[c:c + chunk]).argmax(-1) != want[c:c + chunk]).sum())
+    model.train(was)
+    return flips / targets.num_tokens
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -223,12 +247,17 @@ class Trainer:
         self.examples = examples  # QDPO: already cut to cfg.window, with matching reference log-probs
         self.out_dir, self.pad_id, self.val = Path(out_dir), pad_id, val  # val: (examples, FPTargets)
         self.device = next(model.parameters()).device
-        self.disable = disable_progress
-        weights, scales = freeze_for_training(model, cfg.learn_scales)
+        self.disable = disable_progress or not D.is_main()
+        self.mode = D.resolve_mode(cfg.dist, cfg.batch_size)  # none | ddp | fsdp
+        prepare_for_training(model, cfg)
+        if cfg.activation_checkpointing:
+            D.activation_checkpointing(model)
+        self.runner = D.wrap(model, self.mode, self.device)  # runner(fn) = fn(model) under FSDP2/DDP's hooks
+        weights, scales = trainable_params(model)
         groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if scales:
             groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0})
-        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.opt = make_optimizer(groups, cfg.latent_dtype)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.history: list[dict] = []
         self.best = {"metric": float("inf"), "step": 0, "bad": 0, "state": None}
@@ -240,70 +269,119 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "trainable": trainable_state(self.model), "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(), "best": self.best,
-                 "history": json.dumps(self.history)}
-        _atomic_save(state, self.ckpt_dir / f"step-{self.step:06d}.pt")
-        for old in sorted(self.ckpt_dir.glob("step-*.pt"))[:-2]:  # keep the last two
-            old.unlink(missing_ok=True)
+        meta = {"step": self.step, "scheduler": self.sched.state_dict(), "history": self.history,
+                "best": {k: v for k, v in self.best.items() if k != "state"},
+                "has_best_state": self.best["state"] is not None, "world_size": D.world_size()}
+        tensors = {"rng": torch.get_rng_state()}
+        if self.best["state"] is not None:
+            tensors["best_state"] = self.best["state"]
+        folder = self.ckpt_dir / f"step-{self.step:06d}"
+        try:
+            D.save_checkpoint(folder, self.model, self.opt, tensors, meta)
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {folder} ({e.strerror or e}); free space and rerun "
+                                  "with --resume: the previous checkpoint is intact") from None
 
     def resume(self) -> bool:
-        ck = latest_checkpoint(self.ckpt_dir)
-        if ck is None:
-            return False
-        load_trainable_state(self.model, ck["trainable"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        self.best, self.step = ck["best"], ck["step"]
-        self.history = json.loads(ck["history"])
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "metrics.jsonl").open("w") as f:  # drop lines logged after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        log.info("%s: resumed from step %d", self.method, self.step)
-        return True
+        """Continue from the newest checkpoint that loads (saved by any number of processes)."""
+        for folder in reversed(D.complete_checkpoints(self.ckpt_dir)):
+            try:
+                meta = self._load(folder)
+            except (Exception, D.CheckpointException) as e:  # noqa: BLE001 - a damaged one: try the one before
+                log.warning("checkpoint %s does not load (%s); trying an older one", folder, str(e).splitlines()[0])
+                continue
+            if D.is_main():
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                with (self.out_dir / "metrics.jsonl").open("w") as f:  # drop lines logged after the checkpoint
+                    f.writelines(json.dumps(r) + "\n" for r in self.history)
+            log.info("%s: resumed from step %d (saved by %d process(es))", self.method, self.step, meta["world_size"])
+            return True
+        return False
+
+    def _load(self, folder: Path) -> dict:
+        tensors = {"rng": torch.get_rng_state()}  # templates DCP loads into, laid out like this run's
+        if D.read_meta(folder)["has_best_state"]:
+            tensors["best_state"] = trainable_state(self.model)
+        meta = D.load_checkpoint(folder, self.model, self.opt, tensors)
+        self.sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng"])
+        self.best = {**meta["best"], "state": tensors.get("best_state")}
+        self.step, self.history = meta["step"], meta["history"]
+        return meta
+
+    def final_model(self, template):
+        """The trained weights in a plain module, for evaluation and export.
+
+        ``self.model`` itself unless FSDP2 sharded it; then a copy of
+        ``template`` (the untrained model) holding the gathered weights, on
+        rank 0 (None on the others). Every rank must call it.
+        """
+        if self.mode != "fsdp":
+            return self.model
+        state = D.full_tensors({n: p for n, p in self.model.named_parameters() if p.requires_grad})
+        if not D.is_main():
+            return None
+        model = copy.deepcopy(template).to(self.device)
+        prepare_for_training(model, self.cfg)
+        load_trainable_state(model, state)
+        return model.eval()
 
     # -- evaluation for early stopping
     def validate(self) -> float | None:
         if self.val is None or not self.cfg.eval_every:
             return None
-        from qdpo.eval.metrics import flip_rate
-
-        examples, targets = self.val
-        fr = flip_rate(self.model, examples, targets, batch_size=self.cfg.micro_batch_size * 2,
-                       chunk=self.cfg.logps_chunk, disable=True)
+        fr = D.broadcast(self._flip_rate(*self.val))  # rank 0's value: the same decision on every rank
         if fr < self.best["metric"] - 1e-12:
             self.best.update(metric=fr, step=self.step, bad=0, state=trainable_state(self.model))
         else:
             self.best["bad"] += 1
         return fr
 
+    def _flip_rate(self, examples, targets) -> float:
+        bs, chunk = self.cfg.micro_batch_size * 2, self.cfg.logps_chunk
+        if self.mode != "fsdp":
+            from qdpo.eval.metrics import flip_rate
+
+            return flip_rate(self.model, examples, targets, batch_size=bs, chunk=chunk, disable=True)
+        with torch.no_grad():  # every rank runs the same batches: each layer is gathered for its own forward
+            fr = self.runner(lambda m: sharded_flip_rate(m, examples, targets, bs, chunk))
+        D.reshard(self.runner)
+        return fr
+
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if D.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with (self.out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     # -- one optimizer step
+    def _micro_step(self, examples: list[Example], total: int, sync: bool) -> dict:
+        """Forward and backward of one micro-batch of a global batch of ``total`` examples."""
+        def loss_of(model):
+            return micro_loss(model, self.fp_model, examples, self.cfg, self.method, self.pad_id, self.device)
+
+        with D.gradient_sync(self.runner, sync):
+            loss, metrics = self.runner(loss_of)
+            # DDP and FSDP2 average gradients over the ranks; each rank's loss is its share of the global sum
+            (loss * len(examples) / total * D.world_size()).backward()
+        return metrics
+
     def train_step(self) -> dict:
         cfg = self.cfg
         self.model.train()
         idx = batch_indices(len(self.examples), self.step, cfg.batch_size, cfg.seed)
-        micro = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
+        mine = D.local_slice(idx)
+        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         agg: dict[str, float] = {}
         t0 = time.perf_counter()
-        for mb in micro:
-            loss, m = micro_loss(self.model, self.fp_model, [self.examples[i] for i in mb], cfg, self.method,
-                                 self.pad_id, self.device)
-            (loss * len(mb) / len(idx)).backward()
+        for j, mb in enumerate(micro):
+            m = self._micro_step([self.examples[i] for i in mb], len(idx), sync=j == len(micro) - 1)
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + (v if k == "num_tokens" else v * len(mb) / len(idx))
+        agg = D.all_reduce_sum(agg)
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        if cfg.max_grad_norm:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        else:
-            gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)).item()
+        gn = D.clip_grad_norm(params, cfg.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -316,8 +394,8 @@ class Trainer:
         """Train to ``cfg.steps`` (or early stop); leave the best weights in the model; return a summary."""
         cfg = self.cfg
         if not (resume and self.resume()):
-            metrics = self.out_dir / "metrics.jsonl"
-            metrics.unlink(missing_ok=True)
+            if D.is_main():
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             fr = self.validate()
             self._log({"step": 0, **({"val/flip_rate": fr} if fr is not None else {})})
         t0 = time.perf_counter()

@@ -1,0 +1,158 @@
+"""Multi-process training on the CPU: gloo, 2 processes under torchrun, tiny models.
+
+DDP and FSDP2 reproduce the one-process loss curve and weights for the same
+global batch; a 2-process checkpoint resumes in one process; a rank that
+raises stops the launcher with its message and leaves the last checkpoint
+loadable; ``torchrun -m qdpo.train`` writes one set of artifacts, from the
+same pairs as a one-process run. In-process: bf16 latent weights with an fp32
+master, and the checks on how a batch splits.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker as W
+from qdpo import train
+from qdpo.training import distributed as D
+from qdpo.training.config import ConfigError, TrainConfig
+from qdpo.training.trainer import Trainer
+from test_pipeline import _args, _prompts, model_dir  # noqa: F401 - model_dir is a fixture
+from test_trainer import make_data
+
+HERE = Path(__file__).parent
+# Sums split across ranks add up in another order: fp32 rounding only. (With AdamW an element whose
+# gradient is ~0 could move by up to ~lr on that noise; these runs have none, see TOOLCHAIN.md.)
+CURVE = dict(rtol=1e-5, atol=1e-6)
+WEIGHTS = dict(rtol=0, atol=1e-5)
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "examples.json"
+    W.write_examples(path, make_data()[2])
+    return path
+
+
+def in_process(*args, **kw) -> dict:
+    """``dist_worker.train`` here, with one thread like each rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return W.train(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory) -> dict:
+    return in_process(data, tmp_path_factory.mktemp("one"))
+
+
+def assert_same_run(ref: dict, got: dict) -> None:
+    assert [h["step"] for h in got["history"]] == [h["step"] for h in ref["history"]]
+    for a, b in zip(ref["history"], got["history"]):
+        for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "num_tokens"):
+            if k in a:
+                torch.testing.assert_close(b[k], a[k], **CURVE, msg=f"step {a['step']} {k}")
+        assert b.get("val/flip_rate") == a.get("val/flip_rate"), a["step"]  # so the same best step is kept
+    assert got["weights"].keys() == ref["weights"].keys()
+    for n, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][n], w, **WEIGHTS, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(data, one_process, tmp_path, mode):
+    extra = ["--activation-checkpointing"] if mode == "fsdp" else []  # recomputing changes nothing either
+    r = torchrun(HERE / "dist_worker.py", data, tmp_path, "--dist", mode, *extra)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_run(one_process, torch.load(tmp_path / "result.pt", weights_only=False))
+    logged = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(9))  # rank 0 alone writes the log
+    ckpts = D.complete_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000006", "step-000008"]  # the last two
+    assert sorted(p.name for p in ckpts[-1].iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", D.META]
+
+
+def test_dying_rank_stops_the_launcher_and_its_checkpoint_resumes_in_one_process(data, one_process, tmp_path):
+    r = torchrun(HERE / "dist_worker.py", data, tmp_path, "--dist", "fsdp", "--fail-at", 7, "--fail-rank", 1)
+    assert r.returncode != 0
+    summary = r.stderr[r.stderr.index("Root Cause"):]  # torchrun's report names the rank and its error
+    assert "rank      : 1" in summary and "SimulatedFailure: rank 1: simulated failure at step 7" in summary
+    assert [p.name for p in D.complete_checkpoints(tmp_path / "checkpoints")] == ["step-000003", "step-000006"]
+    assert D.read_meta(tmp_path / "checkpoints" / "step-000006")["world_size"] == 2
+    resumed = in_process(data, tmp_path, resume=True)  # one process continues the 2-process run
+    assert_same_run(one_process, resumed)
+
+
+def test_torchrun_pipeline_writes_one_report_from_the_one_process_pairs(model_dir, tmp_path):  # noqa: F811
+    prompts = _prompts(tmp_path / "p.jsonl")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(_args(model_dir, prompts, one)) == 0
+    r = torchrun("-m", "qdpo.train", *_args(model_dir, prompts, two))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("report: ") == 1 and f"report: {two / 'report.md'}" in r.stdout
+    assert r.stderr.count("stage: load") == 1  # logs from rank 0 only
+    a, b = ([json.loads(x) for x in (d / "pairs.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):  # the same answers; reference log-probs up to batch-composition rounding
+        for k in x:
+            if k.endswith("logps"):
+                assert y[k] == pytest.approx(x[k], rel=1e-5), (x["id"], k)
+            else:
+                assert y[k] == x[k], (x["id"], k)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["pairs"] == m1["pairs"] and m2["config"]["dist"] == "auto"
+    h1, h2 = ([json.loads(x) for x in (d / "train_qdpo" / "metrics.jsonl").read_text().splitlines()]
+              for d in (one, two))
+    assert [h["step"] for h in h2] == list(range(5))
+    assert [h["loss"] for h in h2[1:]] == pytest.approx([h["loss"] for h in h1[1:]], rel=1e-5)
+    assert m2["eval"]["qdpo"]["flip_rate"] == pytest.approx(m1["eval"]["qdpo"]["flip_rate"], abs=1e-9)
+    assert m2["training"]["qdpo"]["export"]["reproduces_eval"] is True
+
+
+def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):
+    full = in_process(data, tmp_path / "full", latent_dtype="bfloat16")
+    assert all(w.dtype == torch.bfloat16 for w in full["weights"].values())
+    losses = [h["loss"] for h in full["history"][1:]]
+    assert losses[0] == pytest.approx(0.6931472, abs=1e-6)  # bf16 rounding kept every code: policy = reference
+    # bf16 weights near a code boundary land in other bins than fp32 ones: the curve follows fp32's loosely
+    assert losses == pytest.approx([h["loss"] for h in one_process["history"][1:]], abs=0.1)
+    with pytest.raises(W.SimulatedFailure):
+        in_process(data, tmp_path / "cut", latent_dtype="bfloat16", fail_at=7, fail_rank=0)
+    resumed = in_process(data, tmp_path / "cut", resume=True, latent_dtype="bfloat16")
+    for n, w in full["weights"].items():  # the master (not the bf16 weight) carried the sub-bf16 updates over
+        assert torch.equal(resumed["weights"][n], w), n
+
+
+def test_master_copy_lives_in_the_optimizer_state(data, tmp_path):
+    _, q = W.models()
+    cfg = TrainConfig(**{**W.SETTINGS, "steps": 1, "eval_every": 0, "latent_dtype": "bfloat16"}).validate()
+    t = Trainer(q, cfg, "qdpo", W.read_examples(data), tmp_path, pad_id=1, disable_progress=True)
+    t.train_step()
+    for p in t.opt.param_groups[0]["params"]:
+        st = t.opt.state[p]
+        assert p.dtype == torch.bfloat16 and st["master"].dtype == st["exp_avg"].dtype == torch.float32
+        assert torch.equal(p, st["master"].to(torch.bfloat16))
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused(monkeypatch):
+    monkeypatch.setattr(D, "world_size", lambda: 4)
+    assert D.resolve_mode("auto", 8) == "fsdp" and D.resolve_mode("ddp", 8) == "ddp"
+    with pytest.raises(ConfigError, match="--batch-size 6 does not split over 4 processes; use a multiple of 4"):
+        D.resolve_mode("auto", 6)
+    with pytest.raises(ConfigError, match="--dist none cannot train with 4 processes"):
+        D.resolve_mode("none", 8)
+    monkeypatch.setattr(D, "world_size", lambda: 1)
+    assert D.resolve_mode("fsdp", 6) == "none"  # one process trains unwrapped
