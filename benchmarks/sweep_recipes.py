@@ -37,14 +37,47 @@ def _parse(recipe: str, base: dict) -> dict:
     return out
 
 
+def _summary(rows: list[dict]) -> str:
+    """A markdown table: mean ± sample std over seeds of each recipe's best validation and test numbers."""
+    import statistics
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "-"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.4f} ± {sd:.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
+
+    order = list(dict.fromkeys(r["recipe"] for r in rows))
+    lines = ["| recipe | seeds | val flip (best) | best step | test flip | test KL | s/run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for rec in order:
+        rs = [r for r in rows if r["recipe"] == rec]
+        lines.append(f"| `{rec}` | {len(rs)} | {ms([r['best'] for r in rs])} | "
+                     f"{', '.join(str(r['best_step']) for r in rs)} | {ms([r.get('test_flip') for r in rs])} | "
+                     f"{ms([r.get('test_kl') for r in rs])} | {sum(r['seconds'] for r in rs) / len(rs):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
-    p.add_argument("--recipes", nargs="+", required=True)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipes", nargs="+", required=True, help="TrainConfig overrides per recipe; 'rtn' = untrained")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's --steps")
+    p.add_argument("--eval-every", type=int, default=None, help="default: the run's --eval-every")
+    p.add_argument("--patience", type=int, default=0, help="early stopping as in a run (0: train every step)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--test", action="store_true",
+                   help="also evaluate each recipe's best-validation weights on the test split (flip rate, KL)")
+    p.add_argument("--out", default=None, help="JSON lines file to append to (default: <run>/sweep.jsonl)")
+    p.add_argument("--table", action="store_true", help="only print the table of --out's rows for --recipes")
     a = p.parse_args()
+    run = Path(a.run_dir)
+    out = Path(a.out) if a.out else run / "sweep.jsonl"
+    if a.table:
+        rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+        print(_summary([r for r in rows if r["recipe"] in a.recipes and r["seed"] in a.seeds]))
+        return
 
     import torch
 
@@ -52,48 +85,69 @@ def main() -> None:
     from qdpo.train import _examples, _load
     from qdpo.training import stages as S
     from qdpo.training.config import TrainConfig
+    from qdpo.training.prompts import load_prompt_set, prompt_ids
     from qdpo.training.trainer import Trainer
 
-    run = Path(a.run_dir)
     base = json.loads((run / "run.json").read_text())["config"]
     cfg0 = TrainConfig(**base)
     fp_model, tok = _load(cfg0, torch.device("cpu"))
     q0, _ = S.quantize_initial(fp_model, cfg0, [], run / "initial")
     pairs = S.read_jsonl(run / "pairs.jsonl")
     fp_rows = S.read_jsonl(run / "answers" / "fp.jsonl")
-    from qdpo.training.prompts import load_prompt_set, prompt_ids
-
     prompts = {p.id: p for p in load_prompt_set(cfg0.prompts, cfg0.seed)}
     fp = {r["id"]: r["answer_ids"] for r in fp_rows}
     ids = {pid: prompt_ids(tok, prompts[pid].messages) for pid in fp}
     train_p = [prompts[r["id"]] for r in fp_rows if r["split"] == "train"]
-    val_ex = [(ids[r["id"]], r["answer_ids"]) for r in fp_rows if r["split"] == "validation"]
+    split_ex = {s: [(ids[r["id"]], r["answer_ids"]) for r in fp_rows if r["split"] == s]
+                for s in ("validation", "test")}
+    val_ex, test_ex = split_ex["validation"], split_ex["test"]
     pad = tok.pad_token_id
-    targets = M.fp_targets(fp_model, val_ex, batch_size=16, disable=True)
-    start = M.flip_rate(q0, val_ex, targets, batch_size=16, disable=True)
-    print(f"validation flip rate of the initial model: {start:.4f}")
-    results = []
-    for recipe in a.recipes:
-        cfg = TrainConfig(**_parse(recipe, {**base, "steps": a.steps, "eval_every": a.eval_every, "patience": 0,
-                                            "seed": a.seed, "checkpoint_every": 0})).validate()
-        model = copy.deepcopy(q0)
-        method = cfg.method if cfg.method != "all" else "qdpo"
-        examples = _examples(method, pairs, train_p, ids, fp)
-        if method == "qdpo" and cfg.window:
-            examples = S.windowed_reference(q0, examples, cfg.window, pad, cfg)
-        t0 = time.perf_counter()
-        tr = Trainer(model, cfg, method, examples, run / "sweep" / recipe.replace("=", "").replace(",", "_"),
-                     fp_model=fp_model, val=(val_ex, targets), pad_id=pad, disable_progress=True)
-        tr.run()
-        curve = {h["step"]: h["val/flip_rate"] for h in tr.history if h.get("val/flip_rate") is not None}
-        rec = {"recipe": recipe, "method": method, "steps": a.steps, "seed": a.seed, "start": start,
-               "val_flip": curve, "best": min(curve.values()), "best_step": min(curve, key=curve.get),
-               "seconds": round(time.perf_counter() - t0, 1)}
-        results.append(rec)
-        with (run / "sweep.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{recipe:40s} best {rec['best']:.4f} at step {rec['best_step']:3d}  curve "
-              + " ".join(f"{s}:{v:.4f}" for s, v in curve.items()) + f"  ({rec['seconds']} s)", flush=True)
+    bs = cfg0.micro_batch_size * 2
+    targets = M.fp_targets(fp_model, val_ex, batch_size=bs, disable=True)
+    start = M.flip_rate(q0, val_ex, targets, batch_size=bs, disable=True)
+    ev = dict(batch_size=bs, chunk=cfg0.logps_chunk, disable=True, pad_id=pad, fp_cache={})
+    print(f"validation flip rate of the initial model: {start:.4f}", flush=True)
+
+    def test_metrics(model) -> dict:
+        if not a.test:
+            return {}
+        tf = M.teacher_forced(fp_model, model, test_ex, **ev)
+        return {"test_flip": tf["flip_rate"], "test_kl": tf["kl"], "test_ppl_ratio": tf["ppl_ratio"]}
+
+    rows = []
+    for seed in a.seeds:
+        for recipe in a.recipes:
+            t0 = time.perf_counter()
+            if recipe == "rtn":  # the initial quantized model, untrained
+                rec = {"recipe": recipe, "method": "rtn", "steps": 0, "seed": seed, "start": start,
+                       "val_flip": {0: start}, "best": start, "best_step": 0, **test_metrics(q0)}
+            else:
+                over = {"seed": seed, "patience": a.patience, "checkpoint_every": 0}
+                over.update({k: v for k, v in (("steps", a.steps), ("eval_every", a.eval_every)) if v is not None})
+                cfg = TrainConfig(**_parse(recipe, {**base, **over})).validate()
+                model = copy.deepcopy(q0)
+                method = cfg.method if cfg.method != "all" else "qdpo"
+                examples = _examples(method, pairs, train_p, ids, fp)
+                if method == "qdpo" and cfg.window:
+                    examples = S.windowed_reference(q0, examples, cfg.window, pad, cfg)
+                name = recipe.replace("=", "").replace(",", "_") + f"_s{seed}"
+                tr = Trainer(model, cfg, method, examples, run / "sweep" / name, fp_model=fp_model,
+                             val=(val_ex, targets), pad_id=pad, disable_progress=True)
+                summary = tr.run()
+                curve = {h["step"]: h["val/flip_rate"] for h in tr.history if h.get("val/flip_rate") is not None}
+                rec = {"recipe": recipe, "method": method, "steps": cfg.steps, "seed": seed, "start": start,
+                       "val_flip": curve, "best": min(curve.values()), "best_step": min(curve, key=curve.get),
+                       "steps_run": summary["steps_run"], **test_metrics(model)}
+                del tr, model
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(rec)
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            test = f"  test flip {rec['test_flip']:.4f} KL {rec['test_kl']:.4f}" if a.test else ""
+            print(f"seed {seed} {recipe:40s} best val {rec['best']:.4f} at step {rec['best_step']:3d}{test}  curve "
+                  + " ".join(f"{s}:{v:.4f}" for s, v in rec["val_flip"].items()) + f"  ({rec['seconds']} s)",
+                  flush=True)
+    print(_summary(rows))
 
 
 if __name__ == "__main__":
