@@ -54,6 +54,29 @@ def randn(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=g).to(dtype)
 
 
+# A test body shared by the kernel backends takes the ``backend`` fixture: triton
+# everywhere (on the CPU through the interpreter), cuda only on a GPU.
+KERNEL_BACKENDS = ("triton", pytest.param("cuda", marks=pytest.mark.gpu))
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request) -> str:
+    """The backend under test; its cuda variant skips (not fails) where ``qdpo._C`` was not built."""
+    if request.param == "cuda":
+        pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built (no nvcc at install time)")
+    return request.param
+
+
+def on(backend: str, *ts):
+    """Inputs where ``backend`` runs them: moved to the GPU for cuda, as they are for the others.
+
+    One tensor in, one out; several in, a list out (non-tensors pass through). References
+    are computed on the CPU originals, so results are compared after ``.cpu()``.
+    """
+    moved = [t.to("cuda") if backend == "cuda" and isinstance(t, torch.Tensor) else t for t in ts]
+    return moved[0] if len(moved) == 1 else moved
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return

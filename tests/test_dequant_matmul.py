@@ -64,15 +64,48 @@ def _gs_for(k: int, i: int) -> int:
     return fits[i % len(fits)]
 
 
-# --------------------------------------------------------------------------- forward
-@pytest.mark.parametrize("i,m,nk", [(i, m, nk) for i, (m, nk) in enumerate(itertools.product(MS, ODD_NK))])
-def test_forward_odd_shapes(i, m, nk):
-    """Every M × odd (N, K) through the op; dtype, bits, group, symmetry and bias cycle with i."""
+# (i, M, (N, K)): every M × odd (N, K), numbered
+ODD_CASES = [(i, m, nk) for i, (m, nk) in enumerate(itertools.product(MS, ODD_NK))]
+
+
+def _odd_case(i, m, nk):
+    """``(qw, x, bias)`` for one of ODD_CASES: dtype, bits, group, symmetry and bias cycle with i."""
     n, k = nk
     bits, sym, has_bias = (4, 8)[i % 2], bool(i // 2 % 2), i % 3 != 0
     qw = _weight(n, k, bits, _gs_for(k, i), sym, seed=i)
     x = _rand(m, k, dtype=XDTYPES[i % 3], seed=i)
     b = _rand(n, seed=i + 100) if has_bias else None
+    return qw, x, b
+
+
+def _dtype_group_case(xdtype, bits, gs):
+    """``(qw, bias)`` ``(33, 512)`` for x dtype × bits × group size; symmetry and scale dtype alternate."""
+    case = XDTYPES.index(xdtype) + 3 * GROUPS.index(gs)
+    sym = (case + bits // 4) % 2 == 1
+    qw = _weight(33, 512, bits, gs, sym, wdtype=XDTYPES[case % 3], seed=case)
+    return qw, _rand(33, dtype=xdtype, seed=7)
+
+
+def _check_zero_and_constant_rows(backend, ms, xdtypes=(torch.float32,)):
+    """An all-zero row gives exactly the bias; a constant row gives c · Σx (within the 2× rule)."""
+    w = torch.randn(5, 256)
+    w[1] = 0.0
+    w[3] = 0.25
+    qw = qdpo.quantize(w, QuantSpec(4, 64, False), backend="reference").to(DEV)
+    b = _rand(5)
+    for xdtype in xdtypes:
+        for m in ms:
+            x = _rand(m, 256, dtype=xdtype, seed=m)
+            y = OPS.dequant_matmul(x, *_args(qw), b, backend)
+            assert torch.equal(y[:, 1], b[1].to(xdtype).expand(m)), "zero row must give the bias exactly"
+            _check_y(y, x, qw, b)
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("i,m,nk", ODD_CASES)
+def test_forward_odd_shapes(i, m, nk):
+    """Every M × odd (N, K) through the op; dtype, bits, group, symmetry and bias cycle with i."""
+    qw, x, b = _odd_case(i, m, nk)
     _check_y(OPS.dequant_matmul(x, *_args(qw), b, "triton"), x, qw, b, f"{dm.choose_path(m)} path")
 
 
@@ -81,10 +114,7 @@ def test_forward_odd_shapes(i, m, nk):
 @pytest.mark.parametrize("gs", GROUPS)
 def test_forward_dtypes_and_groups(xdtype, bits, gs):
     """All dtypes × bits × group sizes, on the three paths; symmetry and scale dtype alternate."""
-    case = XDTYPES.index(xdtype) + 3 * GROUPS.index(gs)
-    sym = (case + bits // 4) % 2 == 1
-    qw = _weight(33, 512, bits, gs, sym, wdtype=XDTYPES[case % 3], seed=case)
-    b = _rand(33, dtype=xdtype, seed=7)
+    qw, b = _dtype_group_case(xdtype, bits, gs)
     for m, path in ((1, "gemv"), (3, "gemv"), (17, "gemm"), (5, "workspace")):
         x = _rand(m, 512, dtype=xdtype, seed=m)
         _check_y(dm.forward(x, *_args(qw), b, path=path), x, qw, b, f"{path} M={m}")
@@ -149,16 +179,7 @@ def test_one_group_per_row_and_k_equal_to_group():
 
 def test_zero_and_constant_rows():
     """An all-zero row gives exactly the bias; a constant row gives c · Σx."""
-    w = torch.randn(5, 256)
-    w[1] = 0.0
-    w[3] = 0.25
-    qw = qdpo.quantize(w, QuantSpec(4, 64, False), backend="reference").to(DEV)
-    b = _rand(5)
-    for m in (1, 3, 17):
-        x = _rand(m, 256, seed=m)
-        y = OPS.dequant_matmul(x, *_args(qw), b, "triton")
-        assert torch.equal(y[:, 1], b[1].expand(m)), "zero row must give the bias exactly"
-        _check_y(y, x, qw, b)
+    _check_zero_and_constant_rows("triton", (1, 3, 17))
 
 
 def test_sliced_llama_shape():
@@ -181,7 +202,7 @@ def test_empty_batch():
 
 # --------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("path", ("fused", "workspace"))
-@pytest.mark.parametrize("i,m,nk", [(i, m, nk) for i, (m, nk) in enumerate(itertools.product(MS, ODD_NK))])
+@pytest.mark.parametrize("i,m,nk", ODD_CASES)
 def test_dx_shapes(i, m, nk, path):
     """``dy @ ŵ`` over M × odd (N, K); dtype, bits, group and symmetry cycle with i."""
     n, k = nk

@@ -1,6 +1,9 @@
-"""Triton dequantize vs ``qdpo.kernels.reference``: bit-exact in every output dtype.
+"""Triton (and cuda) dequantize vs ``qdpo.kernels.reference``: bit-exact in every output dtype.
 
-Runs on the CPU under ``TRITON_INTERPRET=1`` (see conftest).
+Runs on the CPU under ``TRITON_INTERPRET=1`` (see conftest). Tests taking the
+``backend`` fixture also run the cuda backend on CUDA tensors against the same
+CPU reference, on a GPU with the built extension (marked ``gpu``; see conftest);
+what only the cuda launchers need is in ``test_cuda_kernels.py``.
 """
 
 import pytest
@@ -11,10 +14,9 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import dequantize as td, quantize as tq
-from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, on, randn
 
 OPS = torch.ops.qdpo
-
 
 
 def _random_packed(n, k, bits, ng, sdtype, seed=0, mag=1.0):
@@ -26,30 +28,31 @@ def _random_packed(n, k, bits, ng, sdtype, seed=0, mag=1.0):
     return qweight, scales, zeros
 
 
-def _assert_dequantize(q, s, z, bits, dtype):
-    out = OPS.dequantize(q, s, z, bits, dtype, "triton")
-    assert_exact(out, ref.dequantize(q, s, z, bits, dtype), "ŵ")
+def _assert_dequantize(q, s, z, bits, dtype, backend="triton"):
+    """The op equals reference.dequantize run on the CPU."""
+    out = OPS.dequantize(*on(backend, q, s, z), bits, dtype, backend)
+    assert_exact(out.cpu(), ref.dequantize(q.cpu(), s.cpu(), z.cpu(), bits, dtype), "ŵ")
 
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("gs", GROUPS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantize_matches_reference(dtype, bits, gs, sym):
+def test_dequantize_matches_reference(dtype, bits, gs, sym, backend):
     q, s, z = ref.quantize(randn(*SHAPE_FOR[gs], dtype, seed=gs), bits, gs, sym)
-    _assert_dequantize(q, s, z, bits, dtype)
+    _assert_dequantize(q, s, z, bits, dtype, backend)
 
 
 @pytest.mark.parametrize("sdtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_arbitrary_codes_into_every_output_dtype(dtype, sdtype):
+def test_arbitrary_codes_into_every_output_dtype(dtype, sdtype, backend):
     for bits in (4, 8):
         q, s, z = _random_packed(33, 256, bits, 4, sdtype, seed=bits)
-        _assert_dequantize(q, s, z, bits, dtype)
+        _assert_dequantize(q, s, z, bits, dtype, backend)
 
 
 @pytest.mark.parametrize("nk", ODD_NK)
-def test_odd_shapes_every_group_size(nk):
+def test_odd_shapes_every_group_size(nk, backend):
     n, k = nk
     for gs in GROUPS:
         if gs != -1 and k % gs:
@@ -57,7 +60,7 @@ def test_odd_shapes_every_group_size(nk):
         ng = 1 if gs == -1 else k // gs
         for bits, sdtype in ((4, torch.bfloat16), (8, torch.float16)):
             q, s, z = _random_packed(n, k, bits, ng, sdtype, seed=n + ng)
-            _assert_dequantize(q, s, z, bits, torch.bfloat16 if bits == 4 else torch.float32)
+            _assert_dequantize(q, s, z, bits, torch.bfloat16 if bits == 4 else torch.float32, backend)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -67,42 +70,42 @@ def test_long_rows_are_split_over_programs(bits):
     assert_exact(out, ref.dequantize(q, s, z, bits, torch.bfloat16), "ŵ")
 
 
-def test_strided_qweight_and_grid():
-    q, s, z = _random_packed(7, 96, 4, 3, torch.float32, seed=4)
-    q_wide = torch.zeros(7, 64, dtype=torch.uint8)[:, :48]  # row stride 64 bytes
+def test_strided_qweight_and_grid(backend):
+    q, s, z = on(backend, *_random_packed(7, 96, 4, 3, torch.float32, seed=4))
+    q_wide = torch.zeros(7, 64, dtype=torch.uint8, device=q.device)[:, :48]  # row stride 64 bytes
     q_wide.copy_(q)
     s_t, z_t = s.t().contiguous().t(), z.t().contiguous().t()  # column-major (N, NG)
-    _assert_dequantize(q_wide, s_t, z_t, 4, torch.float16)
+    _assert_dequantize(q_wide, s_t, z_t, 4, torch.float16, backend)
     q_t = q.t().contiguous().t()  # K not contiguous: copied once
-    _assert_dequantize(q_t, s, z, 4, torch.float32)
+    _assert_dequantize(q_t, s, z, 4, torch.float32, backend)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy, for the fp16 infs
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
-def test_tiny_and_huge_scales_fp32(mag):
+def test_tiny_and_huge_scales_fp32(mag, backend):
     for bits in (4, 8):
         q, s, z = _random_packed(5, 256, bits, 8, torch.float32, seed=5, mag=mag)
-        _assert_dequantize(q, s, z, bits, torch.float32)
-        _assert_dequantize(q, s, z, bits, torch.float16)  # 1e30: ±inf like Tensor.to; 1e-30: zeros
+        _assert_dequantize(q, s, z, bits, torch.float32, backend)
+        _assert_dequantize(q, s, z, bits, torch.float16, backend)  # 1e30: ±inf like Tensor.to; 1e-30: zeros
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zero_groups_dequantize_to_exact_zeros(dtype):
+def test_zero_groups_dequantize_to_exact_zeros(dtype, backend):
     w = randn(6, 128, dtype, seed=6)
     w[0] = 0
     w[1, :32] = 0
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
         q, s, z = ref.quantize(w, bits, gs, sym)
-        out = OPS.dequantize(q, s, z, bits, dtype, "triton")
+        out = OPS.dequantize(*on(backend, q, s, z), bits, dtype, backend).cpu()
         assert out[0].eq(0).all() and out[1, :32].eq(0).all()
         assert_exact(out, ref.dequantize(q, s, z, bits, dtype), "ŵ")
 
 
-def test_llama_shape_slice():
+def test_llama_shape_slice(backend):
     n, k = LLAMA_SHAPES["llama3-8b.kv"]
     for bits, gs in ((4, 128), (8, -1)):
         q, s, z = ref.quantize(randn(n, k, torch.bfloat16, seed=7)[:64], bits, gs, False)
-        _assert_dequantize(q, s, z, bits, torch.bfloat16)
+        _assert_dequantize(q, s, z, bits, torch.bfloat16, backend)
 
 
 def test_public_api_with_triton_backend():
@@ -123,8 +126,8 @@ def test_errors_are_raised_by_the_op_checks():
         OPS.dequantize(q.int(), s, z, 4, None, "triton")
 
 
-def test_opcheck():
-    q, s, z = _random_packed(7, 96, 4, 3, torch.float16, seed=9)
-    opcheck(OPS.dequantize, (q, s, z, 4, torch.bfloat16, "triton"))
-    q8, s8, z8 = _random_packed(7, 96, 8, 1, torch.float32, seed=10)
-    opcheck(OPS.dequantize, (q8, s8, z8, 8, None, "triton"))
+def test_opcheck(backend):
+    q, s, z = on(backend, *_random_packed(7, 96, 4, 3, torch.float16, seed=9))
+    opcheck(OPS.dequantize, (q, s, z, 4, torch.bfloat16, backend))
+    q8, s8, z8 = on(backend, *_random_packed(7, 96, 8, 1, torch.float32, seed=10))
+    opcheck(OPS.dequantize, (q8, s8, z8, 8, None, backend))

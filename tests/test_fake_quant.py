@@ -1,9 +1,13 @@
-"""Triton fake_quant and its STE / LSQ backward vs ``qdpo.kernels.reference``.
+"""Triton (and cuda) fake_quant and its STE / LSQ backward vs ``qdpo.kernels.reference``.
 
 Forward and ``grad_w`` are bit-exact; ``grad_scales`` is an fp32 sum taken in
 another order, so it is compared within the bound of :func:`_assert_sum_close`,
 against ``reference.fake_quant_backward`` and against autograd through
 ``reference.fake_quant_autograd``. Runs on the CPU under ``TRITON_INTERPRET=1``.
+Tests taking the ``backend`` fixture also run the cuda backend on CUDA tensors
+against the same CPU reference, on a GPU with the built extension (marked
+``gpu``; see conftest); what only the cuda launchers need is in
+``test_cuda_kernels.py``.
 """
 
 import pytest
@@ -14,10 +18,9 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import fake_quant as tf, quantize as tq
-from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, on, randn
 
 OPS = torch.ops.qdpo
-
 
 
 def _grid(w, bits, gs, sym, shrink=0.8):
@@ -41,74 +44,76 @@ def _assert_sum_close(actual, expected, grad, bits, what="grad_scales"):
     assert (err <= tol).all(), f"{what}: error {err.max().item():.3g} over the bound {tol.min().item():.3g}"
 
 
-def _assert_backward(grad, w, s, z, bits):
-    gw, gs = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
-    rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
-    assert_exact(gw, rw, "grad_w")
-    _assert_sum_close(gs, rs, grad, bits)
+def _assert_backward(grad, w, s, z, bits, backend="triton"):
+    """The op's ``(grad_w, grad_scales)`` vs reference.fake_quant_backward run on the CPU."""
+    gw, gs = OPS.fake_quant_backward(*on(backend, grad, w, s, z), bits, True, backend)
+    rw, rs = ref.fake_quant_backward(grad.cpu(), w.cpu(), s.cpu(), z.cpu(), bits, True)
+    assert_exact(gw.cpu(), rw, "grad_w")
+    _assert_sum_close(gs.cpu(), rs, grad.cpu(), bits)
 
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("gs", GROUPS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_matches_reference(dtype, bits, gs, sym):
+def test_forward_matches_reference(dtype, bits, gs, sym, backend):
     w = randn(*SHAPE_FOR[gs], dtype, seed=gs)
     s, z = _grid(w, bits, gs, sym)
-    assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
+    assert_exact(OPS.fake_quant(*on(backend, w, s, z), bits, None, backend).cpu(), ref.fake_quant(w, s, z, bits), "ŵ")
 
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("gs", GROUPS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_matches_reference(dtype, bits, gs, sym):
+def test_backward_matches_reference(dtype, bits, gs, sym, backend):
     n, k = SHAPE_FOR[gs]
     w = randn(n, k, dtype, seed=gs)
     s, z = _grid(w, bits, gs, sym)
     assert not ref.fake_quant_mask(w, s, z, bits).all(), "the grid should clip some codes"
     grad = randn(n, k, dtype, seed=gs + 1)
-    _assert_backward(grad, w, s, z, bits)
-    gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, False, "triton")
-    assert_exact(gw, ref.fake_quant_backward(grad, w, s, z, bits)[0], "grad_w")
+    _assert_backward(grad, w, s, z, bits, backend)
+    gw, gs_ = OPS.fake_quant_backward(*on(backend, grad, w, s, z), bits, False, backend)
+    assert_exact(gw.cpu(), ref.fake_quant_backward(grad, w, s, z, bits)[0], "grad_w")
     assert gs_.numel() == 0
 
 
 @pytest.mark.parametrize("nk", ODD_NK)
-def test_odd_shapes_every_group_size(nk):
+def test_odd_shapes_every_group_size(nk, backend):
     w = randn(*nk, torch.bfloat16, seed=nk[0])
     grad = randn(*nk, seed=nk[1])  # fp32 grad into a bf16 weight: grad_w rounds to nearest even
     for gs in GROUPS:
         if gs == -1 or nk[1] % gs == 0:
             s, z = _grid(w, 4, gs, False)
-            assert_exact(OPS.fake_quant(w, s, z, 4, torch.float32, "triton"),
+            assert_exact(OPS.fake_quant(*on(backend, w, s, z), 4, torch.float32, backend).cpu(),
                          ref.fake_quant(w, s, z, 4, torch.float32), "ŵ")
-            _assert_backward(grad, w, s, z, 4)
+            _assert_backward(grad, w, s, z, 4, backend)
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lsq_gradient_matches_autograd(dtype, bits, gs):
+def test_lsq_gradient_matches_autograd(dtype, bits, gs, backend):
     """An independent statement of the gradients: autograd through the fake-quant formula."""
     w = randn(33, 128, dtype, seed=1)
     s, z = _grid(w, bits, gs, False)
     grad = randn(33, 128, dtype, seed=2)
     w_leaf, s_leaf = w.clone().requires_grad_(), s.clone().requires_grad_()
     ref.fake_quant_autograd(w_leaf, s_leaf, z, bits).backward(grad)
-    gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
+    gw, gs_ = OPS.fake_quant_backward(*on(backend, grad, w, s, z), bits, True, backend)
     # autograd's ∂w is (g·s)/s: within an ulp of g before the cast
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(gw, w_leaf.grad, rtol=2 * eps, atol=0)
-    _assert_sum_close(gs_, s_leaf.grad, grad, bits, "grad_scales vs autograd")
+    torch.testing.assert_close(gw.cpu(), w_leaf.grad, rtol=2 * eps, atol=0)
+    _assert_sum_close(gs_.cpu(), s_leaf.grad, grad, bits, "grad_scales vs autograd")
 
 
-def test_mixed_dtypes_of_output_grad_and_scales():
+def test_mixed_dtypes_of_output_grad_and_scales(backend):
     w = randn(7, 96, torch.bfloat16, seed=3)
     s, z = _grid(w.float(), 8, 32, True)
     s16 = s.half()
     for out_dtype in DTYPES:
-        assert_exact(OPS.fake_quant(w, s16, z, 8, out_dtype, "triton"), ref.fake_quant(w, s16, z, 8, out_dtype), "ŵ")
-    _assert_backward(randn(7, 96, torch.float16, seed=4), w, s16, z, 8)
+        assert_exact(OPS.fake_quant(*on(backend, w, s16, z), 8, out_dtype, backend).cpu(),
+                     ref.fake_quant(w, s16, z, 8, out_dtype), "ŵ")
+    _assert_backward(randn(7, 96, torch.float16, seed=4), w, s16, z, 8, backend)
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
@@ -128,7 +133,7 @@ def test_long_rows_are_processed_in_chunks(bits, sym):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zero_and_constant_groups(dtype):
+def test_zero_and_constant_groups(dtype, backend):
     w = randn(6, 128, dtype, seed=7)
     w[0] = 0
     w[1, :32] = 0
@@ -137,63 +142,64 @@ def test_zero_and_constant_groups(dtype):
     grad = randn(6, 128, dtype, seed=8)
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
         s, z = ref.qparams(w, bits, gs, sym)
-        out = OPS.fake_quant(w, s, z, bits, None, "triton")
+        out = OPS.fake_quant(*on(backend, w, s, z), bits, None, backend).cpu()
         assert out[0].eq(0).all() and out[1, :32].eq(0).all()
         assert_exact(out, ref.fake_quant(w, s, z, bits), "ŵ")
-        gw, gs_ = OPS.fake_quant_backward(grad, w, s, z, bits, True, "triton")
-        assert_exact(gw, grad, "grad_w (nothing clips on an RTN grid)")
+        gw, gs_ = OPS.fake_quant_backward(*on(backend, grad, w, s, z), bits, True, backend)
+        assert_exact(gw.cpu(), grad, "grad_w (nothing clips on an RTN grid)")
         assert gs_[0].eq(0).all(), "a zero group has round(w/s) - w/s = 0"
-        _assert_backward(grad, w, s, z, bits)
+        _assert_backward(grad, w, s, z, bits, backend)
 
 
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
-def test_tiny_and_huge_magnitudes_fp32(mag):
+def test_tiny_and_huge_magnitudes_fp32(mag, backend):
     w = randn(5, 256, seed=9) * mag
     grad = randn(5, 256, seed=10)
     for bits, gs, sym in ((4, 32, False), (8, -1, True)):
         s, z = _grid(w, bits, gs, sym)
-        assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "ŵ")
-        _assert_backward(grad, w, s, z, bits)
+        assert_exact(OPS.fake_quant(*on(backend, w, s, z), bits, None, backend).cpu(),
+                     ref.fake_quant(w, s, z, bits), "ŵ")
+        _assert_backward(grad, w, s, z, bits, backend)
 
 
-def test_exact_half_ties_round_to_even():
+def test_exact_half_ties_round_to_even(backend):
     halves = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -3.5, -4.5, -5.5, -6.5, 8.5, -7.5]
     w = torch.tensor(halves).repeat(2, 2)  # (2, 32)
     # s = 1, z = 8: 8.5 rounds to 8 and clips (u = 16); -7.5 rounds to -8, u = 0 is still inside
     s, z = torch.ones(2, 1), torch.full((2, 1), 8, dtype=torch.uint8)
     mask = ref.fake_quant_mask(w, s, z, 4)
     assert not mask[:, 14].any() and mask[:, 15].all()
-    assert_exact(OPS.fake_quant(w, s, z, 4, None, "triton"), ref.fake_quant(w, s, z, 4), "ŵ")
-    _assert_backward(torch.ones(2, 32), w, s, z, 4)
+    assert_exact(OPS.fake_quant(*on(backend, w, s, z), 4, None, backend).cpu(), ref.fake_quant(w, s, z, 4), "ŵ")
+    _assert_backward(torch.ones(2, 32), w, s, z, 4, backend)
 
 
-def test_llama_shape_slice():
+def test_llama_shape_slice(backend):
     n, k = LLAMA_SHAPES["llama3-8b.q"]
     w = randn(n, k, torch.bfloat16, seed=11)[:64]
     s, z = _grid(w, 4, 128, False)
-    assert_exact(OPS.fake_quant(w, s, z, 4, None, "triton"), ref.fake_quant(w, s, z, 4), "ŵ")
-    _assert_backward(randn(64, k, torch.bfloat16, seed=12), w, s, z, 4)
+    assert_exact(OPS.fake_quant(*on(backend, w, s, z), 4, None, backend).cpu(), ref.fake_quant(w, s, z, 4), "ŵ")
+    _assert_backward(randn(64, k, torch.bfloat16, seed=12), w, s, z, 4, backend)
 
 
-def test_public_api_autograd_with_triton_backend():
+def test_public_api_autograd(backend):
     spec = QuantSpec(4, 64, False)
     w = randn(33, 128, torch.float16, seed=13)
     s, z = _grid(w, 4, 64, False)
     grad = randn(33, 128, torch.float16, seed=14)
     grads = {}
-    for backend in ("triton", "reference"):
-        wl, sl = w.clone().requires_grad_(), s.clone().requires_grad_()
-        out = qdpo.fake_quant(wl, spec, sl, z, backend=backend)
-        out.backward(grad)
-        grads[backend] = (out.detach(), wl.grad, sl.grad)
-    (o, gw, gs), (ro, rgw, rgs) = grads["triton"], grads["reference"]
+    for name in (backend, "reference"):  # on() leaves the reference's inputs on the CPU
+        wl, sl = on(name, w).clone().requires_grad_(), on(name, s).clone().requires_grad_()
+        out = qdpo.fake_quant(wl, spec, sl, on(name, z), backend=name)
+        out.backward(on(name, grad))
+        grads[name] = (out.detach().cpu(), wl.grad.cpu(), sl.grad.cpu())
+    (o, gw, gs), (ro, rgw, rgs) = grads[backend], grads["reference"]
     assert_exact(o, ro, "ŵ")
     assert_exact(gw, rgw, "grad_w")
     _assert_sum_close(gs, rgs, grad, 4)
     # a gradient from .sum() arrives as a stride-0 expanded tensor
-    wl = w.clone().requires_grad_()
-    qdpo.fake_quant(wl, spec, s, z, backend="triton").sum().backward()
-    assert_exact(wl.grad, ref.fake_quant_mask(w, s, z, 4).to(w.dtype), "grad_w from .sum()")
+    wl = on(backend, w).clone().requires_grad_()
+    qdpo.fake_quant(wl, spec, *on(backend, s, z), backend=backend).sum().backward()
+    assert_exact(wl.grad.cpu(), ref.fake_quant_mask(w, s, z, 4).to(w.dtype), "grad_w from .sum()")
 
 
 def test_errors():
@@ -208,24 +214,25 @@ def test_errors():
         OPS.fake_quant(w, s, z.float(), 4, None, "triton")
 
 
-def test_opcheck():
+def test_opcheck(backend):
     w = randn(7, 96, seed=15)
-    s, z = _grid(w, 4, 32, False)
-    opcheck(OPS.fake_quant, (w.clone().requires_grad_(), s.clone().requires_grad_(), z, 4, None, "triton"))
-    opcheck(OPS.fake_quant_backward, (randn(7, 96, seed=16), w, s, z, 4, True, "triton"))
+    w, s, z = on(backend, w, *_grid(w, 4, 32, False))
+    opcheck(OPS.fake_quant, (w.clone().requires_grad_(), s.clone().requires_grad_(), z, 4, None, backend))
+    opcheck(OPS.fake_quant_backward, (on(backend, randn(7, 96, seed=16)), w, s, z, 4, True, backend))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+def test_torch_compile_fullgraph_forward_and_backward(backend):
     def loss_fn(w, s, z):
-        return OPS.fake_quant(w, s, z, 4, None, "triton").square().sum()
+        return OPS.fake_quant(w, s, z, 4, None, backend).square().sum()
 
     w = randn(7, 96, seed=17)
     s, z = _grid(w, 4, 32, False)
     compiled = torch.compile(loss_fn, fullgraph=True)
-    wc, we = w.clone().requires_grad_(), w.clone().requires_grad_()
-    loss_c, loss_e = compiled(wc, s, z), loss_fn(we, s, z)
+    w_b, s_b, z_b = on(backend, w, s, z)
+    wc, we = w_b.clone().requires_grad_(), w_b.clone().requires_grad_()
+    loss_c, loss_e = compiled(wc, s_b, z_b), loss_fn(we, s_b, z_b)
     loss_c.backward()
     loss_e.backward()
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(wc.grad, we.grad)
-    assert_exact(we.grad, ref.fake_quant_backward(2 * ref.fake_quant(w, s, z, 4), w, s, z, 4)[0], "grad_w")
+    assert_exact(we.grad.cpu(), ref.fake_quant_backward(2 * ref.fake_quant(w, s, z, 4), w, s, z, 4)[0], "grad_w")

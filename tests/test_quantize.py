@@ -1,8 +1,11 @@
-"""Triton qparams / quantize / quantize_with vs ``qdpo.kernels.reference``.
+"""Triton (and cuda) qparams / quantize / quantize_with vs ``qdpo.kernels.reference``.
 
 Codes, zero points and packed bytes are bit-exact; scales are exactly equal
 (same fp32 operations, the same round-up cast to the weight dtype). Runs on
-the CPU under ``TRITON_INTERPRET=1`` (see conftest).
+the CPU under ``TRITON_INTERPRET=1`` (see conftest). Tests taking the
+``backend`` fixture also run the cuda backend on CUDA tensors against the same
+CPU reference, on a GPU with the built extension (marked ``gpu``; see conftest);
+what only the cuda launchers need is in ``test_cuda_kernels.py``.
 """
 
 import pytest
@@ -13,71 +16,71 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import quantize as tq
-from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, randn
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, on, randn
 
 OPS = torch.ops.qdpo
 
 
-
-def _assert_quantize(w, bits, gs, sym):
-    """The fused triton op equals reference.quantize on all three outputs."""
-    q, s, z = OPS.quantize(w, bits, gs, sym, "triton")
-    rq, rs, rz = ref.quantize(w, bits, gs, sym)
-    assert_exact(s, rs, "scales")
-    assert_exact(z, rz, "zeros")
-    assert_exact(q, rq, "qweight")
+def _assert_quantize(w, bits, gs, sym, backend="triton"):
+    """The fused op equals reference.quantize (on the CPU) on all three outputs."""
+    q, s, z = OPS.quantize(on(backend, w), bits, gs, sym, backend)
+    rq, rs, rz = ref.quantize(w.cpu(), bits, gs, sym)
+    assert_exact(s.cpu(), rs, "scales")
+    assert_exact(z.cpu(), rz, "zeros")
+    assert_exact(q.cpu(), rq, "qweight")
 
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("gs", GROUPS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_matches_reference(dtype, bits, gs, sym):
-    _assert_quantize(randn(*SHAPE_FOR[gs], dtype, seed=bits + gs), bits, gs, sym)
+def test_quantize_matches_reference(dtype, bits, gs, sym, backend):
+    _assert_quantize(randn(*SHAPE_FOR[gs], dtype, seed=bits + gs), bits, gs, sym, backend)
 
 
 @pytest.mark.parametrize("nk", ODD_NK)
 @pytest.mark.parametrize("bits,sym,dtype", [(4, False, torch.float16), (8, True, torch.bfloat16)])
-def test_odd_shapes_every_group_size(nk, bits, sym, dtype):
+def test_odd_shapes_every_group_size(nk, bits, sym, dtype, backend):
     w = randn(*nk, dtype, seed=nk[0])
     for gs in GROUPS:
         if gs == -1 or nk[1] % gs == 0:
-            _assert_quantize(w, bits, gs, sym)
+            _assert_quantize(w, bits, gs, sym, backend)
 
 
 @pytest.mark.parametrize("gs", [-1, 64])
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qparams_matches_reference(dtype, sym, gs):
+def test_qparams_matches_reference(dtype, sym, gs, backend):
     w = randn(33, 128, dtype, seed=3) * 4
-    s, z = OPS.qparams(w, 4, gs, sym, "triton")
+    s, z = OPS.qparams(on(backend, w), 4, gs, sym, backend)
     rs, rz = ref.qparams(w, 4, gs, sym)
-    assert_exact(s, rs, "scales")
-    assert_exact(z, rz, "zeros")
+    assert_exact(s.cpu(), rs, "scales")
+    assert_exact(z.cpu(), rz, "zeros")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_with_frozen_grid_clips_like_reference(dtype, bits):
+def test_quantize_with_frozen_grid_clips_like_reference(dtype, bits, backend):
     # scales shrunk so that many codes clip at 0 and qmax; zeros off-centre
     w = randn(67, 320, dtype, seed=5)
     s, z = ref.qparams(w, bits, 64, False)
     s = (s.float() * 0.4).to(dtype)
     z = (z.int() + 2).clamp(max=(1 << bits) - 1).to(torch.uint8)
-    out = OPS.quantize_with(w, s, z, bits, "triton")
+    out = OPS.quantize_with(*on(backend, w, s, z), bits, backend)
     codes = ref.quantize_codes(w, s, z, bits)
     assert (codes == 0).any() and (codes == (1 << bits) - 1).any()
-    assert_exact(out, ref.quantize_codes_packed(w, s, z, bits), "qweight")
+    assert_exact(out.cpu(), ref.quantize_codes_packed(w, s, z, bits), "qweight")
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
-def test_quantize_with_other_scale_dtype_and_strided_grid(sdtype):
+def test_quantize_with_other_scale_dtype_and_strided_grid(sdtype, backend):
     w = randn(7, 96, torch.float16, seed=6)
     s, z = ref.qparams(w.float(), 8, 32, True)
-    s_t = s.to(sdtype).t().contiguous().t()  # (N, NG) with column-major strides
-    z_t = z.t().contiguous().t()
+    s_t, z_t = on(backend, s.to(sdtype), z)
+    s_t, z_t = s_t.t().contiguous().t(), z_t.t().contiguous().t()  # (N, NG) with column-major strides
     assert not s_t.is_contiguous()
-    assert_exact(OPS.quantize_with(w, s_t, z_t, 8, "triton"), ref.quantize_codes_packed(w, s_t, z_t, 8), "qweight")
+    assert_exact(OPS.quantize_with(on(backend, w), s_t, z_t, 8, backend).cpu(),
+                 ref.quantize_codes_packed(w, s_t.cpu(), z_t.cpu(), 8), "qweight")
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
@@ -95,7 +98,7 @@ def test_long_rows_are_quantized_in_chunks(bits, sym):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zero_and_constant_groups(dtype, bits):
+def test_zero_and_constant_groups(dtype, bits, backend):
     w = randn(6, 128, dtype, seed=8)
     w[0] = 0  # all-zero row: tiny scale, codes = zero point
     w[1, :32] = 0  # one all-zero group among random ones
@@ -103,45 +106,45 @@ def test_zero_and_constant_groups(dtype, bits):
     w[3, 64:96] = -1.5  # constant negative group
     w[4] = 0.25  # constant row
     for gs, sym in [(32, False), (32, True), (-1, False), (-1, True)]:
-        _assert_quantize(w, bits, gs, sym)
+        _assert_quantize(w, bits, gs, sym, backend)
 
 
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
-def test_tiny_and_huge_magnitudes_fp32(mag):
+def test_tiny_and_huge_magnitudes_fp32(mag, backend):
     w = randn(5, 256, seed=9) * mag
     for bits, gs, sym in [(4, 32, False), (8, 128, True), (4, -1, True), (8, -1, False)]:
-        _assert_quantize(w, bits, gs, sym)
+        _assert_quantize(w, bits, gs, sym, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_exact_half_ties_round_to_even(dtype):
+def test_exact_half_ties_round_to_even(dtype, backend):
     halves = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -3.5, -4.5, -5.5, -6.5]
     sym_row = torch.tensor([7.0, 0.0] + halves)  # max|w| = 7 → s = 1
     asym_row = torch.tensor([-7.5, 7.5] + halves)  # range 15 → s = 1, z = round(7.5) = 8
     for row, sym in ((sym_row, True), (asym_row, False)):
         w = row.repeat(3, 2).to(dtype)  # (3, 32)
         assert ref.qparams(w, 4, 16, sym)[0].float().eq(1.0).all(), "the tie case needs unit scales"
-        _assert_quantize(w, 4, -1, sym)
-        _assert_quantize(w, 4, 32, sym)
+        _assert_quantize(w, 4, -1, sym, backend)
+        _assert_quantize(w, 4, 32, sym, backend)
 
 
 @pytest.mark.parametrize("bits,gs,sym", [(4, 128, False), (8, -1, True)])
-def test_llama_shape_slices_and_strides(bits, gs, sym):
+def test_llama_shape_slices_and_strides(bits, gs, sym, backend):
     n, k = LLAMA_SHAPES["llama2-7b.qkv"]
     w = randn(n, k, torch.float16, seed=10)[:64]  # first 64 rows of a real layer
-    _assert_quantize(w, bits, gs, sym)
-    wide = randn(64, k + 128, torch.bfloat16, seed=11)[:, :k]  # row stride K + 128
-    _assert_quantize(wide, bits, gs, sym)
+    _assert_quantize(w, bits, gs, sym, backend)
+    wide = on(backend, randn(64, k + 128, torch.bfloat16, seed=11))[:, :k]  # row stride K + 128
+    _assert_quantize(wide, bits, gs, sym, backend)
     transposed = randn(256, 48, seed=12).t()  # K not contiguous: copied once
-    _assert_quantize(transposed, bits, gs if gs == -1 else 128, sym)
+    _assert_quantize(transposed, bits, gs if gs == -1 else 128, sym, backend)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 64, False), QuantSpec(8, -1, True)])
-def test_public_api_with_triton_backend(spec):
+def test_public_api(spec, backend):
     w = randn(33, 128, torch.bfloat16, seed=13)
-    qw, rw = qdpo.quantize(w, spec, backend="triton"), qdpo.quantize(w, spec, backend="reference")
+    qw, rw = qdpo.quantize(on(backend, w), spec, backend=backend), qdpo.quantize(w, spec, backend="reference")
     for name in ("qweight", "scales", "zeros"):
-        assert_exact(getattr(qw, name), getattr(rw, name), name)
+        assert_exact(getattr(qw, name).cpu(), getattr(rw, name), name)
     assert qw.shape == rw.shape and qw.dtype == rw.dtype
 
 
@@ -156,9 +159,9 @@ def test_errors_are_raised_by_the_op_checks():
         OPS.qparams(torch.randn(4, 64), 3, 32, True, "triton")
 
 
-def test_opcheck():
-    w = randn(7, 96, seed=14)
+def test_opcheck(backend):
+    w = on(backend, randn(7, 96, seed=14))
     s, z = ref.qparams(w, 4, 32, False)
-    opcheck(OPS.qparams, (w, 4, 32, False, "triton"))
-    opcheck(OPS.quantize, (w, 8, -1, True, "triton"))
-    opcheck(OPS.quantize_with, (w, s, z, 4, "triton"))
+    opcheck(OPS.qparams, (w, 4, 32, False, backend))
+    opcheck(OPS.quantize, (w, 8, -1, True, backend))
+    opcheck(OPS.quantize_with, (w, s, z, 4, backend))
