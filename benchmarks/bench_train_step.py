@@ -74,7 +74,7 @@ def run_qdpo(steps: int) -> dict:
     ex = [Example(prompt_ids(tok, m), completion_ids(tok, c), completion_ids(tok, r), -50.0, -50.0)
           for m, c, r in _pairs()]
     cfg = TrainConfig(steps=steps, batch_size=N_PAIRS, micro_batch_size=N_PAIRS, eval_every=0,
-                      checkpoint_every=0).validate()
+                      checkpoint_every=0, kd_weight=0.0).validate()  # the DPO step alone, as TRL's
     import tempfile
 
     t = Trainer(q, cfg, "qdpo", ex, Path(tempfile.mkdtemp()), pad_id=tok.pad_token_id, disable_progress=True)

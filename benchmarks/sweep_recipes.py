@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def main() -> None:
                        "val_flip": curve, "best": min(curve.values()), "best_step": min(curve, key=curve.get),
                        "steps_run": summary["steps_run"], **test_metrics(model)}
                 del tr, model
+                shutil.rmtree(run / "sweep" / name / "checkpoints", ignore_errors=True)  # ~1.6 GB each, not needed
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(rec)
             with out.open("a") as f:

@@ -29,7 +29,7 @@ from qdpo.training.trainer import Example, Trainer  # noqa: E402
 
 # SGD-like enough to compare weights: few steps, clipping off; see test_distributed for the tolerance
 SETTINGS = dict(steps=8, batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=1, eval_every=4, patience=0,
-                checkpoint_every=3, beta=0.5, seed=3, max_grad_norm=0.0)
+                checkpoint_every=3, beta=0.5, seed=3, max_grad_norm=0.0, kd_weight=0.0)
 
 
 def models():

@@ -274,3 +274,14 @@ def test_verdict_when_training_made_things_worse():
     ev = {"initial": {"flip_rate": 0.1}, "qdpo": {"flip_rate": 0.12}}
     lines = report.verdict({"config": {"init": "awq"}, "eval": ev})
     assert lines[0].startswith("QDPO raised the test flip rate from 10.00 % to 12.00 % (AWQ start, +20 % relative)")
+
+
+def test_verdict_says_when_kl_ranks_qdpo_and_kd_the_other_way_and_that_one_seed_is_one_seed():
+    ev = {"initial": {"flip_rate": 0.25, "kl": 0.33}, "qdpo": {"flip_rate": 0.1986, "kl": 0.1895},
+          "kd": {"flip_rate": 0.2006, "kl": 0.1809}}
+    lines = report.verdict({"config": {"init": "rtn"}, "eval": ev})
+    assert "QDPO beats KD on flip rate (19.86 % vs 20.06 %)." in lines
+    assert "On KL the order differs: KD is lower (0.1809 vs 0.1895 nats/token)." in lines
+    assert any(line.startswith("These come from one seed") for line in lines)
+    ev["kd"]["kl"] = 0.2  # the same order on both: no extra line
+    assert not any("order differs" in line for line in report.verdict({"eval": ev}))

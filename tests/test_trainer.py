@@ -59,7 +59,7 @@ def make_data(n_prompts=12, new_tokens=8, seed=0):
 
 def cfg(**kw):
     base = dict(steps=12, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, eval_every=0,
-                checkpoint_every=4, beta=0.5, seed=3)
+                checkpoint_every=4, beta=0.5, seed=3, kd_weight=0.0)  # plain DPO unless a test asks
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -95,6 +95,32 @@ def test_baselines_reduce_their_loss(data, tmp_path, method):
     t.run()
     losses = [h["loss"] for h in t.history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", ["kd", "qdpo"])
+def test_teacher_cache_gives_the_recomputed_kd_loss_and_runs_the_fp_model_once_per_example(data, method):
+    from qdpo.training.trainer import TeacherCache, micro_loss
+
+    fp, q, examples = fresh(data)
+    c = cfg(kd_weight=2.0)
+    calls = []
+    hook = fp.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        teacher = TeacherCache()
+        for batch in (examples[:3], examples[1:5], examples[:5]):  # overlapping, in other batch layouts
+            want, _ = micro_loss(q, fp, batch, c, method, 1, torch.device("cpu"))  # no cache: FP runs
+            got, _ = micro_loss(q, fp, batch, c, method, 1, torch.device("cpu"), teacher)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert len(teacher.rows) == 5
+        n = len(calls)
+        micro_loss(q, fp, examples[:5], c, method, 1, torch.device("cpu"), teacher)
+        assert len(calls) == n, "every example cached: the FP decoder does not run"
+        full = TeacherCache(max_bytes=0)  # no room: recomputed every time, same loss
+        torch.testing.assert_close(micro_loss(q, fp, examples[:3], c, method, 1, torch.device("cpu"), full)[0],
+                                   micro_loss(q, fp, examples[:3], c, method, 1, torch.device("cpu"))[0])
+        assert not full.rows
+    finally:
+        hook.remove()
 
 
 def test_only_latent_weights_train(data, tmp_path):

@@ -235,6 +235,12 @@ def verdict(metrics: Mapping) -> list[str]:
             out.append(f"QDPO does not beat KD: KD's flip rate {_pct(k)} is lower than QDPO's {_pct(q)}.")
         else:
             out.append(f"QDPO and KD tie on flip rate ({_pct(q)}).")
+        kq, kk = _num(ev["qdpo"], "kl"), _num(ev["kd"], "kl")
+        if kq is not None and kk is not None and kq != kk and (kq < kk) != (q < k):
+            lower, (a, b) = ("QDPO", (kq, kk)) if kq < kk else ("KD", (kk, kq))
+            out.append(f"On KL the order differs: {lower} is lower ({a:.4g} vs {b:.4g} nats/token).")
+        out.append("These come from one seed: rerun with other --seed values to tell a gap from noise "
+                   "(README, \"Choosing the QDPO recipe\", has the spread over seeds).")
     for key, what, fmt in (("kl", "KL(FP ‖ quantized) in nats/token", "{:.4g}"),
                            ("exact_match", "Greedy answers identical to FP", None)):
         vals = [(m, _num(ev[m], key)) for m in ["initial", *methods] if m in ev]

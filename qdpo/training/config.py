@@ -53,11 +53,13 @@ class TrainConfig:
     beta: float = 0.1  # DPO temperature
     label_smoothing: float = 0.0  # robust DPO: assumed label noise
     nll_weight: float = 0.0  # QDPO: weight of an NLL term on the chosen (FP) answer
-    kd_weight: float = 0.0  # QDPO: weight of a token-level KL(FP || quantized) term on the chosen answer
+    # QDPO: weight of a token-level KL(FP || quantized) term on the chosen answer. 16 and lr 1e-4 are the best
+    # QDPO recipe of the validation sweep (README: "Choosing the QDPO recipe"); --kd-weight 0 is plain DPO
+    kd_weight: float = 16.0
     window: int = 0  # QDPO: keep only k tokens of each answer after the common prefix (0 = whole answers)
     learn_scales: bool = False  # also train the quantization scales (LSQ gradient)
     scale_lr: float = 1e-5  # learning rate of the scales when learned
-    lr: float = 1e-5  # AdamW learning rate of the latent weights
+    lr: float = 1e-4  # AdamW learning rate of the latent weights (every method; chosen on the validation split)
     weight_decay: float = 0.0  # AdamW weight decay (latent weights should not decay)
     warmup_steps: int = 2  # linear warm-up steps, then cosine decay to 10 %
     steps: int = 16  # optimizer steps (the best step is kept by early stopping on the validation split)

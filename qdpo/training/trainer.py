@@ -160,8 +160,13 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, method: str, pad_id: int,
-               device) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch (mean over its examples) and its metrics."""
+               device, teacher: "TeacherCache | None" = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (mean over its examples) and its metrics.
+
+    ``teacher``: the FP model's hidden states at the chosen answers' positions,
+    kept across steps (the FP model is frozen and the chosen answers fixed), so
+    the KD term runs the FP decoder once per example instead of once per step.
+    """
     w, b = output_layer(model)
     if method in ("kd", "sft"):
         batch = collate([(e.prompt_ids, e.chosen_ids) for e in examples], pad_id).to(device)
@@ -170,7 +175,7 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
         if method == "sft":
             tok = -label_logps(h, w, b, labels, cfg.logps_chunk)
         else:
-            tok = _kd_tokens(model, fp_model, batch, h, cfg, device)
+            tok = _kd_tokens(model, fp_model, batch, h, cfg, device, examples, teacher)
         return tok.mean(), {"loss": tok.mean().item(), "num_tokens": batch.num_tokens}
     n = len(examples)
     batch = collate([(e.prompt_ids, e.chosen_ids) for e in examples]
@@ -194,7 +199,7 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
     if cfg.kd_weight:
         chosen = row < n
         cb = Batch(batch.input_ids[:n], batch.attention_mask[:n], batch.completion_mask[:n])
-        kd = _kd_tokens(model, fp_model, cb, h[chosen], cfg, device).mean()
+        kd = _kd_tokens(model, fp_model, cb, h[chosen], cfg, device, examples, teacher).mean()
         loss = loss + cfg.kd_weight * kd
         metrics["kd"] = kd.item()
     metrics["loss"] = loss.item()
@@ -202,14 +207,48 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
     return loss, metrics
 
 
-def _kd_tokens(model, fp_model, batch: Batch, h, cfg: TrainConfig, device) -> torch.Tensor:
+def _kd_tokens(model, fp_model, batch: Batch, h, cfg: TrainConfig, device, examples: list[Example],
+               teacher: "TeacherCache | None" = None) -> torch.Tensor:
+    """Token KL(FP ‖ q) on ``batch`` (the chosen answers of ``examples``, one row each); ``h``: q's hidden."""
     if fp_model is None:
         raise ValueError("KD needs the FP model")
     w, b = output_layer(model)
-    with torch.no_grad(), _autocast(cfg, device):
-        h_t, _, _ = completion_hidden(fp_model, batch)
+    if teacher is None:
+        teacher = TeacherCache(max_bytes=0)
+    h_t = teacher.hidden(fp_model, batch, examples, cfg, device)
     wt, bt = output_layer(fp_model)
     return token_kl(h, w, b, h_t, wt, bt, cfg.logps_chunk)
+
+
+class TeacherCache:
+    """The FP model's hidden states at each example's chosen-answer positions, computed once.
+
+    Keyed by the example's (prompt, chosen) token ids; kept in CPU memory up to
+    ``max_bytes`` (then the rest is recomputed each time). Rows are right-padded,
+    so an example's hidden states do not depend on the batch it came in.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes, self.bytes, self.rows = max_bytes, 0, {}
+
+    @torch.no_grad()
+    def hidden(self, fp_model, batch: Batch, examples: list[Example], cfg: TrainConfig, device) -> torch.Tensor:
+        keys = [(tuple(e.prompt_ids), tuple(e.chosen_ids)) for e in examples]
+        got = {i: self.rows[k] for i, k in enumerate(keys) if k in self.rows}
+        missing = [i for i in range(len(keys)) if i not in got]
+        if missing:
+            sub = batch if len(missing) == len(keys) else Batch(
+                batch.input_ids[missing], batch.attention_mask[missing], batch.completion_mask[missing])
+            with _autocast(cfg, device):
+                h_t, _, row = completion_hidden(fp_model, sub)
+            parts = h_t.split(torch.bincount(row, minlength=len(missing)).tolist())
+            for i, part in zip(missing, parts):
+                got[i] = part
+                size = part.numel() * part.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.rows[keys[i]] = part.to("cpu")
+                    self.bytes += size
+        return torch.cat([got[i].to(device) for i in range(len(keys))])
 
 
 @torch.no_grad()
@@ -243,7 +282,11 @@ class Trainer:
                  fp_model=None, val=None, pad_id: int = 0, disable_progress: bool = False):
         if not examples:
             raise ValueError(f"no training examples for {method}")
+        if fp_model is None and (method == "kd" or (method == "qdpo" and cfg.kd_weight)):
+            raise ValueError(f"{method} with kd_weight {cfg.kd_weight} needs fp_model (the teacher); "
+                             "pass it, or set kd_weight=0 for plain DPO")
         self.model, self.cfg, self.method, self.fp_model = model, cfg, method, fp_model
+        self.teacher = TeacherCache()  # FP hidden states on the chosen answers, for the KD terms
         self.examples = examples  # QDPO: already cut to cfg.window, with matching reference log-probs
         self.out_dir, self.pad_id, self.val = Path(out_dir), pad_id, val  # val: (examples, FPTargets)
         self.device = next(model.parameters()).device
@@ -359,7 +402,8 @@ class Trainer:
     def _micro_step(self, examples: list[Example], total: int, sync: bool) -> dict:
         """Forward and backward of one micro-batch of a global batch of ``total`` examples."""
         def loss_of(model):
-            return micro_loss(model, self.fp_model, examples, self.cfg, self.method, self.pad_id, self.device)
+            return micro_loss(model, self.fp_model, examples, self.cfg, self.method, self.pad_id, self.device,
+                              self.teacher)
 
         with D.gradient_sync(self.runner, sync):
             loss, metrics = self.runner(loss_of)
