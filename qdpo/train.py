@@ -38,7 +38,7 @@ import torch
 from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
-from qdpo.training.trainer import CheckpointError, Example, Trainer
+from qdpo.training.trainer import CheckpointError, Example, Trainer, needs_fp
 
 log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
@@ -196,7 +196,7 @@ def run(cfg: TrainConfig) -> dict:
                             "like the FP model); evaluating the initial model unchanged", method)
                 summaries[method] = {"steps_run": 0, "best_step": 0, "skipped": "no differing pairs"}
             else:
-                with _parked(device, None if _needs_fp(method, cfg) else fp_model):
+                with _parked(device, None if needs_fp(method, cfg) else fp_model):
                     trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model,
                                       val=val, pad_id=pad)
                     summaries[method] = trainer.run(resume=cfg.resume)
@@ -221,10 +221,6 @@ def run(cfg: TrainConfig) -> dict:
     if not D.is_main():
         return {"report": None, "metrics": None}
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
-
-
-def _needs_fp(method: str, cfg: TrainConfig) -> bool:
-    return method == "kd" or (method == "qdpo" and cfg.kd_weight > 0)
 
 
 @contextmanager

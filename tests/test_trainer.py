@@ -198,3 +198,11 @@ def test_decoding_logps_equal_teacher_forced_reference(data):
     answers, logps = greedy(q, Tok, prompts, 8, batch_size=3, disable=True, with_logps=True)
     ref = reference_logps(q, list(zip(prompts, answers)), 1, 4, 1024)
     torch.testing.assert_close(torch.tensor(logps), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_a_kd_term_without_the_fp_model_is_refused_up_front(data, tmp_path):
+    _, q, examples = fresh(data)
+    for method, c in (("qdpo", cfg(kd_weight=1.0)), ("kd", cfg())):
+        with pytest.raises(ValueError, match=f"{method} with kd_weight .* needs fp_model"):
+            Trainer(q, c, method, examples, tmp_path, pad_id=1)
+    Trainer(q, cfg(), "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)  # plain DPO needs none

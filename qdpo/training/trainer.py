@@ -275,6 +275,11 @@ def sharded_flip_rate(model, examples, targets, batch_size: int, chunk: int) -> 
 
 
 # ----------------------------------------------------------------------------- the loop
+def needs_fp(method: str, cfg: TrainConfig) -> bool:
+    """Whether training ``method`` runs the FP model (KD, or QDPO with a KD term)."""
+    return method == "kd" or (method == "qdpo" and cfg.kd_weight > 0)
+
+
 class Trainer:
     """Trains ``model`` in place with ``method`` on ``examples``; see the module docstring."""
 
@@ -282,7 +287,7 @@ class Trainer:
                  fp_model=None, val=None, pad_id: int = 0, disable_progress: bool = False):
         if not examples:
             raise ValueError(f"no training examples for {method}")
-        if fp_model is None and (method == "kd" or (method == "qdpo" and cfg.kd_weight)):
+        if fp_model is None and needs_fp(method, cfg):
             raise ValueError(f"{method} with kd_weight {cfg.kd_weight} needs fp_model (the teacher); "
                              "pass it, or set kd_weight=0 for plain DPO")
         self.model, self.cfg, self.method, self.fp_model = model, cfg, method, fp_model
