@@ -331,8 +331,7 @@ def test_valid_launch_without_gpu_raises_cuda_error(C):
 # --------------------------------------------------------------------------- backend registry
 def test_cuda_backend_registers_its_ops():
     pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
-    assert set(backends._IMPLS["cuda"]) == {
-        "qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward", "dequant_matmul"}
+    assert set(backends._IMPLS["cuda"]) == set(backends._IMPLS["reference"]), "the cuda backend serves every op"
 
 
 @pytest.mark.parametrize("in_auto", [False, True])

@@ -6,8 +6,9 @@ in ``test_quantize.py``, ``test_dequantize.py`` and ``test_fake_quant.py``,
 parametrized over the ``backend`` fixture (see conftest). Here, with the same
 helpers and tolerances: the paths of the C++ launchers forced by their inputs
 (block-wide teams on long rows, narrow chunks on misaligned rows, the
-tensor-core GEMV or the FMA fallback, split-K), ``gemv_plan``, the requests the
-cuda backend does not serve, and CUDA graph capture. dequant_matmul outputs
+tensor-core GEMV or the FMA fallback, split-K), ``gemv_plan``, the prefill,
+dx and fake_quant_matmul routes (cuda kernel for ŵ, cuBLAS for the product),
+and CUDA graph capture. dequant_matmul outputs
 follow the 2×-of-PyTorch rule (``conftest.assert_close_2x``). Skipped without
 a GPU (and without the built extension); ``make gpu-check`` runs them.
 """
@@ -89,16 +90,13 @@ def _path(x, qw) -> str:
 
 @pytest.mark.parametrize("i,m,nk", ODD_CASES)
 def test_dequant_matmul_odd_shapes(i, m, nk):
-    """Every M × odd (N, K): served up to 16 rows, a clear Unsupported above (auto then uses triton)."""
+    """Every M × odd (N, K): the GEMV up to 16 rows, dequantize + cuBLAS above; auto with cuda first agrees."""
     qw, x, b = _odd_case(i, m, nk)
-    if m <= 16:
-        _check_y(OPS.dequant_matmul(x, *_args(qw), b, B), x, qw, b, f"cuda {_path(x, qw)} M={m}")
-        return
-    with pytest.raises(RuntimeError, match="cuda backend cannot serve this request.*M <= 16"):
-        OPS.dequant_matmul(x, *_args(qw), b, B)
+    how = _path(x, qw) if m <= 16 else "dequantize + cuBLAS"
+    _check_y(OPS.dequant_matmul(x, *_args(qw), b, B), x, qw, b, f"cuda {how} M={m}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backends, "CUDA_IN_AUTO", True)
-        _check_y(OPS.dequant_matmul(x, *_args(qw), b, "auto"), x, qw, b, "auto falls back")
+        _check_y(OPS.dequant_matmul(x, *_args(qw), b, "auto"), x, qw, b, f"auto {how} M={m}")
 
 
 @pytest.mark.parametrize("xdtype", XDTYPES)
@@ -165,13 +163,39 @@ def test_dequant_matmul_8192(xdtype):
         assert torch.equal(y, OPS.dequant_matmul(x, *_args(qw), b, B)), "deterministic"
 
 
-def test_dequant_matmul_not_served_ops_say_so():
-    """dx has no cuda kernel: backend='cuda' names the op; auto serves it through triton."""
-    qw = _weight(7, 96, 4, 32)
-    with pytest.raises(RuntimeError, match="cuda backend does not implement qdpo::dequant_matmul_dx"):
-        OPS.dequant_matmul_dx(_rand(3, 7), *_args(qw), B)
-    dy = _rand(3, 7)
-    _check_dx(OPS.dequant_matmul_dx(dy, *_args(qw), "auto"), dy, qw)
+@pytest.mark.parametrize("m", (3, 17, 300))
+def test_dequant_matmul_dx_and_prefill(m):
+    """dx = dy @ ŵ and M > 16 products: ŵ from the cuda dequantize kernel, the product from cuBLAS."""
+    for bits, gs, xdtype in ((4, 32, torch.bfloat16), (8, -1, torch.float16), (4, 128, torch.float32)):
+        qw = _weight(96, 256, bits, gs)
+        dy = _rand(m, 96, dtype=xdtype, seed=m)
+        _check_dx(OPS.dequant_matmul_dx(dy, *_args(qw), B), dy, qw)
+        x = _rand(2, m, 256, dtype=xdtype, seed=m + 1)
+        _check_y(OPS.dequant_matmul(x, *_args(qw), None, B), x, qw, what=f"M={2 * m}")
+
+
+@pytest.mark.parametrize("m", (1, 16, 40))
+def test_fake_quant_matmul_forward_and_backward(m):
+    """fake_quant_matmul through the cuda fake_quant kernels + cuBLAS against the reference (2× rule)."""
+    from tests import test_fake_quant_matmul as T
+
+    for bits, gs, xdtype in ((4, 64, torch.bfloat16), (8, 32, torch.float16), (4, -1, torch.float32)):
+        w, s, z = T._problem(48, 192, bits, gs, wdtype=torch.float32, seed=m)
+        T._assert_clips(w, s, z, bits)
+        x, dy, b = (T._rand(m, 192, dtype=xdtype), T._rand(m, 48, dtype=xdtype, seed=2),
+                    T._rand(48, dtype=xdtype, seed=3))
+        y = OPS.fake_quant_matmul(x, w, s, z, bits, b, B)
+        assert y.dtype == xdtype
+        assert_close_2x(y, ref.fake_quant_matmul(x.double(), w, s, z, bits, b),
+                        ref.fake_quant_matmul(x, w, s, z, bits, b), what="y")
+        dx, dw, ds = OPS.fake_quant_matmul_backward(dy, x, w, s, z, bits, True, B)
+        rdx, rdw, rds = ref.fake_quant_matmul_backward(dy, x, w, s, z, bits, True)
+        dx64, _, _ = ref.fake_quant_matmul_backward(dy.double(), x.double(), w, s, z, bits, False)
+        dw64, ds64 = T._truth_grads(dy, x, w, s, z, bits)
+        assert_close_2x(dx, dx64, rdx, what="dx")
+        assert_close_2x(dw, dw64, rdw, what="dw")
+        assert_exact(dw == 0, rdw == 0, "dw zero pattern")
+        assert_close_2x(ds, ds64, rds, what="dscales")
 
 
 def test_dequant_matmul_opcheck_and_graph_capture():

@@ -15,15 +15,25 @@ op                          kernel                      served
 ``quantize_with``           ``csrc/quantize.cu``        any scale dtype (frozen grid)
 ``dequantize``              ``csrc/dequantize.cu``      every spec, any output dtype
 ``fake_quant`` (+backward)  ``csrc/fake_quant.cu``      STE mask recomputed, LSQ sum per group
-``dequant_matmul``          ``csrc/dequant_matmul_*.cu``  M <= 16 rows of x (decode GEMV)
+``dequant_matmul``          ``csrc/dequant_matmul_*.cu``  M <= 16 rows of x (decode GEMV); more rows:
+                                                        ``dequantize`` once, then cuBLAS
+``dequant_matmul_dx``       ``dequantize`` + cuBLAS     every shape
+``fake_quant_matmul``       ``fake_quant`` + cuBLAS     every shape; backward: cuBLAS for dx and
+(+backward)                                             dŵ (fp32), ``fake_quant_backward`` for the STE
 ==========================  ==========================  ===========================================
 
+Prefill-sized products (M > 16) take the "dequantize once, then cuBLAS"
+route: ŵ is written once in x's dtype (N·K elements, the cost of one extra
+pass over the weight) and the tensor-core GEMM is cuBLAS's. A hand-written
+tensor-core GEMM with the dequantisation fused into its shared-memory path
+does not exist yet; at M in the thousands the weight pass is a few percent of
+the GEMM's time.
+
 Not served (:class:`~qdpo.kernels.backends.Unsupported` under an explicit
-``backend="cuda"``; ``auto`` moves on to triton): ``dequant_matmul`` with more
-than 16 rows of x (prefill GEMM), ``dequant_matmul_dx``, ``fake_quant_matmul``
-and GPUs below compute capability 8.0 (the extension is built for sm_80 and
-sm_90). ``auto`` tries this backend only while
-``qdpo.kernels.backends.CUDA_IN_AUTO`` is True (see there).
+``backend="cuda"``; ``auto`` moves on to triton): GPUs below compute
+capability 8.0 (the extension is built for sm_80 and sm_90). ``auto`` tries
+this backend only while ``qdpo.kernels.backends.CUDA_IN_AUTO`` is True (see
+there).
 
 Every wrapper (1) checks devices, dtypes, sizes, (2) allocates its outputs with
 torch on the tensor's device, (3) launches on the current torch stream with raw
@@ -36,6 +46,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from qdpo import _C  # ImportError: extension not built
 from qdpo.kernels.backends import Unsupported, register
@@ -209,11 +220,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    if m > GEMV_MAX_M:
-        raise Unsupported(
-            f"x has M={m} rows; the cuda backend serves decode (M <= {GEMV_MAX_M}) only, "
-            "use backend='triton' (or 'auto') for larger M"
-        )
+    if m > GEMV_MAX_M:  # prefill: ŵ once, then cuBLAS
+        w_hat = dequantize(qweight, scales, zeros, bits, x.dtype)  # [N, K] x.dtype
+        return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
     y = torch.empty(m, n, dtype=x.dtype, device=dev)  # [M, N]
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -233,3 +242,35 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
             DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
             _sm_count(dev.index))
     return y.reshape(*x.shape[:-1], n)
+
+
+@register("cuda", "dequant_matmul_dx")
+def dequant_matmul_dx(dy, qweight, scales, zeros, bits):
+    """``dx = dy @ ŵ`` ``(..., K)`` in dy's dtype: ŵ from ``csrc/dequantize.cu``, the product from cuBLAS."""
+    _check_device(dy, qweight, scales, zeros)
+    return dy @ dequantize(qweight, scales, zeros, bits, dy.dtype)
+
+
+# --------------------------------------------------------------------------- fake_quant_matmul
+@register("cuda", "fake_quant_matmul")
+def fake_quant_matmul(x, w, scales, zeros, bits: int, bias=None):
+    """``x @ fq(w)ᵀ (+ bias)`` in x's dtype: ŵ from ``csrc/fake_quant.cu``, the product from cuBLAS."""
+    _check_device(x, w, scales, zeros, bias)
+    w_hat = fake_quant(w, scales, zeros, bits, x.dtype)  # [N, K] x.dtype
+    return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
+
+
+@register("cuda", "fake_quant_matmul_backward")
+def fake_quant_matmul_backward(dy, x, w, scales, zeros, bits: int, need_scales_grad: bool):
+    """``(dx, dw, dscales or None)``: dx = dy @ ŵ and dŵ = dyᵀ x (fp32) by cuBLAS, then the STE kernel."""
+    _check_device(dy, x, w, scales, zeros)
+    n, k = w.shape
+    if dy.dtype != x.dtype:
+        raise Unsupported(f"dy has dtype {dy.dtype} but x has {x.dtype}; pass dy in x's dtype")
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    if dy2.shape[0] != x2.shape[0]:
+        raise Unsupported(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} have different numbers of rows")
+    dx = dy2 @ fake_quant(w, scales, zeros, bits, x.dtype)  # ŵ freed before dŵ is made
+    dw_hat = dy2.t().float() @ x2.float()  # [N, K] fp32, as the reference accumulates
+    dw, ds = fake_quant_backward(dw_hat, w, scales, zeros, bits, need_scales_grad)
+    return dx.reshape(x.shape), dw, ds
