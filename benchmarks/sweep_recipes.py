@@ -9,7 +9,13 @@ is used here: choosing a recipe never looks at the test split.
     python benchmarks/sweep_recipes.py runs/default --recipes "lr=1e-5" "lr=1e-5,window=16" --steps 20
 
 Each recipe is a comma-separated list of TrainConfig overrides; ``method=kd``
-and ``method=sft`` sweep the baselines. Results are appended as JSON lines to
+and ``method=sft`` sweep the baselines. Two more keys try ideas that are not
+pipeline flags (they did not earn one; README "Choosing the QDPO recipe"):
+``samples=N`` adds N answers sampled from the initial quantized model
+(temperature ``temp``, default 1) per training prompt as extra rejected
+answers, and ``onpolicy=K`` replaces every rejected answer by the current
+model's greedy answer every K steps (on-policy rounds; reference log-probs
+stay the initial model's). Results are appended as JSON lines to
 ``<run>/sweep.jsonl`` and printed as a table.
 """
 
@@ -23,6 +29,11 @@ import shutil
 import time
 from pathlib import Path
 
+from qdpo.training import stages as S
+
+
+EXTRA = {"samples": int, "temp": float, "onpolicy": int}  # harness-only recipe keys (see the docstring)
+
 
 def _parse(recipe: str, base: dict) -> dict:
     from qdpo.training.config import TrainConfig
@@ -32,6 +43,9 @@ def _parse(recipe: str, base: dict) -> dict:
     for item in filter(None, recipe.split(",")):
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
+        if k in EXTRA:
+            out[k] = EXTRA[k](v)
+            continue
         typ = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes"), "str": str}[
             types[k] if isinstance(types[k], str) else types[k].__name__]
         out[k] = typ(v)
@@ -60,6 +74,69 @@ def _summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sampled_pairs(q0, tok, pairs: list[dict], n: int, temperature: float, cfg, pad: int, seed: int) -> list:
+    """``n`` sampled answers of the initial quantized model per pair's prompt, as extra rejected answers.
+
+    Samples equal to the chosen answer or to the greedy rejected one are dropped; reference log-probs
+    are the initial model's (a forward pass, so they do not depend on the sampling temperature).
+    """
+    import torch
+
+    from qdpo.quant.linear import frozen_weights
+    from qdpo.training.generate import cut_at_eos, eos_ids, left_pad
+    from qdpo.training.trainer import Example
+
+    eos = eos_ids(q0, tok)
+    torch.manual_seed(10_007 + seed)
+    new = []
+    q0.eval()
+    with torch.no_grad(), frozen_weights(q0):
+        for s in range(0, len(pairs), cfg.gen_batch_size):
+            part = pairs[s:s + cfg.gen_batch_size]
+            ids, att = left_pad([r["prompt_ids"] for r in part], pad)
+            ids, att = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
+            out = q0.generate(input_ids=ids, attention_mask=att, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                              temperature=temperature, top_p=None, top_k=None, pad_token_id=pad,
+                              eos_token_id=sorted(eos))
+            gen = out[:, ids.shape[1]:].tolist()
+            for j, g in enumerate(gen):
+                r = part[j // n]
+                a = cut_at_eos(g, eos)
+                if a and a != r["chosen_ids"] and a != r["rejected_ids"]:
+                    new.append((r["prompt_ids"], r["chosen_ids"], a))
+    ref = S.reference_logps(q0, [(p, c) for p, c, _ in new] + [(p, a) for p, _, a in new], pad,
+                            cfg.micro_batch_size * 2, cfg.logps_chunk)
+    print(f"sampled {len(new)} extra rejected answers ({n} per prompt, temperature {temperature})", flush=True)
+    return [Example(p, c, a, ref[i], ref[len(new) + i]) for i, (p, c, a) in enumerate(new)]
+
+
+def _on_policy_trainer(q0, tok, every: int, pad: int):
+    """A Trainer that regenerates every rejected answer with the current model every ``every`` steps."""
+    from qdpo.training.generate import greedy
+    from qdpo.training.trainer import Example, Trainer
+
+    class OnPolicy(Trainer):
+        def train_step(self) -> dict:
+            rec = super().train_step()
+            if self.step % every == 0 and self.step < self.cfg.steps:
+                self._refresh()
+            return rec
+
+        def _refresh(self) -> None:
+            ex = self.examples
+            answers = greedy(self.model, tok, [e.prompt_ids for e in ex], self.cfg.max_new_tokens,
+                             self.cfg.gen_batch_size, disable=True)
+            keep = [(e, a) for e, a in zip(ex, answers) if a and a != e.chosen_ids]
+            ref = S.reference_logps(q0, [(e.prompt_ids, a) for e, a in keep], pad, self.cfg.micro_batch_size * 2,
+                                    self.cfg.logps_chunk)
+            self.examples = [Example(e.prompt_ids, e.chosen_ids, a, e.ref_chosen, r) for (e, a), r in zip(keep, ref)]
+            changed = sum(a != e.rejected_ids for e, a in keep)
+            print(f"on-policy round at step {self.step}: {changed}/{len(ex)} rejected answers changed, "
+                  f"{len(ex) - len(keep)} now match the chosen one", flush=True)
+
+    return OnPolicy
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
@@ -83,8 +160,7 @@ def main() -> None:
     import torch
 
     from qdpo.eval import metrics as M
-    from qdpo.train import _examples, _load
-    from qdpo.training import stages as S
+    from qdpo.train import _examples, _load, _per_example, _teacher
     from qdpo.training.config import TrainConfig
     from qdpo.training.prompts import load_prompt_set, prompt_ids
     from qdpo.training.trainer import Trainer
@@ -104,9 +180,13 @@ def main() -> None:
     val_ex, test_ex = split_ex["validation"], split_ex["test"]
     pad = tok.pad_token_id
     bs = cfg0.micro_batch_size * 2
-    targets = M.fp_targets(fp_model, val_ex, batch_size=bs, disable=True)
+    fp_hidden = S.load_hidden(run / "answers" / "fp_hidden.safetensors", fp)  # FP targets kept while decoding
+    split_p = {s: [prompts[r["id"]] for r in fp_rows if r["split"] == s] for s in ("validation", "test")}
+    targets = M.fp_targets(fp_model, val_ex, batch_size=bs, disable=True,
+                           fp_hidden=_per_example(fp_hidden, split_p["validation"]))
     start = M.flip_rate(q0, val_ex, targets, batch_size=bs, disable=True)
-    ev = dict(batch_size=bs, chunk=cfg0.logps_chunk, disable=True, pad_id=pad, fp_cache={})
+    ev = dict(batch_size=bs, chunk=cfg0.logps_chunk, disable=True, pad_id=pad, fp_cache={},
+              fp_hidden=_per_example(fp_hidden, split_p["test"]))
     print(f"validation flip rate of the initial model: {start:.4f}", flush=True)
 
     def test_metrics(model) -> dict:
@@ -125,15 +205,25 @@ def main() -> None:
             else:
                 over = {"seed": seed, "patience": a.patience, "checkpoint_every": 0}
                 over.update({k: v for k, v in (("steps", a.steps), ("eval_every", a.eval_every)) if v is not None})
-                cfg = TrainConfig(**_parse(recipe, {**base, **over})).validate()
+                values = _parse(recipe, {**base, **over})
+                extra = {k: values.pop(k) for k in EXTRA if k in values}
+                cfg = TrainConfig(**values).validate()
                 model = copy.deepcopy(q0)
                 method = cfg.method if cfg.method != "all" else "qdpo"
                 examples = _examples(method, pairs, train_p, ids, fp)
+                if method == "qdpo" and extra.get("samples"):
+                    examples = examples + _sampled_pairs(q0, tok, pairs, extra["samples"], extra.get("temp", 1.0),
+                                                         cfg, pad, seed)
                 if method == "qdpo" and cfg.window:
                     examples = S.windowed_reference(q0, examples, cfg.window, pad, cfg)
                 name = recipe.replace("=", "").replace(",", "_") + f"_s{seed}"
-                tr = Trainer(model, cfg, method, examples, run / "sweep" / name, fp_model=fp_model,
-                             val=(val_ex, targets), pad_id=pad, disable_progress=True)
+                cls = Trainer
+                if method == "qdpo" and extra.get("onpolicy"):
+                    cls = _on_policy_trainer(q0, tok, extra["onpolicy"], pad)
+                teacher = _teacher(method, cfg, examples[:len(pairs) if method == "qdpo" else None], pairs, train_p,
+                                   fp_hidden)  # sampled extra pairs repeat chosen answers already in it
+                tr = cls(model, cfg, method, examples, run / "sweep" / name, fp_model=fp_model,
+                         val=(val_ex, targets), pad_id=pad, disable_progress=True, teacher=teacher)
                 summary = tr.run()
                 curve = {h["step"]: h["val/flip_rate"] for h in tr.history if h.get("val/flip_rate") is not None}
                 rec = {"recipe": recipe, "method": method, "steps": cfg.steps, "seed": seed, "start": start,

@@ -165,7 +165,10 @@ def run(cfg: TrainConfig) -> dict:
             raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with stage("fp_answers"):
-        fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers")
+        hidden_path = out / "answers" / "fp_hidden.safetensors"  # FP targets of KD and evaluation, from decoding
+        fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers",
+                       hidden_path=hidden_path)
+        fp_hidden = S.load_hidden(hidden_path, fp)  # None: the FP model runs where they are needed
     with stage("quantize"):
         calib = [ids[p.id] + fp[p.id] for p in train_p]
         q0, init_stats = _initial(fp_model, cfg, calib, out)
@@ -178,9 +181,11 @@ def run(cfg: TrainConfig) -> dict:
     test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
     val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
     evals, curves, histories, summaries = {}, {}, {}, {}
-    ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={})  # FP runs once on test
+    ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={},  # FP runs once on test
+              fp_hidden=_per_example(fp_hidden, test_p))
     with stage("eval_start"):
-        val = (val_ex, M.fp_targets(fp_model, val_ex, ev["batch_size"], ev["chunk"], disable=True)) if val_ex else None
+        val = (val_ex, M.fp_targets(fp_model, val_ex, ev["batch_size"], ev["chunk"], disable=True,
+                                    fp_hidden=_per_example(fp_hidden, val_p))) if val_ex else None
         if D.is_main():
             for name, model, answers in (("fp", fp_model, fp), ("initial", q0, q_ans)):
                 evals[name], curves[name] = _evaluate(fp_model, model, tok, test_ex, [answers[p.id] for p in test_p],
@@ -198,7 +203,8 @@ def run(cfg: TrainConfig) -> dict:
             else:
                 with _parked(device, None if needs_fp(method, cfg) else fp_model):
                     trainer = Trainer(model, cfg, method, examples, out / f"train_{method}", fp_model=fp_model,
-                                      val=val, pad_id=pad)
+                                      val=val, pad_id=pad, teacher=_teacher(method, cfg, examples, pairs, train_p,
+                                                                            fp_hidden))
                     summaries[method] = trainer.run(resume=cfg.resume)
                     histories[method] = trainer.history
                     model = trainer.final_model(q0)  # FSDP2: gathered into a plain copy on rank 0
@@ -265,6 +271,23 @@ def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0)
         return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r[f"{pre}ref_chosen_logps"],
                         r[f"{pre}ref_rejected_logps"]).windowed(window) for r in pairs]
     return [Example(ids[p.id], fp[p.id]) for p in train_p]
+
+
+def _per_example(fp_hidden: dict | None, prompts) -> list | None:
+    return None if fp_hidden is None else [fp_hidden[p.id] for p in prompts]
+
+
+def _teacher(method: str, cfg: TrainConfig, examples: list[Example], pairs: list[dict], train_p, fp_hidden):
+    """The KD teacher's cache, filled with the FP hidden states kept while decoding (no FP forward in training)."""
+    if fp_hidden is None or not needs_fp(method, cfg):
+        return None
+    from qdpo.training.trainer import TeacherCache
+
+    teacher = TeacherCache()
+    ids = [r["id"] for r in pairs] if method == "qdpo" else [p.id for p in train_p]  # _examples' order
+    for pid, e in zip(ids, examples):  # a chosen answer cut by --max-length or --window is a prefix
+        teacher.add(e.prompt_ids, e.chosen_ids, fp_hidden[pid][: len(e.chosen_ids)])
+    return teacher
 
 
 def _evaluate(fp_model, model, tok, test_ex, answers, ev) -> tuple[dict, tuple]:

@@ -137,6 +137,38 @@ def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, mo
     assert a == b
 
 
+def test_fp_targets_come_from_decoding(model_dir, tmp_path, monkeypatch):
+    """The FP hidden states kept while decoding feed KD and evaluation: the FP model never runs in training;
+    without them (an older run directory) the FP model computes the same numbers."""
+    from qdpo.quant.linear import QuantLinear
+    from qdpo.training import stages as S
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    fp_calls = []
+    orig = trainer_mod.completion_hidden
+
+    def spy(model, batch):
+        if not any(isinstance(m, QuantLinear) for m in model.modules()):
+            fp_calls.append(batch.input_ids.shape[0])
+        return orig(model, batch)
+
+    monkeypatch.setattr(trainer_mod, "completion_hidden", spy)
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd")) == 0
+    assert fp_calls == [], "KD ran the FP model although its hidden states were kept"
+    fp = {r["id"]: r["answer_ids"] for r in S.read_jsonl(out / "answers" / "fp.jsonl")}
+    hidden = S.load_hidden(out / "answers" / "fp_hidden.safetensors", fp)
+    assert hidden is not None and set(hidden) == set(fp)
+    first = json.loads((out / "metrics.json").read_text())["eval"]
+    (out / "answers" / "fp_hidden.safetensors").write_bytes(b"damaged")  # ignored, then recomputed
+    (out / "metrics.json").unlink()
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd", "--resume")) == 0
+    again = json.loads((out / "metrics.json").read_text())["eval"]
+    for name in ("initial", "kd"):
+        assert again[name]["flip_rate"] == first[name]["flip_rate"]
+        assert again[name]["kl"] == pytest.approx(first[name]["kl"], rel=1e-4, abs=1e-7)
+
+
 def test_plain_template_and_unsplit_prompts(tmp_path):
     d = tmp_path / "plain"
     torch.manual_seed(0)

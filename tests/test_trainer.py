@@ -206,3 +206,83 @@ def test_a_kd_term_without_the_fp_model_is_refused_up_front(data, tmp_path):
         with pytest.raises(ValueError, match=f"{method} with kd_weight .* needs fp_model"):
             Trainer(q, c, method, examples, tmp_path, pad_id=1)
     Trainer(q, cfg(), "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)  # plain DPO needs none
+
+
+def test_decoding_hidden_states_equal_teacher_forced(data):
+    """greedy(hidden=...) keeps the output layer's input of every decoding step: what a forward gives."""
+    from qdpo.training.data import collate
+    from qdpo.training.logps import completion_hidden
+
+    fp, _, _ = fresh(data)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 6, 4, 5, 7)]
+    hidden = []
+    answers = greedy(fp, Tok, prompts, 8, batch_size=3, disable=True, hidden=hidden)
+    assert [h.shape for h in hidden] == [(len(a), 64) for a in answers]
+    with torch.no_grad():
+        for p, a, h in zip(prompts, answers, hidden):
+            want, _, _ = completion_hidden(fp, collate([(p, a)], 1))
+            torch.testing.assert_close(h, want, rtol=1e-4, atol=1e-4)
+    # the hook is gone afterwards: a plain forward adds nothing
+    fp(torch.tensor([prompts[0]]))
+    assert len(hidden) == len(prompts)
+    assert not fp.get_output_embeddings()._forward_pre_hooks
+
+
+def test_fp_hidden_from_decoding_gives_the_same_eval_and_kd(data, tmp_path):
+    """fp_targets / teacher_forced / the KD teacher fed with decoding hidden states match the forward path."""
+    from qdpo.eval import metrics as M
+    from qdpo.training.trainer import TeacherCache
+
+    fp, q, _ = fresh(data)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (4, 6, 3, 5, 7, 4)]
+    hidden = []
+    answers = greedy(fp, Tok, prompts, 8, batch_size=4, disable=True, hidden=hidden)
+    ex = list(zip(prompts, answers))
+    t0, t1 = M.fp_targets(fp, ex, 4, disable=True), M.fp_targets(fp, ex, 4, disable=True, fp_hidden=hidden)
+    assert torch.equal(t0.argmax, t1.argmax)
+    torch.testing.assert_close(t0.margin, t1.margin, rtol=1e-4, atol=1e-4)
+    a = M.teacher_forced(fp, q, ex, 4, disable=True)
+    b = M.teacher_forced(fp, q, ex, 4, disable=True, fp_hidden=hidden)
+    for k in ("flip_rate", "kl", "nll", "fp_ppl", "delta_p_rms"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    with pytest.raises(ValueError, match="fp_hidden holds"):
+        M.teacher_forced(fp, q, ex, 4, disable=True, fp_hidden=[h[:-1] for h in hidden])
+    # KD loss of one step: the teacher cache seeded with decoding hidden states vs computed by the FP model
+    examples = [Example(p, a) for p, a in ex]
+    seeded = TeacherCache()
+    for e, h in zip(examples, hidden):
+        assert seeded.add(e.prompt_ids, e.chosen_ids, h)
+    losses = []
+    for teacher in (None, seeded):
+        tr = Trainer(copy.deepcopy(q), cfg(), "kd", examples, tmp_path / str(len(losses)), fp_model=fp, pad_id=1,
+                     disable_progress=True, teacher=teacher)
+        losses.append(tr.train_step()["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    with pytest.raises(ValueError, match="hidden states for"):
+        seeded.add(prompts[0], answers[0] + [2], hidden[0])
+    assert not TeacherCache(max_bytes=0).add(prompts[0], answers[0], hidden[0])  # over budget: not kept
+
+
+@pytest.mark.parametrize("kw", [dict(steps=8, checkpoint_every=4),  # the last step is a checkpoint step
+                                dict(steps=12, eval_every=2, patience=1, lr=3e-2)])  # stops early
+def test_resuming_a_finished_run_trains_no_more(data, tmp_path, kw):
+    """--resume on a completed run (last step checkpointed, or stopped early) keeps its final weights."""
+    fp, q, examples = fresh(data)
+    targets_ex = [(e.prompt_ids, e.chosen_ids) for e in examples]
+    from qdpo.eval.metrics import fp_targets
+
+    val = (targets_ex, fp_targets(fp, targets_ex, 4, disable=True))
+    c = cfg(**kw)
+    q_a = copy.deepcopy(q)
+    summary = Trainer(q_a, c, "qdpo", examples, tmp_path, val=val, pad_id=1, disable_progress=True).run()
+    if "patience" in kw:
+        assert summary["early_stopped"] and summary["steps_run"] < c.steps
+    q_b = copy.deepcopy(q)
+    t = Trainer(q_b, c, "qdpo", examples, tmp_path, val=val, pad_id=1, disable_progress=True)
+    t.train_step = lambda: pytest.fail("a finished run trained again on --resume")
+    again = t.run(resume=True)
+    assert again["steps_run"] == summary["steps_run"] and again["best_step"] == summary["best_step"]
+    for (n, a), (_, b) in zip(q_a.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n

@@ -127,6 +127,27 @@ def _hidden(model, batch: Batch) -> tuple[Tensor, Tensor]:
     return h, labels
 
 
+def _check_hidden(hidden: list[Tensor] | None, examples: list[Example]) -> None:
+    if hidden is None:
+        return
+    bad = [i for i, (h, (_, a)) in enumerate(zip(hidden, examples)) if h.shape[0] != len(a)]
+    if len(hidden) != len(examples) or bad:
+        raise ValueError(f"fp_hidden holds {len(hidden)} entries for {len(examples)} examples"
+                         + (f" and example {bad[0]}'s has {hidden[bad[0]].shape[0]} rows for "
+                            f"{len(examples[bad[0]][1])} answer tokens" if bad else "")
+                         + "; pass one [len(answer), H] tensor per example (greedy(..., hidden=...))")
+
+
+def _fp_hidden(fp_model, batch: Batch, idx: list[int], examples: list[Example],
+               fp_hidden: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The FP model's answer-position hidden states and labels of a batch: given (``fp_hidden``) or computed."""
+    if fp_hidden is None:
+        return _hidden(fp_model, batch)
+    dev = _device(fp_model)
+    labels = torch.tensor([t for i in idx for t in examples[i][1]], dtype=torch.long, device=dev)
+    return torch.cat([fp_hidden[i] for i in idx]).to(dev), labels
+
+
 def _chunks(n: int, chunk: int):
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
@@ -146,16 +167,22 @@ def _scatter(out: list, idx: list[int], lengths: list[int], values: Tensor) -> N
 
 # ---------------------------------------------------------------------------- teacher forcing
 def fp_targets(fp_model, examples: list[Example], batch_size: int = 8, chunk: int = 1024,
-               disable: bool = False, pad_id: int = 0) -> FPTargets:
-    """The FP model's top-1 token and top-1 − top-2 logit margin at every answer position."""
+               disable: bool = False, pad_id: int = 0, fp_hidden: list[Tensor] | None = None) -> FPTargets:
+    """The FP model's top-1 token and top-1 − top-2 logit margin at every answer position.
+
+    ``fp_hidden``: the FP model's hidden states at each example's answer positions
+    (``[len(answer), H]``, e.g. kept while decoding the answers); then only its
+    output layer runs.
+    """
     _check_examples(examples)
+    _check_hidden(fp_hidden, examples)
     lengths = [len(a) for _, a in examples]
     arg = [torch.empty(0, dtype=torch.long)] * len(examples)  # empty answers keep these
     mar = [torch.empty(0)] * len(examples)
     with _inference(fp_model):
         head = _head(fp_model)
         for idx, batch in _batches(examples, batch_size, pad_id, "FP targets", disable):
-            h, _ = _hidden(fp_model, batch)
+            h, _ = _fp_hidden(fp_model, batch, idx, examples, fp_hidden)
             if h.shape[0] == 0:  # a batch of empty answers
                 continue
             a, m = [], []
@@ -191,7 +218,8 @@ def flip_rate(q_model, examples: list[Example], targets: FPTargets, batch_size: 
 
 
 def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int = 8, chunk: int = 1024,
-                   disable: bool = False, pad_id: int = 0, fp_cache: dict | None = None) -> dict:
+                   disable: bool = False, pad_id: int = 0, fp_cache: dict | None = None,
+                   fp_hidden: list[Tensor] | None = None) -> dict:
     """Flip rate, top-1 agreement, KL(FP ‖ q), perplexity and Δp RMS on the FP answers.
 
     Returns floats ``flip_rate``, ``top1_agreement``, ``kl`` (nats/token), ``nll``, ``ppl``,
@@ -200,9 +228,11 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
     top-1 − top-2 logit) and ``flipped`` ``[P]`` bool. ``fp_model`` may be ``q_model`` (one
     forward then). ``fp_cache``: a dict kept by the caller across calls on the same examples and
     batch size; it holds the FP hidden states at answer positions (``P × H`` floats, small), so
-    the FP decoder runs once however many models are compared.
+    the FP decoder runs once however many models are compared. ``fp_hidden``: those hidden
+    states given per example (as for :func:`fp_targets`); then the FP decoder does not run.
     """
     _check_examples(examples)
+    _check_hidden(fp_hidden, examples)
     lengths = [len(a) for _, a in examples]
     dev = _device(q_model)
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # flips, kl, q nll, fp nll, Δp²
@@ -215,7 +245,7 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
             if fp_cache is not None and key in fp_cache:
                 h_f, labels = fp_cache[key]
             else:
-                h_f, labels = _hidden(fp_model, batch)
+                h_f, labels = _fp_hidden(fp_model, batch, idx, examples, fp_hidden)
                 if fp_cache is not None:
                     fp_cache[key] = (h_f, labels)
             h_q = h_f if q_model is fp_model else _hidden(q_model, batch)[0]

@@ -68,7 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     eval_every: int = 4  # steps between validation flip-rate checks (0 = never)
     patience: int = 3  # early stopping: validation checks without improvement before stopping (0 = off)
-    checkpoint_every: int = 4  # steps between checkpoints (0 = only at the end)
+    checkpoint_every: int = 8  # steps between checkpoints (0 = only at the end; each holds weights + AdamW state)
     log_every: int = 1  # steps between log lines
     logps_chunk: int = 1024  # positions per chunk of the output layer (bounds the logits memory)
     dtype: str = "auto"  # compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16

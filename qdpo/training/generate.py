@@ -8,6 +8,8 @@ not re-quantized at every step.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from tqdm.auto import tqdm
 
@@ -43,12 +45,19 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-           desc: str = "generate", disable: bool = False, with_logps: bool = False):
+           desc: str = "generate", disable: bool = False, with_logps: bool = False, hidden: list | None = None):
     """Greedy answers (token ids) for tokenized prompts, in order.
 
     With ``with_logps`` also returns each answer's summed log-prob under the
     model (fp32, from the decoding logits): the reference log-prob of an answer
     the model wrote itself, without a second forward pass.
+
+    ``hidden``: a list to fill, in prompt order, with each answer's final hidden
+    states ``[len(answer), H]`` (fp32, CPU): the output layer's input at the
+    positions that predicted the answer tokens. They are what a teacher-forced
+    forward pass over prompt + answer gives at those positions (up to float
+    rounding), so the FP model's KD targets and evaluation targets come with
+    decoding instead of a second pass.
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -59,10 +68,20 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     logps: dict[int, float] = {}
     was_training = model.training
     model.eval()
-    with frozen_weights(model), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable) as bar:
+    states: dict[int, torch.Tensor] = {}
+    steps: list[torch.Tensor] = []  # the output layer's input at the last position of each decoding step
+    with ExitStack() as stack:
+        hook = None
+        if hidden is not None:
+            head = model.get_output_embeddings()
+            hook = head.register_forward_pre_hook(lambda _m, args: steps.append(args[0][:, -1].float().cpu()))
+            stack.callback(hook.remove)
+        stack.enter_context(frozen_weights(model))
+        bar = stack.enter_context(tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, att = left_pad([prompts[i] for i in idx], pad)
+            steps.clear()
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
@@ -71,11 +90,16 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
             )
             new = out.sequences[:, ids.shape[1]:]
             step_lp = _token_logps(out.logits, new) if with_logps else None  # [B, T] fp32
+            seq = torch.stack(steps, 1) if hook is not None else None  # [B, steps, H]
             for row, i in enumerate(idx):
                 answers[i] = cut_at_eos(new[row].tolist(), eos)
                 if with_logps:
                     logps[i] = step_lp[row, : len(answers[i])].sum().item()
+                if hook is not None:
+                    states[i] = seq[row, : len(answers[i])].clone()
             bar.update(len(idx))
+    if hidden is not None:
+        hidden[:] = [states[i] for i in range(len(prompts))]
     model.train(was_training)
     ordered = [answers[i] for i in range(len(prompts))]
     return (ordered, [logps[i] for i in range(len(prompts))]) if with_logps else ordered

@@ -4,6 +4,9 @@
 artifact                  stage
 ========================  ==================================================================
 ``answers/fp.jsonl``      FP greedy answers for every prompt used (train, validation, test)
+``answers/fp_hidden.*``   the FP model's final hidden states at each answer position, kept while
+                          decoding (safetensors): KD targets and evaluation targets without
+                          another FP forward pass (recomputed when missing)
 ``initial/``              the initial quantized model (RTN or AWQ), latent weights + grid
 ``answers/initial.jsonl`` the initial quantized model's greedy answers (train and test)
 ``pairs.jsonl``           TRL preference pairs (prompt / chosen / rejected) + token ids,
@@ -79,10 +82,12 @@ def tokenize_prompts(tokenizer, prompts: list[Prompt], max_length: int) -> tuple
 
 # ----------------------------------------------------------------------------- answers
 def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[int]], cfg, desc: str,
-            with_logps: bool = False) -> dict:
+            with_logps: bool = False, hidden_path: Path | None = None) -> dict:
     """``{prompt id: answer ids}`` (and ``{id: summed log-prob}`` with ``with_logps``).
 
     Loaded from ``path`` when it covers every prompt, else generated and written.
+    With ``hidden_path``, a fresh generation also writes each answer's final
+    hidden states there (``load_hidden`` reads them back).
     """
     if path.exists():
         rows = read_jsonl(path)
@@ -90,16 +95,47 @@ def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[
             return _answer_maps(rows, with_logps)
 
     def generate(part: list[list[int]]) -> list:
+        hidden = [] if hidden_path is not None else None
         out = greedy(model, tokenizer, part, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc, with_logps=with_logps,
-                     disable=not D.is_main())
-        return list(zip(*out)) if with_logps else out  # one (answer, logp) per prompt
+                     disable=not D.is_main(), hidden=hidden)
+        cols = (*out, hidden) if with_logps else (out, hidden)
+        return list(zip(*cols)) if hidden is not None else (list(zip(*out)) if with_logps else out)
 
     results = D.shard_map(generate, ids, key=len)  # one process: generate(ids)
+    if hidden_path is not None:  # (answer, [logp,] hidden) per prompt
+        D.on_main(lambda: _save_hidden(hidden_path, {p.id: r[-1] for p, r in zip(prompts, results)}))
+        results = [r[:-1] if with_logps else r[0] for r in results]
     answers_, logps = ([r[0] for r in results], [r[1] for r in results]) if with_logps else (results, None)
     rows = [{"id": p.id, "split": p.split, "answer": tokenizer.decode(a, skip_special_tokens=True),
              "answer_ids": a, **({"logp": logps[i]} if with_logps else {})}
             for i, (p, a) in enumerate(zip(prompts, answers_))]
     return _answer_maps(publish_jsonl(path, rows), with_logps)
+
+
+def _save_hidden(path: Path, hidden: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in hidden.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_hidden(path: Path, answers: dict[str, list[int]]) -> dict[str, torch.Tensor] | None:
+    """The hidden states ``answers(hidden_path=path)`` wrote, if they exist and match ``answers``' lengths.
+
+    None (so the caller runs the model instead) when the file is missing, damaged
+    or from other answers.
+    """
+    if not path.exists():
+        return None
+    try:
+        hidden = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+        log.warning("ignoring %s (%s)", path, e)
+        return None
+    if any(k not in hidden or hidden[k].shape[0] != len(a) for k, a in answers.items()):
+        log.warning("ignoring %s: it does not match %d answers", path, len(answers))
+        return None
+    return hidden
 
 
 def _answer_maps(rows: list[dict], with_logps: bool):

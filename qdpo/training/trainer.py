@@ -231,6 +231,21 @@ class TeacherCache:
     def __init__(self, max_bytes: int = 2 << 30) -> None:
         self.max_bytes, self.bytes, self.rows = max_bytes, 0, {}
 
+    def add(self, prompt_ids: list[int], chosen_ids: list[int], hidden: torch.Tensor) -> bool:
+        """Keep ``hidden`` (``[len(chosen_ids), H]``, the FP model's at the chosen positions, e.g. from
+        decoding) for that example; False when it does not fit in ``max_bytes``."""
+        if hidden.shape[0] != len(chosen_ids):
+            raise ValueError(f"hidden states for {hidden.shape[0]} positions but the chosen answer has "
+                             f"{len(chosen_ids)} tokens")
+        key, size = (tuple(prompt_ids), tuple(chosen_ids)), hidden.numel() * hidden.element_size()
+        if key in self.rows:
+            return True
+        if self.bytes + size > self.max_bytes:
+            return False
+        self.rows[key] = hidden.detach().to("cpu")
+        self.bytes += size
+        return True
+
     @torch.no_grad()
     def hidden(self, fp_model, batch: Batch, examples: list[Example], cfg: TrainConfig, device) -> torch.Tensor:
         keys = [(tuple(e.prompt_ids), tuple(e.chosen_ids)) for e in examples]
@@ -244,10 +259,7 @@ class TeacherCache:
             parts = h_t.split(torch.bincount(row, minlength=len(missing)).tolist())
             for i, part in zip(missing, parts):
                 got[i] = part
-                size = part.numel() * part.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.rows[keys[i]] = part.to("cpu")
-                    self.bytes += size
+                self.add(*keys[i], part)
         return torch.cat([got[i].to(device) for i in range(len(keys))])
 
 
@@ -284,14 +296,15 @@ class Trainer:
     """Trains ``model`` in place with ``method`` on ``examples``; see the module docstring."""
 
     def __init__(self, model, cfg: TrainConfig, method: str, examples: list[Example], out_dir: Path,
-                 fp_model=None, val=None, pad_id: int = 0, disable_progress: bool = False):
+                 fp_model=None, val=None, pad_id: int = 0, disable_progress: bool = False,
+                 teacher: TeacherCache | None = None):
         if not examples:
             raise ValueError(f"no training examples for {method}")
         if fp_model is None and needs_fp(method, cfg):
             raise ValueError(f"{method} with kd_weight {cfg.kd_weight} needs fp_model (the teacher); "
                              "pass it, or set kd_weight=0 for plain DPO")
         self.model, self.cfg, self.method, self.fp_model = model, cfg, method, fp_model
-        self.teacher = TeacherCache()  # FP hidden states on the chosen answers, for the KD terms
+        self.teacher = teacher or TeacherCache()  # FP hidden states on the chosen answers, for the KD terms
         self.examples = examples  # QDPO: already cut to cfg.window, with matching reference log-probs
         self.out_dir, self.pad_id, self.val = Path(out_dir), pad_id, val  # val: (examples, FPTargets)
         self.device = next(model.parameters()).device
@@ -310,6 +323,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"metric": float("inf"), "step": 0, "bad": 0, "state": None}
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint this process wrote
 
     # -- persistence
     @property
@@ -326,6 +340,7 @@ class Trainer:
         folder = self.ckpt_dir / f"step-{self.step:06d}"
         try:
             D.save_checkpoint(folder, self.model, self.opt, tensors, meta)
+            self.saved_step = self.step
         except OSError as e:
             raise CheckpointError(f"could not write checkpoint {folder} ({e.strerror or e}); free space and rerun "
                                   "with --resume: the previous checkpoint is intact") from None
@@ -448,7 +463,7 @@ class Trainer:
             fr = self.validate()
             self._log({"step": 0, **({"val/flip_rate": fr} if fr is not None else {})})
         t0 = time.perf_counter()
-        stopped = False
+        stopped = bool(cfg.patience) and self.best["bad"] >= cfg.patience  # a resumed run that had stopped early
         with tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method}", unit="step",
                   disable=self.disable) as bar:
             while self.step < cfg.steps and not stopped:
@@ -469,9 +484,10 @@ class Trainer:
         if stopped:
             log.info("%s: early stop at step %d (best validation flip rate %.4f at step %d)", self.method,
                      self.step, self.best["metric"], self.best["step"])
+        if self.saved_step != self.step:  # a checkpoint of this step (with the best weights in it) resumes as done
+            self.save_checkpoint()
         if self.best["state"] is not None:
             load_trainable_state(self.model, self.best["state"])
-        self.save_checkpoint()
         self.model.eval()
         return {"steps_run": self.step, "best_step": self.best["step"],
                 "best_val_flip_rate": None if self.best["state"] is None else self.best["metric"],
