@@ -92,3 +92,72 @@ def test_fit_and_common_prefix():
     assert fit([1, 2, 3], [4, 5, 6], 5) == ([1, 2, 3], [4, 5])
     assert fit([1, 2, 3], [4], 3) is None
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([1], [1]) == 1
+
+
+# ----------------------------------------------------------------------------- shared prefix
+SYSTEM = [3, 7, 1, 9, 4, 4, 2, 8, 6, 5]  # a shared "system prompt" (10 tokens)
+PREFIXED = [(SYSTEM + [11, 12], [13, 14, 15]), (SYSTEM + [16], [17, 18, 19, 20, 21]), (SYSTEM + [22, 23, 24], [25])]
+
+
+def _plain_hidden(model, batch):
+    return model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+
+
+def test_shared_prefix_length():
+    from qdpo.training.logps import MIN_SHARED_PREFIX, shared_prefix
+
+    assert shared_prefix(collate(PREFIXED, 0)) == len(SYSTEM)
+    assert shared_prefix(collate(PREFIXED[:1], 0)) == 0  # one row: nothing to share
+    assert shared_prefix(collate(EXAMPLES, 0)) == 0  # rows differ at once
+    short = [(SYSTEM[:MIN_SHARED_PREFIX - 1] + [30], [31]), (SYSTEM[:MIN_SHARED_PREFIX - 1] + [32], [33])]
+    assert shared_prefix(collate(short, 0)) == 0  # below the minimum
+    same = [(SYSTEM, [40, 41]), (SYSTEM, [40, 41])]
+    assert shared_prefix(collate(same, 0)) == len(SYSTEM) + 1  # identical rows: all but the last token
+    padded = collate([(SYSTEM, [40]), (SYSTEM[:9], [])], 0)  # the second row's padding cuts the prefix
+    assert shared_prefix(padded) == 9
+
+
+def test_shared_prefix_forward_and_gradients_match_whole_rows():
+    """The prefix run once and repeated gives the same hidden states and parameter gradients."""
+    from qdpo.training.logps import decoder_hidden
+
+    model = tiny(3).train()
+    batch = collate(PREFIXED, 0)
+    mask = batch.attention_mask.bool()
+    probe = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        model.qdpo_no_prefix_sharing = not share
+        h = decoder_hidden(model, batch)
+        (h * probe)[mask].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if share:
+            shared_h = h.detach()
+    torch.testing.assert_close(shared_h[mask], _plain_hidden(model, batch).detach()[mask], rtol=1e-5, atol=1e-5)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
+    # and the completion log-probs of the whole path agree with the unbatched reference
+    model.qdpo_no_prefix_sharing = False
+    with torch.no_grad():
+        total, _ = sequence_logps(model.eval(), batch)
+    for i, (p, c) in enumerate(PREFIXED):
+        assert total[i].item() == pytest.approx(_direct_logps(model, p, c), abs=1e-4)
+
+
+def test_models_without_a_plain_kv_cache_run_whole_rows():
+    """A sliding-window model (its cache drops old keys) is not given a shared prefix."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from qdpo.training.logps import decoder_hidden
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(cfg).eval()
+    batch = collate(PREFIXED, 0)
+    with torch.no_grad():
+        h = decoder_hidden(model, batch)
+        want = _plain_hidden(model, batch)
+    assert model._qdpo_prefix_ok is False
+    assert torch.equal(h, want)

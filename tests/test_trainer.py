@@ -286,3 +286,26 @@ def test_resuming_a_finished_run_trains_no_more(data, tmp_path, kw):
     assert again["steps_run"] == summary["steps_run"] and again["best_step"] == summary["best_step"]
     for (n, a), (_, b) in zip(q_a.named_parameters(), q_b.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_greedy_with_a_shared_prompt_prefix_matches_plain_left_padding(data):
+    """Prompts sharing a system prefix decode from one cached prefix: same answers, log-probs, hidden states."""
+    fp, q, _ = fresh(data)
+    g = torch.Generator().manual_seed(11)
+    system = torch.randint(2, VOCAB, (12,), generator=g).tolist()
+    prompts = [system + torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 3, 8, 2, 6, 4)]
+    prompts.append(torch.randint(2, VOCAB, (9,), generator=g).tolist())  # one without it: its batch runs plain
+    for model in (fp, q):
+        got = []
+        for share in (True, False):
+            model.qdpo_no_prefix_sharing = not share
+            hidden = []
+            answers, logps = greedy(model, Tok, prompts, 8, batch_size=4, disable=True, with_logps=True,
+                                    hidden=hidden)
+            got.append((answers, logps, hidden))
+        model.qdpo_no_prefix_sharing = False
+        (a1, l1, h1), (a0, l0, h0) = got
+        assert a1 == a0
+        torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-4)
+        for x, y in zip(h1, h0):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdpo.quant.linear import frozen_weights
+from qdpo.training.data import common_prefix
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,13 +81,13 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
         bar = stack.enter_context(tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, att = left_pad([prompts[i] for i in idx], pad)
+            ids, att, cache = _inputs(model, [prompts[i] for i in idx], pad, device)
             steps.clear()
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
                 pad_token_id=pad, eos_token_id=sorted(eos) or None,
-                return_dict_in_generate=True, output_logits=with_logps,
+                return_dict_in_generate=True, output_logits=with_logps, **cache,
             )
             new = out.sequences[:, ids.shape[1]:]
             step_lp = _token_logps(out.logits, new) if with_logps else None  # [B, T] fp32
@@ -103,6 +104,35 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     model.train(was_training)
     ordered = [answers[i] for i in range(len(prompts))]
     return (ordered, [logps[i] for i in range(len(prompts))]) if with_logps else ordered
+
+
+def _inputs(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(input_ids, attention_mask, cache kwargs)`` of one generation batch.
+
+    Prompts that share a start (the chat template's system prompt) are laid
+    out as ``[shared prefix][left padding][rest]``: the prefix's keys and
+    values are computed once and handed to ``generate`` as its cache, and
+    the positions (from the attention mask) are those of plain left padding.
+    Otherwise plain left padding, and no cache.
+    """
+    from qdpo.training.logps import MIN_SHARED_PREFIX, prefix_cache, prefix_sharing_ok
+
+    p = min(len(x) for x in prompts) - 1  # every row keeps at least one token to prefill
+    for x in prompts[1:]:
+        p = min(p, common_prefix(prompts[0], x))
+    if len(prompts) < 2 or p < MIN_SHARED_PREFIX or not prefix_sharing_ok(model):
+        ids, att = left_pad(prompts, pad_id)
+        return ids.to(device), att.to(device), {}
+    prefix = torch.tensor([prompts[0][:p]], dtype=torch.long, device=device)
+    got = prefix_cache(model, prefix, len(prompts))
+    if got is None:
+        ids, att = left_pad(prompts, pad_id)
+        return ids.to(device), att.to(device), {}
+    name, cache, _ = got
+    rest, rest_att = left_pad([x[p:] for x in prompts], pad_id)
+    ids = torch.cat([prefix.expand(len(prompts), -1), rest.to(device)], 1)
+    att = torch.cat([torch.ones_like(ids[:, :p]), rest_att.to(device)], 1)
+    return ids, att, {name: cache}
 
 
 def _token_logps(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:

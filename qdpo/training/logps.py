@@ -21,10 +21,82 @@ from torch import Tensor
 from qdpo.training.data import Batch
 
 
+MIN_SHARED_PREFIX = 8  # tokens every row must share before the prefix is run once
+
+
 def decoder_hidden(model, batch: Batch) -> Tensor:
-    """Final hidden states ``[B, T, H]`` (after the last norm) of a HF causal LM."""
+    """Final hidden states ``[B, T, H]`` (after the last norm) of a HF causal LM.
+
+    When every row starts with the same tokens (the chat template's system
+    prompt; a DPO pair's common prompt), that prefix runs once, as one row,
+    and its keys and values are repeated for the rest of the batch: the same
+    numbers up to float rounding, with or without gradients (they flow back
+    through the repeat), for less compute. Rows are right-padded, so the
+    prefix sits at positions ``0..P-1`` of every row.
+    """
+    p = shared_prefix(batch) if prefix_sharing_ok(model) else 0
+    if p:
+        out = _with_shared_prefix(model, batch, p)
+        if out is not None:
+            return out
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+def shared_prefix(batch: Batch) -> int:
+    """Tokens ``P`` that every row of ``batch`` holds identically at its start (0 when fewer than
+    :data:`MIN_SHARED_PREFIX`, or when there is one row); at most ``T - 1``."""
+    ids, att = batch.input_ids, batch.attention_mask
+    if ids.shape[0] < 2 or ids.shape[1] <= MIN_SHARED_PREFIX:
+        return 0
+    same = ((ids == ids[:1]) & (att == 1)).all(0)  # [T]
+    p = int(same.long().cumprod(0).sum())
+    p = min(p, ids.shape[1] - 1)
+    return p if p >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_sharing_ok(model) -> bool:
+    """Whether this model's forward may start from a cache (decoder-only, plain dynamic KV cache) and is not
+    under a wrapper that must see one forward per step (torch.distributed, activation checkpointing)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False) or getattr(model, "qdpo_no_prefix_sharing", False):
+        return False
+    return getattr(model, "_qdpo_prefix_ok", True)
+
+
+def prefix_cache(model, prefix: Tensor, batch_size: int):
+    """``(cache kwarg name, cache, prefix hidden [1, P, H])``: the keys and values of ``prefix`` (``[1, P]``
+    token ids) computed once and repeated ``batch_size`` times, for a forward or ``generate`` that continues
+    from them; None when the model's cache is not a plain dynamic one (remembered on the model)."""
+    import inspect
+
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    base = model.base_model
+    cache = DynamicCache(config=model.config)
+    layers = getattr(cache, "layers", None)
+    params = inspect.signature(base.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers) or name not in params:
+        model._qdpo_prefix_ok = False  # sliding-window, linear-attention or static caches: whole rows
+        return None
+    pre = base(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **{name: cache})
+    cache.batch_repeat_interleave(batch_size)
+    return name, cache, pre.last_hidden_state
+
+
+def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor | None:
+    """``decoder_hidden`` with the first ``p`` tokens run once; None when the model cannot (see ``prefix_cache``)."""
+    ids, att = batch.input_ids, batch.attention_mask
+    b = ids.shape[0]
+    got = prefix_cache(model, ids[:1, :p], b)
+    if got is None:
+        return None
+    name, cache, h_pre = got
+    rest = model.base_model(input_ids=ids[:, p:], attention_mask=att, use_cache=True, **{name: cache})
+    return torch.cat([h_pre.expand(b, -1, -1), rest.last_hidden_state], 1)
 
 
 def output_layer(model) -> tuple[Tensor, Tensor | None]:
