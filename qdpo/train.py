@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from qdpo.eval.judge import JudgeError
 from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
@@ -44,14 +45,15 @@ log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
 # Fields that do not change what a run computes (so --resume accepts a change in them).
 NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "checkpoint_every",
-                     "method", "dist", "activation_checkpointing")
+                     "method", "dist", "activation_checkpointing", "judge_url", "judge_model", "judge_key_env")
 
 
 class RunDirError(ValueError):
     """The output directory cannot be used as asked: printed without a traceback."""
 
 
-USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
+USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFoundError, ModuleNotFoundError,
+               JudgeError)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -149,6 +151,10 @@ def run(cfg: TrainConfig) -> dict:
     from qdpo.training import stages as S
 
     device = D.init(_device(cfg))
+    if cfg.judge_url and D.is_main():  # an unusable judge fails now, not after training
+        from qdpo.eval.judge import check
+
+        check(cfg.judge_url, cfg.judge_model, cfg.judge_key_env)
     D.resolve_mode(cfg.dist, cfg.batch_size)  # a batch the ranks cannot split fails now, not after generation
     D.on_main(lambda: prepare_run_dir(cfg))
     out = Path(cfg.output_dir)
@@ -181,6 +187,7 @@ def run(cfg: TrainConfig) -> dict:
     test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
     val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
     evals, curves, histories, summaries = {}, {}, {}, {}
+    texts = {"fp": [fp[p.id] for p in test_p], "initial": [q_ans[p.id] for p in test_p]}  # greedy answers (ids)
     ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={},  # FP runs once on test
               fp_hidden=_per_example(fp_hidden, test_p))
     with stage("eval_start"):
@@ -216,6 +223,7 @@ def run(cfg: TrainConfig) -> dict:
             answers = S.greedy(model, tok, [ids[p.id] for p in test_p], cfg.max_new_tokens, cfg.gen_batch_size,
                                desc=f"{method} answers")
             evals[method], curves[method] = _evaluate(fp_model, model, tok, test_ex, answers, ev)
+            texts[method] = answers
             S.write_jsonl(out / "answers" / f"{method}.jsonl",
                           [{"id": p.id, "answer": tok.decode(a, skip_special_tokens=True), "answer_ids": a}
                            for p, a in zip(test_p, answers)])
@@ -226,7 +234,32 @@ def run(cfg: TrainConfig) -> dict:
         D.barrier()
     if not D.is_main():
         return {"report": None, "metrics": None}
-    return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped)
+    judge = None
+    if cfg.judge_url:
+        with stage("judge"):
+            judge = _judge(cfg, tok, test_p, texts, evals)
+    return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped, judge)
+
+
+def _judge(cfg: TrainConfig, tok, test_p, texts: dict, evals: dict) -> dict:
+    """LLM-judge ratings of every evaluated model's greedy test answers (``qdpo.eval.judge``)."""
+    from qdpo.eval.judge import judge_answers
+
+    def question(p) -> str:
+        turns = [m for m in p.messages if m["role"] != "system"]
+        if len(turns) == 1:
+            return turns[0]["content"]
+        return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+    answers = {name: [tok.decode(a, skip_special_tokens=True) for a in ids] for name, ids in texts.items()}
+    scores = judge_answers(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, [question(p) for p in test_p], answers)
+    for name, rec in scores.items():
+        evals[name]["judge_score"] = rec["judge_score"]
+    unrated = sum(r["unrated"] for r in scores.values())
+    if unrated:
+        log.warning("the judge rated no score for %d answer(s); they are left out of the means", unrated)
+    return {"url": cfg.judge_url, "model": cfg.judge_model, "scale": "1-10, single-answer grading",
+            **{name: {k: v for k, v in r.items() if k != "judge_score"} for name, r in scores.items()}}
 
 
 @contextmanager
@@ -355,7 +388,8 @@ def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
     return {"compressed_tensors": str(out), "compressed_tensors_max_abs_logit_diff": diff}
 
 
-def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped) -> dict:
+def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped,
+            judge: dict | None = None) -> dict:
     from qdpo.eval import plots, report
 
     plot_paths = {"flip_vs_margin": plots.flip_vs_margin(curves, out / "flip_vs_margin.png")}
@@ -364,7 +398,7 @@ def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stat
     pair_stats = {**pair_stats, "prompts_dropped_too_long": dropped}
     metrics_path = report.write_metrics_json(
         out / "metrics.json", config=cfg.to_dict(), pairs=pair_stats, eval=evals, timing=stage.timing,
-        training=summaries, init=init_stats)
+        training=summaries, init=init_stats, **({"judge": judge} if judge else {}))
     metrics = json.loads(metrics_path.read_text())
     rpath = report.write_report_md(out / "report.md", metrics, plots=plot_paths, notes=_notes(cfg, summaries))
     return {"report": str(rpath), "metrics": metrics}

@@ -28,6 +28,8 @@ def _tokenizer(chat: bool) -> PreTrainedTokenizerFast:
         tok.chat_template = TEMPLATE
     return tok
 
+from tests.test_judge import server  # noqa: E402,F401 - the stub judge endpoint fixture
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -167,6 +169,27 @@ def test_fp_targets_come_from_decoding(model_dir, tmp_path, monkeypatch):
     for name in ("initial", "kd"):
         assert again[name]["flip_rate"] == first[name]["flip_rate"]
         assert again[name]["kl"] == pytest.approx(first[name]["kl"], rel=1e-4, abs=1e-7)
+
+
+def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
+    """--judge-url: each evaluated model's greedy test answers are rated; scores land in metrics.json and
+    report.md, and a judge added on --resume of a finished run needs no retraining."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd")) == 0
+    judge = ["--judge-url", server, "--judge-model", "stub"]
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd", "--resume", *judge)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for name in ("fp", "initial", "kd"):
+        assert 1 <= m["eval"][name]["judge_score"] <= 10, name
+        assert m["judge"][name]["judged"] + m["judge"][name]["unrated"] == 3  # the test split
+    assert "judge_score" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert train.main(_args(model_dir, prompts, tmp_path / "other", "--judge-url", "http://127.0.0.1:9/v1",
+                            "--judge-model", "m")) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach an OpenAI-compatible" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
 def test_plain_template_and_unsplit_prompts(tmp_path):

@@ -37,6 +37,7 @@ rouge_l             F1 [0, 1]  higher mean word-level ROUGE-L of greedy vs FP an
 fp_nll              nats/token lower  the FP model's mean NLL of this model's own greedy answers (FP as judge)
 ppl                 —          lower  exp(mean NLL of the FP answers under this model)
 delta_p_rms         prob.      lower  RMS of p_q(y) − p_FP(y) for the FP answer token y (llama.cpp "Δp RMS")
+judge_score         1–10       higher only with ``--judge-url``: mean LLM-judge rating of the greedy answers
 ==================  =========  =====  ====================================================================
 
 plus ``tokens`` (answer positions measured), ``nll``, ``fp_ppl``, ``ppl_ratio``
@@ -63,7 +64,7 @@ import torch
 
 SCHEMA_VERSION = 1
 METRIC_KEYS = ("flip_rate", "top1_agreement", "kl", "first_divergence", "exact_match", "rouge_l", "fp_nll", "ppl")
-EXTRA_METRIC_KEYS = ("delta_p_rms",)  # shown in the table when present
+EXTRA_METRIC_KEYS = ("delta_p_rms", "judge_score")  # shown in the table when present
 LOWER_IS_BETTER = {"flip_rate", "kl", "fp_nll", "ppl", "delta_p_rms"}
 PERCENT_KEYS = {"flip_rate", "top1_agreement", "exact_match"}
 MODEL_ORDER = ("fp", "initial")  # then the methods, in the order they were given

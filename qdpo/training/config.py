@@ -79,6 +79,9 @@ class TrainConfig:
     latent_dtype: str = "float32"  # latent weights: float32, or bfloat16 with an fp32 master copy in the optimizer
     # --- evaluation and export
     export: bool = True  # write the trained model in the packed format and check it reloads
+    judge_url: str = ""  # optional LLM judge: an OpenAI-compatible endpoint (e.g. http://host:8000/v1) that rates answers
+    judge_model: str = ""  # the model name the judge endpoint serves (needed with --judge-url)
+    judge_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge endpoint's API key, if it needs one
 
     def methods(self) -> list[str]:
         return list(METHODS) if self.method == "all" else [self.method]

@@ -1,0 +1,113 @@
+"""Optional LLM-judge scores (``--judge-url``): single-answer grading through an OpenAI-compatible endpoint.
+
+Every model's greedy answer to every test prompt is shown to a judge model
+served at ``--judge-url`` (any server speaking the OpenAI chat-completions
+protocol: a hosted API, vLLM, llama.cpp's server, ...), which rates it from 1
+to 10 and writes the rating as ``[[N]]``. The score of a model is the mean
+rating over the answers the judge rated; answers it did not rate (an error, a
+reply without ``[[N]]``) are counted, not guessed. The default run never
+needs a judge: the FP model's own NLL of each answer (``fp_nll``) is the free
+judge every run reports.
+
+Requests are plain HTTPS/HTTP POSTs (``urllib``): no client library. The API
+key, when the server wants one, is read from the environment variable named by
+``--judge-key-env`` (default ``OPENAI_API_KEY``) and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+
+from tqdm.auto import tqdm
+
+SYSTEM = ("You grade answers of an AI assistant. Judge how helpful, correct, relevant and clear the answer "
+          "is for the user's request; a short answer that is cut off mid-sentence is judged on what it says. "
+          "Reply with a one-sentence reason, then the rating from 1 (useless) to 10 (excellent) in the form "
+          "[[N]].")
+RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+
+
+class JudgeError(ValueError):
+    """The judge endpoint cannot be used as configured: printed without a traceback."""
+
+
+def endpoint(url: str) -> str:
+    """The chat-completions URL for a base URL (``.../v1``) or the full one."""
+    url = url.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def _post(url: str, payload: dict, key: str | None, timeout: float) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(endpoint(url), data=json.dumps(payload).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - the user names the endpoint
+        return json.loads(r.read().decode())
+
+
+def _ask(url: str, model: str, key: str | None, user: str, timeout: float) -> str:
+    payload = {"model": model, "temperature": 0, "max_tokens": 256,
+               "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
+    reply = _post(url, payload, key, timeout)
+    try:
+        return reply["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"not a chat-completions reply: {str(reply)[:200]}") from None
+
+
+def api_key(env_name: str) -> str | None:
+    return os.environ.get(env_name) or None
+
+
+def check(url: str, model: str, key_env: str, timeout: float = 30.0) -> None:
+    """One small request, before any long work: a clear :class:`JudgeError` if the endpoint cannot serve."""
+    if not model:
+        raise JudgeError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    try:
+        _ask(url, model, api_key(key_env), "Reply with [[10]].", timeout)
+    except urllib.error.HTTPError as e:
+        hint = f"; set {key_env} to the API key" if e.code in (401, 403) and not api_key(key_env) else ""
+        raise JudgeError(f"--judge-url {url}: the endpoint answered HTTP {e.code} ({e.reason}){hint}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise JudgeError(f"--judge-url {url}: cannot reach an OpenAI-compatible chat-completions endpoint "
+                         f"({reason}); check the URL (e.g. http://host:8000/v1) or drop --judge-url") from None
+
+
+def rate(url: str, model: str, key: str | None, question: str, answer: str, timeout: float = 60.0) -> float | None:
+    """The judge's 1–10 rating of ``answer`` to ``question``; None when it gives none."""
+    user = f"[User request]\n{question}\n\n[Assistant answer]\n{answer}\n\nRate the answer."
+    try:
+        text = _ask(url, model, key, user, timeout)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    m = RATING.search(text)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    return value if 1.0 <= value <= 10.0 else None
+
+
+def judge_answers(url: str, model: str, key_env: str, questions: list[str], answers: dict[str, list[str]],
+                  disable: bool = False) -> dict[str, dict]:
+    """``{model name: {"judge_score": mean rating or None, "judged": n, "unrated": n}}`` for each answer list."""
+    key = api_key(key_env)
+    out = {}
+    total = sum(len(a) for a in answers.values())
+    with tqdm(total=total, desc="LLM judge", unit="answer", disable=disable) as bar:
+        for name, texts in answers.items():
+            if len(texts) != len(questions):
+                raise ValueError(f"{name}: {len(texts)} answers for {len(questions)} questions")
+            ratings = []
+            for q, a in zip(questions, texts):
+                ratings.append(rate(url, model, key, q, a))
+                bar.update(1)
+            got = [r for r in ratings if r is not None]
+            out[name] = {"judge_score": sum(got) / len(got) if got else None, "judged": len(got),
+                         "unrated": len(ratings) - len(got)}
+    return out

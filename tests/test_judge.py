@@ -1,0 +1,83 @@
+"""The optional LLM judge (``--judge-url``) against a local stub of an OpenAI-compatible endpoint."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from qdpo.eval import judge as J
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """Rates an answer by its length (min(10, words)); replies without a rating to answers holding 'mute';
+    401 without the expected key when the server was given one."""
+
+    key = None
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.path, body, self.headers.get("Authorization")))
+        if self.key and self.headers.get("Authorization") != f"Bearer {self.key}":
+            self.send_response(401, "Unauthorized")
+            self.end_headers()
+            return
+        user = body["messages"][-1]["content"]
+        answer = user.split("[Assistant answer]\n")[-1].split("\n\nRate")[0] if "[Assistant answer]" in user else ""
+        if "[Assistant answer]" not in user:
+            text = "[[10]]"
+        elif "mute" in answer:
+            text = "I cannot rate this."
+        else:
+            text = f"Fine. [[{min(10, max(1, len(answer.split())))}]]"
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Stub.key, _Stub.seen = None, []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def test_scores_are_mean_ratings_and_unrated_answers_are_counted(server):
+    questions = ["q1", "q2", "q3"]
+    answers = {"a": ["one two three", "one", "one two three four five"], "b": ["mute", "x y", "mute too"]}
+    got = J.judge_answers(server, "judge-model", "QDPO_TEST_NO_KEY", questions, answers, disable=True)
+    assert got["a"] == {"judge_score": pytest.approx(3.0), "judged": 3, "unrated": 0}
+    assert got["b"] == {"judge_score": pytest.approx(2.0), "judged": 1, "unrated": 2}
+    path, body, _ = _Stub.seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-model" and body["temperature"] == 0
+
+
+def test_rating_parser():
+    assert J.RATING.search("ok [[ 7 ]] thanks").group(1) == "7"
+    assert J.RATING.search("no rating here") is None
+    assert J.endpoint("http://h/v1/") == "http://h/v1/chat/completions"
+    assert J.endpoint("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+
+
+def test_unusable_endpoints_fail_up_front_with_one_clear_message(server, monkeypatch):
+    with pytest.raises(J.JudgeError, match="needs --judge-model"):
+        J.check(server, "", "QDPO_TEST_NO_KEY")
+    with pytest.raises(J.JudgeError, match="cannot reach an OpenAI-compatible"):
+        J.check("http://127.0.0.1:9/v1", "m", "QDPO_TEST_NO_KEY", timeout=5)
+    _Stub.key = "s3cret"
+    monkeypatch.delenv("QDPO_TEST_KEY", raising=False)
+    with pytest.raises(J.JudgeError, match="HTTP 401.*set QDPO_TEST_KEY"):
+        J.check(server, "m", "QDPO_TEST_KEY")
+    monkeypatch.setenv("QDPO_TEST_KEY", "s3cret")
+    J.check(server, "m", "QDPO_TEST_KEY")  # the key from the environment is sent
+    assert _Stub.seen[-1][2] == "Bearer s3cret"
