@@ -88,6 +88,7 @@ def test_two_processes_match_one_process(data, one_process, tmp_path, mode):
 def test_dying_rank_stops_the_launcher_and_its_checkpoint_resumes_in_one_process(data, one_process, tmp_path):
     r = torchrun(HERE / "dist_worker.py", data, tmp_path, "--dist", "fsdp", "--fail-at", 7, "--fail-rank", 1)
     assert r.returncode != 0
+    assert "Root Cause" in r.stderr, r.stderr[-4000:]
     summary = r.stderr[r.stderr.index("Root Cause"):]  # torchrun's report names the rank and its error
     assert "rank      : 1" in summary and "SimulatedFailure: rank 1: simulated failure at step 7" in summary
     assert [p.name for p in D.complete_checkpoints(tmp_path / "checkpoints")] == ["step-000003", "step-000006"]
