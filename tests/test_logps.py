@@ -161,3 +161,55 @@ def test_models_without_a_plain_kv_cache_run_whole_rows():
         want = _plain_hidden(model, batch)
     assert model._qdpo_prefix_ok is False
     assert torch.equal(h, want)
+
+
+def _dpo_batch(system: list[int], seed: int = 0):
+    """Chosen and rejected rows of 3 prompts (a DPO micro-batch): each pair shares its prompt and 2 answer tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(n):
+        return torch.randint(1, 50, (n,), generator=g).tolist()
+
+    prompts = [system + r(n) for n in (9, 12, 10)]
+    pairs = [(pr, c := r(2)) for pr in prompts]
+    chosen = [(pr, c + r(4 + i)) for i, (pr, c) in enumerate(pairs)]
+    rejected = [(pr, c + r(7 - i)) for i, (pr, c) in enumerate(pairs)]
+    return collate(chosen + rejected, 0)
+
+
+@pytest.mark.parametrize("system", [SYSTEM, []])
+def test_row_groups_forward_and_gradients_match_whole_rows(system):
+    """Pairs of rows sharing a prompt run it once per pair (after the batch-wide prefix, if any)."""
+    from qdpo.training.logps import decoder_hidden, row_groups, shared_prefix
+
+    batch = _dpo_batch(system)
+    p = shared_prefix(batch)
+    assert p == len(system)
+    group_of, shared = row_groups(batch, p)
+    assert group_of[:3] == group_of[3:] and len(set(group_of)) == 3  # chosen i and rejected i together
+    lengths = batch.attention_mask.sum(1).tolist()
+    for i in range(3):  # the prompt and the 2 common answer tokens
+        assert shared[group_of[i]] == min(lengths[i] - 1, lengths[i + 3] - 1, len(system) + (9, 12, 10)[i] + 2)
+    model = tiny(4).train()
+    mask = batch.attention_mask.bool()
+    probe = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(1))
+    got = []
+    for share in (True, False):
+        model.zero_grad()
+        model.qdpo_no_prefix_sharing = not share
+        h = decoder_hidden(model, batch)
+        (h * probe)[mask].sum().backward()
+        got.append((h.detach()[mask], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
+    for n, want in got[1][1].items():  # fp32 rounding relative to each gradient's scale (sums over positions)
+        torch.testing.assert_close(got[0][1][n], want, rtol=0, atol=2e-6 * want.abs().max().item(), msg=n)
+
+
+def test_row_groups_need_a_partner_for_every_row():
+    from qdpo.training.logps import row_groups
+
+    batch = _dpo_batch(SYSTEM)
+    lone = collate([(SYSTEM + [5] * 12, [6, 7]), *((batch.input_ids[i, :n].tolist(), [])
+                    for i, n in enumerate(batch.attention_mask.sum(1).tolist()))], 0)
+    assert row_groups(lone, len(SYSTEM)) is None  # one row without a partner: the batch-wide prefix only
+    assert row_groups(collate(PREFIXED, 0), len(SYSTEM)) is None  # fewer than 4 rows

@@ -27,16 +27,20 @@ MIN_SHARED_PREFIX = 8  # tokens every row must share before the prefix is run on
 def decoder_hidden(model, batch: Batch) -> Tensor:
     """Final hidden states ``[B, T, H]`` (after the last norm) of a HF causal LM.
 
-    When every row starts with the same tokens (the chat template's system
-    prompt; a DPO pair's common prompt), that prefix runs once, as one row,
-    and its keys and values are repeated for the rest of the batch: the same
-    numbers up to float rounding, with or without gradients (they flow back
-    through the repeat), for less compute. Rows are right-padded, so the
-    prefix sits at positions ``0..P-1`` of every row.
+    Shared starts of rows run once: the prefix every row shares (the chat
+    template's system prompt) as one row, and, when every row has a partner
+    that shares more (a DPO pair's prompt and the common start of its chosen
+    and rejected answers), that longer start once per group of rows. Their
+    keys and values are reused for the rest of each row. The numbers are a
+    whole-row forward's up to float rounding, with or without gradients (they
+    flow back through the reuse), for less compute. Positions at padding
+    (right of each row's length) hold unspecified values.
     """
-    p = shared_prefix(batch) if prefix_sharing_ok(model) else 0
-    if p:
-        out = _with_shared_prefix(model, batch, p)
+    if prefix_sharing_ok(model):
+        p = shared_prefix(batch)
+        out = _with_row_groups(model, batch, p)
+        if out is None and p:
+            out = _with_shared_prefix(model, batch, p)
         if out is not None:
             return out
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -55,6 +59,37 @@ def shared_prefix(batch: Batch) -> int:
     return p if p >= MIN_SHARED_PREFIX else 0
 
 
+def row_groups(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
+    """``(group of each row, shared length of each group)`` when every row shares at least
+    ``p + MIN_SHARED_PREFIX`` tokens with another row; each group's length leaves every row of it at
+    least one token of its own. None otherwise (a lone row, or nothing worth sharing)."""
+    from qdpo.training.data import common_prefix
+
+    lengths = batch.attention_mask.sum(1).tolist()
+    rows = [batch.input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    if len(rows) < 4:
+        return None
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    groups: list[list[int]] = [[order[0]]]
+    shared = [len(rows[order[0]])]
+    for prev, i in zip(order, order[1:]):
+        cp = common_prefix(rows[prev], rows[i])
+        if cp >= p + MIN_SHARED_PREFIX:
+            groups[-1].append(i)
+            shared[-1] = min(shared[-1], cp)
+        else:
+            groups.append([i])
+            shared.append(len(rows[i]))
+    shared = [min(s, min(lengths[i] for i in g) - 1) for g, s in zip(groups, shared)]
+    if any(len(g) < 2 for g in groups) or any(s < p + MIN_SHARED_PREFIX for s in shared):
+        return None
+    group_of = [0] * len(rows)
+    for k, g in enumerate(groups):
+        for i in g:
+            group_of[i] = k
+    return group_of, shared
+
+
 def prefix_sharing_ok(model) -> bool:
     """Whether this model's forward may start from a cache (decoder-only, plain dynamic KV cache) and is not
     under a wrapper that must see one forward per step (torch.distributed, activation checkpointing)."""
@@ -66,23 +101,33 @@ def prefix_sharing_ok(model) -> bool:
     return getattr(model, "_qdpo_prefix_ok", True)
 
 
-def prefix_cache(model, prefix: Tensor, batch_size: int):
-    """``(cache kwarg name, cache, prefix hidden [1, P, H])``: the keys and values of ``prefix`` (``[1, P]``
-    token ids) computed once and repeated ``batch_size`` times, for a forward or ``generate`` that continues
-    from them; None when the model's cache is not a plain dynamic one (remembered on the model)."""
+def _new_cache(model):
+    """``(cache kwarg name, empty DynamicCache)``, or None when the model's cache is not a plain dynamic one
+    (remembered on the model: sliding-window, linear-attention or static caches run whole rows)."""
     import inspect
 
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    base = model.base_model
     cache = DynamicCache(config=model.config)
     layers = getattr(cache, "layers", None)
-    params = inspect.signature(base.forward).parameters
+    params = inspect.signature(model.base_model.forward).parameters
     name = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
     if not layers or any(type(layer) is not DynamicLayer for layer in layers) or name not in params:
-        model._qdpo_prefix_ok = False  # sliding-window, linear-attention or static caches: whole rows
+        model._qdpo_prefix_ok = False
         return None
-    pre = base(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **{name: cache})
+    return name, cache
+
+
+def prefix_cache(model, prefix: Tensor, batch_size: int):
+    """``(cache kwarg name, cache, prefix hidden [1, P, H])``: the keys and values of ``prefix`` (``[1, P]``
+    token ids) computed once and repeated ``batch_size`` times, for a forward or ``generate`` that continues
+    from them; None when the model's cache is not a plain dynamic one."""
+    got = _new_cache(model)
+    if got is None:
+        return None
+    name, cache = got
+    pre = model.base_model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+                           **{name: cache})
     cache.batch_repeat_interleave(batch_size)
     return name, cache, pre.last_hidden_state
 
@@ -99,6 +144,61 @@ def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor | None:
     return torch.cat([h_pre.expand(b, -1, -1), rest.last_hidden_state], 1)
 
 
+def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
+    """``decoder_hidden`` in three parts: the batch's shared prefix (``p`` tokens, one row), each row group's
+    longer shared start (one row per group), each row's own rest. None when :func:`row_groups` finds no
+    groups or the model cannot start from a cache.
+
+    Cache layout of row i in group g: ``[prefix p][group start m_g][padding to M][own rest]``; the
+    padding is masked and the positions are given explicitly, so each token sees exactly the tokens
+    before it in its own row, at the positions a whole-row forward gives them.
+    """
+    plan = row_groups(batch, p)
+    if plan is None:
+        return None
+    group_of, shared = plan
+    got = prefix_cache(model, batch.input_ids[:1, :p], len(shared)) if p else _new_cache(model)
+    if got is None:
+        return None
+    name, cache = got[0], got[1]
+    base, ids, dev = model.base_model, batch.input_ids, batch.input_ids.device
+    lengths = batch.attention_mask.sum(1).tolist()
+    b, t, g = ids.shape[0], ids.shape[1], len(shared)
+    first = [group_of.index(k) for k in range(g)]  # a row of each group: its tokens up to shared[k]
+    mid_len = [s - p for s in shared]
+    m = max(mid_len)
+    mid_ids = torch.zeros(g, m, dtype=ids.dtype, device=dev)
+    mid_att = torch.zeros(g, m, dtype=batch.attention_mask.dtype, device=dev)
+    for k, (r, n) in enumerate(zip(first, mid_len)):
+        mid_ids[k, :n], mid_att[k, :n] = ids[r, p:p + n], 1
+    ones = torch.ones(g, p, dtype=mid_att.dtype, device=dev)
+    mid_pos = (torch.arange(m, device=dev) + p).expand(g, -1)
+    h_mid = base(input_ids=mid_ids, attention_mask=torch.cat([ones, mid_att], 1), position_ids=mid_pos,
+                 use_cache=True, **{name: cache}).last_hidden_state  # [G, M, H]
+    sel = torch.tensor(group_of, device=dev)
+    cache.batch_select_indices(sel)
+    own = [lengths[i] - shared[group_of[i]] for i in range(b)]
+    r = max(own)
+    rest_ids = torch.zeros(b, r, dtype=ids.dtype, device=dev)
+    rest_att = torch.zeros(b, r, dtype=mid_att.dtype, device=dev)
+    rest_pos = torch.zeros(b, r, dtype=torch.long, device=dev)
+    for i in range(b):
+        s = shared[group_of[i]]
+        rest_ids[i, :own[i]], rest_att[i, :own[i]] = ids[i, s:lengths[i]], 1
+        rest_pos[i] = torch.arange(r, device=dev) + s
+    att = torch.cat([torch.ones(b, p, dtype=mid_att.dtype, device=dev), mid_att[sel], rest_att], 1)
+    h_rest = base(input_ids=rest_ids, attention_mask=att, position_ids=rest_pos, use_cache=True,
+                  **{name: cache}).last_hidden_state  # [B, R, H]
+    # gather every row's hidden states back into the [B, T] layout of the batch
+    h_pre = got[2][0] if p else h_mid.new_zeros(0, h_mid.shape[-1])
+    src = torch.cat([h_pre, h_mid.reshape(-1, h_mid.shape[-1]), h_rest.reshape(-1, h_rest.shape[-1])])
+    index = torch.zeros(b, t, dtype=torch.long)
+    for i in range(b):
+        k, s, n = group_of[i], shared[group_of[i]], lengths[i]
+        index[i, :p] = torch.arange(p)
+        index[i, p:s] = p + k * m + torch.arange(s - p)
+        index[i, s:n] = p + g * m + i * r + torch.arange(n - s)
+    return src[index.to(dev)]
 def output_layer(model) -> tuple[Tensor, Tensor | None]:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
