@@ -36,12 +36,13 @@ test-fast: install
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/last.json
 
-# The recipe sweep of README "Choosing the QDPO recipe" (about 2 hours on 2 cores): one run makes the cached
+# The recipe sweep of README "Choosing the QDPO recipe" (about 3 hours on 2 cores): one run makes the cached
 # stages (FP answers, initial model, pairs), then every recipe trains from them; the validation split picks,
 # the test split (3 seeds) reports. Rows are appended to $(SWEEP)/sweep.jsonl.
 SWEEP ?= runs/sweep
 SWEEP_ARGS = --test --steps 16 --eval-every 4
 VANILLA = kd_weight=0,lr=1e-5
+QDPO16 = kd_weight=16,lr=1e-4
 sweep: install
 	test -f $(SWEEP)/pairs.jsonl || $(PY) -m qdpo.train --output-dir $(SWEEP) --steps 1 --eval-every 0 --no-export
 	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 0 --recipes rtn $(VANILLA) \
@@ -50,8 +51,13 @@ sweep: install
 	    method=sft,lr=1e-4 kd_weight=0,lr=1e-4
 	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 1 2 --recipes method=kd,lr=1e-4 \
 	    kd_weight=16,lr=1e-4 method=sft,lr=1e-4 kd_weight=0,lr=3e-5
+	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 0 --recipes $(QDPO16),loss=ipo \
+	    $(QDPO16),loss=hinge $(QDPO16),beta=0.5 $(QDPO16),beta=0.02 $(QDPO16),beta=1 $(QDPO16),beta=2 \
+	    $(QDPO16),learn_scales=1 $(QDPO16),learn_scales=1,scale_lr=1e-4 $(QDPO16),window=8 \
+	    $(QDPO16),nll_weight=1 $(QDPO16),samples=2 $(QDPO16),onpolicy=4
+	$(PY) benchmarks/sweep_recipes.py $(SWEEP) $(SWEEP_ARGS) --seeds 1 2 --recipes $(QDPO16),beta=0.5
 	$(PY) benchmarks/sweep_recipes.py $(SWEEP) --table --seeds 0 1 2 --recipes rtn method=kd,lr=1e-4 \
-	    kd_weight=16,lr=1e-4 method=sft,lr=1e-4 kd_weight=0,lr=3e-5
+	    kd_weight=16,lr=1e-4 $(QDPO16),beta=0.5 method=sft,lr=1e-4 kd_weight=0,lr=3e-5
 
 lint: install
 	$(PY) -m compileall -q qdpo tests benchmarks
