@@ -117,28 +117,39 @@ def test_shared_prefix_length():
     assert shared_prefix(padded) == 9
 
 
+def _assert_sharing_matches_whole_rows(model, batch) -> None:
+    """decoder_hidden with shared starts vs whole rows: hidden states at real tokens and every parameter
+    gradient of a random probe of them, equal up to fp32 rounding."""
+    from qdpo.training.logps import decoder_hidden
+
+    mask = batch.attention_mask.bool()
+    probe = torch.randn(*batch.input_ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    got = []
+    for share in (True, False):
+        model.zero_grad()
+        model.qdpo_no_prefix_sharing = not share
+        h = decoder_hidden(model, batch)
+        (h * probe)[mask].sum().backward()
+        got.append((h.detach()[mask], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    model.qdpo_no_prefix_sharing = False
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
+    for n, want in got[1][1].items():  # fp32 rounding relative to each gradient's scale (sums over positions)
+        torch.testing.assert_close(got[0][1][n], want, rtol=0, atol=2e-6 * want.abs().max().item(), msg=n)
+
+
 def test_shared_prefix_forward_and_gradients_match_whole_rows():
     """The prefix run once and repeated gives the same hidden states and parameter gradients."""
     from qdpo.training.logps import decoder_hidden
 
     model = tiny(3).train()
     batch = collate(PREFIXED, 0)
+    _assert_sharing_matches_whole_rows(model, batch)
     mask = batch.attention_mask.bool()
-    probe = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(0))
-    grads = []
-    for share in (True, False):
-        model.zero_grad()
-        model.qdpo_no_prefix_sharing = not share
-        h = decoder_hidden(model, batch)
-        (h * probe)[mask].sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        if share:
-            shared_h = h.detach()
-    torch.testing.assert_close(shared_h[mask], _plain_hidden(model, batch).detach()[mask], rtol=1e-5, atol=1e-5)
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
-    # and the completion log-probs of the whole path agree with the unbatched reference
     model.qdpo_no_prefix_sharing = False
+    with torch.no_grad():
+        torch.testing.assert_close(decoder_hidden(model, batch)[mask], _plain_hidden(model, batch)[mask],
+                                   rtol=1e-5, atol=1e-5)
+    # and the completion log-probs of the whole path agree with the unbatched reference
     with torch.no_grad():
         total, _ = sequence_logps(model.eval(), batch)
     for i, (p, c) in enumerate(PREFIXED):
@@ -180,7 +191,7 @@ def _dpo_batch(system: list[int], seed: int = 0):
 @pytest.mark.parametrize("system", [SYSTEM, []])
 def test_row_groups_forward_and_gradients_match_whole_rows(system):
     """Pairs of rows sharing a prompt run it once per pair (after the batch-wide prefix, if any)."""
-    from qdpo.training.logps import decoder_hidden, row_groups, shared_prefix
+    from qdpo.training.logps import row_groups, shared_prefix
 
     batch = _dpo_batch(system)
     p = shared_prefix(batch)
@@ -190,19 +201,7 @@ def test_row_groups_forward_and_gradients_match_whole_rows(system):
     lengths = batch.attention_mask.sum(1).tolist()
     for i in range(3):  # the prompt and the 2 common answer tokens
         assert shared[group_of[i]] == min(lengths[i] - 1, lengths[i + 3] - 1, len(system) + (9, 12, 10)[i] + 2)
-    model = tiny(4).train()
-    mask = batch.attention_mask.bool()
-    probe = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(1))
-    got = []
-    for share in (True, False):
-        model.zero_grad()
-        model.qdpo_no_prefix_sharing = not share
-        h = decoder_hidden(model, batch)
-        (h * probe)[mask].sum().backward()
-        got.append((h.detach()[mask], {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
-    for n, want in got[1][1].items():  # fp32 rounding relative to each gradient's scale (sums over positions)
-        torch.testing.assert_close(got[0][1][n], want, rtol=0, atol=2e-6 * want.abs().max().item(), msg=n)
+    _assert_sharing_matches_whole_rows(tiny(4).train(), batch)
 
 
 def test_row_groups_need_a_partner_for_every_row():
