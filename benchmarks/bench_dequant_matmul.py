@@ -15,7 +15,9 @@ Python launch overhead. Successive calls cycle through copies of the weight
 that together exceed twice the L2 cache, so every call reads its weight from
 HBM (cold L2), as in a real model where each layer has its own weight.
 
-Impls: ``triton`` (the kernel wrapper, default path), ``triton-eager`` and
+Impls: ``triton`` (the kernel wrapper, default path), ``cuda`` (the ``cuda``
+backend: ``csrc/`` GEMV for M <= 16, dequantize + cuBLAS above; ``cuda-eager``
+with launch overhead), ``triton-eager`` and
 ``qdpo-op-eager`` (``torch.ops.qdpo.dequant_matmul``: plus custom-op
 dispatch), ``triton-gemm`` / ``triton-workspace`` (paths forced, to place
 ``WORKSPACE_MIN_M``), ``reference`` and ``compile(reference)``, and peers when
@@ -44,7 +46,7 @@ DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (128, 256)}
 MS = (1, 16, 512, 4096) if GPU else (1, 16)
 FORMATS = {"W4g128": (4, 128), "W8": (8, -1)}  # name → (bits, group_size)
-IMPLS = ("torch.matmul-bf16", "triton", "triton-eager", "qdpo-op-eager", "triton-gemm", "triton-workspace",
+IMPLS = ("torch.matmul-bf16", "triton", "cuda", "triton-eager", "cuda-eager", "qdpo-op-eager", "triton-gemm", "triton-workspace",
          "reference", "compile(reference)", "torchao-int4", "bnb-nf4")
 CASES = [(s, f, m) for s in SHAPES for f in FORMATS for m in MS]
 
@@ -133,6 +135,9 @@ def _fn(impl: str, x: torch.Tensor, w: torch.Tensor, packed):
         return lambda: F.linear(x, w)
     if impl in ("triton", "triton-eager"):
         return lambda: dm.forward(x, *packed)
+    if impl in ("cuda", "cuda-eager"):
+        cuda = common.cuda_backend()
+        return lambda: cuda.dequant_matmul(x, *packed)
     if impl == "qdpo-op-eager":
         return lambda: torch.ops.qdpo.dequant_matmul(x, *packed, None, "triton")
     if impl in ("triton-gemm", "triton-workspace"):
@@ -176,6 +181,7 @@ DX_FNS = {
     "torch.matmul-bf16": lambda dy, w, packed: lambda: dy @ w,
     "triton": lambda dy, w, packed: lambda: dm.backward_dx(dy, *packed),
     "triton-fused": lambda dy, w, packed: lambda: dm.backward_dx(dy, *packed, path="fused"),
+    "cuda": lambda dy, w, packed: (lambda f: lambda: f(dy, *packed))(common.cuda_backend().dequant_matmul_dx),
 }
 
 

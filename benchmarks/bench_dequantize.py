@@ -25,7 +25,7 @@ from qdpo.kernels.triton import dequantize as td
 GPU = torch.cuda.is_available()
 DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
-IMPLS = ("triton", "reference", "compile(reference)")
+IMPLS = ("triton", "cuda", "reference", "compile(reference)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,6 +36,9 @@ def _compiled_reference():
 def _fn(impl: str, packed, bits: int):
     if impl == "triton":
         return lambda: td.dequantize(*packed, bits, torch.bfloat16)
+    if impl == "cuda":
+        cuda = common.cuda_backend()
+        return lambda: cuda.dequantize(*packed, bits, torch.bfloat16)
     if impl == "reference":
         return lambda: ref.dequantize(*packed, bits, torch.bfloat16)
     f = _compiled_reference()

@@ -10,8 +10,9 @@ the forward and the backward given ∂ŵ. Timing as in ``bench_quantize.py``
 GB/s counts the bytes the pair must move — forward: w read, ŵ written;
 backward: ∂ŵ and w read, ∂w written (scales/zeros and ∂scales are < 1 %).
 
-Impls: ``triton`` (backend functions), ``triton+lsq`` (plus the learned-scale
-gradient), ``triton-fwd`` / ``triton-bwd`` (one direction, its own bytes),
+Impls: ``triton`` and ``cuda`` (backend functions), ``triton+lsq`` / ``cuda+lsq``
+(plus the learned-scale gradient), ``triton-fwd`` / ``triton-bwd`` / ``cuda-fwd`` /
+``cuda-bwd`` (one direction, its own bytes),
 ``qdpo-op-autograd`` (``torch.ops.qdpo.fake_quant`` with autograd),
 ``reference`` and ``compile(reference)`` (GPU only).
 H100 target: ``triton`` >= 75 % of measured copy bandwidth (``frac_copy_bw``).
@@ -34,7 +35,7 @@ DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
 BITS, GS = 4, 128
 LAYOUTS = {"w=fp32": (torch.float32, torch.bfloat16), "w=bf16": (torch.bfloat16, torch.bfloat16)}  # (w, ŵ)
-IMPLS = ("triton", "triton+lsq", "triton-fwd", "triton-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
+IMPLS = ("triton", "cuda", "triton+lsq", "cuda+lsq", "triton-fwd", "triton-bwd", "cuda-fwd", "cuda-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
 
 
 def _ref_step(w, s, z, grad, lsq):
@@ -48,6 +49,11 @@ def _compiled_reference():
 
 def _fn(impl: str, w, s, z, grad):
     out_dtype = grad.dtype
+    if impl.startswith("cuda"):
+        cuda = common.cuda_backend()
+        fwd = lambda: cuda.fake_quant(w, s, z, BITS, out_dtype)  # noqa: E731
+        bwd = lambda: cuda.fake_quant_backward(grad, w, s, z, BITS, impl == "cuda+lsq")  # noqa: E731
+        return {"cuda-fwd": fwd, "cuda-bwd": bwd}.get(impl, lambda: (fwd(), bwd()))
     if impl in ("triton", "triton+lsq"):
         lsq = impl == "triton+lsq"
         return lambda: (tf.fake_quant(w, s, z, BITS, out_dtype), tf.fake_quant_backward(grad, w, s, z, BITS, lsq))
@@ -67,7 +73,7 @@ def _fn(impl: str, w, s, z, grad):
 def _bytes(impl: str, n: int, k: int, w_dtype, out_dtype) -> int:
     wb, ob = torch.finfo(w_dtype).bits // 8, torch.finfo(out_dtype).bits // 8
     fwd, bwd = n * k * (wb + ob), n * k * (ob + 2 * wb)
-    return {"triton-fwd": fwd, "triton-bwd": bwd}.get(impl, fwd + bwd)
+    return {"fwd": fwd, "bwd": bwd}.get(impl.rsplit("-", 1)[-1], fwd + bwd)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -14,6 +14,7 @@ Impls:
   target ``triton`` <= 1.3× its time at M = 4096 on an H100);
 * ``triton`` / ``triton+lsq``: ``qdpo.fake_quant_matmul(backend="triton")`` through
   autograd, default dispatch (``WORKSPACE_MIN_M``);
+* ``cuda``: the same through the ``cuda`` backend (``csrc/fake_quant.cu`` + cuBLAS);
 * ``triton-fused`` / ``triton-workspace``: the backend functions with the path
   forced, to place ``WORKSPACE_MIN_M``;
 * ``fake_quant+linear``: ``qdpo::fake_quant`` (reference backend) then ``F.linear``,
@@ -51,7 +52,7 @@ M = 4096 if GPU else 32
 SPEC = QuantSpec(4, 128, False)
 # distinct (N, K) only: q, o and qkv of Llama-2-7B are all 4096 × 4096
 SHAPES = {nk: name for name, nk in reversed(LLAMA_SHAPES.items())} if GPU else {(64, 256): "tiny"}
-IMPLS = ("bf16-linear", "triton", "triton+lsq", "triton-fused", "triton-workspace",
+IMPLS = ("bf16-linear", "triton", "cuda", "triton+lsq", "triton-fused", "triton-workspace",
          "fake_quant+linear", "reference", "compile(reference)")
 _BASE_MS: dict[tuple[int, int], float] = {}  # (N, K) → median ms of bf16-linear
 
@@ -86,6 +87,9 @@ def _fn(impl: str, w, s, z, x, dy):
     if impl == "bf16-linear":
         wb = w.to(torch.bfloat16)
         return _autograd(lambda: F.linear(x, wb), x, wb, dy)
+    if impl == "cuda":
+        common.cuda_backend()
+        return _autograd(lambda: qdpo.fake_quant_matmul(x, w, SPEC, s, z, backend="cuda"), x, w, dy)
     if impl in ("triton", "triton+lsq"):
         lsq = s if impl == "triton+lsq" else None
         return _autograd(lambda: qdpo.fake_quant_matmul(x, w, SPEC, s, z, backend="triton"), x, w, dy, lsq)

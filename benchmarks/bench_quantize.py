@@ -35,7 +35,7 @@ GPU = torch.cuda.is_available()
 DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
 FORMATS = {"W4g128": (4, 128, False), "W8-ch-sym": (8, -1, True)}  # name → (bits, group_size, symmetric)
-IMPLS = ("triton", "qdpo-op", "reference", "compile(reference)")
+IMPLS = ("triton", "cuda", "qdpo-op", "reference", "compile(reference)")
 
 
 
@@ -64,6 +64,9 @@ def _compiled_reference():
 def _fn(impl: str, w: torch.Tensor, bits: int, gs: int, sym: bool):
     if impl == "triton":
         return lambda: tq.quantize(w, bits, gs, sym)
+    if impl == "cuda":
+        cuda = common.cuda_backend()
+        return lambda: cuda.quantize(w, bits, gs, sym)
     if impl == "qdpo-op":
         return lambda: torch.ops.qdpo.quantize(w, bits, gs, sym, "triton")
     if impl == "reference":

@@ -34,6 +34,19 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}"
 
 
+def cuda_backend():
+    """The ``cuda`` backend module (``qdpo.kernels.cuda``), or ``pytest.skip`` with the reason."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("the cuda backend needs a CUDA GPU")
+    try:
+        from qdpo.kernels import cuda
+    except ImportError as e:
+        pytest.skip(f"qdpo._C was not built: {e}")
+    return cuda
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -85,6 +98,25 @@ def bench(benchmark, op: str, case: str, impl: str, fn, nbytes: float = 0.0, flo
         row["TFLOP/s"] = flops / sec / 1e12
     ROWS.append(row)
     return row
+
+
+_FLUSHED = [0]  # rows of ROWS already appended to rows.jsonl
+
+
+def flush_rows() -> None:
+    """Append the rows measured since the last call to ``$QDPO_BENCH_OUT/rows.jsonl``.
+
+    Called after each benchmark (its fields complete), so a session stopped by a time
+    limit keeps every row it finished.
+    """
+    import os
+
+    out = os.environ.get("QDPO_BENCH_OUT")
+    if out and len(ROWS) > _FLUSHED[0]:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / "rows.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ROWS[_FLUSHED[0]:])
+    _FLUSHED[0] = len(ROWS)
 
 
 def _commit() -> str:

@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 
+def pytest_runtest_teardown(item):
+    common.flush_rows()
+
+
 def pytest_sessionfinish(session, exitstatus):
     out = os.environ.get("QDPO_BENCH_OUT")
     md = common.write_results(Path(out) if out else common.RESULTS)

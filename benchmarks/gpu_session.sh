@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One short GPU session (a lent machine with minutes of device time, no network): build qdpo._C in
+# place, run the GPU tests in parallel, the benchmarks that the speed targets need, and the cuda
+# kernels' odd-shape tests under compute-sanitizer; every stage has its own time limit so the
+# results of the finished stages always come back. Results: $1/ (default benchmarks/results/gpu-check).
+#
+#   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, about 8 minutes
+#   TESTS_S=600 BENCH_S=1800 BENCH_K= bash benchmarks/gpu_session.sh   # everything, no limits that bite
+set -u
+OUT_DIR=${1:-benchmarks/results/gpu-check}
+PY=${PYTHON:-python3}
+TESTS_S=${TESTS_S:-170}
+BENCH_S=${BENCH_S:-230}
+SANITIZER_S=${SANITIZER_S:-60}
+WORKERS=${WORKERS:-8}
+# The rows the targets need: bf16 torch.matmul, triton and cuda, decode and prefill sizes; the
+# other ops on three shapes. Everything: BENCH_K= (empty).
+BENCH_K=${BENCH_K-"not reference and not eager and not gemm and not workspace and not lsq and not fused \
+and not autograd and not qdpo-op and not fake_quant+linear and not train_step and not M512 and not torchao \
+and not bnb and ((test_dequant_matmul[ and not dx) or ((dx or quantize or fake_quant) and (square-8192 or \
+llama3-8b.down or llama2-7b.gate_up)))"}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+stamp "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+stamp "build qdpo._C (sm_${QDPO_CUDA_ARCHS:=90})"
+export QDPO_CUDA_ARCHS
+if ! $PY setup.py -q build_ext --inplace >"$OUT_DIR/build.log" 2>&1; then
+    # the Triton backend's tests and benchmarks still run; the cuda ones skip
+    tail -30 "$OUT_DIR/build.log"; stamp "build FAILED"
+fi
+$PY -c "from qdpo.kernels import cuda; print('qdpo._C loaded, CUDA runtime', cuda.RUNTIME_VERSION)"
+
+stamp "GPU tests and benchmarks"
+$PY benchmarks/gpu_check.py --out "$OUT_DIR" --workers "$WORKERS" --timeout-s "$TESTS_S" \
+    --bench-timeout-s "$BENCH_S" ${BENCH_K:+--bench-k "$BENCH_K"}
+grep -E "passed|failed|FAILED|error" "$OUT_DIR/tests.log" | tail -25
+
+if command -v compute-sanitizer >/dev/null && [ "$SANITIZER_S" -gt 0 ]; then
+    stamp "compute-sanitizer memcheck: the cuda kernels on odd and misaligned shapes"
+    timeout "$SANITIZER_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -x \
+        -k "odd_shapes or long_and_narrow or misaligned or aligned_to or zero_rows or every_launcher" \
+        >"$OUT_DIR/sanitizer.log" 2>&1
+    echo "compute-sanitizer exit $? (9: memory errors found, 124: stopped at ${SANITIZER_S} s)"
+    grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT_DIR/sanitizer.log" | head -10
+fi
+stamp "done"
+sed -n '/## Speed targets/,/^overall/p' "$OUT_DIR/summary.md" | grep -v "^# benchmarks" | head -80
