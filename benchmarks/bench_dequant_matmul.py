@@ -7,11 +7,11 @@ Each row records ``speedup`` = time of bf16 ``torch.matmul`` (cuBLAS) on the
 same (M, N, K) / time of the row, and GB/s over the bytes the op must move
 (packed weight + scales + zeros + x + y; bf16 weight for torch.matmul).
 
-On a GPU every call is captured once in a CUDA graph and the graph is
-replayed: the times are the kernels' (decode-sized work takes ~10 µs, less
-than Python's launch overhead), as in a CUDA-graphed decode loop. Rows whose
-impl ends in ``-eager`` (and peers that cannot be captured) include the
-Python launch overhead. Successive calls cycle through copies of the weight
+On a GPU the calls run back to back from one CUDA graph (``common.graph_batch``,
+times per call): the times are the kernels' (decode-sized work takes ~10 µs, less
+than Python's launch overhead and the event round trip), as in a CUDA-graphed
+decode loop. Rows whose impl ends in ``-eager`` (and peers that cannot be
+captured) include the Python launch overhead. Successive calls cycle through copies of the weight
 that together exceed twice the L2 cache, so every call reads its weight from
 HBM (cold L2), as in a real model where each layer has its own weight.
 
@@ -79,12 +79,13 @@ def _copies(w: torch.Tensor, packed) -> list:
 
 
 def _cycled(fns: list, eager: bool):
-    """One callable running ``fns`` in turn (graph replays unless ``eager``); and whether it is eager."""
-    runs = fns if eager else [common.graphed(f) for f in fns]
-    if any(r is None for r in runs):
-        runs, eager = fns, True
-    it = itertools.cycle(runs)
-    return (lambda: next(it)()), eager
+    """One callable running ``fns`` in turn (back to back in one CUDA graph unless ``eager``: per-call
+    times, ``common.graph_batch``); and whether it is eager (asked for, or capture failed)."""
+    batch = None if eager else common.graph_batch(fns)
+    if batch is not None:
+        return batch, False
+    it = itertools.cycle(fns)
+    return (lambda: next(it)()), True
 
 
 def _bytes(m: int, n: int, k: int, packed) -> int:

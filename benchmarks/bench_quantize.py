@@ -7,10 +7,10 @@ one tiny shape under the Triton interpreter (not a speed reference).
 GB/s counts the bytes the op must move: W read once, packed codes, scales
 and zeros written.
 
-On a GPU each call is captured once in a CUDA graph and replayed, cycling
-through copies of the problem that together exceed twice the L2 cache, so
-every call reads W from HBM; rows whose impl ends in ``-eager`` could not be
-captured and include Python launch overhead.
+On a GPU the calls run back to back from one CUDA graph (``common.graph_batch``;
+times are per call), cycling through copies of the problem that together
+exceed twice the L2 cache, so every call reads W from HBM; rows whose impl
+ends in ``-eager`` could not be captured and include Python launch overhead.
 
 Impls: ``triton`` (the backend function), ``qdpo-op`` (``torch.ops.qdpo.quantize``:
 plus dispatch and its NaN/Inf check, one more read of W), ``reference`` and
@@ -43,17 +43,18 @@ def cold_cycle(make_fn, nbytes: int):
     """``(fn, eager)``: one callable cycling over independent problems made by ``make_fn``.
 
     On a GPU there are enough copies to overflow twice the L2 cache (cold reads
-    every call), each replayed from a CUDA graph; ``eager`` is True where
-    capture failed (and always on the CPU).
+    every call), called back to back from one CUDA graph (``common.graph_batch``;
+    times are per call); ``eager`` is True where capture failed (and always on the CPU).
     """
     if not GPU:
         return make_fn(), True
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     fns = [make_fn() for _ in range(max(1, math.ceil(2 * l2 / nbytes)))]
-    runs = [common.graphed(f) for f in fns]
-    eager = any(r is None for r in runs)
-    it = itertools.cycle(fns if eager else runs)
-    return (lambda: next(it)()), eager
+    batch = common.graph_batch(fns)
+    if batch is not None:
+        return batch, False
+    it = itertools.cycle(fns)
+    return (lambda: next(it)()), True
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One short GPU session (a lent machine with minutes of device time, no network): build qdpo._C in
-# place, run the GPU tests in parallel, the benchmarks that the speed targets need, and the cuda
-# kernels' odd-shape tests under compute-sanitizer; every stage has its own time limit so the
-# results of the finished stages always come back. Results: $1/ (default benchmarks/results/gpu-check).
+# place, sweep the cuda GEMV's launch choices, run the GPU tests in parallel, the benchmarks that the
+# speed targets need, and the cuda kernels' odd-shape tests under compute-sanitizer; every stage has
+# its own time limit so the results of the finished stages always come back.
+# Results: $1/ (default benchmarks/results/gpu-check).
 #
 #   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, about 8 minutes
 #   TESTS_S=600 BENCH_S=1800 BENCH_K= bash benchmarks/gpu_session.sh   # everything, no limits that bite
@@ -12,6 +13,7 @@ PY=${PYTHON:-python3}
 TESTS_S=${TESTS_S:-170}
 BENCH_S=${BENCH_S:-230}
 SANITIZER_S=${SANITIZER_S:-60}
+SWEEP_S=${SWEEP_S:-120}
 WORKERS=${WORKERS:-8}
 # The rows the targets need: bf16 torch.matmul, triton and cuda, decode and prefill sizes; the
 # other ops on three shapes. Everything: BENCH_K= (empty).
@@ -34,6 +36,13 @@ if ! $PY setup.py -q build_ext --inplace >"$OUT_DIR/build.log" 2>&1; then
     tail -30 "$OUT_DIR/build.log"; stamp "build FAILED"
 fi
 $PY -c "from qdpo.kernels import cuda; print('qdpo._C loaded, CUDA runtime', cuda.RUNTIME_VERSION)"
+
+if [ "$SWEEP_S" -gt 0 ]; then
+    stamp "sweep of the cuda GEMV's launch choices (benchmarks/sweep_gemv.py)"
+    timeout "$SWEEP_S" $PY benchmarks/sweep_gemv.py --out "$OUT_DIR" --time-limit-s $(( SWEEP_S - 20 )) \
+        >"$OUT_DIR/sweep_gemv.log" 2>&1
+    echo "sweep exit $?"; tail -60 "$OUT_DIR/sweep_gemv.log"
+fi
 
 stamp "GPU tests and benchmarks"
 $PY benchmarks/gpu_check.py --out "$OUT_DIR" --workers "$WORKERS" --timeout-s "$TESTS_S" \

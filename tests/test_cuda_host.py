@@ -237,9 +237,9 @@ def test_gemv_emulation_checks_its_arguments(C):
 
 # --------------------------------------------------------------------------- plans
 def _plan(C, m=1, n=4096, k=4096, ng=32, bits=4, xdtype=torch.bfloat16, sdtype=None, x=1 << 20, q=1 << 24,
-          stride=None, sms=132):
+          stride=None, sms=132, **force):
     return C.dequant_matmul_plan(m, n, k, ng, bits, CODES[xdtype], CODES[sdtype or xdtype], x, q,
-                                 k * bits // 8 if stride is None else stride, sms)
+                                 k * bits // 8 if stride is None else stride, sms, **force)
 
 
 def test_plan_picks_the_tensor_core_path_for_16_bit_x(C):
@@ -267,6 +267,17 @@ def test_plan_splits_k_only_when_rows_leave_sms_idle(C):
     steps = 8192 // 128
     assert steps // p["splits"] >= 8, "every warp of a split keeps at least one K step"
     assert _plan(C, n=64, k=256, ng=2)["splits"] == 1, "too few K steps to split"
+
+
+def test_plan_takes_forced_splits_and_register_variant(C):
+    p = _plan(C, m=1, n=8192, k=4096, force_splits=3, force_min_blocks=4)
+    assert (p["splits"], p["min_blocks"], p["workspace_bytes"]) == (3, 4, 3 * 8192 * 4)
+    assert _plan(C, m=1, k=4096, force_splits=16)["splits"] == 16
+    assert _plan(C, m=1, k=256, ng=2, force_splits=16)["splits"] == 2, "trimmed to the two 128-code K steps"
+    assert _plan(C, m=9, force_min_blocks=4)["min_blocks"] == 1, "the capped variant exists for M <= 2 only"
+    for bad in (dict(force_splits=17), dict(force_splits=-1), dict(force_min_blocks=3)):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, **bad)
 
 
 def test_plan_rejects_what_no_path_serves(C):

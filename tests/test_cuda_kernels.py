@@ -138,6 +138,24 @@ def test_dequant_matmul_every_launcher_path():
         assert torch.equal(y, OPS.dequant_matmul(xs, *_args(qws), b[:64].contiguous(), B)), "deterministic"
 
 
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
+def test_dequant_matmul_every_forced_plan(bits, gs):
+    """Every split-K count and both register variants that ``benchmarks/sweep_gemv.py`` times give the
+    reference's result (so any of them may become the plan's choice); rows past N in the last tile."""
+    from qdpo.kernels import cuda
+
+    qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
+    b = _rand(200, dtype=torch.bfloat16, seed=3)
+    for m in (1, 2, 5, 16):
+        x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
+        for min_blocks in ((1, 4) if m <= 2 else (1,)):
+            for splits in (1, 2, 3, 5, 8, 16):
+                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, min_blocks)
+                assert plan["kernel"] == "mma" and plan["splits"] == splits and plan["min_blocks"] == min_blocks
+                y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits, min_blocks=min_blocks)
+                _check_y(y, x, qw, b, f"M={m} splits={splits} min_blocks={min_blocks}")
+
+
 def test_dequant_matmul_zero_rows_give_the_bias_exactly():
     _check_zero_and_constant_rows(B, (1, 3, 16), (torch.bfloat16, torch.float32))
 

@@ -20,7 +20,7 @@ from qdpo.kernels import reference as ref
 from qdpo.kernels.backends import Unsupported
 from qdpo.kernels.triton import dequant_matmul as dm
 from qdpo.kernels.triton import dequant_matmul_gemm as dmg
-from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x
+from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x, fp32_sum_floor
 
 DEV = "cuda" if HAS_GPU else "cpu"
 OPS = torch.ops.qdpo
@@ -44,12 +44,12 @@ def _args(qw):
     return qw.qweight, qw.scales, qw.zeros, qw.spec.bits
 
 
-def _check_y(y, x, qw, bias=None, what="y"):
+def _check_y(y, x, qw, bias=None, what="y", floor=1e-6):
     """``y`` vs the reference forward: float64 truth, x.dtype PyTorch as the error budget."""
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
     hi = ref.dequant_matmul(x.double(), *_args(qw), None if bias is None else bias.double())
     lo = ref.dequant_matmul(x, *_args(qw), bias)
-    assert_close_2x(y, hi, lo, what=what)
+    assert_close_2x(y, hi, lo, floor=floor, what=what)
 
 
 def _check_dx(dx, dy, qw, what="dx"):
@@ -292,7 +292,7 @@ def test_gpu_every_path_at_8192(xdtype):
     for m, path in ((1, "gemv"), (16, "gemv"), (16, "gemm"), (1024, "gemm"), (1024, "workspace")):
         x = _rand(m, 8192, dtype=xdtype, seed=m)
         y = dm.forward(x, *_args(qw), b, path=path)
-        _check_y(y, x, qw, b, f"{path} M={m}")
+        _check_y(y, x, qw, b, f"{path} M={m}", floor=fp32_sum_floor(8192))
         if path == "gemv":
             assert torch.equal(y, dm.forward(x, *_args(qw), b, path=path)), "split-K must be deterministic"
     dy = _rand(64, 8192, dtype=xdtype)

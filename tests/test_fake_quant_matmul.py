@@ -17,7 +17,7 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import fake_quant_matmul as fqm
-from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x, assert_exact
+from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x, assert_exact, fp32_sum_floor
 
 DEV = "cuda" if HAS_GPU else "cpu"
 OPS = torch.ops.qdpo
@@ -69,14 +69,14 @@ def _truth_grads(dy, x, w, s, z, bits):
     return dw, ds
 
 
-def _check_backward(dy, x, w, s, z, bits, path, need_s=True):
+def _check_backward(dy, x, w, s, z, bits, path, need_s=True, dw_floor=1e-6):
     dx, dw, ds = fqm.fake_quant_matmul_backward(dy, x, w, s, z, bits, need_s, path=path)
     rdx, rdw, rds = ref.fake_quant_matmul_backward(dy, x, w, s, z, bits, need_s)
     dx64, _, _ = ref.fake_quant_matmul_backward(dy.double(), x.double(), w, s, z, bits, False)
     dw64, ds64 = _truth_grads(dy, x, w, s, z, bits)
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
     assert_close_2x(dx, dx64, rdx, what=f"dx ({path})")
-    assert_close_2x(dw, dw64, rdw, what=f"dw ({path})")
+    assert_close_2x(dw, dw64, rdw, floor=dw_floor, what=f"dw ({path})")
     assert_exact(dw == 0, rdw == 0, "dw zero pattern")
     if need_s:
         assert ds.dtype == s.dtype
@@ -293,7 +293,7 @@ def test_gpu_real_size(path):
     w, s, z = _problem(n, k, 4, 128)
     x, dy = _rand(4096, k, dtype=torch.bfloat16), _rand(4096, n, dtype=torch.bfloat16, seed=2)
     _check_forward(x, w, s, z, 4, None, path)
-    _check_backward(dy, x, w, s, z, 4, path)
+    _check_backward(dy, x, w, s, z, 4, path, dw_floor=fp32_sum_floor(4096))  # dŵ sums 4096 rows
 
 
 def _peak_bytes(fn) -> int:

@@ -97,13 +97,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _launch(device: torch.device, fn, *args) -> None:
-    """``fn(*args, stream)`` with ``device`` current and torch's current stream on it."""
+def _launch(device: torch.device, fn, *args, **kwargs) -> None:
+    """``fn(*args, stream, **kwargs)`` with ``device`` current and torch's current stream on it."""
     if torch.cuda.current_device() == device.index:
-        fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
         return
     with torch.cuda.device(device):
-        fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -204,17 +204,23 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
-def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:
-    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes."""
+def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
+              min_blocks: int = 0) -> dict:
+    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
+    register-capped variant (``min_blocks``); ``splits`` / ``min_blocks`` > 0 force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index))
+                                  _sm_count(x2.device.index), splits, min_blocks)
 
 
 @register("cuda", "dequant_matmul")
-def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
-    """``x @ ŵᵀ (+ bias)`` in x's dtype for at most :data:`GEMV_MAX_M` rows of x."""
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, min_blocks: int = 0):
+    """``x @ ŵᵀ (+ bias)`` in x's dtype for at most :data:`GEMV_MAX_M` rows of x.
+
+    ``splits`` / ``min_blocks`` (> 0) override the launcher's split-K count and register-capped
+    kernel variant for M <= 16 (``benchmarks/sweep_gemv.py`` sweeps them); 0 lets the plan choose.
+    """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
@@ -234,13 +240,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
-    plan = gemv_plan(x2, qweight, scales, bits)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, min_blocks)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index))
+            _sm_count(dev.index), force_splits=splits, force_min_blocks=min_blocks)
     return y.reshape(*x.shape[:-1], n)
 
 

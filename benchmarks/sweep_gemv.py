@@ -1,0 +1,106 @@
+"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count and register cap.
+
+For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
+``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` (and, for
+M <= 2, both kernel variants: ``min_blocks`` 1 = registers free, 4 = capped at
+64 so 4 blocks fit per SM) next to the plan's own choice ("auto") and bf16
+``F.linear``, all back to back in one CUDA graph over copies of the weight
+that overflow twice the L2 cache (``common.graph_batch``). Every forced
+variant's output is checked against the auto plan's first. The data behind the
+plan rule in ``csrc/dequant_matmul_gemv.cu``::
+
+    python benchmarks/sweep_gemv.py --out benchmarks/results/gpu-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from qdpo.kernels import reference as ref  # noqa: E402
+
+FORMATS = {"W4g128": (4, 128), "W8": (8, -1)}
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, s, z = ref.quantize(w, bits, gs, symmetric=False)
+    nbytes = q.numel() + s.numel() * s.element_size() + z.numel()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    count = max(1, math.ceil(2 * l2 / nbytes))
+    return [(w, (q, s, z, bits))] + [(w.clone(), (q.clone(), s.clone(), z.clone(), bits)) for _ in range(count - 1)]
+
+
+def _ms(fns) -> float:
+    batch = common.graph_batch(fns)
+    return common.time_ms(batch)["median_ms"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_gemv: needs a CUDA GPU")
+        return 0
+    from qdpo.kernels import cuda
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.time()
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (plan)   best forced µs (splits, min_blocks)")
+    for shape, (n, k) in common.SHAPES.items():
+        for fmt, (bits, gs) in FORMATS.items():
+            copies = _copies(n, k, bits, gs)
+            for m in args.ms:
+                if time.time() - t0 > args.time_limit_s:
+                    break
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                case = f"{shape} {fmt} M={m}"
+                base = _ms([(lambda w=w: F.linear(x, w)) for w, _ in copies])
+                want = cuda.dequant_matmul(x, *copies[0][1])
+                auto_plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits)
+                auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
+                row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
+                       "auto_plan": auto_plan, "forced": []}
+                for mb in ((1, 4) if m <= 2 else (1,)):
+                    for sp in SPLITS:
+                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, mb)
+                        if plan["splits"] != sp:
+                            continue  # fewer K steps than splits: the plan trims it
+                        got = cuda.dequant_matmul(x, *copies[0][1], splits=sp, min_blocks=mb)
+                        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, splits=sp, min_blocks=mb))
+                                  for _, pk in copies])
+                        row["forced"].append({"splits": sp, "min_blocks": mb, "ms": ms, "rel_err": err})
+                best = min(row["forced"], key=lambda r: r["ms"])
+                rows.append(row)
+                print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']},"
+                      f"{auto_plan['min_blocks']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['min_blocks']})"
+                      f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
+                bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
+                if bad:
+                    print(f"  !! forced plans differ from auto: {bad}")
+            del copies
+            torch.cuda.empty_cache()
+    meta = {"device": common.device_name(), "torch": torch.__version__, "sm_count":
+            torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (args.out / "sweep_gemv.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out / 'sweep_gemv.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
