@@ -10,7 +10,6 @@ namespace qdpo {
 constexpr int kGemvWarps = 8;    // mma: warps of a block, all on the same rows, splitting K step by step
 constexpr int kFmaRows = 4;      // fma: rows of ŵ per block, one warp each
 constexpr int kMaxSplits = 16;   // split-K ranges at most (partials: splits · M · N fp32)
-constexpr int kCappedMinBlocks = 4;  // mma, M <= 2: the register-capped variant (64 registers, 4 blocks per SM)
 
 struct GemvArgs {
   const void* x;  // (M, K) contiguous

@@ -166,9 +166,8 @@ __device__ __forceinline__ void compute_stage(const Stage<BITS, MT, RT>& st, flo
   }
 }
 
-// MINB: blocks per SM the compiler must fit (registers capped at 65536 / (256 · MINB)); 1 leaves them free.
-template <int HD, int BITS, int MT, int RT, int MINB>
-__global__ void __launch_bounds__(kGemvWarps * 32, MINB) gemv_mma_kernel(GemvArgs a) {
+template <int HD, int BITS, int MT, int RT>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_kernel(GemvArgs a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = blockIdx.x * 16 * RT;
   const int step_lo = blockIdx.y * a.steps_per_split;
@@ -211,14 +210,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, MINB) gemv_mma_kernel(GemvArg
 template <int HD, int BITS>
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits), block(kGemvWarps * 32);
-  if (p.mt == 1 && p.rt == 1 && p.min_blocks == kCappedMinBlocks) {
-    gemv_mma_kernel<HD, BITS, 1, 1, kCappedMinBlocks><<<grid, block, 0, stream>>>(a);
-  } else if (p.mt == 1 && p.rt == 1) {
-    gemv_mma_kernel<HD, BITS, 1, 1, 1><<<grid, block, 0, stream>>>(a);
+  if (p.mt == 1 && p.rt == 1) {
+    gemv_mma_kernel<HD, BITS, 1, 1><<<grid, block, 0, stream>>>(a);
   } else if (p.mt == 1) {
-    gemv_mma_kernel<HD, BITS, 1, 2, 1><<<grid, block, 0, stream>>>(a);
+    gemv_mma_kernel<HD, BITS, 1, 2><<<grid, block, 0, stream>>>(a);
   } else {
-    gemv_mma_kernel<HD, BITS, 2, 2, 1><<<grid, block, 0, stream>>>(a);
+    gemv_mma_kernel<HD, BITS, 2, 2><<<grid, block, 0, stream>>>(a);
   }
   return launch_status();
 }
@@ -234,28 +231,28 @@ int log2_if_pow2(int64_t v) {
 }  // namespace
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_min_blocks) {
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
-  QDPO_REQUIRE(force_min_blocks == 0 || force_min_blocks == 1 || force_min_blocks == kCappedMinBlocks, kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 1};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0};
   if (!mma) return kOk;
-  if (plan->mt == 1 && plan->rt == 1 && force_min_blocks) plan->min_blocks = force_min_blocks;
-  // split K only when the row tiles alone leave SMs idle; keep >= 1 step per warp
+  // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
+  // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
+  // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
+  // (128 tiles of 32 rows at M > 2) run fastest unsplit, 1024-row ones (32 tiles) with 4 ranges.
   const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
   int64_t splits = 1;
   if (force_splits) {
     splits = force_splits;
-  } else if (tiles < sm_count) {
-    splits = std::min<int64_t>(std::min<int64_t>(cdiv(2 * sm_count, tiles), kMaxSplits),
+  } else if (4 * tiles <= sm_count) {
+    splits = std::min<int64_t>(std::min<int64_t>(sm_count / tiles, kMaxSplits),
                                std::max<int64_t>(1, steps / kGemvWarps));
   }
   splits = cdiv(steps, cdiv(steps, std::min<int64_t>(splits, steps)));  // no empty K range
@@ -266,11 +263,10 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_min_blocks) {
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_min_blocks)) {
+                                  force_splits)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

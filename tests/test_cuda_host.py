@@ -260,8 +260,12 @@ def test_plan_falls_back_to_fma(C):
     assert _plan(C, stride=4096 // 2 + 8)["kernel"] == "fma", "qweight rows not 16-byte aligned"
 
 
-def test_plan_splits_k_only_when_rows_leave_sms_idle(C):
+def test_plan_splits_k_only_when_rows_fill_a_quarter_of_the_sms(C):
+    """The rule measured on an H200 (README "GPU results"): unsplit unless tiles <= SMs / 4."""
     assert _plan(C, n=8192)["splits"] == 1 and _plan(C, n=8192)["workspace_bytes"] == 0
+    assert _plan(C, m=8, n=4096, k=11008, ng=86)["splits"] == 1, "128 tiles of 32 rows on 132 SMs"
+    assert _plan(C, m=1, n=1024)["splits"] == 1, "64 tiles of 16 rows"
+    assert _plan(C, m=16, n=1024)["splits"] == 4, "32 tiles: about one block per SM"
     p = _plan(C, m=3, n=64, k=8192, ng=64)
     assert p["splits"] > 1 and p["workspace_bytes"] == p["splits"] * 3 * 64 * 4
     steps = 8192 // 128
@@ -269,15 +273,15 @@ def test_plan_splits_k_only_when_rows_leave_sms_idle(C):
     assert _plan(C, n=64, k=256, ng=2)["splits"] == 1, "too few K steps to split"
 
 
-def test_plan_takes_forced_splits_and_register_variant(C):
-    p = _plan(C, m=1, n=8192, k=4096, force_splits=3, force_min_blocks=4)
-    assert (p["splits"], p["min_blocks"], p["workspace_bytes"]) == (3, 4, 3 * 8192 * 4)
+def test_plan_takes_a_forced_split_count(C):
+    p = _plan(C, m=1, n=8192, k=4096, force_splits=3)
+    assert (p["splits"], p["workspace_bytes"]) == (3, 3 * 8192 * 4)
     assert _plan(C, m=1, k=4096, force_splits=16)["splits"] == 16
     assert _plan(C, m=1, k=256, ng=2, force_splits=16)["splits"] == 2, "trimmed to the two 128-code K steps"
-    assert _plan(C, m=9, force_min_blocks=4)["min_blocks"] == 1, "the capped variant exists for M <= 2 only"
-    for bad in (dict(force_splits=17), dict(force_splits=-1), dict(force_min_blocks=3)):
+    assert _plan(C, m=1, k=2048, force_splits=5)["splits"] == 4, "no empty K range: 16 steps in ranges of 4"
+    for bad in (17, -1):
         with pytest.raises(ValueError, match="bad shape"):
-            _plan(C, **bad)
+            _plan(C, force_splits=bad)
 
 
 def test_plan_rejects_what_no_path_serves(C):
@@ -356,9 +360,42 @@ def test_auto_tries_cuda_only_when_enabled(monkeypatch, in_auto):
 
     monkeypatch.setattr(backends, "CUDA_IN_AUTO", in_auto)
     monkeypatch.setitem(backends._IMPLS["cuda"], "dequantize", fake_cuda)
+    monkeypatch.setitem(backends._AUTO_IF["cuda"], "dequantize", lambda *a: True)
     monkeypatch.setitem(backends._IMPLS["triton"], "dequantize", lambda *a: "triton")
     monkeypatch.setattr(backends, "_device_reason", lambda b, d: None)
     assert backends.call("dequantize", "auto", torch.device("cuda"), None) == "triton"
     assert calls == (["cuda"] if in_auto else [])
     with pytest.raises(RuntimeError, match="cuda backend cannot serve this request: fake"):
         backends.call("dequantize", "cuda", torch.device("cuda"), None)
+
+
+def test_auto_uses_cuda_only_where_its_registration_says(monkeypatch):
+    """auto: the cuda dequant_matmul for decode-sized x (M <= 16 rows), Triton for prefill and other ops."""
+    cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
+    monkeypatch.setattr(backends, "CUDA_IN_AUTO", True)
+    monkeypatch.setattr(backends, "_device_reason", lambda b, d: None)
+    monkeypatch.setitem(backends._IMPLS["cuda"], "dequant_matmul", lambda *a: "cuda")
+    monkeypatch.setitem(backends._IMPLS["triton"], "dequant_matmul", lambda *a: "triton")
+    monkeypatch.setitem(backends._IMPLS["triton"], "dequantize", lambda *a: "triton")
+    qweight = torch.zeros(8, 32, dtype=torch.uint8)
+    for rows, want in ((1, "cuda"), (cuda.GEMV_MAX_M, "cuda"), (cuda.GEMV_MAX_M + 1, "triton")):
+        x = torch.zeros(rows, 64, dtype=torch.bfloat16)
+        assert backends.call("dequant_matmul", "auto", torch.device("cuda"), x, qweight, None, None, 4) == want
+    x32 = torch.zeros(1, 64)  # fp32 x: the FMA fallback, not measured faster
+    assert backends.call("dequant_matmul", "auto", torch.device("cuda"), x32, qweight, None, None, 4) == "triton"
+    x3 = torch.zeros(2, 8, 64, dtype=torch.float16)  # 16 rows in batch dims
+    assert backends.call("dequant_matmul", "auto", torch.device("cuda"), x3, qweight, None, None, 4) == "cuda"
+    assert backends.call("dequantize", "auto", torch.device("cuda"), qweight, None, None, 4, None) == "triton"
+    monkeypatch.setattr(backends, "CUDA_IN_AUTO", False)
+    assert backends.call("dequant_matmul", "auto", torch.device("cuda"), x3, qweight, None, None, 4) == "triton"
+
+
+def test_fp32_product_of_16_bit_operands_falls_back_where_the_fast_overload_is_missing():
+    """cuda._mm_fp32: the fp32 product of bf16 operands; on the CPU (no ``mm.dtype`` kernel) by upcasting."""
+    cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 300, generator=g).bfloat16(), torch.randn(300, 11, generator=g).bfloat16()
+    got = cuda._mm_fp32(a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+    assert cuda._mm_fp32(a.float(), b.float()).dtype == torch.float32

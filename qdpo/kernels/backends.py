@@ -8,8 +8,9 @@ CUDA tensors). A backend registers one implementation per op with
 raises :class:`Unsupported` with the reason.
 
 Choice: an op's ``backend`` argument, else the ``QDPO_BACKEND`` environment
-variable, else ``auto``. ``auto`` tries, in order, ``cuda`` (only while
-:data:`CUDA_IN_AUTO` is True), ``triton``, ``reference`` on a CUDA tensor and
+variable, else ``auto``. ``auto`` tries, in order, ``cuda`` (while
+:data:`CUDA_IN_AUTO` is True, and only for the requests its registration
+marks faster: ``auto_if``), ``triton``, ``reference`` on a CUDA tensor and
 ``reference`` on a CPU tensor, and logs once when it falls back. A backend
 named explicitly never falls back: it serves the request or raises one clear
 error saying why.
@@ -28,13 +29,14 @@ log = logging.getLogger("qdpo.kernels")
 
 BACKENDS = ("reference", "triton", "cuda")
 
-# The CUDA kernels (csrc/, qdpo/kernels/cuda.py) compile and pass their host-side
-# tests on machines without a GPU, but have not yet run on one: until they have,
-# ``auto`` skips them, and ``backend="cuda"`` / ``QDPO_BACKEND=cuda`` selects them
-# explicitly. Set this True once ``make gpu-check`` has passed the cuda GPU tests
-# (tests/test_cuda_kernels.py) on the target GPUs.
-CUDA_IN_AUTO = False
+# The CUDA kernels (csrc/, qdpo/kernels/cuda.py) passed their GPU tests on an H200
+# (make gpu-check, 2026-12-04; benchmarks/results/NVIDIA-H200*). ``auto`` uses them
+# where they measured faster than Triton (each registration's ``auto_if``: the decode
+# GEMV); False keeps ``auto`` off them entirely, ``backend="cuda"`` always reaches them.
+CUDA_IN_AUTO = True
 _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
+# backend → op → predicate over the op's arguments: may ``auto`` use this implementation?
+_AUTO_IF: dict[str, dict[str, Callable[..., bool]]] = {b: {} for b in BACKENDS}
 _LOADED: dict[str, str | None] = {}  # backend → None if loaded, else why not
 _WARNED: set[tuple[str, str, str]] = set()
 
@@ -43,13 +45,18 @@ class Unsupported(Exception):
     """Raised by a backend implementation that cannot serve this request."""
 
 
-def register(backend: str, op: str) -> Callable[[Callable], Callable]:
-    """Decorator: make ``fn`` the ``backend`` implementation of op ``op``."""
+def register(backend: str, op: str, auto_if: Callable[..., bool] | bool = True) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the ``backend`` implementation of op ``op``.
+
+    ``auto_if``: whether ``auto`` may pick it for a request (a bool, or a predicate over the op's
+    arguments); an explicit ``backend=`` reaches it either way.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
 
     def deco(fn: Callable) -> Callable:
         _IMPLS[backend][op] = fn
+        _AUTO_IF[backend][op] = auto_if if callable(auto_if) else (lambda *args, _v=bool(auto_if): _v)
         return fn
 
     return deco
@@ -118,7 +125,7 @@ def call(op: str, backend: str, device: torch.device, *args):
     order = gpu_order if device.type == "cuda" else ("reference",)
     for b in order:
         fn = _IMPLS[b].get(op) if _device_reason(b, device) is None else None
-        if fn is None:
+        if fn is None or not _AUTO_IF[b].get(op, lambda *a: True)(*args):
             continue
         try:
             return fn(*args)

@@ -31,9 +31,13 @@ the GEMM's time.
 
 Not served (:class:`~qdpo.kernels.backends.Unsupported` under an explicit
 ``backend="cuda"``; ``auto`` moves on to triton): GPUs below compute
-capability 8.0 (the extension is built for sm_80 and sm_90). ``auto`` tries
-this backend only while ``qdpo.kernels.backends.CUDA_IN_AUTO`` is True (see
-there).
+capability 8.0 (the extension is built for sm_80 and sm_90).
+
+``auto`` (while ``qdpo.kernels.backends.CUDA_IN_AUTO`` is True) picks this backend
+only for ``dequant_matmul`` with at most :data:`GEMV_MAX_M` rows of fp16/bf16 x: on an H200
+the decode GEMV ran 1.5-2.2x faster than bf16 ``torch.matmul`` at M = 1 (W4 g128)
+where Triton's ran 0.3-1.0x; every other op measured equal to or slower than
+Triton's (README "GPU results"), so ``auto`` keeps Triton for them.
 
 Every wrapper (1) checks devices, dtypes, sizes, (2) allocates its outputs with
 torch on the tensor's device, (3) launches on the current torch stream with raw
@@ -135,27 +139,27 @@ def _quantize(w, bits, mode, group_size=-1, symmetric=False, scales=None, zeros=
     return qweight, scales, zeros
 
 
-@register("cuda", "qparams")
+@register("cuda", "qparams", auto_if=False)
 def qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """``(scales, zeros)``, each ``(N, NG)``: one read of W, no codes written."""
     _, s, z = _quantize(w, bits, _C.QPARAMS, group_size, symmetric)
     return s, z
 
 
-@register("cuda", "quantize")
+@register("cuda", "quantize", auto_if=False)
 def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """``(qweight, scales, zeros)`` in one pass over W."""
     return _quantize(w, bits, _C.QUANTIZE, group_size, symmetric)
 
 
-@register("cuda", "quantize_with")
+@register("cuda", "quantize_with", auto_if=False)
 def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int):
     """Packed ``qweight`` on a frozen grid (scales/zeros given, any float scale dtype)."""
     return _quantize(w, bits, _C.QUANTIZE_WITH, scales=scales, zeros=zeros)[0]
 
 
 # --------------------------------------------------------------------------- dequantize
-@register("cuda", "dequantize")
+@register("cuda", "dequantize", auto_if=False)
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
     """``ŵ`` ``(N, K)`` in ``dtype``."""
     dev = _check_device(qweight, scales, zeros)
@@ -170,7 +174,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- fake_quant
-@register("cuda", "fake_quant")
+@register("cuda", "fake_quant", auto_if=False)
 def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
     """``ŵ`` ``(N, K)`` in ``dtype``."""
     dev = _check_device(w, scales, zeros)
@@ -184,7 +188,7 @@ def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     return out
 
 
-@register("cuda", "fake_quant_backward")
+@register("cuda", "fake_quant_backward", auto_if=False)
 def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bits: int, need_scales_grad: bool):
     """``(grad_w, grad_scales or None)``: STE mask recomputed, LSQ sums per group in fp32."""
@@ -204,22 +208,26 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
-def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
-              min_blocks: int = 0) -> dict:
-    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    register-capped variant (``min_blocks``); ``splits`` / ``min_blocks`` > 0 force those (benchmarks)."""
+def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0) -> dict:
+    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes;
+    ``splits`` > 0 forces that split-K count (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits, min_blocks)
+                                  _sm_count(x2.device.index), splits)
 
 
-@register("cuda", "dequant_matmul")
-def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, min_blocks: int = 0):
-    """``x @ ŵᵀ (+ bias)`` in x's dtype for at most :data:`GEMV_MAX_M` rows of x.
+def _decode_sized(x, *rest) -> bool:
+    """What ``auto`` sends here: at most GEMV_MAX_M rows of fp16/bf16 x (the measured tensor-core GEMV)."""
+    return x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= GEMV_MAX_M * x.shape[-1]
 
-    ``splits`` / ``min_blocks`` (> 0) override the launcher's split-K count and register-capped
-    kernel variant for M <= 16 (``benchmarks/sweep_gemv.py`` sweeps them); 0 lets the plan choose.
+
+@register("cuda", "dequant_matmul", auto_if=_decode_sized)
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0):
+    """``x @ ŵᵀ (+ bias)`` in x's dtype; at most :data:`GEMV_MAX_M` rows of x in the GEMV kernel.
+
+    ``splits`` (> 0) overrides the GEMV's split-K count (``benchmarks/sweep_gemv.py`` sweeps it);
+    0 lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -240,17 +248,17 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
-    plan = gemv_plan(x2, qweight, scales, bits, splits, min_blocks)
+    plan = gemv_plan(x2, qweight, scales, bits, splits)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits, force_min_blocks=min_blocks)
+            _sm_count(dev.index), force_splits=splits)
     return y.reshape(*x.shape[:-1], n)
 
 
-@register("cuda", "dequant_matmul_dx")
+@register("cuda", "dequant_matmul_dx", auto_if=False)
 def dequant_matmul_dx(dy, qweight, scales, zeros, bits):
     """``dx = dy @ ŵ`` ``(..., K)`` in dy's dtype: ŵ from ``csrc/dequantize.cu``, the product from cuBLAS."""
     _check_device(dy, qweight, scales, zeros)
@@ -258,7 +266,7 @@ def dequant_matmul_dx(dy, qweight, scales, zeros, bits):
 
 
 # --------------------------------------------------------------------------- fake_quant_matmul
-@register("cuda", "fake_quant_matmul")
+@register("cuda", "fake_quant_matmul", auto_if=False)
 def fake_quant_matmul(x, w, scales, zeros, bits: int, bias=None):
     """``x @ fq(w)ᵀ (+ bias)`` in x's dtype: ŵ from ``csrc/fake_quant.cu``, the product from cuBLAS."""
     _check_device(x, w, scales, zeros, bias)
@@ -266,7 +274,23 @@ def fake_quant_matmul(x, w, scales, zeros, bits: int, bias=None):
     return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
 
 
-@register("cuda", "fake_quant_matmul_backward")
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32.
+
+    16-bit operands go to the tensor cores with an fp32 output (``torch.mm(..., out_dtype=)``):
+    their products are exact in fp32, so this is the fp32 product up to summation order, without
+    the upcast copies or the fp32 GEMM (on an H200 the upcast route made the backward 3.6x slower
+    than Triton's at M = 4096). Where that overload is missing (older torch), the upcast route.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return a.float() @ b.float()
+
+
+@register("cuda", "fake_quant_matmul_backward", auto_if=False)
 def fake_quant_matmul_backward(dy, x, w, scales, zeros, bits: int, need_scales_grad: bool):
     """``(dx, dw, dscales or None)``: dx = dy @ ŵ and dŵ = dyᵀ x (fp32) by cuBLAS, then the STE kernel."""
     _check_device(dy, x, w, scales, zeros)
@@ -277,6 +301,6 @@ def fake_quant_matmul_backward(dy, x, w, scales, zeros, bits: int, need_scales_g
     if dy2.shape[0] != x2.shape[0]:
         raise Unsupported(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} have different numbers of rows")
     dx = dy2 @ fake_quant(w, scales, zeros, bits, x.dtype)  # ŵ freed before dŵ is made
-    dw_hat = dy2.t().float() @ x2.float()  # [N, K] fp32, as the reference accumulates
+    dw_hat = _mm_fp32(dy2.t(), x2)  # [N, K] fp32, as the reference accumulates
     dw, ds = fake_quant_backward(dw_hat, w, scales, zeros, bits, need_scales_grad)
     return dx.reshape(x.shape), dw, ds
