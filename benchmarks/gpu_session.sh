@@ -5,15 +5,15 @@
 # its own time limit so the results of the finished stages always come back.
 # Results: $1/ (default benchmarks/results/gpu-check).
 #
-#   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, about 8 minutes
+#   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, at most about 10 minutes
 #   TESTS_S=600 BENCH_S=1800 BENCH_K= bash benchmarks/gpu_session.sh   # everything, no limits that bite
 set -u
 OUT_DIR=${1:-benchmarks/results/gpu-check}
 PY=${PYTHON:-python3}
-TESTS_S=${TESTS_S:-170}
-BENCH_S=${BENCH_S:-230}
-SANITIZER_S=${SANITIZER_S:-60}
-SWEEP_S=${SWEEP_S:-120}
+TESTS_S=${TESTS_S:-200}
+BENCH_S=${BENCH_S:-160}
+SANITIZER_S=${SANITIZER_S:-40}
+SWEEP_S=${SWEEP_S:-110}
 WORKERS=${WORKERS:-8}
 # The rows the targets need: bf16 torch.matmul, triton and cuda, decode and prefill sizes; the
 # other ops on three shapes. Everything: BENCH_K= (empty).
