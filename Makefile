@@ -66,7 +66,7 @@ lint: install
 # write results and a markdown summary to $(GPU_OUT).
 gpu-check:
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e . -q
-	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT) --workers 8
 
 clean:
 	rm -rf build *.egg-info qdpo/_C*.so .pytest_cache
