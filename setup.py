@@ -24,7 +24,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
-# sm_80 (A100) and sm_90 (H100/H200); override with QDPO_CUDA_ARCHS="80;89;90".
+# sm_80 (A100) and sm_90 (H100/H200) machine code, plus the last one's PTX for newer GPUs;
+# override with QDPO_CUDA_ARCHS="80;89;90".
 DEFAULT_ARCHS = "80;90"
 
 
@@ -66,7 +67,10 @@ class BuildExt(build_ext):
         nvcc = find_nvcc()
         root = cuda_root(nvcc)
         archs = os.environ.get("QDPO_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        archs = [a for a in archs if a]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # PTX of the newest arch too: the driver compiles it for GPUs newer than every listed one
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         build_tmp = Path(self.build_temp)
         build_tmp.mkdir(parents=True, exist_ok=True)
         for ext in self.extensions:

@@ -399,3 +399,27 @@ def test_fp32_product_of_16_bit_operands_falls_back_where_the_fast_overload_is_m
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
     assert cuda._mm_fp32(a.float(), b.float()).dtype == torch.float32
+
+
+def test_a_gpu_without_a_kernel_image_is_unsupported_not_an_error(monkeypatch):
+    """CUDA error 209 (no kernel for this arch) becomes Unsupported, so auto falls back to Triton."""
+    cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
+
+    class Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(cuda, "_capability", lambda index: (12, 0))
+
+    def no_image(*args, **kwargs):
+        raise RuntimeError("qdpo._C.dequantize: CUDA error 209 (no kernel image is available for execution)")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("qdpo._C.dequantize: CUDA error 700 (an illegal memory access was encountered)")
+
+    dev = torch.device("cuda", 0)
+    with pytest.raises(backends.Unsupported, match="compute capability 12.0.*QDPO_CUDA_ARCHS=120"):
+        cuda._launch(dev, no_image, 1, 2)
+    with pytest.raises(RuntimeError, match="CUDA error 700"):
+        cuda._launch(dev, other, 1, 2)

@@ -102,12 +102,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(device: torch.device, fn, *args, **kwargs) -> None:
-    """``fn(*args, stream, **kwargs)`` with ``device`` current and torch's current stream on it."""
-    if torch.cuda.current_device() == device.index:
-        fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
-        return
-    with torch.cuda.device(device):
-        fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
+    """``fn(*args, stream, **kwargs)`` with ``device`` current and torch's current stream on it.
+
+    A GPU the extension has no kernel for (CUDA error 209: built for other archs, and the driver
+    cannot compile the embedded PTX) raises :class:`Unsupported`, so ``auto`` moves on to Triton.
+    """
+    try:
+        if torch.cuda.current_device() == device.index:
+            fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
+            return
+        with torch.cuda.device(device):
+            fn(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
+    except RuntimeError as e:
+        if "CUDA error 209 " not in str(e):
+            raise
+        cap = _capability(device.index)
+        raise Unsupported(f"qdpo._C has no kernel for this GPU (compute capability {cap[0]}.{cap[1]}); rebuild "
+                          f"it with QDPO_CUDA_ARCHS={cap[0]}{cap[1]} pip install -e . ({e})") from None
 
 
 def _ptr(t: torch.Tensor | None) -> int:
