@@ -1,8 +1,9 @@
-"""Sweep of the cuda backend's decode GEMV split-K count (GPU only).
+"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, pipeline depth.
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
-``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` next to the
-plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
+``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` (and, for
+M <= 2, each ``depth``: 2 = the ping-pong kernel, 3 and 4 = the ring kernel)
+next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
 graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). Every forced variant's output is checked against the
 auto plan's first. The data behind the plan rule in
@@ -30,6 +31,7 @@ from qdpo.kernels import reference as ref  # noqa: E402
 
 FORMATS = {"W4g128": (4, 128), "W8": (8, -1)}
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+DEPTHS = (2, 3, 4)
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits)   best forced µs (splits)")
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, depth)   best forced µs (splits, depth)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             copies = _copies(n, k, bits, gs)
@@ -74,18 +76,20 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for sp in SPLITS:
-                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp)
-                    if plan["splits"] != sp:
-                        continue  # K steps do not divide into sp ranges: the plan trims it
-                    got = cuda.dequant_matmul(x, *copies[0][1], splits=sp)
-                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                    ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, splits=sp)) for _, pk in copies])
-                    row["forced"].append({"splits": sp, "ms": ms, "rel_err": err})
+                for depth in (DEPTHS if m <= 2 else (2,)):
+                    for sp in SPLITS:
+                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, depth)
+                        if plan["splits"] != sp:
+                            continue  # K steps do not divide into sp ranges: the plan trims it
+                        got = cuda.dequant_matmul(x, *copies[0][1], splits=sp, depth=depth)
+                        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, splits=sp, depth=depth))
+                                  for _, pk in copies])
+                        row["forced"].append({"splits": sp, "depth": depth, "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
-                print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']})   "
-                      f"{best['ms'] * 1e3:8.2f} ({best['splits']})"
+                print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
+                      f"{auto_plan['depth']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['depth']})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:

@@ -24,7 +24,9 @@
 // the fragment map in gemv_fragments.cuh makes a re-layout unnecessary — then
 // dequantizes in registers (SHF + LOP3 + HSUB2 + HMUL2 per two W4 codes) and
 // issues 8 · RT · MT mma.sync. The next step's loads are issued before this
-// step's math (two register stages in ping-pong). Warps' partial tiles are summed in shared
+// step's math (two register stages in ping-pong). For M <= 2 a ring variant
+// (plan depth 3 or 4, forced only until measured on a GPU) keeps D steps of
+// weight loads in flight per warp and reads x at its step. Warps' partial tiles are summed in shared
 // memory in a fixed order; splits write fp32 partials that a small kernel sums
 // in split order: results are deterministic.
 // Bytes moved: N·K·b/8 + N·NG·(s_size + 1) of weight, exactly once; x once per
@@ -53,12 +55,18 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
-// One lane's operands of one K step: rows g and g + 8 of each 16-row tile, x rows g and g + 8.
+// One lane's weight operands of one K step: rows g and g + 8 of each 16-row tile.
+template <int BITS, int RT>
+struct WStage {
+  uint32_t w[RT][2][BITS];  // 16 bytes (W4) or 32 bytes (W8) of codes per row
+  RowGrid grid[RT][2];
+};
+
+// One lane's operands of one K step: its weights, and x rows g and g + 8.
 template <int BITS, int MT, int RT>
 struct Stage {
-  uint32_t w[RT][2][BITS];  // 16 bytes (W4) or 32 bytes (W8) of codes per row
-  uint32_t x[MT][16];       // 32 activations per row of x
-  RowGrid grid[RT][2];
+  WStage<BITS, RT> ws;
+  uint32_t x[MT][16];  // 32 activations per row of x
 };
 
 __device__ __forceinline__ void load16(uint32_t* dst, const void* src) {
@@ -104,22 +112,31 @@ __device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0)
   return r;
 }
 
-template <int HD, int BITS, int MT, int RT>
-__device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step, int step_hi,
-                                           Stage<BITS, MT, RT>& st) {
+// The lane's 32 activations of each x row at step `step` (zeros past K, past M or past the range).
+template <int MT, int RT>
+__device__ __forceinline__ void load_x(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step, int step_hi,
+                                       uint32_t (&x)[MT][16]) {
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
   const bool kin = step < step_hi && kl < a.k;  // K % 32 == 0: a lane's 32 codes are all in or all out
-  const int grp = group_of(a, kl);
   QDPO_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
     const uint16_t* src = static_cast<const uint16_t*>(a.x) + rows.x[mt] + kl;
     QDPO_UNROLL
-    for (int i = 0; i < 16; ++i) st.x[mt][i] = 0u;
+    for (int i = 0; i < 16; ++i) x[mt][i] = 0u;
     if (kin && rows.x[mt] >= 0) {
       QDPO_UNROLL
-      for (int i = 0; i < 4; ++i) load16(&st.x[mt][4 * i], src + 8 * i);
+      for (int i = 0; i < 4; ++i) load16(&x[mt][4 * i], src + 8 * i);
     }
   }
+}
+
+// The lane's codes and grids of its weight rows at step `step` (ŵ = 0 past N, K or the range).
+template <int HD, int BITS, int MT, int RT>
+__device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step, int step_hi,
+                                       WStage<BITS, RT>& st) {
+  const int kl = gemv::lane_k(step, threadIdx.x & 3);
+  const bool kin = step < step_hi && kl < a.k;
+  const int grp = group_of(a, kl);
   QDPO_UNROLL
   for (int rt = 0; rt < RT; ++rt) {
     QDPO_UNROLL
@@ -140,12 +157,20 @@ __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT,
 }
 
 template <int HD, int BITS, int MT, int RT>
-__device__ __forceinline__ void compute_stage(const Stage<BITS, MT, RT>& st, float (&acc)[RT][MT][4]) {
+__device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step, int step_hi,
+                                           Stage<BITS, MT, RT>& st) {
+  load_x(a, rows, step, step_hi, st.x);
+  load_w<HD>(a, rows, step, step_hi, st.ws);
+}
+
+template <int HD, int BITS, int MT, int RT>
+__device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
+                                             float (&acc)[RT][MT][4]) {
   QDPO_UNROLL
   for (int c = 0; c < gemv::kChunks; ++c) {
     uint32_t px[MT][4];
     QDPO_UNROLL
-    for (int mt = 0; mt < MT; ++mt) gemv::x_pairs(&st.x[mt][4 * c], px[mt]);
+    for (int mt = 0; mt < MT; ++mt) gemv::x_pairs(&x[mt][4 * c], px[mt]);
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       uint32_t pg[4], pg8[4];
@@ -166,25 +191,11 @@ __device__ __forceinline__ void compute_stage(const Stage<BITS, MT, RT>& st, flo
   }
 }
 
-template <int HD, int BITS, int MT, int RT>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_kernel(GemvArgs a) {
+// The block's warps hold partial sums of the same tile: add them in warp order, then write y (or the
+// split's fp32 partials).
+template <int MT, int RT>
+__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n0 = blockIdx.x * 16 * RT;
-  const int step_lo = blockIdx.y * a.steps_per_split;
-  const int step_hi = min(step_lo + a.steps_per_split, a.steps);
-  float acc[RT][MT][4] = {};
-  // two register stages in ping-pong: the next step's loads are in flight during this step's math
-  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, n0);
-  Stage<BITS, MT, RT> s0, s1;
-  load_stage<HD>(a, rows, step_lo + warp, step_hi, s0);
-  for (int step = step_lo + warp; step < step_hi; step += 2 * kGemvWarps) {
-    load_stage<HD>(a, rows, step + kGemvWarps, step_hi, s1);
-    compute_stage<HD>(s0, acc);
-    if (step + kGemvWarps >= step_hi) break;
-    load_stage<HD>(a, rows, step + 2 * kGemvWarps, step_hi, s0);
-    compute_stage<HD>(s1, acc);
-  }
-  // the block's warps hold partial sums of the same tile: add them in warp order
   constexpr int E = RT * MT * 4;
   __shared__ float red[kGemvWarps][E][32];
   QDPO_UNROLL
@@ -207,10 +218,70 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_kernel(GemvArgs a) {
   }
 }
 
+// A block's work: 16·RT weight rows from n0, K steps [step_lo, step_hi) (blockIdx.y: the split);
+// its warps take the steps in turn, warp w from step_lo + w.
+struct BlockWork {
+  int n0, first, step_hi;
+};
+
+template <int RT>
+__device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
+  const int step_lo = blockIdx.y * a.steps_per_split;
+  return {static_cast<int>(blockIdx.x) * 16 * RT, step_lo + static_cast<int>(threadIdx.x >> 5),
+          min(step_lo + a.steps_per_split, a.steps)};
+}
+
+template <int HD, int BITS, int MT, int RT>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_kernel(GemvArgs a) {
+  const BlockWork b = block_work<RT>(a);
+  float acc[RT][MT][4] = {};
+  // two register stages in ping-pong: the next step's loads are in flight during this step's math
+  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
+  Stage<BITS, MT, RT> s0, s1;
+  load_stage<HD>(a, rows, b.first, b.step_hi, s0);
+  for (int step = b.first; step < b.step_hi; step += 2 * kGemvWarps) {
+    load_stage<HD>(a, rows, step + kGemvWarps, b.step_hi, s1);
+    compute_step<HD>(s0.ws, s0.x, acc);
+    if (step + kGemvWarps >= b.step_hi) break;
+    load_stage<HD>(a, rows, step + 2 * kGemvWarps, b.step_hi, s0);
+    compute_step<HD>(s1.ws, s1.x, acc);
+  }
+  store_tile(a, acc, b.n0);
+}
+
+// The deep variant (plan depth D >= 3, M <= 2): a ring of D weight stages, so D steps of weight
+// loads are in flight per warp; x (a few rows, L1-resident) is read at its step instead of staged,
+// which keeps the ring's registers for weights. Same fragments, same sums, same epilogue.
+template <int HD, int BITS, int MT, int RT, int D>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_deep_kernel(GemvArgs a) {
+  const BlockWork b = block_work<RT>(a);
+  float acc[RT][MT][4] = {};
+  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
+  WStage<BITS, RT> ring[D];
+  QDPO_UNROLL
+  for (int i = 0; i < D; ++i) load_w<HD>(a, rows, b.first + i * kGemvWarps, b.step_hi, ring[i]);
+  for (int step = b.first; step < b.step_hi; step += D * kGemvWarps) {
+    QDPO_UNROLL
+    for (int i = 0; i < D; ++i) {
+      const int s = step + i * kGemvWarps;
+      if (s >= b.step_hi) break;  // uniform across the warp
+      uint32_t x[MT][16];
+      load_x(a, rows, s, b.step_hi, x);
+      compute_step<HD>(ring[i], x, acc);
+      load_w<HD>(a, rows, s + D * kGemvWarps, b.step_hi, ring[i]);  // refill: D steps ahead
+    }
+  }
+  store_tile(a, acc, b.n0);
+}
+
 template <int HD, int BITS>
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits), block(kGemvWarps * 32);
-  if (p.mt == 1 && p.rt == 1) {
+  if (p.mt == 1 && p.rt == 1 && p.depth == 3) {
+    gemv_mma_deep_kernel<HD, BITS, 1, 1, 3><<<grid, block, 0, stream>>>(a);
+  } else if (p.mt == 1 && p.rt == 1 && p.depth == 4) {
+    gemv_mma_deep_kernel<HD, BITS, 1, 1, 4><<<grid, block, 0, stream>>>(a);
+  } else if (p.mt == 1 && p.rt == 1) {
     gemv_mma_kernel<HD, BITS, 1, 1><<<grid, block, 0, stream>>>(a);
   } else if (p.mt == 1) {
     gemv_mma_kernel<HD, BITS, 1, 2><<<grid, block, 0, stream>>>(a);
@@ -231,18 +302,22 @@ int log2_if_pow2(int64_t v) {
 }  // namespace
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits) {
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
+                        int force_depth) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
+  QDPO_REQUIRE(force_depth == 0 || (force_depth >= 2 && force_depth <= kMaxGemvDepth), kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 2};
   if (!mma) return kOk;
+  // the deep pipeline exists for the M <= 2 tile; not yet measured, so only when forced
+  if (force_depth && plan->mt == 1 && plan->rt == 1) plan->depth = force_depth;
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
   // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
   // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
@@ -263,10 +338,11 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits) {
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
+                   int force_depth) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits)) {
+                                  force_splits, force_depth)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

@@ -55,13 +55,16 @@ struct GemvPlan {
   int rt;                   // mma: 16-row weight tiles per warp
   int splits;               // K ranges over the grid's y axis (partials + reduce when > 1)
   int64_t workspace_bytes;  // fp32 partials [splits, M, N] when splits > 1
+  int depth;                // mma: weight stages in flight per warp (2: ping-pong kernel; 3, 4: ring, M <= 2)
 };
-// force_splits: 0 = the plan's own split-K choice; else that many K ranges (benchmarks/sweep_gemv.py).
+// force_splits / force_depth: 0 = the plan's own choice; else that value (benchmarks/sweep_gemv.py).
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0);
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,
+                        int force_depth = 0);
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0);
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0,
+                   int force_depth = 0);
 
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,

@@ -140,19 +140,23 @@ def test_dequant_matmul_every_launcher_path():
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
-    """Every split-K count ``benchmarks/sweep_gemv.py`` times gives the reference's result (so the plan
-    may choose any of them), for each kernel tile (M = 1, 5, 16); rows past N in the last tile."""
+    """Every split-K count and pipeline depth ``benchmarks/sweep_gemv.py`` times gives the reference's
+    result (so the plan may choose any of them), for each kernel tile (M = 1, 2, 5, 16); rows past N in
+    the last tile; with 16 steps over 8 warps, a depth-4 ring is refilled past the range."""
     from qdpo.kernels import cuda
 
     qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
     b = _rand(200, dtype=torch.bfloat16, seed=3)
-    for m in (1, 5, 16):
+    for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-            plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits)
-            assert plan["kernel"] == "mma" and plan["splits"] == splits
-            y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits)
-            _check_y(y, x, qw, b, f"M={m} splits={splits}")
+        for depth in ((2, 3, 4) if m <= 2 else (2,)):
+            for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
+                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, depth)
+                assert plan["kernel"] == "mma" and (plan["splits"], plan["depth"]) == (splits, depth)
+                y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits, depth=depth)
+                _check_y(y, x, qw, b, f"M={m} splits={splits} depth={depth}")
+                if depth > 2:  # each warp adds its steps in the same order as the ping-pong kernel
+                    assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, splits=splits, depth=2))
 
 
 def test_dequant_matmul_zero_rows_give_the_bias_exactly():

@@ -219,13 +219,14 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
-def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0) -> dict:
-    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes;
-    ``splits`` > 0 forces that split-K count (benchmarks)."""
+def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
+              depth: int = 0) -> dict:
+    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
+    pipeline depth; ``splits`` / ``depth`` > 0 force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits)
+                                  _sm_count(x2.device.index), splits, depth)
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -234,11 +235,12 @@ def _decode_sized(x, *rest) -> bool:
 
 
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
-def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0):
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, depth: int = 0):
     """``x @ ŵᵀ (+ bias)`` in x's dtype; at most :data:`GEMV_MAX_M` rows of x in the GEMV kernel.
 
-    ``splits`` (> 0) overrides the GEMV's split-K count (``benchmarks/sweep_gemv.py`` sweeps it);
-    0 lets the plan choose.
+    ``splits`` / ``depth`` (> 0) override the GEMV's split-K count and, for M <= 2, its weight
+    stages in flight per warp (2: the ping-pong kernel; 3, 4: the ring kernel, not yet measured on
+    a GPU); ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -259,13 +261,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
-    plan = gemv_plan(x2, qweight, scales, bits, splits)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, depth)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits)
+            _sm_count(dev.index), force_splits=splits, force_depth=depth)
     return y.reshape(*x.shape[:-1], n)
 
 
