@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
                 for depth in (DEPTHS if m <= 2 else (2,)):
-                    for sp in SPLITS:
+                    for sp in (SPLITS if depth == 2 else (1, 2, 4)):
                         plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, depth)
                         if plan["splits"] != sp:
                             continue  # K steps do not divide into sp ranges: the plan trims it
