@@ -30,7 +30,6 @@ W8 M=1 >= 1.7×; M=4096 >= 0.85× (``benchmarks/gpu_check.py`` checks them).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import common
@@ -77,17 +76,6 @@ def _copies(w: torch.Tensor, packed) -> list:
     return [(w, packed)] + [(w.clone(), (*(t.clone() for t in packed[:3]), packed[3])) for _ in range(n - 1)]
 
 
-
-def _cycled(fns: list, eager: bool):
-    """One callable running ``fns`` in turn (back to back in one CUDA graph unless ``eager``: per-call
-    times, ``common.graph_batch``); and whether it is eager (asked for, or capture failed)."""
-    batch = None if eager else common.graph_batch(fns)
-    if batch is not None:
-        return batch, False
-    it = itertools.cycle(fns)
-    return (lambda: next(it)()), True
-
-
 def _bytes(m: int, n: int, k: int, packed) -> int:
     return _packed_bytes(packed) + 2 * (m * k + m * n)
 
@@ -100,7 +88,7 @@ def _matmul_ms(m: int, n: int, k: int) -> float:
     if (m, n, k) not in _BASE_MS:
         w, packed = _weight(n, k, *FORMATS["W4g128"])
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        fn, _ = _cycled([_fn("torch.matmul-bf16", x, wc, pc) for wc, pc in _copies(w, packed)], False)
+        fn, _ = common.cycled([_fn("torch.matmul-bf16", x, wc, pc) for wc, pc in _copies(w, packed)], False)
         _BASE_MS[(m, n, k)] = common.time_ms(fn)["median_ms"]
     return _BASE_MS[(m, n, k)]
 
@@ -168,7 +156,7 @@ def test_dequant_matmul(benchmark, case, impl):
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     if impl.endswith("-eager") and (m > dm.GEMV_MAX_M or not GPU):
         pytest.skip("launch overhead is measured for decode-sized M on a GPU")
-    fn, eager = _cycled([_fn(impl, x, wc, pc) for wc, pc in _copies(w, packed)], impl.endswith("-eager"))
+    fn, eager = common.cycled([_fn(impl, x, wc, pc) for wc, pc in _copies(w, packed)], impl.endswith("-eager"))
     impl = impl if impl.endswith("-eager") or not eager else f"{impl}-eager"
     nbytes = 2 * (n * k + m * k + m * n) if impl == "torch.matmul-bf16" else _bytes(m, n, k, packed)
     row = common.bench(benchmark, "dequant_matmul", f"{shape} {fmt} M={m}", impl, fn,
@@ -182,7 +170,7 @@ DX_FNS = {
     "torch.matmul-bf16": lambda dy, w, packed: lambda: dy @ w,
     "triton": lambda dy, w, packed: lambda: dm.backward_dx(dy, *packed),
     "triton-fused": lambda dy, w, packed: lambda: dm.backward_dx(dy, *packed, path="fused"),
-    "cuda": lambda dy, w, packed: (lambda f: lambda: f(dy, *packed))(common.cuda_backend().dequant_matmul_dx),
+    "cuda": lambda dy, w, packed: functools.partial(common.cuda_backend().dequant_matmul_dx, dy, *packed),
 }
 
 
@@ -196,8 +184,8 @@ def test_dequant_matmul_dx(benchmark, case, impl):
     w, packed = _weight(n, k, *FORMATS[fmt])
     dy = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
     copies = _copies(w, packed)
-    fn, _ = _cycled([DX_FNS[impl](dy, wc, pc) for wc, pc in copies], False)
+    fn, _ = common.cycled([DX_FNS[impl](dy, wc, pc) for wc, pc in copies], False)
     row = common.bench(benchmark, "dequant_matmul_dx", f"{shape} {fmt} M={m}", impl, fn,
                        nbytes=_bytes(m, k, n, packed), flops=2 * m * n * k, fmt=fmt, M=m, N=n, K=k)
-    base, _ = _cycled([DX_FNS["torch.matmul-bf16"](dy, wc, pc) for wc, pc in copies], False)
+    base, _ = common.cycled([DX_FNS["torch.matmul-bf16"](dy, wc, pc) for wc, pc in copies], False)
     row["speedup"] = common.time_ms(base)["median_ms"] / row["median_ms"]

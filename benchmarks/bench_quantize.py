@@ -21,7 +21,6 @@ of copy bandwidth (it is one read and a quarter/half write).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import common
@@ -49,12 +48,7 @@ def cold_cycle(make_fn, nbytes: int):
     if not GPU:
         return make_fn(), True
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    fns = [make_fn() for _ in range(max(1, math.ceil(2 * l2 / nbytes)))]
-    batch = common.graph_batch(fns)
-    if batch is not None:
-        return batch, False
-    it = itertools.cycle(fns)
-    return (lambda: next(it)()), True
+    return common.cycled([make_fn() for _ in range(max(1, math.ceil(2 * l2 / nbytes)))])
 
 
 @functools.lru_cache(maxsize=None)

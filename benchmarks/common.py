@@ -11,6 +11,7 @@ a fraction of).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import platform
@@ -181,6 +182,17 @@ class Batched:
 
     def __call__(self):
         self.replay()
+
+
+def cycled(fns: list, eager: bool = False):
+    """``(fn, eager)``: one callable running ``fns`` in turn: back to back in one CUDA graph
+    (:func:`graph_batch`, per-call times) unless ``eager`` is asked for or capture fails
+    (always on the CPU); then plain calls cycling through ``fns``, and ``eager`` is True."""
+    batch = None if eager else graph_batch(fns)
+    if batch is not None:
+        return batch, False
+    it = itertools.cycle(fns)
+    return (lambda: next(it)()), True
 
 
 def graph_batch(fns: list, min_calls: int = 48, budget_ms: float = 100.0) -> Batched | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,22 +24,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
-from qdpo.kernels import reference as ref  # noqa: E402
-
-FORMATS = {"W4g128": (4, 128), "W8": (8, -1)}
+FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 DEPTHS = (2, 3, 4)
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    q, s, z = ref.quantize(w, bits, gs, symmetric=False)
-    nbytes = q.numel() + s.numel() * s.element_size() + z.numel()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    count = max(1, math.ceil(2 * l2 / nbytes))
-    return [(w, (q, s, z, bits))] + [(w.clone(), (q.clone(), s.clone(), z.clone(), bits)) for _ in range(count - 1)]
+    """bench_dequant_matmul's weight and its copies past twice the L2 cache: ``[(w, packed), ...]``."""
+    return bdm._copies(*bdm._weight(n, k, bits, gs))
 
 
 def _ms(fns) -> float:
@@ -95,6 +89,7 @@ def main(argv=None) -> int:
                 if bad:
                     print(f"  !! forced plans differ from auto: {bad}")
             del copies
+            bdm._weight.cache_clear()
             torch.cuda.empty_cache()
     meta = {"device": common.device_name(), "torch": torch.__version__, "sm_count":
             torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

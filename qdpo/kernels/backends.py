@@ -35,8 +35,8 @@ BACKENDS = ("reference", "triton", "cuda")
 # GEMV); False keeps ``auto`` off them entirely, ``backend="cuda"`` always reaches them.
 CUDA_IN_AUTO = True
 _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
-# backend → op → predicate over the op's arguments: may ``auto`` use this implementation?
-_AUTO_IF: dict[str, dict[str, Callable[..., bool]]] = {b: {} for b in BACKENDS}
+# backend → op → may ``auto`` use this implementation: a bool, or a predicate over the op's arguments
+_AUTO_IF: dict[str, dict[str, Callable[..., bool] | bool]] = {b: {} for b in BACKENDS}
 _LOADED: dict[str, str | None] = {}  # backend → None if loaded, else why not
 _WARNED: set[tuple[str, str, str]] = set()
 
@@ -56,7 +56,7 @@ def register(backend: str, op: str, auto_if: Callable[..., bool] | bool = True) 
 
     def deco(fn: Callable) -> Callable:
         _IMPLS[backend][op] = fn
-        _AUTO_IF[backend][op] = auto_if if callable(auto_if) else (lambda *args, _v=bool(auto_if): _v)
+        _AUTO_IF[backend][op] = auto_if
         return fn
 
     return deco
@@ -125,7 +125,8 @@ def call(op: str, backend: str, device: torch.device, *args):
     order = gpu_order if device.type == "cuda" else ("reference",)
     for b in order:
         fn = _IMPLS[b].get(op) if _device_reason(b, device) is None else None
-        if fn is None or not _AUTO_IF[b].get(op, lambda *a: True)(*args):
+        auto_if = _AUTO_IF[b].get(op, True)
+        if fn is None or not (auto_if(*args) if callable(auto_if) else auto_if):
             continue
         try:
             return fn(*args)

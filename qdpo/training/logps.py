@@ -199,6 +199,8 @@ def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
         index[i, p:s] = p + k * m + torch.arange(s - p)
         index[i, s:n] = p + g * m + i * r + torch.arange(n - s)
     return src[index.to(dev)]
+
+
 def output_layer(model) -> tuple[Tensor, Tensor | None]:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):

@@ -1,0 +1,59 @@
+"""The benchmark harness's own logic (benchmarks/common.py, benchmarks/gpu_check.py), on the CPU:
+rows kept as they are measured, read back after a stopped run, checked against the targets."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import gpu_check  # noqa: E402
+
+
+def test_rows_are_appended_as_each_benchmark_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDPO_BENCH_OUT", str(tmp_path))
+    monkeypatch.setattr(common, "ROWS", [])
+    monkeypatch.setattr(common, "_FLUSHED", [0])
+    common.ROWS.append({"op": "a", "speedup": 1.5})
+    common.flush_rows()
+    common.flush_rows()  # nothing new: nothing written twice
+    common.ROWS.append({"op": "b"})
+    common.ROWS[-1]["speedup"] = 2.0  # fields set after bench() returns are kept
+    common.flush_rows()
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"op": "a", "speedup": 1.5}, {"op": "b", "speedup": 2.0}]
+
+
+def test_gpu_check_reads_the_kept_rows_first_and_checks_each_target(tmp_path):
+    rows = [{"op": "dequant_matmul", "impl": "cuda", "fmt": "W4g128", "M": 1, "case": "s W4g128 M=1",
+             "speedup": 3.2, "frac_copy_bw": 0.5},
+            {"op": "dequant_matmul", "impl": "cuda", "fmt": "W8", "M": 1, "case": "s W8 M=1", "speedup": 1.2}]
+    (tmp_path / "dev.json").write_text(json.dumps({"rows": rows[:1]}))
+    assert gpu_check._rows(tmp_path) == rows[:1], "without rows.jsonl, the session's JSON"
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gpu_check._rows(tmp_path) == rows
+    table = "\n".join(gpu_check._targets_section(rows))
+    assert "| dequant_matmul | cuda | fmt=W4g128 M=1 | speedup | 3.0 | s W4g128 M=1 | 3.2 | yes |" in table
+    assert "| dequant_matmul | cuda | fmt=W4g128 M=1 | frac_copy_bw | 0.8 | s W4g128 M=1 | 0.5 | **no** |" in table
+    assert "| dequant_matmul | cuda | fmt=W8 M=1 | speedup | 1.8 | s W8 M=1 | 1.2 | **no** |" in table
+    assert "| fake_quant_fwd_bwd | cuda | all | frac_copy_bw | 0.8 | (no row) | | |" in table
+
+
+def test_a_stage_past_its_limit_is_stopped_and_says_so(tmp_path):
+    rc, secs = gpu_check._run([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                               "time.sleep(60)"], tmp_path / "log", timeout_s=2)
+    assert rc == 124 and "stopped after 2 s" in (tmp_path / "log").read_text()
+
+
+def test_cycled_calls_in_turn_without_a_gpu():
+    calls = []
+    fn, eager = common.cycled([lambda: calls.append(0), lambda: calls.append(1)])
+    if not eager:
+        pytest.skip("a GPU captured the calls in a graph")
+    for _ in range(3):
+        fn()
+    assert calls == [0, 1, 0]
