@@ -14,6 +14,9 @@ TESTS_S=${TESTS_S:-200}
 BENCH_S=${BENCH_S:-160}
 SANITIZER_S=${SANITIZER_S:-40}
 SWEEP_S=${SWEEP_S:-110}
+SWEEP_ARGS=${SWEEP_ARGS:-}     # e.g. "--ms 1 --splits 1 2 4": M = 1 only, fewer split counts
+PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)
+GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench
 WORKERS=${WORKERS:-8}
 # The rows the targets need: bf16 torch.matmul, triton and cuda, decode and prefill sizes; the
 # other ops on three shapes. Everything: BENCH_K= (empty).
@@ -40,20 +43,32 @@ $PY -c "from qdpo.kernels import cuda; print('qdpo._C loaded, CUDA runtime', cud
 if [ "$SWEEP_S" -gt 0 ]; then
     stamp "sweep of the cuda GEMV's launch choices (benchmarks/sweep_gemv.py)"
     timeout "$SWEEP_S" $PY benchmarks/sweep_gemv.py --out "$OUT_DIR" --time-limit-s $(( SWEEP_S - 20 )) \
-        >"$OUT_DIR/sweep_gemv.log" 2>&1
+        $SWEEP_ARGS >"$OUT_DIR/sweep_gemv.log" 2>&1
     echo "sweep exit $?"; tail -60 "$OUT_DIR/sweep_gemv.log"
+fi
+
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ "$PROFILE_S" -gt 0 ] && [ -n "$NCU" ]; then
+    stamp "Nsight Compute: one launch of each GEMV variant ($NCU)"
+    timeout "$PROFILE_S" "$NCU" -k regex:"gemv|gemm" --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        $PY benchmarks/profile_gemv.py >"$OUT_DIR/profile_gemv.log" 2>&1
+    echo "ncu exit $?"; grep -E "== launch|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|ERR" \
+        "$OUT_DIR/profile_gemv.log" | head -80
+elif [ "$PROFILE_S" -gt 0 ]; then
+    echo "no ncu on this machine"
 fi
 
 stamp "GPU tests and benchmarks"
 $PY benchmarks/gpu_check.py --out "$OUT_DIR" --workers "$WORKERS" --timeout-s "$TESTS_S" \
-    --bench-timeout-s "$BENCH_S" ${BENCH_K:+--bench-k "$BENCH_K"}
+    --bench-timeout-s "$BENCH_S" ${BENCH_K:+--bench-k "$BENCH_K"} $GPU_CHECK_ARGS
 grep -E "passed|failed|FAILED|error" "$OUT_DIR/tests.log" | tail -25
 
 if command -v compute-sanitizer >/dev/null && [ "$SANITIZER_S" -gt 0 ]; then
     stamp "compute-sanitizer memcheck: the cuda kernels on odd and misaligned shapes"
     timeout "$SANITIZER_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
         $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -x \
-        -k "odd_shapes or long_and_narrow or misaligned or aligned_to or zero_rows or every_launcher" \
+        -k "odd_shapes or long_and_narrow or misaligned or aligned_to or zero_rows or every_launcher or shared_stages" \
         >"$OUT_DIR/sanitizer.log" 2>&1
     echo "compute-sanitizer exit $? (9: memory errors found, 124: stopped at ${SANITIZER_S} s)"
     grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT_DIR/sanitizer.log" | head -10

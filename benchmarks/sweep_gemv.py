@@ -2,7 +2,8 @@
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` (and, for
-M <= 2, each ``depth``: 2 = the ping-pong kernel, 3 and 4 = the ring kernel)
+M <= 2, each pipeline: registers at depth 2 = the ping-pong kernel, 3 and 4 = the ring kernel;
+shared memory at 2, 3, 4 and 6 stages = the cp.async kernel)
 next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
 graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). Every forced variant's output is checked against the
@@ -29,7 +30,8 @@ import common  # noqa: E402
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
-DEPTHS = (2, 3, 4)
+# (stage, depth) for M <= 2: the register kernels (2: ping-pong, 3-4: ring), the cp.async pipeline
+PIPES = (("registers", 2), ("registers", 3), ("registers", 4)) + tuple(("shared", d) for d in (2, 3, 4, 6))
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS),
+                   help="split-K counts of the ping-pong kernel (the others take 1, 2, 4)")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -55,9 +59,11 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, depth)   best forced µs (splits, depth)")
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, depth)   best forced µs (splits, stage depth)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
+            if time.time() - t0 > args.time_limit_s:
+                break
             copies = _copies(n, k, bits, gs)
             for m in args.ms:
                 if time.time() - t0 > args.time_limit_s:
@@ -70,32 +76,39 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for depth in (DEPTHS if m <= 2 else (2,)):
-                    for sp in (SPLITS if depth == 2 else (1, 2, 4)):
-                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, depth)
+                for stage, depth in (PIPES if m <= 2 else (("registers", 2),)):
+                    for sp in (args.splits if (stage, depth) == ("registers", 2) else (1, 2, 4)):
+                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, depth, stage)
                         if plan["splits"] != sp:
                             continue  # K steps do not divide into sp ranges: the plan trims it
-                        got = cuda.dequant_matmul(x, *copies[0][1], splits=sp, depth=depth)
+                        kw = {"splits": sp, "depth": depth, "stage": stage}
+                        got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, splits=sp, depth=depth))
-                                  for _, pk in copies])
-                        row["forced"].append({"splits": sp, "depth": depth, "ms": ms, "rel_err": err})
+                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
+                        row["forced"].append({**kw, "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
-                      f"{auto_plan['depth']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['depth']})"
+                      f"{auto_plan['depth']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['stage']} "
+                      f"{best['depth']})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:
                     print(f"  !! forced plans differ from auto: {bad}")
+                _write(args.out, rows)  # after every case: a stopped sweep keeps what it measured
             del copies
             bdm._weight.cache_clear()
             torch.cuda.empty_cache()
+    print(f"wrote {_write(args.out, rows)}")
+    return 0
+
+
+def _write(out: Path, rows: list) -> Path:
     meta = {"device": common.device_name(), "torch": torch.__version__, "sm_count":
             torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (args.out / "sweep_gemv.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {args.out / 'sweep_gemv.json'}")
-    return 0
+    path = out / "sweep_gemv.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return path
 
 
 if __name__ == "__main__":

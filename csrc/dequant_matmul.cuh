@@ -10,7 +10,7 @@ namespace qdpo {
 constexpr int kGemvWarps = 8;    // mma: warps of a block, all on the same rows, splitting K step by step
 constexpr int kFmaRows = 4;      // fma: rows of ŵ per block, one warp each
 constexpr int kMaxSplits = 16;   // split-K ranges at most (partials: splits · M · N fp32)
-constexpr int kMaxGemvDepth = 4; // mma: weight stages in flight per warp at most (2: ping-pong kernel)
+constexpr int kMaxGemvDepth = 6; // mma: stages in flight at most (registers: 2 ping-pong, 3-4 ring; shared: 2-4, 6)
 
 struct GemvArgs {
   const void* x;  // (M, K) contiguous

@@ -33,6 +33,7 @@
 // block from L2 (M·K·2 per 16·RT rows); y M·N·2 (+ 2·splits·M·N·4 of partials).
 // At M = 1, W4 moves ~¼ of a bf16 matmul's bytes: the roofline speed-up is ~3.8×.
 #include <algorithm>
+#include <atomic>
 
 #include "dequant_matmul.cuh"
 #include "gemv_fragments.cuh"
@@ -274,9 +275,152 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_mma_deep_kernel(GemvArgs
   store_tile(a, acc, b.n0);
 }
 
+// The shared-memory variant (plan stage "shared", M <= 2): the block copies each stage — the next
+// kGemvWarps K steps of its 16 weight rows and of x — into shared memory with cp.async, 16 bytes
+// per thread and one whole row segment per warp (512 or 1024 contiguous bytes: full cache lines,
+// where the register kernels' loads touch 8 rows x 64 bytes), D stages deep, with no registers held
+// by the loads in flight. Warp w then reads step w of the stage in fragment order (row pitch chosen
+// so a quarter warp's 16-byte reads hit distinct banks) and adds it as the register kernels do: the
+// same steps in the same order per warp, so the same sums, bit for bit.
+template <int BITS>
+struct SharedStage {
+  static constexpr int kStepBytes = gemv::kStepK * BITS / 8;           // one row's codes of one K step
+  static constexpr int kRowBytes = kGemvWarps * kStepBytes;            // one row's codes of one stage
+  static constexpr int kPitch = kRowBytes + (BITS == 4 ? 64 : 16);     // rows g, g+1 land 64 / 16 bytes apart
+  static constexpr int kXRows = 2;                                     // rows of x staged (M <= 2)
+  static constexpr int kXBytes = kGemvWarps * gemv::kStepK * 2;        // one x row of one stage
+  static constexpr int kBytes = 16 * kPitch + kXRows * kXBytes;
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  // src-size 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Stage j of the block's K range [step_lo, step_hi) into `dst`: weight rows n0 .. n0+15 and x rows
+// 0 .. M-1 (zeros past N, K and the range; x rows past M are never read).
+template <int BITS>
+__device__ __forceinline__ void copy_stage(const GemvArgs& a, int n0, int step_lo, int step_hi, int j,
+                                           uint8_t* dst) {
+  using S = SharedStage<BITS>;
+  const int s0 = step_lo + j * kGemvWarps;
+  const int w_lo = s0 * S::kStepBytes, w_hi = min(step_hi * S::kStepBytes, a.k * BITS / 8);
+  constexpr int kRowChunks = S::kRowBytes / 16;
+  static_assert(16 * kRowChunks % (kGemvWarps * 32) == 0, "every thread copies the same number of chunks");
+  QDPO_UNROLL
+  for (int i = 0; i < 16 * kRowChunks / (kGemvWarps * 32); ++i) {
+    const int c = threadIdx.x + i * kGemvWarps * 32;
+    const int r = c / kRowChunks, off = (c % kRowChunks) * 16, n = n0 + r;
+    const bool ok = n < a.n && w_lo + off < w_hi;
+    cp_async16(dst + r * S::kPitch + off, ok ? a.q + n * a.stride_qn + w_lo + off : a.q, ok);
+  }
+  const int x_lo = s0 * gemv::kStepK * 2, x_hi = min(step_hi * gemv::kStepK, a.k) * 2;
+  constexpr int kXChunks = S::kXBytes / 16;
+  const uint8_t* x = static_cast<const uint8_t*>(a.x);
+  for (int c = threadIdx.x; c < a.m * kXChunks; c += kGemvWarps * 32) {
+    const int r = c / kXChunks, off = (c % kXChunks) * 16;
+    const bool ok = x_lo + off < x_hi;
+    cp_async16(dst + 16 * S::kPitch + r * S::kXBytes + off,
+               ok ? x + (static_cast<int64_t>(r) * a.k * 2 + x_lo + off) : x, ok);
+  }
+}
+
+// Registers capped so that 4 (W4) or 3 (W8) blocks fit an SM's 64 K registers: 64 and 77-79, no
+// spills (-Xptxas -v), where the uncapped W4 kernel takes 66 and fits only 3.
+template <int HD, int BITS, int D>
+__global__ void __launch_bounds__(kGemvWarps * 32, BITS == 4 ? 4 : 3) gemv_mma_shared_kernel(GemvArgs a) {
+  using S = SharedStage<BITS>;
+  extern __shared__ __align__(16) uint8_t stage_mem[];  // D stages of S::kBytes
+  const BlockWork b = block_work<1>(a);
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int step_lo = b.first - warp, stages = (b.step_hi - step_lo + kGemvWarps - 1) / kGemvWarps;
+  const LaneRows<1, 1> rows = lane_rows<1, 1>(a, b.n0);
+  float acc[1][1][4] = {};
+  QDPO_UNROLL
+  for (int j = 0; j < D - 1; ++j) {
+    if (j < stages) copy_stage<BITS>(a, b.n0, step_lo, b.step_hi, j, stage_mem + j * S::kBytes);
+    cp_async_commit();  // one group per stage, empty ones too: the wait below counts groups
+  }
+  for (int j = 0; j < stages; ++j) {
+    cp_async_wait<D - 2>();  // this thread's copies of stage j have landed ...
+    __syncthreads();         // ... and everyone's; every warp is done with stage j - 1
+    if (j + D - 1 < stages) {
+      copy_stage<BITS>(a, b.n0, step_lo, b.step_hi, j + D - 1, stage_mem + ((j + D - 1) % D) * S::kBytes);
+    }
+    cp_async_commit();
+    const int s = b.first + j * kGemvWarps;
+    if (s >= b.step_hi) continue;  // uniform across the warp
+    const uint8_t* slot = stage_mem + (j % D) * S::kBytes;
+    WStage<BITS, 1> st;
+    const int kl = gemv::lane_k(s, t);
+    const bool kin = kl < a.k;
+    QDPO_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const uint4* src = reinterpret_cast<const uint4*>(slot + (g + 8 * h) * S::kPitch + warp * S::kStepBytes +
+                                                        t * (gemv::kLaneK * BITS / 8));
+      QDPO_UNROLL
+      for (int i = 0; i < BITS / 4; ++i) {
+        const uint4 u = src[i];
+        st.w[0][h][4 * i] = u.x, st.w[0][h][4 * i + 1] = u.y, st.w[0][h][4 * i + 2] = u.z, st.w[0][h][4 * i + 3] = u.w;
+      }
+      uint32_t s_bits = 0u, z = 0u;
+      if (kin && rows.q[0][h] >= 0) {
+        const int p = rows.p[0][h] + group_of(a, kl);
+        s_bits = static_cast<const uint16_t*>(a.s)[p], z = a.z[p];
+      }
+      st.grid[0][h] = gemv::row_grid_bits(s_bits, z, HD);
+    }
+    uint32_t x[1][16] = {};
+    if (g < a.m) {
+      const uint4* src =
+          reinterpret_cast<const uint4*>(slot + 16 * S::kPitch + g * S::kXBytes + (warp * gemv::kStepK + t * gemv::kLaneK) * 2);
+      QDPO_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const uint4 u = src[i];
+        x[0][4 * i] = u.x, x[0][4 * i + 1] = u.y, x[0][4 * i + 2] = u.z, x[0][4 * i + 3] = u.w;
+      }
+    }
+    compute_step<HD>(st, x, acc);
+  }
+  store_tile(a, acc, b.n0);
+}
+
+template <int HD, int BITS, int D>
+int launch_shared(const GemvArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr int bytes = D * SharedStage<BITS>::kBytes;
+  if (bytes > 48 * 1024) {  // above the default dynamic shared memory limit: opt in (per device, once)
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return launch_status();
+    static std::atomic<uint64_t> opted{0};  // bit per device
+    if (dev >= 64 || !(opted.load() >> dev & 1u)) {
+      if (cudaFuncSetAttribute(gemv_mma_shared_kernel<HD, BITS, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               bytes) != cudaSuccess) {
+        return launch_status();
+      }
+      if (dev < 64) opted.fetch_or(uint64_t(1) << dev);
+    }
+  }
+  gemv_mma_shared_kernel<HD, BITS, D><<<grid, kGemvWarps * 32, bytes, stream>>>(a);
+  return launch_status();
+}
+
 template <int HD, int BITS>
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits), block(kGemvWarps * 32);
+  if (p.stage == kGemvShared) {
+    switch (p.depth) {
+      case 2: return launch_shared<HD, BITS, 2>(a, grid, stream);
+      case 3: return launch_shared<HD, BITS, 3>(a, grid, stream);
+      case 4: return launch_shared<HD, BITS, 4>(a, grid, stream);
+      default: return launch_shared<HD, BITS, 6>(a, grid, stream);
+    }
+  }
   if (p.mt == 1 && p.rt == 1 && p.depth == 3) {
     gemv_mma_deep_kernel<HD, BITS, 1, 1, 3><<<grid, block, 0, stream>>>(a);
   } else if (p.mt == 1 && p.rt == 1 && p.depth == 4) {
@@ -303,21 +447,27 @@ int log2_if_pow2(int64_t v) {
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_depth) {
+                        int force_depth, int force_stage) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
-  QDPO_REQUIRE(force_depth == 0 || (force_depth >= 2 && force_depth <= kMaxGemvDepth), kErrShape);
+  QDPO_REQUIRE(force_stage == 0 || force_stage == kGemvRegisters || force_stage == kGemvShared, kErrShape);
+  // registers: 2 (ping-pong), 3, 4 (ring); shared memory: 2, 3, 4 or 6 stages
+  QDPO_REQUIRE(force_depth == 0 || (force_depth >= 2 && force_depth <= 4) ||
+                   (force_depth == kMaxGemvDepth && force_stage == kGemvShared), kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 2};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 2, kGemvRegisters};
   if (!mma) return kOk;
-  // the deep pipeline exists for the M <= 2 tile; not yet measured, so only when forced
-  if (force_depth && plan->mt == 1 && plan->rt == 1) plan->depth = force_depth;
+  // the deeper pipelines exist for the M <= 2 tile; not yet measured, so only when forced
+  if (plan->mt == 1 && plan->rt == 1) {
+    if (force_stage) plan->stage = force_stage;
+    if (force_depth) plan->depth = force_depth;
+  }
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
   // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
   // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
@@ -339,10 +489,10 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_depth) {
+                   int force_depth, int force_stage) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_depth)) {
+                                  force_splits, force_depth, force_stage)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

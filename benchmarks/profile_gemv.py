@@ -1,0 +1,60 @@
+"""One launch of each decode GEMV variant and of bf16 ``F.linear``, for Nsight Compute (GPU only).
+
+Run under ``ncu`` with a kernel filter (preparing the weights launches other kernels); every launch
+is preceded by a line naming it, and ncu reports the kernels in launch order::
+
+    ncu -k regex:"gemv|gemm" --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        --section MemoryWorkloadAnalysis python benchmarks/profile_gemv.py
+
+Each case is a weight of ``common.SHAPES`` (default square-8192), a format of
+``bench_dequant_matmul.FORMATS``, M, and the pipeline (stage, depth) that ``qdpo.kernels.cuda``
+forces (the GPU tests check each against the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_dequant_matmul as bdm  # noqa: E402
+import common  # noqa: E402
+
+CASES = (  # (format, M, stage, depth); stage None: bf16 F.linear
+    ("W4g128", 1, None, 0), ("W4g128", 1, "registers", 2), ("W4g128", 1, "registers", 4),
+    ("W4g128", 1, "shared", 3), ("W4g128", 1, "shared", 4), ("W8", 1, "registers", 2), ("W8", 1, "shared", 3),
+    ("W4g128", 16, "registers", 2),
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="square-8192", choices=sorted(common.SHAPES))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_gemv: needs a CUDA GPU")
+        return 0
+    from qdpo.kernels import cuda
+
+    n, k = common.SHAPES[args.shape]
+    for fmt, m, stage, depth in CASES:
+        w, packed = bdm._weight(n, k, *bdm.FORMATS[fmt])
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        if stage is None:
+            print(f"== launch: {args.shape} bf16 F.linear M={m}", flush=True)
+            F.linear(x, w)
+        else:
+            print(f"== launch: {args.shape} {fmt} M={m} {stage} depth={depth} "
+                  f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], 0, depth, stage)}", flush=True)
+            cuda.dequant_matmul(x, *packed, depth=depth, stage=stage)
+        torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
