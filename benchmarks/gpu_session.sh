@@ -50,7 +50,7 @@ fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "$PROFILE_S" -gt 0 ] && [ -n "$NCU" ]; then
     stamp "Nsight Compute: one launch of each GEMV variant ($NCU)"
-    timeout "$PROFILE_S" "$NCU" -k regex:"gemv|gemm" --section SpeedOfLight --section Occupancy \
+    timeout "$PROFILE_S" "$NCU" -k regex:"gemv|gemm|nvjet" --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         $PY benchmarks/profile_gemv.py >"$OUT_DIR/profile_gemv.log" 2>&1
     echo "ncu exit $?"; grep -E "== launch|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|ERR" \
@@ -68,7 +68,7 @@ if command -v compute-sanitizer >/dev/null && [ "$SANITIZER_S" -gt 0 ]; then
     stamp "compute-sanitizer memcheck: the cuda kernels on odd and misaligned shapes"
     timeout "$SANITIZER_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
         $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -x \
-        -k "odd_shapes or long_and_narrow or misaligned or aligned_to or zero_rows or every_launcher or shared_stages" \
+        -k "odd_shapes or long_and_narrow or misaligned or aligned_to or zero_rows or every_launcher or partial_last_step" \
         >"$OUT_DIR/sanitizer.log" 2>&1
     echo "compute-sanitizer exit $? (9: memory errors found, 124: stopped at ${SANITIZER_S} s)"
     grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT_DIR/sanitizer.log" | head -10

@@ -3,12 +3,12 @@
 Run under ``ncu`` with a kernel filter (preparing the weights launches other kernels); every launch
 is preceded by a line naming it, and ncu reports the kernels in launch order::
 
-    ncu -k regex:"gemv|gemm" --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+    ncu -k regex:"gemv|gemm|nvjet" --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         --section MemoryWorkloadAnalysis python benchmarks/profile_gemv.py
 
 Each case is a weight of ``common.SHAPES`` (default square-8192), a format of
-``bench_dequant_matmul.FORMATS``, M, and the pipeline (stage, depth) that ``qdpo.kernels.cuda``
-forces (the GPU tests check each against the reference).
+``bench_dequant_matmul.FORMATS``, M, and the warps per block that ``qdpo.kernels.cuda`` forces
+(the GPU tests check each against the reference).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
-CASES = (  # (format, M, stage, depth); stage None: bf16 F.linear
-    ("W4g128", 1, None, 0), ("W4g128", 1, "registers", 2), ("W4g128", 1, "registers", 4),
-    ("W4g128", 1, "shared", 3), ("W4g128", 1, "shared", 4), ("W8", 1, "registers", 2), ("W8", 1, "shared", 3),
-    ("W4g128", 16, "registers", 2),
+CASES = (  # (format, M, warps per block); 0 warps: bf16 F.linear
+    ("W4g128", 1, 0), ("W4g128", 1, 8), ("W4g128", 1, 4), ("W8", 1, 8), ("W8", 1, 4), ("W4g128", 16, 8),
 )
 
 
@@ -41,17 +39,17 @@ def main(argv=None) -> int:
     from qdpo.kernels import cuda
 
     n, k = common.SHAPES[args.shape]
-    for fmt, m, stage, depth in CASES:
+    for fmt, m, warps in CASES:
         w, packed = bdm._weight(n, k, *bdm.FORMATS[fmt])
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         torch.cuda.synchronize()
-        if stage is None:
+        if not warps:
             print(f"== launch: {args.shape} bf16 F.linear M={m}", flush=True)
             F.linear(x, w)
         else:
-            print(f"== launch: {args.shape} {fmt} M={m} {stage} depth={depth} "
-                  f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], 0, depth, stage)}", flush=True)
-            cuda.dequant_matmul(x, *packed, depth=depth, stage=stage)
+            print(f"== launch: {args.shape} {fmt} M={m} warps={warps} "
+                  f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], 0, warps)}", flush=True)
+            cuda.dequant_matmul(x, *packed, warps=warps)
         torch.cuda.synchronize()
     return 0
 

@@ -1,9 +1,8 @@
-"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, pipeline depth.
+"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, warps per block.
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` (and, for
-M <= 2, each pipeline: registers at depth 2 = the ping-pong kernel, 3 and 4 = the ring kernel;
-shared memory at 2, 3, 4 and 6 stages = the cp.async kernel)
+M <= 2, blocks of 8 and of 4 warps)
 next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
 graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). Every forced variant's output is checked against the
@@ -30,8 +29,7 @@ import common  # noqa: E402
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
-# (stage, depth) for M <= 2: the register kernels (2: ping-pong, 3-4: ring), the cp.async pipeline
-PIPES = (("registers", 2), ("registers", 3), ("registers", 4)) + tuple(("shared", d) for d in (2, 3, 4, 6))
+WARPS = (8, 4)  # warps per block for M <= 2 (8 only above)
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -48,8 +46,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS),
-                   help="split-K counts of the ping-pong kernel (the others take 1, 2, 4)")
+    p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), help="split-K counts to time")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -59,7 +56,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, depth)   best forced µs (splits, stage depth)")
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   best forced µs (splits, warps)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             if time.time() - t0 > args.time_limit_s:
@@ -76,12 +73,12 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for stage, depth in (PIPES if m <= 2 else (("registers", 2),)):
-                    for sp in (args.splits if (stage, depth) == ("registers", 2) else (1, 2, 4)):
-                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, depth, stage)
+                for warps in (WARPS if m <= 2 else (8,)):
+                    for sp in args.splits:
+                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps)
                         if plan["splits"] != sp:
                             continue  # K steps do not divide into sp ranges: the plan trims it
-                        kw = {"splits": sp, "depth": depth, "stage": stage}
+                        kw = {"splits": sp, "warps": warps}
                         got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                         ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
@@ -89,8 +86,7 @@ def main(argv=None) -> int:
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
-                      f"{auto_plan['depth']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['stage']} "
-                      f"{best['depth']})"
+                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['warps']})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:

@@ -89,34 +89,30 @@ void def_kernels(py::module_& m) {
   }, "STE backward; grad_s = 0 skips the LSQ scale gradient (see csrc/fake_quant.cu)");
   m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
                                   ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count, int force_splits,
-                                  int force_depth, int force_stage) {
+                                  int force_warps) {
     qdpo::GemvPlan p{};
     check("dequant_matmul_plan", qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn,
-                                                           sm_count, &p, force_splits, force_depth,
-                                                           force_stage));
+                                                           sm_count, &p, force_splits, force_warps));
     return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
                     py::arg("rt") = p.rt, py::arg("splits") = p.splits,
-                    py::arg("workspace_bytes") = p.workspace_bytes, py::arg("depth") = p.depth,
-                    py::arg("stage") = p.stage == qdpo::kGemvShared ? "shared" : "registers");
-  }, "The GEMV kernel, tile, split-K and pipeline-depth choice for these sizes and pointers (host only, no GPU "
-     "needed); force_splits / force_depth / force_stage > 0 override the split-K count / the stages in flight / "
-     "where they land (1: registers, 2: shared memory)",
+                    py::arg("workspace_bytes") = p.workspace_bytes, py::arg("warps") = p.warps);
+  }, "The GEMV kernel, tile, split-K and block-size choice for these sizes and pointers (host only, no GPU "
+     "needed); force_splits / force_warps > 0 override the split-K count / the warps per block (4 or 8, M <= 2)",
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,
-     py::arg("force_depth") = 0, py::arg("force_stage") = 0);
+     py::arg("force_warps") = 0);
   m.def("dequant_matmul", [](ptr_t x, int x_dtype, int64_t mrows, int64_t n, int64_t k, int64_t ng, int bits,
                              ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
                              int b_dtype, ptr_t y, ptr_t workspace, int64_t workspace_bytes, int sm_count,
-                             ptr_t stream, int force_splits, int force_depth, int force_stage) {
+                             ptr_t stream, int force_splits, int force_warps) {
     check("dequant_matmul", qdpo::dequant_matmul(x, x_dtype, mrows, n, k, ng, bits, qweight, stride_qn, scales,
                                                  s_dtype, zeros, bias, b_dtype, y, workspace, workspace_bytes,
-                                                 sm_count, stream, force_splits, force_depth, force_stage));
+                                                 sm_count, stream, force_splits, force_warps));
   }, "y = x @ ŵᵀ (+ bias) for M <= 16 rows of x (see csrc/dequant_matmul_gemv.cu)",
      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"),
      py::arg("qweight"), py::arg("stride_qn"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"),
      py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"),
-     py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_depth") = 0,
-     py::arg("force_stage") = 0);
+     py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_warps") = 0);
 }
 
 }  // namespace

@@ -7,10 +7,8 @@
 
 namespace qdpo {
 
-constexpr int kGemvWarps = 8;    // mma: warps of a block, all on the same rows, splitting K step by step
 constexpr int kFmaRows = 4;      // fma: rows of ŵ per block, one warp each
 constexpr int kMaxSplits = 16;   // split-K ranges at most (partials: splits · M · N fp32)
-constexpr int kMaxGemvDepth = 6; // mma: stages in flight at most (registers: 2 ping-pong, 3-4 ring; shared: 2-4, 6)
 
 struct GemvArgs {
   const void* x;  // (M, K) contiguous
@@ -18,7 +16,7 @@ struct GemvArgs {
   int m, n, k;
   int bits;
   int g, ng;      // group size, groups per row
-  int g_shift;    // log2(G) when G is a power of two, else -1
+  int g_shift;    // log2(G) when G is a power of two, 31 for one group per row, else -1
   const uint8_t* q;
   int64_t stride_qn;  // bytes
   const void* s;      // (N, NG) contiguous
@@ -31,6 +29,7 @@ struct GemvArgs {
   int splits;
   int steps;            // mma: ceil(K / 128)
   int steps_per_split;  // mma: 128-code steps per K range
+  int full_steps;       // mma: steps whose 128 codes all lie inside K (floor(K / 128))
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);

@@ -49,25 +49,22 @@ int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t s
 // dequant_matmul_gemv.cu / dequant_matmul_fma.cu — y = x @ ŵᵀ (+ bias) for M <= 16 rows of x.
 constexpr int kGemvMaxM = 16;  // rows of x the GEMV serves (larger M: the ops raise Unsupported)
 enum GemvKernel : int { kGemvMma = 0, kGemvFma = 1 };
-enum GemvStage : int { kGemvRegisters = 1, kGemvShared = 2 };  // mma: where the loads in flight land
 struct GemvPlan {
   int kernel;               // GemvKernel
   int mt;                   // mma: n8 tiles of x rows (1: M <= 8, 2: M <= 16)
   int rt;                   // mma: 16-row weight tiles per warp
   int splits;               // K ranges over the grid's y axis (partials + reduce when > 1)
   int64_t workspace_bytes;  // fp32 partials [splits, M, N] when splits > 1
-  int depth;                // mma: stages in flight (registers: 2 ping-pong, 3-4 ring; shared: 2-4, 6; M <= 2)
-  int stage;                // mma: GemvStage (shared: cp.async into shared memory, M <= 2)
+  int warps;                // mma: warps per block (8; 4 for the M <= 2 tile when forced)
 };
-// force_splits / force_depth / force_stage: 0 = the plan's own choice; else that value
-// (benchmarks/sweep_gemv.py).
+// force_splits / force_warps: 0 = the plan's own choice; else that value (benchmarks/sweep_gemv.py).
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,
-                        int force_depth = 0, int force_stage = 0);
+                        int force_warps = 0);
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0,
-                   int force_depth = 0, int force_stage = 0);
+                   int force_warps = 0);
 
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,

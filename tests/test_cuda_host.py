@@ -284,22 +284,13 @@ def test_plan_takes_a_forced_split_count(C):
             _plan(C, force_splits=bad)
 
 
-def test_plan_takes_a_forced_pipeline_for_the_two_row_tile(C):
-    plan = _plan(C, m=1)
-    assert (plan["depth"], plan["stage"]) == (2, "registers"), "the ping-pong kernel unless asked"
-    assert [_plan(C, m=m, force_depth=4)["depth"] for m in (1, 2, 3, 16)] == [4, 4, 2, 2]
-    assert _plan(C, m=1, force_depth=3)["depth"] == 3
-    assert [_plan(C, m=m, force_stage=2)["stage"] for m in (1, 2, 3, 16)] == ["shared", "shared", "registers",
-                                                                               "registers"]
-    assert _plan(C, m=1, force_stage=1)["stage"] == "registers"
-    plan = _plan(C, m=2, force_stage=2, force_depth=6)
-    assert (plan["stage"], plan["depth"]) == ("shared", 6), "six stages fit in shared memory, not in registers"
-    for bad in (1, 5, 6, 7, -1):
+def test_plan_takes_forced_warps_for_the_two_row_tile(C):
+    assert _plan(C, m=1)["warps"] == 8, "8-warp blocks unless asked"
+    assert [_plan(C, m=m, force_warps=4)["warps"] for m in (1, 2, 3, 16)] == [4, 4, 8, 8]
+    assert _plan(C, m=1, force_warps=8)["warps"] == 8
+    for bad in (1, 2, 6, 16, -1):
         with pytest.raises(ValueError, match="bad shape"):
-            _plan(C, force_depth=bad)
-    for bad in (3, -1):
-        with pytest.raises(ValueError, match="bad shape"):
-            _plan(C, force_stage=bad)
+            _plan(C, force_warps=bad)
 
 
 def test_plan_rejects_what_no_path_serves(C):

@@ -140,44 +140,36 @@ def test_dequant_matmul_every_launcher_path():
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
-    """Every split-K count and pipeline ``benchmarks/sweep_gemv.py`` times gives the reference's
+    """Every split-K count and block size ``benchmarks/sweep_gemv.py`` times gives the reference's
     result (so the plan may choose any of them), for each kernel tile (M = 1, 2, 5, 16); rows past N in
-    the last tile; with 16 steps over 8 warps, a depth-4 ring is refilled past the range, and 3 or 6
-    splits leave the shared-memory pipeline a part-filled stage."""
+    the last tile; 3 and 6 splits leave warps without a step."""
     from qdpo.kernels import cuda
 
     qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        pipes = [("registers", 2)]
-        if m <= 2:
-            pipes += [("registers", 3), ("registers", 4)] + [("shared", d) for d in (2, 3, 4, 6)]
-        for stage, depth in pipes:
+        for warps in ((8, 4) if m <= 2 else (8,)):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, depth, stage)
-                assert plan["kernel"] == "mma" and (plan["splits"], plan["depth"], plan["stage"]) == (
-                    splits, depth, stage)
-                y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits, depth=depth, stage=stage)
-                _check_y(y, x, qw, b, f"M={m} splits={splits} {stage} depth={depth}")
-                if (stage, depth) != ("registers", 2):  # each warp adds its steps in the ping-pong order
-                    assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, splits=splits, depth=2))
+                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, warps)
+                assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"]) == (splits, warps)
+                y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits, warps=warps)
+                _check_y(y, x, qw, b, f"M={m} splits={splits} warps={warps}")
 
 
 @pytest.mark.parametrize("gs", [32, -1])
-def test_dequant_matmul_shared_stages_on_a_partial_step(gs):
-    """K = 2080 ends 32 codes into its 17th step: the shared-memory pipeline's copies stop at the row's
-    end (zero-filled past it) for the weights and both rows of x, in one range and in two."""
+def test_dequant_matmul_on_a_partial_last_step(gs):
+    """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add
+    exactly nothing — for both block sizes, one range and two, one and two rows of x."""
     from qdpo.kernels import cuda
 
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
-    for m in (1, 2):
+    for m in (1, 2, 7):
         x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
-        for depth in (2, 3, 6):
+        for warps in ((8, 4) if m <= 2 else (8,)):
             for splits in (1, 2):
-                y = cuda.dequant_matmul(x, *_args(qw), splits=splits, depth=depth, stage="shared")
-                _check_y(y, x, qw, None, f"M={m} splits={splits} shared depth={depth}")
-                assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), splits=splits))
+                y = cuda.dequant_matmul(x, *_args(qw), splits=splits, warps=warps)
+                _check_y(y, x, qw, None, f"M={m} splits={splits} warps={warps}")
 
 
 def test_dequant_matmul_zero_rows_give_the_bias_exactly():

@@ -52,10 +52,10 @@ def _check_y(y, x, qw, bias=None, what="y", floor=1e-6):
     assert_close_2x(y, hi, lo, floor=floor, what=what)
 
 
-def _check_dx(dx, dy, qw, what="dx"):
+def _check_dx(dx, dy, qw, what="dx", floor=1e-6):
     assert dx.dtype == dy.dtype and dx.shape == (*dy.shape[:-1], qw.shape[1])
     hi = ref.dequant_matmul_dx(dy.double(), *_args(qw))
-    assert_close_2x(dx, hi, ref.dequant_matmul_dx(dy, *_args(qw)), what=what)
+    assert_close_2x(dx, hi, ref.dequant_matmul_dx(dy, *_args(qw)), floor=floor, what=what)
 
 
 def _gs_for(k: int, i: int) -> int:
@@ -296,7 +296,7 @@ def test_gpu_every_path_at_8192(xdtype):
         if path == "gemv":
             assert torch.equal(y, dm.forward(x, *_args(qw), b, path=path)), "split-K must be deterministic"
     dy = _rand(64, 8192, dtype=xdtype)
-    _check_dx(dm.backward_dx(dy, *_args(qw), path="fused"), dy, qw)
+    _check_dx(dm.backward_dx(dy, *_args(qw), path="fused"), dy, qw, floor=fp32_sum_floor(8192))  # sums over N
 
 
 @pytest.mark.gpu

@@ -219,24 +219,14 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
-GEMV_STAGES = {"": 0, "registers": 1, "shared": 2}  # where the GEMV's loads in flight land ("": the plan's)
-
-
-def _stage_code(stage: str) -> int:
-    if stage not in GEMV_STAGES:
-        raise ValueError(f"stage={stage!r}: expected one of {sorted(GEMV_STAGES)} ('' lets the plan choose)")
-    return GEMV_STAGES[stage]
-
-
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
-              depth: int = 0, stage: str = "") -> dict:
+              warps: int = 0) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    pipeline depth and stage ("registers" | "shared"); ``splits`` / ``depth`` > 0 and a named ``stage``
-    force those (benchmarks)."""
+    warps per block; ``splits`` / ``warps`` > 0 force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits, depth, _stage_code(stage))
+                                  _sm_count(x2.device.index), splits, warps)
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -245,14 +235,11 @@ def _decode_sized(x, *rest) -> bool:
 
 
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
-def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, depth: int = 0,
-                   stage: str = ""):
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, warps: int = 0):
     """``x @ ŵᵀ (+ bias)`` in x's dtype; at most :data:`GEMV_MAX_M` rows of x in the GEMV kernel.
 
-    ``splits`` (> 0) overrides the GEMV's split-K count; for M <= 2, ``stage`` and ``depth`` its
-    pipeline: "registers" with 2 (the ping-pong kernel), 3 or 4 (the ring kernel) steps of weight
-    loads in flight per warp, or "shared" with 2, 3, 4 or 6 stages copied by cp.async into shared
-    memory. ``benchmarks/sweep_gemv.py`` sweeps them; 0 and "" let the plan choose.
+    ``splits`` (> 0) overrides the GEMV's split-K count and, for M <= 2, ``warps`` (4 or 8) its
+    warps per block; ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -273,13 +260,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
-    plan = gemv_plan(x2, qweight, scales, bits, splits, depth, stage)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, warps)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits, force_depth=depth, force_stage=_stage_code(stage))
+            _sm_count(dev.index), force_splits=splits, force_warps=warps)
     return y.reshape(*x.shape[:-1], n)
 
 
