@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, at most about 10 minutes
 #   TESTS_S=600 BENCH_S=1800 BENCH_K= bash benchmarks/gpu_session.sh   # everything, no limits that bite
+#   SWEEP_ARGS="--ms 1 16 --splits 1 2 4" PROFILE_S=30 GPU_CHECK_ARGS=--skip-bench bash ...  # a kernel change
 set -u
 OUT_DIR=${1:-benchmarks/results/gpu-check}
 PY=${PYTHON:-python3}

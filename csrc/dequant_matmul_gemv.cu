@@ -30,11 +30,12 @@
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
 //
-// Measured and dropped (H200, benchmarks/results/NVIDIA-H200-sweep_gemv.json,
+// Measured and dropped (H200, benchmarks/results/NVIDIA-H200-sweep_gemv-pipelines.json,
 // README "GPU results"): a ring of 3-4 weight stages per warp and a cp.async
 // shared-memory pipeline of 2-6 stages with whole-row copies were both slower
 // than the ping-pong kernel at M = 1 (Nsight Compute: the kernel is bound by
 // instruction issue and the partial second wave, not by loads in flight).
+//
 // Bytes moved: N·K·b/8 + N·NG·(s_size + 1) of weight, exactly once; x once per
 // block from L2 (M·K·2 per 16·RT rows); y M·N·2 (+ 2·splits·M·N·4 of partials).
 // At M = 1, W4 moves ~¼ of a bf16 matmul's bytes: the roofline speed-up is ~3.8×.
@@ -92,9 +93,11 @@ __device__ __forceinline__ int group_of(const GemvArgs& a, int kl) {
 }
 
 // A lane's rows, resolved once per block as int32 offsets (every operand is below 2^31 elements).
-// Rows past N repeat row N - 1 and rows of x past M repeat row M - 1: an mma keeps rows of A and
-// columns of B apart, so they only fill outputs that store_tile drops, and every load stays in
-// bounds without a predicate.
+// Rows past N repeat row N - 1: an mma keeps rows of A apart, so they only fill outputs that
+// store_tile drops, and every weight load stays in bounds without a predicate. Rows of x past M
+// (-1) load nothing and keep the zeros their registers start with: at M = 1, 28 of 32 lanes, whose
+// loads would triple the L1 traffic of a step (measured: L1 throughput 47 % -> 64 % of peak and
+// 3-5 % slower when they loaded a repeated row).
 template <int MT, int RT>
 struct LaneRows {
   int q[RT][2];  // byte offset of weight row n in qweight
@@ -116,7 +119,7 @@ __device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0)
     }
   }
   QDPO_UNROLL
-  for (int mt = 0; mt < MT; ++mt) r.x[mt] = min(g + 8 * mt, a.m - 1) * a.k;
+  for (int mt = 0; mt < MT; ++mt) r.x[mt] = g + 8 * mt < a.m ? (g + 8 * mt) * a.k : -1;
   return r;
 }
 
@@ -124,7 +127,7 @@ __device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0)
 // K that is not a multiple of 128 (step >= a.full_steps), where lanes past K load nothing and get
 // zeros — x and ŵ both, so they add exactly 0; every other step loads without a check.
 
-// The lane's 32 activations of each x row at step `step`.
+// The lane's 32 activations of each x row at step `step` (rows past M: untouched).
 template <bool TAIL, int MT, int RT>
 __device__ __forceinline__ void load_x(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
                                        uint32_t (&x)[MT][16]) {
@@ -135,10 +138,19 @@ __device__ __forceinline__ void load_x(const GemvArgs& a, const LaneRows<MT, RT>
     if (TAIL && kl >= a.k) {  // K % 32 == 0: a lane's 32 codes are all in or all out
       QDPO_UNROLL
       for (int i = 0; i < 16; ++i) x[mt][i] = 0u;
-    } else {
+    } else if (rows.x[mt] >= 0) {
       QDPO_UNROLL
       for (int i = 0; i < 4; ++i) load16(&x[mt][4 * i], src + 8 * i);
     }
+  }
+}
+
+template <int MT>
+__device__ __forceinline__ void zero_x(uint32_t (&x)[MT][16]) {
+  QDPO_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    QDPO_UNROLL
+    for (int i = 0; i < 16; ++i) x[mt][i] = 0u;
   }
 }
 
@@ -255,6 +267,7 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   const int full_hi = min(b.step_hi, a.full_steps);
   if (b.first < full_hi) {
     Stage<BITS, MT, RT> s0, s1;
+    zero_x(s0.x), zero_x(s1.x);
     load_stage<false, HD>(a, rows, b.first, s0);
     for (int step = b.first;; step += 2 * W) {
       if (step + W < full_hi) load_stage<false, HD>(a, rows, step + W, s1);
@@ -268,6 +281,7 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   // The last step of a K that is not a multiple of 128, by the warp whose turn it is.
   if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % W == 0) {
     Stage<BITS, MT, RT> st;
+    zero_x(st.x);
     load_stage<true, HD>(a, rows, full_hi, st);
     compute_step<HD>(st.ws, st.x, acc);
   }
