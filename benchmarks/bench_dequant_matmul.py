@@ -20,7 +20,8 @@ backend: ``csrc/`` GEMV for M <= 16, dequantize + cuBLAS above; ``cuda-eager``
 with launch overhead), ``triton-eager`` and
 ``qdpo-op-eager`` (``torch.ops.qdpo.dequant_matmul``: plus custom-op
 dispatch), ``triton-gemm`` / ``triton-workspace`` (paths forced, to place
-``WORKSPACE_MIN_M``), ``reference`` and ``compile(reference)``, and peers when
+``WORKSPACE_MIN_M``), ``cuda-gemm`` (the ``cuda`` backend's hand-written
+tensor-core GEMM, forced at M > 16), ``reference`` and ``compile(reference)``, and peers when
 importable: torchao int4 weight-only, bitsandbytes NF4 (W4 rows only).
 
 H100 targets: W4 M=1 >= 2.5× and >= 70 % of copy bandwidth; W4 M=16 >= 2.0×;
@@ -45,8 +46,8 @@ DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (128, 256)}
 MS = (1, 16, 512, 4096) if GPU else (1, 16)
 FORMATS = {"W4g128": (4, 128), "W8": (8, -1)}  # name → (bits, group_size)
-IMPLS = ("torch.matmul-bf16", "triton", "cuda", "triton-eager", "cuda-eager", "qdpo-op-eager", "triton-gemm", "triton-workspace",
-         "reference", "compile(reference)", "torchao-int4", "bnb-nf4")
+IMPLS = ("torch.matmul-bf16", "triton", "cuda", "triton-eager", "cuda-eager", "qdpo-op-eager", "triton-gemm",
+         "triton-workspace", "cuda-gemm", "reference", "compile(reference)", "torchao-int4", "bnb-nf4")
 CASES = [(s, f, m) for s in SHAPES for f in FORMATS for m in MS]
 
 
@@ -127,6 +128,11 @@ def _fn(impl: str, x: torch.Tensor, w: torch.Tensor, packed):
     if impl in ("cuda", "cuda-eager"):
         cuda = common.cuda_backend()
         return lambda: cuda.dequant_matmul(x, *packed)
+    if impl == "cuda-gemm":  # the hand-written tensor-core GEMM, forced (prefill sizes)
+        cuda = common.cuda_backend()
+        if m <= dm.GEMV_MAX_M:
+            pytest.skip("the GEMM path is timed at prefill sizes")
+        return lambda: cuda.dequant_matmul(x, *packed, path="gemm")
     if impl == "qdpo-op-eager":
         return lambda: torch.ops.qdpo.dequant_matmul(x, *packed, None, "triton")
     if impl in ("triton-gemm", "triton-workspace"):

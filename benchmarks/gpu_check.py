@@ -42,6 +42,7 @@ TARGETS = (
     ("dequant_matmul", "cuda", {"fmt": "W8", "M": 1}, "speedup", 1.8),
     ("dequant_matmul", "cuda", {"fmt": "W4g128", "M": 16}, "speedup", 2.5),
     ("dequant_matmul", "cuda", {"fmt": "W4g128", "M": 4096}, "speedup", 0.85),
+    ("dequant_matmul", "cuda-gemm", {"fmt": "W4g128", "M": 4096}, "speedup", 0.85),
     ("fake_quant_fwd_bwd", "cuda", {}, "frac_copy_bw", 0.80),
     ("fake_quant_fwd_bwd", "triton", {}, "frac_copy_bw", 0.75),
 )

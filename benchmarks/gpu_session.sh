@@ -21,7 +21,7 @@ GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench
 WORKERS=${WORKERS:-8}
 # The rows the targets need: bf16 torch.matmul, triton and cuda, decode and prefill sizes; the
 # other ops on three shapes. Everything: BENCH_K= (empty).
-BENCH_K=${BENCH_K-"not reference and not eager and not gemm and not workspace and not lsq and not fused \
+BENCH_K=${BENCH_K-"not reference and not eager and not triton-gemm and not workspace and not lsq and not fused \
 and not autograd and not qdpo-op and not fake_quant+linear and not train_step and not M512 and not torchao \
 and not bnb and ((test_dequant_matmul[ and not dx) or ((dx or quantize or fake_quant) and (square-8192 or \
 llama3-8b.down or llama2-7b.gate_up)))"}

@@ -63,6 +63,15 @@ void def_host_math(py::module_& m) {
   }, "One 16-row tile of the tensor-core GEMV emulated on the host from CPU buffers (pointers): "
      "y (m, rows) fp32 from qweight (rows, K·b/8) uint8, scales (rows, ng) fp32, zeros (rows, ng) uint8, "
      "x (m, K) as 16-bit words");
+  m.def("host_gemm_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
+                                    ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y) {
+    check("host_gemm_mma_emulate",
+          qdpo::gemm_mma_emulate(reinterpret_cast<const uint8_t*>(qweight), stride_qn, n, k, ng, bits,
+                                 reinterpret_cast<const float*>(scales), reinterpret_cast<const uint8_t*>(zeros),
+                                 reinterpret_cast<const uint16_t*>(x), m, x_dtype, reinterpret_cast<float*>(y)));
+  }, "One 128 × 128 block of the tensor-core prefill GEMM emulated on the host from CPU buffers (pointers): "
+     "y (m, n) fp32 from qweight (n, K·b/8) uint8, scales (n, ng) fp32, zeros (n, ng) uint8, x (m, K) as "
+     "16-bit words");
 }
 
 void def_kernels(py::module_& m) {
@@ -101,6 +110,18 @@ void def_kernels(py::module_& m) {
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,
      py::arg("force_warps") = 0);
+  m.def("dequant_gemm_supported", &qdpo::dequant_gemm_supported, py::arg("k"), py::arg("ng"), py::arg("x_dtype"),
+        py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"),
+        "Whether the tensor-core prefill GEMM serves these sizes, dtypes and pointers (host only)");
+  m.def("dequant_gemm", [](ptr_t x, int x_dtype, int64_t mrows, int64_t n, int64_t k, int64_t ng, int bits,
+                           ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
+                           int b_dtype, ptr_t y, ptr_t stream) {
+    check("dequant_gemm", qdpo::dequant_gemm(x, x_dtype, mrows, n, k, ng, bits, qweight, stride_qn, scales, s_dtype,
+                                             zeros, bias, b_dtype, y, stream));
+  }, "y = x @ ŵᵀ (+ bias) for any M on tensor cores (see csrc/dequant_matmul_gemm.cu)",
+     py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"),
+     py::arg("qweight"), py::arg("stride_qn"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"),
+     py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("stream"));
   m.def("dequant_matmul", [](ptr_t x, int x_dtype, int64_t mrows, int64_t n, int64_t k, int64_t ng, int bits,
                              ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
                              int b_dtype, ptr_t y, ptr_t workspace, int64_t workspace_bytes, int sm_count,

@@ -49,19 +49,6 @@ namespace {
 
 using gemv::RowGrid;
 
-template <int HD>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if (HD == kF16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
 // One lane's weight operands of one K step: rows g and g + 8 of each 16-row tile.
 template <int BITS, int RT>
 struct WStage {
@@ -207,7 +194,7 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t bf[2];
           gemv::b_frag(px[mt], h, bf);
-          mma16816<HD>(acc[rt][mt], af, bf);
+          mma16816<HD>(acc[rt][mt], af, bf[0], bf[1]);
         }
       }
     }
@@ -304,12 +291,6 @@ int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int log2_if_pow2(int64_t v) {
-  int s = 0;
-  while ((int64_t(1) << s) < v) ++s;
-  return (int64_t(1) << s) == v ? s : -1;
-}
 
 }  // namespace
 

@@ -66,8 +66,20 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0,
                    int force_warps = 0);
 
+// dequant_matmul_gemm.cu — y = x @ ŵᵀ (+ bias) for any M on tensor cores (prefill). Serves fp16/bf16
+// x with scales in x.dtype, K % 64 == 0, G % 32 == 0 and 16-byte aligned x, qweight and its rows
+// (dequant_gemm_supported, host only); anything else is kErrShape.
+bool dequant_gemm_supported(int64_t k, int64_t ng, int x_dtype, int s_dtype, ptr_t x, ptr_t qweight,
+                            int64_t stride_qn);
+int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
+                 int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
+                 ptr_t stream);
+
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
+                     const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);
+// gemm_emulate.cpp — host emulation of one 128 × 128 block of the prefill GEMM (tests only).
+int gemm_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);
 
 }  // namespace qdpo

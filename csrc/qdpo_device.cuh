@@ -34,6 +34,28 @@ inline bool aligned(ptr_t p, int64_t bytes) { return p % static_cast<ptr_t>(byte
 // The launch status: 0 or the cudaError_t of the launch (no GPU: 35 or 100).
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
+// log2(v) when v is a power of two, else -1 (group sizes: a shift instead of a division).
+inline int log2_if_pow2(int64_t v) {
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return (int64_t(1) << s) == v ? s : -1;
+}
+
+// D = A · B + D on tensor cores, fp32 accumulators: A 16 × 16 (a0..a3), B 16 × 8 (b0, b1) in fp16
+// (HD = kF16) or bf16, fragments as the PTX ISA lays out mma.sync.m16n8k16.row.col.
+template <int HD>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if (HD == kF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
 // ------------------------------------------------------------------ loads/stores
 __device__ __forceinline__ float load1(const void* p, int dtype, int64_t i) {
   if (dtype == kF32) return static_cast<const float*>(p)[i];

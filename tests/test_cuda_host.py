@@ -235,6 +235,51 @@ def test_gemv_emulation_checks_its_arguments(C):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
 
 
+def _emulate_gemm(C, qw, s, z, x, bits):
+    n, m, k = qw.shape[0], x.shape[0], x.shape[1]
+    y = torch.full((m, n), float("nan"))
+    sf, xb = s.float().contiguous(), x.view(torch.int16).contiguous()
+    C.host_gemm_mma_emulate(qw.data_ptr(), qw.stride(0), n, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(),
+                            xb.data_ptr(), m, CODES[x.dtype], y.data_ptr())
+    return y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,gs", [(1, 16, 64, 32), (37, 100, 192, 64), (128, 128, 256, 128), (65, 128, 128, -1),
+                                      (128, 7, 320, 32), (16, 121, 128, 64)])
+def test_gemm_block_flow_matches_reference(C, bits, xdtype, m, n, k, gs):
+    """One emulated block of the prefill GEMM (copies, swizzle, dequantization into shared memory,
+    ldmatrix fragments, output map) equals x @ ŵᵀ with ŵ rounded to x.dtype, rows past M and N
+    included in the tile but not in y."""
+    w = randn(n, k, xdtype, seed=m + n + k)
+    w[n // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
+    qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
+    x = randn(m, k, xdtype, seed=n)
+    y = _emulate_gemm(C, qw, s, z, x, bits)
+    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert y[:, n // 2].eq(0).all()
+
+
+def test_gemm_emulation_and_support_check_their_arguments(C):
+    buf = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="bad shape"):
+        C.host_gemm_mma_emulate(buf.data_ptr(), 48, 16, 96, 1, 4, 0, 0, 0, 1, 1, 0)  # K % 64 != 0
+    with pytest.raises(ValueError, match="bad shape"):
+        C.host_gemm_mma_emulate(buf.data_ptr(), 64, 129, 128, 1, 4, 0, 0, 0, 1, 1, 0)  # more rows than a block
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        C.host_gemm_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
+    bf16, fp16, fp32 = CODES[torch.bfloat16], CODES[torch.float16], CODES[torch.float32]
+    ok = dict(k=4096, ng=32, x_dtype=bf16, s_dtype=bf16, x=1 << 20, qweight=1 << 24, stride_qn=2048)
+    assert C.dequant_gemm_supported(**ok)
+    assert C.dequant_gemm_supported(**{**ok, "x_dtype": fp16, "s_dtype": fp16, "ng": 1})
+    for bad in ({"x_dtype": fp32, "s_dtype": fp32}, {"s_dtype": fp32}, {"k": 4000, "ng": 125},  # K % 64 != 0
+                {"ng": 256},  # G = 16 {"x": (1 << 20) + 8}, {"qweight": (1 << 24) + 8},
+                {"stride_qn": 2056}):
+        assert not C.dequant_gemm_supported(**{**ok, **bad}), bad
+
+
 # --------------------------------------------------------------------------- plans
 def _plan(C, m=1, n=4096, k=4096, ng=32, bits=4, xdtype=torch.bfloat16, sdtype=None, x=1 << 20, q=1 << 24,
           stride=None, sms=132, **force):

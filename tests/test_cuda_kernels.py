@@ -20,7 +20,7 @@ from torch.library import opcheck
 import qdpo
 from qdpo.kernels import backends
 from qdpo.kernels import reference as ref
-from tests.conftest import GROUPS, LLAMA_SHAPES, assert_close_2x, assert_exact, on, randn
+from tests.conftest import GROUPS, LLAMA_SHAPES, assert_close_2x, assert_exact, fp32_sum_floor, on, randn
 from tests.test_dequant_matmul import (
     ODD_CASES, _args, _check_dx, _check_y, _check_zero_and_constant_rows, _dtype_group_case, _odd_case, _rand,
     _weight,
@@ -172,6 +172,42 @@ def test_dequant_matmul_on_a_partial_last_step(gs):
                 _check_y(y, x, qw, None, f"M={m} splits={splits} warps={warps}")
 
 
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+def test_dequant_matmul_gemm_path(bits, gs, xdtype):
+    """The hand-written tensor-core GEMM (path="gemm") against the reference: M and N that leave
+    partial 128-row tiles (rows past M and N zero-filled, their outputs dropped), 18 K tiles,
+    bias, batch dimensions, and M at and below the GEMV's range."""
+    from qdpo.kernels import cuda
+
+    qw = _weight(200, 1152, bits, gs, wdtype=xdtype, seed=bits + gs)
+    b = _rand(200, dtype=xdtype, seed=5)
+    for m in (1, 16, 17, 130, 300):
+        x = _rand(m, 1152, dtype=xdtype, seed=m)
+        y = cuda.dequant_matmul(x, *_args(qw), b, path="gemm")
+        _check_y(y, x, qw, b, f"gemm M={m}")
+        assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, path="gemm")), "deterministic"
+    x = _rand(2, 129, 1152, dtype=xdtype, seed=9)
+    _check_y(cuda.dequant_matmul(x, *_args(qw), None, path="gemm"), x, qw, None, "gemm, batch dims")
+
+
+def test_dequant_matmul_paths_refuse_what_they_cannot_serve():
+    from qdpo.kernels import cuda
+
+    qw = _weight(64, 96, 4, 32, wdtype=torch.bfloat16)
+    x = _rand(40, 96, dtype=torch.bfloat16)
+    with pytest.raises(backends.Unsupported, match="K % 64 == 0"):
+        cuda.dequant_matmul(x, *_args(qw), path="gemm")
+    _check_y(cuda.dequant_matmul(x, *_args(qw), path="workspace"), x, qw, None, "workspace, K = 96")
+    qw = _weight(64, 128, 4, 32, wdtype=torch.bfloat16)
+    with pytest.raises(backends.Unsupported, match="fp16/bf16 x"):
+        cuda.dequant_matmul(_rand(40, 128), *_args(qw), path="gemm")
+    with pytest.raises(ValueError, match="gemv: M <= 16"):
+        cuda.dequant_matmul(_rand(17, 128, dtype=torch.bfloat16), *_args(qw), path="gemv")
+    with pytest.raises(ValueError, match="one of"):
+        cuda.dequant_matmul(_rand(2, 128, dtype=torch.bfloat16), *_args(qw), path="fused")
+
+
 def test_dequant_matmul_zero_rows_give_the_bias_exactly():
     _check_zero_and_constant_rows(B, (1, 3, 16), (torch.bfloat16, torch.float32))
 
@@ -184,6 +220,11 @@ def test_dequant_matmul_llama_shapes(name, bits, gs):
     for m in (1, 4, 16):
         x = _rand(m, k, dtype=torch.bfloat16, seed=m)
         _check_y(OPS.dequant_matmul(x, *_args(qw), None, B), x, qw, what=f"{name} M={m}")
+    from qdpo.kernels import cuda
+
+    x = _rand(512, k, dtype=torch.bfloat16, seed=512)  # the prefill GEMM at a real layer size
+    _check_y(cuda.dequant_matmul(x, *_args(qw), path="gemm"), x, qw, what=f"{name} gemm M=512",
+             floor=fp32_sum_floor(k))
 
 
 @pytest.mark.parametrize("xdtype", XDTYPES)

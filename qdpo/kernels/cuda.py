@@ -23,11 +23,13 @@ op                          kernel                      served
 ==========================  ==========================  ===========================================
 
 Prefill-sized products (M > 16) take the "dequantize once, then cuBLAS"
-route: ŵ is written once in x's dtype (N·K elements, the cost of one extra
-pass over the weight) and the tensor-core GEMM is cuBLAS's. A hand-written
-tensor-core GEMM with the dequantisation fused into its shared-memory path
-does not exist yet; at M in the thousands the weight pass is a few percent of
-the GEMM's time.
+route by default (``path="workspace"``): ŵ is written once in x's dtype (N·K
+elements, the cost of one extra pass over the weight) and the tensor-core GEMM
+is cuBLAS's; on an H200 it ran 0.90-0.95x of bf16 ``torch.matmul`` at M = 4096.
+``path="gemm"`` runs the hand-written tensor-core GEMM instead
+(``csrc/dequant_matmul_gemm.cu``: cp.async double buffering, each code
+dequantized once per block into shared memory, ldmatrix + mma.sync); it has not
+run on a GPU yet, so nothing chooses it unasked.
 
 Not served (:class:`~qdpo.kernels.backends.Unsupported` under an explicit
 ``backend="cuda"``; ``auto`` moves on to triton): GPUs below compute
@@ -234,10 +236,17 @@ def _decode_sized(x, *rest) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= GEMV_MAX_M * x.shape[-1]
 
 
-@register("cuda", "dequant_matmul", auto_if=_decode_sized)
-def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 0, warps: int = 0):
-    """``x @ ŵᵀ (+ bias)`` in x's dtype; at most :data:`GEMV_MAX_M` rows of x in the GEMV kernel.
+PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_matmul)
 
+
+@register("cuda", "dequant_matmul", auto_if=_decode_sized)
+def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
+                   warps: int = 0):
+    """``x @ ŵᵀ (+ bias)`` in x's dtype.
+
+    ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
+    "workspace" (ŵ once, then cuBLAS; the default above), "gemm" (the hand-written tensor-core GEMM,
+    any M; fp16/bf16 x, K % 64 == 0, G % 32 == 0, 16-byte aligned x and weight rows).
     ``splits`` (> 0) overrides the GEMV's split-K count and, for M <= 2, ``warps`` (4 or 8) its
     warps per block; ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
     """
@@ -246,7 +255,10 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    if m > GEMV_MAX_M:  # prefill: ŵ once, then cuBLAS
+    path = path or ("gemv" if m <= GEMV_MAX_M else "workspace")
+    if path not in PATHS or (path == "gemv" and m > GEMV_MAX_M):
+        raise ValueError(f"path={path!r} cannot serve M={m}; use one of {PATHS} (gemv: M <= {GEMV_MAX_M})")
+    if path == "workspace":  # prefill: ŵ once, then cuBLAS
         w_hat = dequantize(qweight, scales, zeros, bits, x.dtype)  # [N, K] x.dtype
         return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
     y = torch.empty(m, n, dtype=x.dtype, device=dev)  # [M, N]
@@ -255,17 +267,28 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, splits: int = 
     qweight = _rows(qweight)
     scales, zeros = _grid(scales, zeros)
     if x.dtype != torch.float32 and scales.dtype != x.dtype:
-        # the tensor-core path reads 16-bit scales in x.dtype: it rounds s to x.dtype anyway
+        # the tensor-core paths read 16-bit scales in x.dtype: they round s to x.dtype anyway
         scales = scales.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
+    b_code = DTYPE_CODES[bias.dtype] if bias is not None else 0
+    if path == "gemm":
+        s_code = DTYPE_CODES[scales.dtype]
+        if not _C.dequant_gemm_supported(k, scales.shape[1], x_code, s_code, x2.data_ptr(), qweight.data_ptr(),
+                                         qweight.stride(0)):
+            raise Unsupported(f"path='gemm' needs fp16/bf16 x, K % 64 == 0, a group size that is a multiple of "
+                              f"32 and 16-byte aligned x and weight rows; got x {x.dtype}, K={k}, "
+                              f"{scales.shape[1]} groups per row; use path='workspace'")
+        _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
+                qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
+        return y.reshape(*x.shape[:-1], n)
     plan = gemv_plan(x2, qweight, scales, bits, splits, warps)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
-            DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _ptr(workspace), ws,
+            b_code, y.data_ptr(), _ptr(workspace), ws,
             _sm_count(dev.index), force_splits=splits, force_warps=warps)
     return y.reshape(*x.shape[:-1], n)
 
