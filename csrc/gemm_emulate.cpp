@@ -8,13 +8,14 @@
 // independently of gemm_fragments.cuh: cp.async copies 16 bytes (zeros when its
 // source size is 0); ldmatrix.x4 gives lane i, from matrix j (whose 8 row addresses
 // lanes 8j .. 8j+7 supply), the 32-bit word at row i / 4, bytes 4·(i % 4) .. +3, as
-// register j; mma.sync.m16n8k16 as in gemv_emulate.cpp, in double. A wrong swizzle,
+// register j; mma.sync.m16n8k16 as mma_emulate.h has it, in double. A wrong swizzle,
 // copy map, nibble order, fragment address or output map makes y differ from
 // reference.dequant_matmul.
 #include <cstring>
 #include <vector>
 
 #include "gemm_fragments.cuh"
+#include "mma_emulate.h"
 #include "qdpo_api.h"
 
 namespace qdpo {
@@ -25,29 +26,6 @@ namespace {
 void ldsm_x4_emulate(const uint8_t* smem, const int (&addr)[32], uint32_t (&out)[32][4]) {
   for (int lane = 0; lane < 32; ++lane) {
     for (int j = 0; j < 4; ++j) std::memcpy(&out[lane][j], smem + addr[8 * j + lane / 4] + 4 * (lane % 4), 4);
-  }
-}
-
-// acc[lane][i] += A · B for one m16n8k16, per the PTX fragment tables.
-void mma_emulate(const uint32_t (&a)[32][4], const uint32_t (*b)[2], int hd, double (*acc)[4]) {
-  double am[16][16], bm[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int r = 0; r < 4; ++r) {
-      for (int e = 0; e < 2; ++e) {
-        am[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = gemv::from_h_bits((a[lane][r] >> (16 * e)) & 0xFFFFu, hd);
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      for (int e = 0; e < 2; ++e) bm[2 * t + e + 8 * r][g] = gemv::from_h_bits((b[lane][r] >> (16 * e)) & 0xFFFFu, hd);
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-      for (int kk = 0; kk < 16; ++kk) acc[lane][i] += am[row][kk] * bm[kk][col];
-    }
   }
 }
 

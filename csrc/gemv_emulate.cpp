@@ -3,9 +3,8 @@
 //
 // Every lane's loads, dequantization and fragment assembly run through the
 // same gemv_fragments.cuh functions the kernel calls; the mma.sync.m16n8k16
-// instruction is emulated from the PTX ISA's fragment tables, written out here
-// independently of gemv_fragments.cuh (A: row g + 8·(r & 1), col 2t + e + 8·(r >> 1);
-// B: k 2t + e + 8r, col g; C: row g + 8·(i >> 1), col 2t + (i & 1)), in double.
+// instruction is emulated from the PTX ISA's fragment tables (mma_emulate.h,
+// written independently of gemv_fragments.cuh), in double.
 // The output goes through the kernel's own c_row/c_col. A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
@@ -13,36 +12,10 @@
 #include <vector>
 
 #include "gemv_fragments.cuh"
+#include "mma_emulate.h"
 #include "qdpo_api.h"
 
 namespace qdpo {
-
-namespace {
-
-// D[16 × 8] += A[16 × 16] · B[16 × 8] from the 32 lanes' registers, per the PTX tables.
-void mma_emulate(const uint32_t (*a)[4], const uint32_t (*b)[2], int hd, double (*acc)[4]) {
-  double am[16][16], bm[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int r = 0; r < 4; ++r) {
-      for (int e = 0; e < 2; ++e) {
-        am[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = gemv::from_h_bits((a[lane][r] >> (16 * e)) & 0xFFFFu, hd);
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      for (int e = 0; e < 2; ++e) bm[2 * t + e + 8 * r][g] = gemv::from_h_bits((b[lane][r] >> (16 * e)) & 0xFFFFu, hd);
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-      for (int kk = 0; kk < 16; ++kk) acc[lane][i] += am[row][kk] * bm[kk][col];
-    }
-  }
-}
-
-}  // namespace
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y) {

@@ -201,14 +201,21 @@ def test_lsq_term_matches_reference(C, bits):
     assert got == ds[:, 0].tolist()
 
 
-# --------------------------------------------------------------------------- GEMV data flow
-def _emulate(C, qw, s, z, x, bits):
-    rows, m, k = qw.shape[0], x.shape[0], x.shape[1]
+# --------------------------------------------------------------------------- GEMV and GEMM data flow
+def _check_emulated(emulate, bits, xdtype, m, rows, k, gs):
+    """``emulate`` (a host emulation of a tensor-core kernel's data flow) equals x @ ŵᵀ with ŵ rounded
+    to x.dtype (fp64 sums; only their order differs), and a zero weight row gives exactly 0."""
+    w = randn(rows, k, xdtype, seed=m + k)
+    w[rows // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
+    qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
+    x = randn(m, k, xdtype, seed=rows)
     y = torch.full((m, rows), float("nan"))
     sf, xb = s.float().contiguous(), x.view(torch.int16).contiguous()
-    C.host_gemv_mma_emulate(qw.data_ptr(), qw.stride(0), rows, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(),
-                            xb.data_ptr(), m, CODES[x.dtype], y.data_ptr())
-    return y
+    emulate(qw.data_ptr(), qw.stride(0), rows, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(), xb.data_ptr(), m,
+            CODES[x.dtype], y.data_ptr())
+    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert y[:, rows // 2].eq(0).all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -216,15 +223,8 @@ def _emulate(C, qw, s, z, x, bits):
 @pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 128, 32), (3, 7, 256, 64), (8, 16, 320, -1), (9, 16, 512, 128),
                                          (16, 13, 256, 256), (5, 16, 96, 32)])
 def test_gemv_fragment_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
-    """The emulated tensor-core tile equals x @ ŵᵀ with ŵ rounded to x.dtype (fp64 sums; only order differs)."""
-    w = randn(rows, k, xdtype, seed=m + k)
-    w[rows // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
-    qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
-    x = randn(m, k, xdtype, seed=rows)
-    y = _emulate(C, qw, s, z, x, bits)
-    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
-    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
-    assert y[:, rows // 2].eq(0).all()
+    """One emulated 16-row tile of the decode GEMV."""
+    _check_emulated(C.host_gemv_mma_emulate, bits, xdtype, m, rows, k, gs)
 
 
 def test_gemv_emulation_checks_its_arguments(C):
@@ -235,31 +235,14 @@ def test_gemv_emulation_checks_its_arguments(C):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
 
 
-def _emulate_gemm(C, qw, s, z, x, bits):
-    n, m, k = qw.shape[0], x.shape[0], x.shape[1]
-    y = torch.full((m, n), float("nan"))
-    sf, xb = s.float().contiguous(), x.view(torch.int16).contiguous()
-    C.host_gemm_mma_emulate(qw.data_ptr(), qw.stride(0), n, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(),
-                            xb.data_ptr(), m, CODES[x.dtype], y.data_ptr())
-    return y
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k,gs", [(1, 16, 64, 32), (37, 100, 192, 64), (128, 128, 256, 128), (65, 128, 128, -1),
                                       (128, 7, 320, 32), (16, 121, 128, 64)])
 def test_gemm_block_flow_matches_reference(C, bits, xdtype, m, n, k, gs):
-    """One emulated block of the prefill GEMM (copies, swizzle, dequantization into shared memory,
-    ldmatrix fragments, output map) equals x @ ŵᵀ with ŵ rounded to x.dtype, rows past M and N
-    included in the tile but not in y."""
-    w = randn(n, k, xdtype, seed=m + n + k)
-    w[n // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
-    qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
-    x = randn(m, k, xdtype, seed=n)
-    y = _emulate_gemm(C, qw, s, z, x, bits)
-    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
-    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
-    assert y[:, n // 2].eq(0).all()
+    """One emulated block of the prefill GEMM: copies, swizzle, dequantization into shared memory,
+    ldmatrix fragments and output map; rows past M and N are in the tile but not in y."""
+    _check_emulated(C.host_gemm_mma_emulate, bits, xdtype, m, n, k, gs)
 
 
 def test_gemm_emulation_and_support_check_their_arguments(C):
