@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(gemm::kThreads, 2) gemm_mma_kernel(GemmArgs a)
   constexpr int kPacked = gemm::kBN * gemm::kBK * BITS / 8, kWs = 2 * gemm::kTileBytes, kWh = kWs + 2 * kPacked;
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
-  const int m0 = blockIdx.y * gemm::kBM, n0 = blockIdx.x * gemm::kBN;
+  const int m0 = blockIdx.x * gemm::kBM, n0 = blockIdx.y * gemm::kBN;  // M on x: up to 2^31 - 1 blocks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = (warp % gemm::kWarpsM) * gemm::kWM, wn = (warp / gemm::kWarpsM) * gemm::kWN;
   const int tiles = a.k / gemm::kBK;
@@ -171,7 +171,7 @@ int launch(const GemmArgs& a, cudaStream_t stream) {
     }
     if (dev < 64) opted.fetch_or(uint64_t(1) << dev);
   }
-  const dim3 grid((a.n + gemm::kBN - 1) / gemm::kBN, (a.m + gemm::kBM - 1) / gemm::kBM);
+  const dim3 grid((a.m + gemm::kBM - 1) / gemm::kBM, (a.n + gemm::kBN - 1) / gemm::kBN);
   gemm_mma_kernel<HD, BITS><<<grid, gemm::kThreads, bytes, stream>>>(a);
   return launch_status();
 }
@@ -191,7 +191,8 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype) && (bias == 0 || valid_dtype(b_dtype)), kErrDtype);
   QDPO_REQUIRE(m >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(dequant_gemm_supported(k, ng, x_dtype, s_dtype, x, qweight, stride_qn), kErrShape);
-  QDPO_REQUIRE(m < kInt32Limit && n * stride_qn < kInt32Limit && n * ng < kInt32Limit, kErrTooLarge);
+  QDPO_REQUIRE(m < kInt32Limit && n * stride_qn < kInt32Limit && n * ng < kInt32Limit &&
+                   (n + gemm::kBN - 1) / gemm::kBN <= 65535, kErrTooLarge);  // N's tiles: the grid's y
   QDPO_REQUIRE(x != 0 && qweight != 0 && scales != 0 && zeros != 0 && y != 0, kErrNull);
   QDPO_REQUIRE(aligned(y, 2) && aligned(scales, 2) && aligned(bias, bias ? dtype_size(b_dtype) : 1), kErrAlign);
   const GemmArgs a{reinterpret_cast<const uint16_t*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
