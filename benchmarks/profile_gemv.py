@@ -1,4 +1,4 @@
-"""One launch of each decode GEMV variant and of bf16 ``F.linear``, for Nsight Compute (GPU only).
+"""One launch of each decode GEMV variant, of the prefill GEMM and of bf16 ``F.linear``, for Nsight Compute.
 
 Run under ``ncu`` with a kernel filter (preparing the weights launches other kernels); every launch
 is preceded by a line naming it, and ncu reports the kernels in launch order::
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
-CASES = (  # (format, M, warps per block); 0 warps: bf16 F.linear
+CASES = (  # (format, M, warps per block); 0 warps: bf16 F.linear, "gemm": the prefill GEMM (path="gemm")
     ("W4g128", 1, 0), ("W4g128", 1, 8), ("W4g128", 1, 4), ("W8", 1, 8), ("W8", 1, 4), ("W4g128", 16, 8),
+    ("W4g128", 4096, 0), ("W4g128", 4096, "gemm"),
 )
 
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
         if not warps:
             print(f"== launch: {args.shape} bf16 F.linear M={m}", flush=True)
             F.linear(x, w)
+        elif warps == "gemm":
+            print(f"== launch: {args.shape} {fmt} M={m} prefill GEMM", flush=True)
+            cuda.dequant_matmul(x, *packed, path="gemm")
         else:
             print(f"== launch: {args.shape} {fmt} M={m} warps={warps} "
                   f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], 0, warps)}", flush=True)
