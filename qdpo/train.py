@@ -427,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-tensor bars of instant loads; qdpo has its own
+    clean = False
     try:
         cfg = parse_args(argv)
         result = run(cfg)
+        clean = True
     except USER_ERRORS as e:
         print(f"qdpo.train: error: {where}{e}", file=sys.stderr)
         return 2
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print("qdpo.train: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
     finally:
-        D.shutdown()
+        D.shutdown(clean)
     if env.rank != 0:
         return 0
     ev = result["metrics"]["eval"]

@@ -89,13 +89,15 @@ def main() -> None:
     p.add_argument("--fail-rank", type=int, default=-1)
     a = p.parse_args()
     D.init(torch.device("cpu"))
+    clean = False
     try:
         res = train(a.data, a.out, a.resume, a.fail_at, a.fail_rank, dist=a.dist,
                     activation_checkpointing=a.activation_checkpointing, latent_dtype=a.latent_dtype)
         if D.is_main():
             torch.save(res, a.out / "result.pt")
+        clean = True
     finally:
-        D.shutdown()
+        D.shutdown(clean)
 
 
 if __name__ == "__main__":

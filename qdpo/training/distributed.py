@@ -93,8 +93,20 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    if is_dist():
+def shutdown(clean: bool = False) -> None:
+    """End the process group. ``clean``: every rank got here normally, so wait for all of them first.
+
+    Without that barrier a rank could close its connections while a peer is still receiving the last
+    collective's data, and gloo then aborts the peer at exit ("terminate called without an active
+    exception", seen once in a 2-process CPU run). After an error the ranks may stand at different
+    collectives, so no barrier: it could pair with another rank's pending op or wait for one that died.
+    """
+    if not is_dist():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
