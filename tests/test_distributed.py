@@ -157,3 +157,26 @@ def test_a_batch_the_ranks_cannot_split_is_refused(monkeypatch):
         D.resolve_mode("none", 8)
     monkeypatch.setattr(D, "world_size", lambda: 1)
     assert D.resolve_mode("fsdp", 6) == "none"  # one process trains unwrapped
+
+
+def test_a_clean_shutdown_waits_for_every_rank_and_an_error_does_not(monkeypatch):
+    """``shutdown(clean=True)``: a barrier, then the group ends; after an error no barrier (ranks may
+    stand at different collectives); the group ends even when the barrier raises."""
+    calls = []
+    monkeypatch.setattr(D, "is_dist", lambda: True)
+    monkeypatch.setattr(D.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    D.shutdown(clean=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    D.shutdown()
+    assert calls == ["destroy"]
+    calls.clear()
+
+    def peer_gone():
+        raise RuntimeError("connection closed by peer")
+
+    monkeypatch.setattr(D.dist, "barrier", peer_gone)
+    with pytest.raises(RuntimeError, match="peer"):
+        D.shutdown(clean=True)
+    assert calls == ["destroy"]
