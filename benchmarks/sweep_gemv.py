@@ -1,8 +1,7 @@
 """Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, warps per block.
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
-``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` (and, for
-M <= 2, blocks of 8 and of 4 warps)
+``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` and blocks of 8 and of 4 warps
 next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
 graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). Every forced variant's output is checked against the
@@ -29,7 +28,7 @@ import common  # noqa: E402
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
-WARPS = (8, 4)  # warps per block for M <= 2 (8 only above)
+WARPS = (8, 4)  # warps per block
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for warps in (WARPS if m <= 2 else (8,)):
+                for warps in WARPS:
                     for sp in args.splits:
                         plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps)
                         if plan["splits"] != sp:
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
                         got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                         ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
-                        row["forced"].append({**kw, "ms": ms, "rel_err": err})
+                        row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "

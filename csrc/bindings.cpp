@@ -104,12 +104,17 @@ void def_kernels(py::module_& m) {
                                                            sm_count, &p, force_splits, force_warps));
     return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
                     py::arg("rt") = p.rt, py::arg("splits") = p.splits,
-                    py::arg("workspace_bytes") = p.workspace_bytes, py::arg("warps") = p.warps);
-  }, "The GEMV kernel, tile, split-K and block-size choice for these sizes and pointers (host only, no GPU "
-     "needed); force_splits / force_warps > 0 override the split-K count / the warps per block (4 or 8, M <= 2)",
+                    py::arg("workspace_bytes") = p.workspace_bytes, py::arg("warps") = p.warps,
+                    py::arg("blocks_per_sm") = p.blocks_per_sm);
+  }, "The GEMV kernel, tile, split-K and block-size choice for these sizes and pointers (host; without a GPU "
+     "the occupancy is unknown: blocks_per_sm 0, 8 warps); force_splits / force_warps > 0 override the split-K "
+     "count / the warps per block (4 or 8)",
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,
      py::arg("force_warps") = 0);
+  m.def("gemv_auto_warps", &qdpo::gemv_auto_warps, py::arg("tiles"), py::arg("sm_count"), py::arg("blocks8"),
+        py::arg("blocks4"), "Warps per block the plan picks for the M <= 2 tile, from the grid's tiles and the "
+        "blocks of 8 / 4 warps an SM holds (host only)");
   m.def("dequant_gemm_supported", &qdpo::dequant_gemm_supported, py::arg("k"), py::arg("ng"), py::arg("x_dtype"),
         py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"),
         "Whether the tensor-core prefill GEMM serves these sizes, dtypes and pointers (host only)");

@@ -17,7 +17,7 @@
 // x.dtype; everything else — fp32 x, odd sizes, misalignment — goes to
 // dequant_matmul_fma.cu (the plan below picks). M > 16 is not served (the Python wrapper raises Unsupported).
 //
-// Work: a block of 8 warps (4: plan warps, M <= 2) owns 16·RT rows of ŵ; its
+// Work: a block of 8 warps (or 4: GemvPlan::warps) owns 16·RT rows of ŵ; its
 // warps take turns over the 128-code K steps of the block's K range
 // (blockIdx.y: split-K when N is too small to fill the GPU). Per step a lane
 // issues one 16-byte (W4) or two (W8) loads per weight row straight from the
@@ -241,9 +241,9 @@ __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
           min(step_lo + a.steps_per_split, a.steps)};
 }
 
-// W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 for the one-tile
-// kernel (M <= 2), whose smaller blocks fit an SM in finer steps (W4: 79 registers, 3 blocks of 8
-// warps or 6 of 4; W8: 96-98, 2 of 8 or 5 of 4) and fill a grid of 512 tiles in one wave.
+// W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
+// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; W4 1x1 tile:
+// 78 registers, 3 blocks of 8 warps or 6 of 4; W8: 96-99, 2 of 8 or 5 of 4).
 template <int HD, int BITS, int MT, int RT, int W>
 __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   const BlockWork b = block_work<RT>(a);
@@ -275,24 +275,58 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   store_tile<W>(a, acc, b.n0);
 }
 
+using GemvKernelFn = void (*)(GemvArgs);
+
+// The kernel of a plan's tile (mt, rt) and block size (warps).
 template <int HD, int BITS>
+GemvKernelFn mma_kernel(int mt, int rt, int warps) {
+  if (mt == 1 && rt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4> : gemv_mma_kernel<HD, BITS, 1, 1, 8>;
+  if (mt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4> : gemv_mma_kernel<HD, BITS, 1, 2, 8>;
+  return warps == 4 ? gemv_mma_kernel<HD, BITS, 2, 2, 4> : gemv_mma_kernel<HD, BITS, 2, 2, 8>;
+}
+
+GemvKernelFn mma_kernel(int x_dtype, int bits, int mt, int rt, int warps) {
+  if (x_dtype == kF16) return bits == 4 ? mma_kernel<kF16, 4>(mt, rt, warps) : mma_kernel<kF16, 8>(mt, rt, warps);
+  return bits == 4 ? mma_kernel<kBF16, 4>(mt, rt, warps) : mma_kernel<kBF16, 8>(mt, rt, warps);
+}
+
+// Blocks of this kernel resident per SM on the current device (registers decide: W4 1x1 tile 78
+// registers, 3 blocks of 8 warps or 6 of 4; W8 96-99, 2 of 8 or 5 of 4, sm_90); 0 without a GPU.
+// Cached per kernel: the register file per SM is the same (64 K) on every supported GPU.
+int blocks_per_sm(int x_dtype, int bits, int mt, int rt, int warps) {
+  static int cache[2][2][2][2][2] = {};  // dtype, bits, mt, rt, warps; 0 = not yet asked
+  int& c = cache[x_dtype == kF16][bits == 8][mt - 1][rt - 1][warps == 8];
+  if (c == 0) {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_kernel(x_dtype, bits, mt, rt, warps), warps * 32, 0) !=
+        cudaSuccess) {
+      cudaGetLastError();  // no GPU here: leave no error behind for the next launch's status
+      return 0;
+    }
+    c = n;
+  }
+  return c;
+}
+
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits);
-  if (p.mt == 1 && p.rt == 1 && p.warps == 4) {
-    gemv_mma_kernel<HD, BITS, 1, 1, 4><<<grid, 4 * 32, 0, stream>>>(a);
-  } else if (p.mt == 1 && p.rt == 1) {
-    gemv_mma_kernel<HD, BITS, 1, 1, 8><<<grid, 8 * 32, 0, stream>>>(a);
-  } else if (p.mt == 1) {
-    gemv_mma_kernel<HD, BITS, 1, 2, 8><<<grid, 8 * 32, 0, stream>>>(a);
-  } else {
-    gemv_mma_kernel<HD, BITS, 2, 2, 8><<<grid, 8 * 32, 0, stream>>>(a);
-  }
+  mma_kernel(a.x_dtype, a.bits, p.mt, p.rt, p.warps)<<<grid, p.warps * 32, 0, stream>>>(a);
   return launch_status();
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
+
+// Fitted to and checked against the H200 sweep (benchmarks/results/NVIDIA-H200-sweep_gemv.json, M = 1,
+// tests/test_cuda_host.py): it picks the faster block size for all 16 weights there; 4-warp blocks
+// won by 5.6-10.8 % on the 7 it gives them to (8192² W4 and W8, Llama-2 gate/up W4 and W8, 16384²
+// W8, Llama-3 gate/up W8).
+int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
+  if (blocks8 < 1 || blocks4 < 1 || tiles <= int64_t(blocks8) * sm_count) return 8;
+  if (4 * blocks4 > 8 * blocks8) return 4;
+  return tiles <= int64_t(blocks4) * sm_count ? 4 : 8;
+}
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
@@ -307,15 +341,20 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0};
   if (!mma) return kOk;
-  // 4-warp blocks exist for the M <= 2 tile; not yet measured, so only when forced
-  if (force_warps && plan->mt == 1 && plan->rt == 1) plan->warps = force_warps;
+  const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
+  if (force_warps) {
+    plan->warps = force_warps;
+  } else if (plan->mt == 1 && plan->rt == 1) {  // measured for this tile only (README "GPU results")
+    plan->warps = gemv_auto_warps(tiles, sm_count, blocks_per_sm(x_dtype, bits, 1, 1, 8),
+                                  blocks_per_sm(x_dtype, bits, 1, 1, 4));
+  }
+  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, plan->mt, plan->rt, plan->warps);
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
   // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
   // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
   // (128 tiles of 32 rows at M > 2) run fastest unsplit, 1024-row ones (32 tiles) with 4 ranges.
-  const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
   int64_t splits = 1;
   if (force_splits) {
     splits = force_splits;
@@ -358,8 +397,7 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
                       stride_qn % 8 == 0;
     return launch_gemv_fma(a, vec8, st);
   }
-  int e = x_dtype == kF16 ? (bits == 4 ? launch_mma<kF16, 4>(a, p, st) : launch_mma<kF16, 8>(a, p, st))
-                          : (bits == 4 ? launch_mma<kBF16, 4>(a, p, st) : launch_mma<kBF16, 8>(a, p, st));
+  int e = launch_mma(a, p, st);
   if (e == kOk && p.splits > 1) e = launch_splitk_reduce(a, st);
   return e;
 }

@@ -55,8 +55,14 @@ struct GemvPlan {
   int rt;                   // mma: 16-row weight tiles per warp
   int splits;               // K ranges over the grid's y axis (partials + reduce when > 1)
   int64_t workspace_bytes;  // fp32 partials [splits, M, N] when splits > 1
-  int warps;                // mma: warps per block (8; 4 for the M <= 2 tile when forced)
+  int warps;                // mma: warps per block, 8 or 4 (gemv_auto_warps for the M <= 2 tile)
+  int blocks_per_sm;        // mma: resident blocks per SM of the chosen kernel (0: no GPU to ask)
 };
+// Warps per block of the M <= 2 tile from the grid's 16-row tiles and how many blocks of 8 and of 4
+// warps an SM holds (host only). Blocks of 4 when the 8-warp grid needs more than one wave and either
+// they keep more warps resident or their grid fits in one wave: a second wave's tail then idles SMs
+// that smaller blocks keep busy. 8 when the occupancy is unknown (0).
+int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // force_splits / force_warps: 0 = the plan's own choice; else that value (benchmarks/sweep_gemv.py).
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,

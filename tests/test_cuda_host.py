@@ -14,6 +14,7 @@ run too: they return before any CUDA call. What needs a GPU is in
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -312,13 +313,40 @@ def test_plan_takes_a_forced_split_count(C):
             _plan(C, force_splits=bad)
 
 
-def test_plan_takes_forced_warps_for_the_two_row_tile(C):
-    assert _plan(C, m=1)["warps"] == 8, "8-warp blocks unless asked"
-    assert [_plan(C, m=m, force_warps=4)["warps"] for m in (1, 2, 3, 16)] == [4, 4, 8, 8]
+def test_plan_takes_forced_warps_for_every_tile(C):
+    p = _plan(C, m=1)
+    assert (p["warps"], p["blocks_per_sm"]) == (8, 0), "no GPU to ask for the occupancy: 8-warp blocks"
+    assert [_plan(C, m=m, force_warps=4)["warps"] for m in (1, 2, 3, 16)] == [4, 4, 4, 4]
     assert _plan(C, m=1, force_warps=8)["warps"] == 8
     for bad in (1, 2, 6, 16, -1):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_warps=bad)
+
+
+# Blocks per SM of the M <= 2 kernel (8 warps, 4 warps) in the H200 sweep's build (sm_90, nvcc 13.0,
+# ptxas: W4 78 registers per thread for both; W8 99 and 96): register file 64 K, 256 per warp granule.
+H200_BLOCKS = {"W4g128": (3, 6), "W8": (2, 5)}
+
+
+def test_auto_warps_picks_the_faster_block_size_of_the_h200_sweep(C):
+    """The rule against measurements (benchmarks/results/NVIDIA-H200-sweep_gemv.json, M = 1, one K
+    range): for every weight it picks the block size that ran faster there."""
+    sweep = json.loads((ROOT / "benchmarks/results/NVIDIA-H200-sweep_gemv.json").read_text())
+    sm = sweep["meta"]["sm_count"]
+    cases = [r for r in sweep["rows"] if r["M"] == 1]
+    assert len(cases) >= 16
+    for r in cases:
+        ms = {f["warps"]: f["ms"] for f in r["forced"] if f["splits"] == 1}
+        pick = C.gemv_auto_warps(-(-r["N"] // 16), sm, *H200_BLOCKS[r["fmt"]])
+        assert ms[pick] == min(ms.values()), f"{r['case']}: picked {pick} warps, measured {ms}"
+
+
+def test_auto_warps_keeps_8_warp_blocks_unless_a_second_wave_idles_sms(C):
+    assert C.gemv_auto_warps(10_000, 132, 0, 0) == 8, "occupancy unknown"
+    assert C.gemv_auto_warps(396, 132, 3, 6) == 8, "one full wave of 8-warp blocks"
+    assert C.gemv_auto_warps(397, 132, 3, 6) == 4, "a second wave: 4-warp blocks fit in one"
+    assert C.gemv_auto_warps(793, 132, 3, 6) == 8, "two waves either way, the same warps resident"
+    assert C.gemv_auto_warps(10_000, 132, 2, 5) == 4, "4-warp blocks keep 20 warps resident, 8-warp 16"
 
 
 def test_plan_rejects_what_no_path_serves(C):

@@ -149,7 +149,7 @@ def test_dequant_matmul_every_forced_split(bits, gs):
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for warps in ((8, 4) if m <= 2 else (8,)):
+        for warps in (8, 4):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
                 plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, warps)
                 assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"]) == (splits, warps)
@@ -166,7 +166,7 @@ def test_dequant_matmul_on_a_partial_last_step(gs):
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
     for m in (1, 2, 7):
         x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
-        for warps in ((8, 4) if m <= 2 else (8,)):
+        for warps in (8, 4):
             for splits in (1, 2):
                 y = cuda.dequant_matmul(x, *_args(qw), splits=splits, warps=warps)
                 _check_y(y, x, qw, None, f"M={m} splits={splits} warps={warps}")

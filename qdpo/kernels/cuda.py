@@ -224,7 +224,8 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
               warps: int = 0) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    warps per block; ``splits`` / ``warps`` > 0 force those (benchmarks)."""
+    warps per block and the resident blocks per SM it expects; ``splits`` / ``warps`` > 0 force those
+    (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
@@ -247,8 +248,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
     "workspace" (ŵ once, then cuBLAS; the default above), "gemm" (the hand-written tensor-core GEMM,
     any M; fp16/bf16 x, K % 64 == 0, G % 32 == 0, 16-byte aligned x and weight rows).
-    ``splits`` (> 0) overrides the GEMV's split-K count and, for M <= 2, ``warps`` (4 or 8) its
-    warps per block; ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
+    ``splits`` (> 0) overrides the GEMV's split-K count and ``warps`` (4 or 8) its warps per block;
+    ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
