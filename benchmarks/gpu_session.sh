@@ -15,7 +15,8 @@ TESTS_S=${TESTS_S:-200}
 BENCH_S=${BENCH_S:-160}
 SANITIZER_S=${SANITIZER_S:-40}
 SWEEP_S=${SWEEP_S:-110}
-SWEEP_ARGS=${SWEEP_ARGS:-}     # e.g. "--ms 1 --splits 1 2 4": M = 1 only, fewer split counts
+SWEEP_ARGS=${SWEEP_ARGS:-}     # e.g. "--ms 1 --splits 1 2 4": M = 1 only, fewer split counts (x in registers
+                               # and in shared memory both, unless --x-smem registers|smem)
 PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)
 GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench
 WORKERS=${WORKERS:-8}

@@ -1,8 +1,8 @@
-"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, warps per block.
+"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, warps per block, x source.
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
-``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits`` and blocks of 8 and of 4 warps
-next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
+``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits``, blocks of 8 and of 4 warps
+and, at M <= 2, x in registers and in shared memory (``x_smem``) next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
 graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). Every forced variant's output is checked against the
 auto plan's first. The data behind the plan rule in
@@ -14,6 +14,7 @@ auto plan's first. The data behind the plan rule in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ import common  # noqa: E402
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 WARPS = (8, 4)  # warps per block
+X_SMEM = (False, True)  # x in registers, x copied to shared memory first (M <= 2)
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), help="split-K counts to time")
+    p.add_argument("--x-smem", choices=["both", "registers", "smem"], default="both",
+                   help="where x sits in the forced M <= 2 variants")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -55,7 +59,8 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   best forced µs (splits, warps)")
+    x_sources = {"both": X_SMEM, "registers": (False,), "smem": (True,)}[args.x_smem]
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   best forced µs (splits, warps, x_smem)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             if time.time() - t0 > args.time_limit_s:
@@ -72,20 +77,19 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for warps in WARPS:
-                    for sp in args.splits:
-                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps)
-                        if plan["splits"] != sp:
-                            continue  # K steps do not divide into sp ranges: the plan trims it
-                        kw = {"splits": sp, "warps": warps}
-                        got = cuda.dequant_matmul(x, *copies[0][1], **kw)
-                        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
-                        row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
+                for warps, sp, xs in itertools.product(WARPS, args.splits, x_sources if m <= 2 else (False,)):
+                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs)
+                    if plan["splits"] != sp or plan["x_smem"] != xs:
+                        continue  # K steps do not divide into sp ranges, or x does not fit 48 KB: the plan says
+                    kw = {"splits": sp, "warps": warps, "x_smem": xs}
+                    got = cuda.dequant_matmul(x, *copies[0][1], **kw)
+                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
+                    row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
-                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['warps']})"
+                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['warps']}, {best['x_smem']})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:

@@ -26,6 +26,11 @@
 // HMUL2 per two W4 codes) and issues 8 · RT · MT mma.sync. The next step's
 // loads are issued before this step's math (two register stages in ping-pong);
 // only the last step of a K that is not a multiple of 128 checks bounds.
+// x_smem (opt-in, M <= 2, not yet measured on a GPU): the block first copies x
+// over its K range to shared memory as ready-made mma pairs; the main loop then
+// keeps only weights in registers (W4: 48-55 registers instead of 78, 5 blocks of
+// 8 warps per SM instead of 3) and spends ~11 % fewer instructions per step
+// (static SASS counts, sm_90).
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -40,6 +45,8 @@
 // block from L2 (M·K·2 per 16·RT rows); y M·N·2 (+ 2·splits·M·N·4 of partials).
 // At M = 1, W4 moves ~¼ of a bf16 matmul's bytes: the roofline speed-up is ~3.8×.
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
 
 #include "dequant_matmul.cuh"
 #include "gemv_fragments.cuh"
@@ -54,13 +61,6 @@ template <int BITS, int RT>
 struct WStage {
   uint32_t w[RT][2][BITS];  // 16 bytes (W4) or 32 bytes (W8) of codes per row
   RowGrid grid[RT][2];
-};
-
-// One lane's operands of one K step: its weights, and x rows g and g + 8.
-template <int BITS, int MT, int RT>
-struct Stage {
-  WStage<BITS, RT> ws;
-  uint32_t x[MT][16];  // 32 activations per row of x
 };
 
 __device__ __forceinline__ void load16(uint32_t* dst, const void* src) {
@@ -166,21 +166,30 @@ __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>
   }
 }
 
-template <bool TAIL, int HD, int BITS, int MT, int RT>
+// One step's loads: weights, and x too unless it sits in shared memory (X = false).
+template <bool TAIL, int HD, bool X = true, int BITS, int MT, int RT>
 __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
-                                           Stage<BITS, MT, RT>& st) {
-  load_x<TAIL>(a, rows, step, st.x);
-  load_w<TAIL, HD>(a, rows, step, st.ws);
+                                           WStage<BITS, RT>& ws, uint32_t (&x)[MT][16]) {
+  if constexpr (X) load_x<TAIL>(a, rows, step, x);
+  load_w<TAIL, HD>(a, rows, step, ws);
 }
 
-template <int HD, int BITS, int MT, int RT>
+// One step's math. The x pairs come from the stage's registers, or with XS (x_smem, MT = 1) from one
+// 16-byte shared-memory load per chunk at xs_lane (the lane's row and step, see fill_xs).
+template <int HD, bool XS, int BITS, int MT, int RT>
 __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
-                                             float (&acc)[RT][MT][4]) {
+                                             const uint8_t* xs_lane, float (&acc)[RT][MT][4]) {
+  static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel");
   QDPO_UNROLL
   for (int c = 0; c < gemv::kChunks; ++c) {
     uint32_t px[MT][4];
-    QDPO_UNROLL
-    for (int mt = 0; mt < MT; ++mt) gemv::x_pairs(&x[mt][4 * c], px[mt]);
+    if constexpr (XS) {
+      const uint4 u = *reinterpret_cast<const uint4*>(xs_lane + 16 * c);
+      px[0][0] = u.x, px[0][1] = u.y, px[0][2] = u.z, px[0][3] = u.w;
+    } else {
+      QDPO_UNROLL
+      for (int mt = 0; mt < MT; ++mt) gemv::x_pairs(&x[mt][4 * c], px[mt]);
+    }
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       uint32_t pg[4], pg8[4];
@@ -231,20 +240,44 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
 // A block's work: 16·RT weight rows from n0, K steps [step_lo, step_hi) (blockIdx.y: the split);
 // its W warps take the steps in turn, warp w from step_lo + w.
 struct BlockWork {
-  int n0, first, step_hi;
+  int n0, first, step_lo, step_hi;
 };
 
 template <int RT>
 __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
   const int step_lo = blockIdx.y * a.steps_per_split;
-  return {static_cast<int>(blockIdx.x) * 16 * RT, step_lo + static_cast<int>(threadIdx.x >> 5),
+  return {static_cast<int>(blockIdx.x) * 16 * RT, step_lo + static_cast<int>(threadIdx.x >> 5), step_lo,
           min(step_lo + a.steps_per_split, a.steps)};
+}
+
+// The lane's x pairs at step step_rel of the block's range (XS; else unused).
+template <bool XS>
+__device__ __forceinline__ const uint8_t* xs_at(const uint8_t* xs_lane, int step_rel) {
+  if constexpr (XS) return xs_lane + step_rel * gemv::xs_lane_offset(1, 0);
+  return nullptr;
+}
+
+// x_smem (XS): the block first copies its rows of x over its K range into shared memory as pairs
+// (gemv_fragments.cuh: xs_offset), 16 bytes per thread and load, zeros past K; the main loop then
+// holds only weights in registers and reads a chunk's x pairs with one 16-byte load. Lanes of x rows
+// past M read row M - 1: an mma keeps columns of B apart, and store_tile drops those outputs.
+template <int W>
+__device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes) {
+  const int krange = (b.step_hi - b.step_lo) * gemv::kStepK, k0 = b.step_lo * gemv::kStepK;
+  for (int row = 0; row < a.m; ++row) {
+    for (int kk = 8 * static_cast<int>(threadIdx.x); kk < krange; kk += 8 * W * 32) {
+      uint32_t xw[4] = {0u, 0u, 0u, 0u}, p[4];
+      if (k0 + kk < a.k) load16(xw, static_cast<const uint16_t*>(a.x) + row * a.k + k0 + kk);
+      gemv::x_pairs(xw, p);
+      *reinterpret_cast<uint4*>(xs + row * row_bytes + gemv::xs_offset(kk)) = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+  }
 }
 
 // W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
 // more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; W4 1x1 tile:
 // 78 registers, 3 blocks of 8 warps or 6 of 4; W8: 96-99, 2 of 8 or 5 of 4).
-template <int HD, int BITS, int MT, int RT, int W>
+template <int HD, int BITS, int MT, int RT, int W, bool XS>
 __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   const BlockWork b = block_work<RT>(a);
   float acc[RT][MT][4] = {};
@@ -252,65 +285,103 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   // The full steps: two register stages in ping-pong, the next step's loads in flight during this
   // step's math, no bounds checks.
   const int full_hi = min(b.step_hi, a.full_steps);
+  WStage<BITS, RT> w0, w1;
+  uint32_t x0[MT][16], x1[MT][16];  // x in registers (not XS)
+  extern __shared__ uint4 xs_smem[];  // XS: [M][row_bytes]
+  const uint8_t* xs_lane = nullptr;   // XS: the lane's x pairs at step b.step_lo
+  if constexpr (XS) {
+    const int row_bytes = gemv::xs_row_bytes(a.steps_per_split * gemv::kStepK);
+    const int lane = threadIdx.x & 31;
+    xs_lane = reinterpret_cast<const uint8_t*>(xs_smem) + min(lane >> 2, a.m - 1) * row_bytes +
+              gemv::xs_lane_offset(0, lane & 3);
+    if (b.first < full_hi) load_w<false, HD>(a, rows, b.first, w0);  // in flight during the copy
+    fill_xs<W>(a, b, reinterpret_cast<uint8_t*>(xs_smem), row_bytes);
+    __syncthreads();
+  }
   if (b.first < full_hi) {
-    Stage<BITS, MT, RT> s0, s1;
-    zero_x(s0.x), zero_x(s1.x);
-    load_stage<false, HD>(a, rows, b.first, s0);
+    if constexpr (!XS) {
+      zero_x(x0), zero_x(x1);
+      load_stage<false, HD>(a, rows, b.first, w0, x0);
+    }
     for (int step = b.first;; step += 2 * W) {
-      if (step + W < full_hi) load_stage<false, HD>(a, rows, step + W, s1);
-      compute_step<HD>(s0.ws, s0.x, acc);
+      if (step + W < full_hi) load_stage<false, HD, !XS>(a, rows, step + W, w1, x1);
+      compute_step<HD, XS>(w0, x0, xs_at<XS>(xs_lane, step - b.step_lo), acc);
       if (step + W >= full_hi) break;
-      if (step + 2 * W < full_hi) load_stage<false, HD>(a, rows, step + 2 * W, s0);
-      compute_step<HD>(s1.ws, s1.x, acc);
+      if (step + 2 * W < full_hi) load_stage<false, HD, !XS>(a, rows, step + 2 * W, w0, x0);
+      compute_step<HD, XS>(w1, x1, xs_at<XS>(xs_lane, step + W - b.step_lo), acc);
       if (step + 2 * W >= full_hi) break;
     }
   }
   // The last step of a K that is not a multiple of 128, by the warp whose turn it is.
   if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % W == 0) {
-    Stage<BITS, MT, RT> st;
-    zero_x(st.x);
-    load_stage<true, HD>(a, rows, full_hi, st);
-    compute_step<HD>(st.ws, st.x, acc);
+    zero_x(x0);
+    load_stage<true, HD, !XS>(a, rows, full_hi, w0, x0);
+    compute_step<HD, XS>(w0, x0, xs_at<XS>(xs_lane, full_hi - b.step_lo), acc);
   }
   store_tile<W>(a, acc, b.n0);
 }
 
 using GemvKernelFn = void (*)(GemvArgs);
 
-// The kernel of a plan's tile (mt, rt) and block size (warps).
+// The kernel of a plan's tile (mt, rt), block size (warps) and x source (x_smem: the 1x1 tile only).
 template <int HD, int BITS>
-GemvKernelFn mma_kernel(int mt, int rt, int warps) {
-  if (mt == 1 && rt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4> : gemv_mma_kernel<HD, BITS, 1, 1, 8>;
-  if (mt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4> : gemv_mma_kernel<HD, BITS, 1, 2, 8>;
-  return warps == 4 ? gemv_mma_kernel<HD, BITS, 2, 2, 4> : gemv_mma_kernel<HD, BITS, 2, 2, 8>;
-}
-
-GemvKernelFn mma_kernel(int x_dtype, int bits, int mt, int rt, int warps) {
-  if (x_dtype == kF16) return bits == 4 ? mma_kernel<kF16, 4>(mt, rt, warps) : mma_kernel<kF16, 8>(mt, rt, warps);
-  return bits == 4 ? mma_kernel<kBF16, 4>(mt, rt, warps) : mma_kernel<kBF16, 8>(mt, rt, warps);
-}
-
-// Blocks of this kernel resident per SM on the current device (registers decide: W4 1x1 tile 78
-// registers, 3 blocks of 8 warps or 6 of 4; W8 96-99, 2 of 8 or 5 of 4, sm_90); 0 without a GPU.
-// Cached per kernel: the register file per SM is the same (64 K) on every supported GPU.
-int blocks_per_sm(int x_dtype, int bits, int mt, int rt, int warps) {
-  static int cache[2][2][2][2][2] = {};  // dtype, bits, mt, rt, warps; 0 = not yet asked
-  int& c = cache[x_dtype == kF16][bits == 8][mt - 1][rt - 1][warps == 8];
-  if (c == 0) {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_kernel(x_dtype, bits, mt, rt, warps), warps * 32, 0) !=
-        cudaSuccess) {
-      cudaGetLastError();  // no GPU here: leave no error behind for the next launch's status
-      return 0;
-    }
-    c = n;
+GemvKernelFn mma_kernel(int mt, int rt, int warps, bool x_smem) {
+  if (mt == 1 && rt == 1 && x_smem) {
+    return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, true> : gemv_mma_kernel<HD, BITS, 1, 1, 8, true>;
   }
-  return c;
+  if (mt == 1 && rt == 1) {
+    return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, false> : gemv_mma_kernel<HD, BITS, 1, 1, 8, false>;
+  }
+  if (mt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4, false> : gemv_mma_kernel<HD, BITS, 1, 2, 8, false>;
+  return warps == 4 ? gemv_mma_kernel<HD, BITS, 2, 2, 4, false> : gemv_mma_kernel<HD, BITS, 2, 2, 8, false>;
+}
+
+GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
+  const bool xs = p.x_smem != 0;
+  if (x_dtype == kF16) return bits == 4 ? mma_kernel<kF16, 4>(p.mt, p.rt, p.warps, xs) : mma_kernel<kF16, 8>(p.mt, p.rt, p.warps, xs);
+  return bits == 4 ? mma_kernel<kBF16, 4>(p.mt, p.rt, p.warps, xs) : mma_kernel<kBF16, 8>(p.mt, p.rt, p.warps, xs);
+}
+
+// Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
+int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split) {
+  return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK));
+}
+
+// Blocks of a plan's kernel resident per SM on the current device with `smem` bytes of dynamic shared
+// memory (registers decide without: W4 1x1 tile 78 registers, 3 blocks of 8 warps or 6 of 4; W8 96-99,
+// 2 of 8 or 5 of 4, sm_90); 0 without a GPU. Cached per device, kernel and shared-memory size: the
+// plan asks on every call.
+int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  // Key: device, dtype, bits, tile, warps, x source, shared memory in 128-byte units (< 2^10).
+  const int64_t kernel = ((((static_cast<int64_t>(dev) * 2 + (x_dtype == kF16)) * 2 + (bits == 8)) * 2 + p.mt - 1) *
+                              2 + p.rt - 1) * 4 + (p.warps == 8) * 2 + (p.x_smem != 0);
+  const int64_t full_key = kernel << 10 | (smem + 127) / 128;
+  static std::mutex mu;
+  static std::unordered_map<int64_t, int> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (auto it = cache.find(full_key); it != cache.end()) return it->second;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_kernel(x_dtype, bits, p), p.warps * 32,
+                                                    static_cast<size_t>(smem)) != cudaSuccess) {
+    cudaGetLastError();  // no GPU here: leave no error behind for the next launch's status
+    return 0;            // not cached: a later call on a GPU asks again
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache[full_key] = n;
+  return n;
 }
 
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits);
-  mma_kernel(a.x_dtype, a.bits, p.mt, p.rt, p.warps)<<<grid, p.warps * 32, 0, stream>>>(a);
+  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split) : 0;
+  mma_kernel(a.x_dtype, a.bits, p)<<<grid, p.warps * 32, static_cast<size_t>(smem), stream>>>(a);
   return launch_status();
 }
 
@@ -330,27 +401,29 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_warps) {
+                        int force_warps, int force_x_smem) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
   QDPO_REQUIRE(force_warps == 0 || force_warps == 4 || force_warps == 8, kErrShape);
+  QDPO_REQUIRE(force_x_smem >= 0 && force_x_smem <= 2, kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0};
   if (!mma) return kOk;
   const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
   if (force_warps) {
     plan->warps = force_warps;
   } else if (plan->mt == 1 && plan->rt == 1) {  // measured for this tile only (README "GPU results")
-    plan->warps = gemv_auto_warps(tiles, sm_count, blocks_per_sm(x_dtype, bits, 1, 1, 8),
-                                  blocks_per_sm(x_dtype, bits, 1, 1, 4));
+    GemvPlan p8 = *plan, p4 = *plan;
+    p4.warps = 4;
+    plan->warps = gemv_auto_warps(tiles, sm_count, blocks_per_sm(x_dtype, bits, p8, 0),
+                                  blocks_per_sm(x_dtype, bits, p4, 0));
   }
-  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, plan->mt, plan->rt, plan->warps);
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
   // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
   // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
@@ -365,16 +438,21 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   splits = cdiv(steps, cdiv(steps, std::min<int64_t>(splits, steps)));  // no empty K range
   plan->splits = static_cast<int>(splits);
   plan->workspace_bytes = plan->splits > 1 ? plan->splits * m * n * 4 : 0;
+  // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block. Not yet
+  // measured on a GPU, so only when asked (force_x_smem == 2).
+  const int64_t xs_bytes = xs_smem_bytes(m, cdiv(steps, splits));
+  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 && xs_bytes <= kXsMaxBytes;
+  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_bytes : 0);
   return kOk;
 }
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_warps) {
+                   int force_warps, int force_x_smem) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_warps)) {
+                                  force_splits, force_warps, force_x_smem)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

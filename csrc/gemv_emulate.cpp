@@ -5,7 +5,8 @@
 // same gemv_fragments.cuh functions the kernel calls; the mma.sync.m16n8k16
 // instruction is emulated from the PTX ISA's fragment tables (mma_emulate.h,
 // written independently of gemv_fragments.cuh), in double.
-// The output goes through the kernel's own c_row/c_col. A wrong byte offset,
+// The output goes through the kernel's own c_row/c_col. x_smem: the activations go through the
+// shared-memory layout of the kernel's x_smem variant (xs_offset to write, xs_lane_offset to read). A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
 #include <cstring>
@@ -18,15 +19,29 @@
 namespace qdpo {
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
-                     const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y) {
+                     const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
+                     bool x_smem) {
   if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
   if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
   if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
     return fail(kErrShape, "1 <= rows, m <= 16 and K, G multiples of 32");
   }
+  if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
   std::vector<double> acc(32 * 2 * 4, 0.0);
   const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
+  // x_smem: the kernel's prologue, one range of all K steps: 8 activations at a time (zeros past K)
+  // stored as their pairs at xs_offset
+  const int krange = steps * gemv::kStepK, row_bytes = gemv::xs_row_bytes(krange);
+  std::vector<uint8_t> xs(x_smem ? gemv::xs_bytes(m, krange) : 0, 0xFF);  // 0xFF: a read of a hole shows
+  for (int row = 0; x_smem && row < m; ++row) {
+    for (int kk = 0; kk < krange; kk += 8) {
+      uint32_t xw[4] = {}, p[4];
+      if (kk < k) std::memcpy(xw, x + row * k + kk, 16);
+      gemv::x_pairs(xw, p);
+      std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(kk), p, 16);
+    }
+  }
   for (int step = 0; step < steps; ++step) {
     uint32_t a[8][32][4], b[2][8][32][2];
     for (int lane = 0; lane < 32; ++lane) {
@@ -56,7 +71,15 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
           gemv::dequant_chunk<8>(w[0], c, grid[0], x_dtype, pg);
           gemv::dequant_chunk<8>(w[1], c, grid[1], x_dtype, pg8);
         }
-        for (int mt = 0; mt < mt_count; ++mt) gemv::x_pairs(&xw[mt][4 * c], px[mt]);
+        for (int mt = 0; mt < mt_count; ++mt) {
+          if (!x_smem) {
+            gemv::x_pairs(&xw[mt][4 * c], px[mt]);
+          } else if (g < m) {  // the kernel's 16-byte shared-memory load; other lanes keep zeros
+            std::memcpy(px[mt], xs.data() + g * row_bytes + gemv::xs_lane_offset(step, t) + 16 * c, 16);
+          } else {
+            std::memset(px[mt], 0, 16);
+          }
+        }
         for (int h = 0; h < 2; ++h) {
           gemv::a_frag(pg, pg8, h, a[2 * c + h][lane]);
           for (int mt = 0; mt < mt_count; ++mt) gemv::b_frag(px[mt], h, b[mt][2 * c + h][lane]);

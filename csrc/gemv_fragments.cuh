@@ -82,6 +82,19 @@ QDPO_HD void b_frag(const uint32_t px[4], int h, uint32_t b[2]) {
   b[1] = px[2 * h + 1];
 }
 
+// x in shared memory (the kernel's x_smem variant, M <= 2): a block copies its rows of x over its K
+// range once, each 8 consecutive activations stored as their pairs P_0..P_3 (x_pairs), so a lane reads
+// a chunk's B registers with one 16-byte load and no PRMT. After every 128 bytes (64 activations)
+// come 16 bytes of padding, and rows start 32 bytes past a multiple of 128: the 4 (M = 1) or 8
+// (M = 2) lanes of one load then read distinct banks.
+QDPO_HD int xs_row_bytes(int krange) { return (krange / 64 * 144 + 127) / 128 * 128 + 32; }
+QDPO_HD int xs_bytes(int m, int krange) { return m * xs_row_bytes(krange); }
+// Byte offset in a row of the 8 activations from k_rel (a multiple of 8) of the block's range.
+QDPO_HD int xs_offset(int k_rel) { return k_rel / 64 * 144 + k_rel % 64 * 2; }
+// The same for lane t's chunk 0 at step step_rel of the range: chunk c is 16·c further, since
+// 32·(t % 2) + 8·c < 64.
+QDPO_HD int xs_lane_offset(int step_rel, int t) { return (2 * step_rel + (t >> 1)) * 144 + (t & 1) * 64; }
+
 // One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
 // s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8.
 struct RowGrid {

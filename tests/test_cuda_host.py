@@ -13,6 +13,7 @@ run too: they return before any CUDA call. What needs a GPU is in
 """
 
 import hashlib
+import functools
 import importlib.util
 import json
 import os
@@ -228,12 +229,24 @@ def test_gemv_fragment_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
     _check_emulated(C.host_gemv_mma_emulate, bits, xdtype, m, rows, k, gs)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 128, 32), (2, 7, 384, 128), (1, 16, 320, -1), (2, 13, 1088, 64)])
+def test_gemv_x_smem_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
+    """The same tile with x through the x_smem variant's shared-memory layout: pairs written at
+    xs_offset, read at xs_lane_offset + 16·chunk (a hole or an overlap would show), zeros past K (K =
+    320, 1088 end inside a step), lanes past M reading row M - 1."""
+    _check_emulated(functools.partial(C.host_gemv_mma_emulate, x_smem=True), bits, xdtype, m, rows, k, gs)
+
+
 def test_gemv_emulation_checks_its_arguments(C):
     buf = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bad shape"):
         C.host_gemv_mma_emulate(buf.data_ptr(), 48, 16, 96, 2, 4, 0, 0, 0, 1, 1, 0)  # G = 48
     with pytest.raises(ValueError, match="unsupported dtype"):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
+    with pytest.raises(ValueError, match="bad shape"):
+        C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 3, 1, 0, x_smem=True)  # M > 2
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -321,6 +334,19 @@ def test_plan_takes_forced_warps_for_every_tile(C):
     for bad in (1, 2, 6, 16, -1):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_warps=bad)
+
+
+def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
+    assert not _plan(C, m=1)["x_smem"], "not measured yet: x stays in registers by default"
+    assert [_plan(C, m=m, force_x_smem=2)["x_smem"] for m in (1, 2, 3, 16)] == [True, True, False, False]
+    assert not _plan(C, m=1, force_x_smem=1)["x_smem"]
+    # M = 2, K = 16384: 2 rows of 256 steps' pairs (36 896 bytes each) pass 48 KB; two K ranges halve it
+    assert not _plan(C, m=2, k=16384, ng=128, force_x_smem=2)["x_smem"]
+    assert _plan(C, m=2, k=16384, ng=128, force_x_smem=2, force_splits=2)["x_smem"]
+    assert _plan(C, m=1, k=16384, ng=128, force_x_smem=2)["x_smem"]
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_x_smem=bad)
 
 
 # Blocks per SM of the M <= 2 kernel (8 warps, 4 warps) in the H200 sweep's build (sm_90, nvcc 13.0,

@@ -13,6 +13,8 @@ follow the 2×-of-PyTorch rule (``conftest.assert_close_2x``). Skipped without
 a GPU (and without the built extension); ``make gpu-check`` runs them.
 """
 
+import itertools
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -140,36 +142,40 @@ def test_dequant_matmul_every_launcher_path():
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
-    """Every split-K count and block size ``benchmarks/sweep_gemv.py`` times gives the reference's
-    result (so the plan may choose any of them), for each kernel tile (M = 1, 2, 5, 16); rows past N in
-    the last tile; 3 and 6 splits leave warps without a step."""
+    """Every split-K count, block size and place of x ``benchmarks/sweep_gemv.py`` times gives the
+    reference's result (so the plan may choose any of them), for each kernel tile (M = 1, 2, 5, 16);
+    rows past N in the last tile; 3 and 6 splits leave warps without a step."""
     from qdpo.kernels import cuda
 
     qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for warps in (8, 4):
+        for warps, x_smem in itertools.product((8, 4), (False, True) if m <= 2 else (False,)):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits, warps)
-                assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"]) == (splits, warps)
-                y = cuda.dequant_matmul(x, *_args(qw), b, splits=splits, warps=warps)
-                _check_y(y, x, qw, b, f"M={m} splits={splits} warps={warps}")
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem}
+                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
+                assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"], plan["x_smem"]) == (
+                    splits, warps, x_smem)
+                y = cuda.dequant_matmul(x, *_args(qw), b, **kw)
+                _check_y(y, x, qw, b, f"M={m} {kw}")
 
 
 @pytest.mark.parametrize("gs", [32, -1])
 def test_dequant_matmul_on_a_partial_last_step(gs):
     """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add
-    exactly nothing — for both block sizes, one range and two, one and two rows of x."""
+    exactly nothing — for both block sizes, one range and two, one and two rows of x, x in registers
+    and in shared memory."""
     from qdpo.kernels import cuda
 
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
     for m in (1, 2, 7):
         x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
-        for warps in (8, 4):
+        for warps, x_smem in itertools.product((8, 4), (False, True) if m <= 2 else (False,)):
             for splits in (1, 2):
-                y = cuda.dequant_matmul(x, *_args(qw), splits=splits, warps=warps)
-                _check_y(y, x, qw, None, f"M={m} splits={splits} warps={warps}")
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem}
+                y = cuda.dequant_matmul(x, *_args(qw), **kw)
+                _check_y(y, x, qw, None, f"M={m} {kw}")
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])

@@ -221,15 +221,20 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
+def _x_smem_code(x_smem: bool | None) -> int:
+    """The C++ plan's force_x_smem: 0 its own choice, 1 x in registers, 2 x in shared memory."""
+    return 0 if x_smem is None else 2 if x_smem else 1
+
+
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
-              warps: int = 0) -> dict:
+              warps: int = 0, x_smem: bool | None = None) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    warps per block and the resident blocks per SM it expects; ``splits`` / ``warps`` > 0 force those
-    (benchmarks)."""
+    warps per block, the resident blocks per SM it expects and where x sits; ``splits`` / ``warps`` > 0
+    and ``x_smem`` not None force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits, warps)
+                                  _sm_count(x2.device.index), splits, warps, _x_smem_code(x_smem))
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -242,14 +247,16 @@ PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_ma
 
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
-                   warps: int = 0):
+                   warps: int = 0, x_smem: bool | None = None):
     """``x @ ŵᵀ (+ bias)`` in x's dtype.
 
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
     "workspace" (ŵ once, then cuBLAS; the default above), "gemm" (the hand-written tensor-core GEMM,
     any M; fp16/bf16 x, K % 64 == 0, G % 32 == 0, 16-byte aligned x and weight rows).
     ``splits`` (> 0) overrides the GEMV's split-K count and ``warps`` (4 or 8) its warps per block;
-    ``benchmarks/sweep_gemv.py`` sweeps them. 0 lets the plan choose.
+    ``x_smem=True`` has it copy x to shared memory first (M <= 2, where the copy fits 48 KB; not yet
+    measured on a GPU, so the plan keeps x in registers unless asked). ``benchmarks/sweep_gemv.py``
+    sweeps them. 0 / None lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -284,13 +291,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
-    plan = gemv_plan(x2, qweight, scales, bits, splits, warps)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             b_code, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits, force_warps=warps)
+            _sm_count(dev.index), force_splits=splits, force_warps=warps, force_x_smem=_x_smem_code(x_smem))
     return y.reshape(*x.shape[:-1], n)
 
 
