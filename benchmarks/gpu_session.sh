@@ -11,12 +11,14 @@
 set -u
 OUT_DIR=${1:-benchmarks/results/gpu-check}
 PY=${PYTHON:-python3}
-TESTS_S=${TESTS_S:-200}
+TESTS_S=${TESTS_S:-180}
 BENCH_S=${BENCH_S:-160}
 SANITIZER_S=${SANITIZER_S:-40}
-SWEEP_S=${SWEEP_S:-110}
-SWEEP_ARGS=${SWEEP_ARGS:-}     # e.g. "--ms 1 --splits 1 2 4": M = 1 only, fewer split counts (x in registers
-                               # and in shared memory both, unless --x-smem registers|smem)
+SWEEP_S=${SWEEP_S:-140}
+# The sweep's default here: M = 1 and 16, one K range (the plan's choice on every weight with N >= 4096),
+# both block sizes, x in registers and in shared memory (M = 1), the scale in ŵ and after the mma:
+# the open choices of the GEMV plan. SWEEP_ARGS= (empty) sweeps everything (a longer SWEEP_S).
+SWEEP_ARGS=${SWEEP_ARGS-"--ms 1 16 --splits 1"}
 PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)
 GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench
 WORKERS=${WORKERS:-8}

@@ -7,8 +7,9 @@ is preceded by a line naming it, and ncu reports the kernels in launch order::
         --section MemoryWorkloadAnalysis python benchmarks/profile_gemv.py
 
 Each case is a weight of ``common.SHAPES`` (default square-8192), a format of
-``bench_dequant_matmul.FORMATS``, M, and the warps per block that ``qdpo.kernels.cuda`` forces
-(the GPU tests check each against the reference).
+``bench_dequant_matmul.FORMATS``, M, and the launch choices that ``qdpo.kernels.cuda`` forces
+(warps per block, x in shared memory, the scale after the mma; the GPU tests check each against
+the reference).
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
-CASES = (  # (format, M, warps per block); 0 warps: bf16 F.linear, "gemm": the prefill GEMM (path="gemm")
-    ("W4g128", 1, 0), ("W4g128", 1, 8), ("W4g128", 1, 4), ("W8", 1, 8), ("W8", 1, 4), ("W4g128", 16, 8),
-    ("W4g128", 4096, 0), ("W4g128", 4096, "gemm"),
+LINEAR, GEMM = "bf16 F.linear", "prefill GEMM"
+CASES = (  # (format, M, what): bf16 F.linear, the prefill GEMM (path="gemm"), or the GEMV's forced choices
+    ("W4g128", 1, LINEAR), ("W4g128", 1, {"warps": 8}), ("W4g128", 1, {"warps": 4}),
+    ("W4g128", 1, {"warps": 8, "x_smem": True}), ("W4g128", 1, {"warps": 8, "scale_after": True}),
+    ("W4g128", 1, {"warps": 8, "x_smem": True, "scale_after": True}),
+    ("W8", 1, {"warps": 8}), ("W8", 1, {"warps": 4}), ("W8", 1, {"warps": 8, "x_smem": True, "scale_after": True}),
+    ("W4g128", 16, {"warps": 8}), ("W4g128", 16, {"warps": 8, "scale_after": True}),
+    ("W4g128", 4096, LINEAR), ("W4g128", 4096, GEMM),
 )
 
 
@@ -40,20 +46,20 @@ def main(argv=None) -> int:
     from qdpo.kernels import cuda
 
     n, k = common.SHAPES[args.shape]
-    for fmt, m, warps in CASES:
+    for fmt, m, what in CASES:
         w, packed = bdm._weight(n, k, *bdm.FORMATS[fmt])
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         torch.cuda.synchronize()
-        if not warps:
+        if what == LINEAR:
             print(f"== launch: {args.shape} bf16 F.linear M={m}", flush=True)
             F.linear(x, w)
-        elif warps == "gemm":
+        elif what == GEMM:
             print(f"== launch: {args.shape} {fmt} M={m} prefill GEMM", flush=True)
             cuda.dequant_matmul(x, *packed, path="gemm")
         else:
-            print(f"== launch: {args.shape} {fmt} M={m} warps={warps} "
-                  f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], 0, warps)}", flush=True)
-            cuda.dequant_matmul(x, *packed, warps=warps)
+            print(f"== launch: {args.shape} {fmt} M={m} {what} "
+                  f"{cuda.gemv_plan(x, packed[0], packed[1], packed[3], **what)}", flush=True)
+            cuda.dequant_matmul(x, *packed, **what)
         torch.cuda.synchronize()
     return 0
 

@@ -1,11 +1,12 @@
-"""Sweep of the cuda backend's decode GEMV launch choices (GPU only): split-K count, warps per block, x source.
+"""Sweep of the cuda backend's decode GEMV launch choices (GPU only).
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits``, blocks of 8 and of 4 warps
-and, at M <= 2, x in registers and in shared memory (``x_smem``) next to the plan's own choice ("auto") and bf16 ``F.linear``, all back to back in one CUDA
-graph over copies of the weight that overflow twice the L2 cache
-(``common.graph_batch``). Every forced variant's output is checked against the
-auto plan's first. The data behind the plan rule in
+and, at M <= 2, x in registers and in shared memory (``x_smem``), each with the scale in ŵ and
+after the mma (``scale_after``, where the group size allows), next to the plan's own choice
+("auto") and bf16 ``F.linear``, all back to back in one CUDA graph over copies of the weight that
+overflow twice the L2 cache (``common.graph_batch``). Every forced variant's output is checked
+against the auto plan's first. The data behind the plan rules in
 ``csrc/dequant_matmul_gemv.cu``::
 
     python benchmarks/sweep_gemv.py --out benchmarks/results/gpu-check
@@ -31,6 +32,7 @@ FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 WARPS = (8, 4)  # warps per block
 X_SMEM = (False, True)  # x in registers, x copied to shared memory first (M <= 2)
+SCALE_AFTER = (False, True)  # the scale in ŵ, or on each step's fp32 sums (G % 128 == 0 or G = K)
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), help="split-K counts to time")
     p.add_argument("--x-smem", choices=["both", "registers", "smem"], default="both",
                    help="where x sits in the forced M <= 2 variants")
+    p.add_argument("--scale-after", choices=["both", "off", "on"], default="both",
+                   help="where the scale is applied in the forced variants")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -60,7 +64,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     x_sources = {"both": X_SMEM, "registers": (False,), "smem": (True,)}[args.x_smem]
-    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   best forced µs (splits, warps, x_smem)")
+    scale_places = {"both": SCALE_AFTER, "off": (False,), "on": (True,)}[args.scale_after]
+    print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
+          "best forced µs (splits, warps, x_smem, scale_after)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             if time.time() - t0 > args.time_limit_s:
@@ -77,19 +83,21 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for warps, sp, xs in itertools.product(WARPS, args.splits, x_sources if m <= 2 else (False,)):
-                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs)
-                    if plan["splits"] != sp or plan["x_smem"] != xs:
-                        continue  # K steps do not divide into sp ranges, or x does not fit 48 KB: the plan says
-                    kw = {"splits": sp, "warps": warps, "x_smem": xs}
+                for warps, sp, xs, sa in itertools.product(WARPS, args.splits, x_sources if m <= 2 else (False,),
+                                                           scale_places):
+                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs, sa)
+                    if (plan["splits"], plan["x_smem"], plan["scale_after"]) != (sp, xs, sa):
+                        continue  # K steps do not divide into sp ranges, x does not fit 48 KB, G < 128: the plan says
+                    kw = {"splits": sp, "warps": warps, "x_smem": xs, "scale_after": sa}
                     got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                     ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
                     row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
+                how = ", ".join(str(best[key]) for key in ("splits", "warps", "x_smem", "scale_after"))
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
-                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({best['splits']}, {best['warps']}, {best['x_smem']})"
+                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({how})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:

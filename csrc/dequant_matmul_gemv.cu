@@ -31,6 +31,10 @@
 // keeps only weights in registers (W4: 48-55 registers instead of 78, 5 blocks of
 // 8 warps per SM instead of 3) and spends ~11 % fewer instructions per step
 // (static SASS counts, sm_90).
+// scale_after (opt-in, G a multiple of 128 or one group per row, not yet measured
+// on a GPU): the mma takes the exact integers q - z and each step's fp32 sums are
+// multiplied by the row's scale after it (gemv_fragments.cuh: w4_centered_pair),
+// which drops the HMUL2 of every pair; y is then more exact than x.dtype's ŵ.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -141,45 +145,52 @@ __device__ __forceinline__ void zero_x(uint32_t (&x)[MT][16]) {
   }
 }
 
-// The lane's codes and grids of its weight rows at step `step`.
-template <bool TAIL, int HD, int BITS, int MT, int RT>
+// The lane's codes and grids of its weight rows at step `step`. SA (scale-after): the whole step is
+// one group, and the scale multiplies the lane's accumulators, which hold all four lanes' codes: a
+// lane past K in the last step takes the step's scale too, with codes and zero point 0 (q - z = 0).
+template <bool TAIL, int HD, bool SA, int BITS, int MT, int RT>
 __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
                                        WStage<BITS, RT>& st) {
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
-  const int grp = group_of(a, kl);
+  const int grp = group_of(a, SA ? step * gemv::kStepK : kl);
+  const uint16_t* scales = static_cast<const uint16_t*>(a.s);  // in x.dtype on this path
   QDPO_UNROLL
   for (int rt = 0; rt < RT; ++rt) {
     QDPO_UNROLL
     for (int h = 0; h < 2; ++h) {
+      const int p = rows.p[rt][h] + grp;
       if (TAIL && kl >= a.k) {
         QDPO_UNROLL
         for (int i = 0; i < BITS; ++i) st.w[rt][h][i] = 0u;
-        st.grid[rt][h] = gemv::row_grid_bits(0u, 0u, HD);  // s = 0: ŵ = 0
+        st.grid[rt][h] = gemv::row_grid_bits(SA ? scales[p] : 0u, 0u, HD);  // q = z = 0 (else s = 0): ŵ = 0
         continue;
       }
       const uint8_t* src = a.q + (rows.q[rt][h] + (static_cast<unsigned>(kl) * BITS >> 3));
       load16_stream(st.w[rt][h], src);
       if (BITS == 8) load16_stream(st.w[rt][h] + 4, src + 16);
-      const int p = rows.p[rt][h] + grp;  // scales in x.dtype on this path
-      st.grid[rt][h] = gemv::row_grid_bits(static_cast<const uint16_t*>(a.s)[p], a.z[p], HD);
+      st.grid[rt][h] = gemv::row_grid_bits(scales[p], a.z[p], HD);
     }
   }
 }
 
 // One step's loads: weights, and x too unless it sits in shared memory (X = false).
-template <bool TAIL, int HD, bool X = true, int BITS, int MT, int RT>
+template <bool TAIL, int HD, bool SA, bool X = true, int BITS, int MT, int RT>
 __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
                                            WStage<BITS, RT>& ws, uint32_t (&x)[MT][16]) {
   if constexpr (X) load_x<TAIL>(a, rows, step, x);
-  load_w<TAIL, HD>(a, rows, step, ws);
+  load_w<TAIL, HD, SA>(a, rows, step, ws);
 }
 
 // One step's math. The x pairs come from the stage's registers, or with XS (x_smem, MT = 1) from one
-// 16-byte shared-memory load per chunk at xs_lane (the lane's row and step, see fill_xs).
-template <int HD, bool XS, int BITS, int MT, int RT>
+// 16-byte shared-memory load per chunk at xs_lane (the lane's row and step, see fill_xs). SA
+// (scale-after): the mma sums q - z times x over the step into fresh accumulators, then each is
+// multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8).
+template <int HD, bool XS, bool SA, int BITS, int MT, int RT>
 __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
                                              const uint8_t* xs_lane, float (&acc)[RT][MT][4]) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel");
+  float step_acc[RT][MT][4] = {};  // SA only
+  float (&sum)[RT][MT][4] = SA ? step_acc : acc;
   QDPO_UNROLL
   for (int c = 0; c < gemv::kChunks; ++c) {
     uint32_t px[MT][4];
@@ -193,8 +204,8 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       uint32_t pg[4], pg8[4];
-      gemv::dequant_chunk<BITS>(st.w[rt][0], c, st.grid[rt][0], HD, pg);
-      gemv::dequant_chunk<BITS>(st.w[rt][1], c, st.grid[rt][1], HD, pg8);
+      gemv::dequant_chunk<BITS, SA>(st.w[rt][0], c, st.grid[rt][0], HD, pg);
+      gemv::dequant_chunk<BITS, SA>(st.w[rt][1], c, st.grid[rt][1], HD, pg8);
       QDPO_UNROLL
       for (int h = 0; h < 2; ++h) {
         uint32_t af[4];
@@ -203,8 +214,18 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t bf[2];
           gemv::b_frag(px[mt], h, bf);
-          mma16816<HD>(acc[rt][mt], af, bf[0], bf[1]);
+          mma16816<HD>(sum[rt][mt], af, bf[0], bf[1]);
         }
+      }
+    }
+  }
+  if constexpr (SA) {
+    QDPO_UNROLL
+    for (int rt = 0; rt < RT; ++rt) {
+      QDPO_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        QDPO_UNROLL
+        for (int i = 0; i < 4; ++i) acc[rt][mt][i] = fmaf(st.grid[rt][i >> 1].sf, step_acc[rt][mt][i], acc[rt][mt][i]);
       }
     }
   }
@@ -277,7 +298,7 @@ __device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, u
 // W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
 // more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; W4 1x1 tile:
 // 78 registers, 3 blocks of 8 warps or 6 of 4; W8: 96-99, 2 of 8 or 5 of 4).
-template <int HD, int BITS, int MT, int RT, int W, bool XS>
+template <int HD, int BITS, int MT, int RT, int W, bool XS, bool SA>
 __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
   const BlockWork b = block_work<RT>(a);
   float acc[RT][MT][4] = {};
@@ -294,52 +315,58 @@ __global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
     const int lane = threadIdx.x & 31;
     xs_lane = reinterpret_cast<const uint8_t*>(xs_smem) + min(lane >> 2, a.m - 1) * row_bytes +
               gemv::xs_lane_offset(0, lane & 3);
-    if (b.first < full_hi) load_w<false, HD>(a, rows, b.first, w0);  // in flight during the copy
+    if (b.first < full_hi) load_w<false, HD, SA>(a, rows, b.first, w0);  // in flight during the copy
     fill_xs<W>(a, b, reinterpret_cast<uint8_t*>(xs_smem), row_bytes);
     __syncthreads();
   }
   if (b.first < full_hi) {
     if constexpr (!XS) {
       zero_x(x0), zero_x(x1);
-      load_stage<false, HD>(a, rows, b.first, w0, x0);
+      load_stage<false, HD, SA>(a, rows, b.first, w0, x0);
     }
     for (int step = b.first;; step += 2 * W) {
-      if (step + W < full_hi) load_stage<false, HD, !XS>(a, rows, step + W, w1, x1);
-      compute_step<HD, XS>(w0, x0, xs_at<XS>(xs_lane, step - b.step_lo), acc);
+      if (step + W < full_hi) load_stage<false, HD, SA, !XS>(a, rows, step + W, w1, x1);
+      compute_step<HD, XS, SA>(w0, x0, xs_at<XS>(xs_lane, step - b.step_lo), acc);
       if (step + W >= full_hi) break;
-      if (step + 2 * W < full_hi) load_stage<false, HD, !XS>(a, rows, step + 2 * W, w0, x0);
-      compute_step<HD, XS>(w1, x1, xs_at<XS>(xs_lane, step + W - b.step_lo), acc);
+      if (step + 2 * W < full_hi) load_stage<false, HD, SA, !XS>(a, rows, step + 2 * W, w0, x0);
+      compute_step<HD, XS, SA>(w1, x1, xs_at<XS>(xs_lane, step + W - b.step_lo), acc);
       if (step + 2 * W >= full_hi) break;
     }
   }
   // The last step of a K that is not a multiple of 128, by the warp whose turn it is.
   if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % W == 0) {
     zero_x(x0);
-    load_stage<true, HD, !XS>(a, rows, full_hi, w0, x0);
-    compute_step<HD, XS>(w0, x0, xs_at<XS>(xs_lane, full_hi - b.step_lo), acc);
+    load_stage<true, HD, SA, !XS>(a, rows, full_hi, w0, x0);
+    compute_step<HD, XS, SA>(w0, x0, xs_at<XS>(xs_lane, full_hi - b.step_lo), acc);
   }
   store_tile<W>(a, acc, b.n0);
 }
 
 using GemvKernelFn = void (*)(GemvArgs);
 
-// The kernel of a plan's tile (mt, rt), block size (warps) and x source (x_smem: the 1x1 tile only).
+// The kernel of a plan: tile (mt, rt), block size (warps), x source (x_smem: the 1x1 tile only) and
+// where the scale is applied (scale_after).
+template <int HD, int BITS, int MT, int RT, bool XS, bool SA>
+GemvKernelFn pick_warps(int warps) {
+  return warps == 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SA> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SA>;
+}
+
+template <int HD, int BITS, bool SA>
+GemvKernelFn pick_tile(const GemvPlan& p) {
+  if (p.mt == 1 && p.rt == 1) {
+    return p.x_smem ? pick_warps<HD, BITS, 1, 1, true, SA>(p.warps) : pick_warps<HD, BITS, 1, 1, false, SA>(p.warps);
+  }
+  return p.mt == 1 ? pick_warps<HD, BITS, 1, 2, false, SA>(p.warps) : pick_warps<HD, BITS, 2, 2, false, SA>(p.warps);
+}
+
 template <int HD, int BITS>
-GemvKernelFn mma_kernel(int mt, int rt, int warps, bool x_smem) {
-  if (mt == 1 && rt == 1 && x_smem) {
-    return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, true> : gemv_mma_kernel<HD, BITS, 1, 1, 8, true>;
-  }
-  if (mt == 1 && rt == 1) {
-    return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, false> : gemv_mma_kernel<HD, BITS, 1, 1, 8, false>;
-  }
-  if (mt == 1) return warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4, false> : gemv_mma_kernel<HD, BITS, 1, 2, 8, false>;
-  return warps == 4 ? gemv_mma_kernel<HD, BITS, 2, 2, 4, false> : gemv_mma_kernel<HD, BITS, 2, 2, 8, false>;
+GemvKernelFn pick_scale(const GemvPlan& p) {
+  return p.scale_after ? pick_tile<HD, BITS, true>(p) : pick_tile<HD, BITS, false>(p);
 }
 
 GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
-  const bool xs = p.x_smem != 0;
-  if (x_dtype == kF16) return bits == 4 ? mma_kernel<kF16, 4>(p.mt, p.rt, p.warps, xs) : mma_kernel<kF16, 8>(p.mt, p.rt, p.warps, xs);
-  return bits == 4 ? mma_kernel<kBF16, 4>(p.mt, p.rt, p.warps, xs) : mma_kernel<kBF16, 8>(p.mt, p.rt, p.warps, xs);
+  if (x_dtype == kF16) return bits == 4 ? pick_scale<kF16, 4>(p) : pick_scale<kF16, 8>(p);
+  return bits == 4 ? pick_scale<kBF16, 4>(p) : pick_scale<kBF16, 8>(p);
 }
 
 // Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
@@ -357,9 +384,9 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     cudaGetLastError();
     return 0;
   }
-  // Key: device, dtype, bits, tile, warps, x source, shared memory in 128-byte units (< 2^10).
+  // Key: device, dtype, bits, tile, warps, x source, scale, shared memory in 128-byte units (< 2^10).
   const int64_t kernel = ((((static_cast<int64_t>(dev) * 2 + (x_dtype == kF16)) * 2 + (bits == 8)) * 2 + p.mt - 1) *
-                              2 + p.rt - 1) * 4 + (p.warps == 8) * 2 + (p.x_smem != 0);
+                              2 + p.rt - 1) * 8 + (p.warps == 8) * 4 + (p.x_smem != 0) * 2 + (p.scale_after != 0);
   const int64_t full_key = kernel << 10 | (smem + 127) / 128;
   static std::mutex mu;
   static std::unordered_map<int64_t, int> cache;
@@ -401,7 +428,7 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_warps, int force_x_smem) {
+                        int force_warps, int force_x_smem, int force_scale_after) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
@@ -409,12 +436,16 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
   QDPO_REQUIRE(force_warps == 0 || force_warps == 4 || force_warps == 8, kErrShape);
   QDPO_REQUIRE(force_x_smem >= 0 && force_x_smem <= 2, kErrShape);
+  QDPO_REQUIRE(force_scale_after >= 0 && force_scale_after <= 2, kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0};
   if (!mma) return kOk;
+  // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
+  // asked (force_scale_after == 2).
+  plan->scale_after = force_scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
   const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
   if (force_warps) {
     plan->warps = force_warps;
@@ -449,10 +480,10 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_warps, int force_x_smem) {
+                   int force_warps, int force_x_smem, int force_scale_after) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_warps, force_x_smem)) {
+                                  force_splits, force_warps, force_x_smem, force_scale_after)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

@@ -6,9 +6,12 @@
 // instruction is emulated from the PTX ISA's fragment tables (mma_emulate.h,
 // written independently of gemv_fragments.cuh), in double.
 // The output goes through the kernel's own c_row/c_col. x_smem: the activations go through the
-// shared-memory layout of the kernel's x_smem variant (xs_offset to write, xs_lane_offset to read). A wrong byte offset,
+// shared-memory layout of the kernel's x_smem variant (xs_offset to write, xs_lane_offset to read).
+// scale_after: the mma takes q - z and each step's sums are multiplied by the row's scale after it,
+// with the scale taken from the step's first code (lanes past K too), as the kernel does. A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -20,7 +23,7 @@ namespace qdpo {
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem) {
+                     bool x_smem, bool scale_after) {
   if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
   if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
   if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
@@ -28,7 +31,9 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
   }
   if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
-  std::vector<double> acc(32 * 2 * 4, 0.0);
+  if (scale_after && ng != 1 && g_size % gemv::kStepK) return fail(kErrShape, "scale_after: G % 128 == 0 or G == K");
+  std::vector<double> acc(32 * 2 * 4, 0.0), step_acc(32 * 2 * 4, 0.0);
+  float lane_sf[32][2];  // scale_after: the lane's row scales of the step
   const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
   // x_smem: the kernel's prologue, one range of all K steps: 8 activations at a time (zeros past K)
   // stored as their pairs at xs_offset
@@ -46,6 +51,7 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
     uint32_t a[8][32][4], b[2][8][32][2];
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane >> 2, t = lane & 3, kl = gemv::lane_k(step, t);
+      const int grp = (scale_after ? step * gemv::kStepK : kl) / g_size;
       const bool kin = kl < k;
       uint32_t w[2][8] = {}, xw[2][16] = {};
       gemv::RowGrid grid[2];
@@ -54,9 +60,12 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
         float s = 0.f, z = 0.f;
         if (kin && n < rows) {
           std::memcpy(w[h], qweight + n * stride_qn + kl * bits / 8, bits == 4 ? 16 : 32);
-          s = scales[n * ng + kl / g_size], z = zeros[n * ng + kl / g_size];
+          s = scales[n * ng + grp], z = zeros[n * ng + grp];
+        } else if (scale_after && n < rows) {
+          s = scales[n * ng + grp];  // codes and zero point 0
         }
         grid[h] = gemv::row_grid(s, z, x_dtype);
+        lane_sf[lane][h] = grid[h].sf;
       }
       for (int mt = 0; mt < mt_count; ++mt) {
         const int row = g + 8 * mt;
@@ -64,12 +73,15 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
       }
       for (int c = 0; c < gemv::kChunks; ++c) {  // the kernel's compute_stage
         uint32_t pg[4], pg8[4], px[2][4];
-        if (bits == 4) {
-          gemv::dequant_chunk<4>(w[0], c, grid[0], x_dtype, pg);
-          gemv::dequant_chunk<4>(w[1], c, grid[1], x_dtype, pg8);
-        } else {
-          gemv::dequant_chunk<8>(w[0], c, grid[0], x_dtype, pg);
-          gemv::dequant_chunk<8>(w[1], c, grid[1], x_dtype, pg8);
+        for (int h = 0; h < 2; ++h) {
+          uint32_t* out = h ? pg8 : pg;
+          if (bits == 4) {
+            scale_after ? gemv::dequant_chunk<4, true>(w[h], c, grid[h], x_dtype, out)
+                        : gemv::dequant_chunk<4>(w[h], c, grid[h], x_dtype, out);
+          } else {
+            scale_after ? gemv::dequant_chunk<8, true>(w[h], c, grid[h], x_dtype, out)
+                        : gemv::dequant_chunk<8>(w[h], c, grid[h], x_dtype, out);
+          }
         }
         for (int mt = 0; mt < mt_count; ++mt) {
           if (!x_smem) {
@@ -86,11 +98,16 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
         }
       }
     }
+    std::vector<double>& sum = scale_after ? step_acc : acc;
+    if (scale_after) std::fill(step_acc.begin(), step_acc.end(), 0.0);
     for (int j = 0; j < 8; ++j) {
       for (int mt = 0; mt < mt_count; ++mt) {
-        double(*acc_mt)[4] = reinterpret_cast<double(*)[4]>(acc.data() + mt * 32 * 4);
-        mma_emulate(a[j], b[mt][j], x_dtype, acc_mt);
+        double(*sum_mt)[4] = reinterpret_cast<double(*)[4]>(sum.data() + mt * 32 * 4);
+        mma_emulate(a[j], b[mt][j], x_dtype, sum_mt);
       }
+    }
+    for (int e = 0; scale_after && e < 2 * 32 * 4; ++e) {  // e = (mt · 32 + lane) · 4 + i
+      acc[e] += static_cast<double>(lane_sf[(e / 4) % 32][(e % 4) >> 1]) * step_acc[e];
     }
   }
   for (int lane = 0; lane < 32; ++lane) {  // the kernel's epilogue map

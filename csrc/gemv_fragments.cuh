@@ -96,11 +96,13 @@ QDPO_HD int xs_offset(int k_rel) { return k_rel / 64 * 144 + k_rel % 64 * 2; }
 QDPO_HD int xs_lane_offset(int step_rel, int t) { return (2 * step_rel + (t >> 1)) * 144 + (t & 1) * 64; }
 
 // One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
-// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8.
+// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8, and s in fp32 (sf) for
+// the scale-after variant.
 struct RowGrid {
   uint32_t s2;
   uint32_t zb2;
   float zf;
+  float sf;
 };
 
 QDPO_HD uint16_t to_h_bits(float v, int hdtype) { return hdtype == kF16 ? f32_to_f16_bits(v) : f32_to_bf16_bits(v); }
@@ -114,7 +116,8 @@ QDPO_HD uint32_t h_bias(int hdtype) { return hdtype == kF16 ? kF16Bias : kBF16Bi
 // fp16, z < 128 for bf16, so W4's z < 16 is exact in both). A row that is out
 // of range gets s = 0, z = 0: every ŵ of it is then exactly 0.
 QDPO_HD RowGrid row_grid_bits(uint32_t s_bits, uint32_t z, int hdtype) {
-  return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, 8388608.f + static_cast<float>(z)};
+  return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, 8388608.f + static_cast<float>(z),
+          from_h_bits(s_bits & 0xFFFFu, hdtype)};
 }
 QDPO_HD RowGrid row_grid(float s, float z, int hdtype) {
   return row_grid_bits(to_h_bits(s, hdtype), static_cast<uint32_t>(z), hdtype);
@@ -165,18 +168,47 @@ QDPO_HD uint32_t w8_dequant_pair(float lo_biased, float hi_biased, const RowGrid
 #endif
 }
 
+// Scale-after variant (G a multiple of the 128-code step, or one group per row): the mma takes
+// the exact integers q - z, and the step's fp32 sums are multiplied by s (RowGrid::sf) after it, so
+// a pair costs no HMUL2. W4: (v - zb) per half, one HSUB2; W8: (q - z) from fp32, exact in both
+// 16-bit types. y is then Σ_groups s · Σ_k (q - z) · x in fp32: ŵ is never rounded to x.dtype,
+// which keeps it closer to the exact product than the reference's own x.dtype result.
+QDPO_HD uint32_t w4_centered_pair(uint32_t v, const RowGrid& r, int hdtype) {
+#if defined(__CUDA_ARCH__)
+  if (hdtype == kF16) return h2_bits(__hsub2(as_h2<__half2>(v), as_h2<__half2>(r.zb2)));
+  return h2_bits(__hsub2(as_h2<__nv_bfloat162>(v), as_h2<__nv_bfloat162>(r.zb2)));
+#else
+  const float zb = from_h_bits(r.zb2 & 0xFFFFu, hdtype);
+  return to_h_bits(from_h_bits(v & 0xFFFFu, hdtype) - zb, hdtype) |
+         (static_cast<uint32_t>(to_h_bits(from_h_bits(v >> 16, hdtype) - zb, hdtype)) << 16);
+#endif
+}
+QDPO_HD uint32_t w8_centered_pair(float lo_biased, float hi_biased, const RowGrid& r, int hdtype) {
+  const float lo = lo_biased - r.zf, hi = hi_biased - r.zf;
+#if defined(__CUDA_ARCH__)
+  if (hdtype == kF16) return h2_bits(__floats2half2_rn(lo, hi));
+  return h2_bits(__floats2bfloat162_rn(lo, hi));
+#else
+  return to_h_bits(lo, hdtype) | (static_cast<uint32_t>(to_h_bits(hi, hdtype)) << 16);
+#endif
+}
+
 // The 4 ŵ pairs of chunk c (codes 8c .. 8c+7 of a lane's 32): `words` is the
-// lane's row data (4 words of W4, 8 words of W8).
-template <int BITS>
+// lane's row data (4 words of W4, 8 words of W8). SA: the pairs of q - z (scale-after variant).
+template <int BITS, bool SA = false>
 QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int hdtype, uint32_t p[4]) {
   if (BITS == 4) {
     const uint32_t bias = h_bias(hdtype);
     QDPO_UNROLL
-    for (int i = 0; i < 4; ++i) p[i] = w4_dequant_pair(w4_pair_biased(words[c], i, bias), r, hdtype);
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t v = w4_pair_biased(words[c], i, bias);
+      p[i] = SA ? w4_centered_pair(v, r, hdtype) : w4_dequant_pair(v, r, hdtype);
+    }
   } else {
     QDPO_UNROLL
     for (int i = 0; i < 4; ++i) {
-      p[i] = w8_dequant_pair(w8_biased(words[2 * c], i), w8_biased(words[2 * c + 1], i), r, hdtype);
+      const float lo = w8_biased(words[2 * c], i), hi = w8_biased(words[2 * c + 1], i);
+      p[i] = SA ? w8_centered_pair(lo, hi, r, hdtype) : w8_dequant_pair(lo, hi, r, hdtype);
     }
   }
 }

@@ -204,9 +204,10 @@ def test_lsq_term_matches_reference(C, bits):
 
 
 # --------------------------------------------------------------------------- GEMV and GEMM data flow
-def _check_emulated(emulate, bits, xdtype, m, rows, k, gs):
+def _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=False):
     """``emulate`` (a host emulation of a tensor-core kernel's data flow) equals x @ ŵᵀ with ŵ rounded
-    to x.dtype (fp64 sums; only their order differs), and a zero weight row gives exactly 0."""
+    to x.dtype (fp64 sums; only their order differs) — or, ``exact_w``, with ŵ = (q - z) · s exact —
+    and a zero weight row gives exactly 0."""
     w = randn(rows, k, xdtype, seed=m + k)
     w[rows // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
     qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
@@ -215,7 +216,9 @@ def _check_emulated(emulate, bits, xdtype, m, rows, k, gs):
     sf, xb = s.float().contiguous(), x.view(torch.int16).contiguous()
     emulate(qw.data_ptr(), qw.stride(0), rows, k, s.shape[1], bits, sf.data_ptr(), z.data_ptr(), xb.data_ptr(), m,
             CODES[x.dtype], y.data_ptr())
-    want = x.double() @ ref.dequantize(qw, s, z, bits, xdtype).double().t()
+    w_hat = ref.dequantize(qw, s.double(), z, bits, torch.float64) if exact_w else ref.dequantize(qw, s, z, bits,
+                                                                                                 xdtype)
+    want = x.double() @ w_hat.double().t()
     torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     assert y[:, rows // 2].eq(0).all()
 
@@ -239,6 +242,19 @@ def test_gemv_x_smem_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
     _check_emulated(functools.partial(C.host_gemv_mma_emulate, x_smem=True), bits, xdtype, m, rows, k, gs)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs,x_smem", [(1, 16, 384, 128, False), (3, 7, 512, 256, False),
+                                                (16, 13, 320, -1, False), (9, 16, 640, -1, False),
+                                                (2, 16, 1056, -1, True), (1, 11, 768, 128, True)])
+def test_gemv_scale_after_flow_matches_exact_products(C, bits, xdtype, m, rows, k, gs, x_smem):
+    """The scale-after variant: the mma sums q - z, each step's sums times the row's scale. Its y is
+    x @ ((q - z) · s)ᵀ with ŵ never rounded to x.dtype (the x.dtype-rounded ŵ is about 2⁻⁹ off and
+    fails this tolerance); K = 320, 1056 end inside a step, whose lanes past K take the step's scale."""
+    emulate = functools.partial(C.host_gemv_mma_emulate, x_smem=x_smem, scale_after=True)
+    _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=True)
+
+
 def test_gemv_emulation_checks_its_arguments(C):
     buf = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bad shape"):
@@ -247,6 +263,8 @@ def test_gemv_emulation_checks_its_arguments(C):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, 0, 0)  # fp32 x
     with pytest.raises(ValueError, match="bad shape"):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 3, 1, 0, x_smem=True)  # M > 2
+    with pytest.raises(ValueError, match="bad shape"):
+        C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 2, 4, 0, 0, 0, 1, 1, 0, scale_after=True)  # G = 64
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -347,6 +365,20 @@ def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_x_smem=bad)
+
+
+def test_plan_scales_after_the_mma_only_when_asked_and_the_groups_allow(C):
+    assert not _plan(C)["scale_after"], "not measured yet: the scale stays in ŵ by default"
+    # K = 4096: G = 128 (ng 32), 256 (16), K (1) allow it; G = 64 (ng 64) and 32 (128) span a step's lanes
+    assert [_plan(C, ng=ng, force_scale_after=2)["scale_after"] for ng in (32, 16, 1, 64, 128)] == [
+        True, True, True, False, False]
+    assert _plan(C, k=320, ng=1, force_scale_after=2)["scale_after"], "G = K, not a multiple of 128"
+    assert all(_plan(C, m=m, bits=bits, force_scale_after=2)["scale_after"] for m in (1, 3, 16) for bits in (4, 8))
+    assert not _plan(C, force_scale_after=1)["scale_after"]
+    assert _plan(C, xdtype=torch.float32, force_scale_after=2)["kernel"] == "fma"
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_scale_after=bad)
 
 
 # Blocks per SM of the M <= 2 kernel (8 warps, 4 warps) in the H200 sweep's build (sm_90, nvcc 13.0,

@@ -114,6 +114,22 @@ def test_dequant_matmul_dtypes_and_groups(xdtype, bits, gs):
         _check_y(OPS.dequant_matmul(x, *_args(qw), b, B), x, qw, b, f"{want} M={m}")
 
 
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("gs", [128, 256, -1])
+def test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs):
+    """The scale-after variant (opt-in) for both 16-bit x dtypes, bits and the group sizes it serves,
+    every tile (1, 3, 9, 16 rows), with x in registers and (M = 1) in shared memory."""
+    from qdpo.kernels import cuda
+
+    qw, b = _dtype_group_case(xdtype, bits, gs)
+    for m, x_smem in ((1, False), (1, True), (3, False), (9, False), (16, False)):
+        x = _rand(m, 512, dtype=xdtype, seed=m)
+        kw = {"scale_after": True, "x_smem": x_smem}
+        assert cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)["scale_after"]
+        _check_y(cuda.dequant_matmul(x, *_args(qw), b, **kw), x, qw, b, f"M={m} {kw}")
+
+
 def test_dequant_matmul_every_launcher_path():
     """mma; fma for fp32 x, a misaligned x and K % 32 != 0; split-K (deterministic); batch dims and bias."""
     qw = _weight(67, 320, 4, 64, sym=False)
@@ -142,21 +158,23 @@ def test_dequant_matmul_every_launcher_path():
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
-    """Every split-K count, block size and place of x ``benchmarks/sweep_gemv.py`` times gives the
-    reference's result (so the plan may choose any of them), for each kernel tile (M = 1, 2, 5, 16);
-    rows past N in the last tile; 3 and 6 splits leave warps without a step."""
+    """Every split-K count, block size, place of x and place of the scale ``benchmarks/sweep_gemv.py``
+    times gives the reference's result (so the plan may choose any of them), for each kernel tile
+    (M = 1, 2, 5, 16); rows past N in the last tile; 3 and 6 splits leave warps without a step; G = 32
+    refuses scale_after (a step spans 4 groups)."""
     from qdpo.kernels import cuda
 
     qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for warps, x_smem in itertools.product((8, 4), (False, True) if m <= 2 else (False,)):
+        for warps, x_smem, sa in itertools.product((8, 4), (False, True) if m <= 2 else (False,), (False, True)):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem}
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa}
                 plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
                 assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"], plan["x_smem"]) == (
                     splits, warps, x_smem)
+                assert plan["scale_after"] == (sa and gs != 32)
                 y = cuda.dequant_matmul(x, *_args(qw), b, **kw)
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
@@ -165,15 +183,16 @@ def test_dequant_matmul_every_forced_split(bits, gs):
 def test_dequant_matmul_on_a_partial_last_step(gs):
     """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add
     exactly nothing — for both block sizes, one range and two, one and two rows of x, x in registers
-    and in shared memory."""
+    and in shared memory, the scale in ŵ and (G = K) after the mma, where lanes past K take the
+    step's scale."""
     from qdpo.kernels import cuda
 
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
     for m in (1, 2, 7):
         x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
-        for warps, x_smem in itertools.product((8, 4), (False, True) if m <= 2 else (False,)):
+        for warps, x_smem, sa in itertools.product((8, 4), (False, True) if m <= 2 else (False,), (False, True)):
             for splits in (1, 2):
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem}
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa}
                 y = cuda.dequant_matmul(x, *_args(qw), **kw)
                 _check_y(y, x, qw, None, f"M={m} {kw}")
 

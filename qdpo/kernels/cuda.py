@@ -221,20 +221,21 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 
 # --------------------------------------------------------------------------- dequant_matmul
-def _x_smem_code(x_smem: bool | None) -> int:
-    """The C++ plan's force_x_smem: 0 its own choice, 1 x in registers, 2 x in shared memory."""
-    return 0 if x_smem is None else 2 if x_smem else 1
+def _choice_code(flag: bool | None) -> int:
+    """A C++ plan's force_* switch (force_x_smem, force_scale_after): 0 its own choice, 1 off, 2 on."""
+    return 0 if flag is None else 2 if flag else 1
 
 
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
-              warps: int = 0, x_smem: bool | None = None) -> dict:
+              warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    warps per block, the resident blocks per SM it expects and where x sits; ``splits`` / ``warps`` > 0
-    and ``x_smem`` not None force those (benchmarks)."""
+    warps per block, the resident blocks per SM it expects, where x sits and where the scale is applied;
+    ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` not None force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits, warps, _x_smem_code(x_smem))
+                                  _sm_count(x2.device.index), splits, warps, _choice_code(x_smem),
+                                  _choice_code(scale_after))
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -247,7 +248,7 @@ PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_ma
 
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
-                   warps: int = 0, x_smem: bool | None = None):
+                   warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None):
     """``x @ ŵᵀ (+ bias)`` in x's dtype.
 
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
@@ -255,8 +256,11 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     any M; fp16/bf16 x, K % 64 == 0, G % 32 == 0, 16-byte aligned x and weight rows).
     ``splits`` (> 0) overrides the GEMV's split-K count and ``warps`` (4 or 8) its warps per block;
     ``x_smem=True`` has it copy x to shared memory first (M <= 2, where the copy fits 48 KB; not yet
-    measured on a GPU, so the plan keeps x in registers unless asked). ``benchmarks/sweep_gemv.py``
-    sweeps them. 0 / None lets the plan choose.
+    measured on a GPU, so the plan keeps x in registers unless asked). ``scale_after=True`` has the
+    tensor cores sum the integers q - z and multiplies each 128-code step's fp32 sums by the scale
+    (group size a multiple of 128, or one group per row; not yet measured either): ŵ is then never
+    rounded to x.dtype, so y is closer to the exact product than the reference's x.dtype result.
+    ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -291,13 +295,14 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
-    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem, scale_after)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             b_code, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits, force_warps=warps, force_x_smem=_x_smem_code(x_smem))
+            _sm_count(dev.index), force_splits=splits, force_warps=warps, force_x_smem=_choice_code(x_smem),
+            force_scale_after=_choice_code(scale_after))
     return y.reshape(*x.shape[:-1], n)
 
 
