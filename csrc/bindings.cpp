@@ -48,6 +48,8 @@ void def_host_math(py::module_& m) {
   m.def("host_f16_bits", &qdpo::f32_to_f16_bits, py::arg("x"), "fp32 → fp16 bits, round to nearest even");
   m.def("host_f16_value", &qdpo::f16_bits_to_f32, py::arg("bits"));
   m.def("host_bf16_bits", &qdpo::f32_to_bf16_bits, py::arg("x"), "fp32 → bf16 bits, round to nearest even");
+  m.def("host_div_by", [](int n, uint32_t d) { return qdpo::div_by(n, qdpo::div_magic(d)); }, py::arg("n"),
+        py::arg("d"), "n / d (0 <= n < 2^31, d >= 1) by the kernels' multiply-and-shift");
   m.def("host_cast_up", &qdpo::cast_up, py::arg("s"), py::arg("dtype"), "reference.to_scale_dtype of one scale");
   m.def("host_group_qparams", [](float wmin, float wmax, int bits, bool symmetric, int dtype) {
     const qdpo::GroupParams p = qdpo::group_qparams(wmin, wmax, bits, symmetric, dtype);

@@ -17,7 +17,7 @@ struct GemvArgs {
   int m, n, k;
   int bits;
   int g, ng;      // group size, groups per row
-  int g_shift;    // log2(G) when G is a power of two, 31 for one group per row, else -1
+  DivMagic g_div;  // n / G for 0 <= n < 2^31 (div_by)
   const uint8_t* q;
   int64_t stride_qn;  // bytes
   const void* s;      // (N, NG) contiguous

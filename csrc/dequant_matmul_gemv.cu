@@ -26,15 +26,18 @@
 // HMUL2 per two W4 codes) and issues 8 · RT · MT mma.sync. The next step's
 // loads are issued before this step's math (two register stages in ping-pong);
 // only the last step of a K that is not a multiple of 128 checks bounds.
-// x_smem (opt-in, M <= 2, not yet measured on a GPU): the block first copies x
-// over its K range to shared memory as ready-made mma pairs; the main loop then
-// keeps only weights in registers (W4: 48-55 registers instead of 78, 5 blocks of
-// 8 warps per SM instead of 3) and spends ~11 % fewer instructions per step
-// (static SASS counts, sm_90).
-// scale_after (opt-in, G a multiple of 128 or one group per row, not yet measured
-// on a GPU): the mma takes the exact integers q - z and each step's fp32 sums are
-// multiplied by the row's scale after it (gemv_fragments.cuh: w4_centered_pair),
-// which drops the HMUL2 of every pair; y is then more exact than x.dtype's ŵ.
+// Two opt-in variants, not yet measured on a GPU (static sm_90 SASS of the M <= 2
+// W4 bf16 kernel: 204.5 instructions per K step, 80 registers, 3 blocks of 8
+// warps per SM):
+// - x_smem (M <= 2): the block first copies x over its K range to shared memory
+//   as ready-made mma pairs; the main loop keeps only weights in registers and
+//   reads a chunk of x with one 16-byte load: 189.5 per step, 48 registers, 5
+//   blocks per SM.
+// - scale_after (G a multiple of 128, or one group per row): the mma takes the
+//   exact integers q - z and each step's fp32 sums are multiplied by the row's
+//   scale after it (gemv_fragments.cuh: w4_centered_pair), which drops the HMUL2
+//   of every pair: 176 per step; with x_smem, 163 (-20 %). y is then closer to
+//   the exact product than the x.dtype-rounded ŵ of the reference.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -78,10 +81,8 @@ __device__ __forceinline__ void load16_stream(uint32_t* dst, const void* src) {
   dst[0] = u.x, dst[1] = u.y, dst[2] = u.z, dst[3] = u.w;
 }
 
-// Group of code kl: G is a power of two (qdpo's 32..256) or K (one group per row).
-__device__ __forceinline__ int group_of(const GemvArgs& a, int kl) {
-  return a.g_shift >= 0 ? kl >> a.g_shift : kl / a.g;  // one group per row: g_shift = 31
-}
+// Group of code kl (any G: qdpo's powers of two, K, or an imported checkpoint's), without a branch.
+__device__ __forceinline__ int group_of(const GemvArgs& a, int kl) { return div_by(kl, a.g_div); }
 
 // A lane's rows, resolved once per block as int32 offsets (every operand is below 2^31 elements).
 // Rows past N repeat row N - 1: an mma keeps rows of A apart, so they only fill outputs that
@@ -296,10 +297,21 @@ __device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, u
 }
 
 // W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
-// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; W4 1x1 tile:
-// 78 registers, 3 blocks of 8 warps or 6 of 4; W8: 96-99, 2 of 8 or 5 of 4).
+// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; the 1x1
+// tile's blocks per SM: min_blocks).
+// Blocks per SM the register allocation must allow (__launch_bounds__): ptxas's count moves by 10-15
+// registers with small code changes, and one register past a limit costs a whole block per SM. The
+// M <= 2 kernels, blocks of 8 / 4 warps: W4 3 / 6 (80 registers), with x_smem 5 / 10 (48); W8 2 / 5
+// (96 for 4 warps), with x_smem 4 / 8 (64). Tighter caps spill; at these, only sm_80's W4 x_smem +
+// scale_after kernel spills one register (4 bytes).
+constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs) {
+  if (mt * rt != 1) return 1;
+  if (bits == 4) return (xs ? 5 : 3) * 8 / w;
+  return xs ? 4 * 8 / w : (w == 8 ? 2 : 5);
+}
+
 template <int HD, int BITS, int MT, int RT, int W, bool XS, bool SA>
-__global__ void __launch_bounds__(W * 32) gemv_mma_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS)) gemv_mma_kernel(GemvArgs a) {
   const BlockWork b = block_work<RT>(a);
   float acc[RT][MT][4] = {};
   const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
@@ -375,8 +387,7 @@ int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split) {
 }
 
 // Blocks of a plan's kernel resident per SM on the current device with `smem` bytes of dynamic shared
-// memory (registers decide without: W4 1x1 tile 78 registers, 3 blocks of 8 warps or 6 of 4; W8 96-99,
-// 2 of 8 or 5 of 4, sm_90); 0 without a GPU. Cached per device, kernel and shared-memory size: the
+// memory (registers decide without: min_blocks); 0 without a GPU. Cached per device, kernel and shared-memory size: the
 // plan asks on every call.
 int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
   int dev = 0;
@@ -494,7 +505,7 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
   QDPO_REQUIRE(aligned(workspace, 4), kErrAlign);
   const int64_t steps = cdiv(k, gemv::kStepK);
   GemvArgs a{reinterpret_cast<const void*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
-             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng), ng == 1 ? 31 : log2_if_pow2(k / ng),
+             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng), div_magic(static_cast<uint32_t>(k / ng)),
              reinterpret_cast<const uint8_t*>(qweight), stride_qn, reinterpret_cast<const void*>(scales), s_dtype,
              reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<const void*>(bias), b_dtype,
              reinterpret_cast<void*>(y), reinterpret_cast<float*>(workspace), p.splits, static_cast<int>(steps),

@@ -32,6 +32,24 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 QDPO_HD bool valid_dtype(int dtype) { return dtype == kF32 || dtype == kF16 || dtype == kBF16; }
 QDPO_HD int dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
+// Division by a run-time constant d >= 1 (a group size) without a divide instruction: for
+// 0 <= n < 2^31, n / d = (n · m) >> p with p = 31 + ceil(log2 d), m = ceil(2^p / d) < 2^32. With
+// m·d = 2^p + e, 0 <= e < d <= 2^(p - 31): n·m / 2^p = n / d + n·e / (d·2^p), and n·e < 2^p keeps the
+// second term below 1/d, so the floor is that of n / d. On the device: one IMAD.WIDE.U32 and a shift.
+struct DivMagic {
+  uint32_t m;
+  int p;
+};
+QDPO_HD DivMagic div_magic(uint32_t d) {
+  int l = 0;
+  while ((uint64_t{1} << l) < d) ++l;
+  const uint64_t two_p = uint64_t{1} << (31 + l);
+  return {static_cast<uint32_t>((two_p + d - 1) / d), 31 + l};
+}
+QDPO_HD int div_by(int n, DivMagic d) {
+  return static_cast<int>((static_cast<uint64_t>(static_cast<uint32_t>(n)) * d.m) >> d.p);
+}
+
 // torch.round semantics: ties to even (rintf uses the default FE_TONEAREST mode).
 QDPO_HD float round_half_even(float x) { return rintf(x); }
 

@@ -12,11 +12,12 @@ run too: they return before any CUDA call. What needs a GPU is in
 ``tests/test_cuda_kernels.py``.
 """
 
-import hashlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,20 @@ def test_lsq_term_matches_reference(C, bits):
     assert got == ds[:, 0].tolist()
 
 
+def test_division_by_a_group_size_without_a_divide(C):
+    """The GEMV's group index: n / d by multiply and shift, exact for every 0 <= n < 2^31 (the
+    extremes, multiples of d and their neighbours, random n) and any d: powers of two, odd and
+    Llama sizes, 1, 2^31 - 1."""
+    rng = random.Random(0)
+    top = 2**31 - 1
+    for d in (1, 2, 3, 7, 32, 64, 96, 128, 160, 256, 320, 4096, 11008, 14336, 28672, 65535, 2**20 + 1, top):
+        ns = {0, 1, d - 1, d, d + 1, top, top - 1, top - top % d, top - top % d - 1}
+        ns |= {rng.randrange(top + 1) for _ in range(300)} | {rng.randrange(top // d + 1) * d + e for e in (-1, 0, 1)
+                                                             for _ in range(20)}
+        for n in sorted(v for v in ns if 0 <= v <= top):
+            assert C.host_div_by(n, d) == n // d, (n, d)
+
+
 # --------------------------------------------------------------------------- GEMV and GEMM data flow
 def _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=False):
     """``emulate`` (a host emulation of a tensor-core kernel's data flow) equals x @ ŵᵀ with ŵ rounded
@@ -383,6 +398,7 @@ def test_plan_scales_after_the_mma_only_when_asked_and_the_groups_allow(C):
 
 # Blocks per SM of the M <= 2 kernel (8 warps, 4 warps) in the H200 sweep's build (sm_90, nvcc 13.0,
 # ptxas: W4 78 registers per thread for both; W8 99 and 96): register file 64 K, 256 per warp granule.
+# The kernel's __launch_bounds__ (min_blocks) now hold these counts whatever ptxas would choose.
 H200_BLOCKS = {"W4g128": (3, 6), "W8": (2, 5)}
 
 
