@@ -6,6 +6,7 @@
 // CUDA error.
 #include <pybind11/pybind11.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -50,6 +51,23 @@ void def_host_math(py::module_& m) {
   m.def("host_bf16_bits", &qdpo::f32_to_bf16_bits, py::arg("x"), "fp32 → bf16 bits, round to nearest even");
   m.def("host_div_by", [](int n, uint32_t d) { return qdpo::div_by(n, qdpo::div_magic(d)); }, py::arg("n"),
         py::arg("d"), "n / d (0 <= n < 2^31, d >= 1) by the kernels' multiply-and-shift");
+  m.def("host_fake_quant_recip", [](ptr_t w, ptr_t s, ptr_t z, int64_t n, int bits, ptr_t out, ptr_t mask) {
+    const float *wp = reinterpret_cast<const float*>(w), *sp = reinterpret_cast<const float*>(s),
+                *zp = reinterpret_cast<const float*>(z);
+    float* op = reinterpret_cast<float*>(out);
+    uint8_t* mp = reinterpret_cast<uint8_t*>(mask);
+    for (int64_t i = 0; i < n; ++i) {
+      const qdpo::Recip d = qdpo::recip_of(sp[i]);
+      if (!d.fast) {
+        op[i] = std::numeric_limits<float>::quiet_NaN(), mp[i] = 2;
+        continue;
+      }
+      op[i] = qdpo::fake_quant_recip(wp[i], d, zp[i], bits);
+      mp[i] = qdpo::ste_pass_recip(wp[i], d, zp[i], bits);
+    }
+  }, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("bits"), py::arg("out"), py::arg("mask"),
+     "ŵ and the straight-through mask of n fp32 elements, each on its own grid (s, z), through the "
+     "kernels' reciprocal path (pointers to CPU buffers); where that path is not taken: NaN and mask 2");
   m.def("host_cast_up", &qdpo::cast_up, py::arg("s"), py::arg("dtype"), "reference.to_scale_dtype of one scale");
   m.def("host_group_qparams", [](float wmin, float wmax, int bits, bool symmetric, int dtype) {
     const qdpo::GroupParams p = qdpo::group_qparams(wmin, wmax, bits, symmetric, dtype);

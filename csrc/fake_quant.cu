@@ -18,7 +18,10 @@
 //   grad_s   (N, NG)  scales.dtype     contiguous, or 0 for no LSQ gradient
 // Constraints: bits ∈ {4, 8}; NG divides K; G even for 4 bits; N·NG and K below 2^31.
 //
-// Work: one team per group row; 8-element (16/32-byte) chunks when aligned.
+// Work: one team per group row; 8-element (16/32-byte) chunks when aligned. w / s goes through the
+// group's reciprocal where that gives the same result bit for bit (qdpo_math.cuh: quotient; every
+// scale in [2^-100, 2^100]): a multiply and two FMAs per element instead of a division, which made
+// the bf16 passes compute-bound (66-72 % of copy bandwidth on an H200). The LSQ term keeps the division.
 // Bytes moved — forward: read N·K·w_size + N·NG·(s_size + 1), write N·K·out_size.
 // Backward: read N·K·(g_size + w_size) + N·NG·(s_size + 1), write N·K·w_size
 // (+ N·NG·s_size with LSQ).
@@ -46,20 +49,62 @@ struct FakeQuantArgs {
   void* grad_s;       // backward with LSQ
 };
 
-template <int BITS, int VEC>
-__global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a) {
-  const Team tm = my_team(a.team, a.rows);
-  if (!tm.valid) return;  // no reduction in this kernel
-  const int64_t n = tm.r / a.ng, grp = tm.r % a.ng;
-  const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
+// One team's group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh: quotient, the same
+// ŵ bit for bit, two FMAs and a multiply per element instead of a division).
+template <int BITS, int VEC, bool RECIP>
+__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int64_t n, int64_t grp,
+                                                 const Recip& d, float z) {
   for (int c = tm.lane; c < a.g / VEC; c += a.team) {
     const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
     float v[VEC];
     load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
     QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) v[j] = fake_quant_one(v[j], s, z, BITS);
+    for (int j = 0; j < VEC; ++j) {
+      v[j] = RECIP ? fake_quant_recip(v[j], d, z, BITS) : fake_quant_one(v[j], d.s, z, BITS);
+    }
     store_vec<VEC>(a.out, a.out_dtype, n * a.k + k, v);
   }
+}
+
+template <int BITS, int VEC>
+__global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a) {
+  const Team tm = my_team(a.team, a.rows);
+  if (!tm.valid) return;  // no reduction in this kernel
+  const int64_t n = tm.r / a.ng, grp = tm.r % a.ng;
+  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const float z = a.z[tm.r];
+  if (d.fast) {
+    fake_quant_group<BITS, VEC, true>(a, tm, n, grp, d, z);
+  } else {
+    fake_quant_group<BITS, VEC, false>(a, tm, n, grp, d, z);
+  }
+}
+
+// One team's group of the backward, returning the lane's LSQ sum. RECIP (no LSQ): the mask through
+// the group's reciprocal (ste_pass_recip, the same mask bit for bit).
+template <int BITS, int VEC, bool LSQ, bool RECIP>
+__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int64_t n,
+                                                           int64_t grp, const Recip& d, float z) {
+  static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
+  float acc = 0.f;
+  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
+    float w[VEC], g[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, w);
+    load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, g);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      if constexpr (RECIP) {
+        g[j] = ste_pass_recip(w[j], d, z, BITS) ? g[j] : 0.f;
+      } else {
+        const SteTerms st = ste_terms(w[j], d.s, z, BITS);
+        if (LSQ) acc += g[j] * st.lsq;
+        g[j] = st.inside ? g[j] : 0.f;
+      }
+    }
+    store_vec<VEC>(a.out, a.w_dtype, n * a.k + k, g);
+  }
+  return acc;
 }
 
 template <int BITS, int VEC, bool LSQ>
@@ -67,20 +112,15 @@ __global__ void __launch_bounds__(kTeamBlock) fake_quant_backward_kernel(FakeQua
   const Team tm = my_team(a.team, a.rows);
   if (!LSQ && !tm.valid) return;  // with LSQ every thread joins the team sum
   const int64_t n = tm.valid ? tm.r / a.ng : 0, grp = tm.valid ? tm.r % a.ng : 0;
-  const float s = tm.valid ? load1(a.s, a.s_dtype, tm.r) : 1.f, z = tm.valid ? a.z[tm.r] : 0.f;
+  const Recip d = recip_of(tm.valid ? load1(a.s, a.s_dtype, tm.r) : 1.f);
+  const float z = tm.valid ? a.z[tm.r] : 0.f;
   float acc = 0.f;
-  for (int c = tm.lane; tm.valid && c < a.g / VEC; c += a.team) {
-    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
-    float w[VEC], g[VEC];
-    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, w);
-    load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, g);
-    QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) {
-      const SteTerms st = ste_terms(w[j], s, z, BITS);
-      if (LSQ) acc += g[j] * st.lsq;
-      g[j] = st.inside ? g[j] : 0.f;
+  if (tm.valid) {
+    if (!LSQ && d.fast) {
+      fake_quant_backward_group<BITS, VEC, false, true>(a, tm, n, grp, d, z);
+    } else {
+      acc = fake_quant_backward_group<BITS, VEC, LSQ, false>(a, tm, n, grp, d, z);
     }
-    store_vec<VEC>(a.out, a.w_dtype, n * a.k + k, g);
   }
   if (LSQ) {
     acc = team_allreduce(acc, a.team, SumOp());

@@ -177,13 +177,45 @@ QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) {
   return static_cast<uint8_t>(clampf(round_half_even(w / s) + z, 0.f, qmax));
 }
 
+// w / s for the many w of one group, without a division per element: r = 1 / s once (IEEE), then
+// q0 = w·r and one correction, q1 = q0 + r·(w - q0·s) (two FMAs): while w - q0·s is exact, q1 is
+// the correctly rounded quotient (Markstein's theorem: r within half an ulp of 1/s). `fast` holds
+// the scales for which that covers every quotient that matters: with 2^-100 <= |s| <= 2^100,
+// w - q0·s is a multiple of 2^-149 (so exact) unless |w / s| < 1/8, where any quotient within an
+// ulp rounds to the same integer, 0; and past 2^24, where q0 may overflow, q0 is already an integer
+// and is used as it is. So round(quotient(w, d)) == round(w / s): the codes, ŵ and the
+// straight-through mask do not change (tests/test_cuda_host.py checks this against IEEE division
+// on near-ties, tiny and huge quotients). The LSQ term, which uses the quotient itself, keeps the
+// true division.
+struct Recip {
+  float s, r;
+  bool fast;
+};
+QDPO_HD Recip recip_of(float s) {
+  const float a = fabsf(s);
+  return {s, 1.f / s, a >= 0x1p-100f && a <= 0x1p100f};
+}
+QDPO_HD float quotient(float w, const Recip& d) {
+  const float q0 = w * d.r;
+  const float q1 = fmaf(fmaf(-q0, d.s, w), d.r, q0);
+  return fabsf(q0) < 0x1p24f ? q1 : q0;
+}
+
 // ŵ = (q - z) · s in fp32.
 QDPO_HD float dequantize_one(uint8_t q, float s, float z) { return (static_cast<float>(q) - z) * s; }
 
-// ŵ of w on the grid without storing the code: (clamp(round(w / s) + z) - z) · s.
-QDPO_HD float fake_quant_one(float w, float s, float z, int bits) {
+// ŵ of the quotient x = w / s on the grid: (clamp(round(x) + z) - z) · s.
+QDPO_HD float fake_quant_x(float x, float s, float z, int bits) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  return (clampf(round_half_even(w / s) + z, 0.f, qmax) - z) * s;
+  return (clampf(round_half_even(x) + z, 0.f, qmax) - z) * s;
+}
+
+// ŵ of w on the grid without storing the code: (clamp(round(w / s) + z) - z) · s.
+QDPO_HD float fake_quant_one(float w, float s, float z, int bits) { return fake_quant_x(w / s, s, z, bits); }
+
+// The same with the group's reciprocal (d.fast): equal to fake_quant_one bit for bit.
+QDPO_HD float fake_quant_recip(float w, const Recip& d, float z, int bits) {
+  return fake_quant_x(quotient(w, d), d.s, z, bits);
 }
 
 // One element's straight-through terms on the grid (s, z), from u = round(w / s) + z:
@@ -205,6 +237,12 @@ QDPO_HD SteTerms ste_terms(float w, float s, float z, int bits) {
 
 // Straight-through mask: 1 where round(w / s) + z was inside [0, qmax].
 QDPO_HD bool ste_pass(float w, float s, float z, int bits) { return ste_terms(w, s, z, bits).inside; }
+
+// The mask from the group's reciprocal (d.fast): equal to ste_pass.
+QDPO_HD bool ste_pass_recip(float w, const Recip& d, float z, int bits) {
+  const float u = round_half_even(quotient(w, d)) + z;
+  return u >= 0.f && u <= static_cast<float>((1 << bits) - 1);
+}
 
 // LSQ factor of one element (see ste_terms).
 QDPO_HD float lsq_term(float w, float s, float z, int bits) { return ste_terms(w, s, z, bits).lsq; }

@@ -204,6 +204,55 @@ def test_lsq_term_matches_reference(C, bits):
     assert got == ds[:, 0].tolist()
 
 
+def _near_tie_cases(n_scales: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, s) fp32 pairs whose quotients w / s sit on and a few ulps around every half-integer in
+    [-260, 260], over log-uniform scales in [2^-100, 2^100] of both signs; plus random, tiny (down to
+    subnormal w) and huge quotients, and w·(1/s) past the fp32 range."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp2(torch.empty(n_scales).uniform_(-100, 100, generator=g)).float()
+    s = torch.cat([s, torch.tensor([2.0**-100, 2.0**100, 1.0, 1 / 3, 0.1, 2.0**-100 * 1.75])])
+    s = torch.where(torch.rand(len(s), generator=g) < 0.2, -s, s)
+    half = torch.arange(-260, 261, dtype=torch.float32) + 0.5
+    w_tie = (half[None, :].double() * s[:, None].double()).float()  # the nearest w to each tie
+    ws = [w_tie]
+    inf = torch.tensor(float("inf"))
+    up, down = w_tie, w_tie
+    for _ in range(3):  # 1, 2 and 3 ulps of w either side
+        up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+        ws += [up, down]
+    x = torch.empty(len(s), 2000).uniform_(-300, 300, generator=g)
+    ws.append((x.double() * s[:, None].double()).float())
+    tiny = torch.exp2(torch.empty(len(s), 200).uniform_(-60, -1, generator=g))
+    ws.append((tiny.double() * s[:, None].double()).float())  # |w / s| in [2^-60, 1/2]; w may be subnormal
+    huge = torch.exp2(torch.empty(len(s), 200).uniform_(8, 200, generator=g))
+    ws.append((huge.double() * s[:, None].double()).clamp(-3e38, 3e38).float())
+    ws.append(torch.tensor([3e38, -3e38, 1e-45, -1e-45, 0.0])[None, :].expand(len(s), 5))
+    w = torch.cat(ws, dim=1)
+    return w.reshape(-1).contiguous(), s[:, None].expand_as(w).reshape(-1).contiguous()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_by_reciprocal_equals_true_division(C, bits):
+    """The kernels' per-group reciprocal (quotient = w·(1/s) + one FMA correction) gives the same ŵ and
+    straight-through mask as IEEE w / s (torch, the reference's formula) on about 9 million elements
+    with near-tie, tiny, huge and overflowing quotients, for every scale it is used for (2^-100 to
+    2^100), and is not used outside that range."""
+    w, s = _near_tie_cases(1500, seed=bits)
+    z = torch.randint(0, 2**bits, w.shape, generator=torch.Generator().manual_seed(1)).float()
+    out, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.uint8)
+    C.host_fake_quant_recip(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.numel(), bits, out.data_ptr(), mask.data_ptr())
+    assert mask.ne(2).all(), "every scale here takes the reciprocal path"
+    u = torch.round(w / s) + z
+    want = (u.clamp(0, 2**bits - 1) - z) * s
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32)), "ŵ differs from true division"
+    assert torch.equal(mask.bool(), (u >= 0) & (u <= 2**bits - 1)), "mask differs from true division"
+    outside = torch.tensor([2.0**-101, 2.0**101, 1e-40, -2.0**-101], dtype=torch.float32)
+    one = torch.ones(4)
+    C.host_fake_quant_recip(one.data_ptr(), outside.data_ptr(), one.data_ptr(), 4, bits, out.data_ptr(),
+                            mask.data_ptr())
+    assert mask[:4].eq(2).all(), "scales past 2^±100 keep the true division"
+
+
 def test_division_by_a_group_size_without_a_divide(C):
     """The GEMV's group index: n / d by multiply and shift, exact for every 0 <= n < 2^31 (the
     extremes, multiples of d and their neighbours, random n) and any d: powers of two, odd and
