@@ -10,6 +10,10 @@ against the auto plan's first. The data behind the plan rules in
 ``csrc/dequant_matmul_gemv.cu``::
 
     python benchmarks/sweep_gemv.py --out benchmarks/results/gpu-check
+    python benchmarks/sweep_gemv.py --summary benchmarks/results/NVIDIA-H200-sweep_gemv.json
+
+It ends with a summary per launch choice: how often, and by how much, the alternative to the
+plan's default ran faster with every other choice equal.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ def _ms(fns) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="folder for sweep_gemv.json (a GPU run)")
+    p.add_argument("--summary", type=Path, metavar="JSON",
+                   help="only print the summary of an earlier sweep's JSON (no GPU needed)")
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), help="split-K counts to time")
     p.add_argument("--x-smem", choices=["both", "registers", "smem"], default="both",
@@ -56,6 +62,11 @@ def main(argv=None) -> int:
                    help="where the scale is applied in the forced variants")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())["rows"]))
+        return 0
+    if args.out is None:
+        p.error("--out is required for a sweep")
     if not torch.cuda.is_available():
         print("sweep_gemv: needs a CUDA GPU")
         return 0
@@ -107,7 +118,43 @@ def main(argv=None) -> int:
             bdm._weight.cache_clear()
             torch.cuda.empty_cache()
     print(f"wrote {_write(args.out, rows)}")
+    print(summary(rows))
     return 0
+
+
+OPTIONS = ("warps", "x_smem", "scale_after")  # the launch choices the summary compares
+
+
+def option_gains(rows: list) -> dict:
+    """For each launch choice, the speed-up of its alternative over the plan's present default (8 warps,
+    x in registers, the scale in ŵ) with every other choice equal: ``{(option, fmt, M): [ms_default /
+    ms_alternative, ...]}``, one ratio per matching pair of forced variants. Rows of older sweeps lack
+    some keys: those count as the default."""
+    default = {"warps": 8, "x_smem": False, "scale_after": False}
+    gains: dict = {}
+    for row in rows:
+        runs = [{**default, **r} for r in row["forced"]]
+        index = {tuple(r.get(k) for k in ("splits", *OPTIONS)): r["ms"] for r in runs}
+        for r in runs:
+            for opt in OPTIONS:
+                if r[opt] == default[opt]:
+                    continue
+                base = {**r, opt: default[opt]}
+                ms = index.get(tuple(base.get(k) for k in ("splits", *OPTIONS)))
+                if ms is not None:
+                    gains.setdefault((opt, row["fmt"], row["M"]), []).append(ms / r["ms"])
+    return gains
+
+
+def summary(rows: list) -> str:
+    """One line per (option, format, M): how often the alternative ran faster and by how much."""
+    lines = ["option        fmt      M   faster   median speed-up (min..max)"]
+    for (opt, fmt, m), ratios in sorted(option_gains(rows).items()):
+        r = sorted(ratios)
+        faster = sum(x > 1 for x in r)
+        lines.append(f"{opt:12s}  {fmt:7s} {m:3d}  {faster:3d}/{len(r):<3d}  {r[len(r) // 2]:.3f}× "
+                     f"({r[0]:.3f}..{r[-1]:.3f})")
+    return "\n".join(lines)
 
 
 def _write(out: Path, rows: list) -> Path:

@@ -57,3 +57,25 @@ def test_cycled_calls_in_turn_without_a_gpu():
     for _ in range(3):
         fn()
     assert calls == [0, 1, 0]
+
+
+def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
+    import sweep_gemv
+
+    def run(ms, splits=1, warps=8, x_smem=False, scale_after=False):
+        return {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": scale_after, "ms": ms}
+
+    rows = [{"fmt": "W4g128", "M": 1, "forced": [
+        run(10.0), run(8.0, warps=4), run(5.0, x_smem=True), run(4.0, x_smem=True, scale_after=True),
+        run(20.0, splits=2), run(25.0, splits=2, scale_after=True),  # pairs only with splits=2's default
+        run(9.0, splits=3, x_smem=True),  # no default with 3 splits: no pair
+    ]}, {"fmt": "W8", "M": 16, "forced": [{"splits": 1, "warps": 4, "ms": 3.0}, {"splits": 1, "warps": 8, "ms": 6.0}]}]
+    gains = sweep_gemv.option_gains(rows)
+    assert gains == {
+        ("warps", "W4g128", 1): [10 / 8],
+        ("x_smem", "W4g128", 1): [10 / 5],  # x_smem with scale_after has no partner without x_smem
+        ("scale_after", "W4g128", 1): [5 / 4, 20 / 25],
+        ("warps", "W8", 16): [6 / 3],  # an older sweep's rows: missing choices are the default
+    }
+    text = sweep_gemv.summary(rows)
+    assert "scale_after   W4g128    1    1/2" in text and "warps         W8       16    1/1    2.000×" in text
