@@ -148,12 +148,13 @@ __device__ __forceinline__ void zero_x(uint32_t (&x)[MT][16]) {
 
 // The lane's codes and grids of its weight rows at step `step`. SA (scale-after): the whole step is
 // one group, and the scale multiplies the lane's accumulators, which hold all four lanes' codes: a
-// lane past K in the last step takes the step's scale too, with codes and zero point 0 (q - z = 0).
-template <bool TAIL, int HD, bool SA, int BITS, int MT, int RT>
+// lane past K in the last step takes the step's scale too, with codes and zero point 0 (q - z = 0);
+// with the zero point after (SC == kZeroAfter) the step's real zero point, since its codes meet x = 0.
+template <bool TAIL, int HD, int SC, int BITS, int MT, int RT>
 __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
                                        WStage<BITS, RT>& st) {
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
-  const int grp = group_of(a, SA ? step * gemv::kStepK : kl);
+  const int grp = group_of(a, SC != gemv::kScaleInW ? step * gemv::kStepK : kl);
   const uint16_t* scales = static_cast<const uint16_t*>(a.s);  // in x.dtype on this path
   QDPO_UNROLL
   for (int rt = 0; rt < RT; ++rt) {
@@ -163,7 +164,8 @@ __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>
       if (TAIL && kl >= a.k) {
         QDPO_UNROLL
         for (int i = 0; i < BITS; ++i) st.w[rt][h][i] = 0u;
-        st.grid[rt][h] = gemv::row_grid_bits(SA ? scales[p] : 0u, 0u, HD);  // q = z = 0 (else s = 0): ŵ = 0
+        st.grid[rt][h] = SC == gemv::kZeroAfter ? gemv::row_grid_bits(scales[p], a.z[p], HD)
+                         : gemv::row_grid_bits(SC == gemv::kScaleAfter ? scales[p] : 0u, 0u, HD);  // ŵ = 0
         continue;
       }
       const uint8_t* src = a.q + (rows.q[rt][h] + (static_cast<unsigned>(kl) * BITS >> 3));
@@ -175,21 +177,27 @@ __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>
 }
 
 // One step's loads: weights, and x too unless it sits in shared memory (X = false).
-template <bool TAIL, int HD, bool SA, bool X = true, int BITS, int MT, int RT>
+template <bool TAIL, int HD, int SC, bool X = true, int BITS, int MT, int RT>
 __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
                                            WStage<BITS, RT>& ws, uint32_t (&x)[MT][16]) {
   if constexpr (X) load_x<TAIL>(a, rows, step, x);
-  load_w<TAIL, HD, SA>(a, rows, step, ws);
+  load_w<TAIL, HD, SC>(a, rows, step, ws);
 }
 
 // One step's math. The x pairs come from the stage's registers, or with XS (x_smem, MT = 1) from one
 // 16-byte shared-memory load per chunk at xs_lane (the lane's row and step, see fill_xs). SA
 // (scale-after): the mma sums q - z times x over the step into fresh accumulators, then each is
-// multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8).
-template <int HD, bool XS, bool SA, int BITS, int MT, int RT>
+// multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8). Zero-after (SC ==
+// kZeroAfter, x_smem): the mma sums (bias + q) · x, and (bias + z) times the step's Σx (xsum: x rows
+// 0 and 1, the columns of lanes t = 0; other lanes' columns are past M, their outputs dropped) is
+// subtracted before the scale.
+template <int HD, bool XS, int SC, int BITS, int MT, int RT>
 __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
-                                             const uint8_t* xs_lane, float (&acc)[RT][MT][4]) {
+                                             const uint8_t* xs_lane, const float2* xsum,
+                                             float (&acc)[RT][MT][4]) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel");
+  static_assert(SC != gemv::kZeroAfter || XS, "zero-after takes Σx from x_smem");
+  constexpr bool SA = SC != gemv::kScaleInW;
   float step_acc[RT][MT][4] = {};  // SA only
   float (&sum)[RT][MT][4] = SA ? step_acc : acc;
   QDPO_UNROLL
@@ -205,8 +213,8 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       uint32_t pg[4], pg8[4];
-      gemv::dequant_chunk<BITS, SA>(st.w[rt][0], c, st.grid[rt][0], HD, pg);
-      gemv::dequant_chunk<BITS, SA>(st.w[rt][1], c, st.grid[rt][1], HD, pg8);
+      gemv::dequant_chunk<BITS, SC>(st.w[rt][0], c, st.grid[rt][0], HD, pg);
+      gemv::dequant_chunk<BITS, SC>(st.w[rt][1], c, st.grid[rt][1], HD, pg8);
       QDPO_UNROLL
       for (int h = 0; h < 2; ++h) {
         uint32_t af[4];
@@ -220,7 +228,13 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
       }
     }
   }
-  if constexpr (SA) {
+  if constexpr (SC == gemv::kZeroAfter) {
+    const float2 xs2 = *xsum;
+    QDPO_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      acc[0][0][i] = gemv::zero_after_fold(acc[0][0][i], step_acc[0][0][i], i & 1 ? xs2.y : xs2.x, st.grid[0][i >> 1]);
+    }
+  } else if constexpr (SA) {
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       QDPO_UNROLL
@@ -272,10 +286,16 @@ __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
           min(step_lo + a.steps_per_split, a.steps)};
 }
 
-// The lane's x pairs at step step_rel of the block's range (XS; else unused).
+// The lane's x pairs at step step_rel of the block's range (XS; else unused), and the step's Σx
+// (zero-after; else unused).
 template <bool XS>
 __device__ __forceinline__ const uint8_t* xs_at(const uint8_t* xs_lane, int step_rel) {
   if constexpr (XS) return xs_lane + step_rel * gemv::xs_lane_offset(1, 0);
+  return nullptr;
+}
+template <int SC>
+__device__ __forceinline__ const float2* xsum_at(const float2* xsum, int step_rel) {
+  if constexpr (SC == gemv::kZeroAfter) return xsum + step_rel;
   return nullptr;
 }
 
@@ -283,35 +303,54 @@ __device__ __forceinline__ const uint8_t* xs_at(const uint8_t* xs_lane, int step
 // (gemv_fragments.cuh: xs_offset), 16 bytes per thread and load, zeros past K; the main loop then
 // holds only weights in registers and reads a chunk's x pairs with one 16-byte load. Lanes of x rows
 // past M read row M - 1: an mma keeps columns of B apart, and store_tile drops those outputs.
-template <int W>
-__device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes) {
+// ZA (zero-after): also Σx of each 128-code step per row, summed over the 16 threads that copy it,
+// stored as (row 0, row 1) pairs (row 0 twice at M = 1).
+template <int W, int HD, bool ZA>
+__device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes,
+                                        float* xsum) {
   const int krange = (b.step_hi - b.step_lo) * gemv::kStepK, k0 = b.step_lo * gemv::kStepK;
   for (int row = 0; row < a.m; ++row) {
-    for (int kk = 8 * static_cast<int>(threadIdx.x); kk < krange; kk += 8 * W * 32) {
+    for (int base = 0; base < krange; base += 8 * W * 32) {  // uniform: every lane reaches the shuffles
+      const int kk = base + 8 * static_cast<int>(threadIdx.x);
       uint32_t xw[4] = {0u, 0u, 0u, 0u}, p[4];
-      if (k0 + kk < a.k) load16(xw, static_cast<const uint16_t*>(a.x) + row * a.k + k0 + kk);
-      gemv::x_pairs(xw, p);
-      *reinterpret_cast<uint4*>(xs + row * row_bytes + gemv::xs_offset(kk)) = make_uint4(p[0], p[1], p[2], p[3]);
+      if (kk < krange) {
+        if (k0 + kk < a.k) load16(xw, static_cast<const uint16_t*>(a.x) + row * a.k + k0 + kk);
+        gemv::x_pairs(xw, p);
+        *reinterpret_cast<uint4*>(xs + row * row_bytes + gemv::xs_offset(kk)) = make_uint4(p[0], p[1], p[2], p[3]);
+      }
+      if constexpr (ZA) {
+        float sum = 0.f;
+        QDPO_UNROLL
+        for (int i = 0; i < 4; ++i) sum += gemv::from_h_bits(xw[i] & 0xFFFFu, HD) + gemv::from_h_bits(xw[i] >> 16, HD);
+        QDPO_UNROLL
+        for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);  // the step's 16 threads
+        if ((threadIdx.x & 15) == 0 && kk < krange) {
+          const int step_rel = static_cast<int>(static_cast<unsigned>(kk) / gemv::kStepK);
+          xsum[2 * step_rel + row] = sum;
+          if (a.m == 1) xsum[2 * step_rel + 1] = sum;
+        }
+      }
     }
   }
 }
 
-// W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
-// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; the 1x1
-// tile's blocks per SM: min_blocks).
 // Blocks per SM the register allocation must allow (__launch_bounds__): ptxas's count moves by 10-15
 // registers with small code changes, and one register past a limit costs a whole block per SM. The
 // M <= 2 kernels, blocks of 8 / 4 warps: W4 3 / 6 (80 registers), with x_smem 5 / 10 (48); W8 2 / 5
-// (96 for 4 warps), with x_smem 4 / 8 (64). Tighter caps spill; at these, only sm_80's W4 x_smem +
-// scale_after kernel spills one register (4 bytes).
-constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs) {
+// (96 for 4 warps), with x_smem 4 / 8 (64); W4 with the zero point after the mma 4 / 8 (64: 48
+// spilled). Tighter caps spill; at these, only sm_80's W4 x_smem + scale_after kernel spills one
+// register (4 bytes).
+constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
   if (mt * rt != 1) return 1;
-  if (bits == 4) return (xs ? 5 : 3) * 8 / w;
+  if (bits == 4) return (xs ? (sc == gemv::kZeroAfter ? 4 : 5) : 3) * 8 / w;
   return xs ? 4 * 8 / w : (w == 8 ? 2 : 5);
 }
 
-template <int HD, int BITS, int MT, int RT, int W, bool XS, bool SA>
-__global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS)) gemv_mma_kernel(GemvArgs a) {
+// W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
+// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; the 1x1
+// tile's blocks per SM: min_blocks). XS: x in shared memory; SC: where the grid applies (ScaleMode).
+template <int HD, int BITS, int MT, int RT, int W, bool XS, int SC>
+__global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   const BlockWork b = block_work<RT>(a);
   float acc[RT][MT][4] = {};
   const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
@@ -320,36 +359,41 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS)) gemv_
   const int full_hi = min(b.step_hi, a.full_steps);
   WStage<BITS, RT> w0, w1;
   uint32_t x0[MT][16], x1[MT][16];  // x in registers (not XS)
-  extern __shared__ uint4 xs_smem[];  // XS: [M][row_bytes]
+  extern __shared__ uint4 xs_smem[];  // XS: [M][row_bytes] of x pairs, then (zero-after) Σx per step
   const uint8_t* xs_lane = nullptr;   // XS: the lane's x pairs at step b.step_lo
+  const float2* xsum = nullptr;       // zero-after: Σx of x rows 0, 1 at step b.step_lo
   if constexpr (XS) {
-    const int row_bytes = gemv::xs_row_bytes(a.steps_per_split * gemv::kStepK);
+    const int krange_max = a.steps_per_split * gemv::kStepK, row_bytes = gemv::xs_row_bytes(krange_max);
     const int lane = threadIdx.x & 31;
-    xs_lane = reinterpret_cast<const uint8_t*>(xs_smem) + min(lane >> 2, a.m - 1) * row_bytes +
-              gemv::xs_lane_offset(0, lane & 3);
-    if (b.first < full_hi) load_w<false, HD, SA>(a, rows, b.first, w0);  // in flight during the copy
-    fill_xs<W>(a, b, reinterpret_cast<uint8_t*>(xs_smem), row_bytes);
+    uint8_t* smem = reinterpret_cast<uint8_t*>(xs_smem);
+    xs_lane = smem + min(lane >> 2, a.m - 1) * row_bytes + gemv::xs_lane_offset(0, lane & 3);
+    float* xsum_w = reinterpret_cast<float*>(smem + gemv::xsum_offset(a.m, krange_max));
+    xsum = reinterpret_cast<const float2*>(xsum_w);
+    if (b.first < full_hi) load_w<false, HD, SC>(a, rows, b.first, w0);  // in flight during the copy
+    fill_xs<W, HD, SC == gemv::kZeroAfter>(a, b, smem, row_bytes, xsum_w);
     __syncthreads();
   }
   if (b.first < full_hi) {
     if constexpr (!XS) {
       zero_x(x0), zero_x(x1);
-      load_stage<false, HD, SA>(a, rows, b.first, w0, x0);
+      load_stage<false, HD, SC>(a, rows, b.first, w0, x0);
     }
     for (int step = b.first;; step += 2 * W) {
-      if (step + W < full_hi) load_stage<false, HD, SA, !XS>(a, rows, step + W, w1, x1);
-      compute_step<HD, XS, SA>(w0, x0, xs_at<XS>(xs_lane, step - b.step_lo), acc);
+      if (step + W < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + W, w1, x1);
+      const int rel0 = step - b.step_lo, rel1 = rel0 + W;
+      compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel0), xsum_at<SC>(xsum, rel0), acc);
       if (step + W >= full_hi) break;
-      if (step + 2 * W < full_hi) load_stage<false, HD, SA, !XS>(a, rows, step + 2 * W, w0, x0);
-      compute_step<HD, XS, SA>(w1, x1, xs_at<XS>(xs_lane, step + W - b.step_lo), acc);
+      if (step + 2 * W < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + 2 * W, w0, x0);
+      compute_step<HD, XS, SC>(w1, x1, xs_at<XS>(xs_lane, rel1), xsum_at<SC>(xsum, rel1), acc);
       if (step + 2 * W >= full_hi) break;
     }
   }
   // The last step of a K that is not a multiple of 128, by the warp whose turn it is.
   if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % W == 0) {
+    const int rel = full_hi - b.step_lo;
     zero_x(x0);
-    load_stage<true, HD, SA, !XS>(a, rows, full_hi, w0, x0);
-    compute_step<HD, XS, SA>(w0, x0, xs_at<XS>(xs_lane, full_hi - b.step_lo), acc);
+    load_stage<true, HD, SC, !XS>(a, rows, full_hi, w0, x0);
+    compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel), xsum_at<SC>(xsum, rel), acc);
   }
   store_tile<W>(a, acc, b.n0);
 }
@@ -357,23 +401,26 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS)) gemv_
 using GemvKernelFn = void (*)(GemvArgs);
 
 // The kernel of a plan: tile (mt, rt), block size (warps), x source (x_smem: the 1x1 tile only) and
-// where the scale is applied (scale_after).
-template <int HD, int BITS, int MT, int RT, bool XS, bool SA>
+// where the grid applies (scale_after, zero_after: ScaleMode).
+template <int HD, int BITS, int MT, int RT, bool XS, int SC>
 GemvKernelFn pick_warps(int warps) {
-  return warps == 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SA> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SA>;
+  return warps == 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SC> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SC>;
 }
 
-template <int HD, int BITS, bool SA>
+template <int HD, int BITS, int SC>
 GemvKernelFn pick_tile(const GemvPlan& p) {
   if (p.mt == 1 && p.rt == 1) {
-    return p.x_smem ? pick_warps<HD, BITS, 1, 1, true, SA>(p.warps) : pick_warps<HD, BITS, 1, 1, false, SA>(p.warps);
+    return p.x_smem ? pick_warps<HD, BITS, 1, 1, true, SC>(p.warps) : pick_warps<HD, BITS, 1, 1, false, SC>(p.warps);
   }
-  return p.mt == 1 ? pick_warps<HD, BITS, 1, 2, false, SA>(p.warps) : pick_warps<HD, BITS, 2, 2, false, SA>(p.warps);
+  return p.mt == 1 ? pick_warps<HD, BITS, 1, 2, false, SC>(p.warps) : pick_warps<HD, BITS, 2, 2, false, SC>(p.warps);
 }
 
 template <int HD, int BITS>
 GemvKernelFn pick_scale(const GemvPlan& p) {
-  return p.scale_after ? pick_tile<HD, BITS, true>(p) : pick_tile<HD, BITS, false>(p);
+  if constexpr (BITS == 4) {
+    if (p.zero_after) return pick_warps<HD, 4, 1, 1, true, gemv::kZeroAfter>(p.warps);
+  }
+  return p.scale_after ? pick_tile<HD, BITS, gemv::kScaleAfter>(p) : pick_tile<HD, BITS, gemv::kScaleInW>(p);
 }
 
 GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
@@ -382,22 +429,24 @@ GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
 }
 
 // Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
-int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split) {
-  return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK));
+int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split, bool zero_after) {
+  return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK)) +
+         (zero_after ? steps_per_split * 8 : 0);  // Σx of rows 0, 1 per step
 }
 
 // Blocks of a plan's kernel resident per SM on the current device with `smem` bytes of dynamic shared
-// memory (registers decide without: min_blocks); 0 without a GPU. Cached per device, kernel and shared-memory size: the
-// plan asks on every call.
+// memory (registers decide without: min_blocks); 0 without a GPU. Cached per device, kernel and
+// shared-memory size: the plan asks on every call.
 int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  // Key: device, dtype, bits, tile, warps, x source, scale, shared memory in 128-byte units (< 2^10).
+  // Key: device, dtype, bits, tile, warps, x source, grid mode, shared memory in 128-byte units (< 2^10).
+  const int64_t sc = p.zero_after ? 2 : p.scale_after ? 1 : 0;
   const int64_t kernel = ((((static_cast<int64_t>(dev) * 2 + (x_dtype == kF16)) * 2 + (bits == 8)) * 2 + p.mt - 1) *
-                              2 + p.rt - 1) * 8 + (p.warps == 8) * 4 + (p.x_smem != 0) * 2 + (p.scale_after != 0);
+                              2 + p.rt - 1) * 12 + (p.warps == 8) * 6 + (p.x_smem != 0) * 3 + sc;
   const int64_t full_key = kernel << 10 | (smem + 127) / 128;
   static std::mutex mu;
   static std::unordered_map<int64_t, int> cache;
@@ -418,7 +467,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
 
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits);
-  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split) : 0;
+  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split, p.zero_after != 0) : 0;
   mma_kernel(a.x_dtype, a.bits, p)<<<grid, p.warps * 32, static_cast<size_t>(smem), stream>>>(a);
   return launch_status();
 }
@@ -439,7 +488,7 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_warps, int force_x_smem, int force_scale_after) {
+                        int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
@@ -448,11 +497,12 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   QDPO_REQUIRE(force_warps == 0 || force_warps == 4 || force_warps == 8, kErrShape);
   QDPO_REQUIRE(force_x_smem >= 0 && force_x_smem <= 2, kErrShape);
   QDPO_REQUIRE(force_scale_after >= 0 && force_scale_after <= 2, kErrShape);
+  QDPO_REQUIRE(force_zero_after >= 0 && force_zero_after <= 2, kErrShape);
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0};
   if (!mma) return kOk;
   // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
   // asked (force_scale_after == 2).
@@ -482,19 +532,24 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   plan->workspace_bytes = plan->splits > 1 ? plan->splits * m * n * 4 : 0;
   // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block. Not yet
   // measured on a GPU, so only when asked (force_x_smem == 2).
-  const int64_t xs_bytes = xs_smem_bytes(m, cdiv(steps, splits));
-  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 && xs_bytes <= kXsMaxBytes;
-  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_bytes : 0);
+  // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
+  // step comes with the copy of x). Not yet measured either (force_zero_after == 2).
+  const int64_t sps = cdiv(steps, splits);
+  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 && xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
+  plan->zero_after = force_zero_after == 2 && bits == 4 && plan->scale_after && plan->x_smem &&
+                     xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
+  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
   return kOk;
 }
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_warps, int force_x_smem, int force_scale_after) {
+                   int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
   GemvPlan p;
   if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_warps, force_x_smem, force_scale_after)) {
+                                  force_splits, force_warps, force_x_smem, force_scale_after,
+                                  force_zero_after)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);
@@ -505,7 +560,8 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
   QDPO_REQUIRE(aligned(workspace, 4), kErrAlign);
   const int64_t steps = cdiv(k, gemv::kStepK);
   GemvArgs a{reinterpret_cast<const void*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
-             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng), div_magic(static_cast<uint32_t>(k / ng)),
+             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng),
+             div_magic(static_cast<uint32_t>(k / ng)),
              reinterpret_cast<const uint8_t*>(qweight), stride_qn, reinterpret_cast<const void*>(scales), s_dtype,
              reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<const void*>(bias), b_dtype,
              reinterpret_cast<void*>(y), reinterpret_cast<float*>(workspace), p.splits, static_cast<int>(steps),

@@ -8,7 +8,9 @@
 // The output goes through the kernel's own c_row/c_col. x_smem: the activations go through the
 // shared-memory layout of the kernel's x_smem variant (xs_offset to write, xs_lane_offset to read).
 // scale_after: the mma takes q - z and each step's sums are multiplied by the row's scale after it,
-// with the scale taken from the step's first code (lanes past K too), as the kernel does. A wrong byte offset,
+// with the scale taken from the step's first code (lanes past K too), as the kernel does.
+// zero_after: the mma takes bias + q, and (bias + z) times the step's Σx of x rows 0, 1 (as the
+// kernel's prologue stores them) is subtracted before the scale. A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
 #include <algorithm>
@@ -23,7 +25,7 @@ namespace qdpo {
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem, bool scale_after) {
+                     bool x_smem, bool scale_after, bool zero_after) {
   if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
   if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
   if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
@@ -32,8 +34,11 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
   if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
   if (scale_after && ng != 1 && g_size % gemv::kStepK) return fail(kErrShape, "scale_after: G % 128 == 0 or G == K");
+  if (zero_after && !(bits == 4 && x_smem && scale_after)) {
+    return fail(kErrShape, "zero_after: W4, x_smem, scale_after");
+  }
   std::vector<double> acc(32 * 2 * 4, 0.0), step_acc(32 * 2 * 4, 0.0);
-  float lane_sf[32][2];  // scale_after: the lane's row scales of the step
+  gemv::RowGrid lane_grid[32][2];  // scale_after: the lane's row grids of the step
   const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
   // x_smem: the kernel's prologue, one range of all K steps: 8 activations at a time (zeros past K)
   // stored as their pairs at xs_offset
@@ -45,6 +50,13 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
       if (kk < k) std::memcpy(xw, x + row * k + kk, 16);
       gemv::x_pairs(xw, p);
       std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(kk), p, 16);
+    }
+  }
+  std::vector<double> xsum(2 * steps, 0.0);  // zero_after: Σx per step of x rows 0, 1 (row 0 twice at m = 1)
+  for (int i = 0; zero_after && i < 2 * steps; ++i) {
+    const int row = m == 1 ? 0 : i & 1;
+    for (int kk = (i >> 1) * gemv::kStepK; kk < ((i >> 1) + 1) * gemv::kStepK && kk < k; ++kk) {
+      xsum[i] += gemv::from_h_bits(x[row * k + kk], x_dtype);
     }
   }
   for (int step = 0; step < steps; ++step) {
@@ -62,10 +74,11 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
           std::memcpy(w[h], qweight + n * stride_qn + kl * bits / 8, bits == 4 ? 16 : 32);
           s = scales[n * ng + grp], z = zeros[n * ng + grp];
         } else if (scale_after && n < rows) {
-          s = scales[n * ng + grp];  // codes and zero point 0
+          s = scales[n * ng + grp];  // codes 0, and the zero point too unless it comes after
+          if (zero_after) z = zeros[n * ng + grp];
         }
         grid[h] = gemv::row_grid(s, z, x_dtype);
-        lane_sf[lane][h] = grid[h].sf;
+        lane_grid[lane][h] = grid[h];
       }
       for (int mt = 0; mt < mt_count; ++mt) {
         const int row = g + 8 * mt;
@@ -75,11 +88,13 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
         uint32_t pg[4], pg8[4], px[2][4];
         for (int h = 0; h < 2; ++h) {
           uint32_t* out = h ? pg8 : pg;
-          if (bits == 4) {
-            scale_after ? gemv::dequant_chunk<4, true>(w[h], c, grid[h], x_dtype, out)
+          if (bits == 4 && zero_after) {
+            gemv::dequant_chunk<4, gemv::kZeroAfter>(w[h], c, grid[h], x_dtype, out);
+          } else if (bits == 4) {
+            scale_after ? gemv::dequant_chunk<4, gemv::kScaleAfter>(w[h], c, grid[h], x_dtype, out)
                         : gemv::dequant_chunk<4>(w[h], c, grid[h], x_dtype, out);
           } else {
-            scale_after ? gemv::dequant_chunk<8, true>(w[h], c, grid[h], x_dtype, out)
+            scale_after ? gemv::dequant_chunk<8, gemv::kScaleAfter>(w[h], c, grid[h], x_dtype, out)
                         : gemv::dequant_chunk<8>(w[h], c, grid[h], x_dtype, out);
           }
         }
@@ -107,7 +122,9 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
       }
     }
     for (int e = 0; scale_after && e < 2 * 32 * 4; ++e) {  // e = (mt · 32 + lane) · 4 + i
-      acc[e] += static_cast<double>(lane_sf[(e / 4) % 32][(e % 4) >> 1]) * step_acc[e];
+      const gemv::RowGrid& r = lane_grid[(e / 4) % 32][(e % 4) >> 1];
+      const double sum = zero_after ? step_acc[e] - static_cast<double>(r.zbf) * xsum[2 * step + (e & 1)] : step_acc[e];
+      acc[e] += static_cast<double>(r.sf) * sum;
     }
   }
   for (int lane = 0; lane < 32; ++lane) {  // the kernel's epilogue map

@@ -90,19 +90,23 @@ QDPO_HD void b_frag(const uint32_t px[4], int h, uint32_t b[2]) {
 QDPO_HD int xs_row_bytes(int krange) { return (krange / 64 * 144 + 127) / 128 * 128 + 32; }
 QDPO_HD int xs_bytes(int m, int krange) { return m * xs_row_bytes(krange); }
 // Byte offset in a row of the 8 activations from k_rel (a multiple of 8) of the block's range.
-QDPO_HD int xs_offset(int k_rel) { return k_rel / 64 * 144 + k_rel % 64 * 2; }
+QDPO_HD int xs_offset(int k_rel) {
+  const unsigned u = static_cast<unsigned>(k_rel);  // >= 0: shifts and masks, no sign fix-ups
+  return static_cast<int>(u / 64 * 144 + u % 64 * 2);
+}
 // The same for lane t's chunk 0 at step step_rel of the range: chunk c is 16·c further, since
 // 32·(t % 2) + 8·c < 64.
 QDPO_HD int xs_lane_offset(int step_rel, int t) { return (2 * step_rel + (t >> 1)) * 144 + (t & 1) * 64; }
 
 // One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
-// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8, and s in fp32 (sf) for
-// the scale-after variant.
+// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8, and in fp32 s (sf) and
+// bias + z (zbf) for the scale-after and zero-after variants.
 struct RowGrid {
   uint32_t s2;
   uint32_t zb2;
   float zf;
   float sf;
+  float zbf;
 };
 
 QDPO_HD uint16_t to_h_bits(float v, int hdtype) { return hdtype == kF16 ? f32_to_f16_bits(v) : f32_to_bf16_bits(v); }
@@ -117,7 +121,7 @@ QDPO_HD uint32_t h_bias(int hdtype) { return hdtype == kF16 ? kF16Bias : kBF16Bi
 // of range gets s = 0, z = 0: every ŵ of it is then exactly 0.
 QDPO_HD RowGrid row_grid_bits(uint32_t s_bits, uint32_t z, int hdtype) {
   return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, 8388608.f + static_cast<float>(z),
-          from_h_bits(s_bits & 0xFFFFu, hdtype)};
+          from_h_bits(s_bits & 0xFFFFu, hdtype), from_h_bits(h_bias(hdtype) + z, hdtype)};
 }
 QDPO_HD RowGrid row_grid(float s, float z, int hdtype) {
   return row_grid_bits(to_h_bits(s, hdtype), static_cast<uint32_t>(z), hdtype);
@@ -193,24 +197,37 @@ QDPO_HD uint32_t w8_centered_pair(float lo_biased, float hi_biased, const RowGri
 #endif
 }
 
+// Where the GEMV applies the grid (s, z): in ŵ (kScaleInW), on each step's fp32 sums (kScaleAfter:
+// the mma takes q - z), or both scale and zero point on the sums (kZeroAfter, W4 with x in shared
+// memory: the mma takes bias + q, and (bias + z) · Σx of the step is subtracted after it).
+enum ScaleMode : int { kScaleInW = 0, kScaleAfter = 1, kZeroAfter = 2 };
+
 // The 4 ŵ pairs of chunk c (codes 8c .. 8c+7 of a lane's 32): `words` is the
-// lane's row data (4 words of W4, 8 words of W8). SA: the pairs of q - z (scale-after variant).
-template <int BITS, bool SA = false>
+// lane's row data (4 words of W4, 8 words of W8); SC: what they hold (ScaleMode).
+template <int BITS, int SC = kScaleInW>
 QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int hdtype, uint32_t p[4]) {
+  static_assert(SC != kZeroAfter || BITS == 4, "zero-after serves W4");
   if (BITS == 4) {
     const uint32_t bias = h_bias(hdtype);
     QDPO_UNROLL
     for (int i = 0; i < 4; ++i) {
       const uint32_t v = w4_pair_biased(words[c], i, bias);
-      p[i] = SA ? w4_centered_pair(v, r, hdtype) : w4_dequant_pair(v, r, hdtype);
+      p[i] = SC == kZeroAfter ? v : SC == kScaleAfter ? w4_centered_pair(v, r, hdtype) : w4_dequant_pair(v, r, hdtype);
     }
   } else {
     QDPO_UNROLL
     for (int i = 0; i < 4; ++i) {
       const float lo = w8_biased(words[2 * c], i), hi = w8_biased(words[2 * c + 1], i);
-      p[i] = SA ? w8_centered_pair(lo, hi, r, hdtype) : w8_dequant_pair(lo, hi, r, hdtype);
+      p[i] = SC == kScaleAfter ? w8_centered_pair(lo, hi, r, hdtype) : w8_dequant_pair(lo, hi, r, hdtype);
     }
   }
+}
+
+// Zero-after: where the block keeps Σx of each step for x rows 0 and 1 (fp32 pairs after the rows
+// of x pairs), and the fold of one accumulator: s · (Σ (bias + q)·x - (bias + z) · Σx).
+QDPO_HD int xsum_offset(int m, int krange) { return xs_bytes(m, krange); }
+QDPO_HD float zero_after_fold(float acc, float step_sum, float xsum, const RowGrid& r) {
+  return fmaf(r.sf, fmaf(-r.zbf, xsum, step_sum), acc);
 }
 
 }  // namespace gemv

@@ -59,6 +59,7 @@ struct GemvPlan {
   int blocks_per_sm;        // mma: resident blocks per SM of the chosen kernel (0: no GPU to ask)
   int x_smem;               // mma: 1 = x copied to shared memory first (M <= 2 tile), 0 = x in registers
   int scale_after;          // mma: 1 = the scale multiplies each step's fp32 sums (G % 128 == 0 or G = K)
+  int zero_after;           // mma: 1 = the zero point too, through each step's Σx (W4, x_smem, scale_after)
 };
 // Warps per block of the M <= 2 tile from the grid's 16-row tiles and how many blocks of 8 and of 4
 // warps an SM holds (host only). Blocks of 4 when the 8-warp grid needs more than one wave and either
@@ -69,14 +70,17 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // force_x_smem: 0 = the plan's choice (registers until measured), 1 = registers, 2 = shared memory
 // where the tile and the 48 KB allow it (else registers: the plan says which).
 // force_scale_after: 0 = the plan's choice (scale in ŵ until measured), 1 = scale in ŵ, 2 = scale
-// after the mma where G allows it (a multiple of 128, or G = K).
+// after the mma where G allows it (a multiple of 128, or G = K). force_zero_after: 2 = the zero point
+// after the mma too, where W4, x_smem and scale_after all hold; else not (not yet measured).
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,
-                        int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0);
+                        int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0,
+                        int force_zero_after = 0);
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0,
-                   int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0);
+                   int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0,
+                   int force_zero_after = 0);
 
 // dequant_matmul_gemm.cu — y = x @ ŵᵀ (+ bias) for any M on tensor cores (prefill). Serves fp16/bf16
 // x with scales in x.dtype, K % 64 == 0, G % 32 == 0 and 16-byte aligned x, qweight and its rows
@@ -90,7 +94,7 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem = false, bool scale_after = false);
+                     bool x_smem = false, bool scale_after = false, bool zero_after = false);
 // gemm_emulate.cpp — host emulation of one 128 × 128 block of the prefill GEMM (tests only).
 int gemm_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);

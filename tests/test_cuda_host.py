@@ -319,6 +319,17 @@ def test_gemv_scale_after_flow_matches_exact_products(C, bits, xdtype, m, rows, 
     _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=True)
 
 
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 384, 128), (2, 13, 1056, -1), (2, 16, 512, 256), (1, 9, 320, -1)])
+def test_gemv_zero_after_flow_matches_exact_products(C, xdtype, m, rows, k, gs):
+    """The zero-after variant (W4, x in shared memory, scale after): the mma sums (bias + q)·x, and
+    (bias + z) times the step's Σx is subtracted before the scale. Its y is x @ ((q - z) · s)ᵀ exactly
+    as well (a wrong Σx, slot or zero point shows far above this tolerance); K = 1056 and 320 end
+    inside a step, whose codes past K meet x = 0."""
+    emulate = functools.partial(C.host_gemv_mma_emulate, x_smem=True, scale_after=True, zero_after=True)
+    _check_emulated(emulate, 4, xdtype, m, rows, k, gs, exact_w=True)
+
+
 def test_gemv_emulation_checks_its_arguments(C):
     buf = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bad shape"):
@@ -329,6 +340,10 @@ def test_gemv_emulation_checks_its_arguments(C):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 3, 1, 0, x_smem=True)  # M > 2
     with pytest.raises(ValueError, match="bad shape"):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 2, 4, 0, 0, 0, 1, 1, 0, scale_after=True)  # G = 64
+    for kw in ({"x_smem": True}, {"scale_after": True}, {"x_smem": True, "scale_after": True, "bits": 8}):
+        args = [buf.data_ptr(), 64, 16, 128, 1, kw.pop("bits", 4), 0, 0, 0, 1, 1, 0]
+        with pytest.raises(ValueError, match="bad shape"):
+            C.host_gemv_mma_emulate(*args, zero_after=True, **kw)  # needs W4, x_smem and scale_after
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -429,6 +444,20 @@ def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_x_smem=bad)
+
+
+def test_plan_takes_the_zero_point_after_the_mma_only_with_w4_x_smem_and_scale_after(C):
+    both = {"force_x_smem": 2, "force_scale_after": 2}
+    assert not _plan(C, **both)["zero_after"], "not measured yet: off by default"
+    assert _plan(C, **both, force_zero_after=2)["zero_after"]
+    assert not _plan(C, force_x_smem=2, force_zero_after=2)["zero_after"], "needs scale_after"
+    assert not _plan(C, force_scale_after=2, force_zero_after=2)["zero_after"], "needs x_smem"
+    assert not _plan(C, bits=8, **both, force_zero_after=2)["zero_after"], "W4 only"
+    assert not _plan(C, m=3, **both, force_zero_after=2)["zero_after"], "x_smem serves M <= 2"
+    assert not _plan(C, ng=64, **both, force_zero_after=2)["zero_after"], "G = 64: no scale_after"
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_zero_after=bad)
 
 
 def test_plan_scales_after_the_mma_only_when_asked_and_the_groups_allow(C):

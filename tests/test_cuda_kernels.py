@@ -119,14 +119,17 @@ def test_dequant_matmul_dtypes_and_groups(xdtype, bits, gs):
 @pytest.mark.parametrize("gs", [128, 256, -1])
 def test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs):
     """The scale-after variant (opt-in) for both 16-bit x dtypes, bits and the group sizes it serves,
-    every tile (1, 3, 9, 16 rows), with x in registers and (M = 1) in shared memory."""
+    every tile (1, 3, 9, 16 rows), with x in registers and (M <= 2) in shared memory, the zero point
+    after the mma too (W4)."""
     from qdpo.kernels import cuda
 
     qw, b = _dtype_group_case(xdtype, bits, gs)
-    for m, x_smem in ((1, False), (1, True), (3, False), (9, False), (16, False)):
+    for m, x_smem, za in ((1, False, False), (1, True, False), (2, True, True), (1, True, True), (3, False, False),
+                          (9, False, False), (16, False, False)):
         x = _rand(m, 512, dtype=xdtype, seed=m)
-        kw = {"scale_after": True, "x_smem": x_smem}
-        assert cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)["scale_after"]
+        kw = {"scale_after": True, "x_smem": x_smem, "zero_after": za}
+        plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
+        assert plan["scale_after"] and plan["zero_after"] == (za and bits == 4)
         _check_y(cuda.dequant_matmul(x, *_args(qw), b, **kw), x, qw, b, f"M={m} {kw}")
 
 
@@ -156,6 +159,13 @@ def test_dequant_matmul_every_launcher_path():
         assert torch.equal(y, OPS.dequant_matmul(xs, *_args(qws), b[:64].contiguous(), B)), "deterministic"
 
 
+def _gemv_choices(m: int) -> list[tuple]:
+    """(warps, x_smem, scale_after, zero_after) the GEMV can be forced to for M = m rows of x."""
+    xs = (False, True) if m <= 2 else (False,)
+    return [(w, x, sa, za) for w, x, sa in itertools.product((8, 4), xs, (False, True))
+            for za in ((False, True) if x and sa else (False,))]
+
+
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
     """Every split-K count, block size, place of x and place of the scale ``benchmarks/sweep_gemv.py``
@@ -168,13 +178,14 @@ def test_dequant_matmul_every_forced_split(bits, gs):
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for warps, x_smem, sa in itertools.product((8, 4), (False, True) if m <= 2 else (False,), (False, True)):
+        for warps, x_smem, sa, za in _gemv_choices(m):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa}
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa, "zero_after": za}
                 plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
                 assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"], plan["x_smem"]) == (
                     splits, warps, x_smem)
                 assert plan["scale_after"] == (sa and gs != 32)
+                assert plan["zero_after"] == (za and gs != 32 and bits == 4)
                 y = cuda.dequant_matmul(x, *_args(qw), b, **kw)
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
@@ -190,9 +201,9 @@ def test_dequant_matmul_on_a_partial_last_step(gs):
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
     for m in (1, 2, 7):
         x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
-        for warps, x_smem, sa in itertools.product((8, 4), (False, True) if m <= 2 else (False,), (False, True)):
+        for warps, x_smem, sa, za in _gemv_choices(m):
             for splits in (1, 2):
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa}
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa, "zero_after": za}
                 y = cuda.dequant_matmul(x, *_args(qw), **kw)
                 _check_y(y, x, qw, None, f"M={m} {kw}")
 

@@ -227,15 +227,17 @@ def _choice_code(flag: bool | None) -> int:
 
 
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
-              warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None) -> dict:
+              warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
+              zero_after: bool | None = None) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    warps per block, the resident blocks per SM it expects, where x sits and where the scale is applied;
-    ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` not None force those (benchmarks)."""
+    warps per block, the resident blocks per SM it expects, where x sits and where the scale and zero
+    point are applied; ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` / ``zero_after`` not
+    None force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
                                   _sm_count(x2.device.index), splits, warps, _choice_code(x_smem),
-                                  _choice_code(scale_after))
+                                  _choice_code(scale_after), _choice_code(zero_after))
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -248,7 +250,8 @@ PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_ma
 
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
-                   warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None):
+                   warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
+                   zero_after: bool | None = None):
     """``x @ ŵᵀ (+ bias)`` in x's dtype.
 
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
@@ -260,6 +263,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     tensor cores sum the integers q - z and multiplies each 128-code step's fp32 sums by the scale
     (group size a multiple of 128, or one group per row; not yet measured either): ŵ is then never
     rounded to x.dtype, so y is closer to the exact product than the reference's x.dtype result.
+    ``zero_after=True`` (W4 with ``x_smem`` and ``scale_after``) has the tensor cores take the codes as
+    they are and subtracts the zero point times each step's sum of x after them.
     ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
@@ -295,14 +300,14 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
-    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem, scale_after)
+    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem, scale_after, zero_after)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             b_code, y.data_ptr(), _ptr(workspace), ws,
             _sm_count(dev.index), force_splits=splits, force_warps=warps, force_x_smem=_choice_code(x_smem),
-            force_scale_after=_choice_code(scale_after))
+            force_scale_after=_choice_code(scale_after), force_zero_after=_choice_code(zero_after))
     return y.reshape(*x.shape[:-1], n)
 
 
