@@ -3,9 +3,10 @@
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits``, blocks of 8 and of 4 warps
 and, at M <= 2, x in registers and in shared memory (``x_smem``), each with the scale in ŵ and
-after the mma (``scale_after``, where the group size allows), next to the plan's own choice
-("auto") and bf16 ``F.linear``, all back to back in one CUDA graph over copies of the weight that
-overflow twice the L2 cache (``common.graph_batch``). Every forced variant's output is checked
+after the mma (``scale_after``, where the group size allows) and, with both, the zero point after
+the mma too (``zero_after``, W4), next to the plan's own choice ("auto") and bf16 ``F.linear``,
+all back to back in one CUDA graph over copies of the weight that overflow twice the L2 cache
+(``common.graph_batch``). Every forced variant's output is checked
 against the auto plan's first. The data behind the plan rules in
 ``csrc/dequant_matmul_gemv.cu``::
 
@@ -44,6 +45,12 @@ def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
     return bdm._copies(*bdm._weight(n, k, bits, gs))
 
 
+def _choices(splits, x_sources, scale_places) -> list[tuple]:
+    """(warps, splits, x_smem, scale_after, zero_after) to force; zero_after needs x_smem and scale_after."""
+    return [(w, sp, xs, sa, za) for w, sp, xs, sa in itertools.product(WARPS, splits, x_sources, scale_places)
+            for za in ((False, True) if xs and sa else (False,))]
+
+
 def _ms(fns) -> float:
     batch = common.graph_batch(fns)
     return common.time_ms(batch)["median_ms"]
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
     x_sources = {"both": X_SMEM, "registers": (False,), "smem": (True,)}[args.x_smem]
     scale_places = {"both": SCALE_AFTER, "off": (False,), "on": (True,)}[args.scale_after]
     print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
-          "best forced µs (splits, warps, x_smem, scale_after)")
+          "best forced µs (splits, warps, x_smem, scale_after, zero_after)")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             if time.time() - t0 > args.time_limit_s:
@@ -94,19 +101,18 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for warps, sp, xs, sa in itertools.product(WARPS, args.splits, x_sources if m <= 2 else (False,),
-                                                           scale_places):
-                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs, sa)
-                    if (plan["splits"], plan["x_smem"], plan["scale_after"]) != (sp, xs, sa):
-                        continue  # K steps do not divide into sp ranges, x does not fit 48 KB, G < 128: the plan says
-                    kw = {"splits": sp, "warps": warps, "x_smem": xs, "scale_after": sa}
+                for warps, sp, xs, sa, za in _choices(args.splits, x_sources if m <= 2 else (False,), scale_places):
+                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs, sa, za)
+                    if (plan["splits"], plan["x_smem"], plan["scale_after"], plan["zero_after"]) != (sp, xs, sa, za):
+                        continue  # uneven K ranges, x past 48 KB, G < 128 or W8 (zero_after): the plan says so
+                    kw = {"splits": sp, "warps": warps, "x_smem": xs, "scale_after": sa, "zero_after": za}
                     got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                     ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
                     row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
-                how = ", ".join(str(best[key]) for key in ("splits", "warps", "x_smem", "scale_after"))
+                how = ", ".join(str(best[key]) for key in ("splits", *OPTIONS))
                 print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
                       f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({how})"
                       f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
@@ -122,15 +128,15 @@ def main(argv=None) -> int:
     return 0
 
 
-OPTIONS = ("warps", "x_smem", "scale_after")  # the launch choices the summary compares
+OPTIONS = ("warps", "x_smem", "scale_after", "zero_after")  # the launch choices the summary compares
 
 
 def option_gains(rows: list) -> dict:
     """For each launch choice, the speed-up of its alternative over the plan's present default (8 warps,
-    x in registers, the scale in ŵ) with every other choice equal: ``{(option, fmt, M): [ms_default /
+    x in registers, the scale and zero point in ŵ) with every other choice equal: ``{(option, fmt, M): [ms_default /
     ms_alternative, ...]}``, one ratio per matching pair of forced variants. Rows of older sweeps lack
     some keys: those count as the default."""
-    default = {"warps": 8, "x_smem": False, "scale_after": False}
+    default = {"warps": 8, "x_smem": False, "scale_after": False, "zero_after": False}
     gains: dict = {}
     for row in rows:
         runs = [{**default, **r} for r in row["forced"]]
