@@ -26,18 +26,21 @@
 // HMUL2 per two W4 codes) and issues 8 · RT · MT mma.sync. The next step's
 // loads are issued before this step's math (two register stages in ping-pong);
 // only the last step of a K that is not a multiple of 128 checks bounds.
-// Two opt-in variants, not yet measured on a GPU (static sm_90 SASS of the M <= 2
-// W4 bf16 kernel: 204.5 instructions per K step, 80 registers, 3 blocks of 8
-// warps per SM):
+// Three opt-in variants, not yet measured on a GPU (static sm_90 SASS of the M <= 2
+// W4 bf16 kernel's main loop: 204.5 instructions per K step, 79 registers, 3
+// blocks of 8 warps per SM; README "GPU results" has the table):
 // - x_smem (M <= 2): the block first copies x over its K range to shared memory
-//   as ready-made mma pairs; the main loop keeps only weights in registers and
-//   reads a chunk of x with one 16-byte load: 189.5 per step, 48 registers, 5
-//   blocks per SM.
+//   as ready-made mma pairs (about 15 instructions per step and row of x); the
+//   main loop keeps only weights in registers and reads a chunk of x with one
+//   16-byte load: 190.5 per step, 48 registers, 5 blocks per SM.
 // - scale_after (G a multiple of 128, or one group per row): the mma takes the
 //   exact integers q - z and each step's fp32 sums are multiplied by the row's
 //   scale after it (gemv_fragments.cuh: w4_centered_pair), which drops the HMUL2
-//   of every pair: 176 per step; with x_smem, 163 (-20 %). y is then closer to
-//   the exact product than the x.dtype-rounded ŵ of the reference.
+//   of every pair: 176 per step; with x_smem, 163. y is then closer to the exact
+//   product than the x.dtype-rounded ŵ of the reference.
+// - zero_after (W4 with both): the mma takes the biased codes as they are, and
+//   (bias + z) times the step's Σx (from the copy of x) is subtracted before the
+//   scale: 128 per step, plus about 36 per step for the copy with its sums.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
