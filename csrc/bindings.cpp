@@ -49,8 +49,10 @@ void def_host_math(py::module_& m) {
   m.def("host_f16_bits", &qdpo::f32_to_f16_bits, py::arg("x"), "fp32 → fp16 bits, round to nearest even");
   m.def("host_f16_value", &qdpo::f16_bits_to_f32, py::arg("bits"));
   m.def("host_bf16_bits", &qdpo::f32_to_bf16_bits, py::arg("x"), "fp32 → bf16 bits, round to nearest even");
-  m.def("host_div_by", [](int n, uint32_t d) { return qdpo::div_by(n, qdpo::div_magic(d)); }, py::arg("n"),
-        py::arg("d"), "n / d (0 <= n < 2^31, d >= 1) by the kernels' multiply-and-shift");
+  m.def("host_div_by", [](int n, int64_t d) {
+    if (n < 0 || d < 1 || d > 0x7FFFFFFF) throw py::value_error("host_div_by: needs 0 <= n and 1 <= d < 2^31");
+    return qdpo::div_by(n, qdpo::div_magic(static_cast<uint32_t>(d)));
+  }, py::arg("n"), py::arg("d"), "n / d (0 <= n < 2^31, 1 <= d < 2^31) by the kernels' multiply-and-shift");
   m.def("host_fake_quant_recip", [](ptr_t w, ptr_t s, ptr_t z, int64_t n, int bits, ptr_t out, ptr_t mask) {
     const float *wp = reinterpret_cast<const float*>(w), *sp = reinterpret_cast<const float*>(s),
                 *zp = reinterpret_cast<const float*>(z);

@@ -9,7 +9,7 @@ namespace qdpo {
 
 constexpr int kFmaRows = 4;      // fma: rows of ŵ per block, one warp each
 constexpr int kMaxSplits = 16;   // split-K ranges at most (partials: splits · M · N fp32)
-constexpr int64_t kXsMaxBytes = 48 * 1024;  // x_smem: dynamic shared memory without opting in to more
+constexpr int64_t kXsMaxBytes = 48 * 1024;  // x_smem: shared memory per block (static + dynamic) without opting in
 
 struct GemvArgs {
   const void* x;  // (M, K) contiguous

@@ -249,6 +249,9 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
   }
 }
 
+// Static shared memory of store_tile: a fp32 partial tile per warp (the x_smem plan counts it).
+constexpr int64_t store_tile_smem_bytes(int warps, int mt, int rt) { return int64_t{4} * warps * rt * mt * 4 * 32; }
+
 // The block's warps hold partial sums of the same tile: add them in warp order, then write y (or the
 // split's fp32 partials).
 template <int W, int MT, int RT>
@@ -256,6 +259,7 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int E = RT * MT * 4;
   __shared__ float red[W][E][32];
+  static_assert(sizeof(red) == store_tile_smem_bytes(W, MT, RT), "the x_smem plan counts this buffer");
   QDPO_UNROLL
   for (int e = 0; e < E; ++e) red[warp][e][lane] = acc[e / (MT * 4)][(e / 4) % MT][e % 4];
   __syncthreads();
@@ -447,6 +451,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     return 0;
   }
   // Key: device, dtype, bits, tile, warps, x source, grid mode, shared memory in 128-byte units (< 2^10).
+  static_assert(kXsMaxBytes <= 1024 * 128, "the key holds shared memory up to 128 KB");
   const int64_t sc = p.zero_after ? 2 : p.scale_after ? 1 : 0;
   const int64_t kernel = ((((static_cast<int64_t>(dev) * 2 + (x_dtype == kF16)) * 2 + (bits == 8)) * 2 + p.mt - 1) *
                               2 + p.rt - 1) * 12 + (p.warps == 8) * 6 + (p.x_smem != 0) * 3 + sc;
@@ -514,6 +519,8 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   if (force_warps) {
     plan->warps = force_warps;
   } else if (plan->mt == 1 && plan->rt == 1) {  // measured for this tile only (README "GPU results")
+    // from the occupancy of the kernels that keep x in registers: an x_smem plan (opt-in, unmeasured)
+    // keeps this choice unless its warps are forced too
     GemvPlan p8 = *plan, p4 = *plan;
     p4.warps = 4;
     plan->warps = gemv_auto_warps(tiles, sm_count, blocks_per_sm(x_dtype, bits, p8, 0),
@@ -533,14 +540,15 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   splits = cdiv(steps, cdiv(steps, std::min<int64_t>(splits, steps)));  // no empty K range
   plan->splits = static_cast<int>(splits);
   plan->workspace_bytes = plan->splits > 1 ? plan->splits * m * n * 4 : 0;
-  // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block. Not yet
-  // measured on a GPU, so only when asked (force_x_smem == 2).
+  // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block next to
+  // store_tile's static buffer. Not yet measured on a GPU, so only when asked (force_x_smem == 2).
   // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
   // step comes with the copy of x). Not yet measured either (force_zero_after == 2).
-  const int64_t sps = cdiv(steps, splits);
-  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 && xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
+  const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps, 1, 1);
+  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 &&
+                 fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
   plan->zero_after = force_zero_after == 2 && bits == 4 && plan->scale_after && plan->x_smem &&
-                     xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
+                     fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
   plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
   return kOk;
 }

@@ -182,11 +182,12 @@ QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) {
 // the correctly rounded quotient (Markstein's theorem: r within half an ulp of 1/s). `fast` holds
 // the scales for which that covers every quotient that matters: with 2^-100 <= |s| <= 2^100,
 // w - q0·s is a multiple of 2^-149 (so exact) unless |w / s| < 1/8, where any quotient within an
-// ulp rounds to the same integer, 0; and past 2^24, where q0 may overflow, q0 is already an integer
-// and is used as it is. So round(quotient(w, d)) == round(w / s): the codes, ŵ and the
-// straight-through mask do not change (tests/test_cuda_host.py checks this against IEEE division
-// on near-ties, tiny and huge quotients). The LSQ term, which uses the quotient itself, keeps the
-// true division.
+// ulp rounds to the same integer, 0; and past 2^24, where q0 may overflow, q0 is used as it is: it
+// may differ from w / s there, but any code past 2^24 clamps to the same end of the grid. So the
+// codes, ŵ and the straight-through mask equal those of true division (tests/test_cuda_host.py
+// checks this against IEEE division on near-ties, tiny and huge quotients; it assumes the IEEE
+// division and reciprocal of nvcc's default -prec-div=true, never --use_fast_math). The LSQ term,
+// which uses the quotient itself, keeps the true division.
 struct Recip {
   float s, r;
   bool fast;

@@ -265,6 +265,9 @@ def test_division_by_a_group_size_without_a_divide(C):
                                                              for _ in range(20)}
         for n in sorted(v for v in ns if 0 <= v <= top):
             assert C.host_div_by(n, d) == n // d, (n, d)
+    for n, d in ((1, 0), (-1, 3), (1, 2**31)):
+        with pytest.raises(ValueError, match="host_div_by"):
+            C.host_div_by(n, d)
 
 
 # --------------------------------------------------------------------------- GEMV and GEMM data flow
@@ -441,6 +444,10 @@ def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
     assert not _plan(C, m=2, k=16384, ng=128, force_x_smem=2)["x_smem"]
     assert _plan(C, m=2, k=16384, ng=128, force_x_smem=2, force_splits=2)["x_smem"]
     assert _plan(C, m=1, k=16384, ng=128, force_x_smem=2)["x_smem"]
+    # M = 2, K = 10240: 2 · 23 072 bytes fit 48 KB alone, not next to the 8 warps' 4 KB reduction buffer
+    # (the launch would fail); 4 warps' 2 KB leave room
+    assert not _plan(C, m=2, k=10240, ng=80, force_x_smem=2)["x_smem"]
+    assert _plan(C, m=2, k=10240, ng=80, force_x_smem=2, force_warps=4)["x_smem"]
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_x_smem=bad)
