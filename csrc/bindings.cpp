@@ -78,20 +78,21 @@ void def_host_math(py::module_& m) {
         "(scale, zero) of one group from its min and max, as reference.qparams");
   m.def("host_gemv_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y, bool x_smem,
-                                    bool scale_after, bool zero_after) {
+                                    bool scale_after, bool zero_after, int splits) {
     check("host_gemv_mma_emulate",
           qdpo::gemv_mma_emulate(reinterpret_cast<const uint8_t*>(qweight), stride_qn, rows, k, ng, bits,
                                  reinterpret_cast<const float*>(scales), reinterpret_cast<const uint8_t*>(zeros),
                                  reinterpret_cast<const uint16_t*>(x), m, x_dtype, reinterpret_cast<float*>(y),
-                                 x_smem, scale_after, zero_after));
+                                 x_smem, scale_after, zero_after, splits));
   }, "One 16-row tile of the tensor-core GEMV emulated on the host from CPU buffers (pointers): "
      "y (m, rows) fp32 from qweight (rows, K·b/8) uint8, scales (rows, ng) fp32, zeros (rows, ng) uint8, "
      "x (m, K) as 16-bit words; x_smem: x through the shared-memory layout of that variant (m <= 2); "
      "scale_after: the scale-after variant's data flow (G a multiple of 128 or G = K); zero_after: the "
-     "zero point after the mma too (W4, x_smem, scale_after)",
+     "zero point after the mma too (W4, x_smem, scale_after); splits: K in that many ranges (split-K)",
      py::arg("qweight"), py::arg("stride_qn"), py::arg("rows"), py::arg("k"), py::arg("ng"), py::arg("bits"),
      py::arg("scales"), py::arg("zeros"), py::arg("x"), py::arg("m"), py::arg("x_dtype"), py::arg("y"),
-     py::arg("x_smem") = false, py::arg("scale_after") = false, py::arg("zero_after") = false);
+     py::arg("x_smem") = false, py::arg("scale_after") = false, py::arg("zero_after") = false,
+     py::arg("splits") = 1);
   m.def("host_gemm_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y) {
     check("host_gemm_mma_emulate",

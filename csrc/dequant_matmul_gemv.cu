@@ -38,7 +38,7 @@
 //   scale after it (gemv_fragments.cuh: w4_centered_pair), which drops the HMUL2
 //   of every pair: 176 per step; with x_smem, 163. y is then closer to the exact
 //   product than the x.dtype-rounded ŵ of the reference.
-// - zero_after (W4 with both): the mma takes the biased codes as they are, and
+// - zero_after (W4, bf16 x, with both): the mma takes the biased codes as they are, and
 //   (bias + z) times the step's Σx (from the copy of x) is subtracted before the
 //   scale: 128 per step, plus about 36 per step for the copy with its sums.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
@@ -424,7 +424,7 @@ GemvKernelFn pick_tile(const GemvPlan& p) {
 
 template <int HD, int BITS>
 GemvKernelFn pick_scale(const GemvPlan& p) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 4 && HD == kBF16) {
     if (p.zero_after) return pick_warps<HD, 4, 1, 1, true, gemv::kZeroAfter>(p.warps);
   }
   return p.scale_after ? pick_tile<HD, BITS, gemv::kScaleAfter>(p) : pick_tile<HD, BITS, gemv::kScaleInW>(p);
@@ -437,8 +437,7 @@ GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
 
 // Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
 int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split, bool zero_after) {
-  return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK)) +
-         (zero_after ? steps_per_split * 8 : 0);  // Σx of rows 0, 1 per step
+  return gemv::xs_total_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK), zero_after);
 }
 
 // Blocks of a plan's kernel resident per SM on the current device with `smem` bytes of dynamic shared
@@ -543,11 +542,12 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block next to
   // store_tile's static buffer. Not yet measured on a GPU, so only when asked (force_x_smem == 2).
   // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
-  // step comes with the copy of x). Not yet measured either (force_zero_after == 2).
+  // step comes with the copy of x), bf16 x: fp16's bias of 1024 makes the fp32 cancellation leave
+  // a zero row an fp16 ulp off zero. Not yet measured either (force_zero_after == 2).
   const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps, 1, 1);
   plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 &&
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
-  plan->zero_after = force_zero_after == 2 && bits == 4 && plan->scale_after && plan->x_smem &&
+  plan->zero_after = force_zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
                      fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
   plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
   return kOk;

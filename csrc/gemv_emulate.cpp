@@ -10,7 +10,8 @@
 // scale_after: the mma takes q - z and each step's sums are multiplied by the row's scale after it,
 // with the scale taken from the step's first code (lanes past K too), as the kernel does.
 // zero_after: the mma takes bias + q, and (bias + z) times the step's Σx of x rows 0, 1 (as the
-// kernel's prologue stores them) is subtracted before the scale. A wrong byte offset,
+// kernel's prologue stores them) is subtracted before the scale. splits: K in ranges of
+// ceil(steps / splits) steps, x_smem refilled per range, as split-K blocks do. A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
 #include <algorithm>
@@ -25,41 +26,48 @@ namespace qdpo {
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem, bool scale_after, bool zero_after) {
+                     bool x_smem, bool scale_after, bool zero_after, int splits) {
   if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
   if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
   if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
     return fail(kErrShape, "1 <= rows, m <= 16 and K, G multiples of 32");
   }
   if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
+  if (splits < 1 || splits > 16) return fail(kErrShape, "1 <= splits <= 16 (kMaxSplits)");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
   if (scale_after && ng != 1 && g_size % gemv::kStepK) return fail(kErrShape, "scale_after: G % 128 == 0 or G == K");
-  if (zero_after && !(bits == 4 && x_smem && scale_after)) {
-    return fail(kErrShape, "zero_after: W4, x_smem, scale_after");
+  if (zero_after && !(bits == 4 && x_dtype == kBF16 && x_smem && scale_after)) {
+    return fail(kErrShape, "zero_after: W4, bf16 x, x_smem, scale_after");
   }
   std::vector<double> acc(32 * 2 * 4, 0.0), step_acc(32 * 2 * 4, 0.0);
   gemv::RowGrid lane_grid[32][2];  // scale_after: the lane's row grids of the step
   const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
-  // x_smem: the kernel's prologue, one range of all K steps: 8 activations at a time (zeros past K)
-  // stored as their pairs at xs_offset
-  const int krange = steps * gemv::kStepK, row_bytes = gemv::xs_row_bytes(krange);
-  std::vector<uint8_t> xs(x_smem ? gemv::xs_bytes(m, krange) : 0, 0xFF);  // 0xFF: a read of a hole shows
-  for (int row = 0; x_smem && row < m; ++row) {
-    for (int kk = 0; kk < krange; kk += 8) {
-      uint32_t xw[4] = {}, p[4];
-      if (kk < k) std::memcpy(xw, x + row * k + kk, 16);
-      gemv::x_pairs(xw, p);
-      std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(kk), p, 16);
-    }
-  }
-  std::vector<double> xsum(2 * steps, 0.0);  // zero_after: Σx per step of x rows 0, 1 (row 0 twice at m = 1)
-  for (int i = 0; zero_after && i < 2 * steps; ++i) {
-    const int row = m == 1 ? 0 : i & 1;
-    for (int kk = (i >> 1) * gemv::kStepK; kk < ((i >> 1) + 1) * gemv::kStepK && kk < k; ++kk) {
-      xsum[i] += gemv::from_h_bits(x[row * k + kk], x_dtype);
-    }
-  }
+  // K ranges of sps steps (split-K; the last may be shorter). x_smem: the kernel's prologue per range:
+  // 8 activations at a time (zeros past K) stored as their pairs at xs_offset, and (zero_after) Σx
+  // of each step of x rows 0, 1 at xsum_offset (row 0 twice at m = 1), in one buffer of the plan's size.
+  const int sps = (steps + splits - 1) / splits, kmax = sps * gemv::kStepK, row_bytes = gemv::xs_row_bytes(kmax);
+  std::vector<uint8_t> xs(x_smem ? gemv::xs_total_bytes(m, kmax, zero_after) : 0);
+  int lo = 0;  // the range's first step
   for (int step = 0; step < steps; ++step) {
+    if (x_smem && step % sps == 0) {
+      lo = step;
+      std::fill(xs.begin(), xs.end(), uint8_t{0xFF});  // a read of a hole shows
+      const int krange = (std::min(lo + sps, steps) - lo) * gemv::kStepK, k0 = lo * gemv::kStepK;
+      for (int row = 0; row < m; ++row) {
+        for (int kk = 0; kk < krange; kk += 8) {
+          uint32_t xw[4] = {}, p[4];
+          if (k0 + kk < k) std::memcpy(xw, x + row * k + k0 + kk, 16);
+          gemv::x_pairs(xw, p);
+          std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(kk), p, 16);
+        }
+      }
+      for (int i = 0; zero_after && i < 2 * (krange / gemv::kStepK); ++i) {
+        const int row = m == 1 ? 0 : i & 1, kb = k0 + (i >> 1) * gemv::kStepK;
+        float sum = 0.f;
+        for (int kk = kb; kk < kb + gemv::kStepK && kk < k; ++kk) sum += gemv::from_h_bits(x[row * k + kk], x_dtype);
+        std::memcpy(xs.data() + gemv::xsum_offset(m, kmax) + 4 * i, &sum, 4);
+      }
+    }
     uint32_t a[8][32][4], b[2][8][32][2];
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane >> 2, t = lane & 3, kl = gemv::lane_k(step, t);
@@ -102,7 +110,7 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
           if (!x_smem) {
             gemv::x_pairs(&xw[mt][4 * c], px[mt]);
           } else if (g < m) {  // the kernel's 16-byte shared-memory load; other lanes keep zeros
-            std::memcpy(px[mt], xs.data() + g * row_bytes + gemv::xs_lane_offset(step, t) + 16 * c, 16);
+            std::memcpy(px[mt], xs.data() + g * row_bytes + gemv::xs_lane_offset(step - lo, t) + 16 * c, 16);
           } else {
             std::memset(px[mt], 0, 16);
           }
@@ -123,8 +131,9 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
     }
     for (int e = 0; scale_after && e < 2 * 32 * 4; ++e) {  // e = (mt · 32 + lane) · 4 + i
       const gemv::RowGrid& r = lane_grid[(e / 4) % 32][(e % 4) >> 1];
-      const double sum = zero_after ? step_acc[e] - static_cast<double>(r.zbf) * xsum[2 * step + (e & 1)] : step_acc[e];
-      acc[e] += static_cast<double>(r.sf) * sum;
+      float xsum = 0.f;
+      if (zero_after) std::memcpy(&xsum, xs.data() + gemv::xsum_offset(m, kmax) + 8 * (step - lo) + 4 * (e & 1), 4);
+      acc[e] += static_cast<double>(r.sf) * (step_acc[e] - static_cast<double>(r.zbf) * xsum);
     }
   }
   for (int lane = 0; lane < 32; ++lane) {  // the kernel's epilogue map

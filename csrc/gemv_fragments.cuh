@@ -226,6 +226,10 @@ QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int h
 // Zero-after: where the block keeps Σx of each step for x rows 0 and 1 (fp32 pairs after the rows
 // of x pairs), and the fold of one accumulator: s · (Σ (bias + q)·x - (bias + z) · Σx).
 QDPO_HD int xsum_offset(int m, int krange) { return xs_bytes(m, krange); }
+// All of a block's x_smem bytes for a K range of krange codes (the plan's dynamic shared memory).
+QDPO_HD int xs_total_bytes(int m, int krange, bool zero_after) {
+  return xsum_offset(m, krange) + (zero_after ? krange / kStepK * 8 : 0);
+}
 QDPO_HD float zero_after_fold(float acc, float step_sum, float xsum, const RowGrid& r) {
   return fmaf(r.sf, fmaf(-r.zbf, xsum, step_sum), acc);
 }

@@ -71,7 +71,7 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // where the tile and the 48 KB allow it (else registers: the plan says which).
 // force_scale_after: 0 = the plan's choice (scale in ŵ until measured), 1 = scale in ŵ, 2 = scale
 // after the mma where G allows it (a multiple of 128, or G = K). force_zero_after: 2 = the zero point
-// after the mma too, where W4, x_smem and scale_after all hold; else not (not yet measured).
+// after the mma too, where W4, bf16 x, x_smem and scale_after all hold; else not (not yet measured).
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,
                         int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0,
@@ -94,7 +94,7 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem = false, bool scale_after = false, bool zero_after = false);
+                     bool x_smem = false, bool scale_after = false, bool zero_after = false, int splits = 1);
 // gemm_emulate.cpp — host emulation of one 128 × 128 block of the prefill GEMM (tests only).
 int gemm_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);

@@ -271,10 +271,11 @@ def test_division_by_a_group_size_without_a_divide(C):
 
 
 # --------------------------------------------------------------------------- GEMV and GEMM data flow
-def _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=False):
+def _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=False, xsum_bias=0):
     """``emulate`` (a host emulation of a tensor-core kernel's data flow) equals x @ ŵᵀ with ŵ rounded
     to x.dtype (fp64 sums; only their order differs) — or, ``exact_w``, with ŵ = (q - z) · s exact —
-    and a zero weight row gives exactly 0."""
+    and a zero weight row gives exactly 0. ``xsum_bias``: the flow subtracts (bias + z) times fp32
+    sums of x, whose rounding (8 · 2⁻²⁴ of Σ|x|, times (bias + 15) · s) is allowed on top."""
     w = randn(rows, k, xdtype, seed=m + k)
     w[rows // 2] = 0  # a zero row: ŵ = 0 exactly, so y = 0 exactly
     qw, s, z = ref.quantize(w, bits, gs, symmetric=bits == 8)
@@ -286,7 +287,8 @@ def _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=False):
     w_hat = ref.dequantize(qw, s.double(), z, bits, torch.float64) if exact_w else ref.dequantize(qw, s, z, bits,
                                                                                                  xdtype)
     want = x.double() @ w_hat.double().t()
-    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    xsum_err = 8 * 2.0**-24 * (xsum_bias + 15) * s.float().abs().max().item() * x.float().abs().sum(1).max().item()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item() + xsum_err)
     assert y[:, rows // 2].eq(0).all()
 
 
@@ -301,12 +303,15 @@ def test_gemv_fragment_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 128, 32), (2, 7, 384, 128), (1, 16, 320, -1), (2, 13, 1088, 64)])
-def test_gemv_x_smem_flow_matches_reference(C, bits, xdtype, m, rows, k, gs):
+@pytest.mark.parametrize("m,rows,k,gs,splits", [(1, 16, 128, 32, 1), (2, 7, 384, 128, 1), (1, 16, 320, -1, 1),
+                                                (2, 13, 1088, 64, 1), (2, 9, 1088, 64, 3), (1, 16, 1280, 128, 4)])
+def test_gemv_x_smem_flow_matches_reference(C, bits, xdtype, m, rows, k, gs, splits):
     """The same tile with x through the x_smem variant's shared-memory layout: pairs written at
     xs_offset, read at xs_lane_offset + 16·chunk (a hole or an overlap would show), zeros past K (K =
-    320, 1088 end inside a step), lanes past M reading row M - 1."""
-    _check_emulated(functools.partial(C.host_gemv_mma_emulate, x_smem=True), bits, xdtype, m, rows, k, gs)
+    320, 1088 end inside a step), lanes past M reading row M - 1; split-K ranges refill it (1088 in
+    3 ranges of 3, 3 and 3 steps of which the last ends inside K's last step)."""
+    emulate = functools.partial(C.host_gemv_mma_emulate, x_smem=True, splits=splits)
+    _check_emulated(emulate, bits, xdtype, m, rows, k, gs)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -322,15 +327,18 @@ def test_gemv_scale_after_flow_matches_exact_products(C, bits, xdtype, m, rows, 
     _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=True)
 
 
-@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,rows,k,gs", [(1, 16, 384, 128), (2, 13, 1056, -1), (2, 16, 512, 256), (1, 9, 320, -1)])
-def test_gemv_zero_after_flow_matches_exact_products(C, xdtype, m, rows, k, gs):
-    """The zero-after variant (W4, x in shared memory, scale after): the mma sums (bias + q)·x, and
+@pytest.mark.parametrize("xdtype", [torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs,splits", [(1, 16, 384, 128, 1), (2, 13, 1056, -1, 1), (2, 16, 512, 256, 1),
+                                                (1, 9, 320, -1, 1), (2, 13, 1056, -1, 4), (1, 16, 1280, 128, 3)])
+def test_gemv_zero_after_flow_matches_exact_products(C, xdtype, m, rows, k, gs, splits):
+    """The zero-after variant (W4, bf16 x, x in shared memory, scale after): the mma sums (bias + q)·x, and
     (bias + z) times the step's Σx is subtracted before the scale. Its y is x @ ((q - z) · s)ᵀ exactly
-    as well (a wrong Σx, slot or zero point shows far above this tolerance); K = 1056 and 320 end
-    inside a step, whose codes past K meet x = 0."""
-    emulate = functools.partial(C.host_gemv_mma_emulate, x_smem=True, scale_after=True, zero_after=True)
-    _check_emulated(emulate, 4, xdtype, m, rows, k, gs, exact_w=True)
+    as well, up to the rounding of its fp32 Σx, which (bias + z) multiplies (a wrong Σx, slot or zero
+    point shows far above it); K = 1056 and 320 end
+    inside a step, whose codes past K meet x = 0; split-K ranges keep their own Σx."""
+    emulate = functools.partial(C.host_gemv_mma_emulate, x_smem=True, scale_after=True, zero_after=True,
+                                splits=splits)
+    _check_emulated(emulate, 4, xdtype, m, rows, k, gs, exact_w=True, xsum_bias=128)
 
 
 def test_gemv_emulation_checks_its_arguments(C):
@@ -343,8 +351,10 @@ def test_gemv_emulation_checks_its_arguments(C):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 3, 1, 0, x_smem=True)  # M > 2
     with pytest.raises(ValueError, match="bad shape"):
         C.host_gemv_mma_emulate(buf.data_ptr(), 64, 16, 128, 2, 4, 0, 0, 0, 1, 1, 0, scale_after=True)  # G = 64
-    for kw in ({"x_smem": True}, {"scale_after": True}, {"x_smem": True, "scale_after": True, "bits": 8}):
-        args = [buf.data_ptr(), 64, 16, 128, 1, kw.pop("bits", 4), 0, 0, 0, 1, 1, 0]
+    for kw in ({"x_smem": True}, {"scale_after": True}, {"x_smem": True, "scale_after": True, "bits": 8},
+               {"x_smem": True, "scale_after": True, "x_dtype": CODES[torch.float16]}):
+        bits, x_dtype = kw.pop("bits", 4), kw.pop("x_dtype", CODES[torch.bfloat16])
+        args = [buf.data_ptr(), 64, 16, 128, 1, bits, 0, 0, 0, 1, x_dtype, 0]
         with pytest.raises(ValueError, match="bad shape"):
             C.host_gemv_mma_emulate(*args, zero_after=True, **kw)  # needs W4, x_smem and scale_after
 
@@ -453,13 +463,14 @@ def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
             _plan(C, force_x_smem=bad)
 
 
-def test_plan_takes_the_zero_point_after_the_mma_only_with_w4_x_smem_and_scale_after(C):
+def test_plan_takes_the_zero_point_after_the_mma_only_with_w4_bf16_x_smem_and_scale_after(C):
     both = {"force_x_smem": 2, "force_scale_after": 2}
     assert not _plan(C, **both)["zero_after"], "not measured yet: off by default"
     assert _plan(C, **both, force_zero_after=2)["zero_after"]
     assert not _plan(C, force_x_smem=2, force_zero_after=2)["zero_after"], "needs scale_after"
     assert not _plan(C, force_scale_after=2, force_zero_after=2)["zero_after"], "needs x_smem"
     assert not _plan(C, bits=8, **both, force_zero_after=2)["zero_after"], "W4 only"
+    assert not _plan(C, xdtype=torch.float16, **both, force_zero_after=2)["zero_after"], "bf16 x only"
     assert not _plan(C, m=3, **both, force_zero_after=2)["zero_after"], "x_smem serves M <= 2"
     assert not _plan(C, ng=64, **both, force_zero_after=2)["zero_after"], "G = 64: no scale_after"
     for bad in (-1, 3):

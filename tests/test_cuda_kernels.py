@@ -120,7 +120,7 @@ def test_dequant_matmul_dtypes_and_groups(xdtype, bits, gs):
 def test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs):
     """The scale-after variant (opt-in) for both 16-bit x dtypes, bits and the group sizes it serves,
     every tile (1, 3, 9, 16 rows), with x in registers and (M <= 2) in shared memory, the zero point
-    after the mma too (W4)."""
+    after the mma too (W4, bf16 x)."""
     from qdpo.kernels import cuda
 
     qw, b = _dtype_group_case(xdtype, bits, gs)
@@ -129,7 +129,7 @@ def test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs):
         x = _rand(m, 512, dtype=xdtype, seed=m)
         kw = {"scale_after": True, "x_smem": x_smem, "zero_after": za}
         plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
-        assert plan["scale_after"] and plan["zero_after"] == (za and bits == 4)
+        assert plan["scale_after"] and plan["zero_after"] == (za and bits == 4 and xdtype == torch.bfloat16)
         _check_y(cuda.dequant_matmul(x, *_args(qw), b, **kw), x, qw, b, f"M={m} {kw}")
 
 
@@ -195,12 +195,12 @@ def test_dequant_matmul_on_a_partial_last_step(gs):
     """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add
     exactly nothing — for both block sizes, one range and two, one and two rows of x, x in registers
     and in shared memory, the scale in ŵ and (G = K) after the mma, where lanes past K take the
-    step's scale."""
+    step's scale, and (bf16 x) the zero point after it too; fp16 and bf16 x."""
     from qdpo.kernels import cuda
 
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
-    for m in (1, 2, 7):
-        x = _rand(m, 2080, dtype=torch.float16, seed=m + 11)
+    for m, xdtype in itertools.product((1, 2, 7), (torch.float16, torch.bfloat16)):
+        x = _rand(m, 2080, dtype=xdtype, seed=m + 11)
         for warps, x_smem, sa, za in _gemv_choices(m):
             for splits in (1, 2):
                 kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa, "zero_after": za}

@@ -263,7 +263,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     tensor cores sum the integers q - z and multiplies each 128-code step's fp32 sums by the scale
     (group size a multiple of 128, or one group per row; not yet measured either): ŵ is then never
     rounded to x.dtype, so y is closer to the exact product than the reference's x.dtype result.
-    ``zero_after=True`` (W4 with ``x_smem`` and ``scale_after``) has the tensor cores take the codes as
+    ``zero_after=True`` (W4, bf16 x, with ``x_smem`` and ``scale_after``) has the tensor cores take the codes as
     they are and subtracts the zero point times each step's sum of x after them.
     ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose.
     """
