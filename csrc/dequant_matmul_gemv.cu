@@ -55,6 +55,7 @@
 // block from L2 (M·K·2 per 16·RT rows); y M·N·2 (+ 2·splits·M·N·4 of partials).
 // At M = 1, W4 moves ~¼ of a bf16 matmul's bytes: the roofline speed-up is ~3.8×.
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 
@@ -449,15 +450,23 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     cudaGetLastError();
     return 0;
   }
-  // Key: device, dtype, bits, tile, warps, x source, grid mode, shared memory in 128-byte units (< 2^10).
+  // Key: dtype, bits, tile, warps, x source, grid mode (192 kernels); then device and shared memory in
+  // 128-byte units (< 2^10). Without shared memory (every launch's auto-warps question) a lock-free
+  // table answers; the opt-in x_smem sizes go through a map.
   static_assert(kXsMaxBytes <= 1024 * 128, "the key holds shared memory up to 128 KB");
-  const int64_t sc = p.zero_after ? 2 : p.scale_after ? 1 : 0;
-  const int64_t kernel = ((((static_cast<int64_t>(dev) * 2 + (x_dtype == kF16)) * 2 + (bits == 8)) * 2 + p.mt - 1) *
-                              2 + p.rt - 1) * 12 + (p.warps == 8) * 6 + (p.x_smem != 0) * 3 + sc;
-  const int64_t full_key = kernel << 10 | (smem + 127) / 128;
+  constexpr int kKernels = 192, kDevices = 16;
+  const int sc = p.zero_after ? 2 : p.scale_after ? 1 : 0;
+  const int kernel = ((((x_dtype == kF16) * 2 + (bits == 8)) * 2 + p.mt - 1) * 2 + p.rt - 1) * 12 +
+                     (p.warps == 8) * 6 + (p.x_smem != 0) * 3 + sc;
+  static std::atomic<int> table[kDevices][kKernels] = {};  // 0: not yet asked
+  const bool tabled = smem == 0 && dev < kDevices;
+  if (tabled) {
+    if (const int n = table[dev][kernel].load(std::memory_order_relaxed)) return n;
+  }
+  const int64_t full_key = (static_cast<int64_t>(dev) * kKernels + kernel) << 10 | (smem + 127) / 128;
   static std::mutex mu;
   static std::unordered_map<int64_t, int> cache;
-  {
+  if (!tabled) {
     std::lock_guard<std::mutex> lock(mu);
     if (auto it = cache.find(full_key); it != cache.end()) return it->second;
   }
@@ -467,8 +476,12 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     cudaGetLastError();  // no GPU here: leave no error behind for the next launch's status
     return 0;            // not cached: a later call on a GPU asks again
   }
-  std::lock_guard<std::mutex> lock(mu);
-  cache[full_key] = n;
+  if (tabled) {
+    table[dev][kernel].store(n, std::memory_order_relaxed);
+  } else {
+    std::lock_guard<std::mutex> lock(mu);
+    cache[full_key] = n;
+  }
   return n;
 }
 
@@ -493,9 +506,13 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
   return tiles <= int64_t(blocks4) * sm_count ? 4 : 8;
 }
 
-int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
+namespace {
+
+// The plan; `occupancy`: also ask the runtime for the chosen kernel's blocks per SM (a report for
+// dequant_matmul_plan; the launch does not need it).
+int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
+              ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits, int force_warps,
+              int force_x_smem, int force_scale_after, int force_zero_after, bool occupancy) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
@@ -549,8 +566,19 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
   plan->zero_after = force_zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
                      fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
-  plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
+  if (occupancy) {
+    plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
+  }
   return kOk;
+}
+
+}  // namespace
+
+int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
+                        int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
+  return plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force_splits,
+                   force_warps, force_x_smem, force_scale_after, force_zero_after, true);
 }
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
@@ -558,9 +586,8 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
                    int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
   GemvPlan p;
-  if (int e = dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p,
-                                  force_splits, force_warps, force_x_smem, force_scale_after,
-                                  force_zero_after)) {
+  if (int e = plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p, force_splits,
+                        force_warps, force_x_smem, force_scale_after, force_zero_after, false)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

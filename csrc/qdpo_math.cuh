@@ -227,12 +227,15 @@ struct SteTerms {
   float lsq;
 };
 
+// Whether u = round(w / s) + z lies on the grid [0, qmax]: the straight-through mask.
+QDPO_HD bool on_grid(float u, int bits) { return u >= 0.f && u <= static_cast<float>((1 << bits) - 1); }
+
 QDPO_HD SteTerms ste_terms(float w, float s, float z, int bits) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   const float x = w / s;
   const float r = round_half_even(x);
   const float u = r + z;
-  const bool inside = u >= 0.f && u <= qmax;
+  const bool inside = on_grid(u, bits);
   return {inside, inside ? r - x : clampf(u, 0.f, qmax) - z};
 }
 
@@ -241,8 +244,7 @@ QDPO_HD bool ste_pass(float w, float s, float z, int bits) { return ste_terms(w,
 
 // The mask from the group's reciprocal (d.fast): equal to ste_pass.
 QDPO_HD bool ste_pass_recip(float w, const Recip& d, float z, int bits) {
-  const float u = round_half_even(quotient(w, d)) + z;
-  return u >= 0.f && u <= static_cast<float>((1 << bits) - 1);
+  return on_grid(round_half_even(quotient(w, d)) + z, bits);
 }
 
 // LSQ factor of one element (see ste_terms).
