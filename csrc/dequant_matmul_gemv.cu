@@ -567,7 +567,8 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   plan->zero_after = force_zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
                      fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
   if (occupancy) {
-    plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0);
+    const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0;
+    plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, smem);
   }
   return kOk;
 }
