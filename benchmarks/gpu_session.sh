@@ -7,18 +7,19 @@
 #
 #   bash benchmarks/gpu_session.sh /tmp/gc            # the whole session, at most about 10 minutes
 #   TESTS_S=600 BENCH_S=1800 BENCH_K= bash benchmarks/gpu_session.sh   # everything, no limits that bite
-#   SWEEP_ARGS="--ms 1 16 --splits 1 2 4" PROFILE_S=30 GPU_CHECK_ARGS=--skip-bench bash ...  # a kernel change
+#   SWEEP_ARGS="--ms 1 16 --splits 0 1 2 4" PROFILE_S=30 GPU_CHECK_ARGS=--skip-bench bash ...  # a kernel change
 set -u
 OUT_DIR=${1:-benchmarks/results/gpu-check}
 PY=${PYTHON:-python3}
 TESTS_S=${TESTS_S:-180}
 BENCH_S=${BENCH_S:-160}
 SANITIZER_S=${SANITIZER_S:-40}
-SWEEP_S=${SWEEP_S:-140}
-# The sweep's default here: M = 1 and 16, one K range (the plan's choice on every weight with N >= 4096),
-# both block sizes, x in registers and in shared memory (M = 1), the scale in ŵ and after the mma:
-# the open choices of the GEMV plan. SWEEP_ARGS= (empty) sweeps everything (a longer SWEEP_S).
-SWEEP_ARGS=${SWEEP_ARGS-"--ms 1 16 --splits 1"}
+SWEEP_S=${SWEEP_S:-180}
+# The sweep's default here: M = 1 and 16, each variant's own split rule (--splits 0), both block
+# sizes, x in registers, in shared memory (M = 1) and shared by row warps (shared_x), the scale in ŵ
+# and after the mma: the open choices of the GEMV plan. SWEEP_ARGS= (empty) sweeps everything (a
+# longer SWEEP_S).
+SWEEP_ARGS=${SWEEP_ARGS-"--ms 1 16 --splits 0"}
 PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)
 GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench
 WORKERS=${WORKERS:-8}

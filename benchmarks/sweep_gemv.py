@@ -2,11 +2,13 @@
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits``, blocks of 8 and of 4 warps
-and, at M <= 2, x in registers and in shared memory (``x_smem``), each with the scale in ŵ and
-after the mma (``scale_after``, where the group size allows) and, with both, the zero point after
-the mma too (``zero_after``, W4), next to the plan's own choice ("auto") and bf16 ``F.linear``,
+and, at M <= 2, x in registers and in shared memory (``x_smem``), warps that each own 16 rows and
+share x in shared memory (``shared_x``, any M), each with the scale in ŵ and after the mma
+(``scale_after``, where the group size allows) and, with x_smem and the scale after, the zero point
+after the mma too (``zero_after``, W4), next to the plan's own choice ("auto") and bf16 ``F.linear``,
 all back to back in one CUDA graph over copies of the weight that overflow twice the L2 cache
-(``common.graph_batch``). Every forced variant's output is checked
+(``common.graph_batch``). A split count of 0 leaves the split to the plan's rule for that variant
+(shared_x has its own). Every forced variant's output is checked
 against the auto plan's first. The data behind the plan rules in
 ``csrc/dequant_matmul_gemv.cu``::
 
@@ -33,22 +35,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
+from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: E402
+
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
-SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)  # 0: the plan's rule
 WARPS = (8, 4)  # warps per block
-X_SMEM = (False, True)  # x in registers, x copied to shared memory first (M <= 2)
-SCALE_AFTER = (False, True)  # the scale in ŵ, or on each step's fp32 sums (G % 128 == 0 or G = K)
+BOTH = {"both": (False, True), "off": (False,), "on": (True,)}  # --x-smem, --scale-after, --shared-x
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
     """bench_dequant_matmul's weight and its copies past twice the L2 cache: ``[(w, packed), ...]``."""
     return bdm._copies(*bdm._weight(n, k, bits, gs))
-
-
-def _choices(splits, x_sources, scale_places) -> list[tuple]:
-    """(warps, splits, x_smem, scale_after, zero_after) to force; zero_after needs x_smem and scale_after."""
-    return [(w, sp, xs, sa, za) for w, sp, xs, sa in itertools.product(WARPS, splits, x_sources, scale_places)
-            for za in ((False, True) if xs and sa else (False,))]
 
 
 def _ms(fns) -> float:
@@ -63,10 +60,10 @@ def main(argv=None) -> int:
                    help="only print the summary of an earlier sweep's JSON (no GPU needed)")
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), help="split-K counts to time")
-    p.add_argument("--x-smem", choices=["both", "registers", "smem"], default="both",
-                   help="where x sits in the forced M <= 2 variants")
-    p.add_argument("--scale-after", choices=["both", "off", "on"], default="both",
-                   help="where the scale is applied in the forced variants")
+    p.add_argument("--x-smem", choices=sorted(BOTH), default="both", help="x_smem in the forced M <= 2 variants")
+    p.add_argument("--scale-after", choices=sorted(BOTH), default="both",
+                   help="the scale in ŵ (off) or after the mma (on) in the forced variants")
+    p.add_argument("--shared-x", choices=sorted(BOTH), default="both", help="shared_x in the forced variants")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     args = p.parse_args(argv)
     if args.summary:
@@ -81,10 +78,10 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    x_sources = {"both": X_SMEM, "registers": (False,), "smem": (True,)}[args.x_smem]
-    scale_places = {"both": SCALE_AFTER, "off": (False,), "on": (True,)}[args.scale_after]
+    values = {"warps": WARPS, "x_smem": BOTH[args.x_smem], "scale_after": BOTH[args.scale_after],
+              "shared_x": BOTH[args.shared_x]}
     print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
-          "best forced µs (splits, warps, x_smem, scale_after, zero_after)")
+          f"best forced µs (splits, {', '.join(OPTIONS)})")
     for shape, (n, k) in common.SHAPES.items():
         for fmt, (bits, gs) in FORMATS.items():
             if time.time() - t0 > args.time_limit_s:
@@ -101,15 +98,16 @@ def main(argv=None) -> int:
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
                 row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
-                for warps, sp, xs, sa, za in _choices(args.splits, x_sources if m <= 2 else (False,), scale_places):
-                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, sp, warps, xs, sa, za)
-                    if (plan["splits"], plan["x_smem"], plan["scale_after"], plan["zero_after"]) != (sp, xs, sa, za):
+                for choice, sp in itertools.product(gemv_choices(m, **values), args.splits):
+                    kw = {"splits": sp, **choice}
+                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, **kw)
+                    if any(plan[key] != kw[key] for key in OPTIONS[1:]) or sp and plan["splits"] != sp:
                         continue  # uneven K ranges, x past 48 KB, G < 128 or W8 (zero_after): the plan says so
-                    kw = {"splits": sp, "warps": warps, "x_smem": xs, "scale_after": sa, "zero_after": za}
                     got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                     ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
-                    row["forced"].append({**kw, "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
+                    row["forced"].append({**kw, "plan_splits": plan["splits"], "blocks_per_sm": plan["blocks_per_sm"],
+                                          "ms": ms, "rel_err": err})
                 best = min(row["forced"], key=lambda r: r["ms"])
                 rows.append(row)
                 how = ", ".join(str(best[key]) for key in ("splits", *OPTIONS))
@@ -128,15 +126,16 @@ def main(argv=None) -> int:
     return 0
 
 
-OPTIONS = ("warps", "x_smem", "scale_after", "zero_after")  # the launch choices the summary compares
+OPTIONS = GEMV_OPTIONS  # the launch choices the summary compares
 
 
 def option_gains(rows: list) -> dict:
     """For each launch choice, the speed-up of its alternative over the plan's present default (8 warps,
-    x in registers, the scale and zero point in ŵ) with every other choice equal: ``{(option, fmt, M): [ms_default /
-    ms_alternative, ...]}``, one ratio per matching pair of forced variants. Rows of older sweeps lack
-    some keys: those count as the default."""
-    default = {"warps": 8, "x_smem": False, "scale_after": False, "zero_after": False}
+    x in registers, the scale and zero point in ŵ) with every other choice equal, the split count
+    included (0: each variant's own rule): ``{(option, fmt, M): [ms_default / ms_alternative, ...]}``, one
+    ratio per matching pair of forced variants. Rows of older sweeps lack some keys: those count as the
+    default."""
+    default = GEMV_DEFAULTS
     gains: dict = {}
     for row in rows:
         runs = [{**default, **r} for r in row["forced"]]

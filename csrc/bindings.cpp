@@ -78,21 +78,22 @@ void def_host_math(py::module_& m) {
         "(scale, zero) of one group from its min and max, as reference.qparams");
   m.def("host_gemv_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y, bool x_smem,
-                                    bool scale_after, bool zero_after, int splits) {
+                                    bool scale_after, bool zero_after, int splits, bool shared_x) {
     check("host_gemv_mma_emulate",
           qdpo::gemv_mma_emulate(reinterpret_cast<const uint8_t*>(qweight), stride_qn, rows, k, ng, bits,
                                  reinterpret_cast<const float*>(scales), reinterpret_cast<const uint8_t*>(zeros),
                                  reinterpret_cast<const uint16_t*>(x), m, x_dtype, reinterpret_cast<float*>(y),
-                                 x_smem, scale_after, zero_after, splits));
+                                 x_smem, scale_after, zero_after, splits, shared_x));
   }, "One 16-row tile of the tensor-core GEMV emulated on the host from CPU buffers (pointers): "
      "y (m, rows) fp32 from qweight (rows, K·b/8) uint8, scales (rows, ng) fp32, zeros (rows, ng) uint8, "
      "x (m, K) as 16-bit words; x_smem: x through the shared-memory layout of that variant (m <= 2); "
      "scale_after: the scale-after variant's data flow (G a multiple of 128 or G = K); zero_after: the "
-     "zero point after the mma too (W4, x_smem, scale_after); splits: K in that many ranges (split-K)",
+     "zero point after the mma too (W4, x_smem, scale_after); splits: K in that many ranges (split-K); "
+     "shared_x: x through the shared_x kernel's chunks of shared memory (any m <= 16)",
      py::arg("qweight"), py::arg("stride_qn"), py::arg("rows"), py::arg("k"), py::arg("ng"), py::arg("bits"),
      py::arg("scales"), py::arg("zeros"), py::arg("x"), py::arg("m"), py::arg("x_dtype"), py::arg("y"),
      py::arg("x_smem") = false, py::arg("scale_after") = false, py::arg("zero_after") = false,
-     py::arg("splits") = 1);
+     py::arg("splits") = 1, py::arg("shared_x") = false);
   m.def("host_gemm_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y) {
     check("host_gemm_mma_emulate",
@@ -129,25 +130,28 @@ void def_kernels(py::module_& m) {
   m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
                                   ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count, int force_splits,
                                   int force_warps, int force_x_smem, int force_scale_after,
-                                  int force_zero_after) {
+                                  int force_zero_after, int force_shared_x) {
     qdpo::GemvPlan p{};
+    const qdpo::GemvForce force{force_splits, force_warps, force_x_smem, force_scale_after, force_zero_after,
+                                force_shared_x};
     check("dequant_matmul_plan", qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn,
-                                                           sm_count, &p, force_splits, force_warps, force_x_smem,
-                                                           force_scale_after, force_zero_after));
+                                                           sm_count, &p, force));
     return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
                     py::arg("rt") = p.rt, py::arg("splits") = p.splits,
                     py::arg("workspace_bytes") = p.workspace_bytes, py::arg("warps") = p.warps,
                     py::arg("blocks_per_sm") = p.blocks_per_sm, py::arg("x_smem") = p.x_smem != 0,
-                    py::arg("scale_after") = p.scale_after != 0, py::arg("zero_after") = p.zero_after != 0);
+                    py::arg("scale_after") = p.scale_after != 0, py::arg("zero_after") = p.zero_after != 0,
+                    py::arg("shared_x") = p.shared_x != 0, py::arg("block_rows") = qdpo::gemv_block_rows(p));
   }, "The GEMV kernel, tile, split-K and block-size choice for these sizes and pointers (host; without a GPU "
      "the occupancy is unknown: blocks_per_sm 0, 8 warps); force_splits / force_warps > 0 override the split-K "
      "count / the warps per block (4 or 8); force_x_smem 1 / 2: x in registers / in shared memory (where "
      "the M <= 2 tile and 48 KB allow); force_scale_after 1 / 2: scale in ŵ / after the mma (where G is a "
-     "multiple of 128 or K); force_zero_after 2: the zero point after the mma too (W4, x_smem, scale_after)",
+     "multiple of 128 or K); force_zero_after 2: the zero point after the mma too (W4, x_smem, scale_after); "
+     "force_shared_x 2: warps that each own 16 rows and share x staged in shared memory (not with x_smem)",
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,
      py::arg("force_warps") = 0, py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0,
-     py::arg("force_zero_after") = 0);
+     py::arg("force_zero_after") = 0, py::arg("force_shared_x") = 0);
   m.def("gemv_auto_warps", &qdpo::gemv_auto_warps, py::arg("tiles"), py::arg("sm_count"), py::arg("blocks8"),
         py::arg("blocks4"), "Warps per block the plan picks for the M <= 2 tile, from the grid's tiles and the "
         "blocks of 8 / 4 warps an SM holds (host only)");
@@ -167,17 +171,19 @@ void def_kernels(py::module_& m) {
                              ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
                              int b_dtype, ptr_t y, ptr_t workspace, int64_t workspace_bytes, int sm_count,
                              ptr_t stream, int force_splits, int force_warps, int force_x_smem,
-                             int force_scale_after, int force_zero_after) {
+                             int force_scale_after, int force_zero_after, int force_shared_x) {
+    const qdpo::GemvForce force{force_splits, force_warps, force_x_smem, force_scale_after, force_zero_after,
+                                force_shared_x};
     check("dequant_matmul", qdpo::dequant_matmul(x, x_dtype, mrows, n, k, ng, bits, qweight, stride_qn, scales,
                                                  s_dtype, zeros, bias, b_dtype, y, workspace, workspace_bytes,
-                                                 sm_count, stream, force_splits, force_warps, force_x_smem,
-                                                 force_scale_after, force_zero_after));
+                                                 sm_count, stream, force));
   }, "y = x @ ŵᵀ (+ bias) for M <= 16 rows of x (see csrc/dequant_matmul_gemv.cu)",
      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"),
      py::arg("qweight"), py::arg("stride_qn"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"),
      py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"),
      py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_warps") = 0,
-     py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0);
+     py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0,
+     py::arg("force_shared_x") = 0);
 }
 
 }  // namespace

@@ -26,7 +26,7 @@
 // HMUL2 per two W4 codes) and issues 8 · RT · MT mma.sync. The next step's
 // loads are issued before this step's math (two register stages in ping-pong);
 // only the last step of a K that is not a multiple of 128 checks bounds.
-// Three opt-in variants, not yet measured on a GPU (static sm_90 SASS of the M <= 2
+// Four opt-in variants, not yet measured on a GPU (static sm_90 SASS of the M <= 2
 // W4 bf16 kernel's main loop: 204.5 instructions per K step, 79 registers, 3
 // blocks of 8 warps per SM; README "GPU results" has the table):
 // - x_smem (M <= 2): the block first copies x over its K range to shared memory
@@ -41,6 +41,11 @@
 // - zero_after (W4, bf16 x, with both): the mma takes the biased codes as they are, and
 //   (bias + z) times the step's Σx (from the copy of x) is subtracted before the
 //   scale: 128 per step, plus about 36 per step for the copy with its sums.
+// - shared_x (any M <= 16; gemv_shared_x_kernel below): each warp owns 16 rows and walks the whole K
+//   range, and the block stages x of all M rows in shared memory 512 codes at a time (double-buffered,
+//   the x_smem pair layout) for all of them: x comes from L2 once per 16 · warps rows instead of once
+//   per 16 · RT, and at M = 16 a warp needs 80 registers instead of 156-179 (3 blocks of 8 warps per
+//   SM instead of 1), at 234 instructions per step and 16 rows against 200.75 (static count).
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -188,8 +193,15 @@ __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT,
   load_w<TAIL, HD, SC>(a, rows, step, ws);
 }
 
-// One step's math. The x pairs come from the stage's registers, or with XS (x_smem, MT = 1) from one
-// 16-byte shared-memory load per chunk at xs_lane (the lane's row and step, see fill_xs). SA
+// Where a lane reads its x pairs in shared memory (XS): x tile 0 at p (the lane's row and step), tile 1
+// d1 bytes further (the lane's row + 8, or row M - 1 when that is past M).
+struct XsLane {
+  const uint8_t* p;
+  int d1;
+};
+
+// One step's math. The x pairs come from the stage's registers, or with XS (x_smem, shared_x) from
+// one 16-byte shared-memory load per chunk and x tile at xs (see fill_xs, sx_store). SA
 // (scale-after): the mma sums q - z times x over the step into fresh accumulators, then each is
 // multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8). Zero-after (SC ==
 // kZeroAfter, x_smem): the mma sums (bias + q) · x, and (bias + z) times the step's Σx (xsum: x rows
@@ -197,9 +209,7 @@ __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT,
 // subtracted before the scale.
 template <int HD, bool XS, int SC, int BITS, int MT, int RT>
 __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
-                                             const uint8_t* xs_lane, const float2* xsum,
-                                             float (&acc)[RT][MT][4]) {
-  static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel");
+                                             XsLane xs, const float2* xsum, float (&acc)[RT][MT][4]) {
   static_assert(SC != gemv::kZeroAfter || XS, "zero-after takes Σx from x_smem");
   constexpr bool SA = SC != gemv::kScaleInW;
   float step_acc[RT][MT][4] = {};  // SA only
@@ -208,8 +218,11 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
   for (int c = 0; c < gemv::kChunks; ++c) {
     uint32_t px[MT][4];
     if constexpr (XS) {
-      const uint4 u = *reinterpret_cast<const uint4*>(xs_lane + 16 * c);
-      px[0][0] = u.x, px[0][1] = u.y, px[0][2] = u.z, px[0][3] = u.w;
+      QDPO_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 u = *reinterpret_cast<const uint4*>(xs.p + mt * xs.d1 + 16 * c);
+        px[mt][0] = u.x, px[mt][1] = u.y, px[mt][2] = u.z, px[mt][3] = u.w;
+      }
     } else {
       QDPO_UNROLL
       for (int mt = 0; mt < MT; ++mt) gemv::x_pairs(&x[mt][4 * c], px[mt]);
@@ -250,6 +263,17 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
   }
 }
 
+// One output y[m, n] (+ bias) from its fp32 sum, or the split's fp32 partial; outside (M, N): nothing.
+__device__ __forceinline__ void store_out(const GemvArgs& a, int n, int m, float v) {
+  if (n >= a.n || m >= a.m) return;
+  if (a.splits > 1) {
+    a.partial[(static_cast<int64_t>(blockIdx.y) * a.m + m) * a.n + n] = v;
+  } else {
+    if (a.bias) v += load1(a.bias, a.b_dtype, n);
+    store1(a.y, a.x_dtype, static_cast<int64_t>(m) * a.n + n, v);
+  }
+}
+
 // Static shared memory of store_tile: a fp32 partial tile per warp (the x_smem plan counts it).
 constexpr int64_t store_tile_smem_bytes(int warps, int mt, int rt) { return int64_t{4} * warps * rt * mt * 4 * 32; }
 
@@ -270,14 +294,7 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
     QDPO_UNROLL
     for (int w = 0; w < W; ++w) v += red[w][e][lane];
     const int rt = e / (MT * 4), mt = (e / 4) % MT, i = e % 4;
-    const int n = n0 + 16 * rt + gemv::c_row(g, i), m = 8 * mt + gemv::c_col(t, i);
-    if (n >= a.n || m >= a.m) continue;
-    if (a.splits > 1) {
-      a.partial[(static_cast<int64_t>(blockIdx.y) * a.m + m) * a.n + n] = v;
-    } else {
-      if (a.bias) v += load1(a.bias, a.b_dtype, n);
-      store1(a.y, a.x_dtype, static_cast<int64_t>(m) * a.n + n, v);
-    }
+    store_out(a, n0 + 16 * rt + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), v);
   }
 }
 
@@ -297,9 +314,9 @@ __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
 // The lane's x pairs at step step_rel of the block's range (XS; else unused), and the step's Σx
 // (zero-after; else unused).
 template <bool XS>
-__device__ __forceinline__ const uint8_t* xs_at(const uint8_t* xs_lane, int step_rel) {
-  if constexpr (XS) return xs_lane + step_rel * gemv::xs_lane_offset(1, 0);
-  return nullptr;
+__device__ __forceinline__ XsLane xs_at(const uint8_t* xs_lane, int step_rel) {
+  if constexpr (XS) return {xs_lane + step_rel * gemv::xs_lane_offset(1, 0), 0};
+  return {nullptr, 0};
 }
 template <int SC>
 __device__ __forceinline__ const float2* xsum_at(const float2* xsum, int step_rel) {
@@ -406,6 +423,113 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   store_tile<W>(a, acc, b.n0);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// shared_x: warps that each own 16 rows and share x through shared memory (opt-in, any M <= 16).
+//
+// The kernel above gives a block's rows to all its warps, which take the K steps in turn: every warp
+// reads x over its own steps, and at M = 16 its two register stages of x (64 registers) leave room for
+// one block of 8 warps per SM, while x from L2 weighs twice the W4 weights (16 rows of x per 32 rows
+// of ŵ). Here warp w of a block owns the 16 rows from 16 · (W · blockIdx.x + w) and walks the whole
+// K range of the block (split-K: blockIdx.y); the block stages x of all M rows in shared memory,
+// kSxSteps steps (512 codes) at a time, double-buffered, as the mma pairs of x_smem: a chunk's
+// global loads are issued before the chunk's math, stored as pairs after it, then one barrier. x is
+// read from L2 once per 16 · W rows, each warp holds only its weights (ping-pong over steps) and 4 or
+// 8 accumulators, and no partial tiles need summing. Rows of x past M read row M - 1 (outputs dropped).
+
+// A thread's 16-byte pieces of one chunk (gemv::sx_piece_row / sx_piece_k), for x tiles MT.
+template <int W, int MT>
+constexpr int sx_pieces() { return (8 * MT * gemv::kSxPiecesPerRow + W * 32 - 1) / (W * 32); }
+constexpr int sx_buffer_bytes(int mt) { return 8 * mt * gemv::kSxRowBytes; }
+
+// The chunk from step `step0`: global → registers (zeros past K and for rows past M).
+template <int W, int MT>
+__device__ __forceinline__ void sx_load(const GemvArgs& a, int step0, uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
+  QDPO_UNROLL
+  for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
+    const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
+    const int k = step0 * gemv::kStepK + gemv::sx_piece_k(p);
+    xr[i][0] = xr[i][1] = xr[i][2] = xr[i][3] = 0u;
+    if (row < a.m && k < a.k) load16(xr[i], static_cast<const uint16_t*>(a.x) + row * a.k + k);
+  }
+}
+
+// Registers → one shared-memory buffer, as mma pairs (gemv::xs_offset within a row).
+template <int W, int MT>
+__device__ __forceinline__ void sx_store(uint8_t* buf, const GemvArgs& a, const uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
+  QDPO_UNROLL
+  for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
+    const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
+    if (row >= a.m) continue;
+    uint32_t q[4];
+    gemv::x_pairs(xr[i], q);
+    *reinterpret_cast<uint4*>(buf + row * gemv::kSxRowBytes + gemv::xs_offset(gemv::sx_piece_k(p))) =
+        make_uint4(q[0], q[1], q[2], q[3]);
+  }
+}
+
+// Blocks per SM its register allocation must allow (sm_90, ptxas): blocks of 8 warps 3 (80 registers; the W4
+// scale-after kernel at M > 8 then spills 8 bytes outside its K loop, 36 on sm_80), W8 at M > 8 2 (128:
+// at 80 it spills 60-236 bytes); blocks of 4 warps (twice the pieces of x per thread) 4 at M > 8 and
+// 6 / 5 below.
+constexpr int sx_min_blocks(int bits, int mt, int w) {
+  if (w == 8) return mt == 2 && bits == 8 ? 2 : 3;
+  return mt == 2 ? 4 : bits == 4 ? 6 : 5;
+}
+
+template <int HD, int BITS, int MT, int W, int SC>
+__global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_shared_x_kernel(GemvArgs a) {
+  static_assert(gemv::kSxSteps % 2 == 0, "the weight stages alternate within a chunk");
+  __shared__ __align__(16) uint8_t sx[2][sx_buffer_bytes(MT)];
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const int n0 = (static_cast<int>(blockIdx.x) * W + static_cast<int>(threadIdx.x >> 5)) * 16;
+  const int step_lo = blockIdx.y * a.steps_per_split, step_hi = min(step_lo + a.steps_per_split, a.steps);
+  const LaneRows<MT, 1> rows = lane_rows<MT, 1>(a, n0);
+  const int r0 = min(g, a.m - 1), r1 = min(g + 8, a.m - 1);
+  const int lane_off = r0 * gemv::kSxRowBytes + gemv::xs_lane_offset(0, lane & 3);
+  const int d1 = (r1 - r0) * gemv::kSxRowBytes;
+  float acc[1][MT][4] = {};
+  uint32_t xr[sx_pieces<W, MT>()][4];
+  uint32_t x_unused[MT][16];  // compute_step's registers of x: not read with XS
+  WStage<BITS, 1> st[2];
+  // The full steps run in the chunk loop, the next step's weights in flight during this step's math,
+  // without bounds checks; the last step of a K that is not a multiple of 128 runs after it, from the
+  // last chunk (still in shared memory).
+  const int full_hi = min(step_hi, a.full_steps);
+  sx_load<W, MT>(a, step_lo, xr);
+  if (step_lo < full_hi) load_w<false, HD, SC>(a, rows, step_lo, st[0]);
+  sx_store<W, MT>(sx[0], a, xr);
+  __syncthreads();
+  int buf = 0, c0 = step_lo;
+  for (;; c0 += gemv::kSxSteps) {
+    const bool more = c0 + gemv::kSxSteps < step_hi;
+    if (more) sx_load<W, MT>(a, c0 + gemv::kSxSteps, xr);  // in flight during this chunk's math
+    const uint8_t* xb = sx[buf] + lane_off;
+    QDPO_UNROLL
+    for (int s = 0; s < gemv::kSxSteps; ++s) {
+      const int step = c0 + s;
+      if (step >= full_hi) break;
+      if (step + 1 < full_hi) load_w<false, HD, SC>(a, rows, step + 1, st[(s + 1) & 1]);
+      compute_step<HD, true, SC>(st[s & 1], x_unused, XsLane{xb + s * gemv::xs_lane_offset(1, 0), d1}, nullptr,
+                                 acc);
+    }
+    if (!more) break;
+    sx_store<W, MT>(sx[buf ^ 1], a, xr);  // its last readers passed the previous barrier
+    __syncthreads();
+    buf ^= 1;
+  }
+  if (full_hi < step_hi) {  // K's partial last step: lanes past K load nothing and add exactly 0
+    load_w<true, HD, SC>(a, rows, full_hi, st[0]);
+    const uint8_t* xb = sx[buf] + lane_off + (full_hi - c0) * gemv::xs_lane_offset(1, 0);
+    compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb, d1}, nullptr, acc);
+  }
+  const int t = lane & 3;
+  QDPO_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    QDPO_UNROLL
+    for (int i = 0; i < 4; ++i) store_out(a, n0 + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), acc[0][mt][i]);
+  }
+}
+
 using GemvKernelFn = void (*)(GemvArgs);
 
 // The kernel of a plan: tile (mt, rt), block size (warps), x source (x_smem: the 1x1 tile only) and
@@ -431,9 +555,23 @@ GemvKernelFn pick_scale(const GemvPlan& p) {
   return p.scale_after ? pick_tile<HD, BITS, gemv::kScaleAfter>(p) : pick_tile<HD, BITS, gemv::kScaleInW>(p);
 }
 
+template <int HD, int BITS, int SC>
+GemvKernelFn pick_shared_x(const GemvPlan& p) {
+  if (p.mt == 1) return p.warps == 4 ? gemv_shared_x_kernel<HD, BITS, 1, 4, SC> : gemv_shared_x_kernel<HD, BITS, 1, 8, SC>;
+  return p.warps == 4 ? gemv_shared_x_kernel<HD, BITS, 2, 4, SC> : gemv_shared_x_kernel<HD, BITS, 2, 8, SC>;
+}
+
+template <int HD, int BITS>
+GemvKernelFn pick_kernel(const GemvPlan& p) {
+  if (p.shared_x) {
+    return p.scale_after ? pick_shared_x<HD, BITS, gemv::kScaleAfter>(p) : pick_shared_x<HD, BITS, gemv::kScaleInW>(p);
+  }
+  return pick_scale<HD, BITS>(p);
+}
+
 GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
-  if (x_dtype == kF16) return bits == 4 ? pick_scale<kF16, 4>(p) : pick_scale<kF16, 8>(p);
-  return bits == 4 ? pick_scale<kBF16, 4>(p) : pick_scale<kBF16, 8>(p);
+  if (x_dtype == kF16) return bits == 4 ? pick_kernel<kF16, 4>(p) : pick_kernel<kF16, 8>(p);
+  return bits == 4 ? pick_kernel<kBF16, 4>(p) : pick_kernel<kBF16, 8>(p);
 }
 
 // Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
@@ -450,14 +588,14 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     cudaGetLastError();
     return 0;
   }
-  // Key: dtype, bits, tile, warps, x source, grid mode (192 kernels); then device and shared memory in
-  // 128-byte units (< 2^10). Without shared memory (every launch's auto-warps question) a lock-free
-  // table answers; the opt-in x_smem sizes go through a map.
+  // Key: dtype, bits, tile, warps, x source (registers, x_smem, shared_x), grid mode (288 kernels);
+  // then device and shared memory in 128-byte units (< 2^10). Without dynamic shared memory (every
+  // launch's auto-warps question) a lock-free table answers; the opt-in x_smem sizes go through a map.
   static_assert(kXsMaxBytes <= 1024 * 128, "the key holds shared memory up to 128 KB");
-  constexpr int kKernels = 192, kDevices = 16;
-  const int sc = p.zero_after ? 2 : p.scale_after ? 1 : 0;
-  const int kernel = ((((x_dtype == kF16) * 2 + (bits == 8)) * 2 + p.mt - 1) * 2 + p.rt - 1) * 12 +
-                     (p.warps == 8) * 6 + (p.x_smem != 0) * 3 + sc;
+  constexpr int kKernels = 288, kDevices = 16;
+  const int sc = p.zero_after ? 2 : p.scale_after ? 1 : 0, source = p.shared_x ? 2 : p.x_smem ? 1 : 0;
+  const int kernel = ((((x_dtype == kF16) * 2 + (bits == 8)) * 2 + p.mt - 1) * 2 + p.rt - 1) * 18 +
+                     (p.warps == 8) * 9 + source * 3 + sc;
   static std::atomic<int> table[kDevices][kKernels] = {};  // 0: not yet asked
   const bool tabled = smem == 0 && dev < kDevices;
   if (tabled) {
@@ -486,7 +624,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
 }
 
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
-  const dim3 grid((a.n + 16 * p.rt - 1) / (16 * p.rt), p.splits);
+  const dim3 grid((a.n + gemv_block_rows(p) - 1) / gemv_block_rows(p), p.splits);
   const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split, p.zero_after != 0) : 0;
   mma_kernel(a.x_dtype, a.bits, p)<<<grid, p.warps * 32, static_cast<size_t>(smem), stream>>>(a);
   return launch_status();
@@ -511,44 +649,52 @@ namespace {
 // The plan; `occupancy`: also ask the runtime for the chosen kernel's blocks per SM (a report for
 // dequant_matmul_plan; the launch does not need it).
 int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-              ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits, int force_warps,
-              int force_x_smem, int force_scale_after, int force_zero_after, bool occupancy) {
+              ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force,
+              bool occupancy) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
-  QDPO_REQUIRE(force_splits >= 0 && force_splits <= kMaxSplits, kErrShape);
-  QDPO_REQUIRE(force_warps == 0 || force_warps == 4 || force_warps == 8, kErrShape);
-  QDPO_REQUIRE(force_x_smem >= 0 && force_x_smem <= 2, kErrShape);
-  QDPO_REQUIRE(force_scale_after >= 0 && force_scale_after <= 2, kErrShape);
-  QDPO_REQUIRE(force_zero_after >= 0 && force_zero_after <= 2, kErrShape);
+  QDPO_REQUIRE(force.splits >= 0 && force.splits <= kMaxSplits, kErrShape);
+  QDPO_REQUIRE(force.warps == 0 || force.warps == 4 || force.warps == 8, kErrShape);
+  for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x}) {
+    QDPO_REQUIRE(choice >= 0 && choice <= 2, kErrShape);
+  }
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
   const int64_t g = k / ng;
   const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
                    aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0};
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0, 0};
   if (!mma) return kOk;
   // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
-  // asked (force_scale_after == 2).
-  plan->scale_after = force_scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
-  const int64_t tiles = cdiv(n, 16 * plan->rt), steps = cdiv(k, gemv::kStepK);
-  if (force_warps) {
-    plan->warps = force_warps;
-  } else if (plan->mt == 1 && plan->rt == 1) {  // measured for this tile only (README "GPU results")
+  // asked (force.scale_after == 2).
+  plan->scale_after = force.scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
+  // Warps that each own 16 rows and share x in shared memory (any M; x_smem wins where both are asked
+  // for). Not yet measured on a GPU: only when asked (force.shared_x == 2).
+  plan->shared_x = force.shared_x == 2 && !(force.x_smem == 2 && m <= 2);
+  if (plan->shared_x) plan->rt = 1;
+  const int64_t steps = cdiv(k, gemv::kStepK);
+  if (force.warps) {
+    plan->warps = force.warps;
+  } else if (plan->mt == 1 && plan->rt == 1 && !plan->shared_x) {  // measured for this tile only (README "GPU results")
     // from the occupancy of the kernels that keep x in registers: an x_smem plan (opt-in, unmeasured)
     // keeps this choice unless its warps are forced too
     GemvPlan p8 = *plan, p4 = *plan;
     p4.warps = 4;
-    plan->warps = gemv_auto_warps(tiles, sm_count, blocks_per_sm(x_dtype, bits, p8, 0),
+    plan->warps = gemv_auto_warps(cdiv(n, 16), sm_count, blocks_per_sm(x_dtype, bits, p8, 0),
                                   blocks_per_sm(x_dtype, bits, p4, 0));
   }
+  const int64_t tiles = cdiv(n, gemv_block_rows(*plan));  // blocks along N
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
   // keep >= 1 step per warp. Measured on an H200 (132 SMs; benchmarks/sweep_gemv.py, README "GPU
   // results"): each split costs the partials' round trip and a second launch, so 4096-row weights
   // (128 tiles of 32 rows at M > 2) run fastest unsplit, 1024-row ones (32 tiles) with 4 ranges.
+  // shared_x (unmeasured): about two blocks per SM, each range at least two chunks of x.
   int64_t splits = 1;
-  if (force_splits) {
-    splits = force_splits;
+  if (force.splits) {
+    splits = force.splits;
+  } else if (plan->shared_x) {
+    splits = std::clamp<int64_t>(std::min(2 * sm_count / tiles, steps / (2 * gemv::kSxSteps)), 1, kMaxSplits);
   } else if (4 * tiles <= sm_count) {
     splits = std::min<int64_t>(std::min<int64_t>(sm_count / tiles, kMaxSplits),
                                std::max<int64_t>(1, steps / plan->warps));
@@ -557,14 +703,14 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   plan->splits = static_cast<int>(splits);
   plan->workspace_bytes = plan->splits > 1 ? plan->splits * m * n * 4 : 0;
   // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block next to
-  // store_tile's static buffer. Not yet measured on a GPU, so only when asked (force_x_smem == 2).
+  // store_tile's static buffer. Not yet measured on a GPU, so only when asked (force.x_smem == 2).
   // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
   // step comes with the copy of x), bf16 x: fp16's bias of 1024 makes the fp32 cancellation leave
-  // a zero row an fp16 ulp off zero. Not yet measured either (force_zero_after == 2).
+  // a zero row an fp16 ulp off zero. Not yet measured either (force.zero_after == 2).
   const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps, 1, 1);
-  plan->x_smem = force_x_smem == 2 && plan->mt == 1 && plan->rt == 1 &&
+  plan->x_smem = force.x_smem == 2 && !plan->shared_x && plan->mt == 1 && plan->rt == 1 &&
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
-  plan->zero_after = force_zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
+  plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
                      fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
   if (occupancy) {
     const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0;
@@ -576,19 +722,15 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
 }  // namespace
 
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits,
-                        int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
-  return plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force_splits,
-                   force_warps, force_x_smem, force_scale_after, force_zero_after, true);
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force) {
+  return plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force, true);
 }
 
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits,
-                   int force_warps, int force_x_smem, int force_scale_after, int force_zero_after) {
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, const GemvForce& force) {
   GemvPlan p;
-  if (int e = plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p, force_splits,
-                        force_warps, force_x_smem, force_scale_after, force_zero_after, false)) {
+  if (int e = plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p, force, false)) {
     return e;
   }
   QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);

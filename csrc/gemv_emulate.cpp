@@ -11,7 +11,10 @@
 // with the scale taken from the step's first code (lanes past K too), as the kernel does.
 // zero_after: the mma takes bias + q, and (bias + z) times the step's Σx of x rows 0, 1 (as the
 // kernel's prologue stores them) is subtracted before the scale. splits: K in ranges of
-// ceil(steps / splits) steps, x_smem refilled per range, as split-K blocks do. A wrong byte offset,
+// ceil(steps / splits) steps, x_smem refilled per range, as split-K blocks do. shared_x: x of all m rows
+// staged kSxSteps steps at a time from each range's start, piece by piece as the kernel's threads copy
+// (sx_piece_row, sx_piece_k; zeros past K), rows kSxRowBytes apart; lanes of rows past m read row
+// m - 1, as in the kernel (their outputs are dropped). A wrong byte offset,
 // nibble order, A/B slot pairing or output map makes y differ from
 // reference.dequant_matmul; only the instruction's semantics are assumed.
 #include <algorithm>
@@ -26,13 +29,14 @@ namespace qdpo {
 
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem, bool scale_after, bool zero_after, int splits) {
+                     bool x_smem, bool scale_after, bool zero_after, int splits, bool shared_x) {
   if (bits != 4 && bits != 8) return fail(kErrBits, "bits == 4 || bits == 8");
   if (x_dtype != kF16 && x_dtype != kBF16) return fail(kErrDtype, "x_dtype is fp16 or bf16");
   if (rows < 1 || rows > 16 || m < 1 || m > 16 || ng < 1 || k % ng || k % 32 || (k / ng) % 32) {
     return fail(kErrShape, "1 <= rows, m <= 16 and K, G multiples of 32");
   }
   if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
+  if (shared_x && (x_smem || zero_after)) return fail(kErrShape, "shared_x: not with x_smem or zero_after");
   if (splits < 1 || splits > 16) return fail(kErrShape, "1 <= splits <= 16 (kMaxSplits)");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
   if (scale_after && ng != 1 && g_size % gemv::kStepK) return fail(kErrShape, "scale_after: G % 128 == 0 or G == K");
@@ -45,10 +49,23 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
   // K ranges of sps steps (split-K; the last may be shorter). x_smem: the kernel's prologue per range:
   // 8 activations at a time (zeros past K) stored as their pairs at xs_offset, and (zero_after) Σx
   // of each step of x rows 0, 1 at xsum_offset (row 0 twice at m = 1), in one buffer of the plan's size.
-  const int sps = (steps + splits - 1) / splits, kmax = sps * gemv::kStepK, row_bytes = gemv::xs_row_bytes(kmax);
-  std::vector<uint8_t> xs(x_smem ? gemv::xs_total_bytes(m, kmax, zero_after) : 0);
-  int lo = 0;  // the range's first step
+  const int sps = (steps + splits - 1) / splits, kmax = sps * gemv::kStepK;
+  const int row_bytes = shared_x ? gemv::kSxRowBytes : gemv::xs_row_bytes(kmax);
+  std::vector<uint8_t> xs(x_smem ? gemv::xs_total_bytes(m, kmax, zero_after) : shared_x ? 8 * mt_count * row_bytes : 0);
+  int lo = 0;  // the first step in shared memory
   for (int step = 0; step < steps; ++step) {
+    if (shared_x && step % sps % gemv::kSxSteps == 0) {
+      lo = step;
+      std::fill(xs.begin(), xs.end(), uint8_t{0xFF});  // a read of a hole shows
+      for (int p = 0; p < 8 * mt_count * gemv::kSxPiecesPerRow; ++p) {
+        const int row = gemv::sx_piece_row(p), kk = lo * gemv::kStepK + gemv::sx_piece_k(p);
+        if (row >= m) continue;
+        uint32_t xw[4] = {}, q[4];
+        if (kk < k) std::memcpy(xw, x + row * k + kk, 16);
+        gemv::x_pairs(xw, q);
+        std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(gemv::sx_piece_k(p)), q, 16);
+      }
+    }
     if (x_smem && step % sps == 0) {
       lo = step;
       std::fill(xs.begin(), xs.end(), uint8_t{0xFF});  // a read of a hole shows
@@ -107,12 +124,11 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
           }
         }
         for (int mt = 0; mt < mt_count; ++mt) {
-          if (!x_smem) {
-            gemv::x_pairs(&xw[mt][4 * c], px[mt]);
-          } else if (g < m) {  // the kernel's 16-byte shared-memory load; other lanes keep zeros
-            std::memcpy(px[mt], xs.data() + g * row_bytes + gemv::xs_lane_offset(step - lo, t) + 16 * c, 16);
+          if (x_smem || shared_x) {  // the kernel's 16-byte shared-memory load
+            const int row = std::min(g + 8 * mt, m - 1);
+            std::memcpy(px[mt], xs.data() + row * row_bytes + gemv::xs_lane_offset(step - lo, t) + 16 * c, 16);
           } else {
-            std::memset(px[mt], 0, 16);
+            gemv::x_pairs(&xw[mt][4 * c], px[mt]);
           }
         }
         for (int h = 0; h < 2; ++h) {

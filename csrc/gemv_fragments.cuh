@@ -87,7 +87,7 @@ QDPO_HD void b_frag(const uint32_t px[4], int h, uint32_t b[2]) {
 // a chunk's B registers with one 16-byte load and no PRMT. After every 128 bytes (64 activations)
 // come 16 bytes of padding, and rows start 32 bytes past a multiple of 128: the 4 (M = 1) or 8
 // (M = 2) lanes of one load then read distinct banks.
-QDPO_HD int xs_row_bytes(int krange) { return (krange / 64 * 144 + 127) / 128 * 128 + 32; }
+QDPO_HD constexpr int xs_row_bytes(int krange) { return (krange / 64 * 144 + 127) / 128 * 128 + 32; }
 QDPO_HD int xs_bytes(int m, int krange) { return m * xs_row_bytes(krange); }
 // Byte offset in a row of the 8 activations from k_rel (a multiple of 8) of the block's range.
 QDPO_HD int xs_offset(int k_rel) {
@@ -97,6 +97,15 @@ QDPO_HD int xs_offset(int k_rel) {
 // The same for lane t's chunk 0 at step step_rel of the range: chunk c is 16·c further, since
 // 32·(t % 2) + 8·c < 64.
 QDPO_HD int xs_lane_offset(int step_rel, int t) { return (2 * step_rel + (t >> 1)) * 144 + (t & 1) * 64; }
+
+// shared_x (the kernel whose warps each own 16 rows, M <= 16): the block stages x of every row kSxSteps
+// steps at a time in the same pair layout, rows kSxRowBytes apart. Each thread copies 16-byte pieces:
+// piece p is row p / 64, activations from 8 · (p % 64) of the chunk.
+constexpr int kSxSteps = 4;
+constexpr int kSxPiecesPerRow = kSxSteps * kStepK / 8;
+constexpr int kSxRowBytes = xs_row_bytes(kSxSteps * kStepK);
+QDPO_HD int sx_piece_row(int p) { return p / kSxPiecesPerRow; }
+QDPO_HD int sx_piece_k(int p) { return p % kSxPiecesPerRow * 8; }
 
 // One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
 // s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8, and in fp32 s (sf) and

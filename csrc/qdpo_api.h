@@ -60,27 +60,30 @@ struct GemvPlan {
   int x_smem;               // mma: 1 = x copied to shared memory first (M <= 2 tile), 0 = x in registers
   int scale_after;          // mma: 1 = the scale multiplies each step's fp32 sums (G % 128 == 0 or G = K)
   int zero_after;           // mma: 1 = the zero point too, through each step's Σx (W4, x_smem, scale_after)
+  int shared_x;             // mma: 1 = each warp owns 16 rows, x staged in shared memory in K chunks
 };
+// Rows of ŵ one block of a plan's mma kernel owns (its grid's x axis covers N in these).
+inline int gemv_block_rows(const GemvPlan& p) { return 16 * p.rt * (p.shared_x ? p.warps : 1); }
 // Warps per block of the M <= 2 tile from the grid's 16-row tiles and how many blocks of 8 and of 4
 // warps an SM holds (host only). Blocks of 4 when the 8-warp grid needs more than one wave and either
 // they keep more warps resident or their grid fits in one wave: a second wave's tail then idles SMs
 // that smaller blocks keep busy. 8 when the occupancy is unknown (0).
 int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
-// force_splits / force_warps: 0 = the plan's own choice; else that value (benchmarks/sweep_gemv.py).
-// force_x_smem: 0 = the plan's choice (registers until measured), 1 = registers, 2 = shared memory
-// where the tile and the 48 KB allow it (else registers: the plan says which).
-// force_scale_after: 0 = the plan's choice (scale in ŵ until measured), 1 = scale in ŵ, 2 = scale
-// after the mma where G allows it (a multiple of 128, or G = K). force_zero_after: 2 = the zero point
-// after the mma too, where W4, bf16 x, x_smem and scale_after all hold; else not (not yet measured).
+// What a caller forces on the plan (benchmarks/sweep_gemv.py, the GPU tests). splits / warps: 0 = the
+// plan's own choice, else that value. The others: 0 = the plan's choice (each is off until a GPU has
+// measured it), 1 = off, 2 = on where it applies (else off: the plan says which):
+// x_smem: x copied to shared memory first (the M <= 2 tile, within 48 KB);
+// scale_after: the scale on each step's fp32 sums (G a multiple of 128, or G = K);
+// zero_after: the zero point after the mma too (W4, bf16 x, with x_smem and scale_after);
+// shared_x: warps that each own 16 rows and share x staged in shared memory (any M; not with x_smem).
+struct GemvForce {
+  int splits = 0, warps = 0, x_smem = 0, scale_after = 0, zero_after = 0, shared_x = 0;
+};
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, int force_splits = 0,
-                        int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0,
-                        int force_zero_after = 0);
+                        ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force = {});
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, int force_splits = 0,
-                   int force_warps = 0, int force_x_smem = 0, int force_scale_after = 0,
-                   int force_zero_after = 0);
+                   ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, const GemvForce& force = {});
 
 // dequant_matmul_gemm.cu — y = x @ ŵᵀ (+ bias) for any M on tensor cores (prefill). Serves fp16/bf16
 // x with scales in x.dtype, K % 64 == 0, G % 32 == 0 and 16-byte aligned x, qweight and its rows
@@ -94,7 +97,8 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,
-                     bool x_smem = false, bool scale_after = false, bool zero_after = false, int splits = 1);
+                     bool x_smem = false, bool scale_after = false, bool zero_after = false, int splits = 1,
+                     bool shared_x = false);
 // gemm_emulate.cpp — host emulation of one 128 × 128 block of the prefill GEMM (tests only).
 int gemm_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int n, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y);

@@ -79,3 +79,27 @@ def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
     }
     text = sweep_gemv.summary(rows)
     assert "scale_after   W4g128    1    1/2" in text and "warps         W8       16    1/1    2.000×" in text
+    # shared_x at each variant's own split rule (0) pairs with the default at 0 too
+    rows = [{"fmt": "W4g128", "M": 16, "forced": [{"splits": 0, "ms": 9.0}, {"splits": 0, "shared_x": True, "ms": 6.0},
+                                                 {"splits": 1, "shared_x": True, "ms": 1.0}]}]
+    assert sweep_gemv.option_gains(rows) == {("shared_x", "W4g128", 16): [9 / 6]}
+
+
+def test_gemv_choices_spell_each_rule_once():
+    """The forced combinations the GPU tests and the sweep share: x_smem only at M <= 2, zero_after only
+    with x_smem and scale_after (both ways), shared_x never with x_smem; each combination once."""
+    from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices
+
+    for m, count in ((1, 14), (2, 14), (3, 8), (16, 8)):
+        got = gemv_choices(m)
+        assert len(got) == count and len({tuple(c.items()) for c in got}) == count
+        assert all(set(c) == set(GEMV_OPTIONS) for c in got)
+        assert all(not (c["x_smem"] and c["shared_x"]) for c in got)
+        assert all(c["x_smem"] and c["scale_after"] for c in got if c["zero_after"])
+        assert any(c["x_smem"] for c in got) == (m <= 2)
+        assert GEMV_DEFAULTS in got
+    assert gemv_choices(1, warps=(8,), x_smem=(True,), scale_after=(True,), shared_x=(False,)) == [
+        {**GEMV_DEFAULTS, "x_smem": True, "scale_after": True}, {**GEMV_DEFAULTS, "x_smem": True, "scale_after": True,
+                                                                "zero_after": True}]
+    assert gemv_choices(16, warps=(4,), x_smem=(True,), scale_after=(False,), shared_x=(True,)) == [
+        {**GEMV_DEFAULTS, "warps": 4, "shared_x": True}]

@@ -341,6 +341,21 @@ def test_gemv_zero_after_flow_matches_exact_products(C, xdtype, m, rows, k, gs, 
     _check_emulated(emulate, 4, xdtype, m, rows, k, gs, exact_w=True, xsum_bias=128)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,k,gs,splits,scale_after", [
+    (1, 16, 128, 32, 1, False), (3, 7, 1088, 64, 1, False), (9, 16, 2048, 128, 3, False), (8, 16, 320, -1, 1, False),
+    (16, 13, 1056, -1, 2, True), (16, 16, 640, 128, 1, True), (5, 11, 2560, 256, 4, True)])
+def test_gemv_shared_x_flow_matches_reference(C, bits, xdtype, m, rows, k, gs, splits, scale_after):
+    """One warp's 16 rows in the shared_x kernel: x of all m rows staged 4 steps (512 codes) at a time,
+    piece by piece as the block's threads copy, pairs at xs_offset, rows kSxRowBytes apart, read at
+    xs_lane_offset + 16·chunk for x tile 0 and 1 (rows g and g + 8, or M - 1 past M); zeros past K (1088,
+    320, 1056 end inside a step); chunks restart at each K range (2048 in 3 ranges of 6, 6 and 4 steps:
+    chunks of 4 and 2; 2560 in 4 ranges of 5); with the scale in ŵ and after the mma."""
+    emulate = functools.partial(C.host_gemv_mma_emulate, shared_x=True, scale_after=scale_after, splits=splits)
+    _check_emulated(emulate, bits, xdtype, m, rows, k, gs, exact_w=scale_after)
+
+
 def test_gemv_emulation_checks_its_arguments(C):
     buf = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bad shape"):
@@ -357,6 +372,10 @@ def test_gemv_emulation_checks_its_arguments(C):
         args = [buf.data_ptr(), 64, 16, 128, 1, bits, 0, 0, 0, 1, x_dtype, 0]
         with pytest.raises(ValueError, match="bad shape"):
             C.host_gemv_mma_emulate(*args, zero_after=True, **kw)  # needs W4, x_smem and scale_after
+    args = [buf.data_ptr(), 64, 16, 128, 1, 4, 0, 0, 0, 1, CODES[torch.bfloat16], 0]
+    for kw in ({"x_smem": True}, {"x_smem": True, "scale_after": True, "zero_after": True}):
+        with pytest.raises(ValueError, match="bad shape"):
+            C.host_gemv_mma_emulate(*args, shared_x=True, **kw)  # one place for x at a time
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -476,6 +495,37 @@ def test_plan_takes_the_zero_point_after_the_mma_only_with_w4_bf16_x_smem_and_sc
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_zero_after=bad)
+
+
+def test_plan_shares_x_between_row_warps_only_when_asked(C):
+    """shared_x: off until measured; any M; a warp owns 16 rows, so a block 16 · warps; x_smem wins where
+    both are asked for (M <= 2); zero_after needs x_smem; about two blocks per SM from splitting K,
+    each range at least two chunks of 4 steps."""
+    assert not _plan(C, m=16)["shared_x"], "not measured yet: off by default"
+    for m in (1, 2, 3, 9, 16):
+        p = _plan(C, m=m, force_shared_x=2)
+        assert p["shared_x"] and (p["mt"], p["rt"], p["warps"], p["block_rows"]) == (1 if m <= 8 else 2, 1, 8, 128)
+        assert not p["x_smem"]
+    assert _plan(C, m=16, force_shared_x=2, force_warps=4)["block_rows"] == 64
+    assert _plan(C, m=16)["block_rows"] == 32 and _plan(C, m=1)["block_rows"] == 16
+    assert _plan(C, m=16, force_shared_x=2, force_scale_after=2)["scale_after"]
+    p = _plan(C, m=1, force_shared_x=2, force_x_smem=2)
+    assert p["x_smem"] and not p["shared_x"], "x_smem where both are asked for"
+    p = _plan(C, m=3, force_shared_x=2, force_x_smem=2)
+    assert p["shared_x"] and not p["x_smem"], "x_smem does not serve M = 3"
+    assert not _plan(C, force_shared_x=2, force_scale_after=2, force_zero_after=2)["zero_after"]
+    # 8192 rows: 64 blocks of 128 on 132 SMs -> 4 ranges of 16 steps; 4096 rows: 32 blocks, but K = 4096
+    # (32 steps) keeps ranges of at least 8 steps -> 4; 1024 rows: 8 blocks -> 16 at most, 8192 / 128 / 8
+    assert _plan(C, m=16, n=8192, k=8192, ng=64, force_shared_x=2)["splits"] == 4
+    assert _plan(C, m=16, n=4096, force_shared_x=2)["splits"] == 4
+    assert _plan(C, m=16, n=1024, k=8192, ng=64, force_shared_x=2)["splits"] == 8
+    assert _plan(C, m=16, n=16384, k=8192, ng=64, force_shared_x=2)["splits"] == 2
+    assert _plan(C, m=16, n=32768, k=8192, ng=64, force_shared_x=2)["splits"] == 1
+    assert _plan(C, m=16, n=64, k=512, ng=4, force_shared_x=2)["splits"] == 1, "one chunk: no split"
+    assert _plan(C, m=16, n=8192, k=8192, ng=64, force_shared_x=2, force_splits=3)["splits"] == 3
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_shared_x=bad)
 
 
 def test_plan_scales_after_the_mma_only_when_asked_and_the_groups_allow(C):

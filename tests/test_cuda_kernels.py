@@ -119,15 +119,16 @@ def test_dequant_matmul_dtypes_and_groups(xdtype, bits, gs):
 @pytest.mark.parametrize("gs", [128, 256, -1])
 def test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs):
     """The scale-after variant (opt-in) for both 16-bit x dtypes, bits and the group sizes it serves,
-    every tile (1, 3, 9, 16 rows), with x in registers and (M <= 2) in shared memory, the zero point
-    after the mma too (W4, bf16 x)."""
+    every tile (1, 3, 9, 16 rows), with x in registers, (M <= 2) in shared memory and shared by row
+    warps, the zero point after the mma too (W4, bf16 x)."""
     from qdpo.kernels import cuda
 
     qw, b = _dtype_group_case(xdtype, bits, gs)
-    for m, x_smem, za in ((1, False, False), (1, True, False), (2, True, True), (1, True, True), (3, False, False),
-                          (9, False, False), (16, False, False)):
+    for m, x_smem, za, sx in ((1, False, False, False), (1, True, False, False), (2, True, True, False),
+                              (1, True, True, False), (3, False, False, False), (9, False, False, False),
+                              (16, False, False, False), (1, False, False, True), (16, False, False, True)):
         x = _rand(m, 512, dtype=xdtype, seed=m)
-        kw = {"scale_after": True, "x_smem": x_smem, "zero_after": za}
+        kw = {"scale_after": True, "x_smem": x_smem, "zero_after": za, "shared_x": sx}
         plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
         assert plan["scale_after"] and plan["zero_after"] == (za and bits == 4 and xdtype == torch.bfloat16)
         _check_y(cuda.dequant_matmul(x, *_args(qw), b, **kw), x, qw, b, f"M={m} {kw}")
@@ -159,33 +160,27 @@ def test_dequant_matmul_every_launcher_path():
         assert torch.equal(y, OPS.dequant_matmul(xs, *_args(qws), b[:64].contiguous(), B)), "deterministic"
 
 
-def _gemv_choices(m: int) -> list[tuple]:
-    """(warps, x_smem, scale_after, zero_after) the GEMV can be forced to for M = m rows of x."""
-    xs = (False, True) if m <= 2 else (False,)
-    return [(w, x, sa, za) for w, x, sa in itertools.product((8, 4), xs, (False, True))
-            for za in ((False, True) if x and sa else (False,))]
-
-
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
     """Every split-K count, block size, place of x and place of the scale ``benchmarks/sweep_gemv.py``
     times gives the reference's result (so the plan may choose any of them), for each kernel tile
-    (M = 1, 2, 5, 16); rows past N in the last tile; 3 and 6 splits leave warps without a step; G = 32
-    refuses scale_after (a step spans 4 groups)."""
+    (M = 1, 2, 5, 16); rows past N in the last tile (shared_x: whole warps past N); 3 and 6 splits
+    leave warps without a step, 16 gives shared_x one-step chunks; G = 32 refuses scale_after (a step
+    spans 4 groups)."""
     from qdpo.kernels import cuda
 
     qw = _weight(200, 2048, bits, gs, wdtype=torch.bfloat16, seed=bits + gs)
     b = _rand(200, dtype=torch.bfloat16, seed=3)
     for m in (1, 2, 5, 16):
         x = _rand(m, 2048, dtype=torch.bfloat16, seed=m)
-        for warps, x_smem, sa, za in _gemv_choices(m):
+        for choice in cuda.gemv_choices(m):
             for splits in (1, 2, 3, 4, 8, 16):  # 16 K steps: each count is exact
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa, "zero_after": za}
+                kw = {"splits": splits, **choice}
                 plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
-                assert plan["kernel"] == "mma" and (plan["splits"], plan["warps"], plan["x_smem"]) == (
-                    splits, warps, x_smem)
-                assert plan["scale_after"] == (sa and gs != 32)
-                assert plan["zero_after"] == (za and gs != 32 and bits == 4)
+                assert plan["kernel"] == "mma" and all(plan[key] == kw[key] for key in (
+                    "splits", "warps", "x_smem", "shared_x"))
+                assert plan["scale_after"] == (kw["scale_after"] and gs != 32)
+                assert plan["zero_after"] == (kw["zero_after"] and gs != 32 and bits == 4)
                 y = cuda.dequant_matmul(x, *_args(qw), b, **kw)
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
@@ -193,17 +188,18 @@ def test_dequant_matmul_every_forced_split(bits, gs):
 @pytest.mark.parametrize("gs", [32, -1])
 def test_dequant_matmul_on_a_partial_last_step(gs):
     """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add
-    exactly nothing — for both block sizes, one range and two, one and two rows of x, x in registers
-    and in shared memory, the scale in ŵ and (G = K) after the mma, where lanes past K take the
-    step's scale, and (bf16 x) the zero point after it too; fp16 and bf16 x."""
+    exactly nothing — for both block sizes, one range and two, one and two rows of x, x in registers,
+    in shared memory (x_smem) and shared by row warps (shared_x: the step is a chunk of its own), the
+    scale in ŵ and (G = K) after the mma, where lanes past K take the step's scale, and (bf16 x) the
+    zero point after it too; fp16 and bf16 x."""
     from qdpo.kernels import cuda
 
     qw = _weight(37, 2080, 4, gs, wdtype=torch.bfloat16, seed=gs + 7)
     for m, xdtype in itertools.product((1, 2, 7), (torch.float16, torch.bfloat16)):
         x = _rand(m, 2080, dtype=xdtype, seed=m + 11)
-        for warps, x_smem, sa, za in _gemv_choices(m):
+        for choice in cuda.gemv_choices(m):
             for splits in (1, 2):
-                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": sa, "zero_after": za}
+                kw = {"splits": splits, **choice}
                 y = cuda.dequant_matmul(x, *_args(qw), **kw)
                 _check_y(y, x, qw, None, f"M={m} {kw}")
 

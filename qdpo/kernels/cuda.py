@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from qdpo import _C  # ImportError: extension not built
 from qdpo.kernels.backends import Unsupported, register
+from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: F401 (re-exported)
 
 RUNTIME_VERSION = _C.runtime_version()
 DTYPE_CODES = {torch.float32: _C.F32, torch.float16: _C.F16, torch.bfloat16: _C.BF16}
@@ -226,18 +227,25 @@ def _choice_code(flag: bool | None) -> int:
     return 0 if flag is None else 2 if flag else 1
 
 
+def _force(splits, warps, x_smem, scale_after, zero_after, shared_x) -> dict:
+    """The C++ launcher's force_* keywords."""
+    return {"force_splits": splits, "force_warps": warps, "force_x_smem": _choice_code(x_smem),
+            "force_scale_after": _choice_code(scale_after), "force_zero_after": _choice_code(zero_after),
+            "force_shared_x": _choice_code(shared_x)}
+
+
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
               warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
-              zero_after: bool | None = None) -> dict:
-    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, splits, workspace bytes,
-    warps per block, the resident blocks per SM it expects, where x sits and where the scale and zero
-    point are applied; ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` / ``zero_after`` not
-    None force those (benchmarks)."""
+              zero_after: bool | None = None, shared_x: bool | None = None) -> dict:
+    """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, rows per block, splits,
+    workspace bytes, warps per block, the resident blocks per SM it expects, where x sits and where the
+    scale and zero point are applied; ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` /
+    ``zero_after`` / ``shared_x`` not None force those (benchmarks)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index), splits, warps, _choice_code(x_smem),
-                                  _choice_code(scale_after), _choice_code(zero_after))
+                                  _sm_count(x2.device.index),
+                                  **_force(splits, warps, x_smem, scale_after, zero_after, shared_x))
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -251,7 +259,7 @@ PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_ma
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
                    warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
-                   zero_after: bool | None = None):
+                   zero_after: bool | None = None, shared_x: bool | None = None):
     """``x @ ŵᵀ (+ bias)`` in x's dtype.
 
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
@@ -264,7 +272,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     (group size a multiple of 128, or one group per row; not yet measured either): ŵ is then never
     rounded to x.dtype, so y is closer to the exact product than the reference's x.dtype result.
     ``zero_after=True`` (W4, bf16 x, with ``x_smem`` and ``scale_after``) has the tensor cores take the codes as
-    they are and subtracts the zero point times each step's sum of x after them.
+    they are and subtracts the zero point times each step's sum of x after them. ``shared_x=True`` (any M,
+    not with ``x_smem``) gives each warp 16 rows of its own and has the block stage x in shared memory,
+    512 codes at a time, for all of them (not yet measured either).
     ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose.
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
@@ -300,14 +310,14 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
-    plan = gemv_plan(x2, qweight, scales, bits, splits, warps, x_smem, scale_after, zero_after)
+    force = (splits, warps, x_smem, scale_after, zero_after, shared_x)
+    plan = gemv_plan(x2, qweight, scales, bits, *force)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
             qweight.stride(0), scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
             b_code, y.data_ptr(), _ptr(workspace), ws,
-            _sm_count(dev.index), force_splits=splits, force_warps=warps, force_x_smem=_choice_code(x_smem),
-            force_scale_after=_choice_code(scale_after), force_zero_after=_choice_code(zero_after))
+            _sm_count(dev.index), **_force(*force))
     return y.reshape(*x.shape[:-1], n)
 
 
