@@ -53,23 +53,28 @@ void def_host_math(py::module_& m) {
     if (n < 0 || d < 1 || d > 0x7FFFFFFF) throw py::value_error("host_div_by: needs 0 <= n and 1 <= d < 2^31");
     return qdpo::div_by(n, qdpo::div_magic(static_cast<uint32_t>(d)));
   }, py::arg("n"), py::arg("d"), "n / d (0 <= n < 2^31, 1 <= d < 2^31) by the kernels' multiply-and-shift");
-  m.def("host_fake_quant_recip", [](ptr_t w, ptr_t s, ptr_t z, int64_t n, int bits, ptr_t out, ptr_t mask) {
+  m.def("host_fake_quant_recip", [](ptr_t w, ptr_t s, ptr_t z, int64_t n, int bits, ptr_t out, ptr_t mask,
+                                    ptr_t codes) {
     const float *wp = reinterpret_cast<const float*>(w), *sp = reinterpret_cast<const float*>(s),
                 *zp = reinterpret_cast<const float*>(z);
     float* op = reinterpret_cast<float*>(out);
-    uint8_t* mp = reinterpret_cast<uint8_t*>(mask);
+    uint8_t *mp = reinterpret_cast<uint8_t*>(mask), *cp = reinterpret_cast<uint8_t*>(codes);
     for (int64_t i = 0; i < n; ++i) {
       const qdpo::Recip d = qdpo::recip_of(sp[i]);
       if (!d.fast) {
         op[i] = std::numeric_limits<float>::quiet_NaN(), mp[i] = 2;
+        if (cp) cp[i] = 255;
         continue;
       }
       op[i] = qdpo::fake_quant_recip(wp[i], d, zp[i], bits);
       mp[i] = qdpo::ste_pass_recip(wp[i], d, zp[i], bits);
+      if (cp) cp[i] = qdpo::quantize_recip(wp[i], d, zp[i], bits);
     }
   }, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("bits"), py::arg("out"), py::arg("mask"),
-     "ŵ and the straight-through mask of n fp32 elements, each on its own grid (s, z), through the "
-     "kernels' reciprocal path (pointers to CPU buffers); where that path is not taken: NaN and mask 2");
+     py::arg("codes") = 0,
+     "ŵ, the straight-through mask and (codes != 0) the code of n fp32 elements, each on its own grid (s, z), "
+     "through the kernels' reciprocal path (pointers to CPU buffers); where that path is not taken: NaN, "
+     "mask 2 and code 255");
   m.def("host_cast_up", &qdpo::cast_up, py::arg("s"), py::arg("dtype"), "reference.to_scale_dtype of one scale");
   m.def("host_group_qparams", [](float wmin, float wmax, int bits, bool symmetric, int dtype) {
     const qdpo::GroupParams p = qdpo::group_qparams(wmin, wmax, bits, symmetric, dtype);

@@ -172,10 +172,12 @@ QDPO_HD GroupParams group_qparams(float wmin, float wmax, int bits, bool symmetr
 }
 
 // Code of w on the grid (s, z): clamp(round(w / s) + z, 0, qmax). True division, as the reference.
-QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) {
+// The code of the quotient x = w / s: clamp(round(x) + z, 0, qmax).
+QDPO_HD uint8_t quantize_x(float x, float z, int bits) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  return static_cast<uint8_t>(clampf(round_half_even(w / s) + z, 0.f, qmax));
+  return static_cast<uint8_t>(clampf(round_half_even(x) + z, 0.f, qmax));
 }
+QDPO_HD uint8_t quantize_one(float w, float s, float z, int bits) { return quantize_x(w / s, z, bits); }
 
 // w / s for the many w of one group, without a division per element: r = 1 / s once (IEEE), then
 // q0 = w·r and one correction, q1 = q0 + r·(w - q0·s) (two FMAs): while w - q0·s is exact, q1 is
@@ -218,6 +220,8 @@ QDPO_HD float fake_quant_one(float w, float s, float z, int bits) { return fake_
 QDPO_HD float fake_quant_recip(float w, const Recip& d, float z, int bits) {
   return fake_quant_x(quotient(w, d), d.s, z, bits);
 }
+// The code with the group's reciprocal (d.fast): equal to quantize_one.
+QDPO_HD uint8_t quantize_recip(float w, const Recip& d, float z, int bits) { return quantize_x(quotient(w, d), z, bits); }
 
 // One element's straight-through terms on the grid (s, z), from u = round(w / s) + z:
 // `inside` (the mask: 0 <= u <= qmax) and the LSQ factor ∂ŵ/∂s, which is

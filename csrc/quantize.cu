@@ -9,7 +9,8 @@
 //   codes:      q = clamp(round(w / s) + z, 0, qmax), packed per qdpo/quant/format.py.
 // cast_up rounds to the scale dtype (= w.dtype) to nearest, then one step up if
 // that fell below the fp32 value; tiny = finfo(w.dtype).tiny; round is half to
-// even (rintf); `/` is IEEE division.
+// even (rintf); `/` is IEEE division (the codes take it through the group's reciprocal where
+// that gives the same code bit for bit: qdpo_math.cuh, quotient).
 //
 // Tensors (N = out_features, K = in_features, G = K / NG):
 //   w        (N, K)        fp32/fp16/bf16   K contiguous, row stride stride_wn elements
@@ -45,6 +46,23 @@ struct QuantizeArgs {
   uint8_t* z;         // (N, NG) contiguous
 };
 
+// One team's codes of its group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh:
+// quotient; the same codes as true division, a multiply and two FMAs per element instead of one).
+template <int BITS, int VEC, bool RECIP>
+__device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const Team& tm, int64_t n, int64_t grp,
+                                               const Recip& d, float z) {
+  uint8_t* qrow = a.q + n * a.stride_qn;
+  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
+    float v[VEC];
+    uint8_t codes[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) codes[j] = RECIP ? quantize_recip(v[j], d, z, BITS) : quantize_one(v[j], d.s, z, BITS);
+    store_codes<BITS, VEC>(qrow, k, codes);
+  }
+}
+
 template <int BITS, int VEC, int MODE>
 __global__ void __launch_bounds__(kTeamBlock) quantize_kernel(QuantizeArgs a) {
   const Team tm = my_team(a.team, a.rows);
@@ -72,15 +90,11 @@ __global__ void __launch_bounds__(kTeamBlock) quantize_kernel(QuantizeArgs a) {
     }
   }
   if (MODE == kQParams || !tm.valid) return;
-  uint8_t* qrow = a.q + n * a.stride_qn;
-  for (int c = tm.lane; c < chunks; c += a.team) {
-    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
-    float v[VEC];
-    uint8_t codes[VEC];
-    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
-    QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) codes[j] = quantize_one(v[j], s, z, BITS);
-    store_codes<BITS, VEC>(qrow, k, codes);
+  const Recip d = recip_of(s);
+  if (d.fast) {
+    quantize_group<BITS, VEC, true>(a, tm, n, grp, d, z);
+  } else {
+    quantize_group<BITS, VEC, false>(a, tm, n, grp, d, z);
   }
 }
 

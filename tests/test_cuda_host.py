@@ -233,19 +233,22 @@ def _near_tie_cases(n_scales: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fake_quant_by_reciprocal_equals_true_division(C, bits):
-    """The kernels' per-group reciprocal (quotient = w·(1/s) + one FMA correction) gives the same ŵ and
-    straight-through mask as IEEE w / s (torch, the reference's formula) on about 9 million elements
-    with near-tie, tiny, huge and overflowing quotients, for every scale it is used for (2^-100 to
-    2^100), and is not used outside that range."""
+    """The kernels' per-group reciprocal (quotient = w·(1/s) + one FMA correction) gives the same ŵ,
+    straight-through mask and code (quantize.cu) as IEEE w / s (torch, the reference's formula) on
+    about 9 million elements with near-tie, tiny, huge and overflowing quotients, for every scale it
+    is used for (2^-100 to 2^100), and is not used outside that range."""
     w, s = _near_tie_cases(1500, seed=bits)
     z = torch.randint(0, 2**bits, w.shape, generator=torch.Generator().manual_seed(1)).float()
     out, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.uint8)
-    C.host_fake_quant_recip(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.numel(), bits, out.data_ptr(), mask.data_ptr())
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    C.host_fake_quant_recip(w.data_ptr(), s.data_ptr(), z.data_ptr(), w.numel(), bits, out.data_ptr(), mask.data_ptr(),
+                            codes.data_ptr())
     assert mask.ne(2).all(), "every scale here takes the reciprocal path"
     u = torch.round(w / s) + z
     want = (u.clamp(0, 2**bits - 1) - z) * s
     assert torch.equal(out.view(torch.int32), want.view(torch.int32)), "ŵ differs from true division"
     assert torch.equal(mask.bool(), (u >= 0) & (u <= 2**bits - 1)), "mask differs from true division"
+    assert torch.equal(codes, u.clamp(0, 2**bits - 1).to(torch.uint8)), "codes differ from true division"
     outside = torch.tensor([2.0**-101, 2.0**101, 1e-40, -2.0**-101], dtype=torch.float32)
     one = torch.ones(4)
     C.host_fake_quant_recip(one.data_ptr(), outside.data_ptr(), one.data_ptr(), 4, bits, out.data_ptr(),
