@@ -45,7 +45,7 @@
 //   range, and the block stages x of all M rows in shared memory 512 codes at a time (double-buffered,
 //   the x_smem pair layout) for all of them: x comes from L2 once per 16 · warps rows instead of once
 //   per 16 · RT, and at M = 16 a warp needs 80 registers instead of 156-179 (3 blocks of 8 warps per
-//   SM instead of 1), at 234 instructions per step and 16 rows against 200.75 (static count).
+//   SM instead of 1), at 229 instructions per step and 16 rows against 200.75 (static count).
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -376,6 +376,7 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
 // tile's blocks per SM: min_blocks). XS: x in shared memory; SC: where the grid applies (ScaleMode).
 template <int HD, int BITS, int MT, int RT, int W, bool XS, int SC>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
+  static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
   const BlockWork b = block_work<RT>(a);
   float acc[RT][MT][4] = {};
   const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
@@ -468,7 +469,7 @@ __device__ __forceinline__ void sx_store(uint8_t* buf, const GemvArgs& a, const 
 }
 
 // Blocks per SM its register allocation must allow (sm_90, ptxas): blocks of 8 warps 3 (80 registers; the W4
-// scale-after kernel at M > 8 then spills 8 bytes outside its K loop, 36 on sm_80), W8 at M > 8 2 (128:
+// scale-after kernel at M > 8 then spills 16 bytes: 4 reloads per 4-step chunk), W8 at M > 8 2 (128:
 // at 80 it spills 60-236 bytes); blocks of 4 warps (twice the pieces of x per thread) 4 at M > 8 and
 // 6 / 5 below.
 constexpr int sx_min_blocks(int bits, int mt, int w) {
@@ -496,7 +497,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   // last chunk (still in shared memory).
   const int full_hi = min(step_hi, a.full_steps);
   sx_load<W, MT>(a, step_lo, xr);
-  if (step_lo < full_hi) load_w<false, HD, SC>(a, rows, step_lo, st[0]);
+  if (step_lo < full_hi && n0 < a.n) load_w<false, HD, SC>(a, rows, step_lo, st[0]);
   sx_store<W, MT>(sx[0], a, xr);
   __syncthreads();
   int buf = 0, c0 = step_lo;
@@ -507,7 +508,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
     QDPO_UNROLL
     for (int s = 0; s < gemv::kSxSteps; ++s) {
       const int step = c0 + s;
-      if (step >= full_hi) break;
+      if (step >= full_hi || n0 >= a.n) break;  // a warp past N only helps copy x
       if (step + 1 < full_hi) load_w<false, HD, SC>(a, rows, step + 1, st[(s + 1) & 1]);
       compute_step<HD, true, SC>(st[s & 1], x_unused, XsLane{xb + s * gemv::xs_lane_offset(1, 0), d1}, nullptr,
                                  acc);
@@ -517,7 +518,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
     __syncthreads();
     buf ^= 1;
   }
-  if (full_hi < step_hi) {  // K's partial last step: lanes past K load nothing and add exactly 0
+  if (full_hi < step_hi && n0 < a.n) {  // K's partial last step: lanes past K load nothing and add exactly 0
     load_w<true, HD, SC>(a, rows, full_hi, st[0]);
     const uint8_t* xb = sx[buf] + lane_off + (full_hi - c0) * gemv::xs_lane_offset(1, 0);
     compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb, d1}, nullptr, acc);
@@ -646,33 +647,10 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4) {
 
 namespace {
 
-// The plan; `occupancy`: also ask the runtime for the chosen kernel's blocks per SM (a report for
-// dequant_matmul_plan; the launch does not need it).
-int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
-              ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force,
-              bool occupancy) {
-  if (int e = check_grid(n, k, ng, bits)) return e;
-  QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
-  QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
-  QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
-  QDPO_REQUIRE(force.splits >= 0 && force.splits <= kMaxSplits, kErrShape);
-  QDPO_REQUIRE(force.warps == 0 || force.warps == 4 || force.warps == 8, kErrShape);
-  for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x}) {
-    QDPO_REQUIRE(choice >= 0 && choice <= 2, kErrShape);
-  }
-  QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
-  const int64_t g = k / ng;
-  const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
-                   aligned(qweight, 16) && stride_qn % 16 == 0;
-  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0, 0};
-  if (!mma) return kOk;
-  // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
-  // asked (force.scale_after == 2).
-  plan->scale_after = force.scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
-  // Warps that each own 16 rows and share x in shared memory (any M; x_smem wins where both are asked
-  // for). Not yet measured on a GPU: only when asked (force.shared_x == 2).
-  plan->shared_x = force.shared_x == 2 && !(force.x_smem == 2 && m <= 2);
-  if (plan->shared_x) plan->rt = 1;
+// A plan's block size, split-K and (not shared_x) x_smem and zero_after choices, for its kernel, tile
+// and grid mode.
+void size_gemv(int64_t m, int64_t n, int64_t k, int bits, int x_dtype, int sm_count, const GemvForce& force,
+               GemvPlan* plan) {
   const int64_t steps = cdiv(k, gemv::kStepK);
   if (force.warps) {
     plan->warps = force.warps;
@@ -680,9 +658,11 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
     // from the occupancy of the kernels that keep x in registers: an x_smem plan (opt-in, unmeasured)
     // keeps this choice unless its warps are forced too
     GemvPlan p8 = *plan, p4 = *plan;
-    p4.warps = 4;
+    p8.warps = 8, p4.warps = 4;
     plan->warps = gemv_auto_warps(cdiv(n, 16), sm_count, blocks_per_sm(x_dtype, bits, p8, 0),
                                   blocks_per_sm(x_dtype, bits, p4, 0));
+  } else {
+    plan->warps = 8;
   }
   const int64_t tiles = cdiv(n, gemv_block_rows(*plan));  // blocks along N
   // Split K only when the row tiles fill at most a quarter of the SMs, into about one block per SM;
@@ -712,6 +692,39 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
   plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
                      fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
+}
+
+// The plan; `occupancy`: also ask the runtime for the chosen kernel's blocks per SM (a report for
+// dequant_matmul_plan; the launch does not need it).
+int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
+              ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force,
+              bool occupancy) {
+  if (int e = check_grid(n, k, ng, bits)) return e;
+  QDPO_REQUIRE(valid_dtype(x_dtype) && valid_dtype(s_dtype), kErrDtype);
+  QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
+  QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
+  QDPO_REQUIRE(force.splits >= 0 && force.splits <= kMaxSplits, kErrShape);
+  QDPO_REQUIRE(force.warps == 0 || force.warps == 4 || force.warps == 8, kErrShape);
+  for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x}) {
+    QDPO_REQUIRE(choice >= 0 && choice <= 2, kErrShape);
+  }
+  QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
+  const int64_t g = k / ng;
+  const bool mma = x_dtype != kF32 && s_dtype == x_dtype && k % 32 == 0 && g % 32 == 0 && aligned(x, 16) &&
+                   aligned(qweight, 16) && stride_qn % 16 == 0;
+  *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0, 0};
+  if (!mma) return kOk;
+  // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
+  // asked (force.scale_after == 2).
+  plan->scale_after = force.scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
+  // Warps that each own 16 rows and share x in shared memory (any M): not yet measured on a GPU, so
+  // only when asked (force.shared_x == 2), and not where x_smem is asked for and granted.
+  size_gemv(m, n, k, bits, x_dtype, sm_count, force, plan);
+  if (force.shared_x == 2 && !plan->x_smem) {
+    plan->shared_x = 1, plan->rt = 1, plan->zero_after = 0;
+    size_gemv(m, n, k, bits, x_dtype, sm_count, force, plan);
+  }
+  const int64_t sps = cdiv(cdiv(k, gemv::kStepK), plan->splits);
   if (occupancy) {
     const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0;
     plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, smem);

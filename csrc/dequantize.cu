@@ -23,10 +23,8 @@ namespace {
 struct DequantizeArgs {
   const uint8_t* q;
   int64_t stride_qn;  // bytes
-  int64_t rows;       // N · NG
-  int64_t ng;
+  TeamGrid tg;
   int g;
-  int team;
   const void* s;
   int s_dtype;
   const uint8_t* z;
@@ -37,12 +35,12 @@ struct DequantizeArgs {
 
 template <int BITS, int VEC>
 __global__ void __launch_bounds__(kTeamBlock) dequantize_kernel(DequantizeArgs a) {
-  const Team tm = my_team(a.team, a.rows);
+  const Team tm = my_team(a.tg);
   if (!tm.valid) return;  // no reduction in this kernel
-  const int64_t n = tm.r / a.ng, grp = tm.r % a.ng;
+  const int n = tm.n, grp = tm.grp;
   const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   const uint8_t* qrow = a.q + n * a.stride_qn;
-  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
     const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
     uint8_t codes[VEC];
     float v[VEC];
@@ -66,9 +64,9 @@ int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t n
   const bool vec8 = g % 8 == 0 && aligned(qweight, 8) && stride_qn % 8 == 0 && aligned(out, 16);
   return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n * ng, g / VEC);
-    const DequantizeArgs a{reinterpret_cast<const uint8_t*>(qweight), stride_qn, n * ng, ng, static_cast<int>(g),
-                           sh.team, reinterpret_cast<const void*>(scales), s_dtype,
+    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const DequantizeArgs a{reinterpret_cast<const uint8_t*>(qweight), stride_qn, sh.tg, static_cast<int>(g),
+                           reinterpret_cast<const void*>(scales), s_dtype,
                            reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<void*>(out), out_dtype, k};
     dequantize_kernel<BITS, VEC><<<sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
     return launch_status();

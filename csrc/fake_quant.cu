@@ -34,10 +34,8 @@ struct FakeQuantArgs {
   const void* w;
   int w_dtype;
   int64_t stride_wn;  // elements
-  int64_t rows;       // N · NG
-  int64_t ng;
+  TeamGrid tg;
   int g;
-  int team;
   const void* s;
   int s_dtype;
   const uint8_t* z;
@@ -52,9 +50,9 @@ struct FakeQuantArgs {
 // One team's group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh: quotient, the same
 // ŵ bit for bit, two FMAs and a multiply per element instead of a division).
 template <int BITS, int VEC, bool RECIP>
-__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int64_t n, int64_t grp,
+__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int n, int grp,
                                                  const Recip& d, float z) {
-  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
     const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
     float v[VEC];
     load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
@@ -68,9 +66,9 @@ __device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const T
 
 template <int BITS, int VEC>
 __global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a) {
-  const Team tm = my_team(a.team, a.rows);
+  const Team tm = my_team(a.tg);
   if (!tm.valid) return;  // no reduction in this kernel
-  const int64_t n = tm.r / a.ng, grp = tm.r % a.ng;
+  const int n = tm.n, grp = tm.grp;
   const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
   const float z = a.z[tm.r];
   if (d.fast) {
@@ -83,11 +81,11 @@ __global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a)
 // One team's group of the backward, returning the lane's LSQ sum. RECIP (no LSQ): the mask through
 // the group's reciprocal (ste_pass_recip, the same mask bit for bit).
 template <int BITS, int VEC, bool LSQ, bool RECIP>
-__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int64_t n,
-                                                           int64_t grp, const Recip& d, float z) {
+__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int n,
+                                                           int grp, const Recip& d, float z) {
   static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
   float acc = 0.f;
-  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
     const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
     float w[VEC], g[VEC];
     load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, w);
@@ -109,9 +107,9 @@ __device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& 
 
 template <int BITS, int VEC, bool LSQ>
 __global__ void __launch_bounds__(kTeamBlock) fake_quant_backward_kernel(FakeQuantArgs a) {
-  const Team tm = my_team(a.team, a.rows);
+  const Team tm = my_team(a.tg);
   if (!LSQ && !tm.valid) return;  // with LSQ every thread joins the team sum
-  const int64_t n = tm.valid ? tm.r / a.ng : 0, grp = tm.valid ? tm.r % a.ng : 0;
+  const int n = tm.n, grp = tm.grp;  // 0 where not valid
   const Recip d = recip_of(tm.valid ? load1(a.s, a.s_dtype, tm.r) : 1.f);
   const float z = tm.valid ? a.z[tm.r] : 0.f;
   float acc = 0.f;
@@ -123,7 +121,7 @@ __global__ void __launch_bounds__(kTeamBlock) fake_quant_backward_kernel(FakeQua
     }
   }
   if (LSQ) {
-    acc = team_allreduce(acc, a.team, SumOp());
+    acc = team_allreduce(acc, a.tg.team, SumOp());
     if (tm.valid && tm.lane == 0) store1(a.grad_s, a.s_dtype, tm.r, acc);
   }
 }
@@ -151,9 +149,9 @@ int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, in
   const int64_t g = k / ng;
   return dispatch_bits_vec(bits, vec8_ok(w, w_dtype, stride_wn, g, out), [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n * ng, g / VEC);
-    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, n * ng, ng, static_cast<int>(g),
-                          sh.team, reinterpret_cast<const void*>(scales), s_dtype,
+    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                          reinterpret_cast<const void*>(scales), s_dtype,
                           reinterpret_cast<const uint8_t*>(zeros), k, nullptr, 0, reinterpret_cast<void*>(out),
                           out_dtype, nullptr};
     fake_quant_kernel<BITS, VEC><<<sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
@@ -172,9 +170,9 @@ int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t s
   const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
   return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n * ng, g / VEC);
-    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, n * ng, ng, static_cast<int>(g),
-                          sh.team, reinterpret_cast<const void*>(scales), s_dtype,
+    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                          reinterpret_cast<const void*>(scales), s_dtype,
                           reinterpret_cast<const uint8_t*>(zeros), k, reinterpret_cast<const void*>(grad), g_dtype,
                           reinterpret_cast<void*>(grad_w), w_dtype, reinterpret_cast<void*>(grad_s)};
     const auto st = reinterpret_cast<cudaStream_t>(stream);

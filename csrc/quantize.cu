@@ -34,10 +34,8 @@ struct QuantizeArgs {
   const void* w;
   int w_dtype;
   int64_t stride_wn;  // elements
-  int64_t rows;       // N · NG group rows
-  int64_t ng;
+  TeamGrid tg;
   int g;              // group size G
-  int team;
   bool symmetric;
   uint8_t* q;         // (N, K·b/8) contiguous
   int64_t stride_qn;  // bytes
@@ -49,10 +47,10 @@ struct QuantizeArgs {
 // One team's codes of its group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh:
 // quotient; the same codes as true division, a multiply and two FMAs per element instead of one).
 template <int BITS, int VEC, bool RECIP>
-__device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const Team& tm, int64_t n, int64_t grp,
+__device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const Team& tm, int n, int grp,
                                                const Recip& d, float z) {
   uint8_t* qrow = a.q + n * a.stride_qn;
-  for (int c = tm.lane; c < a.g / VEC; c += a.team) {
+  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
     const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
     float v[VEC];
     uint8_t codes[VEC];
@@ -65,8 +63,8 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const Team
 
 template <int BITS, int VEC, int MODE>
 __global__ void __launch_bounds__(kTeamBlock) quantize_kernel(QuantizeArgs a) {
-  const Team tm = my_team(a.team, a.rows);
-  const int64_t n = tm.valid ? tm.r / a.ng : 0, grp = tm.valid ? tm.r % a.ng : 0;
+  const Team tm = my_team(a.tg);
+  const int n = tm.n, grp = tm.grp;  // 0 where not valid
   const int64_t w0 = n * a.stride_wn + grp * a.g;  // first element of the group in w
   const int chunks = a.g / VEC;
   float s = 1.f, z = 0.f;
@@ -74,14 +72,14 @@ __global__ void __launch_bounds__(kTeamBlock) quantize_kernel(QuantizeArgs a) {
     if (tm.valid) s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   } else {
     float lo = 0.f, hi = 0.f;  // the range always contains 0 (group_qparams clamps too)
-    for (int c = tm.lane; tm.valid && c < chunks; c += a.team) {
+    for (int c = tm.lane; tm.valid && c < chunks; c += a.tg.team) {
       float v[VEC];
       load_vec<VEC>(a.w, a.w_dtype, w0 + static_cast<int64_t>(c) * VEC, v);
       QDPO_UNROLL
       for (int j = 0; j < VEC; ++j) lo = fminf(lo, v[j]), hi = fmaxf(hi, v[j]);
     }
-    lo = team_allreduce(lo, a.team, MinOp());
-    hi = team_allreduce(hi, a.team, MaxOp());
+    lo = team_allreduce(lo, a.tg.team, MinOp());
+    hi = team_allreduce(hi, a.tg.team, MaxOp());
     const GroupParams p = group_qparams(lo, hi, BITS, a.symmetric, a.w_dtype);
     s = p.s, z = p.z;
     if (tm.valid && tm.lane == 0) {
@@ -115,9 +113,9 @@ int quantize(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
                     (mode == kQParams || aligned(qweight, 8));
   return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n * ng, g / VEC);
-    const QuantizeArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, n * ng, ng, static_cast<int>(g),
-                         sh.team, symmetric, reinterpret_cast<uint8_t*>(qweight), k * BITS / 8,
+    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const QuantizeArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                         symmetric, reinterpret_cast<uint8_t*>(qweight), k * BITS / 8,
                          reinterpret_cast<void*>(scales), s_dtype, reinterpret_cast<uint8_t*>(zeros)};
     const auto st = reinterpret_cast<cudaStream_t>(stream);
     if (mode == kQParams) {

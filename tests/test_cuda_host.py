@@ -516,6 +516,8 @@ def test_plan_shares_x_between_row_warps_only_when_asked(C):
     assert p["x_smem"] and not p["shared_x"], "x_smem where both are asked for"
     p = _plan(C, m=3, force_shared_x=2, force_x_smem=2)
     assert p["shared_x"] and not p["x_smem"], "x_smem does not serve M = 3"
+    p = _plan(C, m=2, n=32768, k=16384, ng=128, force_shared_x=2, force_x_smem=2)
+    assert p["shared_x"] and not p["x_smem"], "x_smem past 48 KB: shared_x, not neither"
     assert not _plan(C, force_shared_x=2, force_scale_after=2, force_zero_after=2)["zero_after"]
     # 8192 rows: 64 blocks of 128 on 132 SMs -> 4 ranges of 16 steps; 4096 rows: 32 blocks, but K = 4096
     # (32 steps) keeps ranges of at least 8 steps -> 4; 1024 rows: 8 blocks -> 16 at most, 8192 / 128 / 8
