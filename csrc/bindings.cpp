@@ -75,6 +75,14 @@ void def_host_math(py::module_& m) {
      "ŵ, the straight-through mask and (codes != 0) the code of n fp32 elements, each on its own grid (s, z), "
      "through the kernels' reciprocal path (pointers to CPU buffers); where that path is not taken: NaN, "
      "mask 2 and code 255");
+  m.def("host_team_of", [](int64_t n, int64_t ng, int64_t chunks, int64_t block, int tid) {
+    const qdpo::TeamShape sh = qdpo::team_shape(n, ng, chunks);
+    if (block < 0 || block >= sh.grid || tid < 0 || tid >= sh.block) throw std::invalid_argument("host_team_of: no such thread");
+    const qdpo::Team t = qdpo::team_of(sh.tg, static_cast<unsigned>(block), sh.block, tid);
+    return py::make_tuple(t.r, t.n, t.grp, t.lane, t.valid, sh.tg.team, sh.block, sh.grid);
+  }, py::arg("n"), py::arg("ng"), py::arg("chunks"), py::arg("block"), py::arg("tid"),
+     "(group row, weight row, group, lane, valid, team, block size, grid) of one thread of a team kernel over "
+     "n · ng group rows of `chunks` chunks (host)");
   m.def("host_cast_up", &qdpo::cast_up, py::arg("s"), py::arg("dtype"), "reference.to_scale_dtype of one scale");
   m.def("host_group_qparams", [](float wmin, float wmax, int bits, bool symmetric, int dtype) {
     const qdpo::GroupParams p = qdpo::group_qparams(wmin, wmax, bits, symmetric, dtype);

@@ -27,7 +27,6 @@
 namespace qdpo {
 
 constexpr int64_t kInt32Limit = int64_t(1) << 31;  // kernels index with int32 within a row, int64 across rows
-constexpr int kTeamBlock = 256;                    // threads per block when teams are sub-warp
 
 inline bool aligned(ptr_t p, int64_t bytes) { return p % static_cast<ptr_t>(bytes) == 0; }
 
@@ -164,29 +163,8 @@ __device__ __forceinline__ void store_codes(uint8_t* row, int64_t k, const uint8
 }
 
 // ------------------------------------------------------------------ teams
-// A team kernel's group rows and team size, made on the host (team_shape): a thread finds its group
-// row, weight row and group with shifts and one multiply, no division (check_grid: N · NG < 2^31).
-struct TeamGrid {
-  int rows;         // N · NG group rows
-  int ng;           // groups per weight row
-  DivMagic ng_div;  // r / ng (div_by)
-  int team;         // threads per group row, a power of two
-  int team_log2;
-};
-
-struct Team {
-  int r;       // group row: n * ng + grp (0 where not valid)
-  int n, grp;  // weight row and group of r
-  int lane;    // thread within the team
-  bool valid;  // r < N * ng
-};
-
-__device__ __forceinline__ Team my_team(const TeamGrid& t) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> t.team_log2) + (threadIdx.x >> t.team_log2);
-  const bool valid = r < t.rows;
-  const int rv = valid ? static_cast<int>(r) : 0, n = div_by(rv, t.ng_div);
-  return {rv, n, rv - n * t.ng, static_cast<int>(threadIdx.x) & (t.team - 1), valid};
-}
+// (TeamGrid, Team and team_of live in qdpo_math.cuh, where the host tests reach them.)
+__device__ __forceinline__ Team my_team(const TeamGrid& t) { return team_of(t, blockIdx.x, blockDim.x, threadIdx.x); }
 
 // All-reduce of v over the team (fixed order: deterministic). `op` is a binary functor.
 template <typename Op>
@@ -213,22 +191,6 @@ struct MaxOp {
 struct SumOp {
   __device__ float operator()(float a, float b) const { return a + b; }
 };
-
-// Launch shape of a team kernel over the n · ng group rows of `chunks` chunks each (check_grid first).
-struct TeamShape {
-  TeamGrid tg;
-  int block;
-  int64_t grid;
-};
-
-inline TeamShape team_shape(int64_t n, int64_t ng, int64_t chunks) {
-  int team = 1, log2 = 0;
-  while (team < chunks && team < kTeamBlock) team *= 2, ++log2;
-  const int block = team > 32 ? team : kTeamBlock;
-  const int64_t per_block = block / team, rows = n * ng;
-  const TeamGrid tg{static_cast<int>(rows), static_cast<int>(ng), div_magic(static_cast<uint32_t>(ng)), team, log2};
-  return {tg, block, (rows + per_block - 1) / per_block};
-}
 
 // Common checks of an (N, K) weight split into ng groups along K.
 inline int check_grid(int64_t n, int64_t k, int64_t ng, int bits) {

@@ -50,6 +50,50 @@ QDPO_HD int div_by(int n, DivMagic d) {
   return static_cast<int>((static_cast<uint64_t>(static_cast<uint32_t>(n)) * d.m) >> d.p);
 }
 
+// ------------------------------------------------------------------ teams (qdpo_device.cuh)
+constexpr int kTeamBlock = 256;  // threads per block when teams are sub-warp
+
+// A team kernel's group rows and team size, made on the host (team_shape): a thread finds its group
+// row, weight row and group with shifts and one multiply, no division (check_grid: N · NG < 2^31).
+struct TeamGrid {
+  int rows;         // N · NG group rows
+  int ng;           // groups per weight row
+  DivMagic ng_div;  // r / ng (div_by)
+  int team;         // threads per group row, a power of two
+  int team_log2;
+};
+
+struct Team {
+  int r;       // group row: n * ng + grp (0 where not valid)
+  int n, grp;  // weight row and group of r
+  int lane;    // thread within the team
+  bool valid;  // r < N * ng
+};
+
+// Thread `tid` of block `block` (of block_dim threads).
+QDPO_HD Team team_of(const TeamGrid& t, unsigned block, unsigned block_dim, unsigned tid) {
+  const int64_t r = static_cast<int64_t>(block) * (block_dim >> t.team_log2) + (tid >> t.team_log2);
+  const bool valid = r < t.rows;
+  const int rv = valid ? static_cast<int>(r) : 0, n = div_by(rv, t.ng_div);
+  return {rv, n, rv - n * t.ng, static_cast<int>(tid) & (t.team - 1), valid};
+}
+
+// Launch shape of a team kernel over the n · ng group rows of `chunks` chunks each (check_grid first).
+struct TeamShape {
+  TeamGrid tg;
+  int block;
+  int64_t grid;
+};
+
+inline TeamShape team_shape(int64_t n, int64_t ng, int64_t chunks) {
+  int team = 1, log2 = 0;
+  while (team < chunks && team < kTeamBlock) team *= 2, ++log2;
+  const int block = team > 32 ? team : kTeamBlock;
+  const int64_t per_block = block / team, rows = n * ng;
+  const TeamGrid tg{static_cast<int>(rows), static_cast<int>(ng), div_magic(static_cast<uint32_t>(ng)), team, log2};
+  return {tg, block, (rows + per_block - 1) / per_block};
+}
+
 // torch.round semantics: ties to even (rintf uses the default FE_TONEAREST mode).
 QDPO_HD float round_half_even(float x) { return rintf(x); }
 

@@ -256,6 +256,43 @@ def test_fake_quant_by_reciprocal_equals_true_division(C, bits):
     assert mask[:4].eq(2).all(), "scales past 2^±100 keep the true division"
 
 
+@pytest.mark.parametrize("n,ng,chunks", [(7, 1, 16), (3, 344, 16), (5, 3, 1), (2, 96, 4), (3, 1, 300), (1, 7, 64),
+                                          (33, 2, 32)])
+def test_team_kernels_map_every_thread_to_its_group_row(C, n, ng, chunks):
+    """The team kernels' thread map (quantize, dequantize, fake_quant; shifts and a multiply, no
+    division): each of the n · ng group rows gets exactly one team of `team` lanes 0..team-1, with
+    weight row and group r // ng and r % ng; threads past the last row are invalid. Sub-warp teams
+    (several per block) and whole-block teams (chunks past 32), odd and Llama group counts."""
+    first = C.host_team_of(n, ng, chunks, 0, 0)
+    team, block, grid = first[5:]
+    assert team >= min(chunks, 256) and team & (team - 1) == 0 and (block == team if team > 32 else block == 256)
+    seen = {}
+    for b in range(grid):
+        for t in range(block):
+            r, wn, grp, lane, valid = C.host_team_of(n, ng, chunks, b, t)[:5]
+            want_r = b * (block // team) + t // team
+            assert valid == (want_r < n * ng) and lane == t % team
+            if valid:
+                assert (r, wn, grp) == (want_r, want_r // ng, want_r % ng)
+                seen.setdefault(r, []).append(lane)
+    assert sorted(seen) == list(range(n * ng)) and all(sorted(v) == list(range(team)) for v in seen.values())
+
+
+def test_team_map_at_the_largest_grids(C):
+    """Near 2^31 group rows: the last thread of the last block still finds its row (int64 before the
+    check, int32 after), and the first thread past the end is invalid."""
+    for n, ng, chunks in ((2**31 // 64 - 1, 64, 16), (2**31 - 1, 1, 1), (2**30, 1, 300)):
+        _, _, _, _, _, team, block, grid = C.host_team_of(n, ng, chunks, 0, 0)
+        rows = n * ng
+        last = rows - 1
+        b, t = last // (block // team), (last % (block // team)) * team + team - 1
+        r, wn, grp, lane, valid = C.host_team_of(n, ng, chunks, b, t)[:5]
+        assert valid and (r, wn, grp, lane) == (last, last // ng, last % ng, team - 1)
+        if t + 1 < block:
+            assert not C.host_team_of(n, ng, chunks, b, (t + 1) // team * team)[4]
+        assert grid == b + 1
+
+
 def test_division_by_a_group_size_without_a_divide(C):
     """The GEMV's group index: n / d by multiply and shift, exact for every 0 <= n < 2^31 (the
     extremes, multiples of d and their neighbours, random n) and any d: powers of two, odd and
