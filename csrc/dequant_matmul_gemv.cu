@@ -718,10 +718,13 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   // asked (force.scale_after == 2).
   plan->scale_after = force.scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);
   // Warps that each own 16 rows and share x in shared memory (any M): not yet measured on a GPU, so
-  // only when asked (force.shared_x == 2), and not where x_smem is asked for and granted.
+  // only when asked (force.shared_x == 2), and not where x_smem is asked for and granted (sized once
+  // without shared_x to see; otherwise each plan is sized once).
+  const auto share_x = [plan] { plan->shared_x = 1, plan->rt = 1; };
+  if (force.shared_x == 2 && force.x_smem != 2) share_x();
   size_gemv(m, n, k, bits, x_dtype, sm_count, force, plan);
-  if (force.shared_x == 2 && !plan->x_smem) {
-    plan->shared_x = 1, plan->rt = 1, plan->zero_after = 0;
+  if (force.shared_x == 2 && !plan->shared_x && !plan->x_smem) {
+    share_x();
     size_gemv(m, n, k, bits, x_dtype, sm_count, force, plan);
   }
   const int64_t sps = cdiv(cdiv(k, gemv::kStepK), plan->splits);
