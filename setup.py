@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import setup
@@ -74,14 +75,16 @@ class BuildExt(build_ext):
         build_tmp = Path(self.build_temp)
         build_tmp.mkdir(parents=True, exist_ok=True)
         for ext in self.extensions:
-            objs = []
+            cmds = {}
             for src in [s for s in ext.sources if s.endswith(".cu")]:
-                obj = build_tmp / (Path(src).stem + ".o")
-                cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                       "--expt-relaxed-constexpr", f"-I{CSRC}", *gencode]
-                print(" ".join(cmd), file=sys.stderr)
-                subprocess.check_call(cmd)
-                objs.append(str(obj))
+                obj = str(build_tmp / (Path(src).stem + ".o"))
+                cmds[obj] = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                             "--expt-relaxed-constexpr", f"-I{CSRC}", *gencode]
+                print(" ".join(cmds[obj]), file=sys.stderr)
+            # one nvcc per source, as many at once as there are cores (the GEMV's file is most of the time)
+            with ThreadPoolExecutor(max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
+                list(pool.map(subprocess.check_call, cmds.values()))
+            objs = list(cmds)
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
             ext.extra_objects = objs
             ext.include_dirs += [str(root / "include"), str(CSRC)]
@@ -97,7 +100,10 @@ def extensions():
 
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
-    return [Pybind11Extension("qdpo._C", sources, cxx_std=17)]
+    # every file of csrc/: setuptools relinks only when one of these is newer than the module (the .cu
+    # objects are compiled above, out of its sight)
+    depends = sorted(str(p.relative_to(ROOT)) for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
+    return [Pybind11Extension("qdpo._C", sources, depends=depends, cxx_std=17)]
 
 
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__
