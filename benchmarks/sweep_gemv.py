@@ -16,7 +16,13 @@ against the auto plan's first. The data behind the plan rules in
     python benchmarks/sweep_gemv.py --summary benchmarks/results/NVIDIA-H200-sweep_gemv.json
 
 It ends with a summary per launch choice: how often, and by how much, the alternative to the
-plan's default ran faster with every other choice equal.
+plan's default ran faster with every other choice equal. "auto" is the plan's rules alone (the sweep
+runs with ``QDPO_GEMV_TABLE=off``). Beside ``sweep_gemv.json`` it writes ``gemv_table.json``: per
+case, the fastest launch that sums the same terms as the plan's, where it beat auto by 3 % or more
+(``qdpo.kernels.gemv_table``). Installed as ``qdpo/kernels/gemv_tables/<device>.json``, it has the
+cuda backend launch that way on that GPU model::
+
+    python benchmarks/sweep_gemv.py --table-from /tmp/gc/sweep_gemv.json   # installs the table
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
+from qdpo.kernels import gemv_table  # noqa: E402
 from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: E402
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
@@ -65,15 +73,29 @@ def main(argv=None) -> int:
                    help="the scale in ŵ (off) or after the mma (on) in the forced variants")
     p.add_argument("--shared-x", choices=sorted(BOTH), default="both", help="shared_x in the forced variants")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
+    p.add_argument("--table-from", type=Path, metavar="JSON",
+                   help="only make the table of measured launches from an earlier sweep's JSON (no GPU needed)")
+    p.add_argument("--table-out", type=Path, metavar="JSON",
+                   help="where --table-from writes (default: qdpo/kernels/gemv_tables/<device>.json, installed)")
+    p.add_argument("--min-gain", type=float, default=gemv_table.MIN_GAIN,
+                   help="a table entry needs auto_ms / best_ms of at least this")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(json.loads(args.summary.read_text())["rows"]))
+        return 0
+    if args.table_from:
+        table = gemv_table.table_from_sweep(json.loads(args.table_from.read_text()), args.min_gain)
+        out = args.table_out or gemv_table.TABLE_DIR / f"{table['device']}.json"
+        print(f"wrote {_write_table(out, table)}")
         return 0
     if args.out is None:
         p.error("--out is required for a sweep")
     if not torch.cuda.is_available():
         print("sweep_gemv: needs a CUDA GPU")
         return 0
+    if os.environ.get(gemv_table.ENV, "off").lower() not in gemv_table.OFF:
+        print(f"sweep_gemv: {gemv_table.ENV}={os.environ[gemv_table.ENV]} ignored: auto is the plan's rules alone")
+    os.environ[gemv_table.ENV] = "off"
     from qdpo.kernels import cuda
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +118,8 @@ def main(argv=None) -> int:
                 want = cuda.dequant_matmul(x, *copies[0][1])
                 auto_plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits)
                 auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
-                row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "bf16_ms": base, "auto_ms": auto,
+                row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "dtype": str(x.dtype).removeprefix("torch."),
+                       "bf16_ms": base, "auto_ms": auto,
                        "auto_plan": auto_plan, "forced": []}
                 for choice, sp in itertools.product(gemv_choices(m, **values), args.splits):
                     kw = {"splits": sp, **choice}
@@ -117,11 +140,13 @@ def main(argv=None) -> int:
                 bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
                 if bad:
                     print(f"  !! forced plans differ from auto: {bad}")
-                _write(args.out, rows)  # after every case: a stopped sweep keeps what it measured
+                _write(args.out, rows, args.min_gain)  # after every case: a stopped sweep keeps what it measured
             del copies
             bdm._weight.cache_clear()
             torch.cuda.empty_cache()
-    print(f"wrote {_write(args.out, rows)}")
+    print(f"wrote {_write(args.out, rows, args.min_gain)} and gemv_table.json: "
+          f"{len(gemv_table.GemvTable.read(args.out / 'gemv_table.json'))} of {len(rows)} cases launch otherwise "
+          f"than the plan's rules (install: --table-from {args.out / 'sweep_gemv.json'})")
     print(summary(rows))
     return 0
 
@@ -162,11 +187,23 @@ def summary(rows: list) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, rows: list) -> Path:
+def _write(out: Path, rows: list, min_gain: float) -> Path:
+    """sweep_gemv.json, and the table of measured launches made from it (gemv_table.json)."""
     meta = {"device": common.device_name(), "torch": torch.__version__, "sm_count":
             torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    sweep = {"meta": meta, "rows": rows}
     path = out / "sweep_gemv.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    path.write_text(json.dumps(sweep, indent=1))
+    _write_table(out / "gemv_table.json", gemv_table.table_from_sweep(sweep, min_gain))
+    return path
+
+
+def _write_table(path: Path, table: dict) -> Path:
+    gemv_table.GemvTable(table, str(path))  # what the backend will read back
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ",\n".join(json.dumps(e) for e in table["entries"])  # one entry per line: readable diffs
+    head = json.dumps({k: v for k, v in table.items() if k != "entries"})[:-1]
+    path.write_text(f'{head}, "entries": [\n{lines}\n]}}\n')
     return path
 
 

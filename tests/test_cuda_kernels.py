@@ -185,6 +185,42 @@ def test_dequant_matmul_every_forced_split(bits, gs):
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
 
+def test_dequant_matmul_launches_by_the_device_table(tmp_path):
+    """A table of measured launches (read from a file, as the package's are) holding one exact case:
+    dequant_matmul and gemv_plan take its launch where nothing is forced, bit for bit the same result as
+    forcing it, and keep the plan's rules for another M and for any forced choice."""
+    import json
+
+    from qdpo.kernels import cuda, gemv_table
+
+    qw = _weight(200, 2048, 4, 128, wdtype=torch.bfloat16, seed=5)
+    x, x2 = _rand(1, 2048, dtype=torch.bfloat16, seed=1), _rand(2, 2048, dtype=torch.bfloat16, seed=2)
+    saved = dict(cuda._TABLES)
+    try:
+        cuda.use_gemv_table(None)
+        rule, rule2 = cuda.gemv_plan(x, *_args(qw)[:2], 4), cuda.gemv_plan(x2, *_args(qw)[:2], 4)
+        launch = {"splits": 2 if rule["splits"] == 4 else 4, "warps": 12 - rule["warps"], "x_smem": True,
+                  "shared_x": False}
+        dev = torch.cuda.current_device()
+        path = tmp_path / "table.json"
+        path.write_text(json.dumps({"device": torch.cuda.get_device_name(dev), "sm_count": cuda._sm_count(dev),
+                                    "entries": [{"bits": 4, "group": 128, "dtype": "bfloat16", "m": 1, "n": 200,
+                                                 "k": 2048, "launch": launch}]}))
+        cuda.use_gemv_table(path)
+        assert isinstance(cuda.gemv_table_for(dev), gemv_table.GemvTable)
+        plan = cuda.gemv_plan(x, *_args(qw)[:2], 4)
+        assert all(plan[key] == value for key, value in launch.items()), (plan, launch)
+        y = cuda.dequant_matmul(x, *_args(qw))
+        assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), **launch))
+        _check_y(y, x, qw, what="the table's launch")
+        assert cuda.gemv_plan(x2, *_args(qw)[:2], 4) == rule2  # M = 2: not in the table
+        forced = cuda.gemv_plan(x, *_args(qw)[:2], 4, warps=rule["warps"])
+        assert forced["warps"] == rule["warps"] and not forced["x_smem"]  # a forced choice: the table stays out
+    finally:
+        cuda._TABLES.clear()
+        cuda._TABLES.update(saved)
+
+
 @pytest.mark.parametrize("gs", [32, -1])
 def test_dequant_matmul_on_a_partial_last_step(gs):
     """K = 2080 ends 32 codes into its 17th step: only that step checks bounds, and its lanes past K add

@@ -50,11 +50,13 @@ ValueError (bad argument) or RuntimeError (CUDA error).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from qdpo import _C  # ImportError: extension not built
+from qdpo.kernels import gemv_table
 from qdpo.kernels.backends import Unsupported, register
 from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: F401 (re-exported)
 
@@ -234,18 +236,58 @@ def _force(splits, warps, x_smem, scale_after, zero_after, shared_x) -> dict:
             "force_shared_x": _choice_code(shared_x)}
 
 
+# --------------------------------------------------------------------------- measured launches
+UNFORCED = (0, 0, None, None, None, None)  # (splits, warps, x_smem, scale_after, zero_after, shared_x)
+_TABLES: dict[int, gemv_table.GemvTable | None] = {}  # device index -> its table of measured launches
+
+
+def use_gemv_table(table: "gemv_table.GemvTable | str | Path | None", device=None) -> None:
+    """Have the GEMV on ``device`` (default: the current CUDA device) launch by ``table`` (a
+    :class:`~qdpo.kernels.gemv_table.GemvTable` or the path of one; None: the plan's rules alone) instead
+    of the table that ``QDPO_GEMV_TABLE`` or the package holds for it (:mod:`qdpo.kernels.gemv_table`)."""
+    index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if isinstance(table, (str, Path)):
+        table = gemv_table.GemvTable.read(table)
+    if table is not None and not isinstance(table, gemv_table.GemvTable):
+        raise TypeError(f"use_gemv_table: got {type(table).__name__}; pass a GemvTable, a path or None")
+    _TABLES[index.index if index.index is not None else torch.cuda.current_device()] = table
+
+
+def gemv_table_for(index: int) -> "gemv_table.GemvTable | None":
+    """The table of measured launches the GEMV uses on CUDA device ``index`` (read once per process)."""
+    if index not in _TABLES:
+        _TABLES[index] = gemv_table.load_table(torch.cuda.get_device_name(index), _sm_count(index))
+    return _TABLES[index]
+
+
+def _launch_choices(index: int, dtype: torch.dtype, m: int, n: int, k: int, groups: int, bits: int,
+                    force: tuple) -> tuple:
+    """``force`` as given, or, where it forces nothing, the table's launch for this exact case on CUDA
+    device ``index`` (the scale and zero point stay the plan's: a table never moves them)."""
+    if force != UNFORCED:
+        return force
+    table = gemv_table_for(index)
+    launch = table and table.launch(bits, gemv_table.group_of(k, groups), str(dtype).removeprefix("torch."), m, n, k)
+    if not launch:
+        return force
+    return launch["splits"], launch["warps"], launch["x_smem"], None, None, launch["shared_x"]
+
+
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
               warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
               zero_after: bool | None = None, shared_x: bool | None = None) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, rows per block, splits,
     workspace bytes, warps per block, the resident blocks per SM it expects, where x sits and where the
     scale and zero point are applied; ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` /
-    ``zero_after`` / ``shared_x`` not None force those (benchmarks)."""
+    ``zero_after`` / ``shared_x`` not None force those (benchmarks). Forcing none, the device's table
+    of measured launches decides where it holds this case (:func:`gemv_table_for`), as in
+    :func:`dequant_matmul`."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    force = _launch_choices(x2.device.index, x2.dtype, x2.shape[0], n, k, scales.shape[1], bits,
+                            (splits, warps, x_smem, scale_after, zero_after, shared_x))
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
-                                  _sm_count(x2.device.index),
-                                  **_force(splits, warps, x_smem, scale_after, zero_after, shared_x))
+                                  _sm_count(x2.device.index), **_force(*force))
 
 
 def _decode_sized(x, *rest) -> bool:
@@ -275,7 +317,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     they are and subtracts the zero point times each step's sum of x after them. ``shared_x=True`` (any M,
     not with ``x_smem``) gives each warp 16 rows of its own and has the block stage x in shared memory,
     512 codes at a time, for all of them (not yet measured either).
-    ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose.
+    ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose: where the caller forces
+    none of them, a table of launches measured on this GPU model decides for the exact shapes it holds
+    (:mod:`qdpo.kernels.gemv_table`; ``QDPO_GEMV_TABLE=off``: the plan's rules alone).
     """
     dev = _check_device(x, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
@@ -310,7 +354,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         _launch(dev, _C.dequant_gemm, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
-    force = (splits, warps, x_smem, scale_after, zero_after, shared_x)
+    force = _launch_choices(dev.index, x.dtype, m, n, k, scales.shape[1], bits,
+                            (splits, warps, x_smem, scale_after, zero_after, shared_x))
     plan = gemv_plan(x2, qweight, scales, bits, *force)
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
