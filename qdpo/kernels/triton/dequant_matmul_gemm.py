@@ -186,27 +186,90 @@ DX_GPU = (  # (BLOCK_M, BLOCK_N = reduction, BLOCK_K = dx columns, -, warps, sta
 )
 
 _BEST: dict[tuple, tuple] = {}  # tuning cache: (kernel, key) → fastest config on this GPU
+TUNE_ROUNDS = 3  # every candidate is timed this many times, in turn, and ranked by its median
+TUNE_GRAPH_MS = 1.0  # about this much kernel time per timed graph (2 to 16 calls)
 
 
-def pick_config(kernel: str, key: tuple, candidates, run):
+class ColdGraphTimer:
+    """Milliseconds per call of ``fn`` as a decode step runs it: many calls captured in one CUDA graph,
+    so no host launch time enters (for a 10 µs kernel it can be most of an eager timing), each call
+    after a write over twice the L2 cache, so every call reads its weight from memory; the flush's own
+    time (a graph of flushes alone) is taken off."""
+
+    def __init__(self):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        l2 = getattr(props, "L2_cache_size", 0) or 64 << 20
+        self._flush = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+        self._flush_ms: dict[int, float] = {}
+
+    def _replay_ms(self, fn, calls: int) -> float:
+        """One timed replay of a graph of ``calls`` (flush, ``fn``) pairs, after one untimed replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                self._flush.zero_()
+                fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+
+    def __call__(self, fn) -> float:
+        """ms per call of ``fn`` (compiled already: it is run once eagerly to size the graph)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        calls = max(2, min(16, int(TUNE_GRAPH_MS / max(start.elapsed_time(end), 1e-3))))
+        if calls not in self._flush_ms:
+            self._flush_ms[calls] = min(self._replay_ms(lambda: None, calls) for _ in range(3))
+        return max(self._replay_ms(fn, calls) - self._flush_ms[calls], 0.0)
+
+
+def pick_config(kernel: str, key: tuple, candidates, run, timer=None):
     """The fastest of ``candidates`` for ``key``, timed with ``run(config)`` on first use, then cached.
 
-    Timing synchronises the device: make the first call for a shape before
-    capturing a CUDA graph.
+    Each candidate runs once (compiling it; one that fails to compile or launch is passed over), then
+    all are timed ``TUNE_ROUNDS`` times in turn by ``timer(fn)`` → ms per call (default
+    :class:`ColdGraphTimer`: graph replays, cold L2) and ranked by their medians; a tie goes to the
+    earlier candidate. Timing synchronises the device: make the first call for a shape before capturing
+    a CUDA graph. A first call inside a capture cannot time anything: it gets the first candidate,
+    uncached, and a warning.
     """
     if len(candidates) == 1:
         return candidates[0]
     best = _BEST.get((kernel, key))
-    if best is None:
-        times = {}
-        for cfg in candidates:
+    if best is not None:
+        return best
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        log.warning("qdpo %s: first call for %s inside a CUDA graph capture; the untimed first config %s "
+                    "runs (call once before capturing to have the fastest timed)", kernel, key, candidates[0])
+        return candidates[0]
+    ok = []
+    for cfg in candidates:
+        try:
+            run(cfg)
+            ok.append(cfg)
+        except Exception as e:  # a config this GPU cannot compile (registers, shared memory)
+            log.debug("qdpo %s: config %s skipped (%s)", kernel, cfg, e)
+    if not ok:
+        raise RuntimeError(f"qdpo {kernel}: no candidate config compiled for {key}")
+    timer = timer or ColdGraphTimer()
+    times: dict = {cfg: [] for cfg in ok}
+    for _ in range(TUNE_ROUNDS):
+        for cfg in ok:
             try:
-                times[cfg] = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20)
-            except Exception as e:  # a config this GPU cannot compile (registers, shared memory)
-                log.debug("qdpo %s: config %s skipped (%s)", kernel, cfg, e)
-        if not times:
-            raise RuntimeError(f"qdpo {kernel}: no candidate config compiled for {key}")
-        best = _BEST[(kernel, key)] = min(times, key=times.get)
+                times[cfg].append(timer(lambda: run(cfg)))
+            except Exception as e:  # it ran eagerly but not in a graph: rank it last
+                log.debug("qdpo %s: config %s not timed (%s)", kernel, cfg, e)
+                times[cfg].append(float("inf"))
+    median = {cfg: sorted(t)[len(t) // 2] for cfg, t in times.items()}
+    best = _BEST[(kernel, key)] = min(ok, key=median.get)
+    log.debug("qdpo %s: %s -> %s (median ms %s)", kernel, key, best, {str(c): round(t, 5) for c, t in median.items()})
     return best
 
 
