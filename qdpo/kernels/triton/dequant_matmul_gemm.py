@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported
-from qdpo.kernels.triton._common import cast_out, tl_dtype
+from qdpo.kernels.triton._common import cast_out, code_f32, tl_dtype
 
 
 @triton.jit
@@ -59,13 +59,13 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, G, stride_qn, stride_s
     """
     s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, G, stride_sn)
     if BITS == 4:
-        b = _packed(qw_ptr, offs_n, k0 // 2, N, K // 2, stride_qn, BLOCK_K // 2)
-        # byte j holds code 2j in its low nibble and 2j + 1 in its high nibble; the casts
-        # pin both halves to uint8 whatever the Triton version's scalar-promotion rule
-        q = tl.join((b & 0xF).to(tl.uint8), (b >> 4).to(tl.uint8)).reshape(BLOCK_N, BLOCK_K)
+        b = _packed(qw_ptr, offs_n, k0 // 2, N, K // 2, stride_qn, BLOCK_K // 2).to(tl.uint32)
+        # byte j holds code 2j in its low nibble and 2j + 1 in its high nibble
+        q = tl.join(b & 0xF, b >> 4).reshape(BLOCK_N, BLOCK_K)
     else:
-        q = _packed(qw_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K)
-    return (q.to(tl.float32) - z) * s
+        q = _packed(qw_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K).to(tl.uint32)
+    return (code_f32(q) - (z + 8388608.0)) * s
+
 
 
 @triton.jit

@@ -1,8 +1,8 @@
 """Triton dequantize: packed codes → ``ŵ = (q - z) · s``.
 
 Formula (``reference.dequantize``): ``ŵ[n, k] = (q[n, k] - z[n, g]) · s[n, g]``
-with ``g = k // G``, computed in fp32 and cast once to ``dtype`` (bf16 by
-bit-level round-to-nearest-even, as ``Tensor.to``). Bit-exact vs reference.
+with ``g = k // G``, computed in fp32 and cast once to ``dtype`` (bf16
+rounded to nearest even, as ``Tensor.to``). Bit-exact vs reference.
 
 Tensors (N = out_features, K = in_features, G = group size, NG = K // G):
 
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, tl_dtype
+from qdpo.kernels.triton._common import cast_out, code_f32, tl_dtype
 from qdpo.kernels.triton.quantize import config, contiguous_k, group_rows, load_grid
 
 
@@ -62,9 +62,9 @@ def _dequantize_kernel(
         # byte j holds codes 2j (low nibble) and 2j+1 (high nibble)
         jj = k0 // 2 + tl.arange(0, BLOCK_G // 2)
         jmask = rmask[:, None] & (jj < G // 2)[None, :]
-        b = tl.load(q_ptr + q_base[:, None] + jj[None, :], mask=jmask, other=0)
+        b = tl.load(q_ptr + q_base[:, None] + jj[None, :], mask=jmask, other=0).to(tl.uint32)
         q = tl.interleave(b & 0xF, b >> 4)
-    w_hat = (q.to(tl.float32) - z[:, None]) * s[:, None]
+    w_hat = (code_f32(q.to(tl.uint32)) - (z[:, None] + 8388608.0)) * s[:, None]
     out_base = row * stride_on + grp.to(tl.int64) * G
     tl.store(out_ptr + out_base[:, None] + kk[None, :], cast_out(w_hat, OUT_DTYPE), mask=mask)
 

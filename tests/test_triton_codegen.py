@@ -1,0 +1,82 @@
+"""What the Triton kernels compile to for a GPU (sm_90 PTX, made on this machine without one).
+
+The interpreter runs the kernels' arithmetic but not their GPU code generation, and two choices exist
+only there: codes become fp32 through the bits of 2²³ (no integer-to-float conversion, a quarter-rate
+instruction), and a bf16 output uses the GPU's own round-to-nearest-even cast instead of the
+interpreter's bit-level rounding. A subprocess compiles the kernels as the GPU JIT would
+(``TRITON_INTERPRET=0``, pointers and sizes divisible by 16) and reads the PTX.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from qdpo.kernels.triton import dequant_matmul as dm, dequant_matmul_gemm as dmg, dequantize as dq
+
+    def ptx(fn, sig, const, div, warps=4):
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div}
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+    ints = lambda *names: {n: "i32" for n in names}
+    cexp = lambda *names: {n: "constexpr" for n in names}
+    out = {}
+    for bits in (4, 8):
+        sig = {"q_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*bf16",
+               **ints("R", "G", "NG", "stride_qn", "stride_qg", "stride_sn", "stride_sg", "stride_on"),
+               **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G")}
+        out[f"dequantize W{bits}"] = ptx(dq._dequantize_kernel, sig, dict(BITS=bits, OUT_DTYPE=tl.bfloat16,
+            BLOCK_R=32, BLOCK_G=128), ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
+        ptrs = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16"}
+        for bm in (1, 16):
+            sig = {**ptrs, "out_ptr": "*bf16", **ints("M", "N", "K", "G", "K_PER_SPLIT", "stride_xm", "stride_qn",
+                   "stride_sn", "stride_om", "stride_os"), **cexp("BITS", "HAS_BIAS", "PARTIAL", "OUT_DTYPE",
+                   "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
+            out[f"gemv W{bits} M<={bm}"] = ptx(dm._gemv_kernel, sig, dict(BITS=bits, HAS_BIAS=False, PARTIAL=False,
+                OUT_DTYPE=tl.bfloat16, DOT_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128),
+                [*ptrs, "out_ptr", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_qn"])
+        sig = {**ptrs, "y_ptr": "*bf16", **ints("M", "N", "K", "G", "stride_xm", "stride_qn", "stride_sn", "stride_ym"),
+               **cexp("BITS", "HAS_BIAS", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        out[f"gemm W{bits}"] = ptx(dmg._gemm_kernel, sig, dict(BITS=bits, HAS_BIAS=False, OUT_DTYPE=tl.bfloat16,
+            DOT_DTYPE=tl.bfloat16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            [*ptrs, "y_ptr", "M", "N", "K", "stride_xm", "stride_qn", "stride_ym"])
+    json.dump(out, sys.stdout)
+''')
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if r.returncode != 0 and "GPUTarget" in r.stderr:
+        pytest.skip(f"this Triton cannot compile for a GPU target here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_codes_become_fp32_without_an_integer_to_float_conversion(ptx):
+    """Each thread converts 32 or more codes per step; the few conversions left are its rows' zero points
+    (the code before the bits of 2²³ made 36-68 per kernel here)."""
+    for name, text in ptx.items():
+        conversions = len(re.findall(r"cvt\.rn\.f32\.[us]\d+", text))
+        assert conversions <= 4, f"{name}: {conversions} integer -> float conversions"
+        assert len(re.findall(r"\b1258291200\b", text)) >= 32, f"{name}: codes not made from the bits of 2^23"
+
+
+def test_bf16_outputs_use_the_gpus_round_to_nearest_even_cast(ptx):
+    for name, text in ptx.items():
+        assert "cvt.rn.bf16" in text, f"{name}: no native bf16 cast"
+        assert not re.search(r"\b32767\b", text), f"{name}: the interpreter's bit-level rounding (+0x7FFF) in GPU code"
