@@ -236,3 +236,36 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(wc.grad, we.grad)
     assert_exact(we.grad.cpu(), ref.fake_quant_backward(2 * ref.fake_quant(w, s, z, 4), w, s, z, 4)[0], "grad_w")
+
+
+def _near_ties(bits: int, n_scales: int = 200):
+    """``(w, s, z)`` rows of one group each: quotients w / s on and 1-3 ulps of w around every
+    half-integer of the grid's reach, tiny, huge and random ones (``test_cuda_host._near_tie_cases``),
+    for log-uniform scales of both signs in [2^-100, 2^100] (where the kernels divide through a
+    reciprocal); random zero points."""
+    from tests.test_cuda_host import _near_tie_cases
+
+    w, s = _near_tie_cases(n_scales, seed=bits)  # flat, one scale per run of elements
+    rows = n_scales + 6  # _near_tie_cases adds 6 chosen scales
+    w, s = w.reshape(rows, -1), s.reshape(rows, -1)[:, :1].contiguous()
+    z = torch.randint(0, 1 << bits, (rows, 1), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    return w, s, z
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")  # w·(1/s) past fp32
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("outside", [False, True])
+def test_near_ties_match_true_division(bits, outside, backend):
+    """ŵ, the straight-through mask (grad_w of ones) and the codes of quantize_with equal the reference's
+    (IEEE w / s) on about a million near-tie, tiny and huge quotients; ``outside``: one row's scale past
+    2^100 or below 2^-100 in every tile, which has the kernels divide instead."""
+    w, s, z = _near_ties(bits)
+    if outside:
+        s[::8] = torch.tensor([2.0**-110, 2.0**110, -(2.0**-101), 2.0**101]).repeat(len(s[::8]))[: len(s[::8]), None]
+    assert_exact(OPS.fake_quant(*on(backend, w, s, z), bits, None, backend).cpu(), ref.fake_quant(w, s, z, bits), "ŵ")
+    gw, _ = OPS.fake_quant_backward(*on(backend, torch.ones_like(w), w, s, z), bits, False, backend)
+    assert_exact(gw.cpu(), ref.fake_quant_mask(w, s, z, bits).float(), "mask")
+    k = w.shape[1] - w.shape[1] % 2  # W4 packs pairs
+    ws = w[:, :k].contiguous()
+    assert_exact(OPS.quantize_with(*on(backend, ws, s, z), bits, backend).cpu(),
+                 ref.quantize(ws, bits, -1, False, s, z)[0], "codes")

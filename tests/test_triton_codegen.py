@@ -1,9 +1,9 @@
 """What the Triton kernels compile to for a GPU (sm_90 PTX, made on this machine without one).
 
-The interpreter runs the kernels' arithmetic but not their GPU code generation, and two choices exist
+The interpreter runs the kernels' arithmetic but not their GPU code generation, and some choices exist
 only there: codes become fp32 through the bits of 2²³ (no integer-to-float conversion, a quarter-rate
-instruction), and a bf16 output uses the GPU's own round-to-nearest-even cast instead of the
-interpreter's bit-level rounding. A subprocess compiles the kernels as the GPU JIT would
+instruction); a bf16 output uses the GPU's own round-to-nearest-even cast, and rounding to an integer
+the GPU's rint, instead of the interpreter's bit-level and floor-based workarounds. A subprocess compiles the kernels as the GPU JIT would
 (``TRITON_INTERPRET=0``, pointers and sizes divisible by 16) and reads the PTX.
 """
 
@@ -53,6 +53,13 @@ SCRIPT = textwrap.dedent('''
         out[f"gemm W{bits}"] = ptx(dmg._gemm_kernel, sig, dict(BITS=bits, HAS_BIAS=False, OUT_DTYPE=tl.bfloat16,
             DOT_DTYPE=tl.bfloat16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
             [*ptrs, "y_ptr", "M", "N", "K", "stride_xm", "stride_qn", "stride_ym"])
+    from qdpo.kernels.triton import fake_quant as fq
+    for wd in ("bf16", "fp32"):
+        sig = {"w_ptr": "*" + wd, "s_ptr": "*" + wd, "z_ptr": "*u8", "out_ptr": "*bf16",
+               **ints("R", "G", "NG", "stride_wn", "stride_sn", "stride_sg", "stride_on"),
+               **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G")}
+        out[f"fake_quant w={wd}"] = ptx(fq._fake_quant_kernel, sig, dict(BITS=4, OUT_DTYPE=tl.bfloat16, BLOCK_R=32,
+            BLOCK_G=128), ["w_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "NG", "stride_wn", "stride_on"])
     json.dump(out, sys.stdout)
 ''')
 
@@ -71,6 +78,8 @@ def test_codes_become_fp32_without_an_integer_to_float_conversion(ptx):
     """Each thread converts 32 or more codes per step; the few conversions left are its rows' zero points
     (the code before the bits of 2²³ made 36-68 per kernel here)."""
     for name, text in ptx.items():
+        if name.startswith("fake_quant"):
+            continue  # no codes to read
         conversions = len(re.findall(r"cvt\.rn\.f32\.[us]\d+", text))
         assert conversions <= 4, f"{name}: {conversions} integer -> float conversions"
         assert len(re.findall(r"\b1258291200\b", text)) >= 32, f"{name}: codes not made from the bits of 2^23"
@@ -79,4 +88,15 @@ def test_codes_become_fp32_without_an_integer_to_float_conversion(ptx):
 def test_bf16_outputs_use_the_gpus_round_to_nearest_even_cast(ptx):
     for name, text in ptx.items():
         assert "cvt.rn.bf16" in text, f"{name}: no native bf16 cast"
-        assert not re.search(r"\b32767\b", text), f"{name}: the interpreter's bit-level rounding (+0x7FFF) in GPU code"
+        assert not re.search(r"add\.[su]32[^;]*\b32767\b", text), \
+            f"{name}: the interpreter's bit-level rounding (+0x7FFF) in GPU code"
+
+
+def test_rounding_is_the_gpus_rint_and_division_goes_through_the_rows_reciprocal(ptx):
+    """fake_quant rounds w / s with one rint (cvt.rni) per element, not the interpreter's floor-based
+    ties-to-even (cvt.rmi), and its common path divides once per row: the tile branch that holds a
+    division per element (every scale within 2^±100 keeps out of it) is the only other one."""
+    for name in ("fake_quant w=bf16", "fake_quant w=fp32"):
+        text = ptx[name]
+        assert "cvt.rni.f32.f32" in text and "cvt.rmi.f32.f32" not in text, name
+        assert "fma.rn.f32" in text, f"{name}: no FMA correction of the reciprocal's quotient"

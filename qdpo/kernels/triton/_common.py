@@ -22,22 +22,47 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-# Read once, as the @triton.jit decorators read TRITON_INTERPRET at import time. On the GPU an
-# fp32 → bf16 cast (cvt.rn.bf16.f32) already rounds to nearest even: one instruction where the
-# bit-level rounding costs four, in kernels that move a few bytes per element.
-BF16_BY_BITS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Read once, as the @triton.jit decorators read TRITON_INTERPRET at import time: the interpreter's
+# workarounds below. On a GPU an fp32 → bf16 cast (cvt.rn.bf16.f32) already rounds to nearest even,
+# and rint is one instruction: where the workarounds cost four to seven, in kernels that move a few
+# bytes per element.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def round_half_even(x):
-    """``torch.round`` on fp32: nearest integer, ties to even. Exact for all finite x."""
-    r = tl.floor(x)
-    d = x - r  # exact: r and x share the exponent range where x has a fraction
-    half_r = r * 0.5
-    odd = tl.floor(half_r) != half_r
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, r + 1.0, r)
+    """``torch.round`` on fp32: nearest integer, ties to even. Exact for all finite x (the GPU's rint;
+    under the interpreter, which lacks it, built from ``tl.floor``)."""
+    if INTERPRETED:
+        r = tl.floor(x)
+        d = x - r  # exact: r and x share the exponent range where x has a fraction
+        half_r = r * 0.5
+        odd = tl.floor(half_r) != half_r
+        up = (d > 0.5) | ((d == 0.5) & odd)
+        return tl.where(up, r + 1.0, r)
+    else:
+        return libdevice.rint(x)
+
+
+@triton.jit
+def quotient(w, s):
+    """``w / s`` for a ``[BLOCK_R, BLOCK_G]`` tile and its rows' scales ``[BLOCK_R]``, as far as
+    rounding it to an integer, clamping and the sign of the result can tell: the same codes, ŵ and
+    straight-through mask as IEEE ``div_rn`` (``csrc/qdpo_math.cuh: quotient``). Where every scale of
+    the tile lies in [2⁻¹⁰⁰, 2¹⁰⁰], one IEEE reciprocal per row, then ``q0 = w·r`` and one FMA
+    correction ``q0 + r·(w - q0·s)`` (q0 itself past 2²⁴) instead of a division per element; else the
+    division. Not the quotient for LSQ's ``round(x) - x``, which can differ below 1/8."""
+    a = tl.abs(s)
+    if tl.min(((a >= 7.888609052210118e-31) & (a <= 1.2676506002282294e30)).to(tl.int32)) == 1:  # 2^-100, 2^100
+        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)[:, None]
+        q0 = w * r
+        q1 = tl.fma(tl.fma(-q0, s[:, None], w), r, q0)
+        x = tl.where(tl.abs(q0) < 16777216.0, q1, q0)
+    else:
+        x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+    return x
 
 
 @triton.jit
@@ -53,7 +78,7 @@ def to_bf16_rne(x):
 def cast_out(x, OUT_DTYPE: tl.constexpr):
     """Cast fp32 ``x`` to ``OUT_DTYPE`` exactly as ``Tensor.to`` would (bf16: bit-level rounding under
     the interpreter, the GPU's own round-to-nearest-even cast on a GPU)."""
-    if OUT_DTYPE == tl.bfloat16 and BF16_BY_BITS:
+    if OUT_DTYPE == tl.bfloat16 and INTERPRETED:
         return to_bf16_rne(x)
     else:
         return x.to(OUT_DTYPE)

@@ -98,7 +98,7 @@ def _fake_quant_backward_kernel(
         k0 = (tl.program_id(1) * N_CHUNKS + c) * BLOCK_G
         g, mask = load_tile(g_ptr, g_base, k0, G, rmask, BLOCK_G)
         w, _ = load_tile(w_ptr, w_base, k0, G, rmask, BLOCK_G)
-        x, u = unclipped(w, s, z)
+        x, u = unclipped(w, s, z, NEED_GS)  # the LSQ term needs the IEEE quotient itself
         inside = (u >= 0.0) & (u <= qmax)
         gw = tl.where(inside, g, 0.0)
         kk = k0 + tl.arange(0, BLOCK_G)

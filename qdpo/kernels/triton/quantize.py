@@ -11,7 +11,9 @@ Formula (``qdpo/kernels/reference.py`` is the spec, same fp32 operation order):
 step up if that fell below the fp32 value (``reference.to_scale_dtype``: the
 group's range must fit in ``qmax`` steps), *before* ``z`` and ``q`` use ``s``.
 ``tiny = finfo(w.dtype).tiny``; ``round`` is half to even; ``/`` is IEEE
-``div_rn`` so codes match ``torch`` bit for bit on GPU and interpreter.
+``div_rn`` so codes match ``torch`` bit for bit on GPU and interpreter (for the
+codes ``w / s``: one reciprocal per group row and an FMA correction, which
+gives the same codes; ``_common.quotient``).
 
 Tensors (N = out_features, K = in_features, G = group size, NG = K // G):
 
@@ -47,7 +49,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, round_half_even, tl_dtype
+from qdpo.kernels.triton._common import cast_out, quotient, round_half_even, tl_dtype
 
 GPU_TILE = 4096  # elements per program on a GPU: 8-16 KB of fp16/fp32 in flight, bandwidth-bound
 INTERPRET_TILE = 1 << 17  # the interpreter's cost is per program: few, large tiles
@@ -95,9 +97,13 @@ def load_grid(s_ptr, z_ptr, p_off, rmask):
 
 
 @triton.jit
-def unclipped(w, s, z):
-    """``(w / s, round(w / s) + z)`` in fp32, the reference's exact operations."""
-    x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+def unclipped(w, s, z, EXACT: tl.constexpr = False):
+    """``(w / s, round(w / s) + z)`` in fp32: ``u`` as the reference's exact operations give it; ``x``
+    the IEEE quotient itself with ``EXACT`` (LSQ), else as far as ``u`` can tell (``quotient``)."""
+    if EXACT:
+        x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+    else:
+        x = quotient(w, s)
     return x, round_half_even(x) + z[:, None]
 
 
