@@ -52,8 +52,15 @@ QDPO_HD uint32_t w4_pair_biased(uint32_t word, int i, uint32_t bias) {
 #endif
 }
 
-// W8: code i of a little-endian word as fp32 2^23 + q.
-QDPO_HD float w8_biased(uint32_t word, int i) { return bits_float(kF32Bias | ((word >> (8 * i)) & 0xFFu)); }
+// W8: code i of a little-endian word as fp32 2^23 + q: one PRMT on the device (byte i of the word
+// under the bytes 0x4B, 0, 0 of 2^23), where the shift and mask took two.
+QDPO_HD float w8_biased(uint32_t word, int i) {
+#if defined(__CUDA_ARCH__)
+  return bits_float(__byte_perm(word, kF32Bias, 0x7540u | static_cast<uint32_t>(i)));
+#else
+  return bits_float(kF32Bias | ((word >> (8 * i)) & 0xFFu));
+#endif
+}
 
 // Activation pair P_i = (x_i, x_{i+4}) from 8 consecutive 16-bit values in words
 // xw[0..3] (x_0 in the low half of xw[0]): low halves for even i, high for odd.

@@ -248,8 +248,11 @@ QDPO_HD float quotient(float w, const Recip& d) {
   return fabsf(q0) < 0x1p24f ? q1 : q0;
 }
 
-// ŵ = (q - z) · s in fp32.
-QDPO_HD float dequantize_one(uint8_t q, float s, float z) { return (static_cast<float>(q) - z) * s; }
+// ŵ = (q - z) · s in fp32. q becomes fp32 through the bits of 2^23 + q (one OR, where an integer
+// conversion is a quarter-rate instruction on the device): (2^23 + q) - (2^23 + z) = q - z exactly.
+QDPO_HD float dequantize_one(uint8_t q, float s, float z) {
+  return (bits_float(0x4B000000u | q) - (8388608.f + z)) * s;
+}
 
 // ŵ of the quotient x = w / s on the grid: (clamp(round(x) + z) - z) · s.
 QDPO_HD float fake_quant_x(float x, float s, float z, int bits) {
