@@ -46,6 +46,10 @@ void def_host_math(py::module_& m) {
   m.def("host_lsq_term", &qdpo::lsq_term, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
   m.def("host_pack_nibbles", &qdpo::pack_nibbles, py::arg("even"), py::arg("odd"));
   m.def("host_unpack_nibble", &qdpo::unpack_nibble, py::arg("byte"), py::arg("k"));
+  m.def("host_byte_perm", &qdpo::gemv::byte_perm, py::arg("x"), py::arg("y"), py::arg("selector"),
+        "PRMT / __byte_perm as the host emulates it");
+  m.def("host_w8_biased", &qdpo::gemv::w8_biased, py::arg("word"), py::arg("i"), "fp32 2^23 + byte i of word");
+  m.def("host_x_pair", &qdpo::gemv::x_pair, py::arg("lo_word"), py::arg("hi_word"), py::arg("odd"));
   m.def("host_f16_bits", &qdpo::f32_to_f16_bits, py::arg("x"), "fp32 → fp16 bits, round to nearest even");
   m.def("host_f16_value", &qdpo::f16_bits_to_f32, py::arg("bits"));
   m.def("host_bf16_bits", &qdpo::f32_to_bf16_bits, py::arg("x"), "fp32 → bf16 bits, round to nearest even");

@@ -52,14 +52,24 @@ QDPO_HD uint32_t w4_pair_biased(uint32_t word, int i, uint32_t bias) {
 #endif
 }
 
-// W8: code i of a little-endian word as fp32 2^23 + q: one PRMT on the device (byte i of the word
-// under the bytes 0x4B, 0, 0 of 2^23), where the shift and mask took two.
-QDPO_HD float w8_biased(uint32_t word, int i) {
+// PRMT (__byte_perm): byte n of the result is byte s[4n+2 : 4n] of {y, x} (x: bytes 0-3, y: 4-7);
+// selectors with bit 3 set (sign replication) are not used here. The host computes the same, so
+// the host tests check every selector the kernels use.
+QDPO_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #if defined(__CUDA_ARCH__)
-  return bits_float(__byte_perm(word, kF32Bias, 0x7540u | static_cast<uint32_t>(i)));
+  return __byte_perm(x, y, s);
 #else
-  return bits_float(kF32Bias | ((word >> (8 * i)) & 0xFFu));
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+  return r;
 #endif
+}
+
+// W8: code i of a little-endian word as fp32 2^23 + q: byte i of the word under the bytes 0x4B, 0,
+// 0 of 2^23 (one PRMT on the device, where a shift and a mask took two).
+QDPO_HD float w8_biased(uint32_t word, int i) {
+  return bits_float(byte_perm(word, kF32Bias, 0x7540u | static_cast<uint32_t>(i)));
 }
 
 // Activation pair P_i = (x_i, x_{i+4}) from 8 consecutive 16-bit values in words

@@ -91,6 +91,27 @@ def _wide_floats(n: int = 4000, seed: int = 0) -> torch.Tensor:
     return torch.cat([x, ties, -ties, edge])
 
 
+def _prmt(x: int, y: int, s: int) -> int:
+    """PTX prmt.b32 (default mode), from its definition: result byte n is byte s[4n+2:4n] of y:x."""
+    src = x.to_bytes(4, "little") + y.to_bytes(4, "little")
+    return int.from_bytes(bytes(src[(s >> (4 * n)) & 7] for n in range(4)), "little")
+
+
+def test_byte_permutes_the_kernels_use(C):
+    """The host's PRMT (the GEMV's W8 codes, 0x7540 | i; its x pairs, 0x5410 / 0x7632) against the
+    instruction's definition, on random words, and what the kernels build from it: fp32 2^23 + byte i,
+    and the 16-bit pairs (x_i, x_{i+4}) that x_pair's own formula gives."""
+    g = random.Random(5)
+    words = [g.getrandbits(32) for _ in range(300)] + [0, 0xFFFFFFFF, 0x80808080, 0x7F7F7F7F]
+    for x, y in zip(words, reversed(words)):
+        for sel in (0x7540, 0x7541, 0x7542, 0x7543, 0x5410, 0x7632, 0x3210, 0x7654, 0x0123):
+            assert C.host_byte_perm(x, y, sel) == _prmt(x, y, sel), (hex(x), hex(y), hex(sel))
+        for i in range(4):
+            assert C.host_w8_biased(x, i) == 2.0**23 + ((x >> (8 * i)) & 0xFF)
+        for odd in (0, 1):
+            assert C.host_x_pair(x, y, odd) == _prmt(x, y, 0x7632 if odd else 0x5410)
+
+
 def test_fp16_rounding_matches_torch(C):
     x = _wide_floats()
     assert [C.host_f16_bits(v) for v in x.tolist()] == _bits16(x.to(torch.float16))
