@@ -252,20 +252,26 @@ def _near_ties(bits: int, n_scales: int = 200):
     return w, s, z
 
 
+def _assert_near_ties(bits, outside, backend, device=None):
+    """ŵ, the straight-through mask (grad_w of ones) and the codes of quantize_with equal the reference's
+    (IEEE w / s) on about a million near-tie, tiny and huge quotients; ``outside``: one row's scale past
+    2^100 or below 2^-100 in every tile, which has the kernels divide instead. ``device``: where the
+    inputs go (default: where ``backend`` runs them, ``on``)."""
+    w, s, z = _near_ties(bits)
+    if outside:
+        s[::8] = torch.tensor([2.0**-110, 2.0**110, -(2.0**-101), 2.0**101]).repeat(len(s[::8]))[: len(s[::8]), None]
+    put = (lambda *ts: [t.to(device) for t in ts]) if device else (lambda *ts: on(backend, *ts))
+    assert_exact(OPS.fake_quant(*put(w, s, z), bits, None, backend).cpu(), ref.fake_quant(w, s, z, bits), "ŵ")
+    gw, _ = OPS.fake_quant_backward(*put(torch.ones_like(w), w, s, z), bits, False, backend)
+    assert_exact(gw.cpu(), ref.fake_quant_mask(w, s, z, bits).float(), "mask")
+    k = w.shape[1] - w.shape[1] % 2  # W4 packs pairs
+    ws = w[:, :k].contiguous()
+    assert_exact(OPS.quantize_with(*put(ws, s, z), bits, backend).cpu(), ref.quantize(ws, bits, -1, False, s, z)[0],
+                 "codes")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")  # w·(1/s) past fp32
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("outside", [False, True])
 def test_near_ties_match_true_division(bits, outside, backend):
-    """ŵ, the straight-through mask (grad_w of ones) and the codes of quantize_with equal the reference's
-    (IEEE w / s) on about a million near-tie, tiny and huge quotients; ``outside``: one row's scale past
-    2^100 or below 2^-100 in every tile, which has the kernels divide instead."""
-    w, s, z = _near_ties(bits)
-    if outside:
-        s[::8] = torch.tensor([2.0**-110, 2.0**110, -(2.0**-101), 2.0**101]).repeat(len(s[::8]))[: len(s[::8]), None]
-    assert_exact(OPS.fake_quant(*on(backend, w, s, z), bits, None, backend).cpu(), ref.fake_quant(w, s, z, bits), "ŵ")
-    gw, _ = OPS.fake_quant_backward(*on(backend, torch.ones_like(w), w, s, z), bits, False, backend)
-    assert_exact(gw.cpu(), ref.fake_quant_mask(w, s, z, bits).float(), "mask")
-    k = w.shape[1] - w.shape[1] % 2  # W4 packs pairs
-    ws = w[:, :k].contiguous()
-    assert_exact(OPS.quantize_with(*on(backend, ws, s, z), bits, backend).cpu(),
-                 ref.quantize(ws, bits, -1, False, s, z)[0], "codes")
+    _assert_near_ties(bits, outside, backend)
