@@ -324,3 +324,19 @@ def test_gpu_peak_memory_below_fake_quant_then_matmul():
 
     peaks = {t: _peak_bytes(lambda: run(t)) for t in (True, False)}
     assert peaks[True] < peaks[False], peaks
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")  # w·(1/s) past fp32
+@pytest.mark.parametrize("bits", [4, 8])
+def test_near_ties_match_true_division(bits):
+    """The fused kernels' tile quantizer (``fq_rows``: w / s through each row's reciprocal) gives the
+    reference's ŵ on about a million near-tie, tiny and huge quotients, with every scale of a tile
+    within 2^±100 and with one past it (the division)."""
+    from tests.test_fake_quant import _near_ties
+
+    w, s, z = _near_ties(bits)
+    for outside in (False, True):
+        if outside:
+            s[::8] = 2.0**110
+        got = fqm.fake_quant_workspace(*(t.to(DEV) for t in (w, s, z)), bits, torch.float32).cpu()
+        assert_exact(got, ref.fake_quant(w, s, z, bits, torch.float32), f"ŵ (a scale past 2^100: {outside})")

@@ -41,3 +41,13 @@ def test_elementwise_kernels_on_the_gpu(dtype, bits, gs, sym):
 @pytest.mark.parametrize("outside", [False, True])
 def test_near_ties_on_the_gpu(bits, outside):
     _assert_near_ties(bits, outside, B, device="cuda")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_tile_quantizer_near_ties_on_the_gpu(bits):
+    """The fused QAT kernels' tile quantizer (fq_rows) on the GPU: the test of test_fake_quant_matmul,
+    whose tensors go to the GPU where there is one."""
+    from tests.test_fake_quant_matmul import test_near_ties_match_true_division as check
+
+    check(bits)

@@ -48,20 +48,20 @@ def round_half_even(x):
 
 @triton.jit
 def quotient(w, s):
-    """``w / s`` for a ``[BLOCK_R, BLOCK_G]`` tile and its rows' scales ``[BLOCK_R]``, as far as
-    rounding it to an integer, clamping and the sign of the result can tell: the same codes, ŵ and
-    straight-through mask as IEEE ``div_rn`` (``csrc/qdpo_math.cuh: quotient``). Where every scale of
-    the tile lies in [2⁻¹⁰⁰, 2¹⁰⁰], one IEEE reciprocal per row, then ``q0 = w·r`` and one FMA
+    """``w / s`` for a ``[BLOCK_R, BLOCK_G]`` tile and its rows' scales as a column ``[BLOCK_R, 1]``,
+    as far as rounding it to an integer, clamping and the sign of the result can tell: the same codes,
+    ŵ and straight-through mask as IEEE ``div_rn`` (``csrc/qdpo_math.cuh: quotient``). Where every
+    scale of the tile lies in [2⁻¹⁰⁰, 2¹⁰⁰], one IEEE reciprocal per row, then ``q0 = w·r`` and one FMA
     correction ``q0 + r·(w - q0·s)`` (q0 itself past 2²⁴) instead of a division per element; else the
     division. Not the quotient for LSQ's ``round(x) - x``, which can differ below 1/8."""
     a = tl.abs(s)
     if tl.min(((a >= 7.888609052210118e-31) & (a <= 1.2676506002282294e30)).to(tl.int32)) == 1:  # 2^-100, 2^100
-        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)[:, None]
+        r = tl.broadcast_to(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), w.shape)
         q0 = w * r
-        q1 = tl.fma(tl.fma(-q0, s[:, None], w), r, q0)
+        q1 = tl.fma(tl.fma(-q0, tl.broadcast_to(s, w.shape), w), r, q0)
         x = tl.where(tl.abs(q0) < 16777216.0, q1, q0)
     else:
-        x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+        x = tl.math.div_rn(w, tl.broadcast_to(s, w.shape))
     return x
 
 

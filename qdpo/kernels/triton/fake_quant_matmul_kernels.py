@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from qdpo.kernels.triton._common import round_half_even, to_bf16_rne
+from qdpo.kernels.triton._common import quotient, round_half_even, to_bf16_rne
 
 # LSQ partial sums are kept per 32-wide K block: every supported group size is
 # a multiple of 32, so such a block never straddles two groups.
@@ -53,11 +53,13 @@ def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexp
 
     ``clamp(round(w/s), -z, qmax - z)·s`` equals the spec's
     ``(clamp(round(w/s) + z, 0, qmax) - z)·s`` bit for bit: the integer sums are
-    exact, and beyond 2^24 both clamp to the same bound.
+    exact, and beyond 2^24 both clamp to the same bound. ``w/s`` through each row's
+    reciprocal (``_common.quotient``: the same rounded value), since every program
+    along M quantizes the tile again.
     """
     s = tl.load(s_ptrs, mask=row_ok, other=1.0).to(tl.float32)[:, None]
     z = tl.load(z_ptrs, mask=row_ok, other=0).to(tl.float32)[:, None]
-    r = tl.math.div_rn(w.to(tl.float32), s)
+    r = quotient(w.to(tl.float32), s)
     if USE_RINT:  # one instruction on the GPU, missing under the interpreter
         r = libdevice.rint(r)
     else:

@@ -103,7 +103,7 @@ def unclipped(w, s, z, EXACT: tl.constexpr = False):
     if EXACT:
         x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
     else:
-        x = quotient(w, s)
+        x = quotient(w, s[:, None])
     return x, round_half_even(x) + z[:, None]
 
 
