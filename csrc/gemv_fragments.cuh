@@ -72,6 +72,15 @@ QDPO_HD float w8_biased(uint32_t word, int i) {
   return bits_float(byte_perm(word, kF32Bias, 0x7540u | static_cast<uint32_t>(i)));
 }
 
+// W8 with fp16 x: codes i of words lo and hi as the fp16 pair (1024 + q_lo, 1024 + q_hi), exact for
+// q < 1024: one PRMT (byte i of each word into the low byte of each half) and one LOP3 (the bias
+// 0x64 above each), where the fp32 route takes two PRMT, two FADD and a pack. The pair then goes
+// the way of a W4 pair (w4_dequant_pair, w4_centered_pair: zb2 = 1024 + z).
+QDPO_HD uint32_t w8_pair_f16(uint32_t lo, uint32_t hi, int i) {
+  const uint32_t t = byte_perm(lo, hi, 0x4400u + 0x1111u * static_cast<uint32_t>(i));  // bytes i, i, 4+i, 4+i
+  return (t & 0x00FF00FFu) | (kF16Bias * 0x00010001u);
+}
+
 // Activation pair P_i = (x_i, x_{i+4}) from 8 consecutive 16-bit values in words
 // xw[0..3] (x_0 in the low half of xw[0]): low halves for even i, high for odd.
 QDPO_HD uint32_t x_pair(uint32_t lo_word, uint32_t hi_word, int odd) {
@@ -239,6 +248,12 @@ QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int h
     for (int i = 0; i < 4; ++i) {
       const uint32_t v = w4_pair_biased(words[c], i, bias);
       p[i] = SC == kZeroAfter ? v : SC == kScaleAfter ? w4_centered_pair(v, r, hdtype) : w4_dequant_pair(v, r, hdtype);
+    }
+  } else if (hdtype == kF16) {
+    QDPO_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t v = w8_pair_f16(words[2 * c], words[2 * c + 1], i);
+      p[i] = SC == kScaleAfter ? w4_centered_pair(v, r, hdtype) : w4_dequant_pair(v, r, hdtype);
     }
   } else {
     QDPO_UNROLL
