@@ -452,5 +452,5 @@ if __name__ == "__main__":
     if D.env().world_size > 1:  # under torchrun: an uncaught error's message goes into the launcher's summary
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        main = record(main)
+        D.exit_process(record(main)())  # past the process group's teardown (exit_process)
     sys.exit(main())

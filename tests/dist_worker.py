@@ -98,6 +98,7 @@ def main() -> None:
         clean = True
     finally:
         D.shutdown(clean)
+    D.exit_process(0)  # as qdpo.train does: past the process group's teardown
 
 
 if __name__ == "__main__":

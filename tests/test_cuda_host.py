@@ -46,22 +46,28 @@ def _build_cached(cache: Path) -> Path:
     """``_C*.so`` built from the current sources, kept under ``cache/<source hash>``.
 
     A build is kept only if the sources did not change while it ran (another
-    checkout operation mid-build would otherwise leave a mixed module).
+    checkout operation mid-build would otherwise leave a mixed module). Each
+    process builds in a folder of its own (pytest-xdist workers, or two runs at
+    once), and the first finished build of a key is the one kept.
     """
     for _ in range(3):
         key = _source_hash()
         found = list((cache / key / "lib" / "qdpo").glob("_C*.so"))
         if found:
             return found[0]
-        tmp = cache / f"{key}.partial"
+        tmp = cache / f"{key}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp / "lib"),
                "--build-temp", str(tmp / "tmp")]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"CUDA extension failed to build:\n{res.stderr[-4000:]}"
         if _source_hash() == key:
-            shutil.rmtree(cache / key, ignore_errors=True)
-            tmp.rename(cache / key)
+            try:
+                tmp.rename(cache / key)  # atomic; fails where another process got there first
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     raise AssertionError("csrc/ kept changing during the build")
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -108,6 +109,22 @@ def shutdown(clean: bool = False) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave a process of a multi-process run with ``code`` without the interpreter's teardown.
+
+    Call it after :func:`shutdown`, when every rank got past the final barrier and the process group is
+    gone. The interpreter's own teardown can still abort a gloo rank at that point, while it destroys
+    the process group's C++ worker threads: "terminate called without an active exception", with no
+    Python frame running. That has been seen in two 2-process CPU test runs, after the run had
+    finished. Everything qdpo writes is closed by then, so flush the streams and the logs and leave,
+    so the launcher sees the run's real exit status.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def barrier() -> None:
