@@ -245,12 +245,12 @@ def use_gemv_table(table: "gemv_table.GemvTable | str | Path | None", device=Non
     """Have the GEMV on ``device`` (default: the current CUDA device) launch by ``table`` (a
     :class:`~qdpo.kernels.gemv_table.GemvTable` or the path of one; None: the plan's rules alone) instead
     of the table that ``QDPO_GEMV_TABLE`` or the package holds for it (:mod:`qdpo.kernels.gemv_table`)."""
-    index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    index = torch.device(device if device is not None else "cuda").index
     if isinstance(table, (str, Path)):
         table = gemv_table.GemvTable.read(table)
     if table is not None and not isinstance(table, gemv_table.GemvTable):
         raise TypeError(f"use_gemv_table: got {type(table).__name__}; pass a GemvTable, a path or None")
-    _TABLES[index.index if index.index is not None else torch.cuda.current_device()] = table
+    _TABLES[index if index is not None else torch.cuda.current_device()] = table
 
 
 def gemv_table_for(index: int) -> "gemv_table.GemvTable | None":
@@ -285,6 +285,11 @@ def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bit
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     force = _launch_choices(x2.device.index, x2.dtype, x2.shape[0], n, k, scales.shape[1], bits,
                             (splits, warps, x_smem, scale_after, zero_after, shared_x))
+    return _plan(x2, qweight, scales, bits, n, k, force)
+
+
+def _plan(x2, qweight, scales, bits: int, n: int, k: int, force: tuple) -> dict:
+    """The C++ plan for launch choices already resolved (:func:`_launch_choices`)."""
     return _C.dequant_matmul_plan(x2.shape[0], n, k, scales.shape[1], bits, _code(x2.dtype, "x"),
                                   _code(scales.dtype, "scales"), x2.data_ptr(), qweight.data_ptr(), qweight.stride(0),
                                   _sm_count(x2.device.index), **_force(*force))
@@ -356,7 +361,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
         return y.reshape(*x.shape[:-1], n)
     force = _launch_choices(dev.index, x.dtype, m, n, k, scales.shape[1], bits,
                             (splits, warps, x_smem, scale_after, zero_after, shared_x))
-    plan = gemv_plan(x2, qweight, scales, bits, *force)
+    plan = _plan(x2, qweight, scales, bits, n, k, force)  # resolved once, table included
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32
     _launch(dev, _C.dequant_matmul, x2.data_ptr(), x_code, m, n, k, scales.shape[1], bits, qweight.data_ptr(),

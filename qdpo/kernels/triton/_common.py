@@ -9,7 +9,7 @@ interpreter (``../shared/TOOLCHAIN.md``) and must behave identically on a GPU:
   nearest even, so there bf16 outputs go through a bit-level RNE
   (``cast_out``; on a GPU the native cast, which already rounds so).
 
-``code_f32`` turns integer codes into fp32 through the bits of 2²³, where an
+``codes_minus_z`` turns integer codes into fp32 through the bits of 2²³, where an
 integer-to-float conversion would run at a quarter of the rate of the rest
 (``tests/test_triton_codegen.py`` reads the sm_90 PTX for both).
 
@@ -32,16 +32,22 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
+def round_half_even_floor(x):
+    """``torch.round`` on fp32 built from ``tl.floor`` (the interpreter lacks rint): nearest integer,
+    ties to even. Exact for all finite x."""
+    r = tl.floor(x)
+    d = x - r  # exact: r and x share the exponent range where x has a fraction
+    half_r = r * 0.5
+    odd = tl.floor(half_r) != half_r
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
 def round_half_even(x):
-    """``torch.round`` on fp32: nearest integer, ties to even. Exact for all finite x (the GPU's rint;
-    under the interpreter, which lacks it, built from ``tl.floor``)."""
+    """``torch.round`` on fp32: the GPU's rint, :func:`round_half_even_floor` under the interpreter."""
     if INTERPRETED:
-        r = tl.floor(x)
-        d = x - r  # exact: r and x share the exponent range where x has a fraction
-        half_r = r * 0.5
-        odd = tl.floor(half_r) != half_r
-        up = (d > 0.5) | ((d == 0.5) & odd)
-        return tl.where(up, r + 1.0, r)
+        return round_half_even_floor(x)
     else:
         return libdevice.rint(x)
 
@@ -85,11 +91,12 @@ def cast_out(x, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def code_f32(q):
-    """2²³ + q as fp32 for uint32 codes q < 2²³: the bits of 2²³ with q in the low mantissa, so no
-    integer-to-float conversion (a quarter-rate instruction on the GPU); subtracting 2²³ + z is then
-    exact and gives q - z, the same value as ``q.to(tl.float32) - z``."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+def codes_minus_z(q, z):
+    """``q - z`` in fp32 for integer codes ``q < 2²³`` and zero points ``z`` (broadcast): the bits of
+    2²³ with q in the low mantissa, minus 2²³ + z, both exact, so the same value as
+    ``q.to(tl.float32) - z`` without an integer-to-float conversion (a quarter-rate instruction on
+    the GPU)."""
+    return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)
 
 
 TL_DTYPES = {}

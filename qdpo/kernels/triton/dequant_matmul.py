@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported, register
-from qdpo.kernels.triton._common import cast_out, code_f32, tl_dtype
+from qdpo.kernels.triton._common import cast_out, codes_minus_z, tl_dtype
 from qdpo.kernels.triton.dequant_matmul_gemm import (
     DX_CPU, DX_GPU, GEMM_CPU, GEMM_GPU, INT32_LIMIT, Packed, _dequant_tile, _group_params, _packed,
     _store_yt, dequantize_workspace, dot_dtype, launch_dx, launch_gemm, pick_config, tuning_key,
@@ -94,14 +94,13 @@ def _row_dot(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn
         acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, G, stride_sn)
-            zb = z + 8388608.0  # code_f32's bias plus z: (2^23 + q) - zb = q - z, exactly
             b = _packed(qw_ptr, offs_n, k0 // 2, N, K // 2, stride_qn, BLOCK_K // 2).to(tl.uint32)
             # x in one contiguous (vector) load, split into even and odd columns in registers
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             xe, xo = tl.split(tl.reshape(xv, [BLOCK_K // 2, 2]))
-            acc += (code_f32(b & 0xF) - zb) * s * xe[None, :]
-            acc += (code_f32(b >> 4) - zb) * s * xo[None, :]
+            acc += codes_minus_z(b & 0xF, z) * s * xe[None, :]
+            acc += codes_minus_z(b >> 4, z) * s * xo[None, :]
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported
-from qdpo.kernels.triton._common import cast_out, code_f32, tl_dtype
+from qdpo.kernels.triton._common import cast_out, codes_minus_z, tl_dtype
 
 
 @triton.jit
@@ -63,8 +63,8 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, G, stride_qn, stride_s
         # byte j holds code 2j in its low nibble and 2j + 1 in its high nibble
         q = tl.join(b & 0xF, b >> 4).reshape(BLOCK_N, BLOCK_K)
     else:
-        q = _packed(qw_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K).to(tl.uint32)
-    return (code_f32(q) - (z + 8388608.0)) * s
+        q = _packed(qw_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K)
+    return codes_minus_z(q, z) * s
 
 
 

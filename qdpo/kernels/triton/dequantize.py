@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, code_f32, tl_dtype
+from qdpo.kernels.triton._common import cast_out, codes_minus_z, tl_dtype
 from qdpo.kernels.triton.quantize import config, contiguous_k, group_rows, load_grid
 
 
@@ -64,7 +64,7 @@ def _dequantize_kernel(
         jmask = rmask[:, None] & (jj < G // 2)[None, :]
         b = tl.load(q_ptr + q_base[:, None] + jj[None, :], mask=jmask, other=0).to(tl.uint32)
         q = tl.interleave(b & 0xF, b >> 4)
-    w_hat = (code_f32(q.to(tl.uint32)) - (z[:, None] + 8388608.0)) * s[:, None]
+    w_hat = codes_minus_z(q, z[:, None]) * s[:, None]
     out_base = row * stride_on + grp.to(tl.int64) * G
     tl.store(out_ptr + out_base[:, None] + kk[None, :], cast_out(w_hat, OUT_DTYPE), mask=mask)
 

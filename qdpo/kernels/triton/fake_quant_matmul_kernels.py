@@ -13,29 +13,23 @@ Every W tile that :func:`fq_rows` sees lies inside one quantization group (the
 host picks ``BLOCK_K <= G`` with ``G % BLOCK_K == 0``, or there is one group per
 row), so each step loads one scale and zero per tile row, not per element.
 
-``INTERPRET`` is true under ``TRITON_INTERPRET=1``; it selects the interpreter
-workarounds of ``shared/TOOLCHAIN.md`` (fp32 tiles into ``tl.dot``, bit-level bf16
-rounding, ``floor``-based rounding) that the GPU does not need.
+``INTERPRET`` is true under ``TRITON_INTERPRET=1``; it selects the interpreter's
+fp32 tiles into ``tl.dot`` (its bf16 dot is wrong). Its other workarounds of
+``shared/TOOLCHAIN.md`` (bit-level bf16 rounding, ``floor``-based rounding) come
+with the shared helpers ``cast_out`` and ``round_half_even``; ``fq_rows`` can
+still be asked for the floor-based rounding on a GPU (``USE_RINT=False``), so a
+GPU test compares the two.
 """
 
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from qdpo.kernels.triton._common import quotient, round_half_even, to_bf16_rne
+from qdpo.kernels.triton._common import cast_out, quotient, round_half_even, round_half_even_floor
 
 # LSQ partial sums are kept per 32-wide K block: every supported group size is
 # a multiple of 32, so such a block never straddles two groups.
 PART_K = tl.constexpr(32)
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    # the GPU's cvt rounds to nearest even like torch; the interpreter truncates bf16
-    if INTERPRET and DTYPE == tl.bfloat16:
-        return to_bf16_rne(x)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -63,7 +57,7 @@ def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexp
     if USE_RINT:  # one instruction on the GPU, missing under the interpreter
         r = libdevice.rint(r)
     else:
-        r = round_half_even(r)
+        r = round_half_even_floor(r)
     r = tl.maximum(r, -z, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(r, QMAX - z, propagate_nan=tl.PropagateNan.ALL) * s
 
@@ -86,7 +80,7 @@ def fq_workspace_kernel(
     g = k0 // GROUP_K
     w_hat = fq_rows(w, s_ptr + offs_n * stride_sn + g * stride_sg, z_ptr + offs_n * stride_zn + g * stride_zg,
                     n_ok, QMAX, USE_RINT)
-    w_hat = _cast(w_hat, out_ptr.dtype.element_ty, INTERPRET)
+    w_hat = cast_out(w_hat, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], w_hat, mask=ok)
 
 
@@ -115,7 +109,7 @@ def fwd_kernel(
         wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
         g = k0 // GROUP_K
         w_hat = fq_rows(wt, s_ptrs + g * stride_sg, z_ptrs + g * stride_zg, n_ok, QMAX, not INTERPRET)
-        w_hat = _cast(w_hat, x_ptr.dtype.element_ty, INTERPRET)
+        w_hat = cast_out(w_hat, x_ptr.dtype.element_ty)
         if INTERPRET:  # bf16 tl.dot is wrong under the interpreter: fp32 tiles give exact products
             acc = tl.dot(xt.to(tl.float32), tl.trans(w_hat.to(tl.float32)), acc, input_precision="ieee")
         elif IEEE:  # fp32 activations: full fp32 products like torch, not tf32
@@ -126,7 +120,7 @@ def fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:  # bias arrives already cast to x.dtype, like F.linear's
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = _cast(acc, y_ptr.dtype.element_ty, INTERPRET)
+    y = cast_out(acc, y_ptr.dtype.element_ty)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, y, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -155,7 +149,7 @@ def dx_kernel(
         dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         w_hat = fq_rows(wt, s_ptrs, z_ptrs, n_ok, QMAX, not INTERPRET)
-        w_hat = _cast(w_hat, dy_ptr.dtype.element_ty, INTERPRET)
+        w_hat = cast_out(w_hat, dy_ptr.dtype.element_ty)
         if INTERPRET:  # bf16 tl.dot is wrong under the interpreter: fp32 tiles give exact products
             acc = tl.dot(dyt.to(tl.float32), w_hat.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:  # fp32 activations: full fp32 products like torch, not tf32
@@ -166,7 +160,7 @@ def dx_kernel(
         w_ptrs += BLOCK_N * stride_wn
         s_ptrs += BLOCK_N * stride_sn
         z_ptrs += BLOCK_N * stride_zn
-    dx = _cast(acc, dx_ptr.dtype.element_ty, INTERPRET)
+    dx = cast_out(acc, dx_ptr.dtype.element_ty)
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :]
     tl.store(dx_ptrs, dx, mask=m_ok[:, None] & k_ok[None, :])
 
@@ -210,12 +204,9 @@ def dw_kernel(
     s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=ok, other=1.0).to(tl.float32)
     z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g * stride_zg, mask=ok, other=0).to(tl.float32)
     r = tl.math.div_rn(w, s)
-    if INTERPRET:
-        rr = round_half_even(r)
-    else:
-        rr = libdevice.rint(r)
+    rr = round_half_even(r)
     keep = (rr >= -z) & (rr <= QMAX - z)  # ⟺ 0 <= round(w/s) + z <= qmax
-    dw = _cast(tl.where(keep, acc, 0.0), dw_ptr.dtype.element_ty, INTERPRET)
+    dw = cast_out(tl.where(keep, acc, 0.0), dw_ptr.dtype.element_ty)
     tl.store(dw_ptr + rows * stride_dwn + offs_k[None, :], dw, mask=ok)
     if NEED_DS:
         # per element: round(w/s) - w/s inside the grid, clamp(q) - z where clipped
