@@ -149,6 +149,26 @@ def test_gemv_configs(cfg):
         _check_y(y, x, qw, what=f"gemv {cfg} M={m}")
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+def test_m1_word_and_byte_paths(bits):
+    """M = 1 reads the weight as 32-bit words where every row is whole, aligned words; a K that leaves a
+    partial word (one group per row) or a weight at an odd address takes the byte path. Both match."""
+    def misaligned(t):  # the same bytes, one byte past an aligned address
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    for k, gs, move, words in ((96, 32, False, True), (100 if bits == 4 else 98, -1, False, False),
+                               (128, 64, True, False)):
+        qw = _weight(37, k, bits, gs, sym=False, seed=k)
+        args = (misaligned(qw.qweight) if move else qw.qweight, qw.scales, qw.zeros, bits)
+        assert (dm._words(dmg.Packed.of(*args)) is not None) == words, (k, gs, move)
+        for xdtype in XDTYPES:
+            x = _rand(1, k, dtype=xdtype, seed=k)
+            _check_y(dm.forward(x, *args, path="gemv"), x, qw, what=f"K={k} words={words} {xdtype}")
+
+
 @pytest.mark.parametrize("cfg", dmg.GEMM_GPU, ids=str)
 def test_gemm_configs(cfg):
     """Each GPU gemm config (tiles, grouped program order) computes the same y."""

@@ -28,8 +28,11 @@ H100, not yet measured there):
 
 * ``gemv`` (``M <= GEMV_MAX_M``, decode): split-K weight streaming. Programs
   own ``BLOCK_N`` rows of ŵ and one of ``SPLIT_K`` K-ranges, so the packed
-  weight is read exactly once. M = 1 uses CUDA-core FMAs on even/odd nibble
-  halves (no shuffles); 2 ≤ M ≤ 16 pads M to 16 and uses ``tl.dot``. With
+  weight is read exactly once. M = 1 uses CUDA-core FMAs: where rows are whole
+  4-byte words, on 32-bit words whose codes stay in place under the bits of
+  2²³ (one AND and two FMAs per code, the scale once per word:
+  ``_row_dot_words``), else on even/odd nibble halves of bytes; 2 ≤ M ≤ 16
+  pads M to 16 and uses ``tl.dot``. With
   ``SPLIT_K > 1`` the fp32 partials ``[SPLIT_K, M, N]`` are summed in a fixed
   order by a second tiny kernel (deterministic; no atomics), which adds the
   bias and casts once.
@@ -41,7 +44,8 @@ H100, not yet measured there):
   the gap between cuBLAS and a fused Triton GEMM.
 
 Accuracy: accumulation is fp32 everywhere. On a GPU, fp16/bf16 products run on
-tensor cores with ŵ rounded to x's dtype (as the reference does); fp32 uses
+tensor cores with ŵ rounded to x's dtype (as the reference does); at M = 1 ŵ
+stays fp32 (closer to the exact product than the reference); fp32 uses
 IEEE fp32 dots (no TF32). Under the Triton interpreter the dot operands are
 fp32 (its bf16 dot is wrong); outputs are always cast once with PyTorch's
 round-to-nearest-even.
@@ -113,21 +117,87 @@ def _row_dot(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn
 
 
 @triton.jit
+def _code_term(word, MASK: tl.constexpr, UNIT: tl.constexpr, z, x, acc):
+    """``acc + (q - z) · x`` for the code held in place at the bits ``MASK`` of ``word`` (``MASK`` below
+    bit 23; ``word`` already ORed with the bits of 2²³): masked, they read 2²³ + q / UNIT, exactly, and
+    one FMA by UNIT (a power of two) minus 2²³ · UNIT + z leaves q - z, exactly. One LOP3 with one
+    constant, no shift and no integer-to-float conversion."""
+    v = (word & (MASK | 0x4B000000)).to(tl.float32, bitcast=True)
+    return tl.fma(tl.fma(v, UNIT, -(8388608.0 * UNIT + z)), x[None, :], acc)
+
+
+@triton.jit
+def _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn, stride_sn,
+                   BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_row_dot` reading the weight as 32-bit words (``qw_ptr``: int32, ``stride_qn`` in words).
+
+    Each code stays in its word where the fp32 mantissa holds it (:func:`_code_term`), the upper half
+    after one shift: per W4 word (8 codes) one shift, 8 LOP3, 16 FMAs, and the scale once per word
+    (``s · Σ (q - z) x`` in fp32: ŵ is never rounded, which is closer to the exact product than the
+    reference's x.dtype ŵ), where the byte path spends about 7.7 instructions per code (static sm_90).
+    """
+    CPW: tl.constexpr = 32 // BITS  # codes per word
+    BLOCK_W: tl.constexpr = BLOCK_K // CPW
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    n_ok = (offs_n < N)[:, None]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        s, z = _group_params(s_ptr, z_ptr, offs_n, k0, N, G, stride_sn)
+        cols = k0 // CPW + tl.arange(0, BLOCK_W)
+        wd = tl.load(qw_ptr + offs_n[:, None] * stride_qn + cols[None, :],
+                     mask=n_ok & (cols < K // CPW)[None, :], other=0).to(tl.uint32, bitcast=True)
+        lo = wd | 0x4B000000  # codes of the low half in place, under the exponent of 2^23
+        hi = (wd >> 16) | 0x4B000000  # the high half
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        if BITS == 4:
+            # code j of a word at bits 4j: j = 4 i1 + 2 i2 + i3 in the reshape, split last axis first
+            xe, xo = tl.split(tl.reshape(xv, [BLOCK_W, 2, 2, 2]))
+            xe0, xe1 = tl.split(xe)
+            xo0, xo1 = tl.split(xo)
+            x0, x4 = tl.split(xe0)
+            x2, x6 = tl.split(xe1)
+            x1, x5 = tl.split(xo0)
+            x3, x7 = tl.split(xo1)
+            part = _code_term(lo, 0xF, 1.0, z, x0, tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32))
+            part = _code_term(lo, 0xF0, 0.0625, z, x1, part)
+            part = _code_term(lo, 0xF00, 0.00390625, z, x2, part)
+            part = _code_term(lo, 0xF000, 0.000244140625, z, x3, part)
+            part = _code_term(hi, 0xF, 1.0, z, x4, part)
+            part = _code_term(hi, 0xF0, 0.0625, z, x5, part)
+            part = _code_term(hi, 0xF00, 0.00390625, z, x6, part)
+            part = _code_term(hi, 0xF000, 0.000244140625, z, x7, part)
+        else:
+            xe, xo = tl.split(tl.reshape(xv, [BLOCK_W, 2, 2]))
+            x0, x2 = tl.split(xe)
+            x1, x3 = tl.split(xo)
+            part = _code_term(lo, 0xFF, 1.0, z, x0, tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32))
+            part = _code_term(lo, 0xFF00, 0.00390625, z, x1, part)
+            part = _code_term(hi, 0xFF, 1.0, z, x2, part)
+            part = _code_term(hi, 0xFF00, 0.00390625, z, x3, part)
+        acc = tl.fma(part, s, acc)
+    return tl.sum(acc, axis=1)[:, None]  # one cross-lane reduction, after the loop
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,  # pointers (out: y, or fp32 partials)
     M, N, K, G, K_PER_SPLIT,  # sizes; K_PER_SPLIT is a multiple of BLOCK_K
     stride_xm, stride_qn, stride_sn, stride_om, stride_os,  # strides (stride_os: per split)
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr = False,
 ):
-    """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split)."""
+    """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split). WORDS (M = 1):
+    ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words."""
     pid_s = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and WORDS:
+        acc = _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn, stride_sn,
+                             BITS, BLOCK_N, BLOCK_K)
+    elif BLOCK_M == 1:
         acc = _row_dot(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn, stride_sn,
                        BITS, BLOCK_N, BLOCK_K)
     else:
@@ -176,11 +246,21 @@ GEMV_CPU = GemvConfig(128, 128, 2, 4, 1)
 GEMV_GPU = (
     GemvConfig(64, 128, 1, 4, 3), GemvConfig(64, 128, 2, 4, 3), GemvConfig(64, 128, 4, 4, 3),
     GemvConfig(32, 128, 4, 4, 3), GemvConfig(32, 256, 8, 4, 3), GemvConfig(128, 128, 2, 8, 3),
-    GemvConfig(128, 64, 4, 4, 4), GemvConfig(64, 256, 4, 4, 3),
+    GemvConfig(128, 64, 4, 4, 4), GemvConfig(64, 256, 4, 4, 3), GemvConfig(128, 128, 4, 4, 3),
 )
 
 
 # --------------------------------------------------------------------------- launches
+def _words(w: Packed) -> torch.Tensor | None:
+    """The packed weight as ``(N, K·bits/32)`` int32 words (a view, no copy) for the M = 1 kernel's word
+    path, or None where rows are not whole, 4-byte aligned words (``G = K`` with K not a multiple of
+    32 / bits, or a sliced weight): those take the byte path."""
+    q = w.qweight
+    if (w.k * w.bits) % 32 or q.stride(0) % 4 or q.storage_offset() % 4 or q.data_ptr() % 4:
+        return None
+    return q.view(torch.int32)
+
+
 def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
     """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction)."""
     m = x2.shape[0]
@@ -192,13 +272,15 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
     grid = (triton.cdiv(w.n, cfg.block_n), split)
+    words = _words(w) if m == 1 else None
+    qw = w.qweight if words is None else words
     _gemv_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros, y if bias is None else bias, out,
+        x2, qw, w.scales, w.zeros, y if bias is None else bias, out,
         m, w.n, w.k, w.g, per_split * bk,
-        x2.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(-2), m * w.n,
+        x2.stride(0), qw.stride(0), w.scales.stride(0), out.stride(-2), m * w.n,
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
