@@ -163,7 +163,7 @@ def test_m1_word_and_byte_paths(bits):
                                (128, 64, True, False)):
         qw = _weight(37, k, bits, gs, sym=False, seed=k)
         args = (misaligned(qw.qweight) if move else qw.qweight, qw.scales, qw.zeros, bits)
-        assert (dm._words(dmg.Packed.of(*args)) is not None) == words, (k, gs, move)
+        assert (dm.int32_words(dmg.Packed.of(*args).qweight) is not None) == words, (k, gs, move)
         for xdtype in XDTYPES:
             x = _rand(1, k, dtype=xdtype, seed=k)
             _check_y(dm.forward(x, *args, path="gemv"), x, qw, what=f"K={k} words={words} {xdtype}")

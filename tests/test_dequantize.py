@@ -63,6 +63,26 @@ def test_odd_shapes_every_group_size(nk, backend):
             _assert_dequantize(q, s, z, bits, torch.bfloat16 if bits == 4 else torch.float32, backend)
 
 
+def test_w4_word_and_byte_paths():
+    """W4 groups of whole, aligned 32-bit words take the word path (codes masked in place), the rest
+    (a group of K = 100 codes, a weight at an odd address, a row stride of 2 mod 4) the byte path; both
+    bit-exact, in every output dtype."""
+    def misaligned(t):  # the same bytes, one byte past an aligned address
+        out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    q, s, z = _random_packed(7, 256, 4, 8, torch.bfloat16, seed=5)
+    q100, s100, z100 = _random_packed(7, 100, 4, 1, torch.float32, seed=6)
+    wide = torch.zeros(7, 130, dtype=torch.uint8)
+    wide[:, :128] = q
+    for qw, sc, zp, words in ((q, s, z, True), (q100, s100, z100, False), (misaligned(q), s, z, False),
+                              (wide[:, :128], s, z, False)):
+        assert (td.int32_words(qw) is not None) == words
+        for dtype in DTYPES:
+            _assert_dequantize(qw, sc, zp, 4, dtype)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_long_rows_are_split_over_programs(bits):
     q, s, z = _random_packed(9, 320, bits, 1, torch.float16, seed=3)

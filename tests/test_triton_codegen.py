@@ -35,11 +35,13 @@ SCRIPT = textwrap.dedent('''
     cexp = lambda *names: {n: "constexpr" for n in names}
     out = {}
     for bits in (4, 8):
-        sig = {"q_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*bf16",
-               **ints("R", "G", "NG", "stride_qn", "stride_qg", "stride_sn", "stride_sg", "stride_on"),
-               **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G")}
-        out[f"dequantize W{bits}"] = ptx(dq._dequantize_kernel, sig, dict(BITS=bits, OUT_DTYPE=tl.bfloat16,
-            BLOCK_R=32, BLOCK_G=128), ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
+        for words in (False, True) if bits == 4 else (False,):
+            sig = {"q_ptr": "*i32" if words else "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*bf16",
+                   **ints("R", "G", "NG", "stride_qn", "stride_qg", "stride_sn", "stride_sg", "stride_on"),
+                   **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G", "WORDS")}
+            out[f"dequantize W{bits}" + (" words" if words else "")] = ptx(dq._dequantize_kernel, sig, dict(
+                BITS=bits, OUT_DTYPE=tl.bfloat16, BLOCK_R=32, BLOCK_G=128, WORDS=words),
+                ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
         ptrs = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16"}
         for bm, words in ((1, False), (1, True), (16, False)):
             sig = {**ptrs, "qw_ptr": "*i32" if words else "*u8", "out_ptr": "*bf16", **ints("M", "N", "K", "G",
@@ -104,13 +106,12 @@ def test_rounding_is_the_gpus_rint_and_division_goes_through_the_rows_reciprocal
         assert "fma.rn.f32" in text, f"{name}: no FMA correction of the reciprocal's quotient"
 
 
-def test_the_m1_word_path_masks_codes_in_place(ptx):
-    """At M = 1 the GEMV reads whole 32-bit words and masks each code where it lies under the bits of 2²³
-    (one AND per code, the scale once per word), instead of shifting every code down to bit 0: static
-    sm_90 SASS of the loop, 64 × 128 tiles and 4 warps, 5.5 instructions per W4 code against 7.7 (128 × 128:
-    4.4)."""
+def test_word_paths_mask_codes_in_place(ptx):
+    """The M = 1 GEMV and the W4 dequantize read whole 32-bit words and mask each code where it lies
+    under the bits of 2²³ (one AND per code), instead of shifting every code down to bit 0. Static sm_90
+    SASS: the GEMV loop, 64 × 128 tiles and 4 warps, 5.5 instructions per W4 code against 7.7 (128 × 128:
+    4.4); dequantize, 32 × 128 tiles and 8 warps, 13.9 per element against 17.1."""
     masks = {4: {0x4B00000F, 0x4B0000F0, 0x4B000F00, 0x4B00F000}, 8: {0x4B0000FF, 0x4B00FF00}}
-    for bits, want in masks.items():
-        words = ptx[f"gemv W{bits} M<=1 words"]
-        found = {v for v in map(int, re.findall(r"\b\d{10}\b", words)) if v >> 16 == 0x4B00}
-        assert want <= found, f"W{bits}: in-place masks {sorted(map(hex, want - found))} missing"
+    for name, want in (("gemv W4 M<=1", masks[4]), ("gemv W8 M<=1", masks[8]), ("dequantize W4", masks[4])):
+        found = {v for v in map(int, re.findall(r"\b\d{10}\b", ptx[name + " words"])) if v >> 16 == 0x4B00}
+        assert want <= found, f"{name}: in-place masks {sorted(map(hex, want - found))} missing"

@@ -20,6 +20,7 @@ GPU, and the codes must match ``w / s`` in PyTorch bit for bit.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -99,13 +100,57 @@ def codes_minus_z(q, z):
     return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)
 
 
+@triton.jit
+def codes_in_place(word, MASK: tl.constexpr, UNIT: tl.constexpr, z):
+    """``q - z`` in fp32 for the code held in place at the bits ``MASK`` of ``word`` (``MASK`` below bit 23;
+    ``word`` already ORed with the bits of 2²³, see :func:`word_halves`): masked, they read 2²³ + q / UNIT
+    exactly, and one FMA by UNIT (a power of two) minus 2²³ · UNIT + z leaves q - z, exactly. One LOP3
+    with one constant and one FMA: no shift and no integer-to-float conversion."""
+    v = (word & (MASK | 0x4B000000)).to(tl.float32, bitcast=True)
+    return tl.fma(v, UNIT, -(8388608.0 * UNIT + z))
+
+
+@triton.jit
+def word_halves(words):
+    """int32 words of packed codes as their low and high 16-bit halves, each ORed with the bits of 2²³,
+    for :func:`codes_in_place` (the high half is one LEA on sm_90)."""
+    wd = words.to(tl.uint32, bitcast=True)
+    return wd | 0x4B000000, (wd >> 16) | 0x4B000000
+
+
+@triton.jit
+def codes_of_words(lo, hi, z, BITS: tl.constexpr):
+    """``q - z`` in fp32 for every code of the words whose halves are ``lo``, ``hi`` (:func:`word_halves`,
+    ``[R, W]``), in column order: ``[R, W · 32 / BITS]``. Each code is masked in place
+    (:func:`codes_in_place`) and the joins put them back in order."""
+    if BITS == 4:
+        # [R, W, i1, i2, i3] for code j = 4 i1 + 2 i2 + i3 of each word: each join appends an axis
+        even = tl.join(tl.join(codes_in_place(lo, 0xF, 1.0, z), codes_in_place(hi, 0xF, 1.0, z)),
+                       tl.join(codes_in_place(lo, 0xF00, 0.00390625, z), codes_in_place(hi, 0xF00, 0.00390625, z)))
+        odd = tl.join(tl.join(codes_in_place(lo, 0xF0, 0.0625, z), codes_in_place(hi, 0xF0, 0.0625, z)),
+                      tl.join(codes_in_place(lo, 0xF000, 0.000244140625, z),
+                              codes_in_place(hi, 0xF000, 0.000244140625, z)))
+    else:
+        # [R, W, i1, i2] for byte j = 2 i1 + i2
+        even = tl.join(codes_in_place(lo, 0xFF, 1.0, z), codes_in_place(hi, 0xFF, 1.0, z))
+        odd = tl.join(codes_in_place(lo, 0xFF00, 0.00390625, z), codes_in_place(hi, 0xFF00, 0.00390625, z))
+    return tl.reshape(tl.join(even, odd), [lo.shape[0], lo.shape[1] * (32 // BITS)])
+
+
+def int32_words(q):
+    """A uint8 tensor of packed codes ``(rows, bytes)`` as ``(rows, bytes / 4)`` int32 words (a view, no
+    copy), or None where its rows are not whole, 4-byte aligned words (the kernels then read bytes)."""
+    if q.dim() != 2 or q.stride(1) != 1 or q.shape[1] % 4 or q.stride(0) % 4 or q.storage_offset() % 4 \
+            or q.data_ptr() % 4:
+        return None
+    return q.view(torch.int32)
+
+
 TL_DTYPES = {}
 
 
 def tl_dtype(torch_dtype):
     """The ``tl`` dtype for a torch float dtype (for constexpr kernel arguments)."""
-    import torch
-
     if not TL_DTYPES:
         TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
     return TL_DTYPES[torch_dtype]

@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported, register
-from qdpo.kernels.triton._common import cast_out, codes_minus_z, tl_dtype
+from qdpo.kernels.triton._common import cast_out, codes_in_place, codes_minus_z, int32_words, tl_dtype, word_halves
 from qdpo.kernels.triton.dequant_matmul_gemm import (
     DX_CPU, DX_GPU, GEMM_CPU, GEMM_GPU, INT32_LIMIT, Packed, _dequant_tile, _group_params, _packed,
     _store_yt, dequantize_workspace, dot_dtype, launch_dx, launch_gemm, pick_config, tuning_key,
@@ -117,23 +117,12 @@ def _row_dot(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn
 
 
 @triton.jit
-def _in_place(word, MASK: tl.constexpr, UNIT: tl.constexpr, z):
-    """``q - z`` in fp32 for the code held in place at the bits ``MASK`` of ``word`` (``MASK`` below bit 23;
-    ``word`` already ORed with the bits of 2²³, see :func:`_words_of`): masked, they read 2²³ + q / UNIT
-    exactly, and one FMA by UNIT (a power of two) minus 2²³ · UNIT + z leaves q - z, exactly. One LOP3
-    with one constant and one FMA: no shift and no integer-to-float conversion."""
-    v = (word & (MASK | 0x4B000000)).to(tl.float32, bitcast=True)
-    return tl.fma(v, UNIT, -(8388608.0 * UNIT + z))
-
-
-@triton.jit
 def _words_of(qw_ptr, offs_n, k0, N, K, stride_qn, CPW: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Words ``k0 / CPW ...`` of rows ``offs_n`` (0 outside) as their low and high halves, each under the
-    bits of 2²³ (the high half is one LEA on sm_90): ``[BLOCK_N, BLOCK_W]`` uint32 twice."""
+    """Words ``k0 / CPW ...`` of rows ``offs_n`` (0 outside) as their halves under the bits of 2²³
+    (:func:`~qdpo.kernels.triton._common.word_halves`): ``[BLOCK_N, BLOCK_W]`` uint32 twice."""
     cols = k0 // CPW + tl.arange(0, BLOCK_W)
-    wd = tl.load(qw_ptr + offs_n[:, None] * stride_qn + cols[None, :],
-                 mask=(offs_n < N)[:, None] & (cols < K // CPW)[None, :], other=0).to(tl.uint32, bitcast=True)
-    return wd | 0x4B000000, (wd >> 16) | 0x4B000000
+    return word_halves(tl.load(qw_ptr + offs_n[:, None] * stride_qn + cols[None, :],
+                               mask=(offs_n < N)[:, None] & (cols < K // CPW)[None, :], other=0))
 
 
 @triton.jit
@@ -141,8 +130,8 @@ def _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, str
                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """:func:`_row_dot` reading the weight as 32-bit words (``qw_ptr``: int32, ``stride_qn`` in words).
 
-    Each code stays in its word where the fp32 mantissa holds it (:func:`_in_place`): per W4 word (8
-    codes) one shift, 8 LOP3, 16 FMAs, and the scale once per word (``s · Σ (q - z) x`` in fp32: ŵ is
+    Each code stays in its word where the fp32 mantissa holds it (``_common.codes_in_place``): per W4
+    word (8 codes) one shift, 8 LOP3, 16 FMAs, and the scale once per word (``s · Σ (q - z) x`` in fp32: ŵ is
     never rounded, which is closer to the exact product than the reference's x.dtype ŵ). Static sm_90
     loop: 5.5 instructions per W4 code at 64 × 128 tiles, 4.4 at 128 × 128, against 7.7 per byte.
     """
@@ -163,22 +152,22 @@ def _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, str
             x2, x6 = tl.split(xe1)
             x1, x5 = tl.split(xo0)
             x3, x7 = tl.split(xo1)
-            part = _in_place(lo, 0xF, 1.0, z) * x0[None, :]
-            part = tl.fma(_in_place(lo, 0xF0, 0.0625, z), x1[None, :], part)
-            part = tl.fma(_in_place(lo, 0xF00, 0.00390625, z), x2[None, :], part)
-            part = tl.fma(_in_place(lo, 0xF000, 0.000244140625, z), x3[None, :], part)
-            part = tl.fma(_in_place(hi, 0xF, 1.0, z), x4[None, :], part)
-            part = tl.fma(_in_place(hi, 0xF0, 0.0625, z), x5[None, :], part)
-            part = tl.fma(_in_place(hi, 0xF00, 0.00390625, z), x6[None, :], part)
-            part = tl.fma(_in_place(hi, 0xF000, 0.000244140625, z), x7[None, :], part)
+            part = codes_in_place(lo, 0xF, 1.0, z) * x0[None, :]
+            part = tl.fma(codes_in_place(lo, 0xF0, 0.0625, z), x1[None, :], part)
+            part = tl.fma(codes_in_place(lo, 0xF00, 0.00390625, z), x2[None, :], part)
+            part = tl.fma(codes_in_place(lo, 0xF000, 0.000244140625, z), x3[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xF, 1.0, z), x4[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xF0, 0.0625, z), x5[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xF00, 0.00390625, z), x6[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xF000, 0.000244140625, z), x7[None, :], part)
         else:
             xe, xo = tl.split(tl.reshape(xv, [BLOCK_W, 2, 2]))
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)
-            part = _in_place(lo, 0xFF, 1.0, z) * x0[None, :]
-            part = tl.fma(_in_place(lo, 0xFF00, 0.00390625, z), x1[None, :], part)
-            part = tl.fma(_in_place(hi, 0xFF, 1.0, z), x2[None, :], part)
-            part = tl.fma(_in_place(hi, 0xFF00, 0.00390625, z), x3[None, :], part)
+            part = codes_in_place(lo, 0xFF, 1.0, z) * x0[None, :]
+            part = tl.fma(codes_in_place(lo, 0xFF00, 0.00390625, z), x1[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xFF, 1.0, z), x2[None, :], part)
+            part = tl.fma(codes_in_place(hi, 0xFF00, 0.00390625, z), x3[None, :], part)
         acc = tl.fma(part, s, acc)
     return tl.sum(acc, axis=1)[:, None]  # one cross-lane reduction, after the loop
 
@@ -256,16 +245,6 @@ GEMV_GPU = (
 
 
 # --------------------------------------------------------------------------- launches
-def _words(w: Packed) -> torch.Tensor | None:
-    """The packed weight as ``(N, K·bits/32)`` int32 words (a view, no copy) for the M = 1 GEMV's word
-    path, or None where rows are not whole, 4-byte aligned words (``G = K`` with K not a multiple of
-    32 / bits, or a sliced weight): those take the byte path."""
-    q = w.qweight
-    if (w.k * w.bits) % 32 or q.stride(0) % 4 or q.storage_offset() % 4 or q.data_ptr() % 4:
-        return None
-    return q.view(torch.int32)
-
-
 def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
     """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction)."""
     m = x2.shape[0]
@@ -277,7 +256,8 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
     grid = (triton.cdiv(w.n, cfg.block_n), split)
-    words = _words(w) if m == 1 else None  # the M <= 16 dot path: no gain (static sm_90)
+    # whole aligned words: the word path (M = 1 only; the M <= 16 dot path gained nothing, static sm_90)
+    words = int32_words(w.qweight) if m == 1 else None
     qw = w.qweight if words is None else words
     _gemv_kernel[grid](
         x2, qw, w.scales, w.zeros, y if bias is None else bias, out,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, codes_minus_z, tl_dtype
+from qdpo.kernels.triton._common import cast_out, codes_minus_z, codes_of_words, int32_words, tl_dtype, word_halves
 from qdpo.kernels.triton.quantize import config, contiguous_k, group_rows, load_grid
 
 
@@ -48,23 +48,33 @@ def _dequantize_kernel(
     stride_qn, stride_qg, stride_sn, stride_sg, stride_on,
     # meta-parameters
     BITS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
-    """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group."""
+    """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group. WORDS:
+    ``q_ptr`` holds int32 words, and ``stride_qn``, ``stride_qg`` count words."""
     r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, BLOCK_R)
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     kk = k0 + tl.arange(0, BLOCK_G)
     mask = rmask[:, None] & (kk < G)[None, :]
     q_base = row * stride_qn + grp.to(tl.int64) * stride_qg
-    if BITS == 8:
+    if WORDS:
+        # whole words per group: every code masked in place under the bits of 2^23, no shifts
+        CPW: tl.constexpr = 32 // BITS
+        ww = k0 // CPW + tl.arange(0, BLOCK_G // CPW)
+        wmask = rmask[:, None] & (ww < G // CPW)[None, :]
+        lo, hi = word_halves(tl.load(q_ptr + q_base[:, None] + ww[None, :], mask=wmask, other=0))
+        w_hat = codes_of_words(lo, hi, z[:, None], BITS) * s[:, None]
+    elif BITS == 8:
         q = tl.load(q_ptr + q_base[:, None] + kk[None, :], mask=mask, other=0)
+        w_hat = codes_minus_z(q, z[:, None]) * s[:, None]
     else:
         # byte j holds codes 2j (low nibble) and 2j+1 (high nibble)
         jj = k0 // 2 + tl.arange(0, BLOCK_G // 2)
         jmask = rmask[:, None] & (jj < G // 2)[None, :]
         b = tl.load(q_ptr + q_base[:, None] + jj[None, :], mask=jmask, other=0).to(tl.uint32)
         q = tl.interleave(b & 0xF, b >> 4)
-    w_hat = codes_minus_z(q, z[:, None]) * s[:, None]
+        w_hat = codes_minus_z(q, z[:, None]) * s[:, None]
     out_base = row * stride_on + grp.to(tl.int64) * G
     tl.store(out_ptr + out_base[:, None] + kk[None, :], cast_out(w_hat, OUT_DTYPE), mask=mask)
 
@@ -81,11 +91,15 @@ def launch(qweight, scales, zeros, bits, dtype, cfg=None):
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)  # ŵ: [N, K] dtype
     # (3) launch
     grid = (triton.cdiv(r, cfg.block_r), triton.cdiv(g, cfg.block_g))
+    # W4 groups of whole words: codes masked in place (static sm_90: 17.1 -> 13.9 instructions per element
+    # at 32 x 128 tiles and 8 warps); W8 gains nothing that way and reads bytes
+    words = int32_words(qweight) if bits == 4 and g % 8 == 0 and g >= 8 else None
+    q, unit = (qweight, 1) if words is None else (words, 4)
     _dequantize_kernel[grid](
-        qweight, scales, zeros, out,
+        q, scales, zeros, out,
         r, g, ng,
-        qweight.stride(0), g * bits // 8, scales.stride(0), scales.stride(1), out.stride(0),
-        BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g,
+        q.stride(0), g * bits // 8 // unit, scales.stride(0), scales.stride(1), out.stride(0),
+        BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g, WORDS=words is not None,
         num_warps=cfg.num_warps,
     )
     return out
