@@ -8,6 +8,7 @@ CPU reference, on a GPU with the built extension (marked ``gpu``; see conftest);
 what only the cuda launchers need is in ``test_cuda_kernels.py``.
 """
 
+import numpy as np
 import pytest
 import torch
 from torch.library import opcheck
@@ -165,3 +166,23 @@ def test_opcheck(backend):
     opcheck(OPS.qparams, (w, 4, 32, False, backend))
     opcheck(OPS.quantize, (w, 8, -1, True, backend))
     opcheck(OPS.quantize_with, (w, s, z, 4, backend))
+
+
+def test_div_magic_divides_every_31_bit_numerator():
+    """``group_rows`` finds a group row's matrix row as ``umulhi(2r, m) >> l`` (:func:`tq.div_magic`): equal
+    to ``r // d`` at the edges of every quotient and at random numerators, for every divisor to 4096, the
+    powers of two and random ones up to 2³¹ (numpy's uint64 arithmetic, independent of the kernels)."""
+    rng = np.random.default_rng(0)
+    divisors = np.unique(np.concatenate([np.arange(1, 4097), 2 ** np.arange(31), rng.integers(1, 2**31, 2000),
+                                         2**31 - 1 - np.arange(8)]))
+    for d in divisors.tolist():
+        m, l = tq.div_magic(d)
+        assert 2**31 <= m < 2**32
+        n = np.concatenate([rng.integers(0, 2**31, 512), np.arange(3), 2**31 - 1 - np.arange(3)])
+        k = np.unique(np.minimum(n // d, (2**31 - 1) // d))
+        n = np.concatenate([n, k * d, k * d + d - 1, np.maximum(k * d - 1, 0)])
+        n = n[(n >= 0) & (n < 2**31)].astype(np.uint64)
+        got = ((2 * n * np.uint64(m)) >> np.uint64(32)) >> np.uint64(l)
+        assert np.array_equal(got, n // np.uint64(d)), f"d={d}"
+    with pytest.raises(ValueError, match="divisor"):
+        tq.div_magic(0)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, codes_minus_z, codes_of_words, int32_words, tl_dtype, word_halves
-from qdpo.kernels.triton.quantize import config, contiguous_k, group_rows, load_grid
+from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _dequantize_kernel(
     # pointers
     q_ptr, s_ptr, z_ptr, out_ptr,
     # sizes
-    R, G, NG,
+    R, G, NG, NG_MAGIC, NG_SHIFT,
     # strides (qweight and out are contiguous along K; stride_qg = bytes per group)
     stride_qn, stride_qg, stride_sn, stride_sg, stride_on,
     # meta-parameters
@@ -52,7 +52,7 @@ def _dequantize_kernel(
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group. WORDS:
     ``q_ptr`` holds int32 words, and ``stride_qn``, ``stride_qg`` count words."""
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     kk = k0 + tl.arange(0, BLOCK_G)
@@ -97,7 +97,7 @@ def launch(qweight, scales, zeros, bits, dtype, cfg=None):
     q, unit = (qweight, 1) if words is None else (words, 4)
     _dequantize_kernel[grid](
         q, scales, zeros, out,
-        r, g, ng,
+        r, g, ng, *div_magic(ng),
         q.stride(0), g * bits // 8 // unit, scales.stride(0), scales.stride(1), out.stride(0),
         BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g, WORDS=words is not None,
         num_warps=cfg.num_warps,

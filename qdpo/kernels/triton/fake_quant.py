@@ -43,7 +43,7 @@ import triton.language as tl
 
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, round_half_even, tl_dtype
-from qdpo.kernels.triton.quantize import config, contiguous_k, group_rows, load_grid, load_tile, unclipped
+from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, load_tile, unclipped
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _fake_quant_kernel(
     # pointers
     w_ptr, s_ptr, z_ptr, out_ptr,
     # sizes
-    R, G, NG,
+    R, G, NG, NG_MAGIC, NG_SHIFT,
     # strides (w and out are contiguous along K)
     stride_wn, stride_sn, stride_sg, stride_on,
     # meta-parameters
@@ -59,7 +59,7 @@ def _fake_quant_kernel(
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group."""
     qmax: tl.constexpr = (1 << BITS) - 1
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     w, mask = load_tile(w_ptr, row * stride_wn + grp.to(tl.int64) * G, k0, G, rmask, BLOCK_G)
@@ -74,7 +74,7 @@ def _fake_quant_backward_kernel(
     # pointers
     g_ptr, w_ptr, s_ptr, z_ptr, gw_ptr, gs_ptr,
     # sizes
-    R, G, NG,
+    R, G, NG, NG_MAGIC, NG_SHIFT,
     # strides (grad, w and grad_w are contiguous along K; grad_s is contiguous)
     stride_gn, stride_wn, stride_sn, stride_sg, stride_gwn,
     # meta-parameters
@@ -88,7 +88,7 @@ def _fake_quant_backward_kernel(
     accumulator (one tree reduction at the end).
     """
     qmax: tl.constexpr = (1 << BITS) - 1
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
     p_off = row * stride_sn + grp * stride_sg
     s, z = load_grid(s_ptr, z_ptr, p_off, rmask)
     col = grp.to(tl.int64) * G
@@ -126,7 +126,7 @@ def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     grid = (triton.cdiv(r, cfg.block_r), triton.cdiv(g, cfg.block_g))
     _fake_quant_kernel[grid](
         w, scales, zeros, out,
-        r, g, ng,
+        r, g, ng, *div_magic(ng),
         w.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
         BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g,
         num_warps=cfg.num_warps,
@@ -154,7 +154,7 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
     grid = (triton.cdiv(r, cfg.block_r), 1 if need_scales_grad else chunks)
     _fake_quant_backward_kernel[grid](
         grad, w, scales, zeros, grad_w, grad_w if grad_s is None else grad_s,
-        r, g, ng,
+        r, g, ng, *div_magic(ng),
         grad.stride(0), w.stride(0), scales.stride(0), scales.stride(1), grad_w.stride(0),
         BITS=bits, W_DTYPE=tl_dtype(w.dtype), S_DTYPE=tl_dtype(scales.dtype), NEED_GS=need_scales_grad,
         BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g, N_CHUNKS=chunks if need_scales_grad else 1,

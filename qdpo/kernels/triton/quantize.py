@@ -71,12 +71,26 @@ def config(r: int, g: int, device: torch.device, tile: int | None = None) -> Con
 
 
 # --------------------------------------------------------------------------- device helpers
+def div_magic(d: int) -> tuple[int, int]:
+    """``(m, l)`` such that ``umulhi(2n, m) >> l == n // d`` for every ``0 <= n < 2³¹`` (``group_rows``):
+    ``l = ⌈log2 d⌉`` and ``m = ⌈2^(31+l) / d⌉``, which lies in [2³¹, 2³²) for every ``1 <= d < 2³¹`` (Granlund &
+    Montgomery, "Division by invariant integers using multiplication", 1994, thm. 4.2 with N = 31: ``m·d``
+    exceeds ``2^(31+l)`` by less than ``d <= 2^l``). A division by a runtime value costs about 12 integer
+    instructions per element on the GPU; this costs two."""
+    if not 1 <= d < 2**31:
+        raise ValueError(f"divisor {d} outside [1, 2^31)")
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), l
+
+
 @triton.jit
-def group_rows(pid, R, NG, BLOCK_R: tl.constexpr):
-    """Group-row ids of program ``pid``, their mask, matrix row (int64) and group index."""
+def group_rows(pid, R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R: tl.constexpr):
+    """Group-row ids of program ``pid``, their mask, matrix row (int64) and group index. ``NG_MAGIC``,
+    ``NG_SHIFT``: :func:`div_magic` of NG, so ``r // NG`` is one high multiply and a shift."""
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
-    return r, rmask, (r // NG).to(tl.int64), r % NG
+    row = (tl.umulhi(r.to(tl.uint32) * 2, NG_MAGIC.to(tl.uint32)) >> NG_SHIFT.to(tl.uint32)).to(tl.int32)
+    return r, rmask, row.to(tl.int64), r - row * NG
 
 
 @triton.jit
@@ -165,7 +179,7 @@ def _quantize_kernel(
     # pointers
     w_ptr, q_ptr, s_ptr, z_ptr,
     # sizes
-    R, G, NG, tiny,
+    R, G, NG, NG_MAGIC, NG_SHIFT, tiny,
     # strides (w and qweight are contiguous along K; stride_qg = bytes per group)
     stride_wn, stride_qn, stride_qg, stride_sn, stride_sg,
     # meta-parameters
@@ -178,7 +192,7 @@ def _quantize_kernel(
     Otherwise the program owns whole groups (pid1 == 0): it reduces the range over
     all chunks, writes scales/zeros and, if STORE_CODES, the codes.
     """
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
     w_base = row * stride_wn + grp.to(tl.int64) * G
     q_base = row * stride_qn + grp.to(tl.int64) * stride_qg
     p_off = row * stride_sn + grp * stride_sg
@@ -237,7 +251,7 @@ def launch(w, bits, group_size, symmetric, scales=None, zeros=None, store_codes=
     grid = (triton.cdiv(r, cfg.block_r), chunks if frozen else 1)
     _quantize_kernel[grid](
         w, qweight, scales, zeros,
-        r, g, ng, torch.finfo(w.dtype).tiny,
+        r, g, ng, *div_magic(ng), torch.finfo(w.dtype).tiny,
         w.stride(0), qweight.stride(0) if store_codes else 0, g * bits // 8, scales.stride(0), scales.stride(1),
         BITS=bits, SYMMETRIC=symmetric, FROZEN=frozen, STORE_CODES=store_codes,
         S_DTYPE=tl_dtype(scales.dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g,
