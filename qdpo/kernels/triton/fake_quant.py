@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, round_half_even, tl_dtype
-from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, load_tile, unclipped
+from qdpo.kernels.triton._common import cast_out, tl_dtype
+from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient
 
 
 @triton.jit
@@ -63,8 +63,8 @@ def _fake_quant_kernel(
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     w, mask = load_tile(w_ptr, row * stride_wn + grp.to(tl.int64) * G, k0, G, rmask, BLOCK_G)
-    _, u = unclipped(w, s, z)
-    w_hat = (tl.minimum(tl.maximum(u, 0.0), qmax) - z[:, None]) * s[:, None]
+    _, rx = rounded_quotient(w, s)
+    w_hat = tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) * s[:, None]  # (clamp(rx + z) - z)·s
     out = out_ptr + (row * stride_on + grp.to(tl.int64) * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
     tl.store(out, cast_out(w_hat, OUT_DTYPE), mask=mask)
 
@@ -98,13 +98,13 @@ def _fake_quant_backward_kernel(
         k0 = (tl.program_id(1) * N_CHUNKS + c) * BLOCK_G
         g, mask = load_tile(g_ptr, g_base, k0, G, rmask, BLOCK_G)
         w, _ = load_tile(w_ptr, w_base, k0, G, rmask, BLOCK_G)
-        x, u = unclipped(w, s, z, NEED_GS)  # the LSQ term needs the IEEE quotient itself
-        inside = (u >= 0.0) & (u <= qmax)
+        x, rx = rounded_quotient(w, s, NEED_GS)  # the LSQ term needs the IEEE quotient itself
+        inside = (rx >= -z[:, None]) & (rx <= qmax - z[:, None])  # 0 <= round(x) + z <= qmax
         gw = tl.where(inside, g, 0.0)
         kk = k0 + tl.arange(0, BLOCK_G)
         tl.store(gw_ptr + gw_base[:, None] + kk[None, :], cast_out(gw, W_DTYPE), mask=mask)
         if NEED_GS:
-            ds = tl.where(inside, round_half_even(x) - x, tl.minimum(tl.maximum(u, 0.0), qmax) - z[:, None])
+            ds = tl.where(inside, rx - x, tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]))
             acc += tl.where(mask, g * ds, 0.0)
     if NEED_GS:
         # grad_s is freshly allocated and contiguous: (N, NG) row-major
