@@ -254,10 +254,13 @@ QDPO_HD float dequantize_one(uint8_t q, float s, float z) {
   return (bits_float(0x4B000000u | q) - (8388608.f + z)) * s;
 }
 
-// ŵ of the quotient x = w / s on the grid: (clamp(round(x) + z) - z) · s.
+// ŵ of the quotient x = w / s on the grid: (clamp(round(x) + z, 0, qmax) - z) · s, computed as
+// (clamp(round(x), -z, qmax - z) + 0) · s, one addition fewer: round(x) + z is exact below 2^24, and
+// past it both forms clamp to the same end; "+ 0" turns a zero of either sign into +0, as q - z gives
+// it, so even a zero ŵ carries the same sign (that of s) bit for bit.
 QDPO_HD float fake_quant_x(float x, float s, float z, int bits) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  return (clampf(round_half_even(x) + z, 0.f, qmax) - z) * s;
+  return (clampf(round_half_even(x), -z, qmax - z) + 0.f) * s;
 }
 
 // ŵ of w on the grid without storing the code: (clamp(round(w / s) + z) - z) · s.
@@ -295,7 +298,8 @@ QDPO_HD bool ste_pass(float w, float s, float z, int bits) { return ste_terms(w,
 
 // The mask from the group's reciprocal (d.fast): equal to ste_pass.
 QDPO_HD bool ste_pass_recip(float w, const Recip& d, float z, int bits) {
-  return on_grid(round_half_even(quotient(w, d)) + z, bits);
+  const float r = round_half_even(quotient(w, d));  // 0 <= r + z <= qmax, one addition fewer
+  return r >= -z && r <= static_cast<float>((1 << bits) - 1) - z;
 }
 
 // LSQ factor of one element (see ste_terms).

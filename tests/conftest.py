@@ -91,6 +91,9 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "code
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     bad = (actual != expected).nonzero()
     assert bad.numel() == 0, f"{what}: {bad.shape[0]} mismatches, first at {bad[0].tolist()}"
+    if actual.is_floating_point():  # bit for bit: a zero carries the reference's sign too
+        sign = ((actual == 0) & (torch.signbit(actual) != torch.signbit(expected))).nonzero()
+        assert sign.numel() == 0, f"{what}: {sign.shape[0]} zeros of the other sign, first at {sign[0].tolist()}"
 
 
 def assert_close_2x(actual, ref_fp32, ref_lowp, floor: float = 1e-6, what: str = "output") -> None:

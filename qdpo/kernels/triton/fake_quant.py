@@ -64,7 +64,8 @@ def _fake_quant_kernel(
     k0 = tl.program_id(1) * BLOCK_G
     w, mask = load_tile(w_ptr, row * stride_wn + grp.to(tl.int64) * G, k0, G, rmask, BLOCK_G)
     _, rx = rounded_quotient(w, s)
-    w_hat = tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) * s[:, None]  # (clamp(rx + z) - z)·s
+    # (clamp(rx + z, 0, qmax) - z)·s with one addition fewer; "+ 0" makes a zero +0, as q - z would
+    w_hat = (tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) + 0.0) * s[:, None]
     out = out_ptr + (row * stride_on + grp.to(tl.int64) * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
     tl.store(out, cast_out(w_hat, OUT_DTYPE), mask=mask)
 

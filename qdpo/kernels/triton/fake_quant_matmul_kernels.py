@@ -42,12 +42,15 @@ def _swizzle(pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexpr):
+def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexpr,
+            SIGNED_ZERO: tl.constexpr = False):
     """fp32 ``ŵ`` of a ``(R, C)`` tile whose row ``i`` uses the scale/zero at ``s_ptrs[i]``/``z_ptrs[i]``.
 
     ``clamp(round(w/s), -z, qmax - z)·s`` equals the spec's
-    ``(clamp(round(w/s) + z, 0, qmax) - z)·s`` bit for bit: the integer sums are
-    exact, and beyond 2^24 both clamp to the same bound. ``w/s`` through each row's
+    ``(clamp(round(w/s) + z, 0, qmax) - z)·s``: the integer sums are exact, and
+    beyond 2^24 both clamp to the same bound. A zero may carry the other sign,
+    which no product with it can show; ``SIGNED_ZERO`` (a stored ŵ) adds 0 before
+    the scale, which makes it +0 as ``q - z`` does: then bit for bit. ``w/s`` through each row's
     reciprocal (``_common.quotient``: the same rounded value), since every program
     along M quantizes the tile again.
     """
@@ -59,7 +62,10 @@ def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexp
     else:
         r = round_half_even_floor(r)
     r = tl.maximum(r, -z, propagate_nan=tl.PropagateNan.ALL)
-    return tl.minimum(r, QMAX - z, propagate_nan=tl.PropagateNan.ALL) * s
+    r = tl.minimum(r, QMAX - z, propagate_nan=tl.PropagateNan.ALL)
+    if SIGNED_ZERO:
+        r = r + 0.0
+    return r * s
 
 
 @triton.jit
@@ -79,7 +85,7 @@ def fq_workspace_kernel(
     w = tl.load(w_ptr + rows * stride_wn + offs_k[None, :] * stride_wk, mask=ok, other=0.0)
     g = k0 // GROUP_K
     w_hat = fq_rows(w, s_ptr + offs_n * stride_sn + g * stride_sg, z_ptr + offs_n * stride_zn + g * stride_zg,
-                    n_ok, QMAX, USE_RINT)
+                    n_ok, QMAX, USE_RINT, SIGNED_ZERO=True)
     w_hat = cast_out(w_hat, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], w_hat, mask=ok)
 

@@ -115,9 +115,9 @@ def rounded_quotient(w, s, EXACT: tl.constexpr = False):
     """``(w / s, round(w / s))`` in fp32: the rounded quotient as the reference's exact operations give
     it; ``x`` the IEEE quotient itself with ``EXACT`` (LSQ), else as far as the rounding can tell
     (``quotient``). The code is ``clamp(round + z, 0, qmax)``: callers clamp the rounded quotient to
-    ``[-z, qmax - z]`` instead, which gives the same ``q - z`` and the same straight-through mask with
-    two additions fewer per element (``round + z`` is exact below 2²⁴; above it both clamp to the
-    same end)."""
+    ``[-z, qmax - z]`` instead, which gives the same ``q - z`` (but for the sign of a zero, which
+    ``+ 0`` restores) and the same straight-through mask with fewer additions per element
+    (``round + z`` is exact below 2²⁴; above it both clamp to the same end)."""
     if EXACT:
         x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
     else:
