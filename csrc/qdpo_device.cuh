@@ -70,6 +70,15 @@ __device__ __forceinline__ void store1(void* p, int dtype, int64_t i, float v) {
   }
 }
 
+// One 16-byte store of four words. A plain uint4 store of words packed in a branch on the dtype came
+// out of ptxas as four 4-byte stores (the four words land in registers that are not one aligned quad):
+// each then touches every sector of the warp's 512 bytes with a quarter of its bytes. The vector
+// store makes ptxas gather the words into a quad (register moves at most).
+__device__ __forceinline__ void st_global_v4(void* p, const uint32_t (&w)[4]) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+}
+
 // VEC values starting at element i: one or two 16-byte accesses when VEC == 8
 // (the launcher checked the alignment), element by element otherwise.
 template <int VEC>
@@ -109,7 +118,7 @@ __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const f
         const uint32_t hi = dtype == kF16 ? f32_to_f16_bits(v[2 * j + 1]) : f32_to_bf16_bits(v[2 * j + 1]);
         w[j] = lo | (hi << 16);
       }
-      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+      st_global_v4(static_cast<uint16_t*>(p) + i, w);
     }
   } else {
     QDPO_UNROLL
