@@ -126,6 +126,22 @@ def _words_of(qw_ptr, offs_n, k0, N, K, stride_qn, CPW: tl.constexpr, BLOCK_W: t
 
 
 @triton.jit
+def _half_w4(half, z, xa, xb, xc, xd, part):
+    """``part + Σ (q - z) · x`` over the four W4 codes of a 16-bit half (:func:`_words_of`), in place."""
+    part = tl.fma(codes_in_place(half, 0xF, 1.0, z), xa[None, :], part)
+    part = tl.fma(codes_in_place(half, 0xF0, 0.0625, z), xb[None, :], part)
+    part = tl.fma(codes_in_place(half, 0xF00, 0.00390625, z), xc[None, :], part)
+    return tl.fma(codes_in_place(half, 0xF000, 0.000244140625, z), xd[None, :], part)
+
+
+@triton.jit
+def _half_w8(half, z, xa, xb, part):
+    """The same over the two W8 codes of a 16-bit half."""
+    part = tl.fma(codes_in_place(half, 0xFF, 1.0, z), xa[None, :], part)
+    return tl.fma(codes_in_place(half, 0xFF00, 0.00390625, z), xb[None, :], part)
+
+
+@triton.jit
 def _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, stride_qn, stride_sn,
                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """:func:`_row_dot` reading the weight as 32-bit words (``qw_ptr``: int32, ``stride_qn`` in words).
@@ -152,22 +168,14 @@ def _row_dot_words(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, N, K, G, str
             x2, x6 = tl.split(xe1)
             x1, x5 = tl.split(xo0)
             x3, x7 = tl.split(xo1)
-            part = codes_in_place(lo, 0xF, 1.0, z) * x0[None, :]
-            part = tl.fma(codes_in_place(lo, 0xF0, 0.0625, z), x1[None, :], part)
-            part = tl.fma(codes_in_place(lo, 0xF00, 0.00390625, z), x2[None, :], part)
-            part = tl.fma(codes_in_place(lo, 0xF000, 0.000244140625, z), x3[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xF, 1.0, z), x4[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xF0, 0.0625, z), x5[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xF00, 0.00390625, z), x6[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xF000, 0.000244140625, z), x7[None, :], part)
+            part = _half_w4(lo, z, x0, x1, x2, x3, tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32))
+            part = _half_w4(hi, z, x4, x5, x6, x7, part)
         else:
             xe, xo = tl.split(tl.reshape(xv, [BLOCK_W, 2, 2]))
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)
-            part = codes_in_place(lo, 0xFF, 1.0, z) * x0[None, :]
-            part = tl.fma(codes_in_place(lo, 0xFF00, 0.00390625, z), x1[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xFF, 1.0, z), x2[None, :], part)
-            part = tl.fma(codes_in_place(hi, 0xFF00, 0.00390625, z), x3[None, :], part)
+            part = _half_w8(lo, z, x0, x1, tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32))
+            part = _half_w8(hi, z, x2, x3, part)
         acc = tl.fma(part, s, acc)
     return tl.sum(acc, axis=1)[:, None]  # one cross-lane reduction, after the loop
 
