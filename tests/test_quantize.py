@@ -186,3 +186,38 @@ def test_div_magic_divides_every_31_bit_numerator():
         assert np.array_equal(got, n // np.uint64(d)), f"d={d}"
     with pytest.raises(ValueError, match="divisor"):
         tq.div_magic(0)
+
+
+def test_wide_offsets_switch_at_2_to_the_31():
+    """The element-wise kernels index with int32 unless an offset up to one row past a tensor's end
+    reaches 2³¹ (``tq.wide_offsets``: shapes and strides only, so stand-ins serve)."""
+    class T:
+        def __init__(self, shape, strides):
+            self.shape, self._strides = shape, strides
+
+        def stride(self, i):
+            return self._strides[i]
+
+    assert not tq.wide_offsets(T((4095, 4096), (4096, 1)), None)
+    assert not tq.wide_offsets(T((2**31 // 4096 - 2, 4096), (4096, 1)))
+    assert tq.wide_offsets(T((2**31 // 4096, 4096), (4096, 1)))
+    assert tq.wide_offsets(T((2, 8), (2**30, 1)))  # a strided view: the stride counts, not the size
+    assert tq.wide_offsets(None, T((1, 8), (8, 1)), T((3, 2**30), (2**30, 1)))
+
+
+def test_int64_offsets_give_the_same_results(monkeypatch):
+    """The WIDE (int64) variant of every element-wise kernel, forced on small tensors, matches the
+    reference as the int32 one does."""
+    from qdpo.kernels.triton import dequantize as td, fake_quant as tf
+
+    for mod in (tq, td, tf):
+        monkeypatch.setattr(mod, "wide_offsets", lambda *ts: True)
+    w = randn(19, 96, seed=3)
+    for bits, gs in ((4, 32), (8, -1)):
+        q, s, z = OPS.quantize(w, bits, gs, False, "triton")
+        assert_exact(q, ref.quantize(w, bits, gs, False)[0], "codes")
+        assert_exact(OPS.dequantize(q, s, z, bits, torch.bfloat16, "triton"),
+                     ref.dequantize(q, s, z, bits, torch.bfloat16), "ŵ")
+        assert_exact(OPS.fake_quant(w, s, z, bits, None, "triton"), ref.fake_quant(w, s, z, bits), "fake ŵ")
+        gw, _ = OPS.fake_quant_backward(torch.ones_like(w), w, s, z, bits, False, "triton")
+        assert_exact(gw, ref.fake_quant_mask(w, s, z, bits).float(), "mask")

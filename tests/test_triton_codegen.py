@@ -38,9 +38,9 @@ SCRIPT = textwrap.dedent('''
         for words in (False, True) if bits == 4 else (False,):
             sig = {"q_ptr": "*i32" if words else "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*bf16",
                    "NG_MAGIC": "i64", **ints("R", "G", "NG", "NG_SHIFT", "stride_qn", "stride_qg", "stride_sn", "stride_sg", "stride_on"),
-                   **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G", "WORDS")}
+                   **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G", "WORDS", "WIDE")}
             out[f"dequantize W{bits}" + (" words" if words else "")] = ptx(dq._dequantize_kernel, sig, dict(
-                BITS=bits, OUT_DTYPE=tl.bfloat16, BLOCK_R=32, BLOCK_G=128, WORDS=words),
+                BITS=bits, OUT_DTYPE=tl.bfloat16, BLOCK_R=32, BLOCK_G=128, WORDS=words, WIDE=False),
                 ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
         ptrs = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16"}
         for bm, words in ((1, False), (1, True), (16, False)):
@@ -59,9 +59,9 @@ SCRIPT = textwrap.dedent('''
     for wd in ("bf16", "fp32"):
         sig = {"w_ptr": "*" + wd, "s_ptr": "*" + wd, "z_ptr": "*u8", "out_ptr": "*bf16",
                "NG_MAGIC": "i64", **ints("R", "G", "NG", "NG_SHIFT", "stride_wn", "stride_sn", "stride_sg", "stride_on"),
-               **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G")}
+               **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G", "WIDE")}
         out[f"fake_quant w={wd}"] = ptx(fq._fake_quant_kernel, sig, dict(BITS=4, OUT_DTYPE=tl.bfloat16, BLOCK_R=32,
-            BLOCK_G=128), ["w_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "NG", "stride_wn", "stride_on"])
+            BLOCK_G=128, WIDE=False), ["w_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "NG", "stride_wn", "stride_on"])
     json.dump(out, sys.stdout)
 ''')
 

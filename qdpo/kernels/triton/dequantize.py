@@ -35,7 +35,7 @@ import triton.language as tl
 
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, codes_minus_z, codes_of_words, int32_words, tl_dtype, word_halves
-from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid
+from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, wide_offsets
 
 
 @triton.jit
@@ -48,16 +48,16 @@ def _dequantize_kernel(
     stride_qn, stride_qg, stride_sn, stride_sg, stride_on,
     # meta-parameters
     BITS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-    WORDS: tl.constexpr = False,
+    WORDS: tl.constexpr = False, WIDE: tl.constexpr = True,
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group. WORDS:
     ``q_ptr`` holds int32 words, and ``stride_qn``, ``stride_qg`` count words."""
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R, WIDE)
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     kk = k0 + tl.arange(0, BLOCK_G)
     mask = rmask[:, None] & (kk < G)[None, :]
-    q_base = row * stride_qn + grp.to(tl.int64) * stride_qg
+    q_base = row * stride_qn + grp * stride_qg
     if WORDS:
         # whole words per group: every code masked in place under the bits of 2^23, no shifts
         CPW: tl.constexpr = 32 // BITS
@@ -75,7 +75,7 @@ def _dequantize_kernel(
         b = tl.load(q_ptr + q_base[:, None] + jj[None, :], mask=jmask, other=0).to(tl.uint32)
         q = tl.interleave(b & 0xF, b >> 4)
         w_hat = codes_minus_z(q, z[:, None]) * s[:, None]
-    out_base = row * stride_on + grp.to(tl.int64) * G
+    out_base = row * stride_on + grp * G
     tl.store(out_ptr + out_base[:, None] + kk[None, :], cast_out(w_hat, OUT_DTYPE), mask=mask)
 
 
@@ -100,7 +100,7 @@ def launch(qweight, scales, zeros, bits, dtype, cfg=None):
         r, g, ng, *div_magic(ng),
         q.stride(0), g * bits // 8 // unit, scales.stride(0), scales.stride(1), out.stride(0),
         BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g, WORDS=words is not None,
-        num_warps=cfg.num_warps,
+        WIDE=wide_offsets(q, scales, out), num_warps=cfg.num_warps,
     )
     return out
 

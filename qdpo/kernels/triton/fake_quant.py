@@ -43,7 +43,9 @@ import triton.language as tl
 
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, tl_dtype
-from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient
+from qdpo.kernels.triton.quantize import (
+    config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient, wide_offsets,
+)
 
 
 @triton.jit
@@ -56,17 +58,18 @@ def _fake_quant_kernel(
     stride_wn, stride_sn, stride_sg, stride_on,
     # meta-parameters
     BITS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    WIDE: tl.constexpr = True,
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, columns ``[pid1·BLOCK_G, +BLOCK_G)`` of each group."""
     qmax: tl.constexpr = (1 << BITS) - 1
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R, WIDE)
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
-    w, mask = load_tile(w_ptr, row * stride_wn + grp.to(tl.int64) * G, k0, G, rmask, BLOCK_G)
+    w, mask = load_tile(w_ptr, row * stride_wn + grp * G, k0, G, rmask, BLOCK_G)
     _, rx = rounded_quotient(w, s)
     # (clamp(rx + z, 0, qmax) - z)·s with one addition fewer; "+ 0" makes a zero +0, as q - z would
     w_hat = (tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) + 0.0) * s[:, None]
-    out = out_ptr + (row * stride_on + grp.to(tl.int64) * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
+    out = out_ptr + (row * stride_on + grp * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
     tl.store(out, cast_out(w_hat, OUT_DTYPE), mask=mask)
 
 
@@ -80,7 +83,7 @@ def _fake_quant_backward_kernel(
     stride_gn, stride_wn, stride_sn, stride_sg, stride_gwn,
     # meta-parameters
     BITS: tl.constexpr, W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, NEED_GS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, N_CHUNKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, N_CHUNKS: tl.constexpr, WIDE: tl.constexpr = True,
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``, chunks ``[pid1·N_CHUNKS, +N_CHUNKS)``.
 
@@ -89,10 +92,10 @@ def _fake_quant_backward_kernel(
     accumulator (one tree reduction at the end).
     """
     qmax: tl.constexpr = (1 << BITS) - 1
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R, WIDE)
     p_off = row * stride_sn + grp * stride_sg
     s, z = load_grid(s_ptr, z_ptr, p_off, rmask)
-    col = grp.to(tl.int64) * G
+    col = grp * G
     g_base, w_base, gw_base = row * stride_gn + col, row * stride_wn + col, row * stride_gwn + col
     acc = tl.zeros([BLOCK_R, BLOCK_G], tl.float32)
     for c in range(N_CHUNKS):
@@ -130,7 +133,7 @@ def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
         r, g, ng, *div_magic(ng),
         w.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
         BITS=bits, OUT_DTYPE=tl_dtype(dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g,
-        num_warps=cfg.num_warps,
+        WIDE=wide_offsets(w, scales, out), num_warps=cfg.num_warps,
     )
     return out
 
@@ -159,6 +162,6 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
         grad.stride(0), w.stride(0), scales.stride(0), scales.stride(1), grad_w.stride(0),
         BITS=bits, W_DTYPE=tl_dtype(w.dtype), S_DTYPE=tl_dtype(scales.dtype), NEED_GS=need_scales_grad,
         BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g, N_CHUNKS=chunks if need_scales_grad else 1,
-        num_warps=cfg.num_warps,
+        WIDE=wide_offsets(grad, w, scales, grad_w), num_warps=cfg.num_warps,
     )
     return grad_w, grad_s

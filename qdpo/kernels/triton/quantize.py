@@ -83,14 +83,26 @@ def div_magic(d: int) -> tuple[int, int]:
     return -(-(1 << (31 + l)) // d), l
 
 
+def wide_offsets(*tensors) -> bool:
+    """Whether an element offset into one of these 2-D tensors (None: skipped), up to one row past the
+    end (the masked rows of a last tile), reaches 2³¹: the kernels' ``WIDE`` (int64 offsets; int32
+    otherwise, which saves a few instructions per row of a tile)."""
+    return any(t is not None and t.shape[0] * t.stride(0) + t.shape[1] * t.stride(1) >= 2**31 for t in tensors)
+
+
 @triton.jit
-def group_rows(pid, R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R: tl.constexpr):
-    """Group-row ids of program ``pid``, their mask, matrix row (int64) and group index. ``NG_MAGIC``,
-    ``NG_SHIFT``: :func:`div_magic` of NG, so ``r // NG`` is one high multiply and a shift."""
+def group_rows(pid, R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+    """Group-row ids of program ``pid``, their mask, matrix row and group index (int64 with WIDE, else
+    int32: the offsets computed from them). ``NG_MAGIC``, ``NG_SHIFT``: :func:`div_magic` of NG, so
+    ``r // NG`` is one high multiply and a shift."""
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
     row = (tl.umulhi(r.to(tl.uint32) * 2, NG_MAGIC.to(tl.uint32)) >> NG_SHIFT.to(tl.uint32)).to(tl.int32)
-    return r, rmask, row.to(tl.int64), r - row * NG
+    grp = r - row * NG
+    if WIDE:
+        return r, rmask, row.to(tl.int64), grp.to(tl.int64)
+    else:
+        return r, rmask, row, grp
 
 
 @triton.jit
@@ -189,6 +201,7 @@ def _quantize_kernel(
     # meta-parameters
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, FROZEN: tl.constexpr, STORE_CODES: tl.constexpr,
     S_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, N_CHUNKS: tl.constexpr,
+    WIDE: tl.constexpr = True,
 ):
     """Group rows ``[pid0·BLOCK_R, +BLOCK_R)``; chunks ``[pid1·N_CHUNKS, +N_CHUNKS)`` of BLOCK_G columns.
 
@@ -196,9 +209,9 @@ def _quantize_kernel(
     Otherwise the program owns whole groups (pid1 == 0): it reduces the range over
     all chunks, writes scales/zeros and, if STORE_CODES, the codes.
     """
-    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R)
-    w_base = row * stride_wn + grp.to(tl.int64) * G
-    q_base = row * stride_qn + grp.to(tl.int64) * stride_qg
+    r, rmask, row, grp = group_rows(tl.program_id(0), R, NG, NG_MAGIC, NG_SHIFT, BLOCK_R, WIDE)
+    w_base = row * stride_wn + grp * G
+    q_base = row * stride_qn + grp * stride_qg
     p_off = row * stride_sn + grp * stride_sg
     c0 = tl.program_id(1) * N_CHUNKS
     if N_CHUNKS == 1 and not FROZEN:
@@ -259,7 +272,8 @@ def launch(w, bits, group_size, symmetric, scales=None, zeros=None, store_codes=
         w.stride(0), qweight.stride(0) if store_codes else 0, g * bits // 8, scales.stride(0), scales.stride(1),
         BITS=bits, SYMMETRIC=symmetric, FROZEN=frozen, STORE_CODES=store_codes,
         S_DTYPE=tl_dtype(scales.dtype), BLOCK_R=cfg.block_r, BLOCK_G=cfg.block_g,
-        N_CHUNKS=1 if frozen else chunks, num_warps=cfg.num_warps,
+        N_CHUNKS=1 if frozen else chunks, WIDE=wide_offsets(w, qweight if store_codes else None, scales),
+        num_warps=cfg.num_warps,
     )
     return (qweight if store_codes else None), scales, zeros
 
