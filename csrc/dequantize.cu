@@ -13,7 +13,8 @@
 // 8-code chunks (4- or 8-byte code loads, 16/32-byte stores) when G % 8 == 0 and
 // the operands are aligned for them.
 //
-// Work: one team per group row, purely element-wise. No backward (codes are integers).
+// Work: one team per group row, purely element-wise, two 8-code chunks per lane and pass (qdpo_device.cuh:
+// chunk_pairs). No backward (codes are integers).
 // Bytes moved: read N·K·b/8 + N·NG·(s_size + 1), write N·K·out_size.
 #include "qdpo_device.cuh"
 
@@ -40,15 +41,23 @@ __global__ void __launch_bounds__(kTeamBlock) dequantize_kernel(DequantizeArgs a
   const int n = tm.n, grp = tm.grp;
   const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   const uint8_t* qrow = a.q + n * a.stride_qn;
-  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
-    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
-    uint8_t codes[VEC];
-    float v[VEC];
-    load_codes<BITS, VEC>(qrow, k, codes);
-    QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) v[j] = dequantize_one(codes[j], s, z);
-    store_vec<VEC>(a.out, a.out_dtype, n * a.k + k, v);
-  }
+  const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
+  struct Codes {
+    uint8_t c[VEC];
+  };
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        Codes q;
+        load_codes<BITS, VEC>(qrow, first + static_cast<int64_t>(c) * VEC, q.c);
+        return q;
+      },
+      [&](int c, Codes& q) {
+        float v[VEC];
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) v[j] = dequantize_one(q.c[j], s, z);
+        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, v);
+      });
 }
 
 }  // namespace
@@ -64,7 +73,7 @@ int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t n
   const bool vec8 = g % 8 == 0 && aligned(qweight, 8) && stride_qn % 8 == 0 && aligned(out, 16);
   return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const DequantizeArgs a{reinterpret_cast<const uint8_t*>(qweight), stride_qn, sh.tg, static_cast<int>(g),
                            reinterpret_cast<const void*>(scales), s_dtype,
                            reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<void*>(out), out_dtype, k};

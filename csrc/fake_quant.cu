@@ -18,7 +18,8 @@
 //   grad_s   (N, NG)  scales.dtype     contiguous, or 0 for no LSQ gradient
 // Constraints: bits ∈ {4, 8}; NG divides K; G even for 4 bits; N·NG and K below 2^31.
 //
-// Work: one team per group row; 8-element (16/32-byte) chunks when aligned. w / s goes through the
+// Work: one team per group row; 8-element (16/32-byte) chunks when aligned, two per lane and pass
+// (qdpo_device.cuh: chunk_pairs; both loads before the math). w / s goes through the
 // group's reciprocal where that gives the same result bit for bit (qdpo_math.cuh: quotient; every
 // scale in [2^-100, 2^100]): a multiply and two FMAs per element instead of a division. The bf16
 // passes reached 66-72 % of copy bandwidth on an H200, against 95 % in fp32: they had the division,
@@ -54,16 +55,21 @@ struct FakeQuantArgs {
 template <int BITS, int VEC, bool RECIP>
 __device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int n, int grp,
                                                  const Recip& d, float z) {
-  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
-    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
-    float v[VEC];
-    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
-    QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) {
-      v[j] = RECIP ? fake_quant_recip(v[j], d, z, BITS) : fake_quant_one(v[j], d.s, z, BITS);
-    }
-    store_vec<VEC>(a.out, a.out_dtype, n * a.k + k, v);
-  }
+  const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        Chunk<VEC> w;
+        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + first + static_cast<int64_t>(c) * VEC, w.v);
+        return w;
+      },
+      [&](int c, Chunk<VEC>& w) {
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) {
+          w.v[j] = RECIP ? fake_quant_recip(w.v[j], d, z, BITS) : fake_quant_one(w.v[j], d.s, z, BITS);
+        }
+        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, w.v);
+      });
 }
 
 template <int BITS, int VEC>
@@ -86,24 +92,33 @@ template <int BITS, int VEC, bool LSQ, bool RECIP>
 __device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int n,
                                                            int grp, const Recip& d, float z) {
   static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
+  struct WG {
+    Chunk<VEC> w, g;
+  };
+  const int64_t first = static_cast<int64_t>(grp) * a.g;
   float acc = 0.f;
-  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
-    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
-    float w[VEC], g[VEC];
-    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, w);
-    load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, g);
-    QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) {
-      if constexpr (RECIP) {
-        g[j] = ste_pass_recip(w[j], d, z, BITS) ? g[j] : 0.f;
-      } else {
-        const SteTerms st = ste_terms(w[j], d.s, z, BITS);
-        if (LSQ) acc += g[j] * st.lsq;
-        g[j] = st.inside ? g[j] : 0.f;
-      }
-    }
-    store_vec<VEC>(a.out, a.w_dtype, n * a.k + k, g);
-  }
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        const int64_t k = first + static_cast<int64_t>(c) * VEC;
+        WG x;
+        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, x.w.v);
+        load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, x.g.v);
+        return x;
+      },
+      [&](int c, WG& x) {
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) {
+          if constexpr (RECIP) {
+            x.g.v[j] = ste_pass_recip(x.w.v[j], d, z, BITS) ? x.g.v[j] : 0.f;
+          } else {
+            const SteTerms st = ste_terms(x.w.v[j], d.s, z, BITS);
+            if (LSQ) acc += x.g.v[j] * st.lsq;
+            x.g.v[j] = st.inside ? x.g.v[j] : 0.f;
+          }
+        }
+        store_vec<VEC>(a.out, a.w_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, x.g.v);
+      });
   return acc;
 }
 
@@ -151,7 +166,7 @@ int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, in
   const int64_t g = k / ng;
   return dispatch_bits_vec(bits, vec8_ok(w, w_dtype, stride_wn, g, out), [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
                           reinterpret_cast<const void*>(scales), s_dtype,
                           reinterpret_cast<const uint8_t*>(zeros), k, nullptr, 0, reinterpret_cast<void*>(out),
@@ -172,7 +187,7 @@ int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t s
   const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
   return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
                           reinterpret_cast<const void*>(scales), s_dtype,
                           reinterpret_cast<const uint8_t*>(zeros), k, reinterpret_cast<const void*>(grad), g_dtype,

@@ -108,8 +108,10 @@ template <int VEC>
 __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const float (&v)[VEC]) {
   if (VEC == 8) {
     if (dtype == kF32) {
-      *reinterpret_cast<float4*>(static_cast<float*>(p) + i) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(static_cast<float*>(p) + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+      const uint32_t lo[4] = {float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3])};
+      const uint32_t hi[4] = {float_bits(v[4]), float_bits(v[5]), float_bits(v[6]), float_bits(v[7])};
+      st_global_v4(static_cast<float*>(p) + i, lo);
+      st_global_v4(static_cast<float*>(p) + i + 4, hi);
     } else {
       uint32_t w[4];
       QDPO_UNROLL
@@ -125,6 +127,30 @@ __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const f
     for (int j = 0; j < VEC; ++j) store1(p, dtype, i + j, v[j]);
   }
 }
+
+// A lane's chunks of its group row (c = lane, lane + team, ...), two per pass: the second chunk is
+// loaded before the first one's math, so a lane keeps two chunks' loads in flight. The element-wise
+// launchers size teams for half the chunks (pair_lanes): a lane's own set-up (its group row, scale,
+// zero point, reciprocal, addresses: about 90 sm_90 instructions) then serves 16 elements, not 8.
+template <typename Load, typename Finish>
+__device__ __forceinline__ void chunk_pairs(int lane, int chunks, int team, Load load, Finish finish) {
+  for (int c = lane; c < chunks; c += 2 * team) {
+    auto first = load(c);
+    if (c + team < chunks) {
+      auto second = load(c + team);
+      finish(c, first);
+      finish(c + team, second);
+    } else {
+      finish(c, first);
+    }
+  }
+}
+
+// VEC values of one chunk (chunk_pairs' loads).
+template <int VEC>
+struct Chunk {
+  float v[VEC];
+};
 
 // Codes k .. k+VEC-1 of a packed row (qdpo/quant/format.py): VEC == 8 is one
 // 4-byte (W4) or 8-byte (W8) access; W4 chunks start at an even k.

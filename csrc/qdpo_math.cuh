@@ -94,6 +94,10 @@ inline TeamShape team_shape(int64_t n, int64_t ng, int64_t chunks) {
   return {tg, block, (rows + per_block - 1) / per_block};
 }
 
+// Lanes a team needs for `chunks` chunks when each lane takes two per pass (chunk_pairs in
+// qdpo_device.cuh: dequantize and fake_quant; team_shape rounds up to a power of two).
+inline int64_t pair_lanes(int64_t chunks) { return (chunks + 1) / 2; }
+
 // torch.round semantics: ties to even (rintf uses the default FE_TONEAREST mode).
 QDPO_HD float round_half_even(float x) { return rintf(x); }
 
