@@ -2,12 +2,15 @@
 rows kept as they are measured, read back after a stopped run, checked against the targets."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 import gpu_check  # noqa: E402
@@ -103,3 +106,37 @@ def test_gemv_choices_spell_each_rule_once():
                                                                 "zero_after": True}]
     assert gemv_choices(16, warps=(4,), x_smem=(True,), scale_after=(False,), shared_x=(True,)) == [
         {**GEMV_DEFAULTS, "warps": 4, "shared_x": True}]
+
+
+def test_static_sass_finds_loops_and_counts_the_triton_kernels():
+    """``benchmarks/static_sass.py`` (how the README's static counts are made): its SASS parsing on a
+    hand-made listing, then a real run over the Triton kernels, which compile for sm_90 on the CPU."""
+    import static_sass
+
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   EXIT ;
+        /*0050*/                   NOP ;"""
+    ins = static_sass.instructions(listing)
+    assert [a for a, _ in ins] == [0, 0x10, 0x20, 0x30, 0x40], "NOP padding is not an instruction"
+    assert static_sass.loops(ins) == [3], "the loop is 0x10 .. 0x30"
+    # the kernels compile for the GPU only outside the interpreter this test process runs: a subprocess
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, str(BENCH / "static_sass.py"), "--triton"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if run.returncode and ("GPUTarget" in run.stderr or "cuobjdump" in run.stderr):
+        pytest.skip(f"cannot compile for sm_90 here: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].isdigit():
+            rows[cells[0]] = float(cells[2].split()[0])
+    for bits in (4, 8):
+        for tile in ("64x128", "128x128"):
+            words, per_byte = rows[f"gemv M=1 W{bits} words {tile} 4 warps"], rows[f"gemv M=1 W{bits} bytes {tile} 4 warps"]
+            assert words < per_byte, f"W{bits} {tile}: {words:.2f} instructions per code on words, {per_byte:.2f} on bytes"
+    assert rows["dequantize W4 words bf16 32x128 8 warps"] < rows["dequantize W4 bytes bf16 32x128 8 warps"]
