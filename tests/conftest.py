@@ -86,6 +86,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of uint8 ``t`` one byte past an aligned address (kernels that read words must fall back)."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "codes") -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

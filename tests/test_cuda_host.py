@@ -780,31 +780,22 @@ def test_a_gpu_without_a_kernel_image_is_unsupported_not_an_error(monkeypatch):
         cuda._launch(dev, other, 1, 2)
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump from the CUDA toolkit, or the copy Triton's wheel ships."""
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.exists() else None
-
-
 def test_element_wise_kernels_store_16_bytes_at_a_time(C):
     """The 8-element chunks of the element-wise kernels (dequantize, fake_quant forward and backward)
     leave as 16-byte stores in every output dtype (sm_90 SASS of this build). A 16-bit output packed
     in a branch on its dtype once left as four 4-byte stores, each writing a quarter of every sector
     of the warp's 512 bytes; the fp32 outputs, stored 16 bytes at a time, had reached 95 % of copy
     bandwidth and the bf16 ones 66-72 % (H200)."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import static_sass  # its cuobjdump and SASS parsing (benchmarks/static_sass.py)
+
+    try:
+        tool = static_sass.cuobjdump()
+    except SystemExit as e:
+        pytest.skip(str(e))
     sass = subprocess.run([tool, "-sass", "-arch", "sm_90", C.__file__], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr[-2000:]
-    functions = {}
-    for block in sass.stdout.split("Function : ")[1:]:
-        functions[block.split("\n", 1)[0].strip()] = block
+    functions = static_sass.functions(sass.stdout)
     chunked = {name: body for name, body in functions.items()
                if re.search(r"(dequantize_kernel|fake_quant_kernel|fake_quant_backward_kernel)ILi[48]ELi8E", name)}
     assert len(chunked) == 8, sorted(functions)

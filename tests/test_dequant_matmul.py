@@ -20,7 +20,7 @@ from qdpo.kernels import reference as ref
 from qdpo.kernels.backends import Unsupported
 from qdpo.kernels.triton import dequant_matmul as dm
 from qdpo.kernels.triton import dequant_matmul_gemm as dmg
-from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x, fp32_sum_floor
+from tests.conftest import HAS_GPU, LLAMA_SHAPES, MS, ODD_NK, assert_close_2x, fp32_sum_floor, misaligned
 
 DEV = "cuda" if HAS_GPU else "cpu"
 OPS = torch.ops.qdpo
@@ -153,12 +153,6 @@ def test_gemv_configs(cfg):
 def test_m1_word_and_byte_paths(bits):
     """M = 1 reads the weight as 32-bit words where every row is whole, aligned words; a K that leaves a
     partial word (one group per row) or a weight at an odd address takes the byte path. Both match."""
-    def misaligned(t):  # the same bytes, one byte past an aligned address
-        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-        out = buf[1:].view(t.shape)
-        out.copy_(t)
-        return out
-
     for k, gs, move, words in ((96, 32, False, True), (100 if bits == 4 else 98, -1, False, False),
                                (128, 64, True, False)):
         qw = _weight(37, k, bits, gs, sym=False, seed=k)

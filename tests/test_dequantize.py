@@ -14,7 +14,7 @@ import qdpo
 from qdpo import QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import dequantize as td, quantize as tq
-from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, on, randn
+from tests.conftest import DTYPES, GROUPS, LLAMA_SHAPES, ODD_NK, SHAPE_FOR, assert_exact, misaligned, on, randn
 
 OPS = torch.ops.qdpo
 
@@ -67,11 +67,6 @@ def test_w4_word_and_byte_paths():
     """W4 groups of whole, aligned 32-bit words take the word path (codes masked in place), the rest
     (a group of K = 100 codes, a weight at an odd address, a row stride of 2 mod 4) the byte path; both
     bit-exact, in every output dtype."""
-    def misaligned(t):  # the same bytes, one byte past an aligned address
-        out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
-        out.copy_(t)
-        return out
-
     q, s, z = _random_packed(7, 256, 4, 8, torch.bfloat16, seed=5)
     q100, s100, z100 = _random_packed(7, 100, 4, 1, torch.float32, seed=6)
     wide = torch.zeros(7, 130, dtype=torch.uint8)

@@ -91,9 +91,9 @@ def launch(qweight, scales, zeros, bits, dtype, cfg=None):
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)  # ŵ: [N, K] dtype
     # (3) launch
     grid = (triton.cdiv(r, cfg.block_r), triton.cdiv(g, cfg.block_g))
-    # W4 groups of whole words: codes masked in place (static sm_90: 17.1 -> 13.9 instructions per element
-    # at 32 x 128 tiles and 8 warps); W8 gains nothing that way and reads bytes
-    words = int32_words(qweight) if bits == 4 and g % 8 == 0 and g >= 8 else None
+    # W4 groups of whole words: codes masked in place (fewer instructions per element, static sm_90:
+    # benchmarks/static_sass.py); W8 gains nothing that way and reads bytes
+    words = int32_words(qweight) if bits == 4 and g % 8 == 0 else None
     q, unit = (qweight, 1) if words is None else (words, 4)
     _dequantize_kernel[grid](
         q, scales, zeros, out,

@@ -44,7 +44,8 @@ import triton.language as tl
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, tl_dtype
 from qdpo.kernels.triton.quantize import (
-    config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient, wide_offsets,
+    clamp_to_grid, config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient,
+    wide_offsets,
 )
 
 
@@ -68,7 +69,7 @@ def _fake_quant_kernel(
     w, mask = load_tile(w_ptr, row * stride_wn + grp * G, k0, G, rmask, BLOCK_G)
     _, rx = rounded_quotient(w, s)
     # (clamp(rx + z, 0, qmax) - z)·s with one addition fewer; "+ 0" makes a zero +0, as q - z would
-    w_hat = (tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) + 0.0) * s[:, None]
+    w_hat = (clamp_to_grid(rx, z[:, None], qmax) + 0.0) * s[:, None]
     out = out_ptr + (row * stride_on + grp * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
     tl.store(out, cast_out(w_hat, OUT_DTYPE), mask=mask)
 
@@ -108,7 +109,7 @@ def _fake_quant_backward_kernel(
         kk = k0 + tl.arange(0, BLOCK_G)
         tl.store(gw_ptr + gw_base[:, None] + kk[None, :], cast_out(gw, W_DTYPE), mask=mask)
         if NEED_GS:
-            ds = tl.where(inside, rx - x, tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]))
+            ds = tl.where(inside, rx - x, clamp_to_grid(rx, z[:, None], qmax))
             acc += tl.where(mask, g * ds, 0.0)
     if NEED_GS:
         # grad_s is freshly allocated and contiguous: (N, NG) row-major

@@ -73,10 +73,12 @@ def config(r: int, g: int, device: torch.device, tile: int | None = None) -> Con
 # --------------------------------------------------------------------------- device helpers
 def div_magic(d: int) -> tuple[int, int]:
     """``(m, l)`` such that ``umulhi(2n, m) >> l == n // d`` for every ``0 <= n < 2³¹`` (``group_rows``):
-    ``l = ⌈log2 d⌉`` and ``m = ⌈2^(31+l) / d⌉``, which lies in [2³¹, 2³²) for every ``1 <= d < 2³¹`` (Granlund &
-    Montgomery, "Division by invariant integers using multiplication", 1994, thm. 4.2 with N = 31: ``m·d``
-    exceeds ``2^(31+l)`` by less than ``d <= 2^l``). A division by a runtime value costs about 12 integer
-    instructions per element on the GPU; this costs two."""
+    ``l = ⌈log2 d⌉`` and ``m = ⌈2^(31+l) / d⌉``, which lies in [2³¹, 2³²) for every ``1 <= d < 2³¹``
+    (Granlund & Montgomery, "Division by invariant integers using multiplication", 1994, thm. 4.2 with N = 31: ``m·d``
+    exceeds ``2^(31+l)`` by less than ``d <= 2^l``). The multiplier is that of the cuda team kernels
+    (``csrc/qdpo_math.cuh: div_magic``), taken as a high multiply of 2n where Triton has no 64-bit
+    product to shift. A division by a runtime value costs about 12 integer instructions per element on
+    the GPU; this costs two."""
     if not 1 <= d < 2**31:
         raise ValueError(f"divisor {d} outside [1, 2^31)")
     l = (d - 1).bit_length()
@@ -120,6 +122,13 @@ def load_grid(s_ptr, z_ptr, p_off, rmask):
     s = tl.load(s_ptr + p_off, mask=rmask, other=1.0).to(tl.float32)
     z = tl.load(z_ptr + p_off, mask=rmask, other=0).to(tl.float32)
     return s, z
+
+
+@triton.jit
+def clamp_to_grid(rx, z, QMAX: tl.constexpr):
+    """``clamp(rx + z, 0, qmax) - z`` for rounded quotients ``rx`` and zero points ``z`` (a column) as
+    ``clamp(rx, -z, qmax - z)``: one addition fewer (see :func:`rounded_quotient`)."""
+    return tl.minimum(tl.maximum(rx, -z), QMAX - z)
 
 
 @triton.jit
@@ -177,7 +186,7 @@ def _store_codes(q_ptr, q_base, w, s, z, k0, G, rmask,
     """Quantize a ``[BLOCK_R, BLOCK_G]`` fp32 tile and store its packed bytes."""
     qmax: tl.constexpr = (1 << BITS) - 1
     _, rx = rounded_quotient(w, s)
-    q = (tl.minimum(tl.maximum(rx, -z[:, None]), qmax - z[:, None]) + z[:, None]).to(tl.int32).to(tl.uint8)
+    q = (clamp_to_grid(rx, z[:, None], qmax) + z[:, None]).to(tl.int32).to(tl.uint8)
     if BITS == 8:
         kk = k0 + tl.arange(0, BLOCK_G)
         tl.store(q_ptr + q_base[:, None] + kk[None, :], q, mask=rmask[:, None] & (kk < G)[None, :])
