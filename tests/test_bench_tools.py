@@ -139,5 +139,5 @@ def test_static_sass_finds_loops_and_counts_the_triton_kernels():
         for tile in ("64x128", "128x128"):
             words = rows[f"gemv M=1 W{bits} words {tile} 4 warps"]
             per_byte = rows[f"gemv M=1 W{bits} bytes {tile} 4 warps"]
-            assert words < per_byte, f"W{bits} {tile}: {words:.2f} instructions per code on words, {per_byte:.2f} on bytes"
+            assert words < per_byte, f"W{bits} {tile}: {words:.2f} per code on words, {per_byte:.2f} on bytes"
     assert rows["dequantize W4 words bf16 32x128 8 warps"] < rows["dequantize W4 bytes bf16 32x128 8 warps"]
