@@ -93,6 +93,25 @@ void def_host_math(py::module_& m) {
     return std::make_tuple(p.s, static_cast<int>(p.z));
   }, py::arg("wmin"), py::arg("wmax"), py::arg("bits"), py::arg("symmetric"), py::arg("dtype"),
         "(scale, zero) of one group from its min and max, as reference.qparams");
+  m.def("host_dequantize", [](ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits,
+                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+    check("host_dequantize", qdpo::dequantize_emulate(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros,
+                                                      out, out_dtype));
+  }, "dequantize's launch run on the host, thread by thread, from CPU buffers (pointers; the arguments of "
+     "dequantize without the stream)");
+  m.def("host_fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+    check("host_fake_quant", qdpo::fake_quant_emulate(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros,
+                                                      out, out_dtype));
+  }, "fake_quant's launch run on the host, thread by thread (the arguments of fake_quant without the stream)");
+  m.def("host_fake_quant_backward", [](ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
+                                       int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
+                                       ptr_t grad_w, ptr_t grad_s) {
+    check("host_fake_quant_backward", qdpo::fake_quant_backward_emulate(grad, g_dtype, w, w_dtype, stride_wn, n, k,
+                                                                        ng, bits, scales, s_dtype, zeros, grad_w,
+                                                                        grad_s));
+  }, "fake_quant_backward's launch run on the host, thread by thread, the LSQ team sum in the device's order "
+     "(the arguments of fake_quant_backward without the stream)");
   m.def("host_gemv_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y, bool x_smem,
                                     bool scale_after, bool zero_after, int splits, bool shared_x) {

@@ -94,6 +94,15 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
                  int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                  ptr_t stream);
 
+// team_emulate.cpp — the launches of dequantize, fake_quant and fake_quant_backward run on the host,
+// thread by thread, from CPU buffers (tests only; the launchers' arguments without the stream).
+int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
+int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
+int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
+                                int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
+                                ptr_t grad_w, ptr_t grad_s);
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,

@@ -10,6 +10,9 @@
 // block, shuffle reductions); T > 32 is the whole block (one group row per
 // block, shared-memory reduction). Every thread reaches every reduction, so
 // full-warp shuffles are safe even for teams past the last group row.
+//
+// Also compiled for the host (team_emulate.cpp, by the C++ compiler): what needs the device (the
+// mma, the thread's coordinates, the team sum) is left out there, and a 16-byte store is a copy.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,6 +43,7 @@ inline int log2_if_pow2(int64_t v) {
   return (int64_t(1) << s) == v ? s : -1;
 }
 
+#if defined(__CUDACC__)
 // D = A · B + D on tensor cores, fp32 accumulators: A 16 × 16 (a0..a3), B 16 × 8 (b0, b1) in fp16
 // (HD = kF16) or bf16, fragments as the PTX ISA lays out mma.sync.m16n8k16.row.col.
 template <int HD>
@@ -54,6 +58,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+#endif
 
 // ------------------------------------------------------------------ loads/stores
 __device__ __forceinline__ float load1(const void* p, int dtype, int64_t i) {
@@ -74,9 +79,14 @@ __device__ __forceinline__ void store1(void* p, int dtype, int64_t i, float v) {
 // out of ptxas as four 4-byte stores (the four words land in registers that are not one aligned quad):
 // each then touches every sector of the warp's 512 bytes with a quarter of its bytes. The vector
 // store makes ptxas gather the words into a quad (register moves at most).
+// On the host (team_emulate.cpp): a plain 16-byte copy.
 __device__ __forceinline__ void st_global_v4(void* p, const uint32_t (&w)[4]) {
+#if defined(__CUDA_ARCH__)
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                : "memory");
+#else
+  std::memcpy(p, w, 16);
+#endif
 }
 
 // VEC values starting at element i: one or two 16-byte accesses when VEC == 8
@@ -199,6 +209,7 @@ __device__ __forceinline__ void store_codes(uint8_t* row, int64_t k, const uint8
 
 // ------------------------------------------------------------------ teams
 // (TeamGrid, Team and team_of live in qdpo_math.cuh, where the host tests reach them.)
+#if defined(__CUDACC__)  // device only (team_emulate.cpp emulates the team sum)
 __device__ __forceinline__ Team my_team(const TeamGrid& t) { return team_of(t, blockIdx.x, blockDim.x, threadIdx.x); }
 
 // All-reduce of v over the team (fixed order: deterministic). `op` is a binary functor.
@@ -216,6 +227,7 @@ __device__ __forceinline__ float team_allreduce(float v, int team, Op op) {
   }
   return v;
 }
+#endif
 
 struct MinOp {
   __device__ float operator()(float a, float b) const { return fminf(a, b); }

@@ -7,8 +7,10 @@ unchanged) and its ``__host__ __device__`` math is checked bit for bit against
 (round *up* to the scale dtype, tiny scale for zero-range groups), zero points,
 codes, ŵ, the STE mask and the LSQ factor. The tensor-core GEMV's data flow
 (byte offsets, nibble pairs, A/B fragment slots, output map) runs in a host
-emulation against ``reference.dequant_matmul``. The launchers' argument checks
-run too: they return before any CUDA call. What needs a GPU is in
+emulation against ``reference.dequant_matmul``; the launches of dequantize and
+fake_quant (forward, backward) run on the host thread by thread, through the
+kernels' own plans and thread functions, against their references. The
+launchers' argument checks run too: they return before any CUDA call. What needs a GPU is in
 ``tests/test_cuda_kernels.py``.
 """
 
@@ -29,7 +31,7 @@ import torch
 
 from qdpo.kernels import backends
 from qdpo.kernels import reference as ref
-from tests.conftest import DTYPES, randn
+from tests.conftest import DTYPES, assert_exact, randn
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
@@ -336,6 +338,124 @@ def test_division_by_a_group_size_without_a_divide(C):
     for n, d in ((1, 0), (-1, 3), (1, 2**31)):
         with pytest.raises(ValueError, match="host_div_by"):
             C.host_div_by(n, d)
+
+
+# --------------------------------------------------------------------------- element-wise launches, emulated
+# csrc/team_emulate.cpp runs the launches of dequantize and fake_quant (forward, backward) on the host,
+# thread by thread, through the kernels' own plans and thread functions (csrc/elementwise.cuh): the
+# launcher's chunk width and team shape, the thread map, the two-chunk loop (chunk_pairs), the
+# addresses, the loads and stores of each dtype, and (LSQ) the team sum in the device's order. The
+# wrappers below pass the arguments as qdpo/kernels/cuda.py does, from CPU tensors.
+def _host_dequantize(C, q, s, z, bits, dtype):
+    n, k = q.shape[0], q.shape[1] * 8 // bits
+    out = torch.full((n, k), float("nan"), dtype=dtype)  # a thread that skips its chunk leaves NaN
+    s, z = s.contiguous(), z.contiguous()
+    C.host_dequantize(q.data_ptr(), q.stride(0), n, k, s.shape[1], bits, s.data_ptr(), CODES[s.dtype], z.data_ptr(),
+                      out.data_ptr(), CODES[dtype])
+    return out
+
+
+def _host_fake_quant(C, w, s, z, bits, dtype):
+    out = torch.full(w.shape, float("nan"), dtype=dtype)
+    s, z = s.contiguous(), z.contiguous()
+    C.host_fake_quant(w.data_ptr(), CODES[w.dtype], w.stride(0), *w.shape, s.shape[1], bits, s.data_ptr(),
+                      CODES[s.dtype], z.data_ptr(), out.data_ptr(), CODES[dtype])
+    return out
+
+
+def _host_fake_quant_backward(C, grad, w, s, z, bits, lsq):
+    grad_w = torch.full(w.shape, float("nan"), dtype=w.dtype)
+    s, z = s.contiguous(), z.contiguous()
+    grad_s = torch.full(s.shape, float("nan"), dtype=s.dtype) if lsq else None
+    C.host_fake_quant_backward(grad.data_ptr(), CODES[grad.dtype], w.data_ptr(), CODES[w.dtype], w.stride(0),
+                               *w.shape, s.shape[1], bits, s.data_ptr(), CODES[s.dtype], z.data_ptr(),
+                               grad_w.data_ptr(), 0 if grad_s is None else grad_s.data_ptr())
+    return grad_w, grad_s
+
+
+def _cols(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k columns of t: rows one element longer than k, so 8-element chunks need not be aligned."""
+    return t[:, :k]
+
+
+# (n, K, NG) of the team shapes: one lane (G = 8 or 16), sub-warp teams, a block-wide team (K = 2048,
+# one group), teams at the 256-thread cap whose lanes loop with and without a partner chunk (K = 8192,
+# 4104), several group rows per block; and narrow chunks (G % 8 != 0).
+TEAM_CASES = [(5, 40, 5), (3, 64, 4), (7, 96, 3), (9, 320, 1), (3, 2048, 1), (2, 8192, 1), (2, 4104, 1), (33, 256, 2),
+              (6, 60, 6), (4, 100, 1)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,ng", TEAM_CASES)
+def test_dequantize_launch_emulated_matches_reference(C, bits, n, k, ng):
+    """Every output dtype from scales of each dtype, bit for bit; and 1-byte aligned code rows
+    (narrow chunks)."""
+    from tests.conftest import misaligned
+    from tests.test_dequantize import _random_packed
+
+    if bits == 4 and (k // ng) % 2:
+        pytest.skip("4-bit codes pair up within a group")
+    for i, (sdtype, dtype) in enumerate(zip(DTYPES, DTYPES[1:] + DTYPES[:1])):
+        q, s, z = _random_packed(n, k, bits, ng, sdtype, seed=i)
+        want = ref.dequantize(q, s, z, bits, dtype)
+        assert_exact(_host_dequantize(C, q, s, z, bits, dtype), want, f"ŵ {dtype} from {sdtype} scales")
+        assert_exact(_host_dequantize(C, misaligned(q), s, z, bits, dtype), want, "ŵ from misaligned codes")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,ng", TEAM_CASES)
+def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng):
+    """Forward ŵ and backward ∂w bit for bit, ∂s within the sum bound: each weight dtype into each
+    output dtype, rows whose chunks are not 16-byte aligned, and scales past 2^±100 (the true
+    division instead of the group's reciprocal)."""
+    from tests.test_fake_quant import _assert_sum_close, _grid
+
+    if bits == 4 and (k // ng) % 2:
+        pytest.skip("4-bit codes pair up within a group")
+    for i, (wdtype, dtype) in enumerate(zip(DTYPES, DTYPES[2:] + DTYPES[:2])):
+        wide = randn(n, k + 1, wdtype, seed=i)
+        cases = [wide[:, :k].contiguous(), _cols(wide, k)]
+        if wdtype == torch.float32:
+            cases.append(cases[0] * 2.0**-110)
+        for w in cases:
+            s, z = _grid(w, bits, k // ng if ng > 1 else -1, False)
+            assert_exact(_host_fake_quant(C, w, s, z, bits, dtype), ref.fake_quant(w, s, z, bits, dtype), "ŵ")
+            grad = randn(n, k, dtype, seed=i + 7)
+            rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
+            assert_exact(_host_fake_quant_backward(C, grad, w, s, z, bits, False)[0], rw, "grad_w")
+            gw, gs = _host_fake_quant_backward(C, grad, w, s, z, bits, True)
+            assert_exact(gw, rw, "grad_w (LSQ)")
+            _assert_sum_close(gs, rs, grad, bits)
+
+
+def test_lsq_team_sum_follows_the_device_order(C):
+    """∂s of one group whose terms cancel: the emulated team sum is the shuffle tree's fp32 result
+    (lane pairs at distance 16, 8, ..., 1 within a warp, then warps in order), not a lane-by-lane sum's."""
+    k = 256 * 8 * 2  # one group: a block-wide team of 256 lanes, two 8-element chunks each
+    w = torch.full((1, k), 0.25)  # round(w / s) - w / s = -0.25 everywhere (inside the grid)
+    s, z = torch.ones(1, 1), torch.full((1, 1), 8, dtype=torch.uint8)
+    grad = torch.zeros(1, k)
+    lane_of = (torch.arange(k) // 8) % 256  # chunk c belongs to lane c % team
+    grad[0, lane_of == 0] = 2.0**24
+    grad[0, (lane_of == 1) | (lane_of == 3)] = 1.0
+    grad[0, lane_of == 255] = -(2.0**24)
+    _, gs = _host_fake_quant_backward(C, grad, w, s, z, 4, True)
+    # Lanes 0, 1, 3 and 255 hold -2^26, -4, -4 and 2^26 (16 exact terms each). The tree adds lanes 1
+    # and 3 (distance 2) before their sum meets lane 0's: -2^26 - 8 is an fp32 value (an ulp there is
+    # 8), and warp 7's 2^26 leaves -8. Lane by lane, each -4 would tie back to -2^26: 0.
+    assert gs.item() == -8.0
+
+
+def test_emulated_launches_check_their_arguments(C):
+    """The emulations go through the launchers' plans: the same checks, before any thread runs."""
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    p = buf.data_ptr()
+    with pytest.raises(ValueError, match="bits not in"):
+        C.host_dequantize(p, 128, 4, 256, 8, 5, p, 0, p, p, 0)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        C.host_fake_quant(p, 0, 256, 4, 256, 8, 4, p, 0, p, p, 9)
+    with pytest.raises(ValueError, match="null pointer"):
+        C.host_fake_quant_backward(0, 0, p, 0, 256, 4, 256, 8, 4, p, 0, p, p, 0)
 
 
 # --------------------------------------------------------------------------- GEMV and GEMM data flow

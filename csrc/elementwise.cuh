@@ -1,0 +1,236 @@
+// elementwise.cuh — the threads and launch plans of the element-wise team kernels that have no
+// reduction before their last store: dequantize (dequantize.cu) and fake_quant forward and backward
+// (fake_quant.cu). Shared by those kernels and by their host emulation (team_emulate.cpp), which
+// runs every thread of a launch on the CPU: the CPU test suite then checks, against
+// reference.py, what a unit test of the math alone cannot — the launchers' checks, chunk widths
+// and team sizes (plan), the thread map (team_of), the chunk loop (chunk_pairs), the addresses,
+// and the loads and stores of every dtype. Only the hardware's own semantics are assumed: the
+// kernels' 16-byte vector accesses are plain copies on the host, and the LSQ team sum is emulated
+// from team_allreduce's shuffle order.
+//
+// A plan checks its arguments (a Status code on failure: nothing launched), picks the chunk width
+// and the team shape, fills the kernel's arguments and calls launch(Int<BITS>, Int<VEC>, shape,
+// args), which returns the launch status: `<<<shape.grid, shape.block>>>` in the .cu files, every
+// thread in turn on the host.
+#pragma once
+
+#include "qdpo_device.cuh"
+
+namespace qdpo {
+
+// ------------------------------------------------------------------ dequantize
+struct DequantizeArgs {
+  const uint8_t* q;
+  int64_t stride_qn;  // bytes
+  TeamGrid tg;
+  int g;
+  const void* s;
+  int s_dtype;
+  const uint8_t* z;
+  void* out;          // (N, K) contiguous
+  int out_dtype;
+  int64_t k;
+};
+
+// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r.
+template <int BITS, int VEC>
+__device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const Team& tm) {
+  const int n = tm.n, grp = tm.grp;
+  const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
+  const uint8_t* qrow = a.q + n * a.stride_qn;
+  const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
+  struct Codes {
+    uint8_t c[VEC];
+  };
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        Codes q;
+        load_codes<BITS, VEC>(qrow, first + static_cast<int64_t>(c) * VEC, q.c);
+        return q;
+      },
+      [&](int c, Codes& q) {
+        float v[VEC];
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) v[j] = dequantize_one(q.c[j], s, z);
+        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, v);
+      });
+}
+
+template <typename Launch>
+int dequantize_plan(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+                    int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, Launch&& launch) {
+  if (int e = check_grid(n, k, ng, bits)) return e;
+  QDPO_REQUIRE(valid_dtype(s_dtype) && valid_dtype(out_dtype), kErrDtype);
+  QDPO_REQUIRE(qweight != 0 && scales != 0 && zeros != 0 && out != 0, kErrNull);
+  QDPO_REQUIRE(stride_qn >= k * bits / 8, kErrShape);
+  QDPO_REQUIRE(aligned(scales, dtype_size(s_dtype)) && aligned(out, dtype_size(out_dtype)), kErrAlign);
+  const int64_t g = k / ng;
+  const bool vec8 = g % 8 == 0 && aligned(qweight, 8) && stride_qn % 8 == 0 && aligned(out, 16);
+  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
+    const DequantizeArgs a{reinterpret_cast<const uint8_t*>(qweight), stride_qn, sh.tg, static_cast<int>(g),
+                           reinterpret_cast<const void*>(scales), s_dtype,
+                           reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<void*>(out), out_dtype, k};
+    return launch(b, v, sh, a);
+  });
+}
+
+// ------------------------------------------------------------------ fake_quant
+struct FakeQuantArgs {
+  const void* w;
+  int w_dtype;
+  int64_t stride_wn;  // elements
+  TeamGrid tg;
+  int g;
+  const void* s;
+  int s_dtype;
+  const uint8_t* z;
+  int64_t k;
+  const void* grad;   // backward only, (N, K) contiguous
+  int g_dtype;
+  void* out;          // forward: ŵ in out_dtype; backward: grad_w in w_dtype
+  int out_dtype;
+  void* grad_s;       // backward with LSQ
+};
+
+// One team's group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh: quotient, the same
+// ŵ bit for bit, two FMAs and a multiply per element instead of a division).
+template <int BITS, int VEC, bool RECIP>
+__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int n, int grp,
+                                                 const Recip& d, float z) {
+  const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        Chunk<VEC> w;
+        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + first + static_cast<int64_t>(c) * VEC, w.v);
+        return w;
+      },
+      [&](int c, Chunk<VEC>& w) {
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) {
+          w.v[j] = RECIP ? fake_quant_recip(w.v[j], d, z, BITS) : fake_quant_one(w.v[j], d.s, z, BITS);
+        }
+        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, w.v);
+      });
+}
+
+// Thread tm (valid) of the forward kernel.
+template <int BITS, int VEC>
+__device__ __forceinline__ void fake_quant_thread(const FakeQuantArgs& a, const Team& tm) {
+  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const float z = a.z[tm.r];
+  if (d.fast) {
+    fake_quant_group<BITS, VEC, true>(a, tm, tm.n, tm.grp, d, z);
+  } else {
+    fake_quant_group<BITS, VEC, false>(a, tm, tm.n, tm.grp, d, z);
+  }
+}
+
+// One team's group of the backward, returning the lane's LSQ sum. RECIP (no LSQ): the mask through
+// the group's reciprocal (ste_pass_recip, the same mask bit for bit).
+template <int BITS, int VEC, bool LSQ, bool RECIP>
+__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int n,
+                                                           int grp, const Recip& d, float z) {
+  static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
+  struct WG {
+    Chunk<VEC> w, g;
+  };
+  const int64_t first = static_cast<int64_t>(grp) * a.g;
+  float acc = 0.f;
+  chunk_pairs(
+      tm.lane, a.g / VEC, a.tg.team,
+      [&](int c) {
+        const int64_t k = first + static_cast<int64_t>(c) * VEC;
+        WG x;
+        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, x.w.v);
+        load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, x.g.v);
+        return x;
+      },
+      [&](int c, WG& x) {
+        QDPO_UNROLL
+        for (int j = 0; j < VEC; ++j) {
+          if constexpr (RECIP) {
+            x.g.v[j] = ste_pass_recip(x.w.v[j], d, z, BITS) ? x.g.v[j] : 0.f;
+          } else {
+            const SteTerms st = ste_terms(x.w.v[j], d.s, z, BITS);
+            if (LSQ) acc += x.g.v[j] * st.lsq;
+            x.g.v[j] = st.inside ? x.g.v[j] : 0.f;
+          }
+        }
+        store_vec<VEC>(a.out, a.w_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, x.g.v);
+      });
+  return acc;
+}
+
+// Thread tm of the backward kernel up to its team sum: grad_w of its chunks and (LSQ) the lane's
+// part of ∂s; 0 for a thread past the last group row, which joins the team sum only.
+template <int BITS, int VEC, bool LSQ>
+__device__ __forceinline__ float fake_quant_backward_thread(const FakeQuantArgs& a, const Team& tm) {
+  if (!tm.valid) return 0.f;
+  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const float z = a.z[tm.r];
+  if (!LSQ && d.fast) return fake_quant_backward_group<BITS, VEC, false, true>(a, tm, tm.n, tm.grp, d, z);
+  return fake_quant_backward_group<BITS, VEC, LSQ, false>(a, tm, tm.n, tm.grp, d, z);
+}
+
+// ∂s of the team's group from the team sum of its lanes' parts (lane 0 stores it).
+__device__ __forceinline__ void store_grad_s(const FakeQuantArgs& a, const Team& tm, float sum) {
+  if (tm.valid && tm.lane == 0) store1(a.grad_s, a.s_dtype, tm.r, sum);
+}
+
+inline int check_fq(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                    ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+  if (int e = check_grid(n, k, ng, bits)) return e;
+  QDPO_REQUIRE(valid_dtype(w_dtype) && valid_dtype(s_dtype) && valid_dtype(out_dtype), kErrDtype);
+  QDPO_REQUIRE(w != 0 && scales != 0 && zeros != 0 && out != 0, kErrNull);
+  QDPO_REQUIRE(stride_wn >= k, kErrShape);
+  QDPO_REQUIRE(aligned(w, dtype_size(w_dtype)) && aligned(scales, dtype_size(s_dtype)) &&
+                   aligned(out, dtype_size(out_dtype)), kErrAlign);
+  return kOk;
+}
+
+inline bool vec8_ok(ptr_t w, int w_dtype, int64_t stride_wn, int64_t g, ptr_t out) {
+  return g % 8 == 0 && aligned(w, 16) && (stride_wn * dtype_size(w_dtype)) % 16 == 0 && aligned(out, 16);
+}
+
+template <typename Launch>
+int fake_quant_plan(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                    ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, Launch&& launch) {
+  if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype)) return e;
+  const int64_t g = k / ng;
+  return dispatch_bits_vec(bits, vec8_ok(w, w_dtype, stride_wn, g, out), [&](auto b, auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                          reinterpret_cast<const void*>(scales), s_dtype,
+                          reinterpret_cast<const uint8_t*>(zeros), k, nullptr, 0, reinterpret_cast<void*>(out),
+                          out_dtype, nullptr};
+    return launch(b, v, sh, a);
+  });
+}
+
+template <typename Launch>
+int fake_quant_backward_plan(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
+                             int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w,
+                             ptr_t grad_s, Launch&& launch) {
+  if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, w_dtype)) return e;
+  QDPO_REQUIRE(valid_dtype(g_dtype), kErrDtype);
+  QDPO_REQUIRE(grad != 0, kErrNull);
+  QDPO_REQUIRE(aligned(grad, dtype_size(g_dtype)) && aligned(grad_s, dtype_size(s_dtype)), kErrAlign);
+  const int64_t g = k / ng;
+  const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
+  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
+    const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                          reinterpret_cast<const void*>(scales), s_dtype,
+                          reinterpret_cast<const uint8_t*>(zeros), k, reinterpret_cast<const void*>(grad), g_dtype,
+                          reinterpret_cast<void*>(grad_w), w_dtype, reinterpret_cast<void*>(grad_s)};
+    return launch(b, v, sh, a);
+  });
+}
+
+}  // namespace qdpo

@@ -1,0 +1,95 @@
+// team_emulate.cpp — the element-wise team kernels (dequantize, fake_quant forward and backward) run
+// on the host, every thread of the launch in turn, for the CPU test suite.
+//
+// The launch goes through the kernels' own plans and thread functions (elementwise.cuh): the same
+// argument checks, chunk width, team shape, thread map, chunk loop, addresses and dtype handling as
+// on the GPU. The threads of these kernels share nothing before their last store, so running them
+// one after another is what a GPU computes, but for the LSQ team sum, which is emulated here in
+// team_allreduce's order (qdpo_device.cuh: a butterfly of xor shuffles within each warp's slice of
+// the team, then, for a block-wide team, the warps' sums added in warp order).
+#include <algorithm>
+#include <vector>
+
+#include "elementwise.cuh"
+
+namespace qdpo {
+namespace {
+
+// Every thread of the launch `sh` in turn: f(block, thread, team).
+template <typename F>
+void each_thread(const TeamShape& sh, F&& f) {
+  for (int64_t b = 0; b < sh.grid; ++b) {
+    for (int t = 0; t < sh.block; ++t) f(b, t, team_of(sh.tg, static_cast<unsigned>(b), sh.block, t));
+  }
+}
+
+// team_allreduce(v, team, SumOp()) over one block's values v[thread], as the device computes it.
+void team_sum(std::vector<float>& v, int team) {
+  const int width = std::min(team, 32);
+  for (size_t w0 = 0; w0 < v.size(); w0 += 32) {
+    for (int o = width >> 1; o > 0; o >>= 1) {
+      float next[32];
+      for (int l = 0; l < 32; ++l) next[l] = v[w0 + l] + v[w0 + (l ^ o)];
+      std::copy(next, next + 32, v.begin() + w0);
+    }
+  }
+  if (team > 32) {  // the team is the block: buf[warp] = its sum, then buf[0] + buf[1] + ... in order
+    float sum = v[0];
+    for (int i = 1; i < team / 32; ++i) sum = sum + v[32 * i];
+    std::fill(v.begin(), v.end(), sum);
+  }
+}
+
+}  // namespace
+
+int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
+                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+  return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+                         [&](auto b, auto v, const TeamShape& sh, const DequantizeArgs& a) {
+                           constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+                           each_thread(sh, [&](int64_t, int, const Team& tm) {
+                             if (tm.valid) dequantize_thread<BITS, VEC>(a, tm);
+                           });
+                           return kOk;
+                         });
+}
+
+int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+  return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+                         [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
+                           constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+                           each_thread(sh, [&](int64_t, int, const Team& tm) {
+                             if (tm.valid) fake_quant_thread<BITS, VEC>(a, tm);
+                           });
+                           return kOk;
+                         });
+}
+
+int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
+                                int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
+                                ptr_t grad_w, ptr_t grad_s) {
+  return fake_quant_backward_plan(
+      grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s,
+      [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
+        constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+        if (grad_s == 0) {
+          each_thread(sh, [&](int64_t, int, const Team& tm) {
+            if (tm.valid) fake_quant_backward_thread<BITS, VEC, false>(a, tm);
+          });
+          return kOk;
+        }
+        std::vector<float> acc(sh.block);
+        std::vector<Team> teams(sh.block);
+        each_thread(sh, [&](int64_t, int t, const Team& tm) {
+          teams[t] = tm;
+          acc[t] = fake_quant_backward_thread<BITS, VEC, true>(a, tm);
+          if (t + 1 < sh.block) return;  // the block's last thread: its team sums
+          team_sum(acc, sh.tg.team);
+          for (int i = 0; i < sh.block; ++i) store_grad_s(a, teams[i], acc[i]);
+        });
+        return kOk;
+      });
+}
+
+}  // namespace qdpo
