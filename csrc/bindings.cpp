@@ -93,6 +93,12 @@ void def_host_math(py::module_& m) {
     return std::make_tuple(p.s, static_cast<int>(p.z));
   }, py::arg("wmin"), py::arg("wmax"), py::arg("bits"), py::arg("symmetric"), py::arg("dtype"),
         "(scale, zero) of one group from its min and max, as reference.qparams");
+  m.def("host_quantize", [](int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng,
+                            int bits, bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros) {
+    check("host_quantize", qdpo::quantize_emulate(mode, w, w_dtype, stride_wn, n, k, ng, bits, symmetric, qweight,
+                                                  scales, s_dtype, zeros));
+  }, "quantize's launch run on the host, thread by thread, the team min and max in the device's order (the "
+     "arguments of quantize without the stream)");
   m.def("host_dequantize", [](ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits,
                               ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
     check("host_dequantize", qdpo::dequantize_emulate(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros,

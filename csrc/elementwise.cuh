@@ -1,12 +1,13 @@
-// elementwise.cuh — the threads and launch plans of the element-wise team kernels that have no
-// reduction before their last store: dequantize (dequantize.cu) and fake_quant forward and backward
-// (fake_quant.cu). Shared by those kernels and by their host emulation (team_emulate.cpp), which
-// runs every thread of a launch on the CPU: the CPU test suite then checks, against
-// reference.py, what a unit test of the math alone cannot — the launchers' checks, chunk widths
-// and team sizes (plan), the thread map (team_of), the chunk loop (chunk_pairs), the addresses,
-// and the loads and stores of every dtype. Only the hardware's own semantics are assumed: the
-// kernels' 16-byte vector accesses are plain copies on the host, and the LSQ team sum is emulated
-// from team_allreduce's shuffle order.
+// elementwise.cuh — the threads and launch plans of the element-wise team kernels: quantize
+// (quantize.cu), dequantize (dequantize.cu) and fake_quant forward and backward (fake_quant.cu).
+// Shared by those kernels and by their host emulation (team_emulate.cpp), which runs every thread
+// of a launch on the CPU: the CPU test suite then checks, against reference.py, what a unit test of
+// the math alone cannot — the launchers' checks, chunk widths and team sizes (plan), the thread map
+// (team_of), the chunk loops, the addresses, and the loads and stores of every dtype. A kernel's
+// team sum (team_allreduce) splits its thread in two phases: the part before it returns the lane's
+// value, the part after takes the team's. Only the hardware's own semantics are assumed: the
+// kernels' 16-byte vector accesses are plain copies on the host, and the team sums are emulated in
+// team_allreduce's shuffle order.
 //
 // A plan checks its arguments (a Status code on failure: nothing launched), picks the chunk width
 // and the team shape, fills the kernel's arguments and calls launch(Int<BITS>, Int<VEC>, shape,
@@ -17,6 +18,104 @@
 #include "qdpo_device.cuh"
 
 namespace qdpo {
+
+// ------------------------------------------------------------------ quantize
+struct QuantizeArgs {
+  const void* w;
+  int w_dtype;
+  int64_t stride_wn;  // elements
+  TeamGrid tg;
+  int g;              // group size G
+  bool symmetric;
+  uint8_t* q;         // (N, K·b/8) contiguous
+  int64_t stride_qn;  // bytes
+  void* s;            // (N, NG) contiguous
+  int s_dtype;
+  uint8_t* z;         // (N, NG) contiguous
+};
+
+// One team's codes of its group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh:
+// quotient; the same codes as true division, a multiply and two FMAs per element instead of one).
+template <int BITS, int VEC, bool RECIP>
+__device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const Team& tm, int n, int grp,
+                                               const Recip& d, float z) {
+  uint8_t* qrow = a.q + n * a.stride_qn;
+  for (int c = tm.lane; c < a.g / VEC; c += a.tg.team) {
+    const int64_t k = grp * a.g + static_cast<int64_t>(c) * VEC;
+    float v[VEC];
+    uint8_t codes[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, v);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) codes[j] = RECIP ? quantize_recip(v[j], d, z, BITS) : quantize_one(v[j], d.s, z, BITS);
+    store_codes<BITS, VEC>(qrow, k, codes);
+  }
+}
+
+// The reducing modes' first phase: the min and max of the lane's chunks (0, 0 past the last group
+// row; the range always contains 0, as group_qparams clamps it too).
+struct Range {
+  float lo, hi;
+};
+template <int VEC>
+__device__ __forceinline__ Range quantize_range(const QuantizeArgs& a, const Team& tm) {
+  const int64_t w0 = tm.n * a.stride_wn + tm.grp * a.g;  // first element of the group in w
+  float lo = 0.f, hi = 0.f;
+  for (int c = tm.lane; tm.valid && c < a.g / VEC; c += a.tg.team) {
+    float v[VEC];
+    load_vec<VEC>(a.w, a.w_dtype, w0 + static_cast<int64_t>(c) * VEC, v);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) lo = fminf(lo, v[j]), hi = fmaxf(hi, v[j]);
+  }
+  return {lo, hi};
+}
+
+// The rest of thread tm: the group's scale and zero point from the team's range (reducing modes: lane
+// 0 stores them) or from memory (kQuantizeWith, range unused), then the lane's codes.
+template <int BITS, int VEC, int MODE>
+__device__ __forceinline__ void quantize_thread(const QuantizeArgs& a, const Team& tm, Range range) {
+  float s = 1.f, z = 0.f;
+  if (MODE == kQuantizeWith) {
+    if (tm.valid) s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
+  } else {
+    const GroupParams p = group_qparams(range.lo, range.hi, BITS, a.symmetric, a.w_dtype);
+    s = p.s, z = p.z;
+    if (tm.valid && tm.lane == 0) {
+      store1(a.s, a.s_dtype, tm.r, s);  // exact: s is a w.dtype value
+      a.z[tm.r] = static_cast<uint8_t>(z);
+    }
+  }
+  if (MODE == kQParams || !tm.valid) return;
+  const Recip d = recip_of(s);
+  if (d.fast) {
+    quantize_group<BITS, VEC, true>(a, tm, tm.n, tm.grp, d, z);
+  } else {
+    quantize_group<BITS, VEC, false>(a, tm, tm.n, tm.grp, d, z);
+  }
+}
+
+template <typename Launch>
+int quantize_plan(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                  bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros, Launch&& launch) {
+  if (int e = check_grid(n, k, ng, bits)) return e;
+  QDPO_REQUIRE(mode == kQParams || mode == kQuantize || mode == kQuantizeWith, kErrMode);
+  QDPO_REQUIRE(valid_dtype(w_dtype) && valid_dtype(s_dtype), kErrDtype);
+  QDPO_REQUIRE(mode == kQuantizeWith || s_dtype == w_dtype, kErrDtype);  // scales are made in w.dtype
+  QDPO_REQUIRE(w != 0 && scales != 0 && zeros != 0, kErrNull);
+  QDPO_REQUIRE(mode == kQParams || qweight != 0, kErrNull);
+  QDPO_REQUIRE(stride_wn >= k, kErrShape);
+  QDPO_REQUIRE(aligned(w, dtype_size(w_dtype)) && aligned(scales, dtype_size(s_dtype)), kErrAlign);
+  const int64_t g = k / ng;
+  const bool vec8 = g % 8 == 0 && aligned(w, 16) && (stride_wn * dtype_size(w_dtype)) % 16 == 0 &&
+                    (mode == kQParams || aligned(qweight, 8));
+  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+    constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+    const TeamShape sh = team_shape(n, ng, g / VEC);
+    const QuantizeArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
+                         symmetric, reinterpret_cast<uint8_t*>(qweight), k * BITS / 8,
+                         reinterpret_cast<void*>(scales), s_dtype, reinterpret_cast<uint8_t*>(zeros)};
+    return launch(b, v, sh, a);
+  });
+}
 
 // ------------------------------------------------------------------ dequantize
 struct DequantizeArgs {

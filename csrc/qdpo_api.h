@@ -94,8 +94,10 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
                  int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                  ptr_t stream);
 
-// team_emulate.cpp — the launches of dequantize, fake_quant and fake_quant_backward run on the host,
-// thread by thread, from CPU buffers (tests only; the launchers' arguments without the stream).
+// team_emulate.cpp — the launches of quantize, dequantize, fake_quant and fake_quant_backward run on the
+// host, thread by thread, from CPU buffers (tests only; the launchers' arguments without the stream).
+int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                     bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros);
 int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
                        int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
 int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,

@@ -1,12 +1,12 @@
-// team_emulate.cpp — the element-wise team kernels (dequantize, fake_quant forward and backward) run
-// on the host, every thread of the launch in turn, for the CPU test suite.
+// team_emulate.cpp — the element-wise team kernels (quantize, dequantize, fake_quant forward and
+// backward) run on the host, every thread of the launch in turn, for the CPU test suite.
 //
 // The launch goes through the kernels' own plans and thread functions (elementwise.cuh): the same
-// argument checks, chunk width, team shape, thread map, chunk loop, addresses and dtype handling as
-// on the GPU. The threads of these kernels share nothing before their last store, so running them
-// one after another is what a GPU computes, but for the LSQ team sum, which is emulated here in
-// team_allreduce's order (qdpo_device.cuh: a butterfly of xor shuffles within each warp's slice of
-// the team, then, for a block-wide team, the warps' sums added in warp order).
+// argument checks, chunk width, team shape, thread map, chunk loops, addresses and dtype handling as
+// on the GPU. The threads of these kernels share nothing but their team sums, so running a block's
+// threads one after another, phase by phase around each sum, is what a GPU computes. The sums are
+// emulated here in team_allreduce's order (qdpo_device.cuh: a butterfly of xor shuffles within each
+// warp's slice of the team, then, for a block-wide team, the warps' results combined in warp order).
 #include <algorithm>
 #include <vector>
 
@@ -23,24 +23,52 @@ void each_thread(const TeamShape& sh, F&& f) {
   }
 }
 
-// team_allreduce(v, team, SumOp()) over one block's values v[thread], as the device computes it.
-void team_sum(std::vector<float>& v, int team) {
+// team_allreduce(v, team, op) over one block's values v[thread], as the device computes it.
+template <typename Op>
+void team_reduce(std::vector<float>& v, int team, Op op) {
   const int width = std::min(team, 32);
   for (size_t w0 = 0; w0 < v.size(); w0 += 32) {
     for (int o = width >> 1; o > 0; o >>= 1) {
       float next[32];
-      for (int l = 0; l < 32; ++l) next[l] = v[w0 + l] + v[w0 + (l ^ o)];
+      for (int l = 0; l < 32; ++l) next[l] = op(v[w0 + l], v[w0 + (l ^ o)]);
       std::copy(next, next + 32, v.begin() + w0);
     }
   }
-  if (team > 32) {  // the team is the block: buf[warp] = its sum, then buf[0] + buf[1] + ... in order
-    float sum = v[0];
-    for (int i = 1; i < team / 32; ++i) sum = sum + v[32 * i];
-    std::fill(v.begin(), v.end(), sum);
+  if (team > 32) {  // the team is the block: buf[warp] = its result, then buf[0], buf[1], ... in order
+    float r = v[0];
+    for (int i = 1; i < team / 32; ++i) r = op(r, v[32 * i]);
+    std::fill(v.begin(), v.end(), r);
   }
 }
 
 }  // namespace
+
+int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
+                     bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros) {
+  return quantize_plan(
+      mode, w, w_dtype, stride_wn, n, k, ng, bits, symmetric, qweight, scales, s_dtype, zeros,
+      [&](auto b, auto v, const TeamShape& sh, const QuantizeArgs& a) {
+        constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
+        std::vector<float> lo(sh.block), hi(sh.block);
+        std::vector<Team> teams(sh.block);
+        each_thread(sh, [&](int64_t, int t, const Team& tm) {
+          teams[t] = tm;
+          if (mode != kQuantizeWith) {
+            const Range r = quantize_range<VEC>(a, tm);
+            lo[t] = r.lo, hi[t] = r.hi;
+          }
+          if (t + 1 < sh.block) return;  // the block's last thread: the team sums, then the second phase
+          if (mode != kQuantizeWith) team_reduce(lo, sh.tg.team, MinOp()), team_reduce(hi, sh.tg.team, MaxOp());
+          for (int i = 0; i < sh.block; ++i) {
+            const Range r{lo[i], hi[i]};
+            if (mode == kQParams) quantize_thread<BITS, VEC, kQParams>(a, teams[i], r);
+            if (mode == kQuantize) quantize_thread<BITS, VEC, kQuantize>(a, teams[i], r);
+            if (mode == kQuantizeWith) quantize_thread<BITS, VEC, kQuantizeWith>(a, teams[i], r);
+          }
+        });
+        return kOk;
+      });
+}
 
 int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
                        int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
@@ -85,7 +113,7 @@ int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, i
           teams[t] = tm;
           acc[t] = fake_quant_backward_thread<BITS, VEC, true>(a, tm);
           if (t + 1 < sh.block) return;  // the block's last thread: its team sums
-          team_sum(acc, sh.tg.team);
+          team_reduce(acc, sh.tg.team, SumOp());
           for (int i = 0; i < sh.block; ++i) store_grad_s(a, teams[i], acc[i]);
         });
         return kOk;

@@ -341,11 +341,23 @@ def test_division_by_a_group_size_without_a_divide(C):
 
 
 # --------------------------------------------------------------------------- element-wise launches, emulated
-# csrc/team_emulate.cpp runs the launches of dequantize and fake_quant (forward, backward) on the host,
-# thread by thread, through the kernels' own plans and thread functions (csrc/elementwise.cuh): the
-# launcher's chunk width and team shape, the thread map, the two-chunk loop (chunk_pairs), the
-# addresses, the loads and stores of each dtype, and (LSQ) the team sum in the device's order. The
-# wrappers below pass the arguments as qdpo/kernels/cuda.py does, from CPU tensors.
+# csrc/team_emulate.cpp runs the launches of quantize, dequantize and fake_quant (forward, backward) on
+# the host, thread by thread, through the kernels' own plans and thread functions (csrc/elementwise.cuh):
+# the launcher's chunk width and team shape, the thread map, the chunk loops (chunk_pairs), the
+# addresses, the loads and stores of each dtype, and the team sums (quantize's range, the LSQ ∂s) in
+# the device's order. The wrappers below pass the arguments as qdpo/kernels/cuda.py does, from CPU tensors.
+def _host_quantize(C, w, bits, mode, gs=-1, sym=False, scales=None, zeros=None):
+    n, k = w.shape
+    qweight = None if mode == C.QPARAMS else torch.full((n, k * bits // 8), 0xAB, dtype=torch.uint8)
+    if scales is None:
+        ng = 1 if gs == -1 else k // gs
+        scales, zeros = torch.full((n, ng), float("nan"), dtype=w.dtype), torch.full((n, ng), 0xCD, dtype=torch.uint8)
+    C.host_quantize(mode, w.data_ptr(), CODES[w.dtype], w.stride(0), n, k, scales.shape[1], bits, sym,
+                    0 if qweight is None else qweight.data_ptr(), scales.data_ptr(), CODES[scales.dtype],
+                    zeros.data_ptr())
+    return qweight, scales, zeros
+
+
 def _host_dequantize(C, q, s, z, bits, dtype):
     n, k = q.shape[0], q.shape[1] * 8 // bits
     out = torch.full((n, k), float("nan"), dtype=dtype)  # a thread that skips its chunk leaves NaN
@@ -383,6 +395,28 @@ def _cols(t: torch.Tensor, k: int) -> torch.Tensor:
 # 4104), several group rows per block; and narrow chunks (G % 8 != 0).
 TEAM_CASES = [(5, 40, 5), (3, 64, 4), (7, 96, 3), (9, 320, 1), (3, 2048, 1), (2, 8192, 1), (2, 4104, 1), (33, 256, 2),
               (6, 60, 6), (4, 100, 1)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,ng", TEAM_CASES)
+def test_quantize_launches_emulated_match_reference(C, bits, n, k, ng):
+    """Every mode bit for bit — scales and zeros from the team's range (asymmetric and symmetric), codes
+    with them, codes on a given grid of another dtype — for each weight dtype, on contiguous rows and on
+    rows whose chunks are not 16-byte aligned (narrow chunks)."""
+    if bits == 4 and (k // ng) % 2:
+        pytest.skip("4-bit codes pair up within a group")
+    gs = k // ng if ng > 1 else -1
+    for i, dtype in enumerate(DTYPES):
+        wide = randn(n, k + 1, dtype, seed=i) * torch.linspace(0.01, 3.0, n)[:, None].to(dtype)
+        for w, sym in ((wide[:, :k].contiguous(), False), (_cols(wide, k), True)):
+            rq, rs, rz = ref.quantize(w, bits, gs, sym)
+            _, s, z = _host_quantize(C, w, bits, C.QPARAMS, gs, sym)
+            assert_exact(s, rs, "scales"), assert_exact(z, rz, "zeros")
+            q, s, z = _host_quantize(C, w, bits, C.QUANTIZE, gs, sym)
+            assert_exact(q, rq, "qweight"), assert_exact(s, rs, "scales (with codes)"), assert_exact(z, rz, "zeros")
+            s2 = (rs.float() * 0.8).to(DTYPES[i - 1])  # a frozen grid in another dtype: some codes clip
+            q, _, _ = _host_quantize(C, w, bits, C.QUANTIZE_WITH, scales=s2, zeros=rz)
+            assert_exact(q, ref.quantize(w, bits, gs, sym, s2, rz)[0], "qweight on a given grid")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -450,6 +484,8 @@ def test_emulated_launches_check_their_arguments(C):
     """The emulations go through the launchers' plans: the same checks, before any thread runs."""
     buf = torch.zeros(4096, dtype=torch.uint8)
     p = buf.data_ptr()
+    with pytest.raises(ValueError, match="unknown mode"):
+        C.host_quantize(7, p, 0, 256, 4, 256, 8, 4, False, p, p, 0, p)
     with pytest.raises(ValueError, match="bits not in"):
         C.host_dequantize(p, 128, 4, 256, 8, 5, p, 0, p, p, 0)
     with pytest.raises(ValueError, match="unsupported dtype"):
