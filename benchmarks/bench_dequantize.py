@@ -6,8 +6,8 @@ and W8 per-channel symmetric, dequantized to bf16; on a GPU every weight of
 a speed reference). GB/s counts packed codes + scales + zeros read and ŵ
 written. Timing as in ``bench_quantize.py`` (CUDA graphs, cold L2).
 
-Impls: ``triton`` (the backend function), ``triton-4w`` (its tile with 4 warps,
-``bench_quantize.four_warps``), ``reference``, ``compile(reference)`` (GPU only). Target on an H100: ``triton`` close to copy bandwidth.
+Impls: ``triton`` (the backend function), ``triton-4w`` and ``triton-8k`` (its tile with 4 warps, and
+8192-element tiles: ``bench_quantize.variant_tile``), ``cuda``, ``reference``, ``compile(reference)`` (GPU only). Target on an H100: ``triton`` close to copy bandwidth.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import functools
 import common
 import pytest
 import torch
-from bench_quantize import FORMATS, cold_cycle, four_warps
+from bench_quantize import FORMATS, TILE_VARIANTS, cold_cycle, variant_tile
 
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import dequantize as td
@@ -25,7 +25,7 @@ from qdpo.kernels.triton import dequantize as td
 GPU = torch.cuda.is_available()
 DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
-IMPLS = ("triton", "triton-4w", "cuda", "reference", "compile(reference)")
+IMPLS = ("triton", *TILE_VARIANTS, "cuda", "reference", "compile(reference)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,9 +36,9 @@ def _compiled_reference():
 def _fn(impl: str, packed, bits: int):
     if impl == "triton":
         return lambda: td.dequantize(*packed, bits, torch.bfloat16)
-    if impl == "triton-4w":
+    if impl in TILE_VARIANTS:
         q, s, z = packed
-        cfg = four_warps(q.shape[0], q.shape[1] * 8 // bits, s.shape[1], q.device)
+        cfg = variant_tile(impl, q.shape[0], q.shape[1] * 8 // bits, s.shape[1], q.device)
         return lambda: td.launch(q, s, z, bits, torch.bfloat16, cfg)
     if impl == "cuda":
         cuda = common.cuda_backend()

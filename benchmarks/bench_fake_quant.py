@@ -10,8 +10,8 @@ the forward and the backward given ∂ŵ. Timing as in ``bench_quantize.py``
 GB/s counts the bytes the pair must move — forward: w read, ŵ written;
 backward: ∂ŵ and w read, ∂w written (scales/zeros and ∂scales are < 1 %).
 
-Impls: ``triton`` and ``cuda`` (backend functions), ``triton-4w`` (Triton's passes
-with 4-warp programs, ``bench_quantize.four_warps``), ``triton+lsq`` / ``cuda+lsq``
+Impls: ``triton`` and ``cuda`` (backend functions), ``triton-4w`` and ``triton-8k`` (Triton's passes
+with 4-warp programs, and with 8192-element tiles: ``bench_quantize.variant_tile``), ``triton+lsq`` / ``cuda+lsq``
 (plus the learned-scale gradient), ``triton-fwd`` / ``triton-bwd`` / ``cuda-fwd`` /
 ``cuda-bwd`` (one direction, its own bytes),
 ``qdpo-op-autograd`` (``torch.ops.qdpo.fake_quant`` with autograd),
@@ -26,7 +26,7 @@ import functools
 import common
 import pytest
 import torch
-from bench_quantize import cold_cycle, four_warps
+from bench_quantize import TILE_VARIANTS, cold_cycle, variant_tile
 
 from qdpo.kernels import reference as ref
 from qdpo.kernels.triton import fake_quant as tf
@@ -36,7 +36,7 @@ DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
 BITS, GS = 4, 128
 LAYOUTS = {"w=fp32": (torch.float32, torch.bfloat16), "w=bf16": (torch.bfloat16, torch.bfloat16)}  # (w, ŵ)
-IMPLS = ("triton", "triton-4w", "cuda", "triton+lsq", "cuda+lsq", "triton-fwd", "triton-bwd", "cuda-fwd", "cuda-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
+IMPLS = ("triton", *TILE_VARIANTS, "cuda", "triton+lsq", "cuda+lsq", "triton-fwd", "triton-bwd", "cuda-fwd", "cuda-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
 
 
 def _ref_step(w, s, z, grad, lsq):
@@ -58,8 +58,8 @@ def _fn(impl: str, w, s, z, grad):
     if impl in ("triton", "triton+lsq"):
         lsq = impl == "triton+lsq"
         return lambda: (tf.fake_quant(w, s, z, BITS, out_dtype), tf.fake_quant_backward(grad, w, s, z, BITS, lsq))
-    if impl == "triton-4w":  # the same passes with 4-warp programs (bench_quantize.four_warps)
-        cfg = four_warps(*w.shape, s.shape[1], w.device)
+    if impl in TILE_VARIANTS:  # the same passes with another tile (bench_quantize.variant_tile)
+        cfg = variant_tile(impl, *w.shape, s.shape[1], w.device)
         return lambda: (tf.fake_quant(w, s, z, BITS, out_dtype, cfg), tf.fake_quant_backward(grad, w, s, z, BITS, False, cfg))
     if impl == "triton-fwd":
         return lambda: tf.fake_quant(w, s, z, BITS, out_dtype)

@@ -39,12 +39,19 @@ IMPLS = ("triton", "cuda", "qdpo-op", "reference", "compile(reference)")
 
 
 
-def four_warps(n: int, k: int, groups: int, device) -> "tq.Config":
-    """The Triton element-wise kernels' own tile for an (n, k) weight of ``groups`` groups per row, with
-    4 warps instead of the 8 its rule gives a 4096-element tile: twice the elements per thread, about
-    a fifth fewer instructions per element (static sm_90), fewer loads in flight per program. The
-    ``triton-4w`` rows time it beside the rule (bench_dequantize, bench_fake_quant)."""
-    return dataclasses.replace(tq.config(n * groups, k // groups, torch.device(device)), num_warps=4)
+TILE_VARIANTS = ("triton-4w", "triton-8k")
+
+
+def variant_tile(impl: str, n: int, k: int, groups: int, device) -> "tq.Config":
+    """The Triton element-wise kernels' tile for an (n, k) weight of ``groups`` groups per row, as a
+    bench variant times it beside the rule (bench_dequantize, bench_fake_quant). ``triton-4w``: the
+    rule's 4096-element tile with 4 warps instead of 8, twice the elements per thread (about a fifth
+    fewer instructions per element, static sm_90) but fewer loads in flight per program.
+    ``triton-8k``: 8192-element tiles with 8 warps, so that a program of 16-bit weights reads as many
+    bytes as one of fp32 weights under the rule (the fp32 passes reached 90-98 % of copy bandwidth on
+    an H200, the bf16 ones 64-78 %: a per-program cost that the bytes do not pay for)."""
+    cfg = tq.config(n * groups, k // groups, torch.device(device), tile=8192 if impl == "triton-8k" else None)
+    return dataclasses.replace(cfg, num_warps=4) if impl == "triton-4w" else cfg
 
 
 def cold_cycle(make_fn, nbytes: int):
