@@ -131,13 +131,29 @@ struct DequantizeArgs {
   int64_t k;
 };
 
-// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r.
+// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. W4 chunks of 8
+// codes (one word) dequantize in place (qdpo_math.cuh: dequantize_word) wherever that is exact.
 template <int BITS, int VEC>
 __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const Team& tm) {
   const int n = tm.n, grp = tm.grp;
   const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   const uint8_t* qrow = a.q + n * a.stride_qn;
   const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
+  const int64_t out0 = n * a.k + first;
+  if constexpr (BITS == 4 && VEC == 8) {
+    if (w4_words_exact(s)) {
+      const W4Words g = w4_words(s, z);
+      chunk_pairs(
+          tm.lane, a.g / VEC, a.tg.team,
+          [&](int c) { return *reinterpret_cast<const uint32_t*>(qrow + (first + static_cast<int64_t>(c) * 8) / 2); },
+          [&](int c, uint32_t w) {
+            float v[8];
+            dequantize_word(w, g, v);
+            store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
+          });
+      return;
+    }
+  }
   struct Codes {
     uint8_t c[VEC];
   };
@@ -152,7 +168,7 @@ __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const
         float v[VEC];
         QDPO_UNROLL
         for (int j = 0; j < VEC; ++j) v[j] = dequantize_one(q.c[j], s, z);
-        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, v);
+        store_vec<VEC>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC, v);
       });
 }
 

@@ -258,6 +258,47 @@ QDPO_HD float dequantize_one(uint8_t q, float s, float z) {
   return (bits_float(0x4B000000u | q) - (8388608.f + z)) * s;
 }
 
+// ŵ of the eight W4 codes of one little-endian word (code j in bits 4j..4j+3), each code masked where
+// it lies instead of shifted down: code j of a half-word h (the word, then the word >> 16) is
+// 2^23 + q · 16^j under the bits of 2^23 (one LOP3: AND with its mask, OR with the bias), and
+// (2^23 + q · 16^j) - (2^23 + z · 16^j) = 16^j (q - z) exactly (integers below 2^24); times
+// s_j = s · 16^-j that is (q - z) · s, the same real product, so the same rounded fp32 ŵ as
+// dequantize_one, bit for bit, while s_j is exact: |s| >= 2^-114 (s_3 a normal number), or s = 0.
+// Per code: a LOP3, an FADD and an FMUL, where the shifted route takes a shift or mask more.
+struct W4Words {
+  float s[4], zb[4];  // s · 16^-j and 2^23 + z · 16^j
+};
+QDPO_HD bool w4_words_exact(float s) { return fabsf(s) >= 0x1p-114f || s == 0.f; }
+QDPO_HD W4Words w4_words(float s, float z) {
+  W4Words g;
+  for (int j = 0; j < 4; ++j) {
+    const float p = static_cast<float>(1 << (4 * j));
+    g.s[j] = s * (1.f / p), g.zb[j] = 8388608.f + z * p;  // exact: powers of two, z · 16^j < 2^20
+  }
+  return g;
+}
+template <int J>
+QDPO_HD uint32_t w4_in_place(uint32_t half) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;  // (half & mask) | 2^23 in one LOP3 (C++ gives an AND and an OR: two immediates)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(half), "n"(0xF << (4 * J)), "r"(0x4B000000u));
+  return r;
+#else
+  return (half & (0xFu << (4 * J))) | 0x4B000000u;
+#endif
+}
+template <int J>
+QDPO_HD float w4_code_in_place(uint32_t half, const W4Words& g) {
+  return (bits_float(w4_in_place<J>(half)) - g.zb[J]) * g.s[J];
+}
+QDPO_HD void dequantize_word(uint32_t w, const W4Words& g, float (&v)[8]) {
+  const uint32_t hi = w >> 16;
+  v[0] = w4_code_in_place<0>(w, g), v[1] = w4_code_in_place<1>(w, g);
+  v[2] = w4_code_in_place<2>(w, g), v[3] = w4_code_in_place<3>(w, g);
+  v[4] = w4_code_in_place<0>(hi, g), v[5] = w4_code_in_place<1>(hi, g);
+  v[6] = w4_code_in_place<2>(hi, g), v[7] = w4_code_in_place<3>(hi, g);
+}
+
 // ŵ of the quotient x = w / s on the grid: (clamp(round(x) + z, 0, qmax) - z) · s, computed as
 // (clamp(round(x), -z, qmax - z) + 0) · s, one addition fewer: round(x) + z is exact below 2^24, and
 // past it both forms clamp to the same end; "+ 0" turns a zero of either sign into +0, as q - z gives

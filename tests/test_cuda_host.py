@@ -436,6 +436,21 @@ def test_dequantize_launch_emulated_matches_reference(C, bits, n, k, ng):
         assert_exact(_host_dequantize(C, misaligned(q), s, z, bits, dtype), want, "ŵ from misaligned codes")
 
 
+def test_dequantize_w4_words_in_place_at_the_edge_scales(C):
+    """W4 words dequantized in place (codes masked where they lie, scales s · 16^-j) wherever that is
+    exact, the shifted route elsewhere: bit for bit at and around |s| = 2^-114, where s · 2^-12 stops
+    being a normal number, at fp32's smallest normal and subnormal scales, 0, and large ones."""
+    from tests.test_dequantize import _random_packed
+
+    edge = [2.0**-114, -(2.0**-114), 2.0**-114 * (1 + 2**-23), 2.0**-114 * (1 - 2**-24), 2.0**-115 * 1.5,
+            2.0**-126, 2.0**-126 * 1.25, 1e-40, 2.0**-149, 0.0, -0.0, 3e30, 1.0, 0.37]
+    q, _, z = _random_packed(len(edge), 64, 4, 2, torch.float32, seed=3)
+    s = torch.tensor(edge).repeat_interleave(2).view(len(edge), 2)
+    s[:, 1] *= 1.0 + 2**-20  # another mantissa in each row's second group
+    for dtype in DTYPES:
+        assert_exact(_host_dequantize(C, q, s, z, 4, dtype), ref.dequantize(q, s, z, 4, dtype), f"ŵ {dtype}")
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k,ng", TEAM_CASES)
 def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng):
