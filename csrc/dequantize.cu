@@ -14,12 +14,14 @@
 // the operands are aligned for them.
 //
 // Work: one team per group row, purely element-wise, two 8-code chunks per lane and pass (qdpo_device.cuh:
-// chunk_pairs). A W4 chunk is one word whose codes are masked where they lie (qdpo_math.cuh:
-// dequantize_word; one shift and 8 LOP3 per 8 codes, where shifting each code down took about 22
-// instructions; static sm_90, not yet run on a GPU), wherever the scale allows it exactly. The
-// blocks are pinned to 8 per SM (32 registers, as before that change; 40 unpinned). No backward
-// (codes are integers). The thread and the launch plan live in elementwise.cuh, which the host
-// emulation (team_emulate.cpp) runs too.
+// chunk_pairs). An 8-code chunk becomes fp32 2^23 + q without shifting codes down: a W4 chunk is one
+// word whose codes are masked where they lie (qdpo_math.cuh: dequantize_word; one shift and 8 LOP3
+// per 8 codes, where shifting each code down took about 22 instructions), wherever the scale allows
+// it exactly; a W8 chunk takes one byte permute per code (gemv_fragments.cuh: w8_biased; 8 PRMT
+// where shifts, masks and ORs took 18). Static sm_90, not yet run on a GPU. The blocks are pinned
+// to 8 per SM (32 registers, as before these changes; 40 unpinned). No backward (codes are
+// integers). The thread and the launch plan live in elementwise.cuh, which the host emulation
+// (team_emulate.cpp) runs too.
 // Bytes moved: read N·K·b/8 + N·NG·(s_size + 1), write N·K·out_size.
 #include "elementwise.cuh"
 

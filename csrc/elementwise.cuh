@@ -15,6 +15,7 @@
 // thread in turn on the host.
 #pragma once
 
+#include "gemv_fragments.cuh"  // w8_biased
 #include "qdpo_device.cuh"
 
 namespace qdpo {
@@ -131,8 +132,16 @@ struct DequantizeArgs {
   int64_t k;
 };
 
-// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. W4 chunks of 8
-// codes (one word) dequantize in place (qdpo_math.cuh: dequantize_word) wherever that is exact.
+// One 8-code chunk as the words it was loaded in: W4 one, W8 two.
+template <int BITS>
+struct CodeWords {
+  uint32_t w[BITS / 4];
+};
+
+// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. 8-code chunks
+// turn into fp32 2^23 + q without shifting codes down: W4 codes masked where they lie (qdpo_math.cuh:
+// dequantize_word) wherever that is exact, W8 codes by one byte permute each (gemv_fragments.cuh:
+// w8_biased); the other chunks code by code.
 template <int BITS, int VEC>
 __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const Team& tm) {
   const int n = tm.n, grp = tm.grp;
@@ -140,15 +149,31 @@ __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const
   const uint8_t* qrow = a.q + n * a.stride_qn;
   const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
   const int64_t out0 = n * a.k + first;
-  if constexpr (BITS == 4 && VEC == 8) {
-    if (w4_words_exact(s)) {
-      const W4Words g = w4_words(s, z);
+  if constexpr (VEC == 8) {
+    if (BITS == 8 || w4_words_exact(s)) {
+      const W4Words g = w4_words(s, z);  // (W4)
+      const float zb = 8388608.f + z;    // (W8)
       chunk_pairs(
           tm.lane, a.g / VEC, a.tg.team,
-          [&](int c) { return *reinterpret_cast<const uint32_t*>(qrow + (first + static_cast<int64_t>(c) * 8) / 2); },
-          [&](int c, uint32_t w) {
+          [&](int c) {
+            CodeWords<BITS> q;
+            const uint8_t* p = qrow + (first + static_cast<int64_t>(c) * 8) * BITS / 8;
+            if constexpr (BITS == 4) {
+              q.w[0] = *reinterpret_cast<const uint32_t*>(p);
+            } else {
+              const uint2 u = *reinterpret_cast<const uint2*>(p);
+              q.w[0] = u.x, q.w[1] = u.y;
+            }
+            return q;
+          },
+          [&](int c, CodeWords<BITS>& q) {
             float v[8];
-            dequantize_word(w, g, v);
+            if constexpr (BITS == 4) {
+              dequantize_word(q.w[0], g, v);
+            } else {
+              QDPO_UNROLL
+              for (int j = 0; j < 8; ++j) v[j] = (gemv::w8_biased(q.w[j >> 2], j & 3) - zb) * s;
+            }
             store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
           });
       return;
