@@ -120,6 +120,30 @@ def _targets_section(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+# The element-wise ops whose backend and tile the next GPU run decides (auto_if in qdpo/kernels/cuda.py,
+# the tile rule in qdpo/kernels/triton/quantize.py: config), and the impls compared.
+SIDE_BY_SIDE = {"dequantize": ("triton", "triton-4w", "triton-8k", "cuda"),
+                "fake_quant_fwd_bwd": ("triton", "triton-4w", "triton-8k", "cuda")}
+
+
+def _side_by_side_section(rows: list[dict]) -> list[str]:
+    """Per element-wise op and case, the fraction of copy bandwidth of each impl and the fastest."""
+    lines = ["## Element-wise impls side by side (frac_copy_bw)", ""]
+    for op, impls in SIDE_BY_SIDE.items():
+        cases = sorted({r["case"] for r in rows if r.get("op") == op and r.get("impl") in impls})
+        if not cases:
+            continue
+        lines += [f"| {op} | " + " | ".join(impls) + " | fastest |", "|---" * (len(impls) + 2) + "|"]
+        for case in cases:
+            got = {r["impl"]: r["frac_copy_bw"] for r in rows
+                   if r.get("op") == op and r.get("case") == case and "frac_copy_bw" in r}
+            cells = [f"{got[i]:.3f}" if i in got else "" for i in impls]
+            best = max((i for i in impls if i in got), key=got.get, default="")
+            lines.append(f"| {case} | " + " | ".join(cells) + f" | {best} |")
+        lines.append("")
+    return lines
+
+
 def _rows(out: Path) -> list[dict]:
     """The benchmark rows: ``rows.jsonl`` (appended as measured, so a stopped run keeps them), else the JSON."""
     jl = out / "rows.jsonl"
@@ -173,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= rc == 0
         summary += [f"## Benchmarks (`pytest benchmarks --benchmark-only`): exit {rc}, {secs:.0f} s", ""]
         rows = _rows(out)
-        summary += _targets_section(rows)
+        summary += _targets_section(rows) + _side_by_side_section(rows)
         if rows and not [md for md in out.glob("*.md") if md.name != "summary.md"]:
             # stopped before the session wrote its table: write it from the rows kept so far
             sys.path.insert(0, str(ROOT / "benchmarks"))
