@@ -15,11 +15,13 @@
 namespace qdpo {
 namespace {
 
-// Every thread of the launch `sh` in turn: f(block, thread, team).
+// Every block of the launch `sh` in turn: f(teams), the Team of each of its threads.
 template <typename F>
-void each_thread(const TeamShape& sh, F&& f) {
+void each_block(const TeamShape& sh, F&& f) {
+  std::vector<Team> teams(sh.block);
   for (int64_t b = 0; b < sh.grid; ++b) {
-    for (int t = 0; t < sh.block; ++t) f(b, t, team_of(sh.tg, static_cast<unsigned>(b), sh.block, t));
+    for (int t = 0; t < sh.block; ++t) teams[t] = team_of(sh.tg, static_cast<unsigned>(b), sh.block, t);
+    f(teams);
   }
 }
 
@@ -50,20 +52,19 @@ int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t 
       [&](auto b, auto v, const TeamShape& sh, const QuantizeArgs& a) {
         constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
         std::vector<float> lo(sh.block), hi(sh.block);
-        std::vector<Team> teams(sh.block);
-        each_thread(sh, [&](int64_t, int t, const Team& tm) {
-          teams[t] = tm;
-          if (mode != kQuantizeWith) {
-            const Range r = quantize_range<VEC>(a, tm);
-            lo[t] = r.lo, hi[t] = r.hi;
+        each_block(sh, [&](const std::vector<Team>& teams) {
+          if (mode != kQuantizeWith) {  // the first phase, then the team sums
+            for (int t = 0; t < sh.block; ++t) {
+              const Range r = quantize_range<VEC>(a, teams[t]);
+              lo[t] = r.lo, hi[t] = r.hi;
+            }
+            team_reduce(lo, sh.tg.team, MinOp()), team_reduce(hi, sh.tg.team, MaxOp());
           }
-          if (t + 1 < sh.block) return;  // the block's last thread: the team sums, then the second phase
-          if (mode != kQuantizeWith) team_reduce(lo, sh.tg.team, MinOp()), team_reduce(hi, sh.tg.team, MaxOp());
-          for (int i = 0; i < sh.block; ++i) {
-            const Range r{lo[i], hi[i]};
-            if (mode == kQParams) quantize_thread<BITS, VEC, kQParams>(a, teams[i], r);
-            if (mode == kQuantize) quantize_thread<BITS, VEC, kQuantize>(a, teams[i], r);
-            if (mode == kQuantizeWith) quantize_thread<BITS, VEC, kQuantizeWith>(a, teams[i], r);
+          for (int t = 0; t < sh.block; ++t) {
+            const Range r{lo[t], hi[t]};
+            if (mode == kQParams) quantize_thread<BITS, VEC, kQParams>(a, teams[t], r);
+            if (mode == kQuantize) quantize_thread<BITS, VEC, kQuantize>(a, teams[t], r);
+            if (mode == kQuantizeWith) quantize_thread<BITS, VEC, kQuantizeWith>(a, teams[t], r);
           }
         });
         return kOk;
@@ -75,8 +76,10 @@ int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, i
   return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
                          [&](auto b, auto v, const TeamShape& sh, const DequantizeArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           each_thread(sh, [&](int64_t, int, const Team& tm) {
-                             if (tm.valid) dequantize_thread<BITS, VEC>(a, tm);
+                           each_block(sh, [&](const std::vector<Team>& teams) {
+                             for (const Team& tm : teams) {
+                               if (tm.valid) dequantize_thread<BITS, VEC>(a, tm);
+                             }
                            });
                            return kOk;
                          });
@@ -87,8 +90,10 @@ int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
   return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
                          [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           each_thread(sh, [&](int64_t, int, const Team& tm) {
-                             if (tm.valid) fake_quant_thread<BITS, VEC>(a, tm);
+                           each_block(sh, [&](const std::vector<Team>& teams) {
+                             for (const Team& tm : teams) {
+                               if (tm.valid) fake_quant_thread<BITS, VEC>(a, tm);
+                             }
                            });
                            return kOk;
                          });
@@ -101,20 +106,18 @@ int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, i
       grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s,
       [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
         constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-        if (grad_s == 0) {
-          each_thread(sh, [&](int64_t, int, const Team& tm) {
-            if (tm.valid) fake_quant_backward_thread<BITS, VEC, false>(a, tm);
-          });
-          return kOk;
-        }
         std::vector<float> acc(sh.block);
-        std::vector<Team> teams(sh.block);
-        each_thread(sh, [&](int64_t, int t, const Team& tm) {
-          teams[t] = tm;
-          acc[t] = fake_quant_backward_thread<BITS, VEC, true>(a, tm);
-          if (t + 1 < sh.block) return;  // the block's last thread: its team sums
+        each_block(sh, [&](const std::vector<Team>& teams) {
+          for (int t = 0; t < sh.block; ++t) {
+            if (grad_s == 0) {
+              if (teams[t].valid) fake_quant_backward_thread<BITS, VEC, false>(a, teams[t]);
+            } else {
+              acc[t] = fake_quant_backward_thread<BITS, VEC, true>(a, teams[t]);
+            }
+          }
+          if (grad_s == 0) return;
           team_reduce(acc, sh.tg.team, SumOp());
-          for (int i = 0; i < sh.block; ++i) store_grad_s(a, teams[i], acc[i]);
+          for (int t = 0; t < sh.block; ++t) store_grad_s(a, teams[t], acc[t]);
         });
         return kOk;
       });
