@@ -25,6 +25,16 @@ void each_block(const TeamShape& sh, F&& f) {
   }
 }
 
+// The threads of the launch that own a group row, in turn (kernels with no team sum).
+template <typename F>
+void each_valid_thread(const TeamShape& sh, F&& f) {
+  each_block(sh, [&](const std::vector<Team>& teams) {
+    for (const Team& tm : teams) {
+      if (tm.valid) f(tm);
+    }
+  });
+}
+
 // team_allreduce(v, team, op) over one block's values v[thread], as the device computes it.
 template <typename Op>
 void team_reduce(std::vector<float>& v, int team, Op op) {
@@ -76,11 +86,7 @@ int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, i
   return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
                          [&](auto b, auto v, const TeamShape& sh, const DequantizeArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           each_block(sh, [&](const std::vector<Team>& teams) {
-                             for (const Team& tm : teams) {
-                               if (tm.valid) dequantize_thread<BITS, VEC>(a, tm);
-                             }
-                           });
+                           each_valid_thread(sh, [&](const Team& tm) { dequantize_thread<BITS, VEC>(a, tm); });
                            return kOk;
                          });
 }
@@ -90,11 +96,7 @@ int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
   return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
                          [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           each_block(sh, [&](const std::vector<Team>& teams) {
-                             for (const Team& tm : teams) {
-                               if (tm.valid) fake_quant_thread<BITS, VEC>(a, tm);
-                             }
-                           });
+                           each_valid_thread(sh, [&](const Team& tm) { fake_quant_thread<BITS, VEC>(a, tm); });
                            return kOk;
                          });
 }
