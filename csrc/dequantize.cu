@@ -18,8 +18,11 @@
 // word whose codes are masked where they lie (qdpo_math.cuh: dequantize_word; one shift and 8 LOP3
 // per 8 codes, where shifting each code down took about 22 instructions), wherever the scale allows
 // it exactly; a W8 chunk takes one byte permute per code (gemv_fragments.cuh: w8_biased; 8 PRMT
-// where shifts, masks and ORs took 18). Static sm_90, not yet run on a GPU. The blocks are pinned
-// to 8 per SM (32 registers, as before these changes; 40 unpinned). No backward (codes are
+// where shifts, masks and ORs took 18). A lane loads its first pair of chunks before its scale and
+// zero point, and branches on the scale only after (chunk_pairs: FirstPair): one memory round trip
+// per thread, where the scale's load used to come first and the codes' after it. Static sm_90, not
+// yet run on a GPU. The blocks are pinned to 8 per SM (32 registers; 40 unpinned; sm_90 spills
+// one 8-byte value to L1 around the first pair's stores, sm_80 none). No backward (codes are
 // integers). The thread and the launch plan live in elementwise.cuh, which the host emulation
 // (team_emulate.cpp) runs too.
 // Bytes moved: read N·K·b/8 + N·NG·(s_size + 1), write N·K·out_size.

@@ -136,49 +136,63 @@ struct DequantizeArgs {
 template <int BITS>
 struct CodeWords {
   uint32_t w[BITS / 4];
+  __device__ __forceinline__ uint32_t code(int j) const {
+    return (w[j * BITS / 32] >> (j * BITS % 32)) & ((1u << BITS) - 1);
+  }
 };
 
 // Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. 8-code chunks
 // turn into fp32 2^23 + q without shifting codes down: W4 codes masked where they lie (qdpo_math.cuh:
 // dequantize_word) wherever that is exact, W8 codes by one byte permute each (gemv_fragments.cuh:
-// w8_biased); the other chunks code by code.
+// w8_biased); the other chunks code by code. 8-code chunks load as the fake_quant ones do: the
+// lane's first pair, then the zero point and scale, then the branch on the scale (chunk_pairs:
+// FirstPair).
 template <int BITS, int VEC>
 __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const Team& tm) {
   const int n = tm.n, grp = tm.grp;
-  const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   const uint8_t* qrow = a.q + n * a.stride_qn;
   const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
   const int64_t out0 = n * a.k + first;
   if constexpr (VEC == 8) {
+    const uint8_t* qg = qrow + first * BITS / 8;  // the group's codes
+    const auto load = [&](int c) {
+      CodeWords<BITS> q;
+      const uint8_t* p = qg + c * BITS;  // chunk c: 8 codes, BITS bytes
+      if constexpr (BITS == 4) {
+        q.w[0] = *reinterpret_cast<const uint32_t*>(p);
+      } else {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        q.w[0] = u.x, q.w[1] = u.y;
+      }
+      return q;
+    };
+    auto p = load_first_pair(tm.lane, a.g / VEC, a.tg.team, load);
+    const float z = a.z[tm.r];
+    const float s = load1(a.s, a.s_dtype, tm.r);
     if (BITS == 8 || w4_words_exact(s)) {
       const W4Words g = w4_words(s, z);  // (W4)
       const float zb = 8388608.f + z;    // (W8)
-      chunk_pairs(
-          tm.lane, a.g / VEC, a.tg.team,
-          [&](int c) {
-            CodeWords<BITS> q;
-            const uint8_t* p = qrow + (first + static_cast<int64_t>(c) * 8) * BITS / 8;
-            if constexpr (BITS == 4) {
-              q.w[0] = *reinterpret_cast<const uint32_t*>(p);
-            } else {
-              const uint2 u = *reinterpret_cast<const uint2*>(p);
-              q.w[0] = u.x, q.w[1] = u.y;
-            }
-            return q;
-          },
-          [&](int c, CodeWords<BITS>& q) {
-            float v[8];
-            if constexpr (BITS == 4) {
-              dequantize_word(q.w[0], g, v);
-            } else {
-              QDPO_UNROLL
-              for (int j = 0; j < 8; ++j) v[j] = (gemv::w8_biased(q.w[j >> 2], j & 3) - zb) * s;
-            }
-            store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
-          });
-      return;
+      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS>& q) {
+        float v[8];
+        if constexpr (BITS == 4) {
+          dequantize_word(q.w[0], g, v);
+        } else {
+          QDPO_UNROLL
+          for (int j = 0; j < 8; ++j) v[j] = (gemv::w8_biased(q.w[j >> 2], j & 3) - zb) * s;
+        }
+        store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
+      });
+    } else {
+      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS>& q) {
+        float v[8];
+        QDPO_UNROLL
+        for (int j = 0; j < 8; ++j) v[j] = dequantize_one(static_cast<uint8_t>(q.code(j)), s, z);
+        store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
+      });
     }
+    return;
   }
+  const float s = load1(a.s, a.s_dtype, tm.r), z = a.z[tm.r];
   struct Codes {
     uint8_t c[VEC];
   };
@@ -235,85 +249,96 @@ struct FakeQuantArgs {
   void* grad_s;       // backward with LSQ
 };
 
-// One team's group. RECIP: w / s through the group's reciprocal (qdpo_math.cuh: quotient, the same
-// ŵ bit for bit, two FMAs and a multiply per element instead of a division).
-template <int BITS, int VEC, bool RECIP>
-__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, const Team& tm, int n, int grp,
-                                                 const Recip& d, float z) {
-  const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
-  chunk_pairs(
-      tm.lane, a.g / VEC, a.tg.team,
-      [&](int c) {
-        Chunk<VEC> w;
-        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + first + static_cast<int64_t>(c) * VEC, w.v);
-        return w;
-      },
-      [&](int c, Chunk<VEC>& w) {
-        QDPO_UNROLL
-        for (int j = 0; j < VEC; ++j) {
-          w.v[j] = RECIP ? fake_quant_recip(w.v[j], d, z, BITS) : fake_quant_one(w.v[j], d.s, z, BITS);
-        }
-        store_vec<VEC>(a.out, a.out_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, w.v);
-      });
+// The rest of one team's group once the lane's first pair is loaded. RECIP: w / s through the
+// group's reciprocal (qdpo_math.cuh: quotient, the same ŵ bit for bit, two FMAs and a multiply per
+// element instead of a division).
+template <int BITS, int VEC, bool RECIP, typename Load>
+__device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, int64_t out0,
+                                                 FirstPair<RawChunk<VEC>>& p, Load load, const Recip& d, float z) {
+  chunk_pairs(p, a.g / VEC, load, [&](int c, RawChunk<VEC>& r) {
+    float v[VEC];
+    unpack_raw<VEC>(a.w_dtype, r, v);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) v[j] = RECIP ? fake_quant_recip(v[j], d, z, BITS) : fake_quant_one(v[j], d.s, z, BITS);
+    store_vec<VEC>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC, v);
+  });
 }
 
-// Thread tm (valid) of the forward kernel.
+// Thread tm (valid) of the forward kernel: its first pair of chunks, then its zero point and scale
+// (chunk_pairs: FirstPair), then the branch on the reciprocal.
 template <int BITS, int VEC>
 __device__ __forceinline__ void fake_quant_thread(const FakeQuantArgs& a, const Team& tm) {
-  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const int64_t first = static_cast<int64_t>(tm.grp) * a.g;  // the group's first column
+  const int64_t w0 = tm.n * a.stride_wn + first;
+  const auto load = [&](int c) {
+    RawChunk<VEC> r;
+    load_raw<VEC>(a.w, a.w_dtype, w0 + static_cast<int64_t>(c) * VEC, r);
+    return r;
+  };
+  auto p = load_first_pair(tm.lane, a.g / VEC, a.tg.team, load);
   const float z = a.z[tm.r];
+  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const int64_t out0 = tm.n * a.k + first;
   if (d.fast) {
-    fake_quant_group<BITS, VEC, true>(a, tm, tm.n, tm.grp, d, z);
+    fake_quant_group<BITS, VEC, true>(a, out0, p, load, d, z);
   } else {
-    fake_quant_group<BITS, VEC, false>(a, tm, tm.n, tm.grp, d, z);
+    fake_quant_group<BITS, VEC, false>(a, out0, p, load, d, z);
   }
 }
 
-// One team's group of the backward, returning the lane's LSQ sum. RECIP (no LSQ): the mask through
-// the group's reciprocal (ste_pass_recip, the same mask bit for bit).
-template <int BITS, int VEC, bool LSQ, bool RECIP>
-__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, const Team& tm, int n,
-                                                           int grp, const Recip& d, float z) {
+// w and grad of one chunk as loaded (the backward's chunks).
+template <int VEC>
+struct WGChunk {
+  RawChunk<VEC> w, g;
+};
+
+// The rest of one team's group of the backward once the lane's first pair is loaded, returning the
+// lane's LSQ sum. RECIP (no LSQ): the mask through the group's reciprocal (ste_pass_recip, the same
+// mask bit for bit).
+template <int BITS, int VEC, bool LSQ, bool RECIP, typename Load>
+__device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& a, int64_t out0,
+                                                           FirstPair<WGChunk<VEC>>& p, Load load, const Recip& d,
+                                                           float z) {
   static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
-  struct WG {
-    Chunk<VEC> w, g;
-  };
-  const int64_t first = static_cast<int64_t>(grp) * a.g;
   float acc = 0.f;
-  chunk_pairs(
-      tm.lane, a.g / VEC, a.tg.team,
-      [&](int c) {
-        const int64_t k = first + static_cast<int64_t>(c) * VEC;
-        WG x;
-        load_vec<VEC>(a.w, a.w_dtype, n * a.stride_wn + k, x.w.v);
-        load_vec<VEC>(a.grad, a.g_dtype, n * a.k + k, x.g.v);
-        return x;
-      },
-      [&](int c, WG& x) {
-        QDPO_UNROLL
-        for (int j = 0; j < VEC; ++j) {
-          if constexpr (RECIP) {
-            x.g.v[j] = ste_pass_recip(x.w.v[j], d, z, BITS) ? x.g.v[j] : 0.f;
-          } else {
-            const SteTerms st = ste_terms(x.w.v[j], d.s, z, BITS);
-            if (LSQ) acc += x.g.v[j] * st.lsq;
-            x.g.v[j] = st.inside ? x.g.v[j] : 0.f;
-          }
-        }
-        store_vec<VEC>(a.out, a.w_dtype, n * a.k + first + static_cast<int64_t>(c) * VEC, x.g.v);
-      });
+  chunk_pairs(p, a.g / VEC, load, [&](int c, WGChunk<VEC>& x) {
+    float w[VEC], g[VEC];
+    unpack_raw<VEC>(a.w_dtype, x.w, w);
+    unpack_raw<VEC>(a.g_dtype, x.g, g);
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      if constexpr (RECIP) {
+        g[j] = ste_pass_recip(w[j], d, z, BITS) ? g[j] : 0.f;
+      } else {
+        const SteTerms st = ste_terms(w[j], d.s, z, BITS);
+        if (LSQ) acc += g[j] * st.lsq;
+        g[j] = st.inside ? g[j] : 0.f;
+      }
+    }
+    store_vec<VEC>(a.out, a.w_dtype, out0 + static_cast<int64_t>(c) * VEC, g);
+  });
   return acc;
 }
 
 // Thread tm of the backward kernel up to its team sum: grad_w of its chunks and (LSQ) the lane's
-// part of ∂s; 0 for a thread past the last group row, which joins the team sum only.
+// part of ∂s; 0 for a thread past the last group row, which joins the team sum only. Loads as the
+// forward's (fake_quant_thread).
 template <int BITS, int VEC, bool LSQ>
 __device__ __forceinline__ float fake_quant_backward_thread(const FakeQuantArgs& a, const Team& tm) {
   if (!tm.valid) return 0.f;
-  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  const int64_t first = static_cast<int64_t>(tm.grp) * a.g;
+  const int64_t w0 = tm.n * a.stride_wn + first, out0 = tm.n * a.k + first;  // grad and grad_w: (N, K)
+  const auto load = [&](int c) {
+    WGChunk<VEC> x;
+    load_raw<VEC>(a.w, a.w_dtype, w0 + static_cast<int64_t>(c) * VEC, x.w);
+    load_raw<VEC>(a.grad, a.g_dtype, out0 + static_cast<int64_t>(c) * VEC, x.g);
+    return x;
+  };
+  auto p = load_first_pair(tm.lane, a.g / VEC, a.tg.team, load);
   const float z = a.z[tm.r];
-  if (!LSQ && d.fast) return fake_quant_backward_group<BITS, VEC, false, true>(a, tm, tm.n, tm.grp, d, z);
-  return fake_quant_backward_group<BITS, VEC, LSQ, false>(a, tm, tm.n, tm.grp, d, z);
+  const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
+  if (!LSQ && d.fast) return fake_quant_backward_group<BITS, VEC, false, true>(a, out0, p, load, d, z);
+  return fake_quant_backward_group<BITS, VEC, LSQ, false>(a, out0, p, load, d, z);
 }
 
 // ∂s of the team's group from the team sum of its lanes' parts (lane 0 stores it).

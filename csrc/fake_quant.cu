@@ -19,14 +19,22 @@
 // Constraints: bits ∈ {4, 8}; NG divides K; G even for 4 bits; N·NG and K below 2^31.
 //
 // Work: one team per group row; 8-element (16/32-byte) chunks when aligned, two per lane and pass
-// (qdpo_device.cuh: chunk_pairs; both loads before the math). w / s goes through the
-// group's reciprocal where that gives the same result bit for bit (qdpo_math.cuh: quotient; every
-// scale in [2^-100, 2^100]): a multiply and two FMAs per element instead of a division. The bf16
-// passes reached 66-72 % of copy bandwidth on an H200, against 95 % in fp32: they had the division,
-// and their 16-byte stores came out as four 4-byte ones (qdpo_device.cuh: st_global_v4). Neither
-// change has run on a GPU yet; the CPU tests run the launches through their host emulation
-// (team_emulate.cpp: the plans and threads of elementwise.cuh, one thread after another, a 16-byte
-// store as a copy). The LSQ term keeps the division.
+// (qdpo_device.cuh: chunk_pairs; both loads before the math). w / s goes through the group's
+// reciprocal where that gives the same result bit for bit (qdpo_math.cuh: quotient; every scale in
+// [2^-100, 2^100]): a multiply and two FMAs per element instead of a division; the LSQ term keeps
+// the division. A lane's first pair is loaded before its scale and zero point, and the branch on the
+// scale comes after both (chunk_pairs: FirstPair): one memory round trip per thread, not the
+// scale's and then the chunks'. The chunks stay as loaded (RawChunk) until the math converts them.
+// Blocks are pinned to 6 (forward, 40 registers, as before) and 4 (backward, 64) per SM; on sm_90
+// the forward and the LSQ backward keep one 8-byte value in L1 (none on sm_80 but the LSQ backward).
+//
+// The bf16 passes reached 66-72 % of copy bandwidth on an H200, against 95 % in fp32, and took
+// about as long as the fp32 ones for the same elements, which points at a bound on threads in
+// flight rather than on bytes.
+// They had the division, 16-byte stores that came out as four 4-byte ones (qdpo_device.cuh:
+// st_global_v4), and the scale's load before the chunks'. None of the three changes has run on a
+// GPU yet; the CPU tests run the launches through their host emulation (team_emulate.cpp: the plans
+// and threads of elementwise.cuh, one thread after another, a 16-byte store as a copy).
 // Bytes moved — forward: read N·K·w_size + N·NG·(s_size + 1), write N·K·out_size.
 // Backward: read N·K·(g_size + w_size) + N·NG·(s_size + 1), write N·K·w_size
 // (+ N·NG·s_size with LSQ).
@@ -36,13 +44,13 @@ namespace qdpo {
 namespace {
 
 template <int BITS, int VEC>
-__global__ void __launch_bounds__(kTeamBlock) fake_quant_kernel(FakeQuantArgs a) {
+__global__ void __launch_bounds__(kTeamBlock, 6) fake_quant_kernel(FakeQuantArgs a) {
   const Team tm = my_team(a.tg);
   if (tm.valid) fake_quant_thread<BITS, VEC>(a, tm);  // no reduction in this kernel
 }
 
 template <int BITS, int VEC, bool LSQ>
-__global__ void __launch_bounds__(kTeamBlock) fake_quant_backward_kernel(FakeQuantArgs a) {
+__global__ void __launch_bounds__(kTeamBlock, 4) fake_quant_backward_kernel(FakeQuantArgs a) {
   const Team tm = my_team(a.tg);
   if (!LSQ && !tm.valid) return;  // with LSQ every thread joins the team sum
   const float acc = fake_quant_backward_thread<BITS, VEC, LSQ>(a, tm);

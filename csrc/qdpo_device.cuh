@@ -89,29 +89,59 @@ __device__ __forceinline__ void st_global_v4(void* p, const uint32_t (&w)[4]) {
 #endif
 }
 
+// One chunk of VEC values as loaded, not yet converted (load_raw, unpack_raw): fp32 bits one per
+// word; 16-bit values two per word when VEC == 8 (words 0..3), else one per word (low half). Kept
+// apart from the conversion so that a thread can put all its loads in flight before the first
+// instruction that waits on one (chunk_pairs: FirstPair).
+template <int VEC>
+struct RawChunk {
+  uint32_t u[VEC];
+};
+
 // VEC values starting at element i: one or two 16-byte accesses when VEC == 8
 // (the launcher checked the alignment), element by element otherwise.
 template <int VEC>
-__device__ __forceinline__ void load_vec(const void* p, int dtype, int64_t i, float (&v)[VEC]) {
-  if (VEC == 8) {
+__device__ __forceinline__ void load_raw(const void* p, int dtype, int64_t i, RawChunk<VEC>& r) {
+  if constexpr (VEC == 8) {
     if (dtype == kF32) {
-      const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
-      const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+      const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i);
+      const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i + 4);
+      r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w, r.u[4] = b.x, r.u[5] = b.y, r.u[6] = b.z, r.u[7] = b.w;
     } else {
-      const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-      QDPO_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const uint16_t lo = static_cast<uint16_t>(w[j]), hi = static_cast<uint16_t>(w[j] >> 16);
-        v[2 * j] = dtype == kF16 ? f16_bits_to_f32(lo) : bf16_bits_to_f32(lo);
-        v[2 * j + 1] = dtype == kF16 ? f16_bits_to_f32(hi) : bf16_bits_to_f32(hi);
-      }
+      const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+      r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w;
     }
   } else {
     QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) v[j] = load1(p, dtype, i + j);
+    for (int j = 0; j < VEC; ++j) {
+      r.u[j] = dtype == kF32 ? static_cast<const uint32_t*>(p)[i + j] : static_cast<const uint16_t*>(p)[i + j];
+    }
   }
+}
+
+__device__ __forceinline__ float half_bits_to_f32(int dtype, uint32_t h) {
+  return dtype == kF16 ? f16_bits_to_f32(static_cast<uint16_t>(h)) : bf16_bits_to_f32(static_cast<uint16_t>(h));
+}
+
+template <int VEC>
+__device__ __forceinline__ void unpack_raw(int dtype, const RawChunk<VEC>& r, float (&v)[VEC]) {
+  if (dtype == kF32) {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) v[j] = bits_float(r.u[j]);
+  } else if constexpr (VEC == 8) {
+    QDPO_UNROLL
+    for (int j = 0; j < 4; ++j) v[2 * j] = half_bits_to_f32(dtype, r.u[j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[j] >> 16);
+  } else {
+    QDPO_UNROLL
+    for (int j = 0; j < VEC; ++j) v[j] = half_bits_to_f32(dtype, r.u[j]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_vec(const void* p, int dtype, int64_t i, float (&v)[VEC]) {
+  RawChunk<VEC> r;
+  load_raw<VEC>(p, dtype, i, r);
+  unpack_raw<VEC>(dtype, r, v);
 }
 
 template <int VEC>
@@ -141,26 +171,57 @@ __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const f
 // A lane's chunks of its group row (c = lane, lane + team, ...), two per pass: the second chunk is
 // loaded before the first one's math, so a lane keeps two chunks' loads in flight. The element-wise
 // launchers size teams for half the chunks (pair_lanes): a lane's own set-up (its group row, scale,
-// zero point, reciprocal, addresses: about 90 sm_90 instructions) then serves 16 elements, not 8.
-template <typename Load, typename Finish>
-__device__ __forceinline__ void chunk_pairs(int lane, int chunks, int team, Load load, Finish finish) {
-  for (int c = lane; c < chunks; c += 2 * team) {
-    auto first = load(c);
-    if (c + team < chunks) {
-      auto second = load(c + team);
+// zero point, reciprocal, addresses: about 90 sm_90 instructions) then serves 16 elements, not 8,
+// and most lanes have just the one pair.
+//
+// The first pair is loaded on its own (load_first_pair), before the lane's set-up: the kernels load
+// it, then the group's zero point and scale, and only then branch on the scale (reciprocal or
+// division, in-place W4 codes or not). A thread then waits for one memory round trip, not two (the
+// scale's, then its chunks'). Load must only load (RawChunk, CodeWords): an instruction that uses a
+// loaded value stalls the thread until it arrives, and those wait for Finish.
+template <typename T>
+struct FirstPair {
+  T x[2];
+  int c;     // the lane's first chunk
+  int team;
+  bool one;  // c is a chunk
+  bool two;  // c + team is one too
+};
+
+template <typename Load>
+__device__ __forceinline__ auto load_first_pair(int lane, int chunks, int team, Load load)
+    -> FirstPair<decltype(load(lane))> {
+  FirstPair<decltype(load(lane))> p;
+  p.c = lane, p.team = team, p.one = lane < chunks, p.two = lane + team < chunks;
+  if (p.one) p.x[0] = load(lane);
+  if (p.two) p.x[1] = load(lane + team);
+  return p;
+}
+
+// The lane's chunks from its first pair on (Finish(c, chunk) each; the chunk may be changed).
+template <typename T, typename Load, typename Finish>
+__device__ __forceinline__ void chunk_pairs(FirstPair<T>& p, int chunks, Load load, Finish finish) {
+  if (!p.one) return;
+  finish(p.c, p.x[0]);
+  if (!p.two) return;
+  finish(p.c + p.team, p.x[1]);
+  for (int c = p.c + 2 * p.team; c < chunks; c += 2 * p.team) {
+    T first = load(c);
+    if (c + p.team < chunks) {
+      T second = load(c + p.team);
       finish(c, first);
-      finish(c + team, second);
+      finish(c + p.team, second);
     } else {
       finish(c, first);
     }
   }
 }
 
-// VEC values of one chunk (chunk_pairs' loads).
-template <int VEC>
-struct Chunk {
-  float v[VEC];
-};
+template <typename Load, typename Finish>
+__device__ __forceinline__ void chunk_pairs(int lane, int chunks, int team, Load load, Finish finish) {
+  auto p = load_first_pair(lane, chunks, team, load);
+  chunk_pairs(p, chunks, load, finish);
+}
 
 // Codes k .. k+VEC-1 of a packed row (qdpo/quant/format.py): VEC == 8 is one
 // 4-byte (W4) or 8-byte (W8) access; W4 chunks start at an even k.
