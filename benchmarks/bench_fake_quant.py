@@ -11,7 +11,9 @@ GB/s counts the bytes the pair must move — forward: w read, ŵ written;
 backward: ∂ŵ and w read, ∂w written (scales/zeros and ∂scales are < 1 %).
 
 Impls: ``triton`` and ``cuda`` (backend functions), ``triton-4w`` and ``triton-8k`` (Triton's passes
-with 4-warp programs, and with 8192-element tiles: ``bench_quantize.variant_tile``), ``triton+lsq`` / ``cuda+lsq``
+with 4-warp programs, and with 8192-element tiles: ``bench_quantize.variant_tile``), ``cuda-v8`` (the
+cuda passes with 8-element chunks where they would take 16: bf16 weights and gradients; the same
+as ``cuda`` for fp32 weights), ``triton+lsq`` / ``cuda+lsq``
 (plus the learned-scale gradient), ``triton-fwd`` / ``triton-bwd`` / ``cuda-fwd`` /
 ``cuda-bwd`` (one direction, its own bytes),
 ``qdpo-op-autograd`` (``torch.ops.qdpo.fake_quant`` with autograd),
@@ -36,7 +38,8 @@ DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
 BITS, GS = 4, 128
 LAYOUTS = {"w=fp32": (torch.float32, torch.bfloat16), "w=bf16": (torch.bfloat16, torch.bfloat16)}  # (w, ŵ)
-IMPLS = ("triton", *TILE_VARIANTS, "cuda", "triton+lsq", "cuda+lsq", "triton-fwd", "triton-bwd", "cuda-fwd", "cuda-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
+IMPLS = ("triton", *TILE_VARIANTS, "cuda", "cuda-v8", "triton+lsq", "cuda+lsq", "triton-fwd", "triton-bwd", "cuda-fwd",
+         "cuda-bwd", "qdpo-op-autograd", "reference", "compile(reference)")
 
 
 def _ref_step(w, s, z, grad, lsq):
@@ -52,8 +55,9 @@ def _fn(impl: str, w, s, z, grad):
     out_dtype = grad.dtype
     if impl.startswith("cuda"):
         cuda = common.cuda_backend()
-        fwd = lambda: cuda.fake_quant(w, s, z, BITS, out_dtype)  # noqa: E731
-        bwd = lambda: cuda.fake_quant_backward(grad, w, s, z, BITS, impl == "cuda+lsq")  # noqa: E731
+        vec = 8 if impl == "cuda-v8" else 16
+        fwd = lambda: cuda.fake_quant(w, s, z, BITS, out_dtype, max_vec=vec)  # noqa: E731
+        bwd = lambda: cuda.fake_quant_backward(grad, w, s, z, BITS, impl == "cuda+lsq", max_vec=vec)  # noqa: E731
         return {"cuda-fwd": fwd, "cuda-bwd": bwd}.get(impl, lambda: (fwd(), bwd()))
     if impl in ("triton", "triton+lsq"):
         lsq = impl == "triton+lsq"

@@ -106,18 +106,24 @@ void def_host_math(py::module_& m) {
   }, "dequantize's launch run on the host, thread by thread, from CPU buffers (pointers; the arguments of "
      "dequantize without the stream)");
   m.def("host_fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
-                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec) {
     check("host_fake_quant", qdpo::fake_quant_emulate(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros,
-                                                      out, out_dtype));
-  }, "fake_quant's launch run on the host, thread by thread (the arguments of fake_quant without the stream)");
+                                                      out, out_dtype, max_vec));
+  }, "fake_quant's launch run on the host, thread by thread (the arguments of fake_quant without the stream)",
+     py::arg("w"), py::arg("w_dtype"), py::arg("stride_wn"), py::arg("n"), py::arg("k"), py::arg("ng"),
+     py::arg("bits"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"), py::arg("out"), py::arg("out_dtype"),
+     py::arg("max_vec") = 16);
   m.def("host_fake_quant_backward", [](ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
                                        int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
-                                       ptr_t grad_w, ptr_t grad_s) {
+                                       ptr_t grad_w, ptr_t grad_s, int max_vec) {
     check("host_fake_quant_backward", qdpo::fake_quant_backward_emulate(grad, g_dtype, w, w_dtype, stride_wn, n, k,
                                                                         ng, bits, scales, s_dtype, zeros, grad_w,
-                                                                        grad_s));
+                                                                        grad_s, max_vec));
   }, "fake_quant_backward's launch run on the host, thread by thread, the LSQ team sum in the device's order "
-     "(the arguments of fake_quant_backward without the stream)");
+     "(the arguments of fake_quant_backward without the stream)",
+     py::arg("grad"), py::arg("g_dtype"), py::arg("w"), py::arg("w_dtype"), py::arg("stride_wn"), py::arg("n"),
+     py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"),
+     py::arg("grad_w"), py::arg("grad_s"), py::arg("max_vec") = 16);
   m.def("host_gemv_mma_emulate", [](ptr_t qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                                     ptr_t scales, ptr_t zeros, ptr_t x, int m, int x_dtype, ptr_t y, bool x_smem,
                                     bool scale_after, bool zero_after, int splits, bool shared_x) {
@@ -159,16 +165,24 @@ void def_kernels(py::module_& m) {
                                          stream));
   }, "ŵ (N, K) from packed codes (see csrc/dequantize.cu)");
   m.def("fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
-                         ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
+                         ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream,
+                         int max_vec) {
     check("fake_quant", qdpo::fake_quant(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out,
-                                         out_dtype, stream));
-  }, "ŵ = dequantize(quantize(w)) on a given grid (see csrc/fake_quant.cu)");
+                                         out_dtype, max_vec, stream));
+  }, "ŵ = dequantize(quantize(w)) on a given grid (see csrc/fake_quant.cu); max_vec: the widest chunk, 16 or 8",
+     py::arg("w"), py::arg("w_dtype"), py::arg("stride_wn"), py::arg("n"), py::arg("k"), py::arg("ng"),
+     py::arg("bits"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"), py::arg("out"), py::arg("out_dtype"),
+     py::arg("stream"), py::arg("max_vec") = 16);
   m.def("fake_quant_backward", [](ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
                                   int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
-                                  ptr_t grad_w, ptr_t grad_s, ptr_t stream) {
+                                  ptr_t grad_w, ptr_t grad_s, ptr_t stream, int max_vec) {
     check("fake_quant_backward", qdpo::fake_quant_backward(grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits,
-                                                           scales, s_dtype, zeros, grad_w, grad_s, stream));
-  }, "STE backward; grad_s = 0 skips the LSQ scale gradient (see csrc/fake_quant.cu)");
+                                                           scales, s_dtype, zeros, grad_w, grad_s, max_vec, stream));
+  }, "STE backward; grad_s = 0 skips the LSQ scale gradient (see csrc/fake_quant.cu); max_vec: the widest chunk, "
+     "16 or 8",
+     py::arg("grad"), py::arg("g_dtype"), py::arg("w"), py::arg("w_dtype"), py::arg("stride_wn"), py::arg("n"),
+     py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"),
+     py::arg("grad_w"), py::arg("grad_s"), py::arg("stream"), py::arg("max_vec") = 16);
   m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
                                   ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count, int force_splits,
                                   int force_warps, int force_x_smem, int force_scale_after,

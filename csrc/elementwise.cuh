@@ -255,12 +255,18 @@ struct FakeQuantArgs {
 template <int BITS, int VEC, bool RECIP, typename Load>
 __device__ __forceinline__ void fake_quant_group(const FakeQuantArgs& a, int64_t out0,
                                                  FirstPair<RawChunk<VEC>>& p, Load load, const Recip& d, float z) {
+  constexpr int P = kPart<VEC>;
   chunk_pairs(p, a.g / VEC, load, [&](int c, RawChunk<VEC>& r) {
-    float v[VEC];
-    unpack_raw<VEC>(a.w_dtype, r, v);
     QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) v[j] = RECIP ? fake_quant_recip(v[j], d, z, BITS) : fake_quant_one(v[j], d.s, z, BITS);
-    store_vec<VEC>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC, v);
+    for (int h = 0; h < VEC / P; ++h) {
+      float v[P];
+      unpack_part<VEC>(a.w_dtype, r, h, v);
+      QDPO_UNROLL
+      for (int j = 0; j < P; ++j) {
+        v[j] = RECIP ? fake_quant_recip(v[j], d, z, BITS) : fake_quant_one(v[j], d.s, z, BITS);
+      }
+      store_vec<P>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC + h * P, v);
+    }
   });
 }
 
@@ -301,21 +307,25 @@ __device__ __forceinline__ float fake_quant_backward_group(const FakeQuantArgs& 
                                                            float z) {
   static_assert(!(LSQ && RECIP), "the LSQ term needs the true quotient");
   float acc = 0.f;
+  constexpr int P = kPart<VEC>;
   chunk_pairs(p, a.g / VEC, load, [&](int c, WGChunk<VEC>& x) {
-    float w[VEC], g[VEC];
-    unpack_raw<VEC>(a.w_dtype, x.w, w);
-    unpack_raw<VEC>(a.g_dtype, x.g, g);
     QDPO_UNROLL
-    for (int j = 0; j < VEC; ++j) {
-      if constexpr (RECIP) {
-        g[j] = ste_pass_recip(w[j], d, z, BITS) ? g[j] : 0.f;
-      } else {
-        const SteTerms st = ste_terms(w[j], d.s, z, BITS);
-        if (LSQ) acc += g[j] * st.lsq;
-        g[j] = st.inside ? g[j] : 0.f;
+    for (int h = 0; h < VEC / P; ++h) {
+      float w[P], g[P];
+      unpack_part<VEC>(a.w_dtype, x.w, h, w);
+      unpack_part<VEC>(a.g_dtype, x.g, h, g);
+      QDPO_UNROLL
+      for (int j = 0; j < P; ++j) {
+        if constexpr (RECIP) {
+          g[j] = ste_pass_recip(w[j], d, z, BITS) ? g[j] : 0.f;
+        } else {
+          const SteTerms st = ste_terms(w[j], d.s, z, BITS);
+          if (LSQ) acc += g[j] * st.lsq;
+          g[j] = st.inside ? g[j] : 0.f;
+        }
       }
+      store_vec<P>(a.out, a.w_dtype, out0 + static_cast<int64_t>(c) * VEC + h * P, g);
     }
-    store_vec<VEC>(a.out, a.w_dtype, out0 + static_cast<int64_t>(c) * VEC, g);
   });
   return acc;
 }
@@ -361,12 +371,25 @@ inline bool vec8_ok(ptr_t w, int w_dtype, int64_t stride_wn, int64_t g, ptr_t ou
   return g % 8 == 0 && aligned(w, 16) && (stride_wn * dtype_size(w_dtype)) % 16 == 0 && aligned(out, 16);
 }
 
+// fake_quant's chunk width: 16 elements where every chunked operand it reads is 16-bit (w, and grad
+// in the backward), so that a chunk of bf16 weights is 32 bytes, as one of fp32 weights is: the bf16
+// passes took about as long as the fp32 ones for the same elements (H200), as if bound by threads in
+// flight rather than bytes. 8 elsewhere when aligned, else the narrowest; never above max_vec (16, or
+// 8 for the benchmarks' side-by-side). 0: max_vec is neither.
+inline int fq_vec(bool vec8, bool reads_16bit, int64_t g, int max_vec) {
+  if (max_vec != 8 && max_vec != 16) return 0;
+  if (!vec8) return 1;
+  return max_vec == 16 && reads_16bit && g % 16 == 0 ? 16 : 8;
+}
+
 template <typename Launch>
 int fake_quant_plan(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
-                    ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, Launch&& launch) {
+                    ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, Launch&& launch) {
   if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype)) return e;
   const int64_t g = k / ng;
-  return dispatch_bits_vec(bits, vec8_ok(w, w_dtype, stride_wn, g, out), [&](auto b, auto v) {
+  const int vec = fq_vec(vec8_ok(w, w_dtype, stride_wn, g, out), w_dtype != kF32, g, max_vec);
+  QDPO_REQUIRE(vec != 0, kErrMode);
+  return dispatch_bits_vec16(bits, vec, [&](auto b, auto v) {
     constexpr int VEC = decltype(v)::value;
     const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),
@@ -380,14 +403,16 @@ int fake_quant_plan(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t 
 template <typename Launch>
 int fake_quant_backward_plan(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
                              int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w,
-                             ptr_t grad_s, Launch&& launch) {
+                             ptr_t grad_s, int max_vec, Launch&& launch) {
   if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, w_dtype)) return e;
   QDPO_REQUIRE(valid_dtype(g_dtype), kErrDtype);
   QDPO_REQUIRE(grad != 0, kErrNull);
   QDPO_REQUIRE(aligned(grad, dtype_size(g_dtype)) && aligned(grad_s, dtype_size(s_dtype)), kErrAlign);
   const int64_t g = k / ng;
   const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
-  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+  const int vec = fq_vec(vec8, w_dtype != kF32 && g_dtype != kF32, g, max_vec);
+  QDPO_REQUIRE(vec != 0, kErrMode);
+  return dispatch_bits_vec16(bits, vec, [&](auto b, auto v) {
     constexpr int VEC = decltype(v)::value;
     const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const FakeQuantArgs a{reinterpret_cast<const void*>(w), w_dtype, stride_wn, sh.tg, static_cast<int>(g),

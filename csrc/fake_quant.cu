@@ -18,23 +18,25 @@
 //   grad_s   (N, NG)  scales.dtype     contiguous, or 0 for no LSQ gradient
 // Constraints: bits ∈ {4, 8}; NG divides K; G even for 4 bits; N·NG and K below 2^31.
 //
-// Work: one team per group row; 8-element (16/32-byte) chunks when aligned, two per lane and pass
-// (qdpo_device.cuh: chunk_pairs; both loads before the math). w / s goes through the group's
-// reciprocal where that gives the same result bit for bit (qdpo_math.cuh: quotient; every scale in
-// [2^-100, 2^100]): a multiply and two FMAs per element instead of a division; the LSQ term keeps
-// the division. A lane's first pair is loaded before its scale and zero point, and the branch on the
-// scale comes after both (chunk_pairs: FirstPair): one memory round trip per thread, not the
-// scale's and then the chunks'. The chunks stay as loaded (RawChunk) until the math converts them.
-// Blocks are pinned to 6 (forward, 40 registers, as before) and 4 (backward, 64) per SM; on sm_90
-// the forward and the LSQ backward keep one 8-byte value in L1 (none on sm_80 but the LSQ backward).
+// Work: one team per group row; 8-element (16/32-byte) chunks when aligned, 16-element (32-byte)
+// ones where every chunked operand is 16-bit (elementwise.cuh: fq_vec; converted, computed and
+// stored 8 at a time: kPart), two per lane and pass (qdpo_device.cuh: chunk_pairs; both loads
+// before the math). w / s goes through the group's reciprocal where that gives the same result bit
+// for bit (qdpo_math.cuh: quotient; every scale in [2^-100, 2^100]): a multiply and two FMAs per
+// element instead of a division; the LSQ term keeps the division. A lane's first pair is loaded
+// before its scale and zero point, and the branch on the scale comes after both (chunk_pairs:
+// FirstPair): one memory round trip per thread, not the scale's and then the chunks'. The chunks
+// stay as loaded (RawChunk) until the math converts them. Blocks are pinned to 6 (forward, 40
+// registers, as before) and 4 (backward, 64) per SM, at the cost of a few spilled bytes in L1
+// (ptxas -v: at most 12 outside the LSQ backward, 28 in it).
 //
 // The bf16 passes reached 66-72 % of copy bandwidth on an H200, against 95 % in fp32, and took
 // about as long as the fp32 ones for the same elements, which points at a bound on threads in
-// flight rather than on bytes.
-// They had the division, 16-byte stores that came out as four 4-byte ones (qdpo_device.cuh:
-// st_global_v4), and the scale's load before the chunks'. None of the three changes has run on a
-// GPU yet; the CPU tests run the launches through their host emulation (team_emulate.cpp: the plans
-// and threads of elementwise.cuh, one thread after another, a 16-byte store as a copy).
+// flight rather than on bytes. They had the division, 16-byte stores that came out as four 4-byte
+// ones (qdpo_device.cuh: st_global_v4), the scale's load before the chunks', and 16 bytes of bf16
+// per chunk. None of these changes has run on a GPU yet; the CPU tests run the launches through
+// their host emulation (team_emulate.cpp: the plans and threads of elementwise.cuh, one thread
+// after another, a 16-byte store as a copy), with 16- and 8-element chunks (max_vec).
 // Bytes moved — forward: read N·K·w_size + N·NG·(s_size + 1), write N·K·out_size.
 // Backward: read N·K·(g_size + w_size) + N·NG·(s_size + 1), write N·K·w_size
 // (+ N·NG·s_size with LSQ).
@@ -60,8 +62,8 @@ __global__ void __launch_bounds__(kTeamBlock, 4) fake_quant_backward_kernel(Fake
 }  // namespace
 
 int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
-  return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, ptr_t stream) {
+  return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype, max_vec,
                          [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
                            fake_quant_kernel<BITS, VEC>
@@ -72,9 +74,9 @@ int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, in
 
 int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k,
                         int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w, ptr_t grad_s,
-                        ptr_t stream) {
+                        int max_vec, ptr_t stream) {
   return fake_quant_backward_plan(
-      grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s,
+      grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s, max_vec,
       [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
         constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
         const auto st = reinterpret_cast<cudaStream_t>(stream);

@@ -22,7 +22,7 @@ enum Status : int {
   kErrNull = -5,       // a required pointer is 0
   kErrAlign = -6,      // a pointer or row stride not aligned as the operand's element needs
   kErrWorkspace = -7,  // the split-K workspace is smaller than dequant_matmul_plan said
-  kErrMode = -8,       // an unknown mode
+  kErrMode = -8,       // an unknown mode (quantize's mode, fake_quant's max_vec)
 };
 
 const char* status_name(int code);  // "bad bits", ... for negative codes
@@ -39,12 +39,13 @@ int quantize(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
 int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
                int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream);
 
-// fake_quant.cu — grad_s == 0: no LSQ scale gradient.
+// fake_quant.cu — grad_s == 0: no LSQ scale gradient. max_vec: the widest chunk, 16 (the widest the
+// operands allow) or 8 (at most 8 elements; the benchmarks' side-by-side).
 int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream);
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, ptr_t stream);
 int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k,
                         int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t grad_w, ptr_t grad_s,
-                        ptr_t stream);
+                        int max_vec, ptr_t stream);
 
 // dequant_matmul_gemv.cu / dequant_matmul_fma.cu — y = x @ ŵᵀ (+ bias) for M <= 16 rows of x.
 constexpr int kGemvMaxM = 16;  // rows of x the GEMV serves (larger M: the ops raise Unsupported)
@@ -101,10 +102,10 @@ int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t 
 int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
                        int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
 int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
-                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
+                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec);
 int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
                                 int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
-                                ptr_t grad_w, ptr_t grad_s);
+                                ptr_t grad_w, ptr_t grad_s, int max_vec);
 // gemv_emulate.cpp — host emulation of one 16-row tile of the mma GEMV (tests only).
 int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_t k, int64_t ng, int bits,
                      const float* scales, const uint8_t* zeros, const uint16_t* x, int m, int x_dtype, float* y,

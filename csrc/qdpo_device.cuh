@@ -90,19 +90,24 @@ __device__ __forceinline__ void st_global_v4(void* p, const uint32_t (&w)[4]) {
 }
 
 // One chunk of VEC values as loaded, not yet converted (load_raw, unpack_raw): fp32 bits one per
-// word; 16-bit values two per word when VEC == 8 (words 0..3), else one per word (low half). Kept
-// apart from the conversion so that a thread can put all its loads in flight before the first
-// instruction that waits on one (chunk_pairs: FirstPair).
+// word; 16-bit values two per word when VEC >= 8 (words 0..VEC/2-1), else one per word (low half).
+// VEC == 16 holds 16-bit values only (fake_quant's chunks when its chunked operands are all 16-bit:
+// 32 bytes, as an 8-element fp32 chunk). Kept apart from the conversion so that a thread can put
+// all its loads in flight before the first instruction that waits on one (chunk_pairs: FirstPair).
 template <int VEC>
 struct RawChunk {
-  uint32_t u[VEC];
+  uint32_t u[VEC == 16 ? 8 : VEC];
 };
 
-// VEC values starting at element i: one or two 16-byte accesses when VEC == 8
+// VEC values starting at element i: one or two 16-byte accesses when VEC >= 8
 // (the launcher checked the alignment), element by element otherwise.
 template <int VEC>
 __device__ __forceinline__ void load_raw(const void* p, int dtype, int64_t i, RawChunk<VEC>& r) {
-  if constexpr (VEC == 8) {
+  if constexpr (VEC == 16) {  // 16-bit dtypes only
+    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+    const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i + 8);
+    r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w, r.u[4] = b.x, r.u[5] = b.y, r.u[6] = b.z, r.u[7] = b.w;
+  } else if constexpr (VEC == 8) {
     if (dtype == kF32) {
       const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i);
       const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i + 4);
@@ -125,15 +130,35 @@ __device__ __forceinline__ float half_bits_to_f32(int dtype, uint32_t h) {
 
 template <int VEC>
 __device__ __forceinline__ void unpack_raw(int dtype, const RawChunk<VEC>& r, float (&v)[VEC]) {
+  static_assert(VEC <= 8, "16-element chunks convert in parts (unpack_part)");
   if (dtype == kF32) {
     QDPO_UNROLL
     for (int j = 0; j < VEC; ++j) v[j] = bits_float(r.u[j]);
   } else if constexpr (VEC == 8) {
     QDPO_UNROLL
-    for (int j = 0; j < 4; ++j) v[2 * j] = half_bits_to_f32(dtype, r.u[j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[j] >> 16);
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = half_bits_to_f32(dtype, r.u[j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[j] >> 16);
+    }
   } else {
     QDPO_UNROLL
     for (int j = 0; j < VEC; ++j) v[j] = half_bits_to_f32(dtype, r.u[j]);
+  }
+}
+
+// The values a thread converts, computes and stores at once: 8 of a 16-element chunk (its half h),
+// the whole chunk otherwise; a 16-element chunk's math then holds no more values than an 8-element one's.
+template <int VEC>
+constexpr int kPart = VEC == 16 ? 8 : VEC;
+
+template <int VEC>
+__device__ __forceinline__ void unpack_part(int dtype, const RawChunk<VEC>& r, int h, float (&v)[kPart<VEC>]) {
+  if constexpr (VEC == 16) {
+    QDPO_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = half_bits_to_f32(dtype, r.u[4 * h + j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[4 * h + j] >> 16);
+    }
+  } else {
+    unpack_raw<VEC>(dtype, r, v);
   }
 }
 
@@ -146,7 +171,7 @@ __device__ __forceinline__ void load_vec(const void* p, int dtype, int64_t i, fl
 
 template <int VEC>
 __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const float (&v)[VEC]) {
-  if (VEC == 8) {
+  if constexpr (VEC == 8) {
     if (dtype == kF32) {
       const uint32_t lo[4] = {float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3])};
       const uint32_t hi[4] = {float_bits(v[4]), float_bits(v[5]), float_bits(v[6]), float_bits(v[7])};
@@ -320,6 +345,12 @@ template <typename F>
 int dispatch_bits_vec(int bits, bool vec8, F&& f) {
   if (bits == 4) return vec8 ? f(Int<4>(), Int<8>()) : f(Int<4>(), Int<2>());
   return vec8 ? f(Int<8>(), Int<8>()) : f(Int<8>(), Int<1>());
+}
+// The same with 16-element chunks too (vec 16, 8, or anything else for the narrowest).
+template <typename F>
+int dispatch_bits_vec16(int bits, int vec, F&& f) {
+  if (vec != 16) return dispatch_bits_vec(bits, vec == 8, f);
+  return bits == 4 ? f(Int<4>(), Int<16>()) : f(Int<8>(), Int<16>());
 }
 
 }  // namespace qdpo

@@ -92,8 +92,8 @@ int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, i
 }
 
 int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
-                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
-  return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+                       ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec) {
+  return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype, max_vec,
                          [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
                            each_valid_thread(sh, [&](const Team& tm) { fake_quant_thread<BITS, VEC>(a, tm); });
@@ -103,9 +103,9 @@ int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
 
 int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,
                                 int64_t k, int64_t ng, int bits, ptr_t scales, int s_dtype, ptr_t zeros,
-                                ptr_t grad_w, ptr_t grad_s) {
+                                ptr_t grad_w, ptr_t grad_s, int max_vec) {
   return fake_quant_backward_plan(
-      grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s,
+      grad, g_dtype, w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, grad_w, grad_s, max_vec,
       [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
         constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
         std::vector<float> acc(sh.block);

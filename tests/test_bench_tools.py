@@ -50,8 +50,8 @@ def test_gpu_check_sets_the_element_wise_impls_side_by_side():
             for i, v in (("triton", 0.64), ("triton-8k", 0.81), ("cuda", 0.77), ("triton+lsq", 0.9))]
     rows.append({"op": "dequant_matmul", "case": "sq", "impl": "cuda", "frac_copy_bw": 0.99})
     table = "\n".join(gpu_check._side_by_side_section(rows))
-    assert "| fake_quant_fwd_bwd | triton | triton-4w | triton-8k | cuda | fastest |" in table
-    assert "| sq w=bf16 | 0.640 |  | 0.810 | 0.770 | triton-8k |" in table, "LSQ rows and other impls stay out"
+    assert "| fake_quant_fwd_bwd | triton | triton-4w | triton-8k | cuda | cuda-v8 | fastest |" in table
+    assert "| sq w=bf16 | 0.640 |  | 0.810 | 0.770 |  | triton-8k |" in table, "LSQ rows and other impls stay out"
     assert "dequant_matmul" not in table and "| dequantize |" not in table, "ops without rows get no table"
 
 

@@ -367,21 +367,21 @@ def _host_dequantize(C, q, s, z, bits, dtype):
     return out
 
 
-def _host_fake_quant(C, w, s, z, bits, dtype):
+def _host_fake_quant(C, w, s, z, bits, dtype, max_vec=16):
     out = torch.full(w.shape, float("nan"), dtype=dtype)
     s, z = s.contiguous(), z.contiguous()
     C.host_fake_quant(w.data_ptr(), CODES[w.dtype], w.stride(0), *w.shape, s.shape[1], bits, s.data_ptr(),
-                      CODES[s.dtype], z.data_ptr(), out.data_ptr(), CODES[dtype])
+                      CODES[s.dtype], z.data_ptr(), out.data_ptr(), CODES[dtype], max_vec)
     return out
 
 
-def _host_fake_quant_backward(C, grad, w, s, z, bits, lsq):
+def _host_fake_quant_backward(C, grad, w, s, z, bits, lsq, max_vec=16):
     grad_w = torch.full(w.shape, float("nan"), dtype=w.dtype)
     s, z = s.contiguous(), z.contiguous()
     grad_s = torch.full(s.shape, float("nan"), dtype=s.dtype) if lsq else None
     C.host_fake_quant_backward(grad.data_ptr(), CODES[grad.dtype], w.data_ptr(), CODES[w.dtype], w.stride(0),
                                *w.shape, s.shape[1], bits, s.data_ptr(), CODES[s.dtype], z.data_ptr(),
-                               grad_w.data_ptr(), 0 if grad_s is None else grad_s.data_ptr())
+                               grad_w.data_ptr(), 0 if grad_s is None else grad_s.data_ptr(), max_vec)
     return grad_w, grad_s
 
 
@@ -392,9 +392,10 @@ def _cols(t: torch.Tensor, k: int) -> torch.Tensor:
 
 # (n, K, NG) of the team shapes: one lane (G = 8 or 16), sub-warp teams, a block-wide team (K = 2048,
 # one group), teams at the 256-thread cap whose lanes loop with and without a partner chunk (K = 8192,
-# 4104), several group rows per block; and narrow chunks (G % 8 != 0).
+# 4104; with fake_quant's 16-element chunks K = 16400), several group rows per block; and narrow
+# chunks (G % 8 != 0).
 TEAM_CASES = [(5, 40, 5), (3, 64, 4), (7, 96, 3), (9, 320, 1), (3, 2048, 1), (2, 8192, 1), (2, 4104, 1), (33, 256, 2),
-              (6, 60, 6), (4, 100, 1)]
+              (6, 60, 6), (4, 100, 1), (2, 16400, 1)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -451,12 +452,15 @@ def test_dequantize_w4_words_in_place_at_the_edge_scales(C):
         assert_exact(_host_dequantize(C, q, s, z, 4, dtype), ref.dequantize(q, s, z, 4, dtype), f"ŵ {dtype}")
 
 
+@pytest.mark.parametrize("max_vec", [16, 8])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k,ng", TEAM_CASES)
-def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng):
+def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng, max_vec):
     """Forward ŵ and backward ∂w bit for bit, ∂s within the sum bound: each weight dtype into each
-    output dtype, rows whose chunks are not 16-byte aligned, and scales past 2^±100 (the true
-    division instead of the group's reciprocal)."""
+    output dtype and with gradients of each dtype, rows whose chunks are not 16-byte aligned, and
+    scales past 2^±100 (the true division instead of the group's reciprocal); with the 16-element
+    chunks of 16-bit operands (max_vec 16: w in the forward, w and grad both in the backward) and
+    without (8)."""
     from tests.test_fake_quant import _assert_sum_close, _grid
 
     if bits == 4 and (k // ng) % 2:
@@ -468,13 +472,15 @@ def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng):
             cases.append(cases[0] * 2.0**-110)
         for w in cases:
             s, z = _grid(w, bits, k // ng if ng > 1 else -1, False)
-            assert_exact(_host_fake_quant(C, w, s, z, bits, dtype), ref.fake_quant(w, s, z, bits, dtype), "ŵ")
-            grad = randn(n, k, dtype, seed=i + 7)
-            rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
-            assert_exact(_host_fake_quant_backward(C, grad, w, s, z, bits, False)[0], rw, "grad_w")
-            gw, gs = _host_fake_quant_backward(C, grad, w, s, z, bits, True)
-            assert_exact(gw, rw, "grad_w (LSQ)")
-            _assert_sum_close(gs, rs, grad, bits)
+            want = ref.fake_quant(w, s, z, bits, dtype)
+            assert_exact(_host_fake_quant(C, w, s, z, bits, dtype, max_vec), want, "ŵ")
+            for gdtype in (dtype, wdtype):  # fp16 + fp16, bf16 + fp16, bf16 + bf16: 16-element chunks
+                grad = randn(n, k, gdtype, seed=i + 7)
+                rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
+                assert_exact(_host_fake_quant_backward(C, grad, w, s, z, bits, False, max_vec)[0], rw, "grad_w")
+                gw, gs = _host_fake_quant_backward(C, grad, w, s, z, bits, True, max_vec)
+                assert_exact(gw, rw, "grad_w (LSQ)")
+                _assert_sum_close(gs, rs, grad, bits)
 
 
 def test_lsq_team_sum_follows_the_device_order(C):
@@ -507,6 +513,8 @@ def test_emulated_launches_check_their_arguments(C):
         C.host_fake_quant(p, 0, 256, 4, 256, 8, 4, p, 0, p, p, 9)
     with pytest.raises(ValueError, match="null pointer"):
         C.host_fake_quant_backward(0, 0, p, 0, 256, 4, 256, 8, 4, p, 0, p, p, 0)
+    with pytest.raises(ValueError, match="unknown mode"):  # max_vec neither 16 nor 8
+        C.host_fake_quant(p, 1, 256, 4, 256, 8, 4, p, 0, p, p, 1, 4)
 
 
 # --------------------------------------------------------------------------- GEMV and GEMM data flow

@@ -28,7 +28,7 @@ from tests.test_dequant_matmul import (
     _weight,
 )
 from tests.test_dequantize import _assert_dequantize, _random_packed
-from tests.test_fake_quant import _assert_backward, _grid
+from tests.test_fake_quant import _assert_backward, _assert_sum_close, _grid
 from tests.test_quantize import _assert_quantize
 
 pytestmark = pytest.mark.gpu
@@ -79,6 +79,29 @@ def test_fake_quant_long_and_narrow_rows(k, bits):
     s, z = _grid(w, bits, -1, bits == 8)
     assert_exact(OPS.fake_quant(*on(B, w, s, z), bits, None, B).cpu(), ref.fake_quant(w, s, z, bits), "ŵ")
     _assert_backward(randn(9, k, torch.float16, seed=k + 1), w, s, z, bits, B)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,gs", [(4096, 128), (14336, -1), (200, 40)])
+def test_fake_quant_both_chunk_widths(wdtype, k, gs):
+    """16-bit w (and grad): the 16-element chunks the kernels pick (max_vec 16) and the 8-element ones
+    the benchmarks set beside them (max_vec 8) give the reference's ŵ, ∂w and ∂s; and max_vec must be
+    one of the two."""
+    from qdpo.kernels import cuda
+
+    w = randn(6, k, wdtype, seed=k)
+    s, z = _grid(w, 4, gs, False)
+    grad = randn(6, k, wdtype, seed=k + 1)
+    want, (rw, rs) = ref.fake_quant(w, s, z, 4, wdtype), ref.fake_quant_backward(grad, w, s, z, 4, True)
+    w_, s_, z_, grad_ = on(B, w, s, z, grad)
+    for max_vec in (16, 8):
+        what = f"max_vec={max_vec}"
+        assert_exact(cuda.fake_quant(w_, s_, z_, 4, wdtype, max_vec=max_vec).cpu(), want, f"ŵ {what}")
+        gw, gs_ = cuda.fake_quant_backward(grad_, w_, s_, z_, 4, True, max_vec=max_vec)
+        assert_exact(gw.cpu(), rw, f"∂w {what}")
+        _assert_sum_close(gs_.cpu(), rs, grad, 4, f"∂s {what}")
+    with pytest.raises(ValueError, match="max_vec"):
+        cuda.fake_quant(w_, s_, z_, 4, wdtype, max_vec=4)
 
 
 # --------------------------------------------------------------------------- dequant_matmul

@@ -190,9 +190,18 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- fake_quant
+def _max_vec(max_vec: int) -> int:
+    if max_vec not in (8, 16):
+        raise ValueError(f"max_vec={max_vec!r}: the widest chunk is 16 (the kernels' own choice) or 8 elements")
+    return max_vec
+
+
 @register("cuda", "fake_quant", auto_if=False)
-def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
-    """``ŵ`` ``(N, K)`` in ``dtype``."""
+def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype, *,
+               max_vec: int = 16):
+    """``ŵ`` ``(N, K)`` in ``dtype``. ``max_vec``: the widest chunk a thread loads, 16 elements (the
+    kernel's choice: 16 for 16-bit weights) or 8 (the benchmarks' ``cuda-v8``)."""
+    max_vec = _max_vec(max_vec)
     dev = _check_device(w, scales, zeros)
     w_code, out_code = _code(w.dtype, "weight"), _code(dtype, "the output")
     w = _rows(w)
@@ -200,14 +209,17 @@ def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     n, k = w.shape
     out = torch.empty(n, k, dtype=dtype, device=dev)  # ŵ: [N, K] dtype
     _launch(dev, _C.fake_quant, w.data_ptr(), w_code, w.stride(0), n, k, scales.shape[1], bits,
-            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code)
+            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code,
+            max_vec=max_vec)
     return out
 
 
 @register("cuda", "fake_quant_backward", auto_if=False)
 def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        bits: int, need_scales_grad: bool):
-    """``(grad_w, grad_scales or None)``: STE mask recomputed, LSQ sums per group in fp32."""
+                        bits: int, need_scales_grad: bool, *, max_vec: int = 16):
+    """``(grad_w, grad_scales or None)``: STE mask recomputed, LSQ sums per group in fp32. ``max_vec``
+    as :func:`fake_quant`'s (16 elements where w and grad are both 16-bit)."""
+    max_vec = _max_vec(max_vec)
     dev = _check_device(grad, w, scales, zeros)
     g_code, w_code = _code(grad.dtype, "grad"), _code(w.dtype, "weight")
     if grad.shape != w.shape:
@@ -219,7 +231,7 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
     grad_s = torch.empty_like(scales) if need_scales_grad else None  # [N, NG] scales.dtype
     _launch(dev, _C.fake_quant_backward, grad.data_ptr(), g_code, w.data_ptr(), w_code, w.stride(0), n, k,
             scales.shape[1], bits, scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(),
-            grad_w.data_ptr(), _ptr(grad_s))
+            grad_w.data_ptr(), _ptr(grad_s), max_vec=max_vec)
     return grad_w, grad_s
 
 
