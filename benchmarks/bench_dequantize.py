@@ -7,7 +7,9 @@ a speed reference). GB/s counts packed codes + scales + zeros read and ŵ
 written. Timing as in ``bench_quantize.py`` (CUDA graphs, cold L2).
 
 Impls: ``triton`` (the backend function), ``triton-4w`` and ``triton-8k`` (its tile with 4 warps, and
-8192-element tiles: ``bench_quantize.variant_tile``), ``cuda``, ``reference``, ``compile(reference)`` (GPU only). Target on an H100: ``triton`` close to copy bandwidth.
+8192-element tiles: ``bench_quantize.variant_tile``), ``cuda`` (16-code chunks where the rows allow
+them), ``cuda-v8`` (8-code chunks, as before them), ``reference``, ``compile(reference)`` (GPU only).
+Target on an H100: ``triton`` close to copy bandwidth.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from qdpo.kernels.triton import dequantize as td
 GPU = torch.cuda.is_available()
 DEV = common.device()
 SHAPES = common.SHAPES if GPU else {"tiny": (64, 256)}
-IMPLS = ("triton", *TILE_VARIANTS, "cuda", "reference", "compile(reference)")
+IMPLS = ("triton", *TILE_VARIANTS, "cuda", "cuda-v8", "reference", "compile(reference)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,9 +42,10 @@ def _fn(impl: str, packed, bits: int):
         q, s, z = packed
         cfg = variant_tile(impl, q.shape[0], q.shape[1] * 8 // bits, s.shape[1], q.device)
         return lambda: td.launch(q, s, z, bits, torch.bfloat16, cfg)
-    if impl == "cuda":
+    if impl in ("cuda", "cuda-v8"):
         cuda = common.cuda_backend()
-        return lambda: cuda.dequantize(*packed, bits, torch.bfloat16)
+        vec = 8 if impl == "cuda-v8" else 16
+        return lambda: cuda.dequantize(*packed, bits, torch.bfloat16, max_vec=vec)
     if impl == "reference":
         return lambda: ref.dequantize(*packed, bits, torch.bfloat16)
     f = _compiled_reference()

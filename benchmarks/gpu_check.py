@@ -122,7 +122,7 @@ def _targets_section(rows: list[dict]) -> list[str]:
 
 # The element-wise ops whose backend and tile the next GPU run decides (auto_if in qdpo/kernels/cuda.py,
 # the tile rule in qdpo/kernels/triton/quantize.py: config), and the impls compared.
-SIDE_BY_SIDE = {"dequantize": ("triton", "triton-4w", "triton-8k", "cuda"),
+SIDE_BY_SIDE = {"dequantize": ("triton", "triton-4w", "triton-8k", "cuda", "cuda-v8"),
                 "fake_quant_fwd_bwd": ("triton", "triton-4w", "triton-8k", "cuda", "cuda-v8")}
 
 

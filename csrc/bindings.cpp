@@ -100,11 +100,14 @@ void def_host_math(py::module_& m) {
   }, "quantize's launch run on the host, thread by thread, the team min and max in the device's order (the "
      "arguments of quantize without the stream)");
   m.def("host_dequantize", [](ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits,
-                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
+                              ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec) {
     check("host_dequantize", qdpo::dequantize_emulate(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros,
-                                                      out, out_dtype));
+                                                      out, out_dtype, max_vec));
   }, "dequantize's launch run on the host, thread by thread, from CPU buffers (pointers; the arguments of "
-     "dequantize without the stream)");
+     "dequantize without the stream)",
+     py::arg("qweight"), py::arg("stride_qn"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"),
+     py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"), py::arg("out"), py::arg("out_dtype"),
+     py::arg("max_vec") = 16);
   m.def("host_fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
                               ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec) {
     check("host_fake_quant", qdpo::fake_quant_emulate(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros,
@@ -160,10 +163,13 @@ void def_kernels(py::module_& m) {
                                      zeros, stream));
   }, "mode 0: scales/zeros; 1: plus packed codes; 2: codes on the given scales/zeros (see csrc/quantize.cu)");
   m.def("dequantize", [](ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-                         int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream) {
+                         int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream, int max_vec) {
     check("dequantize", qdpo::dequantize(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
-                                         stream));
-  }, "ŵ (N, K) from packed codes (see csrc/dequantize.cu)");
+                                         max_vec, stream));
+  }, "ŵ (N, K) from packed codes (see csrc/dequantize.cu); max_vec: the widest chunk, 16 or 8 codes",
+     py::arg("qweight"), py::arg("stride_qn"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"),
+     py::arg("scales"), py::arg("s_dtype"), py::arg("zeros"), py::arg("out"), py::arg("out_dtype"),
+     py::arg("stream"), py::arg("max_vec") = 16);
   m.def("fake_quant", [](ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
                          ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream,
                          int max_vec) {

@@ -132,62 +132,76 @@ struct DequantizeArgs {
   int64_t k;
 };
 
-// One 8-code chunk as the words it was loaded in: W4 one, W8 two.
-template <int BITS>
+// One chunk of VEC codes (8 or 16) as the words it was loaded in: BITS · VEC / 32 of them (W4: one
+// or two; W8: two or four), one 4-, 8- or 16-byte load.
+template <int BITS, int VEC>
 struct CodeWords {
-  uint32_t w[BITS / 4];
+  static constexpr int kWords = BITS * VEC / 32;
+  uint32_t w[kWords];
   __device__ __forceinline__ uint32_t code(int j) const {
     return (w[j * BITS / 32] >> (j * BITS % 32)) & ((1u << BITS) - 1);
   }
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    if constexpr (kWords == 1) {
+      w[0] = *reinterpret_cast<const uint32_t*>(p);
+    } else if constexpr (kWords == 2) {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      w[0] = u.x, w[1] = u.y;
+    } else {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+    }
+  }
 };
 
-// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. 8-code chunks
-// turn into fp32 2^23 + q without shifting codes down: W4 codes masked where they lie (qdpo_math.cuh:
-// dequantize_word) wherever that is exact, W8 codes by one byte permute each (gemv_fragments.cuh:
-// w8_biased); the other chunks code by code. 8-code chunks load as the fake_quant ones do: the
-// lane's first pair, then the zero point and scale, then the branch on the scale (chunk_pairs:
-// FirstPair).
+// Thread tm (valid) of the dequantize kernel: its lane's chunks of the group row tm.r. Chunks of 8
+// or 16 codes (VEC) turn into fp32 2^23 + q without shifting codes down, 8 at a time: W4 codes masked
+// where they lie (qdpo_math.cuh: dequantize_word) wherever that is exact, W8 codes by one byte
+// permute each (gemv_fragments.cuh: w8_biased); the other chunks code by code. Whole-word chunks
+// load as the fake_quant ones do: the lane's first pair, then the zero point and scale, then the
+// branch on the scale (chunk_pairs: FirstPair).
 template <int BITS, int VEC>
 __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const Team& tm) {
   const int n = tm.n, grp = tm.grp;
   const uint8_t* qrow = a.q + n * a.stride_qn;
   const int64_t first = static_cast<int64_t>(grp) * a.g;  // the group's first column
   const int64_t out0 = n * a.k + first;
-  if constexpr (VEC == 8) {
+  if constexpr (VEC >= 8) {
     const uint8_t* qg = qrow + first * BITS / 8;  // the group's codes
     const auto load = [&](int c) {
-      CodeWords<BITS> q;
-      const uint8_t* p = qg + c * BITS;  // chunk c: 8 codes, BITS bytes
-      if constexpr (BITS == 4) {
-        q.w[0] = *reinterpret_cast<const uint32_t*>(p);
-      } else {
-        const uint2 u = *reinterpret_cast<const uint2*>(p);
-        q.w[0] = u.x, q.w[1] = u.y;
-      }
+      CodeWords<BITS, VEC> q;
+      q.load(qg + c * (VEC * BITS / 8));
       return q;
     };
     auto p = load_first_pair(tm.lane, a.g / VEC, a.tg.team, load);
     const float z = a.z[tm.r];
     const float s = load1(a.s, a.s_dtype, tm.r);
+    constexpr int W = BITS / 4;  // words per 8 codes
     if (BITS == 8 || w4_words_exact(s)) {
       const W4Words g = w4_words(s, z);  // (W4)
       const float zb = 8388608.f + z;    // (W8)
-      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS>& q) {
-        float v[8];
-        if constexpr (BITS == 4) {
-          dequantize_word(q.w[0], g, v);
-        } else {
-          QDPO_UNROLL
-          for (int j = 0; j < 8; ++j) v[j] = (gemv::w8_biased(q.w[j >> 2], j & 3) - zb) * s;
+      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS, VEC>& q) {
+        QDPO_UNROLL
+        for (int h = 0; h < VEC / 8; ++h) {
+          float v[8];
+          if constexpr (BITS == 4) {
+            dequantize_word(q.w[h], g, v);
+          } else {
+            QDPO_UNROLL
+            for (int j = 0; j < 8; ++j) v[j] = (gemv::w8_biased(q.w[W * h + (j >> 2)], j & 3) - zb) * s;
+          }
+          store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC + 8 * h, v);
         }
-        store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
       });
     } else {
-      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS>& q) {
-        float v[8];
+      chunk_pairs(p, a.g / VEC, load, [&](int c, CodeWords<BITS, VEC>& q) {
         QDPO_UNROLL
-        for (int j = 0; j < 8; ++j) v[j] = dequantize_one(static_cast<uint8_t>(q.code(j)), s, z);
-        store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * 8, v);
+        for (int h = 0; h < VEC / 8; ++h) {
+          float v[8];
+          QDPO_UNROLL
+          for (int j = 0; j < 8; ++j) v[j] = dequantize_one(static_cast<uint8_t>(q.code(8 * h + j)), s, z);
+          store_vec<8>(a.out, a.out_dtype, out0 + static_cast<int64_t>(c) * VEC + 8 * h, v);
+        }
       });
     }
     return;
@@ -213,15 +227,19 @@ __device__ __forceinline__ void dequantize_thread(const DequantizeArgs& a, const
 
 template <typename Launch>
 int dequantize_plan(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-                    int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, Launch&& launch) {
+                    int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, Launch&& launch) {
   if (int e = check_grid(n, k, ng, bits)) return e;
   QDPO_REQUIRE(valid_dtype(s_dtype) && valid_dtype(out_dtype), kErrDtype);
   QDPO_REQUIRE(qweight != 0 && scales != 0 && zeros != 0 && out != 0, kErrNull);
   QDPO_REQUIRE(stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(aligned(scales, dtype_size(s_dtype)) && aligned(out, dtype_size(out_dtype)), kErrAlign);
+  QDPO_REQUIRE(max_vec == 8 || max_vec == 16, kErrMode);
   const int64_t g = k / ng;
+  // 8-code chunks: 4- or 8-byte code loads; 16-code ones: 8- or 16-byte (W8 rows then 16-byte aligned)
   const bool vec8 = g % 8 == 0 && aligned(qweight, 8) && stride_qn % 8 == 0 && aligned(out, 16);
-  return dispatch_bits_vec(bits, vec8, [&](auto b, auto v) {
+  const int align16 = bits == 8 ? 16 : 8;
+  const bool vec16 = max_vec == 16 && vec8 && g % 16 == 0 && aligned(qweight, align16) && stride_qn % align16 == 0;
+  return dispatch_bits_vec16(bits, vec16 ? 16 : vec8 ? 8 : 1, [&](auto b, auto v) {
     constexpr int VEC = decltype(v)::value;
     const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
     const DequantizeArgs a{reinterpret_cast<const uint8_t*>(qweight), stride_qn, sh.tg, static_cast<int>(g),

@@ -35,9 +35,10 @@ enum QuantizeMode : int { kQParams = 0, kQuantize = 1, kQuantizeWith = 2 };
 int quantize(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
              bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t stream);
 
-// dequantize.cu
+// dequantize.cu — max_vec: the widest chunk, 16 codes (the widest the operands allow) or 8 (at most
+// 8; the benchmarks' side-by-side).
 int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, ptr_t stream);
+               int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, ptr_t stream);
 
 // fake_quant.cu — grad_s == 0: no LSQ scale gradient. max_vec: the widest chunk, 16 (the widest the
 // operands allow) or 8 (at most 8 elements; the benchmarks' side-by-side).
@@ -100,7 +101,7 @@ int dequant_gemm(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t 
 int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
                      bool symmetric, ptr_t qweight, ptr_t scales, int s_dtype, ptr_t zeros);
 int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype);
+                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec);
 int fake_quant_emulate(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
                        ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec);
 int fake_quant_backward_emulate(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n,

@@ -82,8 +82,8 @@ int quantize_emulate(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t 
 }
 
 int dequantize_emulate(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t ng, int bits, ptr_t scales,
-                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype) {
-  return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype,
+                       int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec) {
+  return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype, max_vec,
                          [&](auto b, auto v, const TeamShape& sh, const DequantizeArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
                            each_valid_thread(sh, [&](const Team& tm) { dequantize_thread<BITS, VEC>(a, tm); });

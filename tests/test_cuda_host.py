@@ -358,12 +358,12 @@ def _host_quantize(C, w, bits, mode, gs=-1, sym=False, scales=None, zeros=None):
     return qweight, scales, zeros
 
 
-def _host_dequantize(C, q, s, z, bits, dtype):
+def _host_dequantize(C, q, s, z, bits, dtype, max_vec=16):
     n, k = q.shape[0], q.shape[1] * 8 // bits
     out = torch.full((n, k), float("nan"), dtype=dtype)  # a thread that skips its chunk leaves NaN
     s, z = s.contiguous(), z.contiguous()
     C.host_dequantize(q.data_ptr(), q.stride(0), n, k, s.shape[1], bits, s.data_ptr(), CODES[s.dtype], z.data_ptr(),
-                      out.data_ptr(), CODES[dtype])
+                      out.data_ptr(), CODES[dtype], max_vec)
     return out
 
 
@@ -420,11 +420,12 @@ def test_quantize_launches_emulated_match_reference(C, bits, n, k, ng):
             assert_exact(q, ref.quantize(w, bits, gs, sym, s2, rz)[0], "qweight on a given grid")
 
 
+@pytest.mark.parametrize("max_vec", [16, 8])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k,ng", TEAM_CASES)
-def test_dequantize_launch_emulated_matches_reference(C, bits, n, k, ng):
-    """Every output dtype from scales of each dtype, bit for bit; and 1-byte aligned code rows
-    (narrow chunks)."""
+def test_dequantize_launch_emulated_matches_reference(C, bits, n, k, ng, max_vec):
+    """Every output dtype from scales of each dtype, bit for bit, in chunks of up to 16 codes and of up
+    to 8 (max_vec); and 1-byte aligned code rows (narrow chunks)."""
     from tests.conftest import misaligned
     from tests.test_dequantize import _random_packed
 
@@ -433,8 +434,8 @@ def test_dequantize_launch_emulated_matches_reference(C, bits, n, k, ng):
     for i, (sdtype, dtype) in enumerate(zip(DTYPES, DTYPES[1:] + DTYPES[:1])):
         q, s, z = _random_packed(n, k, bits, ng, sdtype, seed=i)
         want = ref.dequantize(q, s, z, bits, dtype)
-        assert_exact(_host_dequantize(C, q, s, z, bits, dtype), want, f"ŵ {dtype} from {sdtype} scales")
-        assert_exact(_host_dequantize(C, misaligned(q), s, z, bits, dtype), want, "ŵ from misaligned codes")
+        assert_exact(_host_dequantize(C, q, s, z, bits, dtype, max_vec), want, f"ŵ {dtype} from {sdtype} scales")
+        assert_exact(_host_dequantize(C, misaligned(q), s, z, bits, dtype, max_vec), want, "ŵ from misaligned codes")
 
 
 def test_dequantize_w4_words_in_place_at_the_edge_scales(C):
@@ -449,7 +450,9 @@ def test_dequantize_w4_words_in_place_at_the_edge_scales(C):
     s = torch.tensor(edge).repeat_interleave(2).view(len(edge), 2)
     s[:, 1] *= 1.0 + 2**-20  # another mantissa in each row's second group
     for dtype in DTYPES:
-        assert_exact(_host_dequantize(C, q, s, z, 4, dtype), ref.dequantize(q, s, z, 4, dtype), f"ŵ {dtype}")
+        for max_vec in (16, 8):
+            assert_exact(_host_dequantize(C, q, s, z, 4, dtype, max_vec), ref.dequantize(q, s, z, 4, dtype),
+                         f"ŵ {dtype}, max_vec={max_vec}")
 
 
 @pytest.mark.parametrize("max_vec", [16, 8])
@@ -509,6 +512,8 @@ def test_emulated_launches_check_their_arguments(C):
         C.host_quantize(7, p, 0, 256, 4, 256, 8, 4, False, p, p, 0, p)
     with pytest.raises(ValueError, match="bits not in"):
         C.host_dequantize(p, 128, 4, 256, 8, 5, p, 0, p, p, 0)
+    with pytest.raises(ValueError, match="unknown mode"):  # max_vec neither 16 nor 8
+        C.host_dequantize(p, 128, 4, 256, 8, 4, p, 0, p, p, 0, 32)
     with pytest.raises(ValueError, match="unsupported dtype"):
         C.host_fake_quant(p, 0, 256, 4, 256, 8, 4, p, 0, p, p, 9)
     with pytest.raises(ValueError, match="null pointer"):

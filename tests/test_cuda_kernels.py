@@ -71,6 +71,22 @@ def test_dequantize_misaligned_and_long_rows():
         _assert_dequantize(*_random_packed(5, k, bits, 1, torch.float16, seed=k), bits, torch.bfloat16, B)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_both_chunk_widths(bits):
+    """The 16-code chunks the kernel picks (max_vec 16) and the 8-code ones the benchmarks set beside
+    them (max_vec 8) give the reference's ŵ; and max_vec must be one of the two."""
+    from qdpo.kernels import cuda
+
+    for k, ng in ((4096, 32), (14336, 1), (240, 3)):
+        q, s, z = _random_packed(5, k, bits, ng, torch.bfloat16, seed=k)
+        want = ref.dequantize(q, s, z, bits, torch.bfloat16)
+        for max_vec in (16, 8):
+            got = cuda.dequantize(*on(B, q, s, z), bits, torch.bfloat16, max_vec=max_vec)
+            assert_exact(got.cpu(), want, f"ŵ K={k} max_vec={max_vec}")
+    with pytest.raises(ValueError, match="max_vec"):
+        cuda.dequantize(*on(B, q, s, z), bits, torch.bfloat16, max_vec=32)
+
+
 # --------------------------------------------------------------------------- fake_quant
 @pytest.mark.parametrize("k,bits", [(14336, 4), (4100, 4), (4101, 8)])
 def test_fake_quant_long_and_narrow_rows(k, bits):

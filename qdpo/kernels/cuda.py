@@ -175,9 +175,19 @@ def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 
 
 # --------------------------------------------------------------------------- dequantize
+def _max_vec(max_vec: int) -> int:
+    """dequantize's and fake_quant's widest chunk per load: 16 elements (the kernels' own choice) or 8."""
+    if max_vec not in (8, 16):
+        raise ValueError(f"max_vec={max_vec!r}: the widest chunk is 16 (the kernels' own choice) or 8 elements")
+    return max_vec
+
+
 @register("cuda", "dequantize", auto_if=False)
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype):
-    """``ŵ`` ``(N, K)`` in ``dtype``."""
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype, *,
+               max_vec: int = 16):
+    """``ŵ`` ``(N, K)`` in ``dtype``. ``max_vec``: the widest chunk a thread loads, 16 codes (the
+    kernel's choice wherever the rows allow it) or 8 (the benchmarks' ``cuda-v8``)."""
+    max_vec = _max_vec(max_vec)
     dev = _check_device(qweight, scales, zeros)
     out_code = _code(dtype, "the output")
     qweight = _rows(qweight)
@@ -185,16 +195,12 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     out = torch.empty(n, k, dtype=dtype, device=dev)  # ŵ: [N, K] dtype
     _launch(dev, _C.dequantize, qweight.data_ptr(), qweight.stride(0), n, k, scales.shape[1], bits,
-            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code)
+            scales.data_ptr(), DTYPE_CODES[scales.dtype], zeros.data_ptr(), out.data_ptr(), out_code,
+            max_vec=max_vec)
     return out
 
 
 # --------------------------------------------------------------------------- fake_quant
-def _max_vec(max_vec: int) -> int:
-    if max_vec not in (8, 16):
-        raise ValueError(f"max_vec={max_vec!r}: the widest chunk is 16 (the kernels' own choice) or 8 elements")
-    return max_vec
-
 
 @register("cuda", "fake_quant", auto_if=False)
 def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype, *,
