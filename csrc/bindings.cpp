@@ -70,7 +70,7 @@ void def_host_math(py::module_& m) {
         if (cp) cp[i] = 255;
         continue;
       }
-      op[i] = qdpo::fake_quant_recip(wp[i], d, zp[i], bits);
+      op[i] = d.s > 0.f ? qdpo::fake_quant_recip(wp[i], d, zp[i], bits) : std::numeric_limits<float>::quiet_NaN();
       mp[i] = qdpo::ste_pass_recip(wp[i], d, zp[i], bits);
       if (cp) cp[i] = qdpo::quantize_recip(wp[i], d, zp[i], bits);
     }
@@ -78,7 +78,7 @@ void def_host_math(py::module_& m) {
      py::arg("codes") = 0,
      "ŵ, the straight-through mask and (codes != 0) the code of n fp32 elements, each on its own grid (s, z), "
      "through the kernels' reciprocal path (pointers to CPU buffers); where that path is not taken: NaN, "
-     "mask 2 and code 255");
+     "mask 2 and code 255 (and ŵ NaN for a negative scale, which the forward divides by)");
   m.def("host_team_of", [](int64_t n, int64_t ng, int64_t chunks, int64_t block, int tid) {
     const qdpo::TeamShape sh = qdpo::team_shape(n, ng, chunks);
     if (block < 0 || block >= sh.grid || tid < 0 || tid >= sh.block) throw std::invalid_argument("host_team_of: no such thread");

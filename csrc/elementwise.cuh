@@ -303,7 +303,7 @@ __device__ __forceinline__ void fake_quant_thread(const FakeQuantArgs& a, const 
   const float z = a.z[tm.r];
   const Recip d = recip_of(load1(a.s, a.s_dtype, tm.r));
   const int64_t out0 = tm.n * a.k + first;
-  if (d.fast) {
+  if (d.fast && d.s > 0.f) {  // fake_quant_recip: a positive scale
     fake_quant_group<BITS, VEC, true>(a, out0, p, load, d, z);
   } else {
     fake_quant_group<BITS, VEC, false>(a, out0, p, load, d, z);

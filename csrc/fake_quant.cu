@@ -23,12 +23,13 @@
 // stored 8 at a time: kPart), two per lane and pass (qdpo_device.cuh: chunk_pairs; both loads
 // before the math). w / s goes through the group's reciprocal where that gives the same result bit
 // for bit (qdpo_math.cuh: quotient; every scale in [2^-100, 2^100]): a multiply and two FMAs per
-// element instead of a division; the LSQ term keeps the division. A lane's first pair is loaded
-// before its scale and zero point, and the branch on the scale comes after both (chunk_pairs:
-// FirstPair): one memory round trip per thread, not the scale's and then the chunks'. The chunks
-// stay as loaded (RawChunk) until the math converts them. Blocks are pinned to 6 (forward, 40
-// registers, as before) and 4 (backward, 64) per SM, at the cost of a few spilled bytes in L1
-// (ptxas -v: at most 12 outside the LSQ backward, 28 in it).
+// element instead of a division, and one FMA by the scale where it is positive (qdpo_math.cuh:
+// fake_quant_recip; a negative scale divides); the LSQ term keeps the division. A lane's first pair
+// is loaded before its scale and zero point, and the branch on the scale comes after both
+// (chunk_pairs: FirstPair): one memory round trip per thread, not the scale's and then the chunks'.
+// The chunks stay as loaded (RawChunk) until the math converts them. Blocks are pinned to 6
+// (forward, 40 registers, as before) and 4 (backward, 64) per SM, at the cost of a few spilled bytes
+// in L1 (ptxas -v, sm_90: at most 16 outside the LSQ backward, 28 in it).
 //
 // The bf16 passes reached 66-72 % of copy bandwidth on an H200, against 95 % in fp32, and took
 // about as long as the fp32 ones for the same elements, which points at a bound on threads in

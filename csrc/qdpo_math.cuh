@@ -311,9 +311,13 @@ QDPO_HD float fake_quant_x(float x, float s, float z, int bits) {
 // ŵ of w on the grid without storing the code: (clamp(round(w / s) + z) - z) · s.
 QDPO_HD float fake_quant_one(float w, float s, float z, int bits) { return fake_quant_x(w / s, s, z, bits); }
 
-// The same with the group's reciprocal (d.fast): equal to fake_quant_one bit for bit.
+// The same with the group's reciprocal, for a positive scale (d.fast and s > 0): equal to
+// fake_quant_one bit for bit, with one instruction fewer per element. For s > 0, c · s + 0 (one FMA)
+// equals (c + 0) · s: both round the same nonzero product once, and a zero c of either sign gives
+// +0, as (+0) · s does. (A negative scale would want -0 there: fake_quant_thread takes the division.)
 QDPO_HD float fake_quant_recip(float w, const Recip& d, float z, int bits) {
-  return fake_quant_x(quotient(w, d), d.s, z, bits);
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  return fmaf(clampf(round_half_even(quotient(w, d)), -z, qmax - z), d.s, 0.f);
 }
 // The code with the group's reciprocal (d.fast): equal to quantize_one.
 QDPO_HD uint8_t quantize_recip(float w, const Recip& d, float z, int bits) { return quantize_x(quotient(w, d), z, bits); }

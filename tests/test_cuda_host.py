@@ -266,7 +266,8 @@ def test_fake_quant_by_reciprocal_equals_true_division(C, bits):
     """The kernels' per-group reciprocal (quotient = w·(1/s) + one FMA correction) gives the same ŵ,
     straight-through mask and code (quantize.cu) as IEEE w / s (torch, the reference's formula) on
     about 9 million elements with near-tie, tiny, huge and overflowing quotients, for every scale it
-    is used for (2^-100 to 2^100), and is not used outside that range."""
+    is used for (|s| from 2^-100 to 2^100; ŵ, whose last step is one FMA, for positive ones), and is
+    not used outside that range."""
     w, s = _near_tie_cases(1500, seed=bits)
     z = torch.randint(0, 2**bits, w.shape, generator=torch.Generator().manual_seed(1)).float()
     out, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.uint8)
@@ -276,7 +277,10 @@ def test_fake_quant_by_reciprocal_equals_true_division(C, bits):
     assert mask.ne(2).all(), "every scale here takes the reciprocal path"
     u = torch.round(w / s) + z
     want = (u.clamp(0, 2**bits - 1) - z) * s
-    assert torch.equal(out.view(torch.int32), want.view(torch.int32)), "ŵ differs from true division"
+    pos = s > 0
+    assert pos.any() and (~pos).any()
+    assert torch.equal(out[pos].view(torch.int32), want[pos].view(torch.int32)), "ŵ differs from true division"
+    assert out[~pos].isnan().all(), "ŵ of a negative scale keeps the true division"
     assert torch.equal(mask.bool(), (u >= 0) & (u <= 2**bits - 1)), "mask differs from true division"
     assert torch.equal(codes, u.clamp(0, 2**bits - 1).to(torch.uint8)), "codes differ from true division"
     outside = torch.tensor([2.0**-101, 2.0**101, 1e-40, -2.0**-101], dtype=torch.float32)
@@ -477,6 +481,9 @@ def test_fake_quant_launches_emulated_match_reference(C, bits, n, k, ng, max_vec
             s, z = _grid(w, bits, k // ng if ng > 1 else -1, False)
             want = ref.fake_quant(w, s, z, bits, dtype)
             assert_exact(_host_fake_quant(C, w, s, z, bits, dtype, max_vec), want, "ŵ")
+            # negative scales (the division: a zero ŵ is then -0, as (q - z) · s gives it)
+            assert_exact(_host_fake_quant(C, w, -s, z, bits, dtype, max_vec), ref.fake_quant(w, -s, z, bits, dtype),
+                         "ŵ, negative scales")
             for gdtype in (dtype, wdtype):  # fp16 + fp16, bf16 + fp16, bf16 + bf16: 16-element chunks
                 grad = randn(n, k, gdtype, seed=i + 7)
                 rw, rs = ref.fake_quant_backward(grad, w, s, z, bits, True)
