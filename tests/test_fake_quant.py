@@ -116,6 +116,21 @@ def test_mixed_dtypes_of_output_grad_and_scales(backend):
     _assert_backward(randn(7, 96, torch.float16, seed=4), w, s16, z, 8, backend)
 
 
+def test_negative_scales_give_the_reference_bits(backend):
+    """RTN and AWQ make positive scales only, and the kernels finish ŵ with one FMA, c·s + 0, where every
+    scale of a tile or group is positive; a grid given with negative scales takes the other route and
+    still matches the reference bit for bit, the sign of every zero ŵ included (-0 for s < 0)."""
+    w = randn(40, 64, torch.float32, seed=8)
+    s, z = _grid(w, 4, 32, False)
+    some = s.clone()
+    some[5:7] = -some[5:7]  # a few rows: tiles and groups of both kinds
+    for scales in (some, -s):
+        want = ref.fake_quant(w, scales, z, 4)
+        assert (want == 0).any() and (want.view(torch.int32) == -(2**31)).any(), "no -0 to check"
+        assert_exact(OPS.fake_quant(*on(backend, w, scales, z), 4, None, backend).cpu(), want, "ŵ")
+        _assert_backward(randn(40, 64, seed=9), w, scales, z, 4, backend)
+
+
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
 def test_long_rows_are_processed_in_chunks(bits, sym):
     """Per-row mode with a row longer than a tile (forced small tile): split forward, looped LSQ sum."""

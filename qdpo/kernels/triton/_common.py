@@ -61,15 +61,28 @@ def quotient(w, s):
     scale of the tile lies in [2⁻¹⁰⁰, 2¹⁰⁰], one IEEE reciprocal per row, then ``q0 = w·r`` and one FMA
     correction ``q0 + r·(w - q0·s)`` (q0 itself past 2²⁴) instead of a division per element; else the
     division. Not the quotient for LSQ's ``round(x) - x``, which can differ below 1/8."""
-    a = tl.abs(s)
-    if tl.min(((a >= 7.888609052210118e-31) & (a <= 1.2676506002282294e30)).to(tl.int32)) == 1:  # 2^-100, 2^100
-        r = tl.broadcast_to(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), w.shape)
-        q0 = w * r
-        q1 = tl.fma(tl.fma(-q0, tl.broadcast_to(s, w.shape), w), r, q0)
-        x = tl.where(tl.abs(q0) < 16777216.0, q1, q0)
+    if all_in_range(tl.abs(s)):
+        x = recip_quotient(w, s)
     else:
         x = tl.math.div_rn(w, tl.broadcast_to(s, w.shape))
     return x
+
+
+@triton.jit
+def all_in_range(a):
+    """Whether every value of ``a`` (a tile's row scales, or their magnitudes) lies in [2⁻¹⁰⁰, 2¹⁰⁰]:
+    one reduction, a scalar for a branch over the whole tile."""
+    return tl.min(((a >= 7.888609052210118e-31) & (a <= 1.2676506002282294e30)).to(tl.int32)) == 1
+
+
+@triton.jit
+def recip_quotient(w, s):
+    """:func:`quotient`'s route for scales within 2^±100: one IEEE reciprocal per row, then
+    ``q0 = w·r`` and one FMA correction (q0 itself past 2²⁴)."""
+    r = tl.broadcast_to(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), w.shape)
+    q0 = w * r
+    q1 = tl.fma(tl.fma(-q0, tl.broadcast_to(s, w.shape), w), r, q0)
+    return tl.where(tl.abs(q0) < 16777216.0, q1, q0)
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import register
-from qdpo.kernels.triton._common import cast_out, tl_dtype
+from qdpo.kernels.triton._common import all_in_range, cast_out, recip_quotient, round_half_even, tl_dtype
 from qdpo.kernels.triton.quantize import (
     clamp_to_grid, config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient,
     wide_offsets,
@@ -67,9 +67,18 @@ def _fake_quant_kernel(
     s, z = load_grid(s_ptr, z_ptr, row * stride_sn + grp * stride_sg, rmask)
     k0 = tl.program_id(1) * BLOCK_G
     w, mask = load_tile(w_ptr, row * stride_wn + grp * G, k0, G, rmask, BLOCK_G)
-    _, rx = rounded_quotient(w, s)
-    # (clamp(rx + z, 0, qmax) - z)·s with one addition fewer; "+ 0" makes a zero +0, as q - z would
-    w_hat = (clamp_to_grid(rx, z[:, None], qmax) + 0.0) * s[:, None]
+    # (clamp(rx + z, 0, qmax) - z)·s with one addition fewer, as (c + 0)·s: "+ 0" makes a zero c +0, as
+    # q - z would. Where every scale of the tile is positive and within 2^±100 (the rows past R have
+    # 1), w / s through the rows' reciprocals and c·s + 0 in one FMA, the same bits for s > 0 (a
+    # nonzero product rounds once either way, and a zero c of either sign gives +0); else the division
+    # (quotient's other route: a tile with a negative scale takes it too).
+    sc = s[:, None]
+    if all_in_range(s):
+        c = clamp_to_grid(round_half_even(recip_quotient(w, sc)), z[:, None], qmax)
+        w_hat = tl.fma(c, tl.broadcast_to(sc, c.shape), 0.0)
+    else:
+        _, rx = rounded_quotient(w, s, True)  # the IEEE division
+        w_hat = (clamp_to_grid(rx, z[:, None], qmax) + 0.0) * sc
     out = out_ptr + (row * stride_on + grp * G)[:, None] + (k0 + tl.arange(0, BLOCK_G))[None, :]
     tl.store(out, cast_out(w_hat, OUT_DTYPE), mask=mask)
 
