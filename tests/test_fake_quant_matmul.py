@@ -97,6 +97,19 @@ def test_workspace_matches_reference_fake_quant_exactly(wdtype, out):
                  ref.fake_quant(w, s, z, bits, out), "ŵ")
 
 
+def test_workspace_with_negative_scales_matches_reference_exactly():
+    """A tile with a negative scale takes the division and (c + 0)·s, the others c·s + 0 in one FMA:
+    the spec's ŵ either way, the sign of every zero included."""
+    w, s, z = _problem(33, 256, 4, 32, False, torch.float32, seed=5)
+    some = s.clone()
+    some[3:5] = -some[3:5]
+    for scales in (some, -s):
+        want = ref.fake_quant(w, scales, z, 4, torch.float32)
+        assert (want.view(torch.int32) == -(2**31)).any(), "no -0 to check"
+        assert_exact(fqm.fake_quant_workspace(w, scales, z, 4, torch.float32,
+                                              use_rint=False if not HAS_GPU else None), want, "ŵ")
+
+
 def test_rounding_ties_go_to_even_and_clip_at_the_edges():
     """w/s exactly at k + 0.5 (power-of-two scales): half to even, as torch.round; mask exact at 0 and qmax."""
     n, k, bits = 4, 64, 4

@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from qdpo.kernels.triton._common import cast_out, quotient, round_half_even, round_half_even_floor
+from qdpo.kernels.triton._common import (
+    all_in_range, cast_out, quotient, recip_quotient, round_half_even, round_half_even_floor,
+)
 
 # LSQ partial sums are kept per 32-wide K block: every supported group size is
 # a multiple of 32, so such a block never straddles two groups.
@@ -49,23 +51,36 @@ def fq_rows(w, s_ptrs, z_ptrs, row_ok, QMAX: tl.constexpr, USE_RINT: tl.constexp
     ``clamp(round(w/s), -z, qmax - z)·s`` equals the spec's
     ``(clamp(round(w/s) + z, 0, qmax) - z)·s``: the integer sums are exact, and
     beyond 2^24 both clamp to the same bound. A zero may carry the other sign,
-    which no product with it can show; ``SIGNED_ZERO`` (a stored ŵ) adds 0 before
-    the scale, which makes it +0 as ``q - z`` does: then bit for bit. ``w/s`` through each row's
-    reciprocal (``_common.quotient``: the same rounded value), since every program
-    along M quantizes the tile again.
+    which no product with it can show; ``SIGNED_ZERO`` (a stored ŵ) makes it +0 as ``q - z`` does:
+    then bit for bit, as ``c·s + 0`` in one FMA where every scale of the tile is positive (and within
+    2^±100: the reciprocal route; the same bits as ``(c + 0)·s`` for s > 0), else as ``(c + 0)·s``
+    after the division. ``w/s`` through each row's reciprocal (``_common.quotient``: the same rounded
+    value), since every program along M quantizes the tile again.
     """
     s = tl.load(s_ptrs, mask=row_ok, other=1.0).to(tl.float32)[:, None]
     z = tl.load(z_ptrs, mask=row_ok, other=0).to(tl.float32)[:, None]
-    r = quotient(w.to(tl.float32), s)
-    if USE_RINT:  # one instruction on the GPU, missing under the interpreter
-        r = libdevice.rint(r)
-    else:
-        r = round_half_even_floor(r)
-    r = tl.maximum(r, -z, propagate_nan=tl.PropagateNan.ALL)
-    r = tl.minimum(r, QMAX - z, propagate_nan=tl.PropagateNan.ALL)
+    wf = w.to(tl.float32)
     if SIGNED_ZERO:
-        r = r + 0.0
-    return r * s
+        if all_in_range(s):
+            c = _on_grid(recip_quotient(wf, s), z, QMAX, USE_RINT)
+            w_hat = tl.fma(c, tl.broadcast_to(s, c.shape), 0.0)
+        else:
+            c = _on_grid(tl.math.div_rn(wf, tl.broadcast_to(s, wf.shape)), z, QMAX, USE_RINT)
+            w_hat = (c + 0.0) * s
+    else:
+        w_hat = _on_grid(quotient(wf, s), z, QMAX, USE_RINT) * s
+    return w_hat
+
+
+@triton.jit
+def _on_grid(x, z, QMAX: tl.constexpr, USE_RINT: tl.constexpr):
+    """``clamp(round(x), -z, qmax - z)`` of quotients ``x`` (ties to even)."""
+    if USE_RINT:  # one instruction on the GPU, missing under the interpreter
+        r = libdevice.rint(x)
+    else:
+        r = round_half_even_floor(x)
+    r = tl.maximum(r, -z, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(r, QMAX - z, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
