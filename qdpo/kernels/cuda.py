@@ -201,7 +201,6 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- fake_quant
-
 @register("cuda", "fake_quant", auto_if=False)
 def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype, *,
                max_vec: int = 16):
