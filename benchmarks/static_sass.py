@@ -5,7 +5,8 @@
   (``TRITON_INTERPRET=0``, pointers, sizes and strides divisible by 16), disassembles the cubin with
   the ``cuobjdump`` of Triton's wheel and prints, per kernel, the instructions of its main loop per
   weight code (the M = 1 GEMV) or of the whole kernel per element (the element-wise kernels, whose
-  threads each take one tile).
+  threads each take one tile), and for the fake_quant forward also those of the path a tile of
+  positive scales within 2^±100 runs (``first_branch_path``).
 * ``--cuda``: reads the sm_90 SASS of the built ``qdpo._C`` (or ``--so PATH``) and prints, per kernel
   whose name matches ``--match``, its registers, its loops (instructions between a backward branch and
   its target) and the widths of its global loads and stores.
@@ -69,6 +70,27 @@ def loops(ins: list[tuple[int, str]]) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
+def first_branch_path(ins: list[tuple[int, str]]) -> int | None:
+    """Instructions on the path of a kernel whose one tile-wide branch (after its first warp reduction,
+    REDUX) goes the first way: from the entry to the unconditional jump that ends that branch, then
+    from the jump's target to the first EXIT. None when the code has no such shape. Counts the code on
+    the path, the blocks it jumps over inside it included (the reciprocal's rarely taken fix-up calls)."""
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    reduce = next((i for i, (_, t) in enumerate(ins) if t.startswith("REDUX")), None)
+    if reduce is None:
+        return None
+    cond = next((i for i, (_, t) in enumerate(ins) if i > reduce and re.match(r"@!?U?P\d BRA", t)), None)
+    if cond is None:
+        return None
+    other = int(ins[cond][1].split("0x")[-1], 16)  # where the other way starts
+    ends = [i for i, (a, t) in enumerate(ins) if cond < i and a < other and re.match(r"BRA 0x", t)]
+    if not ends or int(ins[ends[-1]][1].split("0x")[-1], 16) not in at:
+        return None
+    merge = at[int(ins[ends[-1]][1].split("0x")[-1], 16)]
+    exit_ = next((i for i in range(merge, len(ins)) if "EXIT" in ins[i][1]), None)
+    return None if exit_ is None else ends[-1] + 1 + exit_ - merge + 1
+
+
 def functions(sass: str) -> dict[str, str]:
     """Each function's SASS, by its mangled name."""
     return {block.split("\n", 1)[0].strip(): block for block in sass.split("Function : ")[1:]}
@@ -127,8 +149,12 @@ def triton_rows():
                **cexp("BITS", "OUT_DTYPE", "BLOCK_R", "BLOCK_G", "WIDE")}
         k = _compile(fq._fake_quant_kernel, sig, dict(BITS=4, OUT_DTYPE=tl.bfloat16, BLOCK_R=32, BLOCK_G=128,
                      WIDE=False), ["w_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "NG", "stride_wn", "stride_on"], 8)
-        yield f"fake_quant forward w={wd} 32x128 8 warps", len(instructions(_sass_of(k))), 16, \
-            "element (whole kernel, both division paths)"
+        ins = instructions(_sass_of(k))
+        yield f"fake_quant forward w={wd} 32x128 8 warps", len(ins), 16, "element (whole kernel, both division paths)"
+        path = first_branch_path(ins)
+        if path:
+            yield f"fake_quant forward w={wd} 32x128 8 warps, reciprocal path", path, 16, \
+                "element (the tile's path when its scales are positive and within 2^±100)"
         sig = {"g_ptr": "*" + wd, "w_ptr": "*" + wd, "s_ptr": "*" + wd, "z_ptr": "*u8", "gw_ptr": "*" + wd,
                "gs_ptr": "*" + wd, **grid, **ints("stride_gn", "stride_wn", "stride_sn", "stride_sg", "stride_gwn"),
                **cexp("BITS", "W_DTYPE", "S_DTYPE", "NEED_GS", "BLOCK_R", "BLOCK_G", "N_CHUNKS", "WIDE")}

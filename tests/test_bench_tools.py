@@ -133,6 +133,19 @@ def test_static_sass_finds_loops_and_counts_the_triton_kernels():
     ins = static_sass.instructions(listing)
     assert [a for a, _ in ins] == [0, 0x10, 0x20, 0x30, 0x40], "NOP padding is not an instruction"
     assert static_sass.loops(ins) == [3], "the loop is 0x10 .. 0x30"
+    branched = static_sass.instructions("""
+        /*0000*/                   REDUX.MIN.S32 UR4, R0 ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R1, 0x1, PT ;
+        /*0020*/               @P0 BRA 0x60 ;
+        /*0030*/                   FFMA R2, R2, R3, RZ ;
+        /*0040*/                   FMUL R2, R2, R3 ;
+        /*0050*/                   BRA 0x80 ;
+        /*0060*/                   MUFU.RCP R4, R3 ;
+        /*0070*/                   FMUL R2, R2, R4 ;
+        /*0080*/                   STG.E [R6.64], R2 ;
+        /*0090*/                   EXIT ;""")
+    assert static_sass.first_branch_path(branched) == 8, "0x00 .. 0x50, then 0x80 .. 0x90"
+    assert static_sass.first_branch_path(ins) is None, "no tile-wide branch"
     # the kernels compile for the GPU only outside the interpreter this test process runs: a subprocess
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, str(BENCH / "static_sass.py"), "--triton"], capture_output=True, text=True,
@@ -151,3 +164,6 @@ def test_static_sass_finds_loops_and_counts_the_triton_kernels():
             per_byte = rows[f"gemv M=1 W{bits} bytes {tile} 4 warps"]
             assert words < per_byte, f"W{bits} {tile}: {words:.2f} per code on words, {per_byte:.2f} on bytes"
     assert rows["dequantize W4 words bf16 32x128 8 warps"] < rows["dequantize W4 bytes bf16 32x128 8 warps"]
+    for wd in ("bf16", "fp32"):
+        name = f"fake_quant forward w={wd} 32x128 8 warps"
+        assert rows[name + ", reciprocal path"] < rows[name] / 2, "the reciprocal path is one of two"
