@@ -54,15 +54,16 @@ def round_half_even(x):
 
 
 @triton.jit
-def quotient(w, s):
+def quotient(w, s, FOR_MASK: tl.constexpr = False):
     """``w / s`` for a ``[BLOCK_R, BLOCK_G]`` tile and its rows' scales as a column ``[BLOCK_R, 1]``,
     as far as rounding it to an integer, clamping and the sign of the result can tell: the same codes,
     ŵ and straight-through mask as IEEE ``div_rn`` (``csrc/qdpo_math.cuh: quotient``). Where every
     scale of the tile lies in [2⁻¹⁰⁰, 2¹⁰⁰], one IEEE reciprocal per row, then ``q0 = w·r`` and one FMA
     correction ``q0 + r·(w - q0·s)`` (q0 itself past 2²⁴) instead of a division per element; else the
-    division. Not the quotient for LSQ's ``round(x) - x``, which can differ below 1/8."""
+    division. Not the quotient for LSQ's ``round(x) - x``, which can differ below 1/8. ``FOR_MASK``: a
+    quotient only compared with the grid (the straight-through mask), see :func:`recip_quotient`."""
     if all_in_range(tl.abs(s)):
-        x = recip_quotient(w, s)
+        x = recip_quotient(w, s, FOR_MASK)
     else:
         x = tl.math.div_rn(w, tl.broadcast_to(s, w.shape))
     return x
@@ -76,13 +77,18 @@ def all_in_range(a):
 
 
 @triton.jit
-def recip_quotient(w, s):
+def recip_quotient(w, s, FOR_MASK: tl.constexpr = False):
     """:func:`quotient`'s route for scales within 2^±100: one IEEE reciprocal per row, then
-    ``q0 = w·r`` and one FMA correction (q0 itself past 2²⁴)."""
+    ``q0 = w·r`` and one FMA correction (q0 itself past 2²⁴). ``FOR_MASK``: the corrected value even
+    past 2²⁴, two instructions fewer per element, for a quotient that is only compared with the grid:
+    there it is a few ulps from q0, or NaN where q0 overflowed, and either way outside the grid, as
+    the true quotient is (``csrc/qdpo_math.cuh: quotient_for_mask``)."""
     r = tl.broadcast_to(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), w.shape)
     q0 = w * r
     q1 = tl.fma(tl.fma(-q0, tl.broadcast_to(s, w.shape), w), r, q0)
-    return tl.where(tl.abs(q0) < 16777216.0, q1, q0)
+    if not FOR_MASK:
+        q1 = tl.where(tl.abs(q0) < 16777216.0, q1, q0)
+    return q1
 
 
 @triton.jit

@@ -112,7 +112,8 @@ def _fake_quant_backward_kernel(
         k0 = (tl.program_id(1) * N_CHUNKS + c) * BLOCK_G
         g, mask = load_tile(g_ptr, g_base, k0, G, rmask, BLOCK_G)
         w, _ = load_tile(w_ptr, w_base, k0, G, rmask, BLOCK_G)
-        x, rx = rounded_quotient(w, s, NEED_GS)  # the LSQ term needs the IEEE quotient itself
+        # the LSQ term needs the IEEE quotient itself; the mask alone, a quotient only compared with the grid
+        x, rx = rounded_quotient(w, s, NEED_GS, not NEED_GS)
         inside = (rx >= -z[:, None]) & (rx <= qmax - z[:, None])  # 0 <= round(x) + z <= qmax
         gw = tl.where(inside, g, 0.0)
         kk = k0 + tl.arange(0, BLOCK_G)

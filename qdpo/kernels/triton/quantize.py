@@ -132,17 +132,18 @@ def clamp_to_grid(rx, z, QMAX: tl.constexpr):
 
 
 @triton.jit
-def rounded_quotient(w, s, EXACT: tl.constexpr = False):
+def rounded_quotient(w, s, EXACT: tl.constexpr = False, FOR_MASK: tl.constexpr = False):
     """``(w / s, round(w / s))`` in fp32: the rounded quotient as the reference's exact operations give
     it; ``x`` the IEEE quotient itself with ``EXACT`` (LSQ), else as far as the rounding can tell
     (``quotient``). The code is ``clamp(round + z, 0, qmax)``: callers clamp the rounded quotient to
     ``[-z, qmax - z]`` instead, which gives the same ``q - z`` (but for the sign of a zero, which
     ``+ 0`` restores) and the same straight-through mask with fewer additions per element
-    (``round + z`` is exact below 2²⁴; above it both clamp to the same end)."""
+    (``round + z`` is exact below 2²⁴; above it both clamp to the same end). ``FOR_MASK``: the
+    rounded quotient is only compared with the grid (``_common.recip_quotient``)."""
     if EXACT:
         x = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
     else:
-        x = quotient(w, s[:, None])
+        x = quotient(w, s[:, None], FOR_MASK)
     return x, round_half_even(x)
 
 
