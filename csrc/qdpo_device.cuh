@@ -1,12 +1,12 @@
 // qdpo_device.cuh — device plumbing shared by the element-wise kernels
 // (quantize.cu, dequantize.cu, fake_quant.cu): argument-check macro, loads and
-// stores of 8-element chunks with a run-time dtype, packed-code access, and the
-// "team" that owns one group row.
+// stores of 8- and 16-element chunks with a run-time dtype, packed-code access,
+// and the "team" that owns one group row.
 //
 // Team: a group row is the G elements of one row that share a scale (G = K for
 // one group per row). A team of T threads (a power of two) walks its group row
-// in chunks of VEC elements (VEC = 8 with 16-byte-aligned operands, else 2 for
-// 4 bits / 1 for 8 bits). T <= 32 teams are lanes of one warp (several per
+// in chunks of VEC elements (VEC = 8 with 16-byte-aligned operands, 16 where
+// dequantize's and fake_quant's plans allow it, else 2 for 4 bits / 1 for 8 bits). T <= 32 teams are lanes of one warp (several per
 // block, shuffle reductions); T > 32 is the whole block (one group row per
 // block, shared-memory reduction). Every thread reaches every reduction, so
 // full-warp shuffles are safe even for teams past the last group row.
@@ -196,8 +196,8 @@ __device__ __forceinline__ void store_vec(void* p, int dtype, int64_t i, const f
 // A lane's chunks of its group row (c = lane, lane + team, ...), two per pass: the second chunk is
 // loaded before the first one's math, so a lane keeps two chunks' loads in flight. The element-wise
 // launchers size teams for half the chunks (pair_lanes): a lane's own set-up (its group row, scale,
-// zero point, reciprocal, addresses: about 90 sm_90 instructions) then serves 16 elements, not 8,
-// and most lanes have just the one pair.
+// zero point, reciprocal, addresses: about 90 sm_90 instructions) then serves two chunks, not one
+// (16 elements, or 32 with 16-element chunks), and most lanes have just the one pair.
 //
 // The first pair is loaded on its own (load_first_pair), before the lane's set-up: the kernels load
 // it, then the group's zero point and scale, and only then branch on the scale (reciprocal or
