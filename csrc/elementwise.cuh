@@ -393,9 +393,8 @@ inline bool vec8_ok(ptr_t w, int w_dtype, int64_t stride_wn, int64_t g, ptr_t ou
 // in the backward), so that a chunk of bf16 weights is 32 bytes, as one of fp32 weights is: the bf16
 // passes took about as long as the fp32 ones for the same elements (H200), as if bound by threads in
 // flight rather than bytes. 8 elsewhere when aligned, else the narrowest; never above max_vec (16, or
-// 8 for the benchmarks' side-by-side). 0: max_vec is neither.
+// 8 for the benchmarks' side-by-side).
 inline int fq_vec(bool vec8, bool reads_16bit, int64_t g, int max_vec) {
-  if (max_vec != 8 && max_vec != 16) return 0;
   if (!vec8) return 1;
   return max_vec == 16 && reads_16bit && g % 16 == 0 ? 16 : 8;
 }
@@ -404,9 +403,9 @@ template <typename Launch>
 int fake_quant_plan(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, int64_t ng, int bits,
                     ptr_t scales, int s_dtype, ptr_t zeros, ptr_t out, int out_dtype, int max_vec, Launch&& launch) {
   if (int e = check_fq(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype)) return e;
+  QDPO_REQUIRE(max_vec == 8 || max_vec == 16, kErrMode);
   const int64_t g = k / ng;
   const int vec = fq_vec(vec8_ok(w, w_dtype, stride_wn, g, out), w_dtype != kF32, g, max_vec);
-  QDPO_REQUIRE(vec != 0, kErrMode);
   return dispatch_bits_vec16(bits, vec, [&](auto b, auto v) {
     constexpr int VEC = decltype(v)::value;
     const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));
@@ -426,10 +425,10 @@ int fake_quant_backward_plan(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int6
   QDPO_REQUIRE(valid_dtype(g_dtype), kErrDtype);
   QDPO_REQUIRE(grad != 0, kErrNull);
   QDPO_REQUIRE(aligned(grad, dtype_size(g_dtype)) && aligned(grad_s, dtype_size(s_dtype)), kErrAlign);
+  QDPO_REQUIRE(max_vec == 8 || max_vec == 16, kErrMode);
   const int64_t g = k / ng;
   const bool vec8 = vec8_ok(w, w_dtype, stride_wn, g, grad_w) && aligned(grad, 16);
   const int vec = fq_vec(vec8, w_dtype != kF32 && g_dtype != kF32, g, max_vec);
-  QDPO_REQUIRE(vec != 0, kErrMode);
   return dispatch_bits_vec16(bits, vec, [&](auto b, auto v) {
     constexpr int VEC = decltype(v)::value;
     const TeamShape sh = team_shape(n, ng, pair_lanes(g / VEC));

@@ -99,19 +99,21 @@ struct RawChunk {
   uint32_t u[VEC == 16 ? 8 : VEC];
 };
 
+// Two 16-byte loads: the 32 bytes at p (16-byte aligned) as eight words.
+__device__ __forceinline__ void load_32_bytes(const void* p, uint32_t* u) {
+  const uint4 a = static_cast<const uint4*>(p)[0], b = static_cast<const uint4*>(p)[1];
+  u[0] = a.x, u[1] = a.y, u[2] = a.z, u[3] = a.w, u[4] = b.x, u[5] = b.y, u[6] = b.z, u[7] = b.w;
+}
+
 // VEC values starting at element i: one or two 16-byte accesses when VEC >= 8
 // (the launcher checked the alignment), element by element otherwise.
 template <int VEC>
 __device__ __forceinline__ void load_raw(const void* p, int dtype, int64_t i, RawChunk<VEC>& r) {
   if constexpr (VEC == 16) {  // 16-bit dtypes only
-    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
-    const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i + 8);
-    r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w, r.u[4] = b.x, r.u[5] = b.y, r.u[6] = b.z, r.u[7] = b.w;
+    load_32_bytes(static_cast<const uint16_t*>(p) + i, r.u);
   } else if constexpr (VEC == 8) {
     if (dtype == kF32) {
-      const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i);
-      const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i + 4);
-      r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w, r.u[4] = b.x, r.u[5] = b.y, r.u[6] = b.z, r.u[7] = b.w;
+      load_32_bytes(static_cast<const float*>(p) + i, r.u);
     } else {
       const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
       r.u[0] = a.x, r.u[1] = a.y, r.u[2] = a.z, r.u[3] = a.w;
@@ -128,6 +130,14 @@ __device__ __forceinline__ float half_bits_to_f32(int dtype, uint32_t h) {
   return dtype == kF16 ? f16_bits_to_f32(static_cast<uint16_t>(h)) : bf16_bits_to_f32(static_cast<uint16_t>(h));
 }
 
+// The eight 16-bit values of four words (low half first) as fp32.
+__device__ __forceinline__ void unpack_halves(int dtype, const uint32_t* u, float (&v)[8]) {
+  QDPO_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = half_bits_to_f32(dtype, u[j]), v[2 * j + 1] = half_bits_to_f32(dtype, u[j] >> 16);
+  }
+}
+
 template <int VEC>
 __device__ __forceinline__ void unpack_raw(int dtype, const RawChunk<VEC>& r, float (&v)[VEC]) {
   static_assert(VEC <= 8, "16-element chunks convert in parts (unpack_part)");
@@ -135,10 +145,7 @@ __device__ __forceinline__ void unpack_raw(int dtype, const RawChunk<VEC>& r, fl
     QDPO_UNROLL
     for (int j = 0; j < VEC; ++j) v[j] = bits_float(r.u[j]);
   } else if constexpr (VEC == 8) {
-    QDPO_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      v[2 * j] = half_bits_to_f32(dtype, r.u[j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[j] >> 16);
-    }
+    unpack_halves(dtype, r.u, v);
   } else {
     QDPO_UNROLL
     for (int j = 0; j < VEC; ++j) v[j] = half_bits_to_f32(dtype, r.u[j]);
@@ -153,10 +160,7 @@ constexpr int kPart = VEC == 16 ? 8 : VEC;
 template <int VEC>
 __device__ __forceinline__ void unpack_part(int dtype, const RawChunk<VEC>& r, int h, float (&v)[kPart<VEC>]) {
   if constexpr (VEC == 16) {
-    QDPO_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      v[2 * j] = half_bits_to_f32(dtype, r.u[4 * h + j]), v[2 * j + 1] = half_bits_to_f32(dtype, r.u[4 * h + j] >> 16);
-    }
+    unpack_halves(dtype, r.u + 4 * h, v);
   } else {
     unpack_raw<VEC>(dtype, r, v);
   }
