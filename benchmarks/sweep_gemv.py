@@ -2,6 +2,7 @@
 
 For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 ``qdpo.kernels.cuda.dequant_matmul`` with each forced ``splits``, blocks of 8 and of 4 warps
+(and of 6 and 3 with the scale in ŵ, ``--more-warps``: grids that fit one wave where 8 and 4 do not)
 and, at M <= 2, x in registers and in shared memory (``x_smem``), warps that each own 16 rows and
 share x in shared memory (``shared_x``, any M), each with the scale in ŵ and after the mma
 (``scale_after``, where the group size allows) and, with x_smem and the scale after, the zero point
@@ -47,7 +48,8 @@ from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices 
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)  # 0: the plan's rule
-WARPS = (8, 4)  # warps per block
+WARPS = (8, 4)  # warps per block (the plan's rules choose between these)
+MORE_WARPS = (6, 3)  # other block sizes, for the launches a table may take: 4 / 8 blocks of 80 registers per SM
 BOTH = {"both": (False, True), "off": (False,), "on": (True,)}  # --x-smem, --scale-after, --shared-x
 
 
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale-after", choices=sorted(BOTH), default="both",
                    help="the scale in ŵ (off) or after the mma (on) in the forced variants")
     p.add_argument("--shared-x", choices=sorted(BOTH), default="both", help="shared_x in the forced variants")
+    p.add_argument("--more-warps", type=int, nargs="*", default=list(MORE_WARPS),
+                   help="other warps per block (1-8) to time with the scale in ŵ (x in registers, x_smem)")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
     p.add_argument("--table-from", type=Path, metavar="JSON",
                    help="only make the table of measured launches from an earlier sweep's JSON (no GPU needed)")
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     values = {"warps": WARPS, "x_smem": BOTH[args.x_smem], "scale_after": BOTH[args.scale_after],
-              "shared_x": BOTH[args.shared_x]}
+              "shared_x": BOTH[args.shared_x], "more_warps": tuple(args.more_warps)}
     print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
           f"best forced µs (splits, {', '.join(OPTIONS)})")
     for shape, (n, k) in common.SHAPES.items():
@@ -172,7 +176,8 @@ def option_gains(rows: list) -> dict:
                 base = {**r, opt: default[opt]}
                 ms = index.get(tuple(base.get(k) for k in ("splits", *OPTIONS)))
                 if ms is not None:
-                    gains.setdefault((opt, row["fmt"], row["M"]), []).append(ms / r["ms"])
+                    label = f"warps={r['warps']}" if opt == "warps" else opt  # each block size on its own
+                    gains.setdefault((label, row["fmt"], row["M"]), []).append(ms / r["ms"])
     return gains
 
 

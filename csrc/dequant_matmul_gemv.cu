@@ -277,10 +277,10 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int n, int m, float
 // Static shared memory of store_tile: a fp32 partial tile per warp (the x_smem plan counts it).
 constexpr int64_t store_tile_smem_bytes(int warps, int mt, int rt) { return int64_t{4} * warps * rt * mt * 4 * 32; }
 
-// The block's warps hold partial sums of the same tile: add them in warp order, then write y (or the
-// split's fp32 partials).
+// The block's nw (<= W) warps hold partial sums of the same tile: add them in warp order, then write y
+// (or the split's fp32 partials).
 template <int W, int MT, int RT>
-__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0) {
+__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0, int nw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int E = RT * MT * 4;
   __shared__ float red[W][E][32];
@@ -289,26 +289,25 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
   for (int e = 0; e < E; ++e) red[warp][e][lane] = acc[e / (MT * 4)][(e / 4) % MT][e % 4];
   __syncthreads();
   const int g = lane >> 2, t = lane & 3;
-  for (int e = warp; e < E; e += W) {
+  for (int e = warp; e < E; e += nw) {
     float v = 0.f;
-    QDPO_UNROLL
-    for (int w = 0; w < W; ++w) v += red[w][e][lane];
+    for (int w = 0; w < nw; ++w) v += red[w][e][lane];
     const int rt = e / (MT * 4), mt = (e / 4) % MT, i = e % 4;
     store_out(a, n0 + 16 * rt + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), v);
   }
 }
 
 // A block's work: 16·RT weight rows from n0, K steps [step_lo, step_hi) (blockIdx.y: the split);
-// its W warps take the steps in turn, warp w from step_lo + w.
+// its nw warps take the steps in turn, warp w from step_lo + w.
 struct BlockWork {
-  int n0, first, step_lo, step_hi;
+  int n0, first, step_lo, step_hi, nw;
 };
 
 template <int RT>
 __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
   const int step_lo = blockIdx.y * a.steps_per_split;
   return {static_cast<int>(blockIdx.x) * 16 * RT, step_lo + static_cast<int>(threadIdx.x >> 5), step_lo,
-          min(step_lo + a.steps_per_split, a.steps)};
+          min(step_lo + a.steps_per_split, a.steps), static_cast<int>(blockDim.x >> 5)};
 }
 
 // The lane's x pairs at step step_rel of the block's range (XS; else unused), and the step's Σx
@@ -330,12 +329,12 @@ __device__ __forceinline__ const float2* xsum_at(const float2* xsum, int step_re
 // past M read row M - 1: an mma keeps columns of B apart, and store_tile drops those outputs.
 // ZA (zero-after): also Σx of each 128-code step per row, summed over the 16 threads that copy it,
 // stored as (row 0, row 1) pairs (row 0 twice at M = 1).
-template <int W, int HD, bool ZA>
+template <int HD, bool ZA>
 __device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes,
                                         float* xsum) {
   const int krange = (b.step_hi - b.step_lo) * gemv::kStepK, k0 = b.step_lo * gemv::kStepK;
   for (int row = 0; row < a.m; ++row) {
-    for (int base = 0; base < krange; base += 8 * W * 32) {  // uniform: every lane reaches the shuffles
+    for (int base = 0; base < krange; base += 8 * 32 * b.nw) {  // uniform: every lane reaches the shuffles
       const int kk = base + 8 * static_cast<int>(threadIdx.x);
       uint32_t xw[4] = {0u, 0u, 0u, 0u}, p[4];
       if (kk < krange) {
@@ -371,9 +370,11 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
   return xs ? 4 * 8 / w : (w == 8 ? 2 : 5);
 }
 
-// W warps per block, all on the block's rows, taking its K steps in turn: 8, or 4 where an SM holds
-// more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; the 1x1
-// tile's blocks per SM: min_blocks). XS: x in shared memory; SC: where the grid applies (ScaleMode).
+// Up to W warps per block (blockDim.x / 32 of them: W = 8 serves 5-8, W = 4 serves 1-4; W sets the
+// register budget and the reduction buffer), all on the block's rows, taking its K steps in turn: the
+// plan's 8, or 4 where an SM holds more warps in smaller blocks or where the grid then fits in one wave
+// (gemv_auto_warps; the 1x1 tile's blocks per SM: min_blocks); any other count only when forced. XS: x
+// in shared memory; SC: where the grid applies (ScaleMode).
 template <int HD, int BITS, int MT, int RT, int W, bool XS, int SC>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
     float* xsum_w = reinterpret_cast<float*>(smem + gemv::xsum_offset(a.m, krange_max));
     xsum = reinterpret_cast<const float2*>(xsum_w);
     if (b.first < full_hi) load_w<false, HD, SC>(a, rows, b.first, w0);  // in flight during the copy
-    fill_xs<W, HD, SC == gemv::kZeroAfter>(a, b, smem, row_bytes, xsum_w);
+    fill_xs<HD, SC == gemv::kZeroAfter>(a, b, smem, row_bytes, xsum_w);
     __syncthreads();
   }
   if (b.first < full_hi) {
@@ -404,24 +405,25 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
       zero_x(x0), zero_x(x1);
       load_stage<false, HD, SC>(a, rows, b.first, w0, x0);
     }
-    for (int step = b.first;; step += 2 * W) {
-      if (step + W < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + W, w1, x1);
-      const int rel0 = step - b.step_lo, rel1 = rel0 + W;
+    const int nw = b.nw;
+    for (int step = b.first;; step += 2 * nw) {
+      if (step + nw < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + nw, w1, x1);
+      const int rel0 = step - b.step_lo, rel1 = rel0 + nw;
       compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel0), xsum_at<SC>(xsum, rel0), acc);
-      if (step + W >= full_hi) break;
-      if (step + 2 * W < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + 2 * W, w0, x0);
+      if (step + nw >= full_hi) break;
+      if (step + 2 * nw < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + 2 * nw, w0, x0);
       compute_step<HD, XS, SC>(w1, x1, xs_at<XS>(xs_lane, rel1), xsum_at<SC>(xsum, rel1), acc);
-      if (step + 2 * W >= full_hi) break;
+      if (step + 2 * nw >= full_hi) break;
     }
   }
   // The last step of a K that is not a multiple of 128, by the warp whose turn it is.
-  if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % W == 0) {
+  if (full_hi < b.step_hi && full_hi >= b.first && (full_hi - b.first) % b.nw == 0) {
     const int rel = full_hi - b.step_lo;
     zero_x(x0);
     load_stage<true, HD, SC, !XS>(a, rows, full_hi, w0, x0);
     compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel), xsum_at<SC>(xsum, rel), acc);
   }
-  store_tile<W>(a, acc, b.n0);
+  store_tile<W>(a, acc, b.n0, b.nw);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -537,7 +539,7 @@ using GemvKernelFn = void (*)(GemvArgs);
 // where the grid applies (scale_after, zero_after: ScaleMode).
 template <int HD, int BITS, int MT, int RT, bool XS, int SC>
 GemvKernelFn pick_warps(int warps) {
-  return warps == 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SC> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SC>;
+  return warps <= 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SC> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SC>;
 }
 
 template <int HD, int BITS, int SC>
@@ -589,14 +591,14 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
     cudaGetLastError();
     return 0;
   }
-  // Key: dtype, bits, tile, warps, x source (registers, x_smem, shared_x), grid mode (288 kernels);
-  // then device and shared memory in 128-byte units (< 2^10). Without dynamic shared memory (every
-  // launch's auto-warps question) a lock-free table answers; the opt-in x_smem sizes go through a map.
+  // Key: dtype, bits, tile, warps (1-8), x source (registers, x_smem, shared_x), grid mode (16 · 72
+  // launches); then device and shared memory in 128-byte units (< 2^10). Without dynamic shared memory
+  // (every launch's auto-warps question) a lock-free table answers; the opt-in x_smem sizes go through a map.
   static_assert(kXsMaxBytes <= 1024 * 128, "the key holds shared memory up to 128 KB");
-  constexpr int kKernels = 288, kDevices = 16;
+  constexpr int kKernels = 16 * 72, kDevices = 16;
   const int sc = p.zero_after ? 2 : p.scale_after ? 1 : 0, source = p.shared_x ? 2 : p.x_smem ? 1 : 0;
-  const int kernel = ((((x_dtype == kF16) * 2 + (bits == 8)) * 2 + p.mt - 1) * 2 + p.rt - 1) * 18 +
-                     (p.warps == 8) * 9 + source * 3 + sc;
+  const int kernel = ((((x_dtype == kF16) * 2 + (bits == 8)) * 2 + p.mt - 1) * 2 + p.rt - 1) * 72 +
+                     (p.warps - 1) * 9 + source * 3 + sc;
   static std::atomic<int> table[kDevices][kKernels] = {};  // 0: not yet asked
   const bool tabled = smem == 0 && dev < kDevices;
   if (tabled) {
@@ -687,7 +689,7 @@ void size_gemv(int64_t m, int64_t n, int64_t k, int bits, int x_dtype, int sm_co
   // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
   // step comes with the copy of x), bf16 x: fp16's bias of 1024 makes the fp32 cancellation leave
   // a zero row an fp16 ulp off zero. Not yet measured either (force.zero_after == 2).
-  const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps, 1, 1);
+  const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps <= 4 ? 4 : 8, 1, 1);
   plan->x_smem = force.x_smem == 2 && !plan->shared_x && plan->mt == 1 && plan->rt == 1 &&
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
   plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
@@ -704,7 +706,9 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   QDPO_REQUIRE(m >= 1 && m <= kGemvMaxM, kErrShape);
   QDPO_REQUIRE(sm_count >= 1 && stride_qn >= k * bits / 8, kErrShape);
   QDPO_REQUIRE(force.splits >= 0 && force.splits <= kMaxSplits, kErrShape);
-  QDPO_REQUIRE(force.warps == 0 || force.warps == 4 || force.warps == 8, kErrShape);
+  // any 1-8 warps per block (0: the plan's); shared_x blocks 4 or 8 (a warp owns 16 rows of its own)
+  QDPO_REQUIRE(force.warps >= 0 && force.warps <= 8, kErrShape);
+  QDPO_REQUIRE(force.shared_x != 2 || force.warps % 4 == 0, kErrShape);
   for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x}) {
     QDPO_REQUIRE(choice >= 0 && choice <= 2, kErrShape);
   }

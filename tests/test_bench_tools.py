@@ -79,19 +79,20 @@ def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
         return {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": scale_after, "ms": ms}
 
     rows = [{"fmt": "W4g128", "M": 1, "forced": [
-        run(10.0), run(8.0, warps=4), run(5.0, x_smem=True), run(4.0, x_smem=True, scale_after=True),
+        run(10.0), run(8.0, warps=4), run(12.5, warps=6), run(5.0, x_smem=True), run(4.0, x_smem=True, scale_after=True),
         run(20.0, splits=2), run(25.0, splits=2, scale_after=True),  # pairs only with splits=2's default
         run(9.0, splits=3, x_smem=True),  # no default with 3 splits: no pair
     ]}, {"fmt": "W8", "M": 16, "forced": [{"splits": 1, "warps": 4, "ms": 3.0}, {"splits": 1, "warps": 8, "ms": 6.0}]}]
     gains = sweep_gemv.option_gains(rows)
     assert gains == {
-        ("warps", "W4g128", 1): [10 / 8],
+        ("warps=4", "W4g128", 1): [10 / 8],
+        ("warps=6", "W4g128", 1): [10 / 12.5],  # each block size on its own line
         ("x_smem", "W4g128", 1): [10 / 5],  # x_smem with scale_after has no partner without x_smem
         ("scale_after", "W4g128", 1): [5 / 4, 20 / 25],
-        ("warps", "W8", 16): [6 / 3],  # an older sweep's rows: missing choices are the default
+        ("warps=4", "W8", 16): [6 / 3],  # an older sweep's rows: missing choices are the default
     }
     text = sweep_gemv.summary(rows)
-    assert "scale_after   W4g128    1    1/2" in text and "warps         W8       16    1/1    2.000×" in text
+    assert "scale_after   W4g128    1    1/2" in text and "warps=4       W8       16    1/1    2.000×" in text
     # shared_x at each variant's own split rule (0) pairs with the default at 0 too
     rows = [{"fmt": "W4g128", "M": 16, "forced": [{"splits": 0, "ms": 9.0}, {"splits": 0, "shared_x": True, "ms": 6.0},
                                                  {"splits": 1, "shared_x": True, "ms": 1.0}]}]
@@ -116,6 +117,12 @@ def test_gemv_choices_spell_each_rule_once():
                                                                 "zero_after": True}]
     assert gemv_choices(16, warps=(4,), x_smem=(True,), scale_after=(False,), shared_x=(True,)) == [
         {**GEMV_DEFAULTS, "warps": 4, "shared_x": True}]
+    # other block sizes: shared_x only takes 4 or 8; more_warps adds the table's exact launches only
+    assert gemv_choices(16, warps=(6,), scale_after=(False,)) == [{**GEMV_DEFAULTS, "warps": 6}]
+    more = gemv_choices(1, more_warps=(6, 3))
+    assert len(more) == 14 + 4 and more[:14] == gemv_choices(1)
+    assert more[14:] == [{**GEMV_DEFAULTS, "warps": w, "x_smem": xs} for w in (6, 3) for xs in (False, True)]
+    assert gemv_choices(16, more_warps=(4, 6))[8:] == [{**GEMV_DEFAULTS, "warps": 6}], "4 warps: already there"
 
 
 def test_static_sass_finds_loops_and_counts_the_triton_kernels():

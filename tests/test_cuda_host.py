@@ -17,6 +17,7 @@ launchers' argument checks run too: they return before any CUDA call. What needs
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -719,9 +720,18 @@ def test_plan_takes_forced_warps_for_every_tile(C):
     assert (p["warps"], p["blocks_per_sm"]) == (8, 0), "no GPU to ask for the occupancy: 8-warp blocks"
     assert [_plan(C, m=m, force_warps=4)["warps"] for m in (1, 2, 3, 16)] == [4, 4, 4, 4]
     assert _plan(C, m=1, force_warps=8)["warps"] == 8
-    for bad in (1, 2, 6, 16, -1):
+    # any 1-8 (a kernel built for 8 warps runs 5-8, one for 4 runs 1-4); a block's rows stay 16 · rt
+    for m, w in itertools.product((1, 2, 3, 16), range(1, 9)):
+        p = _plan(C, m=m, force_warps=w)
+        assert (p["warps"], p["block_rows"]) == (w, 16 * p["rt"]), (m, w, p)
+    for bad in (9, 16, -1):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_warps=bad)
+    # shared_x: a warp owns 16 rows of its own, blocks of 4 or 8 warps only
+    assert _plan(C, m=1, force_warps=4, force_shared_x=2)["block_rows"] == 64
+    for bad in (3, 6):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_warps=bad, force_shared_x=2)
 
 
 def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
@@ -736,6 +746,9 @@ def test_plan_puts_x_in_shared_memory_only_when_asked_and_where_it_fits(C):
     # (the launch would fail); 4 warps' 2 KB leave room
     assert not _plan(C, m=2, k=10240, ng=80, force_x_smem=2)["x_smem"]
     assert _plan(C, m=2, k=10240, ng=80, force_x_smem=2, force_warps=4)["x_smem"]
+    # the buffer is the kernel's (built for 8 warps or for 4), not the launch's count of warps
+    assert not _plan(C, m=2, k=10240, ng=80, force_x_smem=2, force_warps=5)["x_smem"]
+    assert _plan(C, m=2, k=10240, ng=80, force_x_smem=2, force_warps=3)["x_smem"]
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bad shape"):
             _plan(C, force_x_smem=bad)

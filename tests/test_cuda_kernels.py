@@ -279,6 +279,34 @@ def test_dequant_matmul_on_a_partial_last_step(gs):
                 _check_y(y, x, qw, None, f"M={m} {kw}")
 
 
+@pytest.mark.parametrize("warps", range(1, 9))
+def test_dequant_matmul_any_block_size(warps):
+    """Any forced block size of 1-8 warps (the plan's rules pick 8 or 4; the sweep times others, and a
+    table may launch them; a kernel built for 8 runs 5-8, one for 4 runs 1-4): K = 2080 is 17 steps,
+    prime, so no count of warps shares them evenly, and the partial last step falls to whichever warp's
+    turn it is, with one K range and two; M = 1 and 2 with x in registers and in shared memory, with the
+    scale and the zero point after the mma too, M = 5 and 16; W4 (one group per row) and W8 (G = 32).
+    shared_x refuses counts other than 4 and 8, with a ValueError that says so."""
+    from qdpo.kernels import cuda
+
+    for bits, gs in ((4, -1), (8, 32)):
+        qw = _weight(37, 2080, bits, gs, wdtype=torch.bfloat16, seed=warps + bits)
+        b = _rand(37, dtype=torch.bfloat16, seed=warps)
+        for m in (1, 2, 5, 16):
+            x = _rand(m, 2080, dtype=torch.bfloat16, seed=m + warps)
+            xs_choices = ((False, False, False), (True, False, False), (True, True, True)) if m <= 2 else (
+                (False, False, False),)
+            for (x_smem, scale_after, zero_after), splits in itertools.product(xs_choices, (1, 2)):
+                kw = {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": scale_after,
+                      "zero_after": zero_after}
+                plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
+                assert (plan["warps"], plan["splits"], plan["x_smem"]) == (warps, splits, x_smem), plan
+                _check_y(cuda.dequant_matmul(x, *_args(qw), b, **kw), x, qw, b, f"W{bits} M={m} {kw}")
+    if warps % 4:
+        with pytest.raises(ValueError, match="shared_x=True 4 or 8"):
+            cuda.dequant_matmul(x, *_args(qw), b, warps=warps, shared_x=True)
+
+
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
 def test_dequant_matmul_gemm_path(bits, gs, xdtype):

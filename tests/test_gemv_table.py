@@ -91,6 +91,14 @@ def test_lookup_is_by_the_exact_case():
         assert t.launch(*other) is None, other
 
 
+def test_a_table_may_launch_any_block_size_the_kernel_takes():
+    """1-8 warps per block (the sweep times 6 and 3 too: other grids fit one wave); shared_x: 4 or 8."""
+    for w in range(1, 9):
+        launch = {"splits": 0, "warps": w, "x_smem": False, "shared_x": False}
+        assert gt.GemvTable(_table(launch)).launch(4, 128, "bfloat16", 1, 64, 256) == launch
+    assert len(gt.GemvTable(_table({"splits": 0, "warps": 4, "x_smem": False, "shared_x": True}))) == 1
+
+
 @pytest.mark.parametrize("bad,match", [
     ([], "a JSON object"),
     ({"entries": []}, "'device'"),
@@ -102,7 +110,9 @@ def test_lookup_is_by_the_exact_case():
     (_table({"splits": 2, "warps": 4, "x_smem": 1, "shared_x": False}), "must set exactly"),
     (_table({"splits": 2, "warps": 4, "x_smem": False}), "must set exactly"),
     (_table({"splits": 2, "warps": 4, "x_smem": False, "shared_x": False, "scale_after": True}), "must set exactly"),
-    (_table({"splits": 2, "warps": 6, "x_smem": False, "shared_x": False}), "warps 6"),
+    (_table({"splits": 2, "warps": 9, "x_smem": False, "shared_x": False}), "warps 9"),
+    (_table({"splits": 2, "warps": 0, "x_smem": False, "shared_x": False}), "warps 0"),
+    (_table({"splits": 2, "warps": 6, "x_smem": False, "shared_x": True}), "warps 6"),
     (_table({"splits": 99, "warps": 4, "x_smem": False, "shared_x": False}), "splits 99"),
 ])
 def test_a_bad_table_is_refused_with_what_is_wrong_and_how_to_make_one(bad, match):

@@ -255,6 +255,7 @@ def _force(splits, warps, x_smem, scale_after, zero_after, shared_x) -> dict:
 
 # --------------------------------------------------------------------------- measured launches
 UNFORCED = (0, 0, None, None, None, None)  # (splits, warps, x_smem, scale_after, zero_after, shared_x)
+MAX_WARPS = 8  # warps per GEMV block (any 1-8 may be forced; the plan's rules pick 8 or 4)
 _TABLES: dict[int, gemv_table.GemvTable | None] = {}  # device index -> its table of measured launches
 
 
@@ -281,6 +282,10 @@ def _launch_choices(index: int, dtype: torch.dtype, m: int, n: int, k: int, grou
                     force: tuple) -> tuple:
     """``force`` as given, or, where it forces nothing, the table's launch for this exact case on CUDA
     device ``index`` (the scale and zero point stay the plan's: a table never moves them)."""
+    warps, shared_x = force[1], force[5]
+    if not (isinstance(warps, int) and 0 <= warps <= MAX_WARPS) or (shared_x and warps % 4):
+        raise ValueError(f"warps={warps!r}: a GEMV block takes 1 to {MAX_WARPS} warps (0: the plan's choice), "
+                         f"with shared_x=True 4 or 8 (each warp owns 16 rows)")
     if force != UNFORCED:
         return force
     table = gemv_table_for(index)
@@ -329,7 +334,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
     "workspace" (ŵ once, then cuBLAS; the default above), "gemm" (the hand-written tensor-core GEMM,
     any M; fp16/bf16 x, K % 64 == 0, G % 32 == 0, 16-byte aligned x and weight rows).
-    ``splits`` (> 0) overrides the GEMV's split-K count and ``warps`` (4 or 8) its warps per block;
+    ``splits`` (> 0) overrides the GEMV's split-K count and ``warps`` (1-8; 4 or 8 with ``shared_x``) its
+    warps per block (the plan's rules pick 8 or 4; the other counts fit other grids into one wave);
     ``x_smem=True`` has it copy x to shared memory first (M <= 2, where the copy fits 48 KB; not yet
     measured on a GPU, so the plan keeps x in registers unless asked). ``scale_after=True`` has the
     tensor cores sum the integers q - z and multiplies each 128-code step's fp32 sums by the scale

@@ -111,8 +111,10 @@ class GemvTable:
                         type(launch[k]) is not t for k, t in _TYPES.items()):
                     raise bad(f"entry {i}: launch {launch!r} must set exactly {EXACT} "
                               f"({', '.join(t.__name__ for t in _TYPES.values())})")
-                if launch["warps"] not in (4, 8) or not 0 <= launch["splits"] <= 16:
-                    raise bad(f"entry {i}: warps {launch['warps']} (4 or 8), splits {launch['splits']} (0-16)")
+                warps_ok = launch["warps"] in ((4, 8) if launch["shared_x"] else range(1, 9))
+                if not warps_ok or not 0 <= launch["splits"] <= 16:
+                    raise bad(f"entry {i}: warps {launch['warps']} (1-8; 4 or 8 with shared_x), "
+                              f"splits {launch['splits']} (0-16)")
             if key in self._index:
                 raise bad(f"entry {i} repeats the case {key}")
             self._index[key] = launch
