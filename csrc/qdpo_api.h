@@ -57,7 +57,8 @@ struct GemvPlan {
   int rt;                   // mma: 16-row weight tiles per warp
   int splits;               // K ranges over the grid's y axis (partials + reduce when > 1)
   int64_t workspace_bytes;  // fp32 partials [splits, M, N] when splits > 1
-  int warps;                // mma: warps per block, 8 or 4 (gemv_auto_warps for the M <= 2 tile)
+  int warps;                // mma: warps per block: the plan's 8 or 4 (gemv_auto_warps for the M <= 2
+                            // tile), any 1-8 when forced (4 or 8 with shared_x)
   int blocks_per_sm;        // mma: resident blocks per SM of the chosen kernel (0: no GPU to ask)
   int x_smem;               // mma: 1 = x copied to shared memory first (M <= 2 tile), 0 = x in registers
   int scale_after;          // mma: 1 = the scale multiplies each step's fp32 sums (G % 128 == 0 or G = K)
@@ -72,7 +73,7 @@ inline int gemv_block_rows(const GemvPlan& p) { return 16 * p.rt * (p.shared_x ?
 // that smaller blocks keep busy. 8 when the occupancy is unknown (0).
 int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // What a caller forces on the plan (benchmarks/sweep_gemv.py, the GPU tests). splits / warps: 0 = the
-// plan's own choice, else that value. The others: 0 = the plan's choice (each is off until a GPU has
+// plan's own choice, else that value (warps 1-8; 4 or 8 with shared_x). The others: 0 = the plan's choice (each is off until a GPU has
 // measured it), 1 = off, 2 = on where it applies (else off: the plan says which):
 // x_smem: x copied to shared memory first (the M <= 2 tile, within 48 KB);
 // scale_after: the scale on each step's fp32 sums (G a multiple of 128, or G = K);
