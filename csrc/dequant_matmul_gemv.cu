@@ -291,6 +291,7 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
   const int g = lane >> 2, t = lane & 3;
   for (int e = warp; e < E; e += nw) {
     float v = 0.f;
+    QDPO_UNROLL
     for (int w = 0; w < nw; ++w) v += red[w][e][lane];
     const int rt = e / (MT * 4), mt = (e / 4) % MT, i = e % 4;
     store_out(a, n0 + 16 * rt + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), v);
@@ -298,16 +299,17 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
 }
 
 // A block's work: 16·RT weight rows from n0, K steps [step_lo, step_hi) (blockIdx.y: the split);
-// its nw warps take the steps in turn, warp w from step_lo + w.
+// its nw warps take the steps in turn, warp w from step_lo + w. nw: W itself, a constant the loops
+// unroll and fold (the plan's 8 and 4), or with FLEX blockDim.x / 32 (any other count, forced).
 struct BlockWork {
   int n0, first, step_lo, step_hi, nw;
 };
 
-template <int RT>
+template <int RT, int W, bool FLEX>
 __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
   const int step_lo = blockIdx.y * a.steps_per_split;
   return {static_cast<int>(blockIdx.x) * 16 * RT, step_lo + static_cast<int>(threadIdx.x >> 5), step_lo,
-          min(step_lo + a.steps_per_split, a.steps), static_cast<int>(blockDim.x >> 5)};
+          min(step_lo + a.steps_per_split, a.steps), FLEX ? static_cast<int>(blockDim.x >> 5) : W};
 }
 
 // The lane's x pairs at step step_rel of the block's range (XS; else unused), and the step's Σx
@@ -370,15 +372,16 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
   return xs ? 4 * 8 / w : (w == 8 ? 2 : 5);
 }
 
-// Up to W warps per block (blockDim.x / 32 of them: W = 8 serves 5-8, W = 4 serves 1-4; W sets the
-// register budget and the reduction buffer), all on the block's rows, taking its K steps in turn: the
-// plan's 8, or 4 where an SM holds more warps in smaller blocks or where the grid then fits in one wave
-// (gemv_auto_warps; the 1x1 tile's blocks per SM: min_blocks); any other count only when forced. XS: x
-// in shared memory; SC: where the grid applies (ScaleMode).
-template <int HD, int BITS, int MT, int RT, int W, bool XS, int SC>
+// W warps per block, all on the block's rows, taking its K steps in turn: the plan's 8, or 4 where an
+// SM holds more warps in smaller blocks or where the grid then fits in one wave (gemv_auto_warps; the
+// 1x1 tile's blocks per SM: min_blocks). FLEX: any other count, forced (blockDim.x / 32 warps; W = 8
+// serves 5-7, W = 4 serves 1-3, and sets the register budget and the reduction buffer); a count known
+// only at run time costs the main loop up to 31 instructions per two steps (static sm_90), so 8 and 4
+// keep kernels of their own. XS: x in shared memory; SC: where the grid applies (ScaleMode).
+template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
-  const BlockWork b = block_work<RT>(a);
+  const BlockWork b = block_work<RT, W, FLEX>(a);
   float acc[RT][MT][4] = {};
   const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
   // The full steps: two register stages in ping-pong, the next step's loads in flight during this
@@ -539,7 +542,10 @@ using GemvKernelFn = void (*)(GemvArgs);
 // where the grid applies (scale_after, zero_after: ScaleMode).
 template <int HD, int BITS, int MT, int RT, bool XS, int SC>
 GemvKernelFn pick_warps(int warps) {
-  return warps <= 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, XS, SC> : gemv_mma_kernel<HD, BITS, MT, RT, 8, XS, SC>;
+  if (warps == 8) return gemv_mma_kernel<HD, BITS, MT, RT, 8, false, XS, SC>;
+  if (warps == 4) return gemv_mma_kernel<HD, BITS, MT, RT, 4, false, XS, SC>;
+  if (warps > 4) return gemv_mma_kernel<HD, BITS, MT, RT, 8, true, XS, SC>;
+  return gemv_mma_kernel<HD, BITS, MT, RT, 4, true, XS, SC>;
 }
 
 template <int HD, int BITS, int SC>
