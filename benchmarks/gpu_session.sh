@@ -22,9 +22,9 @@ SWEEP_S=${SWEEP_S:-170}
 TOTAL_S=${TOTAL_S:-540}       # the whole script, build included (a device call may run 600 s)
 PACK_DIR=${PACK_DIR-${OUT:-}}
 # The sweep's default here: M = 1 and 16, each variant's own split rule (--splits 0), blocks of 8
-# and 4 warps (and of 6 and 3 with the scale in ŵ: --more-warps), x in registers, in shared memory (M = 1) and shared by row warps (shared_x), the scale in ŵ
-# and after the mma: the open choices of the GEMV plan. SWEEP_ARGS= (empty) sweeps everything (a
-# longer SWEEP_S).
+# and 4 warps (and of 6 and 3 with the scale in ŵ: --more-warps), x in registers, in shared memory
+# (M = 1) and shared by row warps (shared_x), the scale in ŵ and after the mma: the open choices of
+# the GEMV plan. SWEEP_ARGS= (empty) sweeps everything (a longer SWEEP_S).
 SWEEP_ARGS=${SWEEP_ARGS-"--ms 1 16 --splits 0"}
 PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)
 GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. --skip-bench

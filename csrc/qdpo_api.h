@@ -73,8 +73,9 @@ inline int gemv_block_rows(const GemvPlan& p) { return 16 * p.rt * (p.shared_x ?
 // that smaller blocks keep busy. 8 when the occupancy is unknown (0).
 int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // What a caller forces on the plan (benchmarks/sweep_gemv.py, the GPU tests). splits / warps: 0 = the
-// plan's own choice, else that value (warps 1-8; 4 or 8 with shared_x). The others: 0 = the plan's choice (each is off until a GPU has
-// measured it), 1 = off, 2 = on where it applies (else off: the plan says which):
+// plan's own choice, else that value (warps 1-8; 4 or 8 with shared_x). The others: 0 = the plan's
+// choice (each is off until a GPU has measured it), 1 = off, 2 = on where it applies (else off: the
+// plan says which):
 // x_smem: x copied to shared memory first (the M <= 2 tile, within 48 KB);
 // scale_after: the scale on each step's fp32 sums (G a multiple of 128, or G = K);
 // zero_after: the zero point after the mma too (W4, bf16 x, with x_smem and scale_after);

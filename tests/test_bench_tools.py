@@ -79,7 +79,8 @@ def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
         return {"splits": splits, "warps": warps, "x_smem": x_smem, "scale_after": scale_after, "ms": ms}
 
     rows = [{"fmt": "W4g128", "M": 1, "forced": [
-        run(10.0), run(8.0, warps=4), run(12.5, warps=6), run(5.0, x_smem=True), run(4.0, x_smem=True, scale_after=True),
+        run(10.0), run(8.0, warps=4), run(12.5, warps=6),
+        run(5.0, x_smem=True), run(4.0, x_smem=True, scale_after=True),
         run(20.0, splits=2), run(25.0, splits=2, scale_after=True),  # pairs only with splits=2's default
         run(9.0, splits=3, x_smem=True),  # no default with 3 splits: no pair
     ]}, {"fmt": "W8", "M": 16, "forced": [{"splits": 1, "warps": 4, "ms": 3.0}, {"splits": 1, "warps": 8, "ms": 6.0}]}]
