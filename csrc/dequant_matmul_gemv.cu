@@ -93,17 +93,19 @@ __device__ __forceinline__ void load16_stream(uint32_t* dst, const void* src) {
 // Group of code kl (any G: qdpo's powers of two, K, or an imported checkpoint's), without a branch.
 __device__ __forceinline__ int group_of(const GemvArgs& a, int kl) { return div_by(kl, a.g_div); }
 
-// A lane's rows, resolved once per block as int32 offsets (every operand is below 2^31 elements).
-// Rows past N repeat row N - 1: an mma keeps rows of A apart, so they only fill outputs that
-// store_tile drops, and every weight load stays in bounds without a predicate. Rows of x past M
-// (-1) load nothing and keep the zeros their registers start with: at M = 1, 28 of 32 lanes, whose
-// loads would triple the L1 traffic of a step (measured: L1 throughput 47 % -> 64 % of peak and
-// 3-5 % slower when they loaded a repeated row).
+// A lane's rows, resolved once per block: weight rows as int32 offsets (every operand is below 2^31
+// elements), x rows as pointers (with an offset, ptxas recomputed the row, its check and the 64-bit
+// address every step: static sm_90, 6 to 17 instructions more per step). Rows past N repeat row
+// N - 1: an mma keeps rows of A apart, so they only fill outputs that store_tile drops, and every
+// weight load stays in bounds without a predicate. Rows of x past M (nullptr) load nothing and keep
+// the zeros their registers start with: at M = 1, 28 of 32 lanes, whose loads would triple the L1
+// traffic of a step (measured: L1 throughput 47 % -> 64 % of peak and 3-5 % slower when they loaded
+// a repeated row).
 template <int MT, int RT>
 struct LaneRows {
-  int q[RT][2];  // byte offset of weight row n in qweight
-  int p[RT][2];  // n · NG: the row's first scale and zero
-  int x[MT];     // element offset of x row m
+  int q[RT][2];           // byte offset of weight row n in qweight
+  int p[RT][2];           // n · NG: the row's first scale and zero
+  const uint16_t* x[MT];  // x row m (nullptr past M)
 };
 
 template <int MT, int RT>
@@ -120,7 +122,9 @@ __device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0)
     }
   }
   QDPO_UNROLL
-  for (int mt = 0; mt < MT; ++mt) r.x[mt] = g + 8 * mt < a.m ? (g + 8 * mt) * a.k : -1;
+  for (int mt = 0; mt < MT; ++mt) {
+    r.x[mt] = g + 8 * mt < a.m ? static_cast<const uint16_t*>(a.x) + (g + 8 * mt) * a.k : nullptr;
+  }
   return r;
 }
 
@@ -135,11 +139,11 @@ __device__ __forceinline__ void load_x(const GemvArgs& a, const LaneRows<MT, RT>
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
   QDPO_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    const uint16_t* src = static_cast<const uint16_t*>(a.x) + rows.x[mt] + kl;
+    const uint16_t* src = rows.x[mt] + kl;
     if (TAIL && kl >= a.k) {  // K % 32 == 0: a lane's 32 codes are all in or all out
       QDPO_UNROLL
       for (int i = 0; i < 16; ++i) x[mt][i] = 0u;
-    } else if (rows.x[mt] >= 0) {
+    } else if (rows.x[mt] != nullptr) {
       QDPO_UNROLL
       for (int i = 0; i < 4; ++i) load16(&x[mt][4 * i], src + 8 * i);
     }
