@@ -139,11 +139,11 @@ __device__ __forceinline__ void load_x(const GemvArgs& a, const LaneRows<MT, RT>
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
   QDPO_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    const uint16_t* src = rows.x[mt] + kl;
     if (TAIL && kl >= a.k) {  // K % 32 == 0: a lane's 32 codes are all in or all out
       QDPO_UNROLL
       for (int i = 0; i < 16; ++i) x[mt][i] = 0u;
-    } else if (rows.x[mt] != nullptr) {
+    } else if (rows.x[mt] != nullptr) {  // (no arithmetic on a null pointer: the compiler may assume none)
+      const uint16_t* src = rows.x[mt] + kl;
       QDPO_UNROLL
       for (int i = 0; i < 4; ++i) load16(&x[mt][4 * i], src + 8 * i);
     }
