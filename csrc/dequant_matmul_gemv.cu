@@ -278,6 +278,10 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int n, int m, float
   }
 }
 
+// The W a block of `warps` warps runs on (its register budget and reduction buffer; FLEX where the two
+// differ: gemv_mma_kernel).
+constexpr int kernel_warps(int warps) { return warps <= 4 ? 4 : 8; }
+
 // Static shared memory of store_tile: a fp32 partial tile per warp (the x_smem plan counts it).
 constexpr int64_t store_tile_smem_bytes(int warps, int mt, int rt) { return int64_t{4} * warps * rt * mt * 4 * 32; }
 
@@ -546,10 +550,13 @@ using GemvKernelFn = void (*)(GemvArgs);
 // where the grid applies (scale_after, zero_after: ScaleMode).
 template <int HD, int BITS, int MT, int RT, bool XS, int SC>
 GemvKernelFn pick_warps(int warps) {
-  if (warps == 8) return gemv_mma_kernel<HD, BITS, MT, RT, 8, false, XS, SC>;
-  if (warps == 4) return gemv_mma_kernel<HD, BITS, MT, RT, 4, false, XS, SC>;
-  if (warps > 4) return gemv_mma_kernel<HD, BITS, MT, RT, 8, true, XS, SC>;
-  return gemv_mma_kernel<HD, BITS, MT, RT, 4, true, XS, SC>;
+  const bool flex = warps != kernel_warps(warps);
+  if (kernel_warps(warps) == 8) {
+    return flex ? gemv_mma_kernel<HD, BITS, MT, RT, 8, true, XS, SC>
+                : gemv_mma_kernel<HD, BITS, MT, RT, 8, false, XS, SC>;
+  }
+  return flex ? gemv_mma_kernel<HD, BITS, MT, RT, 4, true, XS, SC>
+              : gemv_mma_kernel<HD, BITS, MT, RT, 4, false, XS, SC>;
 }
 
 template <int HD, int BITS, int SC>
@@ -699,7 +706,7 @@ void size_gemv(int64_t m, int64_t n, int64_t k, int bits, int x_dtype, int sm_co
   // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
   // step comes with the copy of x), bf16 x: fp16's bias of 1024 makes the fp32 cancellation leave
   // a zero row an fp16 ulp off zero. Not yet measured either (force.zero_after == 2).
-  const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(plan->warps <= 4 ? 4 : 8, 1, 1);
+  const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(kernel_warps(plan->warps), 1, 1);
   plan->x_smem = force.x_smem == 2 && !plan->shared_x && plan->mt == 1 && plan->rt == 1 &&
                  fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
   plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&

@@ -187,3 +187,18 @@ def test_the_backend_launches_by_the_table_only_where_nothing_is_forced():
     finally:
         cuda._TABLES.clear()
         cuda._TABLES.update(saved)
+
+
+def test_the_backend_refuses_a_block_size_the_kernel_cannot_take():
+    """Forced warps: 0 (the plan's) or 1-8, 4 or 8 with shared_x; anything else one ValueError saying so."""
+    cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
+    import torch
+
+    args = (0, torch.bfloat16, 1, 64, 256, 2, 4)
+    for ok in ((0, 3, None, None, None, None), (0, 6, True, None, None, None), (0, 0, None, None, None, True),
+               (0, 4, None, None, None, True)):
+        assert cuda._launch_choices(*args, ok) == ok
+    for bad in ((0, 9, None, None, None, None), (0, -1, None, None, None, None), (0, 6, None, None, None, True),
+                (0, "8", None, None, None, None)):
+        with pytest.raises(ValueError, match=r"a GEMV block takes 1 to 8 warps, with shared_x=True 4 or 8"):
+            cuda._launch_choices(*args, bad)

@@ -58,7 +58,9 @@ import torch.nn.functional as F
 from qdpo import _C  # ImportError: extension not built
 from qdpo.kernels import gemv_table
 from qdpo.kernels.backends import Unsupported, register
-from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: F401 (re-exported)
+from qdpo.kernels.gemv_options import (  # noqa: F401 (re-exported)
+    GEMV_DEFAULTS, GEMV_OPTIONS, MAX_WARPS, WARPS_RULE, block_warps_ok, gemv_choices,
+)
 
 RUNTIME_VERSION = _C.runtime_version()
 DTYPE_CODES = {torch.float32: _C.F32, torch.float16: _C.F16, torch.bfloat16: _C.BF16}
@@ -255,7 +257,6 @@ def _force(splits, warps, x_smem, scale_after, zero_after, shared_x) -> dict:
 
 # --------------------------------------------------------------------------- measured launches
 UNFORCED = (0, 0, None, None, None, None)  # (splits, warps, x_smem, scale_after, zero_after, shared_x)
-MAX_WARPS = 8  # warps per GEMV block (any 1-8 may be forced; the plan's rules pick 8 or 4)
 _TABLES: dict[int, gemv_table.GemvTable | None] = {}  # device index -> its table of measured launches
 
 
@@ -283,9 +284,9 @@ def _launch_choices(index: int, dtype: torch.dtype, m: int, n: int, k: int, grou
     """``force`` as given, or, where it forces nothing, the table's launch for this exact case on CUDA
     device ``index`` (the scale and zero point stay the plan's: a table never moves them)."""
     warps, shared_x = force[1], force[5]
-    if not (isinstance(warps, int) and 0 <= warps <= MAX_WARPS) or (shared_x and warps % 4):
-        raise ValueError(f"warps={warps!r}: a GEMV block takes 1 to {MAX_WARPS} warps (0: the plan's choice), "
-                         f"with shared_x=True 4 or 8 (each warp owns 16 rows)")
+    if not isinstance(warps, int) or warps != 0 and not block_warps_ok(warps, bool(shared_x)):
+        raise ValueError(f"warps={warps!r} (shared_x={shared_x!r}): a GEMV block takes {WARPS_RULE}; "
+                         f"0: the plan's choice")
     if force != UNFORCED:
         return force
     table = gemv_table_for(index)

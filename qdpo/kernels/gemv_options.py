@@ -12,6 +12,13 @@ import itertools
 GEMV_OPTIONS = ("warps", "x_smem", "scale_after", "zero_after", "shared_x")
 # What the plan uses unless forced (the opt-in variants stay off until a GPU has measured them).
 GEMV_DEFAULTS = {"warps": 8, "x_smem": False, "scale_after": False, "zero_after": False, "shared_x": False}
+MAX_WARPS = 8  # warps per GEMV block (any 1-8 may be forced; the plan's rules pick 8 or 4)
+WARPS_RULE = f"1 to {MAX_WARPS} warps, with shared_x=True 4 or 8 (each warp owns 16 rows)"
+
+
+def block_warps_ok(warps: int, shared_x: bool) -> bool:
+    """Whether a GEMV block may take ``warps`` warps (:data:`WARPS_RULE`; the plan's ``plan_gemv`` check)."""
+    return 1 <= warps <= MAX_WARPS and not (shared_x and warps % 4)
 
 
 def gemv_choices(m: int, warps=(8, 4), x_smem=(False, True), scale_after=(False, True),
@@ -24,7 +31,7 @@ def gemv_choices(m: int, warps=(8, 4), x_smem=(False, True), scale_after=(False,
     to a weight (group size, 48 KB) is the plan's to say (``qdpo.kernels.cuda.gemv_plan``)."""
     out = []
     for w, xs, sa, sx in itertools.product(warps, x_smem if m <= 2 else (False,), scale_after, shared_x):
-        if not (xs and sx) and not (sx and w % 4):
+        if not (xs and sx) and block_warps_ok(w, sx):
             out += [{"warps": w, "x_smem": xs, "scale_after": sa, "zero_after": za, "shared_x": sx}
                     for za in ((False, True) if xs and sa else (False,))]
     for w, xs in itertools.product(more_warps, x_smem if m <= 2 else (False,)):

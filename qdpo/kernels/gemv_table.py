@@ -25,7 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
-from qdpo.kernels.gemv_options import GEMV_DEFAULTS
+from qdpo.kernels.gemv_options import GEMV_DEFAULTS, WARPS_RULE, block_warps_ok
 
 ENV = "QDPO_GEMV_TABLE"
 OFF = ("off", "none", "0")
@@ -111,9 +111,8 @@ class GemvTable:
                         type(launch[k]) is not t for k, t in _TYPES.items()):
                     raise bad(f"entry {i}: launch {launch!r} must set exactly {EXACT} "
                               f"({', '.join(t.__name__ for t in _TYPES.values())})")
-                warps_ok = launch["warps"] in ((4, 8) if launch["shared_x"] else range(1, 9))
-                if not warps_ok or not 0 <= launch["splits"] <= 16:
-                    raise bad(f"entry {i}: warps {launch['warps']} (1-8; 4 or 8 with shared_x), "
+                if not block_warps_ok(launch["warps"], launch["shared_x"]) or not 0 <= launch["splits"] <= 16:
+                    raise bad(f"entry {i}: warps {launch['warps']} ({WARPS_RULE}), "
                               f"splits {launch['splits']} (0-16)")
             if key in self._index:
                 raise bad(f"entry {i} repeats the case {key}")
