@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "gemv_fragments.cuh"
 #include "qdpo_api.h"
@@ -20,6 +21,17 @@ int device_count(int* count);
 int runtime_version();
 const char* error_string(int code);
 }  // namespace qdpo
+
+#if defined(QDPO_EMULATE)  // the emulated build (emulate/cuda_emulate.cpp): kernels run on the host
+namespace qdpo_emu {
+void set_order(int reverse);
+void set_occupancy(int blocks);
+std::vector<float> selftest(const std::string& kind, std::string* error);
+}  // namespace qdpo_emu
+#define QDPO_MODULE _C_emulated
+#else
+#define QDPO_MODULE _C
+#endif
 
 namespace py = pybind11;
 using qdpo::ptr_t;
@@ -250,8 +262,22 @@ void def_kernels(py::module_& m) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(QDPO_MODULE, m) {
   m.doc() = "qdpo CUDA extension (built from csrc/ by setup.py)";
+#if defined(QDPO_EMULATE)
+  m.doc() = "qdpo CUDA extension built for the host: every launch runs its kernel's threads on the CPU, from CPU "
+            "buffers (tests/test_cuda_emulated.py)";
+  m.def("emulate_set_order", &qdpo_emu::set_order, py::arg("reverse"),
+        "run a block's threads first to last (0) or last to first (1) between barriers");
+  m.def("emulate_set_occupancy", &qdpo_emu::set_occupancy, py::arg("blocks"),
+        "blocks per SM the emulated cudaOccupancyMaxActiveBlocksPerMultiprocessor answers (0: as without a GPU)");
+  m.def("emulate_selftest", [](const std::string& kind) {
+    std::string error;
+    py::list out;
+    for (const float v : qdpo_emu::selftest(kind, &error)) out.append(v);
+    return py::make_tuple(out, error);
+  }, py::arg("kind"), "(outputs, launch error or '') of one of csrc/emulate/selftest.cpp's kernels");
+#endif
   m.def("runtime_version", &qdpo::runtime_version, "CUDA runtime version the module was linked with");
   m.def("device_count", []() {
     int n = 0;

@@ -72,14 +72,14 @@ __global__ void splitk_reduce_kernel(GemvArgs a) {
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream) {
   return dispatch_bits_vec(a.bits, vec8, [&](auto b, auto v) {
     constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-    gemv_fma_kernel<BITS, VEC><<<(a.n + kFmaRows - 1) / kFmaRows, kFmaRows * 32, 0, stream>>>(a);
+    QDPO_LAUNCH((a.n + kFmaRows - 1) / kFmaRows, kFmaRows * 32, 0, stream, gemv_fma_kernel<BITS, VEC>)(a);
     return launch_status();
   });
 }
 
 int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream) {
   const int64_t mn = static_cast<int64_t>(a.m) * a.n;
-  splitk_reduce_kernel<<<(mn + 255) / 256, 256, 0, stream>>>(a);
+  QDPO_LAUNCH((mn + 255) / 256, 256, 0, stream, splitk_reduce_kernel)(a);
   return launch_status();
 }
 

@@ -36,6 +36,14 @@ struct GemmArgs {
   void* y;            // (M, N), x.dtype
 };
 
+#if defined(QDPO_EMULATE)  // the host build of emulate/cuda_emulate.h
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  qdpo_emu::cp_async16(dst, src, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() { qdpo_emu::cp_async_wait_all(); }
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) { qdpo_emu::ldsm_x4(addr, r); }
+#else
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   // src-size 0: nothing is read, the 16 bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
@@ -48,6 +56,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
+#endif
 
 // cp.async of K tile `kt` into stage buffers (x tile at xs, packed codes at ws; shared addresses).
 template <int BITS>
@@ -99,7 +108,7 @@ __device__ __forceinline__ void dequant_tile(const GemmArgs& a, int n0, int kt, 
 
 template <int HD, int BITS>
 __global__ void __launch_bounds__(gemm::kThreads, 2) gemm_mma_kernel(GemmArgs a) {
-  extern __shared__ __align__(128) uint8_t smem[];
+  QDPO_DYNAMIC_SMEM(128, uint8_t, smem);
   // [x tile 0 | x tile 1 | packed 0 | packed 1 | ŵ tile]: stage b's x at b·kTileBytes, its codes at
   // kWs + b·kPacked (byte offsets; `base` is the shared-space address of smem)
   constexpr int kPacked = gemm::kBN * gemm::kBK * BITS / 8, kWs = 2 * gemm::kTileBytes, kWh = kWs + 2 * kPacked;
@@ -172,7 +181,7 @@ int launch(const GemmArgs& a, cudaStream_t stream) {
     if (dev < 64) opted.fetch_or(uint64_t(1) << dev);
   }
   const dim3 grid((a.m + gemm::kBM - 1) / gemm::kBM, (a.n + gemm::kBN - 1) / gemm::kBN);
-  gemm_mma_kernel<HD, BITS><<<grid, gemm::kThreads, bytes, stream>>>(a);
+  QDPO_LAUNCH(grid, gemm::kThreads, bytes, stream, gemm_mma_kernel<HD, BITS>)(a);
   return launch_status();
 }
 

@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   const int full_hi = min(b.step_hi, a.full_steps);
   WStage<BITS, RT> w0, w1;
   uint32_t x0[MT][16], x1[MT][16];  // x in registers (not XS)
-  extern __shared__ uint4 xs_smem[];  // XS: [M][row_bytes] of x pairs, then (zero-after) Σx per step
+  QDPO_DYNAMIC_SMEM(16, uint4, xs_smem);  // XS: [M][row_bytes] of x pairs, then (zero-after) Σx per step
   const uint8_t* xs_lane = nullptr;   // XS: the lane's x pairs at step b.step_lo
   const float2* xsum = nullptr;       // zero-after: Σx of x rows 0, 1 at step b.step_lo
   if constexpr (XS) {
@@ -646,7 +646,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + gemv_block_rows(p) - 1) / gemv_block_rows(p), p.splits);
   const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split, p.zero_after != 0) : 0;
-  mma_kernel(a.x_dtype, a.bits, p)<<<grid, p.warps * 32, static_cast<size_t>(smem), stream>>>(a);
+  QDPO_LAUNCH(grid, p.warps * 32, static_cast<size_t>(smem), stream, mma_kernel(a.x_dtype, a.bits, p))(a);
   return launch_status();
 }
 

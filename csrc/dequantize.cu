@@ -51,8 +51,8 @@ int dequantize(ptr_t qweight, int64_t stride_qn, int64_t n, int64_t k, int64_t n
   return dequantize_plan(qweight, stride_qn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype, max_vec,
                          [&](auto b, auto v, const TeamShape& sh, const DequantizeArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           dequantize_kernel<BITS, VEC>
-                               <<<sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+                           QDPO_LAUNCH(sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream),
+                                       dequantize_kernel<BITS, VEC>)(a);
                            return launch_status();
                          });
 }

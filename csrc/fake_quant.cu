@@ -67,8 +67,8 @@ int fake_quant(ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64_t k, in
   return fake_quant_plan(w, w_dtype, stride_wn, n, k, ng, bits, scales, s_dtype, zeros, out, out_dtype, max_vec,
                          [&](auto b, auto v, const TeamShape& sh, const FakeQuantArgs& a) {
                            constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
-                           fake_quant_kernel<BITS, VEC>
-                               <<<sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
+                           QDPO_LAUNCH(sh.grid, sh.block, 0, reinterpret_cast<cudaStream_t>(stream),
+                                       fake_quant_kernel<BITS, VEC>)(a);
                            return launch_status();
                          });
 }
@@ -82,9 +82,9 @@ int fake_quant_backward(ptr_t grad, int g_dtype, ptr_t w, int w_dtype, int64_t s
         constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
         const auto st = reinterpret_cast<cudaStream_t>(stream);
         if (grad_s != 0) {
-          fake_quant_backward_kernel<BITS, VEC, true><<<sh.grid, sh.block, 0, st>>>(a);
+          QDPO_LAUNCH(sh.grid, sh.block, 0, st, fake_quant_backward_kernel<BITS, VEC, true>)(a);
         } else {
-          fake_quant_backward_kernel<BITS, VEC, false><<<sh.grid, sh.block, 0, st>>>(a);
+          QDPO_LAUNCH(sh.grid, sh.block, 0, st, fake_quant_backward_kernel<BITS, VEC, false>)(a);
         }
         return launch_status();
       });

@@ -19,6 +19,15 @@
 
 #include <type_traits>
 
+#if defined(QDPO_EMULATE)  // the emulated build: the kernels run on the host (emulate/cuda_emulate.h)
+#include "emulate/cuda_emulate.h"
+#else
+// kernel<<<grid, block, smem, stream>>>(args) and the kernel's dynamic shared memory, spelled so that the
+// emulated build can run them on the host.
+#define QDPO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define QDPO_DYNAMIC_SMEM(align, type, name) extern __shared__ __align__(align) type name[]
+#endif
+
 #include "qdpo_api.h"
 #include "qdpo_math.cuh"
 
@@ -299,7 +308,7 @@ __device__ __forceinline__ void store_codes(uint8_t* row, int64_t k, const uint8
 
 // ------------------------------------------------------------------ teams
 // (TeamGrid, Team and team_of live in qdpo_math.cuh, where the host tests reach them.)
-#if defined(__CUDACC__)  // device only (team_emulate.cpp emulates the team sum)
+#if defined(__CUDACC__) || defined(QDPO_EMULATE)  // device only (team_emulate.cpp emulates the team sum)
 __device__ __forceinline__ Team my_team(const TeamGrid& t) { return team_of(t, blockIdx.x, blockDim.x, threadIdx.x); }
 
 // All-reduce of v over the team (fixed order: deterministic). `op` is a binary functor.

@@ -53,11 +53,11 @@ int quantize(int mode, ptr_t w, int w_dtype, int64_t stride_wn, int64_t n, int64
                          constexpr int BITS = decltype(b)::value, VEC = decltype(v)::value;
                          const auto st = reinterpret_cast<cudaStream_t>(stream);
                          if (mode == kQParams) {
-                           quantize_kernel<BITS, VEC, kQParams><<<sh.grid, sh.block, 0, st>>>(a);
+                           QDPO_LAUNCH(sh.grid, sh.block, 0, st, quantize_kernel<BITS, VEC, kQParams>)(a);
                          } else if (mode == kQuantize) {
-                           quantize_kernel<BITS, VEC, kQuantize><<<sh.grid, sh.block, 0, st>>>(a);
+                           QDPO_LAUNCH(sh.grid, sh.block, 0, st, quantize_kernel<BITS, VEC, kQuantize>)(a);
                          } else {
-                           quantize_kernel<BITS, VEC, kQuantizeWith><<<sh.grid, sh.block, 0, st>>>(a);
+                           QDPO_LAUNCH(sh.grid, sh.block, 0, st, quantize_kernel<BITS, VEC, kQuantizeWith>)(a);
                          }
                          return launch_status();
                        });

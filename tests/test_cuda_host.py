@@ -41,7 +41,7 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "csrc").iterdir()) + [ROOT / "setup.py"]:
+    for p in sorted(q for q in (ROOT / "csrc").iterdir() if q.is_file()) + [ROOT / "setup.py"]:  # (not emulate/)
         h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
 

@@ -1,0 +1,289 @@
+"""The CUDA kernels themselves, run on the CPU: every thread of every launch, through the ``cuda`` backend.
+
+``qdpo._C`` is built a second time from the same ``csrc/`` sources by the C++ compiler with
+``-DQDPO_EMULATE`` (``csrc/emulate/cuda_emulate.h``): the kernels, their launch plans and launchers
+are the ones nvcc compiles, and what a GPU would supply — thread coordinates, ``__syncthreads``,
+``__shfl_xor_sync``, ``mma.sync`` (from the PTX ISA's fragment tables), ``ldmatrix``, ``cp.async``,
+shared memory, the launch — is emulated, every thread a fiber. A warp-wide instruction runs when
+all 32 lanes wait at it, each warp runs as far as it can before the next one starts, and a barrier
+opens when all of a block's live threads wait at it; warps take their turns first to last or, in a
+second pass of some tests (``order``), last to first, so that a missing barrier between two warps
+changes a result in one of the two. Dynamic shared memory starts as NaN bytes (static shared memory
+keeps what the previous block left), and a cp.async lands only when its thread waits for it. The
+last tests here show each of these on kernels written with the mistake (``csrc/emulate/selftest.cpp``).
+
+The ``cuda`` backend (``qdpo/kernels/cuda.py``) is pointed at that module for each test: its
+wrappers, plans, tables of launches and workspace handling run unchanged on CPU tensors, with the
+SM count of an H100 (132). The test bodies are the GPU tests' own (``tests/test_cuda_kernels.py``,
+which a GPU runs on CUDA tensors), here on smaller shapes where theirs take minutes. What this
+cannot show: speed, occupancy, the compiler's register allocation and anything else below the
+source (the sm_80/sm_90 builds are compiled by ``tests/test_build.py``), memory-model questions
+finer than "every write before a barrier is seen after it", and the precise rounding of the tensor
+cores' fp32 sums (emulated in float64, rounded once per mma).
+"""
+
+import hashlib
+import importlib.util
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from qdpo.kernels import backends
+from qdpo.kernels import reference as ref
+from tests import test_cuda_kernels as gpu
+from tests import test_dequantize, test_fake_quant, test_quantize
+from tests.test_dequant_matmul import _args, _check_y, _rand, _weight
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+FLAGS = ["-O1", "-std=c++17", "-fPIC", "-DQDPO_EMULATE"]
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in CSRC.rglob("*") if p.is_file())
+
+
+def _cuda_include() -> Path:
+    spec = importlib.util.spec_from_file_location("qdpo_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # setup() runs only as __main__
+    return setup.cuda_root(setup.find_nvcc()) / "include"
+
+
+def _build(out: Path) -> Path:
+    """``_C_emulated`` from csrc/: every .cpp and .cu (as C++) of csrc/ and csrc/emulate/, linked."""
+    import pybind11
+
+    inc = [f"-I{CSRC}", f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}",
+           f"-I{pybind11.get_include()}"]
+    objs, cmds = [], []
+    for src in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("emulate/*.cpp")):
+        obj = out / f"{src.parent.name}-{src.stem}.o"
+        lang = ["-x", "c++"] if src.suffix == ".cu" else []
+        cmds.append(["g++", *lang, "-c", str(src), "-o", str(obj), *FLAGS, *inc])
+        objs.append(str(obj))
+
+    def run(cmd):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"emulated build failed: {' '.join(cmd)}\n{res.stderr[-4000:]}"
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(run, cmds))
+    so = out / f"_C_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
+    run(["g++", "-shared", "-o", str(so), *objs, "-lpthread"])
+    return so
+
+
+@pytest.fixture(scope="session")
+def E(request):
+    """The emulated module, built once per source hash (pytest's cache keeps it between sessions)."""
+    if not HAS_NVCC or shutil.which("g++") is None:
+        pytest.skip("the emulated build needs the CUDA headers (nvcc's toolkit) and g++")
+    h = hashlib.sha256(" ".join(FLAGS).encode())
+    for p in _sources():
+        h.update(str(p.relative_to(CSRC)).encode() + p.read_bytes())
+    cache = Path(request.config.cache.mkdir("qdpo_cuda_emulated"))
+    key = cache / h.hexdigest()[:16]
+    found = list(key.glob("_C_emulated*.so"))
+    if not found:
+        tmp = cache / f"{key.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _build(tmp)
+        try:
+            tmp.rename(key)  # atomic; another process may have got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = list(key.glob("_C_emulated*.so"))
+    spec = importlib.util.spec_from_file_location("_C_emulated", found[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cpu_device(*tensors) -> torch.device:
+    ts = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in ts):
+        raise backends.Unsupported("the emulated cuda backend takes CPU tensors")
+    return torch.device("cpu")
+
+
+def _stay(backend, *ts):
+    return ts[0] if len(ts) == 1 else list(ts)
+
+
+@pytest.fixture(params=[0, 1], ids=["first-to-last", "last-to-first"])
+def order(request):
+    return request.param
+
+
+@pytest.fixture
+def emulated(E, monkeypatch, request):
+    """The ``cuda`` backend on the emulated module, for CPU tensors (132 SMs; no table of launches)."""
+    cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built (no nvcc at install time)")
+    E.emulate_set_order(request.getfixturevalue("order") if "order" in request.fixturenames else 0)
+    E.emulate_set_occupancy(0)
+    monkeypatch.setattr(cuda, "_C", E)
+    monkeypatch.setattr(cuda, "_check_device", _cpu_device)
+    monkeypatch.setattr(cuda, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(cuda, "_launch", lambda device, fn, *args, **kw: fn(*args, 0, **kw))
+    monkeypatch.setattr(cuda, "_TABLES", {None: None})  # the CPU device: no table of launches
+    reason = backends._device_reason
+    monkeypatch.setattr(backends, "_device_reason",
+                        lambda b, d: None if b == "cuda" and d.type == "cpu" else reason(b, d))
+    for module in (gpu, test_quantize, test_dequantize, test_fake_quant):  # the GPU tests' inputs stay here
+        monkeypatch.setattr(module, "on", _stay)
+    monkeypatch.setattr(gpu, "DEV", "cpu")
+    yield cuda
+    E.emulate_set_order(0)
+
+
+
+# --------------------------------------------------------------------------- the decode GEMV
+@pytest.mark.parametrize("warps", range(1, 9))
+def test_gemv_any_block_size(emulated, order, warps):
+    gpu.test_dequant_matmul_any_block_size(warps)
+
+
+@pytest.mark.parametrize("gs", [32, -1])
+def test_gemv_on_a_partial_last_step(emulated, order, gs):
+    gpu.test_dequant_matmul_on_a_partial_last_step(gs)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
+def test_gemv_every_forced_split(emulated, bits, gs):
+    gpu.test_dequant_matmul_every_forced_split(bits, gs)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("gs", [128, 256, -1])
+def test_gemv_scale_after_dtypes_and_groups(emulated, xdtype, bits, gs):
+    gpu.test_dequant_matmul_scale_after_dtypes_and_groups(xdtype, bits, gs)
+
+
+@pytest.mark.parametrize("xdtype", gpu.XDTYPES)
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("gs", gpu.GROUPS)
+def test_dequant_matmul_dtypes_and_groups(emulated, xdtype, bits, gs):
+    gpu.test_dequant_matmul_dtypes_and_groups(xdtype, bits, gs)
+
+
+def test_dequant_matmul_every_launcher_path(emulated):
+    gpu.test_dequant_matmul_every_launcher_path()
+
+
+@pytest.mark.parametrize("i,m,nk", gpu.ODD_CASES)
+def test_dequant_matmul_odd_shapes(emulated, i, m, nk):
+    gpu.test_dequant_matmul_odd_shapes(i, m, nk)
+
+
+def test_dequant_matmul_zero_rows_give_the_bias_exactly(emulated):
+    gpu.test_dequant_matmul_zero_rows_give_the_bias_exactly()
+
+
+def test_dequant_matmul_paths_refuse_what_they_cannot_serve(emulated):
+    gpu.test_dequant_matmul_paths_refuse_what_they_cannot_serve()
+
+
+# --------------------------------------------------------------------------- the prefill GEMM
+@pytest.mark.parametrize("bits,gs,xdtype", [(4, 128, torch.bfloat16), (8, -1, torch.float16), (4, 32, torch.float16),
+                                             (8, 64, torch.bfloat16)])
+def test_gemm_path(emulated, order, bits, gs, xdtype):
+    """The hand-written tensor-core GEMM (path="gemm"; not yet run on a GPU) as the GPU test checks it,
+    on 4 K tiles instead of 18 (the double buffer alternates twice): partial 128-row tiles in M and N,
+    bias, batch dimensions, deterministic."""
+    cuda = emulated
+    qw = _weight(200, 256, bits, gs, wdtype=xdtype, seed=bits + gs)
+    b = _rand(200, dtype=xdtype, seed=5)
+    for m in (1, 17, 130):
+        x = _rand(m, 256, dtype=xdtype, seed=m)
+        y = cuda.dequant_matmul(x, *_args(qw), b, path="gemm")
+        _check_y(y, x, qw, b, f"gemm M={m}")
+        assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, path="gemm")), "deterministic"
+    x = _rand(2, 65, 256, dtype=xdtype, seed=9)
+    _check_y(cuda.dequant_matmul(x, *_args(qw), None, path="gemm"), x, qw, None, "gemm, batch dims")
+
+
+@pytest.mark.parametrize("m", (3, 17, 300))
+def test_dequant_matmul_dx_and_prefill(emulated, m):
+    gpu.test_dequant_matmul_dx_and_prefill(m)
+
+
+# --------------------------------------------------------------------------- element-wise kernels
+@pytest.mark.parametrize("k,bits", [(14336, 4), (4100, 4), (4101, 8), (66, 4)])
+def test_quantize_long_and_narrow_rows(emulated, order, k, bits):
+    gpu.test_quantize_long_and_narrow_rows(k, bits)
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, False), (8, -1, True)])
+def test_quantize_rows_aligned_to_4_bytes_only(emulated, bits, gs, sym):
+    gpu.test_quantize_rows_aligned_to_4_bytes_only(bits, gs, sym)
+
+
+def test_dequantize_misaligned_and_long_rows(emulated):
+    gpu.test_dequantize_misaligned_and_long_rows()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_both_chunk_widths(emulated, bits):
+    gpu.test_dequantize_both_chunk_widths(bits)
+
+
+@pytest.mark.parametrize("k,bits", [(14336, 4), (4100, 4), (4101, 8)])
+def test_fake_quant_long_and_narrow_rows(emulated, order, k, bits):
+    gpu.test_fake_quant_long_and_narrow_rows(k, bits)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,gs", [(4096, 128), (14336, -1), (200, 40)])
+def test_fake_quant_both_chunk_widths(emulated, wdtype, k, gs):
+    gpu.test_fake_quant_both_chunk_widths(wdtype, k, gs)
+
+
+@pytest.mark.parametrize("m", (1, 16, 40))
+def test_fake_quant_matmul_forward_and_backward(emulated, m):
+    gpu.test_fake_quant_matmul_forward_and_backward(m)
+
+
+# --------------------------------------------------------------------------- the emulation itself
+def test_emulation_shows_a_missing_barrier_in_either_order(E):
+    """Thread t reads thread 63 - t's word of shared memory: with the barrier every thread sees it
+    in both orders; without, each order leaves half the threads reading before the write, and they
+    see the NaN bytes shared memory starts with."""
+    want = [float(63 - t) for t in range(64)]
+    for reverse in (0, 1):
+        E.emulate_set_order(reverse)
+        assert E.emulate_selftest("exchange") == (want, "")
+        out, error = E.emulate_selftest("exchange_no_barrier")
+        early = range(32) if reverse == 0 else range(32, 64)  # the threads that ran first
+        assert error == "" and all(out[t] != out[t] for t in early), out  # NaN
+        assert all(out[t] == want[t] for t in range(64) if t not in early)
+    E.emulate_set_order(0)
+
+
+def test_emulation_shows_reads_of_unwritten_and_not_yet_copied_shared_memory(E):
+    out, error = E.emulate_selftest("unwritten")
+    assert error == "" and all(out[t] == t for t in range(0, 64, 2)) and all(out[t] != out[t] for t in range(1, 64, 2))
+    assert E.emulate_selftest("cp_async") == ([float(4 * t) for t in range(64)], "")
+    out, error = E.emulate_selftest("cp_async_no_wait")
+    assert error == "" and all(v != v for v in out)  # a cp.async lands at its thread's wait
+
+
+def test_emulation_refuses_broken_warp_instructions_and_launches(E):
+    _, error = E.emulate_selftest("exited_lane")
+    assert "1 lanes exited or missing" in error and "block (0, 0, 0)" in error
+    _, error = E.emulate_selftest("split_warp")
+    assert "lanes at different warp-wide instructions" in error
+    _, error = E.emulate_selftest("too_much_smem")
+    assert "50176 bytes of dynamic shared memory, more than the kernel's 49152" in error
+    assert E.emulate_selftest("exchange") == ([float(63 - t) for t in range(64)], "")  # the error was cleared
