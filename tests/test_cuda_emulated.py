@@ -187,6 +187,14 @@ def test_dequant_matmul_odd_shapes(emulated, i, m, nk):
     gpu.test_dequant_matmul_odd_shapes(i, m, nk)
 
 
+def test_dequant_matmul_launches_by_the_device_table(emulated, tmp_path, monkeypatch):
+    """A table of measured launches decides where nothing is forced (the CPU device stands in for the
+    current CUDA device)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "emulated")
+    gpu.test_dequant_matmul_launches_by_the_device_table(tmp_path)
+
+
 def test_dequant_matmul_zero_rows_give_the_bias_exactly(emulated):
     gpu.test_dequant_matmul_zero_rows_give_the_bias_exactly()
 
@@ -287,3 +295,26 @@ def test_emulation_refuses_broken_warp_instructions_and_launches(E):
     _, error = E.emulate_selftest("too_much_smem")
     assert "50176 bytes of dynamic shared memory, more than the kernel's 49152" in error
     assert E.emulate_selftest("exchange") == ([float(63 - t) for t in range(64)], "")  # the error was cleared
+
+
+# --------------------------------------------------------------------------- the backends' shared tests
+# The test bodies every kernel backend shares (tests/test_quantize.py, test_dequantize.py,
+# test_fake_quant.py: against the reference, on the GPU for cuda), collected here once more with the
+# ``backend`` fixture below: the cuda backend on the emulated build.
+@pytest.fixture
+def backend(emulated):
+    return "cuda"
+
+
+def _shared(module, *skip):
+    """``module``'s tests that take the ``backend`` fixture, named ``<module>__<test>`` here."""
+    import inspect
+
+    for name, fn in vars(module).items():
+        if name.startswith("test_") and name not in skip and "backend" in inspect.signature(fn).parameters:
+            globals()[f"test_{module.__name__.split('.')[-1].removeprefix('test_')}__{name[5:]}"] = fn
+
+
+_shared(test_quantize)
+_shared(test_dequantize)
+_shared(test_fake_quant, "test_torch_compile_fullgraph_forward_and_backward")  # inductor on the CPU: minutes
