@@ -346,7 +346,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     they are and subtracts the zero point times each step's sum of x after them. ``shared_x=True`` (any M,
     not with ``x_smem``) gives each warp 16 rows of its own and has the block stage x in shared memory,
     512 codes at a time, for all of them (not yet measured either).
-    ``benchmarks/sweep_gemv.py`` sweeps them. 0 / None lets the plan choose: where the caller forces
+    ``benchmarks/sweep_gemv.py`` sweeps them. With 16-bit x, scales of another dtype are rounded to
+    x.dtype first (the tensor-core kernels read them so): ŵ then differs from the reference's, which
+    rounds only (q - z) · s, by at most half an ulp of s; scales in x.dtype give its ŵ bit for bit. 0 / None lets the plan choose: where the caller forces
     none of them, a table of launches measured on this GPU model decides for the exact shapes it holds
     (:mod:`qdpo.kernels.gemv_table`; ``QDPO_GEMV_TABLE=off``: the plan's rules alone).
     """
@@ -367,7 +369,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     qweight = _rows(qweight)
     scales, zeros = _grid(scales, zeros)
     if x.dtype != torch.float32 and scales.dtype != x.dtype:
-        # the tensor-core paths read 16-bit scales in x.dtype: they round s to x.dtype anyway
+        # the tensor-core paths read 16-bit scales in x.dtype: s is rounded to x.dtype before the
+        # product (the reference rounds only the product), which moves a group's ŵ together by up to
+        # half an ulp of s; scales in x.dtype (as qdpo quantizes a 16-bit model) give the reference's ŵ
         scales = scales.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()
