@@ -24,11 +24,9 @@ cores' fp32 sums (emulated in float64, rounded once per mma).
 
 import hashlib
 import importlib.util
-import itertools
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,10 +35,8 @@ import pytest
 import torch
 
 from qdpo.kernels import backends
-from qdpo.kernels import reference as ref
 from tests import test_cuda_kernels as gpu
 from tests import test_dequantize, test_fake_quant, test_quantize
-from tests.test_dequant_matmul import _args, _check_y, _rand, _weight
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -210,16 +206,7 @@ def test_gemm_path(emulated, order, bits, gs, xdtype):
     """The hand-written tensor-core GEMM (path="gemm"; not yet run on a GPU) as the GPU test checks it,
     on 4 K tiles instead of 18 (the double buffer alternates twice): partial 128-row tiles in M and N,
     bias, batch dimensions, deterministic."""
-    cuda = emulated
-    qw = _weight(200, 256, bits, gs, wdtype=xdtype, seed=bits + gs)
-    b = _rand(200, dtype=xdtype, seed=5)
-    for m in (1, 17, 130):
-        x = _rand(m, 256, dtype=xdtype, seed=m)
-        y = cuda.dequant_matmul(x, *_args(qw), b, path="gemm")
-        _check_y(y, x, qw, b, f"gemm M={m}")
-        assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, path="gemm")), "deterministic"
-    x = _rand(2, 65, 256, dtype=xdtype, seed=9)
-    _check_y(cuda.dequant_matmul(x, *_args(qw), None, path="gemm"), x, qw, None, "gemm, batch dims")
+    gpu.check_gemm_path(bits, gs, xdtype, 256, (1, 17, 130), 65)
 
 
 @pytest.mark.parametrize("m", (3, 17, 300))

@@ -313,16 +313,22 @@ def test_dequant_matmul_gemm_path(bits, gs, xdtype):
     """The hand-written tensor-core GEMM (path="gemm") against the reference: M and N that leave
     partial 128-row tiles (rows past M and N zero-filled, their outputs dropped), 18 K tiles,
     bias, batch dimensions, and M at and below the GEMV's range."""
+    check_gemm_path(bits, gs, xdtype, 1152, (1, 16, 17, 130, 300), 129)
+
+
+def check_gemm_path(bits, gs, xdtype, k, ms, batch_m):
+    """path="gemm" on a 200-row weight of K = k against the reference, with bias, for each M in ``ms``
+    (deterministic), and without bias for x of shape (2, batch_m, k)."""
     from qdpo.kernels import cuda
 
-    qw = _weight(200, 1152, bits, gs, wdtype=xdtype, seed=bits + gs)
+    qw = _weight(200, k, bits, gs, wdtype=xdtype, seed=bits + gs)
     b = _rand(200, dtype=xdtype, seed=5)
-    for m in (1, 16, 17, 130, 300):
-        x = _rand(m, 1152, dtype=xdtype, seed=m)
+    for m in ms:
+        x = _rand(m, k, dtype=xdtype, seed=m)
         y = cuda.dequant_matmul(x, *_args(qw), b, path="gemm")
         _check_y(y, x, qw, b, f"gemm M={m}")
         assert torch.equal(y, cuda.dequant_matmul(x, *_args(qw), b, path="gemm")), "deterministic"
-    x = _rand(2, 129, 1152, dtype=xdtype, seed=9)
+    x = _rand(2, batch_m, k, dtype=xdtype, seed=9)
     _check_y(cuda.dequant_matmul(x, *_args(qw), None, path="gemm"), x, qw, None, "gemm, batch dims")
 
 
