@@ -291,7 +291,7 @@ template <int W, int MT, int RT>
 __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0, int nw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int E = RT * MT * 4;
-  __shared__ float red[W][E][32];
+  QDPO_SHARED(4, float, red, [W][E][32]);
   static_assert(sizeof(red) == store_tile_smem_bytes(W, MT, RT), "the x_smem plan counts this buffer");
   QDPO_UNROLL
   for (int e = 0; e < E; ++e) red[warp][e][lane] = acc[e / (MT * 4)][(e / 4) % MT][e % 4];
@@ -493,7 +493,7 @@ constexpr int sx_min_blocks(int bits, int mt, int w) {
 template <int HD, int BITS, int MT, int W, int SC>
 __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_shared_x_kernel(GemvArgs a) {
   static_assert(gemv::kSxSteps % 2 == 0, "the weight stages alternate within a chunk");
-  __shared__ __align__(16) uint8_t sx[2][sx_buffer_bytes(MT)];
+  QDPO_SHARED(16, uint8_t, sx, [2][sx_buffer_bytes(MT)]);
   const int lane = threadIdx.x & 31, g = lane >> 2;
   const int n0 = (static_cast<int>(blockIdx.x) * W + static_cast<int>(threadIdx.x >> 5)) * 16;
   const int step_lo = blockIdx.y * a.steps_per_split, step_hi = min(step_lo + a.steps_per_split, a.steps);

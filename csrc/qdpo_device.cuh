@@ -22,10 +22,11 @@
 #if defined(QDPO_EMULATE)  // the emulated build: the kernels run on the host (emulate/cuda_emulate.h)
 #include "emulate/cuda_emulate.h"
 #else
-// kernel<<<grid, block, smem, stream>>>(args) and the kernel's dynamic shared memory, spelled so that the
-// emulated build can run them on the host.
+// kernel<<<grid, block, smem, stream>>>(args) and the kernel's shared memory (dynamic; static: `dims` as
+// [A][B]), spelled so that the emulated build can run them on the host.
 #define QDPO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QDPO_DYNAMIC_SMEM(align, type, name) extern __shared__ __align__(align) type name[]
+#define QDPO_SHARED(align, type, name, dims) __shared__ __align__(align) type name dims
 #endif
 
 #include "qdpo_api.h"
@@ -317,7 +318,7 @@ __device__ __forceinline__ float team_allreduce(float v, int team, Op op) {
   const int width = team < 32 ? team : 32;
   for (int o = width >> 1; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
   if (team > 32) {  // the team is the block
-    __shared__ float buf[32];
+    QDPO_SHARED(4, float, buf, [32]);
     __syncthreads();  // the previous call's readers are done with buf
     if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
     __syncthreads();

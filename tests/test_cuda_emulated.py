@@ -8,8 +8,8 @@ shared memory, the launch — is emulated, every thread a fiber. A warp-wide ins
 all 32 lanes wait at it, each warp runs as far as it can before the next one starts, and a barrier
 opens when all of a block's live threads wait at it; warps take their turns first to last or, in a
 second pass of some tests (``order``), last to first, so that a missing barrier between two warps
-changes a result in one of the two. Dynamic shared memory starts as NaN bytes (static shared memory
-keeps what the previous block left), and a cp.async lands only when its thread waits for it. The
+changes a result in one of the two. Shared memory starts as NaN bytes in every block, and a cp.async
+lands only when its thread waits for it. The
 last tests here show each of these on kernels written with the mistake (``csrc/emulate/selftest.cpp``).
 
 The ``cuda`` backend (``qdpo/kernels/cuda.py``) is pointed at that module for each test: its
@@ -269,6 +269,8 @@ def test_emulation_shows_a_missing_barrier_in_either_order(E):
 def test_emulation_shows_reads_of_unwritten_and_not_yet_copied_shared_memory(E):
     out, error = E.emulate_selftest("unwritten")
     assert error == "" and all(out[t] == t for t in range(0, 64, 2)) and all(out[t] != out[t] for t in range(1, 64, 2))
+    out, error = E.emulate_selftest("unwritten_static")  # two blocks: NaN bytes again for the second
+    assert error == "" and all(out[i] == i % 64 for i in range(0, 128, 2)) and all(v != v for v in out[1::2])
     assert E.emulate_selftest("cp_async") == ([float(4 * t) for t in range(64)], "")
     out, error = E.emulate_selftest("cp_async_no_wait")
     assert error == "" and all(v != v for v in out)  # a cp.async lands at its thread's wait

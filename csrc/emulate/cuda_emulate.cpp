@@ -54,6 +54,7 @@ void run_block(Launch& l) {
     makecontext(&th.ctx, entry, 0);
   }
   std::fill(l.smem.begin(), l.smem.end(), uint8_t{0xFF});
+  l.fresh.clear();
   const int warps = (nt + 31) / 32;
   for (;;) {
     bool progressed = false;

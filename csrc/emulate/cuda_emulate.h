@@ -13,13 +13,15 @@
 // live thread of the block waits at it. Warps (and lanes within a warp) take their turns first to
 // last or, when the test asks (emulate_set_order), last to first: a shared-memory read that a missing
 // barrier leaves racing another warp's write then comes before that write in one of the two orders.
-// Dynamic shared memory starts as 0xFF bytes (NaN as fp16, bf16 and fp32), so a read of a byte nobody
-// wrote shows; a cp.async lands only when its thread waits for it. selftest.cpp checks each of these.
+// Shared memory, dynamic and static (QDPO_SHARED), starts as 0xFF bytes in every block (NaN as fp16,
+// bf16 and fp32), so a read of a byte nobody wrote shows; a cp.async lands only when its thread waits
+// for it. selftest.cpp checks each of these.
 // Host build only: nothing here reaches nvcc.
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -32,8 +34,6 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
-#undef __shared__
-#define __shared__ static  // one copy per kernel instance: the blocks of a launch run one after another
 
 namespace qdpo_emu {
 
@@ -72,6 +72,7 @@ struct Launch {
   int cur = -1;
   std::string error;
   std::function<void()> body;
+  std::vector<const void*> fresh;  // static shared arrays already filled with NaN bytes in this block
 };
 
 // The launch running now (launches do not nest; the process runs one at a time).
@@ -115,6 +116,13 @@ inline const uint32_t* warp_op(int op, const uint32_t* in, int n) {
 }
 
 inline void syncthreads() { yield(Wait::kBarrier); }
+
+inline void fresh_shared(void* p, size_t bytes) {
+  std::vector<const void*>& f = active()->fresh;
+  if (std::find(f.begin(), f.end(), p) != f.end()) return;
+  std::memset(p, 0xFF, bytes);
+  f.push_back(p);
+}
 
 inline uint8_t* shared_at(uint32_t addr, int bytes) {
   Launch* l = active();
@@ -207,6 +215,11 @@ Launcher<P...> launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...)) 
 
 #define QDPO_LAUNCH(grid, block, smem, stream, ...) ::qdpo_emu::launch((grid), (block), (smem), __VA_ARGS__)
 #define QDPO_DYNAMIC_SMEM(align, type, name) type* name = reinterpret_cast<type*>(::qdpo_emu::active()->smem_base)
+// Static shared memory: one copy per kernel instance (a launch's blocks run one after another), NaN bytes
+// again for each block (the first of its threads to reach the declaration fills them).
+#define QDPO_SHARED(align, type, name, dims) \
+  alignas(align) static type name dims;      \
+  ::qdpo_emu::fresh_shared(name, sizeof(name))
 
 #define threadIdx (::qdpo_emu::me().idx)
 #define blockIdx (::qdpo_emu::active()->block_idx)

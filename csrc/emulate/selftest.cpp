@@ -1,6 +1,6 @@
 // selftest.cpp — small kernels with the mistakes cuda_emulate.h claims to expose, for
 // tests/test_cuda_emulated.py (emulate_selftest): a shared-memory read that a missing barrier leaves
-// racing its write, a read of shared memory nobody wrote, a cp.async read before its wait, a
+// racing its write, a read of shared memory (dynamic or static) nobody wrote, a cp.async read before its wait, a
 // warp-wide instruction with a lane that has exited and lanes at different warp-wide instructions.
 // Compiled into the emulated build only.
 #include <cuda_runtime.h>
@@ -31,6 +31,15 @@ __global__ void unwritten_kernel(float* out) {
   if (t % 2 == 0) words[t] = static_cast<float>(t);
   __syncthreads();
   out[t] = words[t];
+}
+
+// The same with static shared memory, in each of two blocks: out[64 · block + t].
+__global__ void unwritten_static_kernel(float* out) {
+  QDPO_SHARED(16, float, words, [kThreads]);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t % 2 == 0) words[t] = static_cast<float>(t);
+  __syncthreads();
+  out[kThreads * blockIdx.x + t] = words[t];
 }
 
 // Thread t copies 16 bytes (4 floats) from src to shared memory by cp.async; out[t] is the first
@@ -68,13 +77,15 @@ __global__ void split_warp_kernel(float* out) {
 
 // One self-test: its kernel's outputs, or the launch's error detail (cudaGetLastError's).
 std::vector<float> selftest(const std::string& kind, std::string* error) {
-  std::vector<float> out(kThreads, -1.f), src(4 * kThreads);
+  std::vector<float> out(2 * kThreads, -1.f), src(4 * kThreads);
   for (int i = 0; i < 4 * kThreads; ++i) src[i] = static_cast<float>(i);
   const size_t smem = 16 * kThreads;
   if (kind == "exchange" || kind == "exchange_no_barrier") {
     QDPO_LAUNCH(1, kThreads, smem, 0, exchange_kernel)(out.data(), kind == "exchange");
   } else if (kind == "unwritten") {
     QDPO_LAUNCH(1, kThreads, smem, 0, unwritten_kernel)(out.data());
+  } else if (kind == "unwritten_static") {
+    QDPO_LAUNCH(2, kThreads, 0, 0, unwritten_static_kernel)(out.data());
   } else if (kind == "cp_async" || kind == "cp_async_no_wait") {
     QDPO_LAUNCH(1, kThreads, smem, 0, cp_async_kernel)(src.data(), out.data(), kind == "cp_async");
   } else if (kind == "exited_lane") {
@@ -87,6 +98,7 @@ std::vector<float> selftest(const std::string& kind, std::string* error) {
     *error = "unknown self-test " + kind;
     return {};
   }
+  if (kind != "unwritten_static") out.resize(kThreads);  // one block's
   const int e = static_cast<int>(cudaGetLastError());
   *error = e ? cudaGetErrorString(static_cast<cudaError_t>(e)) : "";
   return out;
