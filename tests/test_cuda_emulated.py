@@ -24,6 +24,7 @@ cores' fp32 sums (emulated in float64, rounded once per mma).
 
 import hashlib
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -35,8 +36,11 @@ import pytest
 import torch
 
 from qdpo.kernels import backends
+from qdpo.kernels import reference as ref
 from tests import test_cuda_kernels as gpu
 from tests import test_dequantize, test_fake_quant, test_quantize
+from tests.conftest import assert_exact
+from tests.test_dequant_matmul import _check_y, _rand, _weight
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -307,3 +311,95 @@ def _shared(module, *skip):
 _shared(test_quantize)
 _shared(test_dequantize)
 _shared(test_fake_quant, "test_torch_compile_fullgraph_forward_and_backward")  # inductor on the CPU: minutes
+
+
+# --------------------------------------------------------------------------- reads stay inside their operands
+def _guarded(t: torch.Tensor, side: str, keep: list) -> torch.Tensor:
+    """A copy of ``t`` in memory that ends right before (``side="end"``) or starts right after
+    (``side="start"``) a page the process may not read: a kernel's read past the operand (or before
+    it) kills the test process with a segmentation fault (pytest prints the test's traceback) instead
+    of reading a neighbour's bytes. ``keep`` holds the mapping alive."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    nbytes = t.numel() * t.element_size()
+    size = (nbytes + page - 1) // page * page + 2 * page
+    buf = mmap.mmap(-1, size)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    guard = base if side == "start" else base + size - page
+    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    offset = page if side == "start" else size - page - nbytes
+    out = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    keep.append((buf, libc, guard, page))
+    return out
+
+
+def _unguard(keep: list) -> None:
+    for _, libc, guard, page in keep:
+        libc.mprotect(guard, page, 3)  # PROT_READ | PROT_WRITE again, before the mapping goes
+
+
+@pytest.mark.parametrize("side", ["end", "start"])
+@pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1), (4, -1)])
+def test_gemv_reads_stay_inside_their_operands(emulated, side, bits, gs):
+    """x, the packed weight, its scales and zeros and the bias each end (or start) at an unreadable
+    page, for every launch choice at M = 1, 2, 5 and 16, with splits 1 and 3, on N = 37 (rows past N in
+    the last tile) and K = 2080 (a partial last step): no kernel reads outside them (on a GPU,
+    compute-sanitizer's question; the rows past N, lanes past K and rows of x past M that the kernels
+    leave unread are the point). The path="gemm" and FMA kernels likewise."""
+    cuda = emulated
+    keep = []
+    try:
+        qw = _weight(37, 2080, bits, gs, wdtype=torch.bfloat16, seed=bits)
+        q, s, z = (_guarded(t, side, keep) for t in (qw.qweight, qw.scales, qw.zeros))
+        b = _guarded(_rand(37, dtype=torch.bfloat16, seed=2), side, keep)
+        for m in (1, 2, 5, 16):
+            x = _guarded(_rand(m, 2080, dtype=torch.bfloat16, seed=m), side, keep)
+            for choice, splits in itertools.product(cuda.gemv_choices(m, more_warps=(6, 3)), (1, 3)):
+                y = cuda.dequant_matmul(x, q, s, z, bits, b, splits=splits, **choice)
+                _check_y(y, x, qw, b, f"M={m} splits={splits} {choice}")
+        x = _guarded(_rand(70, 2048, dtype=torch.bfloat16, seed=70), side, keep)  # the GEMM: K % 64 == 0
+        qg = _weight(37, 2048, bits, gs, wdtype=torch.bfloat16, seed=3)
+        qgs = [_guarded(t, side, keep) for t in (qg.qweight, qg.scales, qg.zeros)]
+        _check_y(cuda.dequant_matmul(x, *qgs, bits, b, path="gemm"), x, qg, b, "gemm")
+        xf = _guarded(_rand(3, 2080, seed=4), side, keep)  # fp32 x: the FMA kernel
+        _check_y(cuda.dequant_matmul(xf, q, s, z, bits, b), xf, qw, b, "fma")
+    finally:
+        _unguard(keep)
+
+
+@pytest.mark.parametrize("side", ["end", "start"])
+@pytest.mark.parametrize("n,k,gs,wdtype", [(7, 96, 32, torch.bfloat16), (5, 4101, -1, torch.float32),
+                                           (9, 200, 40, torch.float16), (3, 14336, -1, torch.bfloat16)])
+def test_element_wise_reads_stay_inside_their_operands(emulated, side, n, k, gs, wdtype):
+    """quantize, dequantize and fake_quant (forward, backward with and without LSQ) with every operand
+    ending (or starting) at an unreadable page, both bit widths (8 for odd K), chunks of 16, 8 and 1-2 elements
+    (K = 4101), block-wide teams (K = 14336), with both chunk widths the benchmarks compare."""
+    cuda = emulated
+    keep = []
+    try:
+        w = test_fake_quant.randn(n, k, wdtype, seed=k)
+        grad = test_fake_quant.randn(n, k, wdtype, seed=k + 1)
+        wg, gg = _guarded(w, side, keep), _guarded(grad, side, keep)
+        for bits in (8,) if k % 2 else (4, 8):  # an odd K: 8 bits only
+            q, s, z = cuda.quantize(wg, bits, gs, bits == 8)
+            rq, rs, rz = ref.quantize(w, bits, gs, bits == 8)
+            assert_exact(q, rq, "codes"), assert_exact(s, rs, "scales"), assert_exact(z, rz, "zeros")
+            qg, sg, zg = (_guarded(t, side, keep) for t in (rq, rs, rz))
+            for max_vec in (16, 8):
+                assert_exact(cuda.dequantize(qg, sg, zg, bits, wdtype, max_vec=max_vec),
+                             ref.dequantize(rq, rs, rz, bits, wdtype), "ŵ (dequantize)")
+                assert_exact(cuda.fake_quant(wg, sg, zg, bits, wdtype, max_vec=max_vec),
+                             ref.fake_quant(w, rs, rz, bits, wdtype), "ŵ (fake_quant)")
+                for lsq in (False, True):
+                    gw, gsc = cuda.fake_quant_backward(gg, wg, sg, zg, bits, lsq, max_vec=max_vec)
+                    rw, rsc = ref.fake_quant_backward(grad, w, rs, rz, bits, lsq)
+                    assert_exact(gw, rw, "∂w")
+                    if lsq:
+                        test_fake_quant._assert_sum_close(gsc, rsc, grad, bits)
+    finally:
+        _unguard(keep)
