@@ -8,8 +8,9 @@ shared memory, the launch — is emulated, every thread a fiber. A warp-wide ins
 all 32 lanes wait at it, each warp runs as far as it can before the next one starts, and a barrier
 opens when all of a block's live threads wait at it; warps take their turns first to last or, in a
 second pass of some tests (``order``), last to first, so that a missing barrier between two warps
-changes a result in one of the two. Shared memory starts as NaN bytes in every block, and a cp.async
-lands only when its thread waits for it. The
+changes a result in one of the two. Shared memory starts as NaN bytes in every block, a cp.async
+lands only when its thread waits for it, and the last tests put every input operand against an
+unreadable page, so that a read past its end (or before its start) crashes the test process. The
 last tests here show each of these on kernels written with the mistake (``csrc/emulate/selftest.cpp``).
 
 The ``cuda`` backend (``qdpo/kernels/cuda.py``) is pointed at that module for each test: its
