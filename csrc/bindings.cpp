@@ -27,6 +27,10 @@ namespace qdpo_emu {
 void set_order(int reverse);
 void set_occupancy(int blocks);
 std::vector<float> selftest(const std::string& kind, std::string* error);
+struct LoadBytes {
+  uint64_t ldg = 0, ldcs = 0;
+};
+LoadBytes take_load_bytes();
 }  // namespace qdpo_emu
 #define QDPO_MODULE _C_emulated
 #else
@@ -277,6 +281,10 @@ PYBIND11_MODULE(QDPO_MODULE, m) {
     for (const float v : qdpo_emu::selftest(kind, &error)) out.append(v);
     return py::make_tuple(out, error);
   }, py::arg("kind"), "(outputs, launch error or '') of one of csrc/emulate/selftest.cpp's kernels");
+  m.def("emulate_take_load_bytes", [] {
+    const qdpo_emu::LoadBytes b = qdpo_emu::take_load_bytes();
+    return py::make_tuple(b.ldg, b.ldcs);
+  }, "(bytes through __ldg, bytes through __ldcs) since the last call: the GEMV's x and streamed weights");
 #endif
   m.def("runtime_version", &qdpo::runtime_version, "CUDA runtime version the module was linked with");
   m.def("device_count", []() {

@@ -455,15 +455,17 @@ template <int W, int MT>
 constexpr int sx_pieces() { return (8 * MT * gemv::kSxPiecesPerRow + W * 32 - 1) / (W * 32); }
 constexpr int sx_buffer_bytes(int mt) { return 8 * mt * gemv::kSxRowBytes; }
 
-// The chunk from step `step0`: global → registers (zeros past K and for rows past M).
+// The chunk from step `step0`: global → registers (zeros past k_hi, the end of the block's K range,
+// and for rows past M: a chunk that runs past the range loads nothing there).
 template <int W, int MT>
-__device__ __forceinline__ void sx_load(const GemvArgs& a, int step0, uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
+__device__ __forceinline__ void sx_load(const GemvArgs& a, int step0, int k_hi,
+                                        uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
   QDPO_UNROLL
   for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
     const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
     const int k = step0 * gemv::kStepK + gemv::sx_piece_k(p);
     xr[i][0] = xr[i][1] = xr[i][2] = xr[i][3] = 0u;
-    if (row < a.m && k < a.k) load16(xr[i], static_cast<const uint16_t*>(a.x) + row * a.k + k);
+    if (row < a.m && k < k_hi) load16(xr[i], static_cast<const uint16_t*>(a.x) + row * a.k + k);
   }
 }
 
@@ -509,14 +511,15 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   // without bounds checks; the last step of a K that is not a multiple of 128 runs after it, from the
   // last chunk (still in shared memory).
   const int full_hi = min(step_hi, a.full_steps);
-  sx_load<W, MT>(a, step_lo, xr);
+  const int k_hi = min(step_hi * gemv::kStepK, a.k);  // the block's K range ends here
+  sx_load<W, MT>(a, step_lo, k_hi, xr);
   if (step_lo < full_hi && n0 < a.n) load_w<false, HD, SC>(a, rows, step_lo, st[0]);
   sx_store<W, MT>(sx[0], a, xr);
   __syncthreads();
   int buf = 0, c0 = step_lo;
   for (;; c0 += gemv::kSxSteps) {
     const bool more = c0 + gemv::kSxSteps < step_hi;
-    if (more) sx_load<W, MT>(a, c0 + gemv::kSxSteps, xr);  // in flight during this chunk's math
+    if (more) sx_load<W, MT>(a, c0 + gemv::kSxSteps, k_hi, xr);  // in flight during this chunk's math
     const uint8_t* xb = sx[buf] + lane_off;
     QDPO_UNROLL
     for (int s = 0; s < gemv::kSxSteps; ++s) {

@@ -41,7 +41,7 @@ from qdpo.kernels import reference as ref
 from tests import test_cuda_kernels as gpu
 from tests import test_dequantize, test_fake_quant, test_quantize
 from tests.conftest import assert_exact
-from tests.test_dequant_matmul import _check_y, _rand, _weight
+from tests.test_dequant_matmul import _args, _check_y, _rand, _weight
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -404,3 +404,28 @@ def test_element_wise_reads_stay_inside_their_operands(emulated, side, n, k, gs,
                         test_fake_quant._assert_sum_close(gsc, rsc, grad, bits)
     finally:
         _unguard(keep)
+
+
+# --------------------------------------------------------------------------- bytes moved
+@pytest.mark.parametrize("bits,gs", [(4, -1), (8, 32)])
+def test_gemv_reads_each_weight_byte_once_and_x_once_per_block(emulated, E, bits, gs):
+    """What the GEMV's header says it moves, counted load by load: the packed weight streamed exactly
+    once (rows past N in the last tile of 16 · rt rows repeat row N - 1, so whole tiles are read;
+    lanes past K in the partial last step load nothing), and x once per block column of the grid
+    (M · K · 2 bytes per block_rows rows of ŵ, whatever the split of K) — for every launch choice,
+    splits 1 and 3, M = 1, 2, 5, 16. A second read of a weight byte or of x would pass every
+    result check and cost only time."""
+    cuda = emulated
+    n, k = 37, 2080
+    qw = _weight(n, k, bits, gs, wdtype=torch.bfloat16, seed=bits)
+    for m in (1, 2, 5, 16):
+        x = _rand(m, k, dtype=torch.bfloat16, seed=m)
+        for choice, splits in itertools.product(cuda.gemv_choices(m, more_warps=(6, 3)), (1, 3)):
+            plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits=splits, **choice)
+            E.emulate_take_load_bytes()
+            cuda.dequant_matmul(x, *_args(qw), splits=splits, **choice)
+            x_bytes, w_bytes = E.emulate_take_load_bytes()
+            what = f"M={m} splits={splits} {choice}"
+            tile = 16 * plan["rt"]  # a warp's rows (shared_x: 16; a whole warp past N loads nothing)
+            assert w_bytes == -(-n // tile) * tile * k * bits // 8, what
+            assert x_bytes == -(-n // plan["block_rows"]) * m * k * 2, what

@@ -121,6 +121,11 @@ void run_block(Launch& l) {
 }  // namespace
 
 void set_order(int reverse) { reverse_order() = reverse; }
+LoadBytes take_load_bytes() {
+  const LoadBytes b = load_bytes();
+  load_bytes() = {};
+  return b;
+}
 void set_occupancy(int blocks) { occupancy() = blocks; }
 
 int& occupancy() {

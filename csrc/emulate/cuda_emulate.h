@@ -87,6 +87,16 @@ inline int& reverse_order() {  // tests/test_cuda_emulated.py sets it through em
 }
 void set_order(int reverse);
 void set_occupancy(int blocks);
+// Bytes loaded through __ldg and through __ldcs (the GEMV's x and its streamed weights) since the last
+// take_load_bytes (emulate_take_load_bytes): what a launch reads, to check the bytes-moved claims.
+struct LoadBytes {
+  uint64_t ldg = 0, ldcs = 0;
+};
+inline LoadBytes& load_bytes() {
+  static LoadBytes b;
+  return b;
+}
+LoadBytes take_load_bytes();
 // Blocks per SM cudaOccupancyMaxActiveBlocksPerMultiprocessor answers (0: as without a GPU).
 int& occupancy();
 // The error of the last launch (cudaGetLastError's answer) and its detail (emulate_last_error).
@@ -227,9 +237,15 @@ Launcher<P...> launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...)) 
 #define gridDim (::qdpo_emu::active()->grid)
 
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  ::qdpo_emu::load_bytes().ldg += sizeof(T);
+  return *p;
+}
 template <typename T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p) {
+  ::qdpo_emu::load_bytes().ldcs += sizeof(T);
+  return *p;
+}
 inline void __syncthreads() { ::qdpo_emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   if (mask != 0xFFFFFFFFu) ::qdpo_emu::fail_thread("__shfl_xor_sync: only the full mask is emulated");
