@@ -28,7 +28,7 @@ void set_order(int reverse);
 void set_occupancy(int blocks);
 std::vector<float> selftest(const std::string& kind, std::string* error);
 struct LoadBytes {
-  uint64_t ldg = 0, ldcs = 0;
+  uint64_t ldg = 0, ldcs = 0, cp_async = 0;
 };
 LoadBytes take_load_bytes();
 }  // namespace qdpo_emu
@@ -283,8 +283,9 @@ PYBIND11_MODULE(QDPO_MODULE, m) {
   }, py::arg("kind"), "(outputs, launch error or '') of one of csrc/emulate/selftest.cpp's kernels");
   m.def("emulate_take_load_bytes", [] {
     const qdpo_emu::LoadBytes b = qdpo_emu::take_load_bytes();
-    return py::make_tuple(b.ldg, b.ldcs);
-  }, "(bytes through __ldg, bytes through __ldcs) since the last call: the GEMV's x and streamed weights");
+    return py::make_tuple(b.ldg, b.ldcs, b.cp_async);
+  }, "(bytes through __ldg, __ldcs, cp.async) since the last call: the GEMV's x and streamed weights, the "
+     "GEMM's tiles");
 #endif
   m.def("runtime_version", &qdpo::runtime_version, "CUDA runtime version the module was linked with");
   m.def("device_count", []() {

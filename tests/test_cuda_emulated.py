@@ -424,8 +424,22 @@ def test_gemv_reads_each_weight_byte_once_and_x_once_per_block(emulated, E, bits
             plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, splits=splits, **choice)
             E.emulate_take_load_bytes()
             cuda.dequant_matmul(x, *_args(qw), splits=splits, **choice)
-            x_bytes, w_bytes = E.emulate_take_load_bytes()
+            x_bytes, w_bytes, _ = E.emulate_take_load_bytes()
             what = f"M={m} splits={splits} {choice}"
             tile = 16 * plan["rt"]  # a warp's rows (shared_x: 16; a whole warp past N loads nothing)
             assert w_bytes == -(-n // tile) * tile * k * bits // 8, what
             assert x_bytes == -(-n // plan["block_rows"]) * m * k * 2, what
+
+
+def test_gemm_copies_each_tile_once_per_block(emulated, E):
+    """path="gemm" copies (cp.async) each row of x once per 128-row block column of ŵ and each row of
+    the packed weight once per 128-row block row of x; rows past M or N are zero-filled, not read."""
+    cuda = emulated
+    n, k = 200, 256
+    for bits in (4, 8):
+        qw = _weight(n, k, bits, 32, wdtype=torch.float16, seed=bits)
+        for m in (1, 130, 300):
+            x = _rand(m, k, dtype=torch.float16, seed=m)
+            E.emulate_take_load_bytes()
+            cuda.dequant_matmul(x, *_args(qw), path="gemm")
+            assert E.emulate_take_load_bytes()[2] == -(-n // 128) * m * k * 2 + -(-m // 128) * n * k * bits // 8

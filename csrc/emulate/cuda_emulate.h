@@ -87,10 +87,11 @@ inline int& reverse_order() {  // tests/test_cuda_emulated.py sets it through em
 }
 void set_order(int reverse);
 void set_occupancy(int blocks);
-// Bytes loaded through __ldg and through __ldcs (the GEMV's x and its streamed weights) since the last
-// take_load_bytes (emulate_take_load_bytes): what a launch reads, to check the bytes-moved claims.
+// Bytes loaded through __ldg, __ldcs (the GEMV's x and its streamed weights) and cp.async (the GEMM's
+// tiles; zero-fills read nothing) since the last take_load_bytes (emulate_take_load_bytes): what a
+// launch reads, to check the bytes-moved claims.
 struct LoadBytes {
-  uint64_t ldg = 0, ldcs = 0;
+  uint64_t ldg = 0, ldcs = 0, cp_async = 0;
 };
 inline LoadBytes& load_bytes() {
   static LoadBytes b;
@@ -151,6 +152,7 @@ inline uint32_t cvta_to_shared(const void* p) {
 inline void cp_async16(uint32_t dst, const void* src, int valid) {
   shared_at(dst, 16);
   me().copies.push_back({dst, src, valid});
+  load_bytes().cp_async += static_cast<uint64_t>(valid);
 }
 inline void cp_async_wait_all() {
   for (const Copy& c : me().copies) {
