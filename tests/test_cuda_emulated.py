@@ -196,6 +196,15 @@ def test_dequant_matmul_launches_by_the_device_table(emulated, tmp_path, monkeyp
     gpu.test_dequant_matmul_launches_by_the_device_table(tmp_path)
 
 
+def test_dequant_matmul_opcheck(emulated):
+    """torch.library's checks of qdpo::dequant_matmul on the cuda backend (the GPU test adds graph capture)."""
+    from torch.library import opcheck
+
+    qw = _weight(7, 96, 4, 32)
+    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (5, torch.float32)):
+        opcheck(torch.ops.qdpo.dequant_matmul, (_rand(m, 96, dtype=dtype), *_args(qw), _rand(7), "cuda"))
+
+
 def test_dequant_matmul_zero_rows_give_the_bias_exactly(emulated):
     gpu.test_dequant_matmul_zero_rows_give_the_bias_exactly()
 
