@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
 FLAGS = ["-O1", "-std=c++17", "-fPIC", "-DQDPO_EMULATE"]
+# -Bsymbolic: the module's own cudaGetLastError &c., even in a process that has the real CUDA runtime
+# loaded globally
+LINK = ["-shared", "-Wl,-Bsymbolic", "-lpthread"]
 
 
 def _sources() -> list[Path]:
@@ -80,7 +83,7 @@ def _build(out: Path) -> Path:
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(run, cmds))
     so = out / f"_C_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
-    run(["g++", "-shared", "-o", str(so), *objs, "-lpthread"])
+    run(["g++", "-o", str(so), *objs, *LINK])
     return so
 
 
@@ -89,7 +92,7 @@ def E(request):
     """The emulated module, built once per source hash (pytest's cache keeps it between sessions)."""
     if not HAS_NVCC or shutil.which("g++") is None:
         pytest.skip("the emulated build needs the CUDA headers (nvcc's toolkit) and g++")
-    h = hashlib.sha256(" ".join(FLAGS).encode())
+    h = hashlib.sha256(" ".join(FLAGS + LINK).encode())
     for p in _sources():
         h.update(str(p.relative_to(CSRC)).encode() + p.read_bytes())
     cache = Path(request.config.cache.mkdir("qdpo_cuda_emulated"))
