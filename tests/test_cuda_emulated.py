@@ -36,11 +36,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import qdpo
+from qdpo import QuantSpec
 from qdpo.kernels import backends
 from qdpo.kernels import reference as ref
 from tests import test_cuda_kernels as gpu
-from tests import test_dequantize, test_fake_quant, test_quantize
-from tests.conftest import assert_exact
+from tests import test_dequantize, test_fake_quant, test_quant_linear, test_quantize
+from tests.conftest import assert_exact, sqnr
 from tests.test_dequant_matmul import _args, _check_y, _rand, _weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,3 +457,37 @@ def test_gemm_copies_each_tile_once_per_block(emulated, E):
             E.emulate_take_load_bytes()
             cuda.dequant_matmul(x, *_args(qw), path="gemm")
             assert E.emulate_take_load_bytes()[2] == -(-n // 128) * m * k * 2 + -(-m // 128) * n * k * bits // 8
+
+
+# --------------------------------------------------------------------------- models on the cuda backend
+@pytest.mark.parametrize("arch", test_quant_linear.ARCHS)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, -1, True)])
+def test_quantized_models_on_the_cuda_backend(emulated, monkeypatch, arch, spec):
+    """A small Hugging Face model of each architecture, quantized into QuantLinear layers, with every
+    op on the cuda backend (QDPO_BACKEND=cuda): train mode (fake_quant_matmul, its backward) and packed
+    mode (dequant_matmul: 22 rows, so ŵ once from the dequantize kernel, then the product) agree, as
+    test_quant_linear checks on the reference."""
+    monkeypatch.setenv("QDPO_BACKEND", "cuda")
+    test_quant_linear.test_train_and_packed_modes_agree(arch, spec)
+
+
+@pytest.mark.parametrize("arch", test_quant_linear.ARCHS)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, -1, True)])
+def test_quantized_bf16_model_decodes_on_the_cuda_gemv(emulated, E, monkeypatch, arch, spec):
+    """A packed bf16 model's decode step (one token per sequence: 2 rows of x, the tensor-core GEMV in
+    every layer) on the cuda backend gives the reference backend's logits (fp32 sums in both; the
+    reference rounds its product to bf16 before the bias, the kernel after)."""
+    model = test_quant_linear.tiny(arch).to(torch.bfloat16)
+    qdpo.quantize_model(model, spec)
+    test_quant_linear.to_packed(model)
+    ids = test_quant_linear.IDS[:, :1]
+    want = model(ids).logits.float()  # auto on CPU tensors: the reference
+    monkeypatch.setenv("QDPO_BACKEND", "cuda")
+    for layer in test_quant_linear.quantized_layers(model).values():
+        x = torch.zeros(2, layer.in_features, dtype=torch.bfloat16)
+        assert emulated.gemv_plan(x, layer.qweight, layer.scales, spec.bits)["kernel"] == "mma"
+    E.emulate_take_load_bytes()
+    got = model(ids).logits.float()
+    layers = test_quant_linear.quantized_layers(model).values()
+    assert E.emulate_take_load_bytes()[1] == sum(layer.qweight.numel() for layer in layers)  # each streamed once
+    assert sqnr(want, got) > 35
