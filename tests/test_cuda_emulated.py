@@ -491,3 +491,26 @@ def test_quantized_bf16_model_decodes_on_the_cuda_gemv(emulated, E, monkeypatch,
     layers = test_quant_linear.quantized_layers(model).values()
     assert E.emulate_take_load_bytes()[1] == sum(layer.qweight.numel() for layer in layers)  # each streamed once
     assert sqnr(want, got) > 35
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1)])
+def test_quantized_layer_trains_on_the_cuda_backend(emulated, bits, gs):
+    """A QuantLinear with learned scales (LSQ) in train mode: its output and the gradients of x, the
+    latent weights, the scales and the bias on the cuda backend (fake_quant forward and backward
+    kernels, the products from PyTorch) equal the reference backend's, up to the order of fp32 sums."""
+    from torch import nn
+
+    from qdpo import QuantLinear
+
+    torch.manual_seed(bits)
+    lin, x = nn.Linear(96, 40), torch.randn(5, 96)
+    out = {}
+    for backend in ("reference", "cuda"):
+        q = QuantLinear.from_linear(lin, QuantSpec(bits, gs), learn_scales=True, backend=backend)
+        xi = x.clone().requires_grad_()
+        y = q(xi)
+        y.pow(2).sum().backward()
+        out[backend] = {"y": y.detach(), "dx": xi.grad, "dw": q.weight.grad, "ds": q.scales.grad, "db": q.bias.grad}
+    for name, want in out["reference"].items():
+        got = out["cuda"][name]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
