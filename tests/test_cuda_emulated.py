@@ -153,7 +153,6 @@ def emulated(E, monkeypatch, request):
     E.emulate_set_order(0)
 
 
-
 # --------------------------------------------------------------------------- the decode GEMV
 @pytest.mark.parametrize("warps", range(1, 9))
 def test_gemv_any_block_size(emulated, order, warps):
