@@ -13,6 +13,9 @@
 //
 // Also compiled for the host (team_emulate.cpp, by the C++ compiler): what needs the device (the
 // mma, the thread's coordinates, the team sum) is left out there, and a 16-byte store is a copy.
+// And with -DQDPO_EMULATE (tests/test_cuda_emulated.py), every .cu is compiled for the host with the
+// device's part supplied by emulate/cuda_emulate.h: hence QDPO_LAUNCH for <<<...>>> and QDPO_SHARED /
+// QDPO_DYNAMIC_SMEM for __shared__ in the kernel files (the same code for nvcc).
 #pragma once
 
 #include <cuda_runtime.h>
