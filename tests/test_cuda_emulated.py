@@ -9,8 +9,8 @@ all 32 lanes wait at it, each warp runs as far as it can before the next one sta
 opens when all of a block's live threads wait at it; warps take their turns first to last or, in a
 second pass of some tests (``order``), last to first, so that a missing barrier between two warps
 changes a result in one of the two. Shared memory starts as NaN bytes in every block, a cp.async
-lands only when its thread waits for it, and the last tests put every input operand against an
-unreadable page, so that a read past its end (or before its start) crashes the test process. The
+lands only when its thread waits for it, and some tests put every operand (outputs included) against
+an unreadable page, so that a read or write past its end (or before its start) crashes the test process. The
 last tests here show each of these on kernels written with the mistake (``csrc/emulate/selftest.cpp``).
 
 The ``cuda`` backend (``qdpo/kernels/cuda.py``) is pointed at that module for each test: its
@@ -352,6 +352,28 @@ def _guarded(t: torch.Tensor, side: str, keep: list) -> torch.Tensor:
     return out
 
 
+def _guard_outputs(monkeypatch, side: str, keep: list) -> None:
+    """The cuda backend's outputs and workspaces (its ``torch.empty``, ``torch.empty_like``) guarded too:
+    a kernel's write outside them crashes the test as a read would."""
+    import qdpo.kernels.cuda as cuda_module
+
+    class GuardedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*size, **kw):
+            t = torch.empty(*size, **kw)
+            return _guarded(t, side, keep) if t.device.type == "cpu" and t.numel() else t
+
+        @staticmethod
+        def empty_like(other, **kw):
+            t = torch.empty_like(other, **kw)
+            return _guarded(t, side, keep) if t.device.type == "cpu" and t.numel() else t
+
+    monkeypatch.setattr(cuda_module, "torch", GuardedTorch())
+
+
 def _unguard(keep: list) -> None:
     for _, libc, guard, page in keep:
         libc.mprotect(guard, page, 3)  # PROT_READ | PROT_WRITE again, before the mapping goes
@@ -359,14 +381,16 @@ def _unguard(keep: list) -> None:
 
 @pytest.mark.parametrize("side", ["end", "start"])
 @pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1), (4, -1)])
-def test_gemv_reads_stay_inside_their_operands(emulated, side, bits, gs):
+def test_gemv_reads_stay_inside_their_operands(emulated, monkeypatch, side, bits, gs):
     """x, the packed weight, its scales and zeros and the bias each end (or start) at an unreadable
     page, for every launch choice at M = 1, 2, 5 and 16, with splits 1 and 3, on N = 37 (rows past N in
     the last tile) and K = 2080 (a partial last step): no kernel reads outside them (on a GPU,
     compute-sanitizer's question; the rows past N, lanes past K and rows of x past M that the kernels
-    leave unread are the point). The path="gemm" and FMA kernels likewise."""
+    leave unread are the point). The path="gemm" and FMA kernels likewise. The outputs and the split-K
+    workspace too, for writes."""
     cuda = emulated
     keep = []
+    _guard_outputs(monkeypatch, side, keep)
     try:
         qw = _weight(37, 2080, bits, gs, wdtype=torch.bfloat16, seed=bits)
         q, s, z = (_guarded(t, side, keep) for t in (qw.qweight, qw.scales, qw.zeros))
@@ -389,12 +413,14 @@ def test_gemv_reads_stay_inside_their_operands(emulated, side, bits, gs):
 @pytest.mark.parametrize("side", ["end", "start"])
 @pytest.mark.parametrize("n,k,gs,wdtype", [(7, 96, 32, torch.bfloat16), (5, 4101, -1, torch.float32),
                                            (9, 200, 40, torch.float16), (3, 14336, -1, torch.bfloat16)])
-def test_element_wise_reads_stay_inside_their_operands(emulated, side, n, k, gs, wdtype):
+def test_element_wise_reads_stay_inside_their_operands(emulated, monkeypatch, side, n, k, gs, wdtype):
     """quantize, dequantize and fake_quant (forward, backward with and without LSQ) with every operand
     ending (or starting) at an unreadable page, both bit widths (8 for odd K), chunks of 16, 8 and 1-2 elements
-    (K = 4101), block-wide teams (K = 14336), with both chunk widths the benchmarks compare."""
+    (K = 4101), block-wide teams (K = 14336), with both chunk widths the benchmarks compare; and their
+    outputs, for writes."""
     cuda = emulated
     keep = []
+    _guard_outputs(monkeypatch, side, keep)
     try:
         w = test_fake_quant.randn(n, k, wdtype, seed=k)
         grad = test_fake_quant.randn(n, k, wdtype, seed=k + 1)
