@@ -10,7 +10,6 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "gemv_fragments.cuh"
 #include "qdpo_api.h"
@@ -23,15 +22,7 @@ const char* error_string(int code);
 }  // namespace qdpo
 
 #if defined(QDPO_EMULATE)  // the emulated build (emulate/cuda_emulate.cpp): kernels run on the host
-namespace qdpo_emu {
-void set_order(int reverse);
-void set_occupancy(int blocks);
-std::vector<float> selftest(const std::string& kind, std::string* error);
-struct LoadBytes {
-  uint64_t ldg = 0, ldcs = 0, cp_async = 0;
-};
-LoadBytes take_load_bytes();
-}  // namespace qdpo_emu
+#include "emulate/control.h"
 #define QDPO_MODULE _C_emulated
 #else
 #define QDPO_MODULE _C
@@ -273,8 +264,6 @@ PYBIND11_MODULE(QDPO_MODULE, m) {
             "buffers (tests/test_cuda_emulated.py)";
   m.def("emulate_set_order", &qdpo_emu::set_order, py::arg("reverse"),
         "run a block's threads first to last (0) or last to first (1) between barriers");
-  m.def("emulate_set_occupancy", &qdpo_emu::set_occupancy, py::arg("blocks"),
-        "blocks per SM the emulated cudaOccupancyMaxActiveBlocksPerMultiprocessor answers (0: as without a GPU)");
   m.def("emulate_selftest", [](const std::string& kind) {
     std::string error;
     py::list out;

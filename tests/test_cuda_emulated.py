@@ -137,7 +137,6 @@ def emulated(E, monkeypatch, request):
     """The ``cuda`` backend on the emulated module, for CPU tensors (132 SMs; no table of launches)."""
     cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built (no nvcc at install time)")
     E.emulate_set_order(request.getfixturevalue("order") if "order" in request.fixturenames else 0)
-    E.emulate_set_occupancy(0)
     monkeypatch.setattr(cuda, "_C", E)
     monkeypatch.setattr(cuda, "_check_device", _cpu_device)
     monkeypatch.setattr(cuda, "_sm_count", lambda index: 132)
@@ -302,6 +301,7 @@ def test_emulation_refuses_broken_warp_instructions_and_launches(E):
     _, error = E.emulate_selftest("too_much_smem")
     assert "50176 bytes of dynamic shared memory, more than the kernel's 49152" in error
     assert E.emulate_selftest("exchange") == ([float(63 - t) for t in range(64)], "")  # the error was cleared
+    assert E.emulate_selftest("no_such_test") == ([], "unknown self-test no_such_test")
 
 
 # --------------------------------------------------------------------------- the backends' shared tests

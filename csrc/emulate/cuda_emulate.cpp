@@ -126,12 +126,6 @@ LoadBytes take_load_bytes() {
   load_bytes() = {};
   return b;
 }
-void set_occupancy(int blocks) { occupancy() = blocks; }
-
-int& occupancy() {
-  static int n = 0;
-  return n;
-}
 int& last_launch_error() {
   static int e = 0;
   return e;
@@ -190,7 +184,6 @@ cudaError_t cudaGetLastError() {
   qdpo_emu::last_launch_error() = 0;
   return static_cast<cudaError_t>(e);
 }
-cudaError_t cudaPeekAtLastError() { return static_cast<cudaError_t>(qdpo_emu::last_launch_error()); }
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -209,7 +202,7 @@ const char* cudaGetErrorString(cudaError_t e) {
   return s.c_str();
 }
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t) {
-  *n = qdpo_emu::occupancy();
+  *n = 0;  // as without a GPU: the plan keeps its 8-warp blocks
   return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../mma_emulate.h"
+#include "control.h"
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
@@ -64,7 +65,6 @@ struct Launch {
   uint3 block_idx;
   std::vector<Thread> threads;
   std::vector<Warp> warps;
-  std::vector<std::vector<uint8_t>> stacks;
   std::vector<uint8_t> smem;  // dynamic shared memory (16-byte aligned start: smem_base)
   uint8_t* smem_base = nullptr;
   size_t smem_bytes = 0;
@@ -81,26 +81,15 @@ inline Launch*& active() {
   return l;
 }
 inline Thread& me() { return active()->threads[active()->cur]; }
-inline int& reverse_order() {  // tests/test_cuda_emulated.py sets it through emulate_set_order
+inline int& reverse_order() {  // set_order (control.h)
   static int r = 0;
   return r;
 }
-void set_order(int reverse);
-void set_occupancy(int blocks);
-// Bytes loaded through __ldg, __ldcs (the GEMV's x and its streamed weights) and cp.async (the GEMM's
-// tiles; zero-fills read nothing) since the last take_load_bytes (emulate_take_load_bytes): what a
-// launch reads, to check the bytes-moved claims.
-struct LoadBytes {
-  uint64_t ldg = 0, ldcs = 0, cp_async = 0;
-};
-inline LoadBytes& load_bytes() {
+inline LoadBytes& load_bytes() {  // take_load_bytes (control.h)
   static LoadBytes b;
   return b;
 }
-LoadBytes take_load_bytes();
-// Blocks per SM cudaOccupancyMaxActiveBlocksPerMultiprocessor answers (0: as without a GPU).
-int& occupancy();
-// The error of the last launch (cudaGetLastError's answer) and its detail (emulate_last_error).
+// The error of the last launch (cudaGetLastError's answer) and its detail (cudaGetErrorString's).
 int& last_launch_error();
 std::string& last_launch_detail();
 
@@ -195,7 +184,8 @@ inline void run_warp_op(Warp& w, int op) {
   }
 }
 
-void run_launch(Launch& l);  // every block in turn (cuda_emulate.cpp)
+// Checks the launch's configuration, then runs every block in turn (cuda_emulate.cpp).
+void check_and_run_launch(Launch& l, const void* kernel);
 
 // kernel<<<grid, block, smem>>>(args...) on the host: QDPO_LAUNCH(grid, block, smem, stream, kernel)(args...).
 template <typename... P>
@@ -210,13 +200,9 @@ struct Launcher {
     auto params = std::make_tuple(static_cast<P>(args)...);  // by value, as a launch copies its arguments
     auto* k = kernel;
     l.body = [k, &params] { std::apply(k, params); };
-    check_and_run(l, reinterpret_cast<const void*>(kernel));
+    check_and_run_launch(l, reinterpret_cast<const void*>(kernel));
   }
-  static void check_and_run(Launch& l, const void* kernel);
 };
-void check_and_run_launch(Launch& l, const void* kernel);
-template <typename... P>
-void Launcher<P...>::check_and_run(Launch& l, const void* kernel) { check_and_run_launch(l, kernel); }
 
 template <typename... P>
 Launcher<P...> launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...)) {
