@@ -137,13 +137,22 @@ def _flag(name: str) -> str:
 
 
 def _comments() -> dict[str, str]:
-    """Field → its one-line comment in this file (the --help text)."""
-    out = {}
+    """Field → its comment in this file (the --help text): the one on the field's line, or the comment
+    lines right above a field that has none."""
+    out, above = {}, []
     for line in Path(__file__).read_text().splitlines():
         line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", "def", "class", "(")):
+        if line.startswith("# ---"):
+            above = []
+        elif line.startswith("#"):
+            above.append(line[1:].strip())
+        elif ":" in line and "=" in line and not line.startswith(("def", "class", "(")):
             name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
+            if name.isidentifier():
+                out[name] = line.split("#", 1)[1].strip() if "#" in line else " ".join(above)
+            above = []
+        else:
+            above = []
     return out
 
 
@@ -151,10 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qdpo.train",
         description="Quantize a chat model and train it with QDPO (or KD/SFT) to answer like its FP original.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", default="", help="YAML or JSON file with the same keys as the flags")
-    helps = _comments()
+    helps = {k: v.replace("%", "%%") for k, v in _comments().items()}  # argparse formats help with %
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         typ = hints[f.name]
