@@ -178,6 +178,7 @@ def run(cfg: TrainConfig) -> dict:
     with stage("quantize"):
         calib = [ids[p.id] + fp[p.id] for p in train_p]
         q0, init_stats = _initial(fp_model, cfg, calib, out)
+        init_stats = {**init_stats, "weights": _coverage(q0)}
     with stage("initial_answers"):
         tt = train_p + test_p
         q_ans, q_logps = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,
@@ -273,6 +274,21 @@ def _parked(device: torch.device, *models):
     finally:
         for m in parked:
             m.to(device)
+
+
+def _coverage(model) -> dict:
+    """The quantized share of the model's weights (metrics.json "init", the report), logged; a loud line
+    when a large share stays in full precision (a mixture of experts' fused expert tensors)."""
+    from qdpo.quant.model import weight_coverage
+
+    c = weight_coverage(model)
+    log.info("quantized %d layers: %.1f %% of the weight matrices (embeddings %d, other full-precision %d weights)",
+             c["quantized_layers"], 100 * c["quantized_fraction"], c["embedding_weights"], c["other_fp_weights"])
+    if c["fp_fused_expert_tensors"]:
+        log.warning("%d fused expert tensors stay in full precision (qdpo quantizes nn.Linear layers only): "
+                    "the evaluation measures a model whose experts are not quantized",
+                    len(c["fp_fused_expert_tensors"]))
+    return c
 
 
 def _initial(fp_model, cfg: TrainConfig, calib, out: Path):

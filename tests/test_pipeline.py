@@ -92,6 +92,9 @@ def test_end_to_end_all_methods(model_dir, tmp_path, capsys):
     assert pair["prompt"][-1]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
     report = (out / "report.md").read_text()
     assert "| initial" in report and "kd" in report and "flip_vs_margin.png" in report
+    w = m["init"]["weights"]  # 14 linear layers quantized; the tied embeddings are the only FP matrix
+    assert (w["quantized_layers"], w["other_fp_weights"], w["fp_fused_expert_tensors"]) == (14, 0, [])
+    assert f"- **Quantized weights**: {100 * w['quantized_fraction']:.2f} % of the weight matrices" in report
     assert (out / "flip_vs_margin.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
 

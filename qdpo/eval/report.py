@@ -185,6 +185,22 @@ def _config_lines(cfg: Mapping) -> list[str]:
     return lines or ["(no configuration recorded)"]
 
 
+def _coverage_lines(w: Mapping | None) -> list[str]:
+    """The quantized share of the weights (``qdpo.quant.model.weight_coverage``), and a warning when
+    fused expert tensors stayed in full precision."""
+    if not isinstance(w, Mapping) or "quantized_fraction" not in w:
+        return []
+    out = [f"- **Quantized weights**: {_pct(w['quantized_fraction'])} of the weight matrices "
+           f"({w['quantized_layers']} linear layers; full precision: embeddings {w['embedding_weights']:,}, "
+           f"other {w['other_fp_weights']:,} weights)"]
+    experts = w.get("fp_fused_expert_tensors") or []
+    if experts:
+        out.append(f"- **Warning**: {len(experts)} fused expert tensors of this mixture of experts are not "
+                   "nn.Linear layers and stay in full precision: every number below is for a model whose "
+                   "experts are not quantized")
+    return out
+
+
 def _eval_table(ev: Mapping) -> list[str]:
     models = _ordered_models(ev)
     keys = list(METRIC_KEYS) + [k for k in EXTRA_METRIC_KEYS if any(_num(ev[m], k) is not None for m in models)]
@@ -287,13 +303,17 @@ def write_report_md(path, metrics: dict, plots: dict[str, Path] | None = None, n
     path = Path(path)
     metrics = _clean(metrics)
     cfg, ev = metrics.get("config") or {}, metrics.get("eval") or {}
-    lines = ["# QDPO run report", "", "## Configuration", "", *_config_lines(cfg), ""]
+    weights = (metrics.get("init") or {}).get("weights")
+    lines = ["# QDPO run report", "", "## Configuration", "", *_coverage_lines(weights), *_config_lines(cfg), ""]
     lines += ["## Preference pairs", "", *(_generic(metrics["pairs"]) if metrics.get("pairs") else ["(none)"]), ""]
     lines += ["## Evaluation", "", *(_eval_table(ev) if ev else ["(no model was evaluated)"]), ""]
     lines += ["## Verdict", "", *[f"- {s}" for s in verdict(metrics) or ["Nothing to compare."]], ""]
     for key in metrics:
         if key not in STANDARD_KEYS:
-            lines += [f"## {key.replace('_', ' ').capitalize()}", "", *_generic(metrics[key]), ""]
+            value = metrics[key]
+            if key == "init" and isinstance(value, Mapping):  # its "weights" has its own line above
+                value = {k: v for k, v in value.items() if k != "weights"}
+            lines += [f"## {key.replace('_', ' ').capitalize()}", "", *_generic(value), ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     lines += ["## Timing and peak memory", "", *_timing(metrics.get("timing") or {}), ""]

@@ -10,10 +10,11 @@ layer is replaced, so a model that cannot take the spec is left unchanged.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from qdpo.quant.linear import QuantLinear, _linear_weight
 from qdpo.quant.spec import QuantSpec
@@ -93,6 +94,7 @@ def quantize_model(
             raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    _warn_fused_experts(model)
     items = list(layers.items())
     for name, m in (progress(items) if progress else items):
         s, z = (grids or {}).get(name, (None, None))
@@ -118,6 +120,49 @@ def _check_shapes(layers: dict[str, nn.Module], spec: QuantSpec) -> None:
     fits = [g for g in SUPPORTED_GROUP_SIZES if g > 0 and all(k % g == 0 for k in ks)]
     more = f" (and {len(bad) - 3} more layers)" if len(bad) > 3 else ""
     raise ValueError("; ".join(bad[:3]) + more + f". Group sizes that fit every layer: {fits + [-1]}")
+
+
+def weight_coverage(model: nn.Module) -> dict:
+    """What share of the model's weight matrices is quantized: element counts of the
+    :class:`QuantLinear` weights, of the embeddings (input and output, a tied pair once) and of every
+    other floating-point parameter with two or more dimensions, which stays in full precision (a
+    mixture of experts' fused 3-D expert tensors, its routers, layers left out by ``exclude``)."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    emb = [getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, f)]
+    emb_ids = {id(m.weight) for m in emb if m is not None and isinstance(getattr(m, "weight", None), Tensor)}
+    q_ids = {id(p) for m in quantized.values() for p in m.parameters(recurse=False)}
+    n_emb, other, experts, seen = 0, 0, [], set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or id(p) in q_ids or not p.is_floating_point() or p.dim() < 2:
+            continue
+        seen.add(id(p))
+        if id(p) in emb_ids:
+            n_emb += p.numel()
+            continue
+        other += p.numel()
+        if p.dim() == 3:
+            experts.append(name)
+    n_q = sum(m.out_features * m.in_features for m in quantized.values())
+    total = n_q + n_emb + other
+    return {"quantized_layers": len(quantized), "quantized_weights": n_q, "embedding_weights": n_emb,
+            "other_fp_weights": other, "quantized_fraction": n_q / total if total else 0.0,
+            "fp_fused_expert_tensors": experts}
+
+
+def _warn_fused_experts(model: nn.Module) -> None:
+    """Warn when a mixture of experts keeps its experts as fused 3-D parameters (transformers' own MoE
+    models do): they are not linear layers, so they stay in full precision."""
+    fused = [(n, p) for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
+    if not fused:
+        return
+    n_fused = sum(p.numel() for _, p in fused)
+    n_lin = sum(_linear_weight(m).numel() for m in quantizable_layers(model, ()).values())
+    names = ", ".join(n for n, _ in fused[:2]) + (f" and {len(fused) - 2} more" if len(fused) > 2 else "")
+    warnings.warn(
+        f"{type(model).__name__}: {len(fused)} fused expert tensors ({names}; "
+        f"{100 * n_fused / (n_fused + n_lin):.0f} % of the weight matrices) are 3-D parameters, not nn.Linear "
+        "layers: qdpo does not quantize them, so they stay in full precision. Only the model's linear layers "
+        "(attention, dense MLPs) are quantized.", UserWarning, stacklevel=4)  # past torch.no_grad's wrapper
 
 
 def to_packed(model: nn.Module) -> nn.Module:
