@@ -236,6 +236,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     _check_out(out, overwrite, src)
     qcfg = read_quant_config(src)
     spec, modules = qcfg["spec"], list(qcfg["modules"])
+    if qcfg["experts"]:
+        raise ExportError(f"{src} holds {len(qcfg['experts'])} quantized fused expert tensors (a mixture of experts); "
+                          f"{fmt} checkpoints of those are not supported: use the qdpo packed model itself "
+                          "(qdpo.load_quantized)")
     ignore = _plan(src, modules, spec, fmt)
     config = json.loads((src / "config.json").read_text())
     tensors = _read_tensors(src / WEIGHTS_NAME)

@@ -282,11 +282,12 @@ def _coverage(model) -> dict:
     from qdpo.quant.model import weight_coverage
 
     c = weight_coverage(model)
-    log.info("quantized %d layers: %.1f %% of the weight matrices (embeddings %d, other full-precision %d weights)",
-             c["quantized_layers"], 100 * c["quantized_fraction"], c["embedding_weights"], c["other_fp_weights"])
+    log.info("quantized %d linear layers and %d fused expert tensors: %.1f %% of the weight matrices "
+             "(full precision: embeddings %d, other %d weights)", c["quantized_layers"], c["quantized_expert_tensors"],
+             100 * c["quantized_fraction"], c["embedding_weights"], c["other_fp_weights"])
     if c["fp_fused_expert_tensors"]:
-        log.warning("%d fused expert tensors stay in full precision (qdpo quantizes nn.Linear layers only): "
-                    "the evaluation measures a model whose experts are not quantized",
+        log.warning("%d 3-D parameters stay in full precision (not the expert tensors of a transformers experts "
+                    "module): the evaluation measures a model where they are not quantized",
                     len(c["fp_fused_expert_tensors"]))
     return c
 

@@ -135,29 +135,6 @@ def test_weight_coverage_counts_every_matrix_once(arch):
     assert c["fp_fused_expert_tensors"] == []
 
 
-def test_fused_moe_experts_stay_fp_with_a_warning():
-    # transformers' own mixtures of experts keep their experts as 3-D parameters, not nn.Linear layers
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from qdpo.quant.model import weight_coverage
-
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             num_local_experts=4, num_experts_per_tok=2)).eval()
-    fused = [n for n, p in model.named_parameters() if p.dim() == 3]
-    assert len(fused) == 4  # gate_up_proj and down_proj of 2 layers
-    n_fused = sum(p.numel() for n, p in model.named_parameters() if n in fused)
-    with pytest.warns(UserWarning, match=r"4 fused expert tensors .* stay in full precision") as w:
-        qdpo.quantize_model(model, QuantSpec(4, 32))
-    assert w[0].filename == __file__  # points at the caller, past torch.no_grad's wrapper
-    c = weight_coverage(model)
-    assert c["fp_fused_expert_tensors"] == fused and c["quantized_layers"] == 8  # attention only
-    assert c["other_fp_weights"] == n_fused + sum(m.weight.numel() for n, m in model.named_modules()
-                                                  if n.endswith("mlp.gate"))  # the routers
-    assert c["quantized_fraction"] < 0.15
-
-
 def test_shape_error_names_layer_and_leaves_model_unchanged():
     model = tiny("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -187,17 +187,17 @@ def _config_lines(cfg: Mapping) -> list[str]:
 
 def _coverage_lines(w: Mapping | None) -> list[str]:
     """The quantized share of the weights (``qdpo.quant.model.weight_coverage``), and a warning when
-    fused expert tensors stayed in full precision."""
+    3-D weight tensors stayed in full precision."""
     if not isinstance(w, Mapping) or "quantized_fraction" not in w:
         return []
+    fused = f" and {w['quantized_expert_tensors']} fused expert tensors" if w.get("quantized_expert_tensors") else ""
     out = [f"- **Quantized weights**: {_pct(w['quantized_fraction'])} of the weight matrices "
-           f"({w['quantized_layers']} linear layers; full precision: embeddings {w['embedding_weights']:,}, "
+           f"({w['quantized_layers']} linear layers{fused}; full precision: embeddings {w['embedding_weights']:,}, "
            f"other {w['other_fp_weights']:,} weights)"]
-    experts = w.get("fp_fused_expert_tensors") or []
-    if experts:
-        out.append(f"- **Warning**: {len(experts)} fused expert tensors of this mixture of experts are not "
-                   "nn.Linear layers and stay in full precision: every number below is for a model whose "
-                   "experts are not quantized")
+    left = w.get("fp_fused_expert_tensors") or []
+    if left:
+        out.append(f"- **Warning**: {len(left)} 3-D weight tensors (experts of a module qdpo does not know) "
+                   "stay in full precision: every number below is for a model where they are not quantized")
     return out
 
 

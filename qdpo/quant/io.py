@@ -7,7 +7,10 @@ A saved directory holds:
   format (``qdpo.quant.format``); a tensor shared by several names (tied
   embeddings) is stored once;
 * ``qdpo_quant.json``: ``{"format": "qdpo-packed", "version": 1, "spec": {...},
-  "modules": [...], "aliases": {...}}``;
+  "modules": [...], "aliases": {...}}``, and ``"experts": [...]`` when a mixture
+  of experts' fused expert tensors are quantized (``qdpo.quant.experts``: each
+  stored as ``<module>.qdpo_<tensor>.qweight`` / ``.scales`` / ``.zeros`` of its
+  ``(experts·out, in)`` weight);
 * ``config.json`` (the model's ``transformers`` config) and, when given,
   the tokenizer files.
 
@@ -27,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qdpo.quant.experts import QuantExpertTensor, expert_shape, install, quantized_experts, submodule_name
 from qdpo.quant.linear import QuantLinear
 from qdpo.quant.model import quantized_layers, set_module
 from qdpo.quant.spec import QuantSpec
@@ -52,7 +56,8 @@ def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     ``aliases`` maps a dropped name to the stored name it shares memory with.
     """
     sd = dict(model.state_dict())
-    for name, m in quantized_layers(model).items():
+    named = {**quantized_layers(model), **{submodule_name(n): q for n, q in quantized_experts(model).items()}}
+    for name, m in named.items():
         if m.mode == "train":
             qw = m.quantized_weight()
             sd.pop(f"{name}.weight")
@@ -69,18 +74,18 @@ def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Save a model with :class:`QuantLinear` layers (either mode) as packed weights."""
+    """Save a model with :class:`QuantLinear` layers (and quantized expert tensors; either mode) as packed weights."""
     path = Path(path)
-    layers = quantized_layers(model)
-    if not layers:
+    layers, experts = quantized_layers(model), quantized_experts(model)
+    if not layers and not experts:
         raise ValueError("the model has no QuantLinear layers; call qdpo.quantize_model first")
-    specs = {m.spec for m in layers.values()}
+    specs = {m.spec for m in [*layers.values(), *experts.values()]}
     if len(specs) != 1:
         raise ValueError(f"layers use several specs {sorted(s.name for s in specs)}; one spec per model is supported")
     path.mkdir(parents=True, exist_ok=True)
     tensors, aliases = packed_state_dict(model)
     cfg = {"format": FORMAT, "version": 1, "spec": specs.pop().to_dict(),
-           "modules": sorted(layers), "aliases": aliases}
+           "modules": sorted(layers), "aliases": aliases, **({"experts": sorted(experts)} if experts else {})}
     _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if hasattr(model, "config"):
         _atomic_write(path / "config.json", lambda p: model.config.to_json_file(str(p)))
@@ -106,7 +111,8 @@ def read_quant_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}); re-save the model") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise ValueError(f"{f}: 'format' must be {FORMAT!r}, got {cfg.get('format') if isinstance(cfg, dict) else cfg!r}")
-    for key, typ in (("spec", dict), ("modules", list), ("aliases", dict)):
+    cfg.setdefault("experts", [])
+    for key, typ in (("spec", dict), ("modules", list), ("aliases", dict), ("experts", list)):
         if not isinstance(cfg.get(key), typ):
             raise ValueError(f"{f}: '{key}' must be a {typ.__name__}; re-save the model")
     cfg["spec"] = QuantSpec.from_dict(cfg["spec"])
@@ -142,10 +148,21 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
         n, k = _linear_weight(old).shape
         set_module(model, name, QuantLinear(k, n, spec, bias=old.bias is not None, mode="packed",
                                             dtype=scales_dtype, backend=backend))
+    for name in cfg["experts"]:
+        mod_name, _, t = name.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+            shape = expert_shape(mod, t)
+        except (AttributeError, KeyError):
+            raise ValueError(f"{CONFIG_NAME} names expert tensor {name!r}, which {type(model).__name__} does not "
+                             "have") from None
+        e = mod._parameters[t].shape[0]
+        install(mod, t, QuantExpertTensor(e, shape[0] // e, shape[1], spec, mod.is_transposed, mode="packed",
+                                          dtype=scales_dtype, backend=backend))
     _load_tensors(model, tensors, cfg["aliases"], path / WEIGHTS_NAME)
     model.qdpo_spec = spec
     if mode == "train":
-        for m in quantized_layers(model).values():
+        for m in [*quantized_layers(model).values(), *quantized_experts(model).values()]:
             m.to_train()
     elif mode != "packed":
         raise ValueError(f"mode={mode!r} is not known; use 'packed' or 'train'")

@@ -231,7 +231,7 @@ def _linear_weight(module: nn.Module) -> Tensor:
 
 
 class frozen_weights:
-    """Context manager: every :class:`QuantLinear` of ``model`` runs on a cached ŵ.
+    """Context manager: every :class:`QuantLinear` (and quantized expert tensor) of ``model`` runs on a cached ŵ.
 
     For generation and evaluation: ŵ is computed once per layer (in ``dtype``,
     default each layer's own) and the forward becomes a plain ``F.linear``, so
@@ -241,7 +241,9 @@ class frozen_weights:
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        from qdpo.quant.experts import QuantExpertTensor
+
+        self.layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExpertTensor))]
         self.dtype = dtype
 
     def __enter__(self):

@@ -2,9 +2,12 @@
 
 :func:`quantize_model` replaces every ``nn.Linear`` (and GPT-2 ``Conv1D``)
 inside the model by a :class:`QuantLinear`, except the output embeddings
-(LM head) and any module whose name matches ``exclude``. Embeddings are not
-linear layers and are never touched. All shapes are checked before the first
-layer is replaced, so a model that cannot take the spec is left unchanged.
+(LM head) and any module whose name matches ``exclude``, and gives every fused
+3-D expert tensor of a transformers mixture of experts a
+:class:`~qdpo.quant.experts.QuantExpertTensor` (named ``<experts module>.<tensor>``
+for ``exclude``). Embeddings and routers are never touched. All shapes are
+checked before the first layer is replaced, so a model that cannot take the
+spec is left unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from qdpo.quant.experts import QuantExpertTensor, expert_shape, fused_expert_tensors, install, quantized_experts
 from qdpo.quant.linear import QuantLinear, _linear_weight
 from qdpo.quant.spec import QuantSpec
 
@@ -31,16 +35,13 @@ def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) 
 
     ``exclude`` holds module names or glob patterns (``"*.mlp.down_proj"``).
     """
-    exclude = tuple(exclude)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out = {}
-    for name, m in model.named_modules():
-        if not _is_linear(m) or m is head:
-            continue
-        if any(name == p or fnmatch.fnmatch(name, p) for p in exclude):
-            continue
-        out[name] = m
-    return out
+    return {name: m for name, m in model.named_modules() if _is_linear(m) and m is not head
+            and not _excluded(name, exclude)}
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatch(name, p) for p in exclude)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -67,7 +68,8 @@ def quantize_model(
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> nn.Module:
-    """Replace the model's linear layers by :class:`QuantLinear`, in place; returns ``model``.
+    """Replace the model's linear layers by :class:`QuantLinear` (and quantize its fused expert tensors), in
+    place; returns ``model``.
 
     Args:
         spec: bits, group size, symmetry.
@@ -85,18 +87,25 @@ def quantize_model(
     if method == "awq" and grids is None:
         raise ValueError("method='awq' needs calibration data: call qdpo.quant.awq.awq_quantize_model")
     layers = quantizable_layers(model, exclude)
-    if not layers:
+    experts = {n: v for n, v in fused_expert_tensors(model).items() if not _excluded(n, exclude)}
+    if not layers and not experts:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {tuple(exclude)} to quantize")
-    _check_shapes(layers, spec)
-    for name, m in layers.items():  # check every layer before changing any
-        w = _linear_weight(m)
+    weights = {**{n: _linear_weight(m) for n, m in layers.items()}, **{n: m._parameters[t] for n, (m, t) in experts.items()}}
+    _check_shapes({**{n: tuple(w.shape) for n, w in weights.items() if n in layers},
+                   **{n: expert_shape(m, t) for n, (m, t) in experts.items()}}, spec)
+    for name, w in weights.items():  # check every layer before changing any
         if not w.is_floating_point():
             raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
-    _warn_fused_experts(model)
-    items = list(layers.items())
+    _warn_fused_experts(model, set(experts))
+    items = list(layers.items()) + list(experts.items())
     for name, m in (progress(items) if progress else items):
+        if name in experts:
+            mod, t = m
+            install(mod, t, QuantExpertTensor.from_tensor(mod._parameters[t], spec, mod.is_transposed, mode=mode,
+                                                          learn_scales=learn_scales, backend=backend))
+            continue
         s, z = (grids or {}).get(name, (None, None))
         set_module(model, name, QuantLinear.from_linear(
             m, spec, mode=mode, learn_scales=learn_scales, scales=s, zeros=z, backend=backend))
@@ -104,19 +113,19 @@ def quantize_model(
     return model
 
 
-def _check_shapes(layers: dict[str, nn.Module], spec: QuantSpec) -> None:
-    """One error naming every layer the spec does not fit, and the group sizes that fit them all."""
+def _check_shapes(shapes: dict[str, tuple[int, int]], spec: QuantSpec) -> None:
+    """One error naming every weight the spec does not fit, and the group sizes that fit them all."""
     from qdpo.quant.spec import SUPPORTED_GROUP_SIZES
 
     bad = []
-    for name, m in layers.items():
+    for name, (n, k) in shapes.items():
         try:
-            spec.check_shape(*_linear_weight(m).shape, what=name)
+            spec.check_shape(n, k, what=name)
         except ValueError as e:
             bad.append(str(e))
     if not bad:
         return
-    ks = {_linear_weight(m).shape[1] for m in layers.values()}
+    ks = {k for _, k in shapes.values()}
     fits = [g for g in SUPPORTED_GROUP_SIZES if g > 0 and all(k % g == 0 for k in ks)]
     more = f" (and {len(bad) - 3} more layers)" if len(bad) > 3 else ""
     raise ValueError("; ".join(bad[:3]) + more + f". Group sizes that fit every layer: {fits + [-1]}")
@@ -124,14 +133,15 @@ def _check_shapes(layers: dict[str, nn.Module], spec: QuantSpec) -> None:
 
 def weight_coverage(model: nn.Module) -> dict:
     """What share of the model's weight matrices is quantized: element counts of the
-    :class:`QuantLinear` weights, of the embeddings (input and output, a tied pair once) and of every
+    :class:`QuantLinear` weights and quantized expert tensors, of the embeddings (input and output, a tied pair once) and of every
     other floating-point parameter with two or more dimensions, which stays in full precision (a
     mixture of experts' fused 3-D expert tensors, its routers, layers left out by ``exclude``)."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    experts = quantized_experts(model)
     emb = [getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, f)]
     emb_ids = {id(m.weight) for m in emb if m is not None and isinstance(getattr(m, "weight", None), Tensor)}
-    q_ids = {id(p) for m in quantized.values() for p in m.parameters(recurse=False)}
-    n_emb, other, experts, seen = 0, 0, [], set()
+    q_ids = {id(p) for m in [*quantized.values(), *experts.values()] for p in m.parameters(recurse=False)}
+    n_emb, other, fp3d, seen = 0, 0, [], set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen or id(p) in q_ids or not p.is_floating_point() or p.dim() < 2:
             continue
@@ -141,32 +151,36 @@ def weight_coverage(model: nn.Module) -> dict:
             continue
         other += p.numel()
         if p.dim() == 3:
-            experts.append(name)
+            fp3d.append(name)
     n_q = sum(m.out_features * m.in_features for m in quantized.values())
+    n_q += sum(q.experts * q.out_features * q.in_features for q in experts.values())
     total = n_q + n_emb + other
-    return {"quantized_layers": len(quantized), "quantized_weights": n_q, "embedding_weights": n_emb,
+    return {"quantized_layers": len(quantized), "quantized_expert_tensors": len(experts),
+            "quantized_weights": n_q, "embedding_weights": n_emb,
             "other_fp_weights": other, "quantized_fraction": n_q / total if total else 0.0,
-            "fp_fused_expert_tensors": experts}
+            "fp_fused_expert_tensors": fp3d}
 
 
-def _warn_fused_experts(model: nn.Module) -> None:
-    """Warn when a mixture of experts keeps its experts as fused 3-D parameters (transformers' own MoE
-    models do): they are not linear layers, so they stay in full precision."""
-    fused = [(n, p) for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
+def _warn_fused_experts(model: nn.Module, quantizing: set[str]) -> None:
+    """Warn about 3-D parameters that stay in full precision: expert tensors left out by ``exclude``, or
+    those of a mixture of experts whose module qdpo does not know (not a transformers experts module)."""
+    fused = [(n, p) for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()
+             and n not in quantizing]
     if not fused:
         return
     n_fused = sum(p.numel() for _, p in fused)
     n_lin = sum(_linear_weight(m).numel() for m in quantizable_layers(model, ()).values())
+    n_lin += sum(p.numel() for n, p in model.named_parameters() if n in quantizing)
     names = ", ".join(n for n, _ in fused[:2]) + (f" and {len(fused) - 2} more" if len(fused) > 2 else "")
     warnings.warn(
-        f"{type(model).__name__}: {len(fused)} fused expert tensors ({names}; "
-        f"{100 * n_fused / (n_fused + n_lin):.0f} % of the weight matrices) are 3-D parameters, not nn.Linear "
-        "layers: qdpo does not quantize them, so they stay in full precision. Only the model's linear layers "
-        "(attention, dense MLPs) are quantized.", UserWarning, stacklevel=4)  # past torch.no_grad's wrapper
+        f"{type(model).__name__}: {len(fused)} 3-D parameters ({names}; "
+        f"{100 * n_fused / (n_fused + n_lin):.0f} % of the weight matrices) stay in full precision: qdpo quantizes "
+        "nn.Linear layers and the fused expert tensors of transformers' experts modules, and these are neither "
+        "(or were excluded).", UserWarning, stacklevel=4)  # past torch.no_grad's wrapper
 
 
 def to_packed(model: nn.Module) -> nn.Module:
-    """Convert every train-mode :class:`QuantLinear` to packed mode, in place."""
-    for m in quantized_layers(model).values():
+    """Convert every train-mode :class:`QuantLinear` (and quantized expert tensor) to packed mode, in place."""
+    for m in [*quantized_layers(model).values(), *quantized_experts(model).values()]:
         m.to_packed()
     return model

@@ -71,18 +71,19 @@ def make_optimizer(groups: list[dict], latent_dtype: str) -> torch.optim.Optimiz
 
 
 def set_latent_dtype(model, latent_dtype: str) -> None:
-    """Store every trainable QuantLinear's latent weight in ``latent_dtype``, keeping its integer codes.
+    """Store every trainable QuantLinear's (and quantized expert tensor's) latent weight in ``latent_dtype``, keeping its integer codes.
 
     Rounding a latent weight that sits near a code boundary to bf16 can move
     it into the next bin, and the model would no longer be the one whose
     reference log-probs were computed: such weights start at their ŵ instead
     (the middle of their bin, which bf16 holds well inside it). Scales stay as they are.
     """
+    from qdpo.quant.experts import QuantExpertTensor
     from qdpo.quant.linear import QuantLinear
 
     dtype = LATENT_DTYPES[latent_dtype]
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.mode == "train" and m.weight.dtype != dtype:
+        if isinstance(m, (QuantLinear, QuantExpertTensor)) and m.mode == "train" and m.weight.dtype != dtype:
             m.weight = torch.nn.Parameter(_keeping_codes(m, dtype), requires_grad=m.weight.requires_grad)
 
 

@@ -41,7 +41,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qdpo.quant.experts import QuantExpertTensor
 from qdpo.quant.linear import QuantLinear
+
+QUANTIZED = (QuantLinear, QuantExpertTensor)  # what holds latent weights
 from qdpo.training import distributed as D
 from qdpo.training.config import TrainConfig
 from qdpo.training.data import Batch, collate
@@ -90,9 +93,9 @@ def freeze_for_training(model, learn_scales: bool) -> tuple[list, list]:
         p.requires_grad_(False)
     weights, scales = [], []
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QUANTIZED):
             if m.mode != "train":
-                raise ValueError("the model's QuantLinear layers are packed; convert them with to_train()")
+                raise ValueError("the model's quantized layers are packed; convert them with to_train()")
             m.weight.requires_grad_(True)
             weights.append(m.weight)
             if learn_scales:
@@ -106,8 +109,9 @@ def freeze_for_training(model, learn_scales: bool) -> tuple[list, list]:
 
 
 def trainable_params(model) -> tuple[list, list]:
-    """The latent weights and learned scales of the QuantLinear layers (after any wrapping replaced them)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """The latent weights and learned scales of the quantized layers and expert tensors (after any wrapping
+    replaced them)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED)]
     return [m.weight for m in layers], [m.scales for m in layers if m.scales.requires_grad]
 
 

@@ -1,0 +1,224 @@
+"""Quantized experts of a mixture of experts: transformers' fused 3-D expert tensors.
+
+``transformers`` keeps the experts of its own MoE models (Mixtral, Qwen2/3-MoE,
+DeepSeek, OLMoE, gpt-oss, ...) as fused parameters of one experts module, not as
+``nn.Linear`` layers: ``gate_up_proj`` ``(E, 2I, H)`` and ``down_proj`` ``(E, H, I)``,
+each ``(experts, out_features, in_features)``, or ``(experts, in, out)`` where the
+module says ``is_transposed`` (the attributes ``use_experts_implementation`` sets).
+
+:func:`quantize_experts` gives each such tensor a :class:`QuantExpertTensor`: expert
+``e``'s ``(out, in)`` matrix is quantized exactly as a :class:`~qdpo.quant.linear.QuantLinear`
+weight of that shape (rows ``e·out .. (e+1)·out`` of one ``(E·out, in)`` weight in qdpo's
+canonical format), in ``train`` mode (latent weights, fake-quant with straight-through
+gradients, optional LSQ scales) or ``packed`` mode (codes, dequantized when the module runs).
+The experts module keeps its own forward, routing included: its class becomes a subclass in
+which reading ``gate_up_proj`` returns ŵ, computed once per forward. The packed mode stores
+the codes but has no fused grouped kernel: it dequantizes the tensor in each forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qdpo.kernels import ops
+from qdpo.quant.format import QuantizedWeight
+from qdpo.quant.spec import QuantSpec
+
+MODES = ("train", "packed")
+EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names for fused expert weights
+PREFIX = "qdpo_"  # the QuantExpertTensor of tensor `name` is the experts module's submodule PREFIX + name
+
+
+class QuantExpertTensor(nn.Module):
+    """One fused expert tensor, quantized: ``weight`` (train) or ``qweight`` (packed) of shape
+    ``(E·out, in[·bits/8])`` with ``scales``/``zeros`` ``(E·out, in/G)``; :meth:`value` is ŵ in the
+    experts module's own layout."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, spec: QuantSpec,
+                 transposed: bool = False, mode: str = "train", dtype: torch.dtype = torch.float32, device=None,
+                 learn_scales: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not known; use one of {MODES}")
+        n, k = experts * out_features, in_features
+        spec.check_shape(n, k, "QuantExpertTensor")
+        self.experts, self.out_features, self.in_features = experts, out_features, in_features
+        self.spec, self.transposed, self.mode, self.backend = spec, transposed, mode, backend
+        g = 1 if spec.group_size == -1 else k // spec.group_size
+        if mode == "train":
+            self.weight = nn.Parameter(torch.zeros(n, k, dtype=dtype, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8, device=device))
+        scales = torch.ones(n, g, dtype=dtype, device=device)
+        if learn_scales and mode == "train":
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.register_buffer("zeros", torch.zeros(n, g, dtype=torch.uint8, device=device))
+
+    _w_hat: Tensor | None = None  # set by frozen_weights(): a cached ŵ for inference
+
+    @classmethod
+    def from_tensor(cls, w: Tensor, spec: QuantSpec, transposed: bool = False, mode: str = "train",
+                    learn_scales: bool = False, backend: str = "auto") -> "QuantExpertTensor":
+        """Quantize a fused ``(E, out, in)`` tensor (``(E, in, out)`` when ``transposed``) round to nearest."""
+        w = w.detach()
+        if w.dim() != 3:
+            raise ValueError(f"a fused expert tensor is 3-D (experts, out, in); got shape {tuple(w.shape)}")
+        w2 = (w.transpose(1, 2) if transposed else w).reshape(-1, w.shape[1 if transposed else 2]).contiguous()
+        e, o = w.shape[0], w2.shape[0] // w.shape[0]
+        q = cls(e, o, w2.shape[1], spec, transposed, mode, w.dtype, w.device, learn_scales, backend)
+        scales, zeros = ops.qparams(w2, spec.bits, spec.group_size, spec.symmetric, backend)
+        with torch.no_grad():
+            q.scales.copy_(scales)
+            q.zeros.copy_(zeros)
+            if mode == "train":
+                q.weight.copy_(w2)
+            else:
+                q.qweight.copy_(ops.quantize_with(w2, scales, zeros, spec.bits, backend))
+        return q
+
+    def _layout(self, w2: Tensor) -> Tensor:
+        w = w2.view(self.experts, self.out_features, self.in_features)
+        return w.transpose(1, 2) if self.transposed else w
+
+    def value(self, dtype: torch.dtype | None = None) -> Tensor:
+        """ŵ in the experts module's layout: fake-quantized latent weights with straight-through gradients
+        (train), or the dequantized codes (packed)."""
+        if self._w_hat is not None:
+            return self._w_hat if dtype is None else self._w_hat.to(dtype)
+        dtype = dtype or self.scales.dtype
+        if self.mode == "train":
+            return self._layout(ops.fake_quant(self.weight, self.scales, self.zeros, self.spec.bits, dtype,
+                                               self.backend))
+        return self._layout(ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend))
+
+    @torch.no_grad()
+    def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.value(dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The ``(E·out, in)`` weight in the canonical packed format."""
+        with torch.no_grad():
+            qweight = (ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
+                       if self.mode == "train" else self.qweight)
+            return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
+                                   (self.experts * self.out_features, self.in_features), self.scales.dtype)
+
+    @torch.no_grad()
+    def to_packed(self) -> "QuantExpertTensor":
+        if self.mode == "packed":
+            return self
+        qweight = self.quantized_weight().qweight
+        scales = self.scales.detach().clone()
+        del self.weight, self.scales
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.mode = "packed"
+        return self
+
+    @torch.no_grad()
+    def to_train(self, dtype: torch.dtype | None = None, learn_scales: bool = False) -> "QuantExpertTensor":
+        if self.mode == "train":
+            return self
+        dtype = dtype or self.scales.dtype
+        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
+        scales = self.scales.detach().to(dtype)
+        del self.qweight, self.scales
+        self.weight = nn.Parameter(w)
+        if learn_scales:
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.mode = "train"
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.experts}, out_features={self.out_features}, in_features={self.in_features}, "
+                f"transposed={self.transposed}, spec={self.spec.name}, mode={self.mode}")
+
+
+def is_experts_module(m: nn.Module) -> bool:
+    """A transformers experts module (``use_experts_implementation``) or one qdpo already quantized."""
+    return hasattr(m, "is_transposed") and any(
+        isinstance(getattr(m, "_parameters", {}).get(n), nn.Parameter) or PREFIX + n in m._modules
+        for n in EXPERT_TENSORS)
+
+
+def fused_expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``"<module>.<tensor>"`` → (experts module, tensor name) for every fused expert tensor not yet quantized."""
+    out = {}
+    for name, m in model.named_modules():
+        if not is_experts_module(m):
+            continue
+        for t in EXPERT_TENSORS:
+            p = m._parameters.get(t)
+            if isinstance(p, nn.Parameter) and p.dim() == 3 and p.is_floating_point():
+                out[f"{name}.{t}" if name else t] = (m, t)
+    return out
+
+
+def quantized_experts(model: nn.Module) -> dict[str, QuantExpertTensor]:
+    """``"<module>.<tensor>"`` → :class:`QuantExpertTensor` (its submodule is ``<module>.qdpo_<tensor>``)."""
+    out = {}
+    for name, m in model.named_modules():
+        for t in EXPERT_TENSORS:
+            q = m._modules.get(PREFIX + t) if isinstance(m, nn.Module) else None
+            if isinstance(q, QuantExpertTensor):
+                out[f"{name}.{t}" if name else t] = q
+    return out
+
+
+def submodule_name(name: str) -> str:
+    """``"<module>.<tensor>"`` → the path of its :class:`QuantExpertTensor`, ``"<module>.qdpo_<tensor>"``."""
+    mod, _, t = name.rpartition(".")
+    return f"{mod}.{PREFIX}{t}" if mod else PREFIX + t
+
+
+def expert_shape(m: nn.Module, tensor: str) -> tuple[int, int]:
+    """``(E·out, in)``: the 2-D weight a fused tensor is quantized as."""
+    e, a, b = m._parameters[tensor].shape
+    return (e * b, a) if m.is_transposed else (e * a, b)
+
+
+_classes: dict[type, type] = {}
+
+
+def _quantized_class(cls: type) -> type:
+    """``cls`` with its expert tensors read from the qdpo submodules, ŵ computed once per forward."""
+    if getattr(cls, "_qdpo_experts", False):
+        return cls
+    if cls not in _classes:
+        def forward(self, *args, **kwargs):
+            self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
+            try:
+                return cls.forward(self, *args, **kwargs)
+            finally:
+                self._qdpo_values = None
+
+        def tensor(name: str) -> property:
+            def get(self):
+                q = self._modules.get(PREFIX + name)
+                if q is None:  # a tensor this module does not have, or kept as it was
+                    return nn.Module.__getattr__(self, name)
+                cache = self.__dict__.get("_qdpo_values")
+                if cache is None:
+                    return q.value()
+                if name not in cache:
+                    cache[name] = q.value()
+                return cache[name]
+            return property(get)
+
+        body = {"forward": forward, "_qdpo_experts": True, "_qdpo_values": None}
+        body.update({n: tensor(n) for n in EXPERT_TENSORS})
+        _classes[cls] = type(f"Quant{cls.__name__}", (cls,), body)
+    return _classes[cls]
+
+
+def install(m: nn.Module, tensor: str, q: QuantExpertTensor) -> None:
+    """Replace the experts module's fused parameter ``tensor`` by ``q``, in place."""
+    if tensor in m._parameters:
+        del m._parameters[tensor]
+    m.add_module(PREFIX + tensor, q)
+    m.__class__ = _quantized_class(type(m))

@@ -1,0 +1,215 @@
+"""Mixtures of experts: transformers' fused 3-D expert tensors quantized (qdpo.quant.experts), checked
+against models whose expert tensors were replaced by the reference's ŵ."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import qdpo
+from qdpo import QuantSpec
+from qdpo.kernels import reference as ref
+from qdpo.quant import load_quantized, save_quantized
+from qdpo.quant.experts import QuantExpertTensor, quantized_experts
+from qdpo.quant.linear import frozen_weights
+from qdpo.quant.model import to_packed, weight_coverage
+
+VOCAB = 96
+# transformers' own MoE layouts: (experts, out, in), and gpt-oss's transposed (experts, in, out) with biases
+ARCHS = {
+    "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
+                     head_dim=16),
+    "GptOss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+}
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_moe(arch: str, seed: int = 0, **sizes) -> nn.Module:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **ARCHS[arch])
+    cfg = getattr(transformers, f"{arch}Config")(**{**kw, **sizes})
+    return getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+
+
+def _expert_tensors(model) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.dim() == 3}
+
+
+def reference_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, dict]:
+    """A copy of the FP model whose linear layers (not the LM head) and expert tensors hold the reference's
+    RTN ŵ, with the clip mask of each expert tensor (for the straight-through gradient)."""
+    m = copy.deepcopy(model)
+    masks = {}
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 3:
+                transposed = m.get_submodule(name.rpartition(".")[0]).is_transposed
+                w = p.transpose(1, 2) if transposed else p  # (experts, out, in)
+                w2 = w.reshape(-1, w.shape[2])
+                s, z = ref.qparams(w2, spec.bits, spec.group_size, spec.symmetric)
+                w_hat, keep = ref.fake_quant_with_mask(w2, s, z, spec.bits, w2.dtype)
+                w_hat, keep = w_hat.view(w.shape), keep.view(w.shape)
+                p.copy_(w_hat.transpose(1, 2) if transposed else w_hat)
+                masks[name] = keep.transpose(1, 2) if transposed else keep
+        for name, mod in m.named_modules():
+            if isinstance(mod, nn.Linear) and mod is not m.get_output_embeddings():
+                s, z = ref.qparams(mod.weight, spec.bits, spec.group_size, spec.symmetric)
+                mod.weight.copy_(ref.fake_quant(mod.weight, s, z, spec.bits))
+    return m, masks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, -1, True)])
+def test_expert_tensors_are_quantized_like_the_reference(arch, spec):
+    model = tiny_moe(arch)
+    expect, masks = reference_model(model, spec)
+    fused = list(_expert_tensors(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every 3-D tensor is quantized: nothing to warn about
+        qdpo.quantize_model(model, spec)
+    qe = quantized_experts(model)
+    assert list(qe) == fused and all(q.mode == "train" for q in qe.values())
+    assert not _expert_tensors(model)  # the fused parameters are gone; the latent weights hold them
+    torch.testing.assert_close(model(IDS).logits, expect(IDS).logits, rtol=0, atol=1e-5)
+
+    # straight-through: the latent weight's gradient is the gradient of ŵ where it was not clipped
+    model(IDS).logits.square().mean().backward()
+    expect(IDS).logits.square().mean().backward()
+    for name, q in qe.items():
+        mod = expect.get_submodule(name.rpartition(".")[0])
+        g = mod._parameters[name.rpartition(".")[2]].grad * masks[name]
+        g = (g.transpose(1, 2) if q.transposed else g).reshape(q.weight.shape)
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(q.weight.grad, g, rtol=1e-4, atol=1e-7)
+
+    c = weight_coverage(model)
+    assert c["quantized_expert_tensors"] == 4 and c["fp_fused_expert_tensors"] == []
+    assert c["quantized_fraction"] > 0.85  # the experts are most of the model
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_packed_frozen_and_saved_experts_give_the_same_logits(arch, tmp_path):
+    model = tiny_moe(arch)
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    with torch.no_grad():
+        train_logits = model(IDS).logits
+        with frozen_weights(model):
+            assert all(q._w_hat is not None for q in quantized_experts(model).values())
+            torch.testing.assert_close(model(IDS).logits, train_logits, rtol=0, atol=1e-6)
+        save_quantized(model, tmp_path / "train_saved")  # packs the latent weights on the way out
+        to_packed(model)
+        assert all(q.mode == "packed" and q.qweight.dtype == torch.uint8 for q in quantized_experts(model).values())
+        torch.testing.assert_close(model(IDS).logits, train_logits, rtol=0, atol=1e-6)
+        save_quantized(model, tmp_path / "packed_saved")
+    cfg = json.loads((tmp_path / "packed_saved" / "qdpo_quant.json").read_text())
+    assert cfg["experts"] == sorted(quantized_experts(model))
+    for d in ("train_saved", "packed_saved"):
+        for mode in ("packed", "train"):
+            back = load_quantized(tmp_path / d, mode=mode)
+            assert all(q.mode == mode for q in quantized_experts(back).values())
+            with torch.no_grad():
+                torch.testing.assert_close(back(IDS).logits, train_logits, rtol=0, atol=1e-6)
+
+
+def test_excluded_and_unknown_3d_tensors_stay_fp_with_a_warning():
+    model = tiny_moe("Mixtral")
+    with pytest.warns(UserWarning, match=r"2 3-D parameters .* stay in full precision") as w:
+        qdpo.quantize_model(model, QuantSpec(4, 32), exclude=("lm_head", "*.experts.down_proj"))
+    assert w[0].filename == __file__  # points at the caller, past torch.no_grad's wrapper
+    c = weight_coverage(model)
+    assert c["quantized_expert_tensors"] == 2
+    assert c["fp_fused_expert_tensors"] == [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
+
+    class Custom(nn.Module):  # a 3-D weight outside a transformers experts module
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+            self.bank = nn.Parameter(torch.randn(2, 32, 32))
+
+    with pytest.warns(UserWarning, match=r"1 3-D parameters \(bank; 67 % of the weight matrices\)"):
+        qdpo.quantize_model(Custom(), QuantSpec(4, 32), exclude=())
+
+
+def test_expert_shapes_are_checked_before_anything_changes():
+    model = tiny_moe("Mixtral", hidden_size=128, intermediate_size=96)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^model.layers.0.mlp.experts.down_proj: K=96 is not divisible by "
+                                         r"group_size=128.*Group sizes that fit every layer: \[32, -1\]"):
+        qdpo.quantize_model(model, QuantSpec(4, 128))  # the experts' down_proj has 96 in-features
+    assert list(model.state_dict()) == list(before)
+    assert not quantized_experts(model)
+
+
+def test_training_setup_and_bf16_latents_cover_the_experts():
+    from qdpo.training.optim import set_latent_dtype
+    from qdpo.training.trainer import freeze_for_training, trainable_params
+
+    model = tiny_moe("Qwen3Moe")
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    qe = quantized_experts(model)
+    codes = {n: q.quantized_weight().qweight.clone() for n, q in qe.items()}
+    set_latent_dtype(model, "bfloat16")
+    weights, scales = freeze_for_training(model, learn_scales=True)
+    for n, q in qe.items():
+        assert q.weight.dtype == torch.bfloat16 and q.weight.requires_grad and q.scales.requires_grad
+        assert torch.equal(q.quantized_weight().qweight, codes[n])  # bf16 latents keep every code
+        assert any(w is q.weight for w in weights) and any(s is q.scales for s in scales)
+    assert sum(map(len, trainable_params(model))) == len(weights) + len(scales)
+    # learned scales get a gradient through the experts too
+    model(IDS).logits.float().square().mean().backward()
+    assert all(q.scales.grad is not None and q.scales.grad.abs().sum() > 0 for q in qe.values())
+
+
+def test_export_to_other_formats_refuses_experts(tmp_path):
+    from qdpo.export import ExportError, export
+
+    model = tiny_moe("Mixtral")
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    save_quantized(model, tmp_path / "packed")
+    with pytest.raises(ExportError, match=r"4 quantized fused expert tensors .*\(qdpo\.load_quantized\)"):
+        export(tmp_path / "packed", tmp_path / "ct", "compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_pipeline_on_a_mixture_of_experts(tmp_path):
+    from qdpo import train
+    from tests.test_pipeline import VOCAB as TOKENS, _args, _prompts, _tokenizer
+
+    d = tmp_path / "moe"
+    m = tiny_moe("Mixtral", vocab_size=TOKENS)
+    m.config.update(dict(eos_token_id=2, pad_token_id=2, bos_token_id=None))
+    with torch.no_grad():  # weights large enough that W4 flips some answers
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    m.save_pretrained(d)
+    _tokenizer(chat=True).save_pretrained(d)
+    out = tmp_path / "run"
+    args = _args(d, _prompts(tmp_path / "p.jsonl"), out, "--steps", "2", "--eval-every", "0")  # keeps the last step
+    assert train.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    w = metrics["init"]["weights"]
+    assert (w["quantized_layers"], w["quantized_expert_tensors"], w["fp_fused_expert_tensors"]) == (8, 4, [])
+    ex = metrics["training"]["qdpo"]["export"]
+    assert ex["reproduces_eval"] is True and ex["compressed_tensors"] is None  # skipped, with a log line
+    back = load_quantized(out / "export_qdpo")
+    assert len(quantized_experts(back)) == 4
+    # QDPO trained the experts: their codes moved from the initial (RTN) model's
+    from safetensors.torch import load_file
+
+    init, final = load_file(str(out / "initial" / "model.safetensors")), load_file(str(out / "export_qdpo" / "model.safetensors"))
+    moved = 0
+    for name in quantized_experts(back):
+        k = name.rpartition(".")[0] + ".qdpo_" + name.rpartition(".")[2]
+        codes = ref.quantize_codes(init[f"{k}.weight"], init[f"{k}.scales"], init[f"{k}.zeros"], 4)
+        moved += int((ref.unpack(final[f"{k}.qweight"], 4) != codes).sum())
+    assert moved > 0
+    assert train.main(args + ["--resume"]) == 0  # a finished run resumes to the same result
+    assert json.loads((out / "metrics.json").read_text())["eval"] == metrics["eval"]
+    assert isinstance(next(iter(quantized_experts(back).values())), QuantExpertTensor)
