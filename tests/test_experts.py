@@ -213,3 +213,26 @@ def test_pipeline_on_a_mixture_of_experts(tmp_path):
     assert train.main(args + ["--resume"]) == 0  # a finished run resumes to the same result
     assert json.loads((out / "metrics.json").read_text())["eval"] == metrics["eval"]
     assert isinstance(next(iter(quantized_experts(back).values())), QuantExpertTensor)
+
+
+def test_autocast_gives_the_experts_in_its_dtype():
+    # grouped_mm does not autocast: ŵ comes in the autocast dtype, as QuantLinear computes under autocast
+    model = tiny_moe("Mixtral")
+    expect, _ = reference_model(model, QuantSpec(4, 32))
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    seen = []
+    q = next(iter(quantized_experts(model).values()))
+    value = q.value
+    q.value = lambda dtype=None: seen.append(dtype) or value(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(IDS).logits
+        ref_logits = expect(IDS).logits
+    assert seen and set(seen) == {torch.bfloat16}
+    assert got.dtype == ref_logits.dtype
+    torch.testing.assert_close(got.float(), ref_logits.float(), rtol=0.05, atol=0.05)
+    got.float().square().mean().backward()
+    assert q.weight.grad is not None and q.weight.grad.dtype == torch.float32
+    seen.clear()
+    with torch.no_grad():
+        model(IDS)
+    assert seen == [None]  # no autocast: the scales' dtype

@@ -192,6 +192,9 @@ def _quantized_class(cls: type) -> type:
     if cls not in _classes:
         def forward(self, *args, **kwargs):
             self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
+            dev = next(iter(self._qdpo_modules())).scales.device.type
+            # under autocast ŵ comes in the autocast dtype, as QuantLinear computes (grouped_mm does not autocast)
+            self._qdpo_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             try:
                 return cls.forward(self, *args, **kwargs)
             finally:
@@ -206,11 +209,14 @@ def _quantized_class(cls: type) -> type:
                 if cache is None:
                     return q.value()
                 if name not in cache:
-                    cache[name] = q.value()
+                    cache[name] = q.value(self.__dict__.get("_qdpo_dtype"))
                 return cache[name]
             return property(get)
 
-        body = {"forward": forward, "_qdpo_experts": True, "_qdpo_values": None}
+        def modules(self):
+            return (m for m in self._modules.values() if isinstance(m, QuantExpertTensor))
+
+        body = {"forward": forward, "_qdpo_modules": modules, "_qdpo_experts": True, "_qdpo_values": None}
         body.update({n: tensor(n) for n in EXPERT_TENSORS})
         _classes[cls] = type(f"Quant{cls.__name__}", (cls,), body)
     return _classes[cls]
