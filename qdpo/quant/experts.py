@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from qdpo.kernels import ops
 from qdpo.quant.format import QuantizedWeight
+from qdpo.quant.linear import QuantModes
 from qdpo.quant.spec import QuantSpec
 
 MODES = ("train", "packed")
@@ -30,7 +31,7 @@ EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names
 PREFIX = "qdpo_"  # the QuantExpertTensor of tensor `name` is the experts module's submodule PREFIX + name
 
 
-class QuantExpertTensor(nn.Module):
+class QuantExpertTensor(QuantModes, nn.Module):
     """One fused expert tensor, quantized: ``weight`` (train) or ``qweight`` (packed) of shape
     ``(E·out, in[·bits/8])`` with ``scales``/``zeros`` ``(E·out, in/G)``; :meth:`value` is ŵ in the
     experts module's own layout."""
@@ -69,14 +70,7 @@ class QuantExpertTensor(nn.Module):
         w2 = (w.transpose(1, 2) if transposed else w).reshape(-1, w.shape[1 if transposed else 2]).contiguous()
         e, o = w.shape[0], w2.shape[0] // w.shape[0]
         q = cls(e, o, w2.shape[1], spec, transposed, mode, w.dtype, w.device, learn_scales, backend)
-        scales, zeros = ops.qparams(w2, spec.bits, spec.group_size, spec.symmetric, backend)
-        with torch.no_grad():
-            q.scales.copy_(scales)
-            q.zeros.copy_(zeros)
-            if mode == "train":
-                q.weight.copy_(w2)
-            else:
-                q.qweight.copy_(ops.quantize_with(w2, scales, zeros, spec.bits, backend))
+        q._fill(w2, *ops.qparams(w2, spec.bits, spec.group_size, spec.symmetric, backend))
         return q
 
     def _layout(self, w2: Tensor) -> Tensor:
@@ -105,34 +99,6 @@ class QuantExpertTensor(nn.Module):
                        if self.mode == "train" else self.qweight)
             return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
                                    (self.experts * self.out_features, self.in_features), self.scales.dtype)
-
-    @torch.no_grad()
-    def to_packed(self) -> "QuantExpertTensor":
-        if self.mode == "packed":
-            return self
-        qweight = self.quantized_weight().qweight
-        scales = self.scales.detach().clone()
-        del self.weight, self.scales
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.mode = "packed"
-        return self
-
-    @torch.no_grad()
-    def to_train(self, dtype: torch.dtype | None = None, learn_scales: bool = False) -> "QuantExpertTensor":
-        if self.mode == "train":
-            return self
-        dtype = dtype or self.scales.dtype
-        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
-        scales = self.scales.detach().to(dtype)
-        del self.qweight, self.scales
-        self.weight = nn.Parameter(w)
-        if learn_scales:
-            self.scales = nn.Parameter(scales)
-        else:
-            self.register_buffer("scales", scales)
-        self.mode = "train"
-        return self
 
     def extra_repr(self) -> str:
         return (f"experts={self.experts}, out_features={self.out_features}, in_features={self.in_features}, "

@@ -26,7 +26,57 @@ from qdpo.quant.spec import QuantSpec
 MODES = ("train", "packed")
 
 
-class QuantLinear(nn.Module):
+class QuantModes:
+    """Train ↔ packed conversion of a module holding ``weight`` (train) or ``qweight`` (packed) with
+    ``scales``, ``zeros``, ``spec``, ``backend`` and ``mode`` (:class:`QuantLinear`, and the quantized
+    expert tensors of ``qdpo.quant.experts``)."""
+
+    def _drop_cache(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def _fill(self, w: Tensor, scales: Tensor, zeros: Tensor) -> None:
+        """Take the 2-D weight ``w`` on the grid (``scales``, ``zeros``): as latent weights, or as codes."""
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+        if self.mode == "train":
+            self.weight.copy_(w)
+        else:
+            self.qweight.copy_(ops.quantize_with(w, self.scales, self.zeros, self.spec.bits, self.backend))
+
+    @torch.no_grad()
+    def to_packed(self):
+        """Train → packed, in place and exact; returns ``self``."""
+        if self.mode == "packed":
+            return self
+        self._drop_cache()
+        qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
+        scales = self.scales.detach().clone()
+        del self.weight, self.scales
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.mode = "packed"
+        return self
+
+    @torch.no_grad()
+    def to_train(self, dtype: torch.dtype | None = None, learn_scales: bool = False):
+        """Packed → train, in place: the latent weight starts at ŵ; returns ``self``."""
+        if self.mode == "train":
+            return self
+        dtype = dtype or self.scales.dtype
+        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
+        scales = self.scales.detach().to(dtype)
+        del self.qweight, self.scales
+        self.weight = nn.Parameter(w)
+        if learn_scales:
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.mode = "train"
+        return self
+
+
+class QuantLinear(QuantModes, nn.Module):
     """Weight-quantized linear layer; see the module docstring for the two modes.
 
     Args:
@@ -82,13 +132,8 @@ class QuantLinear(nn.Module):
                 device=w.device, learn_scales=learn_scales, backend=backend)
         if scales is None or zeros is None:
             scales, zeros = ops.qparams(w, spec.bits, spec.group_size, spec.symmetric, backend)
+        q._fill(w, scales, zeros)
         with torch.no_grad():
-            q.scales.copy_(scales)
-            q.zeros.copy_(zeros)
-            if mode == "train":
-                q.weight.copy_(w)
-            else:
-                q.qweight.copy_(ops.quantize_with(w, q.scales, q.zeros, spec.bits, backend))
             if q.bias is not None:
                 q.bias.copy_(linear.bias.detach())
         return q
@@ -149,37 +194,9 @@ class QuantLinear(nn.Module):
             self._cache = (key, w_hat, clipped if bool(clipped.any()) else None)
         return self._cache[1], self._cache[2]
 
-    # ------------------------------------------------------------------ conversion
-    @torch.no_grad()
-    def to_packed(self) -> "QuantLinear":
-        """Train → packed, in place and exact; returns ``self``."""
-        if self.mode == "packed":
-            return self
+    # ------------------------------------------------------------------ conversion (QuantModes)
+    def _drop_cache(self) -> None:
         self._cache = None
-        qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
-        scales = self.scales.detach().clone()
-        del self.weight, self.scales
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.mode = "packed"
-        return self
-
-    @torch.no_grad()
-    def to_train(self, dtype: torch.dtype | None = None, learn_scales: bool = False) -> "QuantLinear":
-        """Packed → train, in place: the latent weight starts at ŵ; returns ``self``."""
-        if self.mode == "train":
-            return self
-        dtype = dtype or self.scales.dtype
-        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
-        scales = self.scales.detach().to(dtype)
-        del self.qweight, self.scales
-        self.weight = nn.Parameter(w)
-        if learn_scales:
-            self.scales = nn.Parameter(scales)
-        else:
-            self.register_buffer("scales", scales)
-        self.mode = "train"
-        return self
 
     @torch.no_grad()
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
