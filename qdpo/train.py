@@ -165,6 +165,7 @@ def run(cfg: TrainConfig) -> dict:
         train_p, val_p, test_p = _prompt_sets(cfg)
         all_p, all_ids, dropped = S.tokenize_prompts(tok, train_p + val_p + test_p, cfg.max_length)
         ids = {p.id: t for p, t in zip(all_p, all_ids)}
+        _check_vocab(fp_model, tok, ids)
         keep = set(ids)
         train_p, val_p, test_p = ([p for p in ps if p.id in keep] for ps in (train_p, val_p, test_p))
         if not train_p or not test_p:
@@ -274,6 +275,22 @@ def _parked(device: torch.device, *models):
     finally:
         for m in parked:
             m.to(device)
+
+
+def _check_vocab(model, tok, ids: dict[str, list[int]]) -> None:
+    """Token ids past the model's embedding (a tokenizer with tokens the model was never resized for)
+    would fail deep inside the first forward: one clear error now."""
+    rows = model.get_input_embeddings().num_embeddings
+    for pid, t in ids.items():
+        if t and max(t) >= rows:
+            raise ConfigError(f"prompt {pid!r} has token id {max(t)}, but {_model_name(model)} has {rows} embedding rows: "
+                              f"the tokenizer ({len(tok)} tokens) does not match the model; resize the model's "
+                              "embeddings (model.resize_token_embeddings(len(tokenizer))) and save it, or use the "
+                              "model's own tokenizer")
+
+
+def _model_name(model) -> str:
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
 
 
 def _coverage(model) -> dict:

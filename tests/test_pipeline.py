@@ -218,6 +218,8 @@ def test_plain_template_and_unsplit_prompts(tmp_path):
     ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
     ("too_long", "longer than --max-length"),
     ("no_test", "no test prompts"),
+    ("small_vocab", r"prompt 'line1' has token id \d+, but .* has 150 embedding rows: the tokenizer \(200 tokens\) "
+                    r"does not match the model; resize"),
 ])
 def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, match):
     prompts = _prompts(tmp_path / "p.jsonl")
@@ -240,6 +242,13 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         extra = ["--bits", "3"]
     elif case == "too_long":
         extra = ["--max-length", "9"]
+    elif case == "small_vocab":  # a tokenizer with tokens the model has no embedding rows for
+        model = tmp_path / "small"
+        LlamaForCausalLM(LlamaConfig(vocab_size=150, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
+                                     pad_token_id=2)).save_pretrained(model)
+        _tokenizer(True).save_pretrained(model)
+        prompts.write_text('{"prompt": "w1 w190", "split": "train"}\n{"prompt": "w3", "split": "test"}\n')
     elif case == "no_test":
         prompts.write_text("".join(l.replace('"test"', '"train"') + "\n" for l in prompts.read_text().splitlines()))
     out = tmp_path / "run"
