@@ -236,3 +236,26 @@ def test_autocast_gives_the_experts_in_its_dtype():
     with torch.no_grad():
         model(IDS)
     assert seen == [None]  # no autocast: the scales' dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_experts_on_the_gpu(arch, backend):
+    # the kernels' fake_quant and dequantize on (experts·out, in) weights, under bf16 autocast as the trainer runs
+    model = tiny_moe(arch).cuda()
+    expect, masks = reference_model(model, QuantSpec(4, 32))
+    qdpo.quantize_model(model, QuantSpec(4, 32), backend=backend)
+    ids = IDS.cuda()
+    torch.testing.assert_close(model(ids).logits, expect(ids).logits, rtol=0, atol=1e-4)
+    model(ids).logits.square().mean().backward()
+    expect(ids).logits.square().mean().backward()
+    for name, q in quantized_experts(model).items():
+        g = expect.get_submodule(name.rpartition(".")[0])._parameters[name.rpartition(".")[2]].grad * masks[name]
+        g = (g.transpose(1, 2) if q.transposed else g).reshape(q.weight.shape)
+        torch.testing.assert_close(q.weight.grad, g, rtol=1e-3, atol=1e-6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(ids).logits.float(), expect(ids).logits.float(), rtol=0.05, atol=0.05)
+    to_packed(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expect(ids).logits, rtol=0, atol=1e-4)
