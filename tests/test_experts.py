@@ -259,3 +259,35 @@ def test_experts_on_the_gpu(arch, backend):
     to_packed(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expect(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_experts_read_only_the_chosen_experts(arch, monkeypatch):
+    # packed experts run each chosen expert's rows of the packed weight through dequant_matmul; the result
+    # equals the path that dequantizes every expert (frozen_weights' cached ŵ through the module's own forward)
+    model = tiny_moe(arch)
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), frozen_weights(model):
+        every = model(ids).logits
+    calls, real = [], QuantExpertTensor.matmul
+
+    def matmul(self, x, expert, bias=None):
+        calls.append((id(self), expert, x.shape[0]))
+        return real(self, x, expert, bias)
+
+    monkeypatch.setattr(QuantExpertTensor, "matmul", matmul)
+    with torch.no_grad():
+        fast = model(ids).logits
+    torch.testing.assert_close(fast, every, rtol=1e-5, atol=1e-5)
+    k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    tensors = {id(q) for q in quantized_experts(model).values()}
+    assert {c[0] for c in calls} == tensors
+    for t in tensors:  # every (token, chosen expert) pair once per tensor
+        assert sum(n for i, _, n in calls if i == t) == ids.numel() * k
+    calls.clear()
+    with torch.no_grad():  # one decode step: k experts per layer, two products each, one token each
+        model(ids[:1, :1])
+    assert len(calls) == 2 * k * layers and {n for *_, n in calls} == {1}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), every, rtol=0.05, atol=0.05)

@@ -88,6 +88,13 @@ class QuantExpertTensor(QuantModes, nn.Module):
                                                self.backend))
         return self._layout(ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend))
 
+    def matmul(self, x: Tensor, expert: int, bias: Tensor | None = None) -> Tensor:
+        """``x @ ŵ_eᵀ (+ bias)`` for expert ``e`` of a packed tensor, on its rows of the packed weight
+        (``torch.ops.qdpo.dequant_matmul``: only that expert's codes are read)."""
+        rows = slice(expert * self.out_features, (expert + 1) * self.out_features)
+        return ops.dequant_matmul(x, self.qweight[rows], self.scales[rows], self.zeros[rows], self.spec.bits, bias,
+                                  self.backend)
+
     @torch.no_grad()
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.value(dtype)
@@ -157,8 +164,11 @@ def _quantized_class(cls: type) -> type:
         return cls
     if cls not in _classes:
         def forward(self, *args, **kwargs):
+            qs = list(self._qdpo_modules())
+            if all(q.mode == "packed" and q._w_hat is None for q in qs) and not getattr(self, "_is_expert_parallel", False):
+                return _packed_forward(self, *args, **kwargs)
             self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
-            dev = next(iter(self._qdpo_modules())).scales.device.type
+            dev = qs[0].scales.device.type
             # under autocast ŵ comes in the autocast dtype, as QuantLinear computes (grouped_mm does not autocast)
             self._qdpo_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             try:
@@ -186,6 +196,40 @@ def _quantized_class(cls: type) -> type:
         body.update({n: tensor(n) for n in EXPERT_TENSORS})
         _classes[cls] = type(f"Quant{cls.__name__}", (cls,), body)
     return _classes[cls]
+
+
+def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """The experts of a packed model: each expert hit runs its rows of the packed weights through
+    ``dequant_matmul`` (at decode, a GEMV per chosen expert), instead of dequantizing every expert.
+    The interface of transformers' experts implementations: tokens (T, H), the chosen experts and their
+    routing weights (T, top_k); gating by the module's own ``_apply_gate`` (or ``act_fn``), optional
+    biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert)."""
+    x = hidden_states
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # the custom op is not autocast-aware
+        x = x.to(torch.get_autocast_dtype(dev))
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    up, down = self._modules[PREFIX + up_name], self._modules[PREFIX + "down_proj"]
+    k = top_k_index.shape[-1]
+    experts, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
+    tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts, minlength=up.experts).tolist()  # one host sync, as the eager loop has
+    out = torch.zeros(x.shape[0], down.out_features, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts[: up.experts]):  # ids past the experts (expert-parallel sentinels) are skipped
+        if n == 0:
+            continue
+        pick = order[start:start + n]
+        start += n
+        rows = tokens[pick]
+        h = up.matmul(x[rows], e, getattr(self, f"{up_name}_bias")[e] if self.has_bias else None)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = down.matmul(h.to(x.dtype), e, self.down_proj_bias[e] if self.has_bias else None)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        out.index_add_(0, rows, y.float() * weights[pick, None].float())
+    return out.to(hidden_states.dtype)
 
 
 def install(m: nn.Module, tensor: str, q: QuantExpertTensor) -> None:
