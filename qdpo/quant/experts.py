@@ -12,8 +12,10 @@ weight of that shape (rows ``e·out .. (e+1)·out`` of one ``(E·out, in)`` weig
 canonical format), in ``train`` mode (latent weights, fake-quant with straight-through
 gradients, optional LSQ scales) or ``packed`` mode (codes, dequantized when the module runs).
 The experts module keeps its own forward, routing included: its class becomes a subclass in
-which reading ``gate_up_proj`` returns ŵ, computed once per forward. The packed mode stores
-the codes but has no fused grouped kernel: it dequantizes the tensor in each forward.
+which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every expert tensor of
+the module is packed, the forward instead runs each chosen expert's rows of the packed weights
+through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`; one launch per expert and
+product, no grouped kernel across experts).
 """
 
 from __future__ import annotations
