@@ -34,7 +34,7 @@ WORKERS=${WORKERS:-8}
 BENCH_K=${BENCH_K-"not reference and not eager and not triton-gemm and not workspace and not lsq and not fused \
 and not autograd and not qdpo-op and not fake_quant+linear and not train_step and not M512 and not torchao \
 and not bnb and ((test_dequant_matmul[ and not dx) or ((dx or quantize or fake_quant) and (square-8192 or \
-llama3-8b.down or llama2-7b.gate_up)))"}
+llama3-8b.down or llama2-7b.gate_up)) or test_moe_experts_decode)"}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 t0=$(date +%s)
