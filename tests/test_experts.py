@@ -177,11 +177,12 @@ def test_export_to_other_formats_refuses_experts(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-def test_pipeline_on_a_mixture_of_experts(tmp_path):
-    from qdpo import train
-    from tests.test_pipeline import VOCAB as TOKENS, _args, _prompts, _tokenizer
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Mixtral saved with the pipeline tests' tokenizer."""
+    from tests.test_pipeline import VOCAB as TOKENS, _tokenizer
 
-    d = tmp_path / "moe"
+    d = tmp_path_factory.mktemp("moe")
     m = tiny_moe("Mixtral", vocab_size=TOKENS)
     m.config.update(dict(eos_token_id=2, pad_token_id=2, bos_token_id=None))
     with torch.no_grad():  # weights large enough that W4 flips some answers
@@ -190,6 +191,14 @@ def test_pipeline_on_a_mixture_of_experts(tmp_path):
                 p.normal_(0, 0.2)
     m.save_pretrained(d)
     _tokenizer(chat=True).save_pretrained(d)
+    return d
+
+
+def test_pipeline_on_a_mixture_of_experts(moe_dir, tmp_path):
+    from qdpo import train
+    from tests.test_pipeline import _args, _prompts
+
+    d = moe_dir
     out = tmp_path / "run"
     args = _args(d, _prompts(tmp_path / "p.jsonl"), out, "--steps", "2", "--eval-every", "0")  # keeps the last step
     assert train.main(args) == 0
@@ -213,6 +222,26 @@ def test_pipeline_on_a_mixture_of_experts(tmp_path):
     assert train.main(args + ["--resume"]) == 0  # a finished run resumes to the same result
     assert json.loads((out / "metrics.json").read_text())["eval"] == metrics["eval"]
     assert isinstance(next(iter(quantized_experts(back).values())), QuantExpertTensor)
+
+
+def test_torchrun_fsdp_trains_the_experts_as_one_process_does(moe_dir, tmp_path):
+    # FSDP2 shards the experts' latent weights with their decoder layer: the same losses and result
+    from qdpo import train
+    from tests.test_distributed import torchrun
+    from tests.test_pipeline import _args, _prompts
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(_args(moe_dir, prompts, one, "--no-export")) == 0
+    r = torchrun("-m", "qdpo.train", *_args(moe_dir, prompts, two, "--no-export", "--dist", "fsdp"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    h1, h2 = ([json.loads(x) for x in (d / "train_qdpo" / "metrics.jsonl").read_text().splitlines()]
+              for d in (one, two))
+    assert len(h2) == len(h1) == 5
+    assert [h["loss"] for h in h2[1:]] == pytest.approx([h["loss"] for h in h1[1:]], rel=1e-5)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["eval"]["qdpo"]["flip_rate"] == pytest.approx(m1["eval"]["qdpo"]["flip_rate"], abs=1e-9)
+    assert m2["init"]["weights"]["quantized_expert_tensors"] == 4
 
 
 def test_autocast_gives_the_experts_in_its_dtype():
