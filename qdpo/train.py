@@ -299,9 +299,10 @@ def _coverage(model) -> dict:
     from qdpo.quant.model import weight_coverage
 
     c = weight_coverage(model)
-    log.info("quantized %d linear layers and %d fused expert tensors: %.1f %% of the weight matrices "
-             "(full precision: embeddings %d, other %d weights)", c["quantized_layers"], c["quantized_expert_tensors"],
-             100 * c["quantized_fraction"], c["embedding_weights"], c["other_fp_weights"])
+    experts = f" and {c['quantized_expert_tensors']} fused expert tensors" if c["quantized_expert_tensors"] else ""
+    log.info("quantized %d linear layers%s: %.1f %% of the weight matrices (full precision: embeddings %d, "
+             "other %d weights)", c["quantized_layers"], experts, 100 * c["quantized_fraction"],
+             c["embedding_weights"], c["other_fp_weights"])
     if c["fp_fused_expert_tensors"]:
         log.warning("%d 3-D parameters stay in full precision (not the expert tensors of a transformers experts "
                     "module): the evaluation measures a model where they are not quantized",
