@@ -167,8 +167,10 @@ def _quantized_class(cls: type) -> type:
     if cls not in _classes:
         def forward(self, *args, **kwargs):
             qs = list(self._qdpo_modules())
-            if all(q.mode == "packed" and q._w_hat is None for q in qs) and not getattr(self, "_is_expert_parallel", False):
-                return _packed_forward(self, *args, **kwargs)
+            # transformers' experts interface (tokens, chosen experts, their weights), packed: expert by expert
+            if (len(args) == 3 and not kwargs and all(q.mode == "packed" and q._w_hat is None for q in qs)
+                    and not getattr(self, "_is_expert_parallel", False)):
+                return _packed_forward(self, *args)
             self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
             dev = qs[0].scales.device.type
             # under autocast ŵ comes in the autocast dtype, as QuantLinear computes (grouped_mm does not autocast)
