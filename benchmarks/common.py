@@ -130,8 +130,16 @@ def _commit() -> str:
         return "unknown"
 
 
+def _key(row: dict) -> tuple:
+    return row.get("op"), row.get("case"), row.get("impl")
+
+
 def write_results(outdir: Path = RESULTS) -> Path | None:
-    """Write :data:`ROWS` as ``<device>.json`` and ``<device>.md``; return the markdown path."""
+    """Write :data:`ROWS` into ``<device>.json`` and ``<device>.md``; return the markdown path.
+
+    Rows of an earlier run in the same files that this run did not measure again (another subset of
+    the benchmarks, ``-k``) are kept, each with the commit and date of its run: a partial run replaces
+    only its own rows."""
     if not ROWS:
         return None
     outdir.mkdir(parents=True, exist_ok=True)
@@ -140,15 +148,27 @@ def write_results(outdir: Path = RESULTS) -> Path | None:
     meta = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": _commit(), "copy_bw_GBs": copy_bandwidth_gbs(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (outdir / f"{meta['device']}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    path = outdir / f"{meta['device']}.json"
+    new = [{**r, "commit": r.get("commit", meta["commit"]), "date": r.get("date", meta["date"])} for r in ROWS]
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        old = {}
+    old_meta, measured = old.get("meta", {}), {_key(r) for r in new}
+    kept = [{**r, "commit": r.get("commit", old_meta.get("commit", "?")), "date": r.get("date", old_meta.get("date", "?"))}
+            for r in old.get("rows", []) if _key(r) not in measured]
+    rows = kept + new
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = ["op", "case", "impl", "median_ms", "p20_ms", "p80_ms", "GB/s", "frac_copy_bw", "TFLOP/s", "speedup"]
+    runs = sorted({(r["date"], r["commit"]) for r in rows})
     lines = [f"# benchmarks on {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}; "
+             f"torch {meta['torch']}, triton {meta['triton']}; rows from "
+             + ", ".join(f"commit {c} ({d})" for d, c in runs) + "; "
              f"measured copy bandwidth {meta['copy_bw_GBs']:.0f} GB/s (read + write). "
              "Times are medians of 30 runs after 5 warm-ups"
              + (" (CUDA events)." if torch.cuda.is_available() else " on the CPU (wall clock)."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in ROWS:
+    for r in rows:
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     md = outdir / f"{meta['device']}.md"

@@ -30,6 +30,23 @@ def test_rows_are_appended_as_each_benchmark_finishes(tmp_path, monkeypatch):
     assert [json.loads(line) for line in lines] == [{"op": "a", "speedup": 1.5}, {"op": "b", "speedup": 2.0}]
 
 
+def test_a_partial_run_replaces_only_its_own_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(common, "_commit", lambda: "aaa")
+    monkeypatch.setattr(common, "ROWS", [{"op": "x", "case": "c1", "impl": "i", "median_ms": 1.0},
+                                         {"op": "x", "case": "c2", "impl": "i", "median_ms": 2.0}])
+    common.write_results(tmp_path)
+    monkeypatch.setattr(common, "_commit", lambda: "bbb")
+    monkeypatch.setattr(common, "ROWS", [{"op": "x", "case": "c2", "impl": "i", "median_ms": 3.0},
+                                         {"op": "y", "case": "c1", "impl": "i", "median_ms": 4.0}])
+    md = common.write_results(tmp_path).read_text()
+    doc = json.loads((tmp_path / f"{common.device_name()}.json").read_text())
+    got = {(r["op"], r["case"]): (r["median_ms"], r["commit"]) for r in doc["rows"]}
+    assert got == {("x", "c1"): (1.0, "aaa"), ("x", "c2"): (3.0, "bbb"), ("y", "c1"): (4.0, "bbb")}
+    assert doc["meta"]["commit"] == "bbb" and "commit aaa" in md and "commit bbb" in md
+    assert md.count("| x |") == 2 and md.count("| y |") == 1
+
+
 def test_gpu_check_reads_the_kept_rows_first_and_checks_each_target(tmp_path):
     rows = [{"op": "dequant_matmul", "impl": "cuda", "fmt": "W4g128", "M": 1, "case": "s W4g128 M=1",
              "speedup": 3.2, "frac_copy_bw": 0.5},
