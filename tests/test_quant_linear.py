@@ -135,6 +135,23 @@ def test_weight_coverage_counts_every_matrix_once(arch):
     assert c["fp_fused_expert_tensors"] == []
 
 
+def test_linear_subclasses_with_their_own_forward_are_left_alone():
+    class Router(nn.Linear):  # returns more than a linear layer does (Llama 4's router)
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.router = nn.Linear(32, 32), Router(32, 4)
+
+    block = Block()
+    assert list(quantizable_layers(block, ())) == ["proj"]
+    qdpo.quantize_model(block, QuantSpec(4, 32), exclude=())
+    assert isinstance(block.proj, QuantLinear) and type(block.router) is Router
+
+
 def test_shape_error_names_layer_and_leaves_model_unchanged():
     model = tiny("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,8 @@
 DeepSeek, OLMoE, gpt-oss, ...) as fused parameters of one experts module, not as
 ``nn.Linear`` layers: ``gate_up_proj`` ``(E, 2I, H)`` and ``down_proj`` ``(E, H, I)``,
 each ``(experts, out_features, in_features)``, or ``(experts, in, out)`` where the
-module says ``is_transposed`` (the attributes ``use_experts_implementation`` sets).
+module says ``is_transposed`` (the attributes ``use_experts_implementation`` sets), and
+Llama 4's experts module, ``(experts, in, out)`` without those attributes (:data:`KNOWN_LAYOUTS`).
 
 :func:`quantize_experts` gives each such tensor a :class:`QuantExpertTensor`: expert
 ``e``'s ``(out, in)`` matrix is quantized exactly as a :class:`~qdpo.quant.linear.QuantLinear`
@@ -114,9 +115,24 @@ class QuantExpertTensor(QuantModes, nn.Module):
                 f"transposed={self.transposed}, spec={self.spec.name}, mode={self.mode}")
 
 
+# experts modules of transformers without use_experts_implementation's attributes: class name → transposed
+KNOWN_LAYOUTS = {"Llama4TextExperts": True}
+
+
+def transposed(m: nn.Module) -> bool | None:
+    """Whether an experts module stores ``(experts, in, out)``; None for a module that is not one."""
+    if hasattr(m, "is_transposed"):
+        return bool(m.is_transposed)
+    for cls in type(m).__mro__:  # a class qdpo swapped in keeps its original as a base
+        if cls.__name__ in KNOWN_LAYOUTS:
+            return KNOWN_LAYOUTS[cls.__name__]
+    return None
+
+
 def is_experts_module(m: nn.Module) -> bool:
-    """A transformers experts module (``use_experts_implementation``) or one qdpo already quantized."""
-    return hasattr(m, "is_transposed") and any(
+    """A transformers experts module (``use_experts_implementation``, or one of :data:`KNOWN_LAYOUTS`),
+    quantized or not."""
+    return transposed(m) is not None and any(
         isinstance(getattr(m, "_parameters", {}).get(n), nn.Parameter) or PREFIX + n in m._modules
         for n in EXPERT_TENSORS)
 
@@ -154,7 +170,7 @@ def submodule_name(name: str) -> str:
 def expert_shape(m: nn.Module, tensor: str) -> tuple[int, int]:
     """``(E·out, in)``: the 2-D weight a fused tensor is quantized as."""
     e, a, b = m._parameters[tensor].shape
-    return (e * b, a) if m.is_transposed else (e * a, b)
+    return (e * b, a) if transposed(m) else (e * a, b)
 
 
 _classes: dict[type, type] = {}

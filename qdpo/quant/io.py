@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qdpo.quant.experts import QuantExpertTensor, expert_shape, install, quantized_experts, submodule_name
+from qdpo.quant.experts import (QuantExpertTensor, expert_shape, install, quantized_experts, submodule_name,
+                                transposed)
 from qdpo.quant.linear import QuantLinear
 from qdpo.quant.model import quantized_layers, set_module
 from qdpo.quant.spec import QuantSpec
@@ -157,7 +158,7 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
             raise ValueError(f"{CONFIG_NAME} names expert tensor {name!r}, which {type(model).__name__} does not "
                              "have") from None
         e = mod._parameters[t].shape[0]
-        install(mod, t, QuantExpertTensor(e, shape[0] // e, shape[1], spec, mod.is_transposed, mode="packed",
+        install(mod, t, QuantExpertTensor(e, shape[0] // e, shape[1], spec, transposed(mod), mode="packed",
                                           dtype=scales_dtype, backend=backend))
     _load_tensors(model, tensors, cfg["aliases"], path / WEIGHTS_NAME)
     model.qdpo_spec = spec

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from qdpo.quant.experts import QuantExpertTensor, expert_shape, fused_expert_tensors, install, quantized_experts
+from qdpo.quant.experts import (QuantExpertTensor, expert_shape, fused_expert_tensors, install, quantized_experts,
+                                transposed)
 from qdpo.quant.linear import QuantLinear, _linear_weight
 from qdpo.quant.spec import QuantSpec
 
@@ -27,7 +28,12 @@ METHODS = ("rtn", "awq")
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+    """An ``nn.Linear`` that computes what ``nn.Linear`` does, or GPT-2's ``Conv1D``. A subclass with a
+    forward of its own (Llama 4's router returns scores and logits) is not: replacing it would change
+    what it returns, so it stays as it is (counted as a full-precision weight)."""
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
 def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> dict[str, nn.Module]:
@@ -103,7 +109,7 @@ def quantize_model(
     for name, m in (progress(items) if progress else items):
         if name in experts:
             mod, t = m
-            install(mod, t, QuantExpertTensor.from_tensor(mod._parameters[t], spec, mod.is_transposed, mode=mode,
+            install(mod, t, QuantExpertTensor.from_tensor(mod._parameters[t], spec, transposed(mod), mode=mode,
                                                           learn_scales=learn_scales, backend=backend))
             continue
         s, z = (grids or {}).get(name, (None, None))
