@@ -181,13 +181,11 @@ def test_export_to_other_formats_refuses_experts(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    """A tiny Mixtral saved with the pipeline tests' tokenizer."""
+def save_moe(arch: str, d):
+    """A tiny MoE of ``arch`` saved in ``d`` with the pipeline tests' tokenizer."""
     from tests.test_pipeline import VOCAB as TOKENS, _tokenizer
 
-    d = tmp_path_factory.mktemp("moe")
-    m = tiny_moe("Mixtral", vocab_size=TOKENS)
+    m = tiny_moe(arch, vocab_size=TOKENS)
     m.config.update(dict(eos_token_id=2, pad_token_id=2, bos_token_id=None))
     with torch.no_grad():  # weights large enough that W4 flips some answers
         for p in m.parameters():
@@ -198,17 +196,25 @@ def moe_dir(tmp_path_factory):
     return d
 
 
-def test_pipeline_on_a_mixture_of_experts(moe_dir, tmp_path):
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return save_moe("Mixtral", tmp_path_factory.mktemp("moe"))
+
+
+# Llama 4: its own experts layout, and a decoder that transformers' base_model does not find
+@pytest.mark.parametrize("arch", ["Mixtral", "Llama4Text"])
+def test_pipeline_on_a_mixture_of_experts(arch, moe_dir, tmp_path):
     from qdpo import train
     from tests.test_pipeline import _args, _prompts
 
-    d = moe_dir
+    d = moe_dir if arch == "Mixtral" else save_moe(arch, tmp_path / "model")
     out = tmp_path / "run"
     args = _args(d, _prompts(tmp_path / "p.jsonl"), out, "--steps", "2", "--eval-every", "0")  # keeps the last step
     assert train.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     w = metrics["init"]["weights"]
-    assert (w["quantized_layers"], w["quantized_expert_tensors"], w["fp_fused_expert_tensors"]) == (8, 4, [])
+    linears = {"Mixtral": 8, "Llama4Text": 14}[arch]  # attention (and Llama 4's shared expert) in 2 layers
+    assert (w["quantized_layers"], w["quantized_expert_tensors"], w["fp_fused_expert_tensors"]) == (linears, 4, [])
     ex = metrics["training"]["qdpo"]["export"]
     assert ex["reproduces_eval"] is True and ex["compressed_tensors"] is None  # skipped, with a log line
     back = load_quantized(out / "export_qdpo")

@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from qdpo.training.data import Batch
 
 
 MIN_SHARED_PREFIX = 8  # tokens every row must share before the prefix is run once
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder a causal LM wraps (``model.base_model``). Where ``base_model_prefix`` names an attribute
+    the model does not have (Llama 4's ``language_model``, its decoder being ``model``), transformers gives
+    the LM itself back: then the child that holds the input embeddings."""
+    base = model.base_model
+    if base is not model:
+        return base
+    emb = model.get_input_embeddings()
+    for child in model.children():
+        if hasattr(child, "get_input_embeddings") and child.get_input_embeddings() is emb:
+            return child
+    return base
 
 
 def decoder_hidden(model, batch: Batch) -> Tensor:
@@ -43,7 +57,7 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
             out = _with_shared_prefix(model, batch, p)
         if out is not None:
             return out
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = base_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
@@ -110,7 +124,7 @@ def _new_cache(model):
 
     cache = DynamicCache(config=model.config)
     layers = getattr(cache, "layers", None)
-    params = inspect.signature(model.base_model.forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     name = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
     if not layers or any(type(layer) is not DynamicLayer for layer in layers) or name not in params:
         model._qdpo_prefix_ok = False
@@ -126,7 +140,7 @@ def prefix_cache(model, prefix: Tensor, batch_size: int):
     if got is None:
         return None
     name, cache = got
-    pre = model.base_model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+    pre = base_model(model)(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
                            **{name: cache})
     cache.batch_repeat_interleave(batch_size)
     return name, cache, pre.last_hidden_state
@@ -140,7 +154,7 @@ def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor | None:
     if got is None:
         return None
     name, cache, h_pre = got
-    rest = model.base_model(input_ids=ids[:, p:], attention_mask=att, use_cache=True, **{name: cache})
+    rest = base_model(model)(input_ids=ids[:, p:], attention_mask=att, use_cache=True, **{name: cache})
     return torch.cat([h_pre.expand(b, -1, -1), rest.last_hidden_state], 1)
 
 
@@ -161,7 +175,7 @@ def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
     if got is None:
         return None
     name, cache = got[0], got[1]
-    base, ids, dev = model.base_model, batch.input_ids, batch.input_ids.device
+    base, ids, dev = base_model(model), batch.input_ids, batch.input_ids.device
     lengths = batch.attention_mask.sum(1).tolist()
     b, t, g = ids.shape[0], ids.shape[1], len(shared)
     first = [group_of.index(k) for k in range(g)]  # a row of each group: its tokens up to shared[k]
