@@ -15,8 +15,9 @@ gradients, optional LSQ scales) or ``packed`` mode (codes, dequantized when the 
 The experts module keeps its own forward, routing included: its class becomes a subclass in
 which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every expert tensor of
 the module is packed, the forward instead runs each chosen expert's rows of the packed weights
-through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`; one launch per expert and
-product, no grouped kernel across experts).
+through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`, and :func:`_packed_sorted_forward`
+for Llama 4's tokens laid out expert by expert; one launch per expert and product, no grouped
+kernel across experts).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class QuantExpertTensor(QuantModes, nn.Module):
 
 # experts modules of transformers without use_experts_implementation's attributes: class name → transposed
 KNOWN_LAYOUTS = {"Llama4TextExperts": True}
+# of those, the ones called on tokens already laid out expert by expert ((E·T, H): every expert gets T rows)
+SORTED_INPUT = {"Llama4TextExperts"}
 
 
 def transposed(m: nn.Module) -> bool | None:
@@ -184,9 +187,11 @@ def _quantized_class(cls: type) -> type:
         def forward(self, *args, **kwargs):
             qs = list(self._qdpo_modules())
             # transformers' experts interface (tokens, chosen experts, their weights), packed: expert by expert
-            if (len(args) == 3 and not kwargs and all(q.mode == "packed" and q._w_hat is None for q in qs)
-                    and not getattr(self, "_is_expert_parallel", False)):
+            packed = all(q.mode == "packed" and q._w_hat is None for q in qs)
+            if packed and len(args) == 3 and not kwargs and not getattr(self, "_is_expert_parallel", False):
                 return _packed_forward(self, *args)
+            if packed and len(args) == 1 and not kwargs and cls.__name__ in SORTED_INPUT:
+                return _packed_sorted_forward(self, args[0])
             self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
             dev = qs[0].scales.device.type
             # under autocast ŵ comes in the autocast dtype, as QuantLinear computes (grouped_mm does not autocast)
@@ -250,6 +255,23 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
             y = self.post_expert_norm(y)
         out.index_add_(0, rows, y.float() * weights[pick, None].float())
     return out.to(hidden_states.dtype)
+
+
+def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
+    """Packed experts called on tokens laid out expert by expert (Llama 4: ``(E·T, H)``, expert ``e``'s
+    rows ``e·T .. (e+1)·T``): each expert's rows through ``dequant_matmul`` on its own packed rows, gated
+    as the module's forward does (``gate_up`` halves, ``up · act(gate)``)."""
+    x = hidden_states
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    up, down = self._modules[PREFIX + "gate_up_proj"], self._modules[PREFIX + "down_proj"]
+    x = x.view(up.experts, -1, x.shape[-1])
+    outs = []
+    for e in range(up.experts):
+        gate, u = up.matmul(x[e], e).chunk(2, dim=-1)
+        outs.append(down.matmul((u * self.act_fn(gate)).to(x.dtype), e))
+    return torch.cat(outs).to(hidden_states.dtype)
 
 
 def install(m: nn.Module, tensor: str, q: QuantExpertTensor) -> None:
