@@ -135,6 +135,33 @@ def test_weight_coverage_counts_every_matrix_once(arch):
     assert c["fp_fused_expert_tensors"] == []
 
 
+def test_a_multimodal_checkpoint_quantizes_its_language_model_only():
+    # Gemma 3 chat checkpoints load as one causal LM with a vision encoder that chat data never reaches
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from qdpo.quant.model import weight_coverage
+
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=VOCAB + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=VOCAB + 1, boi_token_index=VOCAB + 2, eoi_token_index=VOCAB + 3)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    vision = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "vision_tower" in n]
+    assert vision
+    with torch.no_grad():
+        before = model(IDS).logits
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    names = list(quantized_layers(model))
+    assert len(names) == 14 and all(".language_model." in n for n in names)  # 7 per decoder layer
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in vision)
+    assert weight_coverage(model)["fp_fused_expert_tensors"] == []  # the vision head's (1, 1, H) probe is no expert
+    with torch.no_grad():
+        assert sqnr(before, model(IDS).logits) > 10
+
+
 def test_linear_subclasses_with_their_own_forward_are_left_alone():
     class Router(nn.Linear):  # returns more than a linear layer does (Llama 4's router)
         def forward(self, x):

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from qdpo.kernels import ops
 from qdpo.quant.linear import MODES, _linear_weight
-from qdpo.quant.model import _is_linear, quantizable_layers, quantize_model
+from qdpo.quant.model import DEFAULT_EXCLUDE, _is_linear, quantizable_layers, quantize_model
 from qdpo.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def awq_quantize_model(
     n_grid: int = 20,
     max_tokens: int = 4096,
     mode: str = "train",
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
     backend: str = "auto",
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> nn.Module:
@@ -155,7 +155,7 @@ def awq_scale_model(
     *,
     n_grid: int = 20,
     max_tokens: int = 4096,
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
     backend: str = "auto",
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict:

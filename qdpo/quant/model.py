@@ -25,6 +25,10 @@ from qdpo.quant.linear import QuantLinear, _linear_weight
 from qdpo.quant.spec import QuantSpec
 
 METHODS = ("rtn", "awq")
+# Left in full precision unless asked for: the LM head, and a multimodal checkpoint's vision encoder and
+# projector (Gemma 3, Llama 4, Mistral 3, Qwen2.5-VL load as one causal LM): the chat data qdpo trains and
+# evaluates on never reaches them, so their quantization error would go unmeasured.
+DEFAULT_EXCLUDE = ("lm_head", "*vision_tower*", "*vision_model*", "*visual*", "*multi_modal_projector*")
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -36,7 +40,7 @@ def _is_linear(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
-def quantizable_layers(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> dict[str, nn.Module]:
+def quantizable_layers(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict[str, nn.Module]:
     """Name → module of the linear layers :func:`quantize_model` would replace.
 
     ``exclude`` holds module names or glob patterns (``"*.mlp.down_proj"``).
@@ -68,7 +72,7 @@ def quantize_model(
     spec: QuantSpec,
     method: str = "rtn",
     mode: str = "train",
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
     learn_scales: bool = False,
     backend: str = "auto",
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -82,7 +86,8 @@ def quantize_model(
         method: ``"rtn"`` (round to nearest). ``"awq"`` needs calibration
             activations: use ``qdpo.quant.awq.awq_quantize_model``.
         mode: ``"train"`` (latent weights + fake-quant) or ``"packed"``.
-        exclude: module names or glob patterns left in full precision.
+        exclude: module names or glob patterns left in full precision (default: the LM head and any
+            vision encoder or multimodal projector, :data:`DEFAULT_EXCLUDE`).
         grids: optional name → ``(scales, zeros)`` to use instead of RTN.
         progress: optional wrapper for the layer iterator (e.g. ``tqdm``).
     """
@@ -156,7 +161,7 @@ def weight_coverage(model: nn.Module) -> dict:
             n_emb += p.numel()
             continue
         other += p.numel()
-        if p.dim() == 3:
+        if _stacked_matrices(p):
             fp3d.append(name)
     n_q = sum(m.out_features * m.in_features for m in quantized.values())
     n_q += sum(q.experts * q.out_features * q.in_features for q in experts.values())
@@ -167,11 +172,15 @@ def weight_coverage(model: nn.Module) -> dict:
             "fp_fused_expert_tensors": fp3d}
 
 
+def _stacked_matrices(p: Tensor) -> bool:
+    """A floating-point 3-D parameter whose slices are matrices (experts' weights; not a (1, 1, H) probe)."""
+    return p.dim() == 3 and p.is_floating_point() and p.shape[1] > 1 and p.shape[2] > 1
+
+
 def _warn_fused_experts(model: nn.Module, quantizing: set[str]) -> None:
     """Warn about 3-D parameters that stay in full precision: expert tensors left out by ``exclude``, or
     those of a mixture of experts whose module qdpo does not know (not a transformers experts module)."""
-    fused = [(n, p) for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()
-             and n not in quantizing]
+    fused = [(n, p) for n, p in model.named_parameters() if _stacked_matrices(p) and n not in quantizing]
     if not fused:
         return
     n_fused = sum(p.numel() for _, p in fused)
