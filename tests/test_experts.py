@@ -333,3 +333,46 @@ def test_packed_experts_read_only_the_chosen_experts(arch, monkeypatch):
         assert len(calls) == 2 * k * layers and {n for *_, n in calls} == {1}
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), every, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])
+def test_awq_scales_the_experts_input_with_the_router(arch):
+    # the experts' first product reads the flattened output of the post-attention norm, as the router
+    # does: AWQ folds 1/s into the norm and s into the experts' and the router's input channels
+    from qdpo.quant.awq import _sqnr, awq_quantize_model, awq_scale_model
+
+    model = tiny_moe(arch)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "mlp.router.weight"))}
+    experts = {n: p.detach().clone() for n, p in _expert_tensors(model).items() if n.endswith("gate_up_proj")}
+    stats = awq_scale_model(model, QuantSpec(4, 32), ids)
+    with torch.no_grad():
+        assert _sqnr(ref, model(ids).logits) > 100  # the FP function is unchanged (fp32)
+    groups = {g["layers"][0]: g for g in stats["groups"] if g["layers"][0] in experts}
+    assert set(groups) == set(experts) and not stats["fallback"]
+    params = dict(model.named_parameters())
+    for name, g in groups.items():
+        assert g["folded_into"].endswith("post_attention_layernorm") and g["mse_awq"] <= g["mse_rtn"]
+        router = next(n for n in routers if n.startswith(name.rsplit(".experts", 1)[0]))
+        moved = not torch.equal(params[router], routers[router])
+        assert moved == (g["alpha"] > 0) and moved == (not torch.equal(params[name], experts[name]))
+    assert any(g["alpha"] > 0 for g in groups.values())
+    model = tiny_moe(arch)  # and the whole AWQ start: every expert tensor quantized
+    awq_quantize_model(model, QuantSpec(4, 32), ids)
+    assert len(quantized_experts(model)) == 4
+
+
+def test_awq_leaves_llama4_experts_alone():
+    # Llama 4 feeds its experts the norm's output times the router's scores, not a view of it: no fold there,
+    # and nothing else undone
+    from qdpo.quant.awq import awq_scale_model
+
+    model = tiny_moe("Llama4Text")
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = awq_scale_model(model, QuantSpec(4, 32), ids)
+    assert not any("changed the model's FP logits" in why for why in stats["fallback"].values()), stats["fallback"]
+    assert "model.layers.0.feed_forward.experts.gate_up_proj" in stats["fallback"]
+    assert not any("experts.gate_up_proj" in g["layers"][0] for g in stats["groups"])
+    assert any(g["folded_into"].endswith("input_layernorm") for g in stats["groups"])  # attention still scaled

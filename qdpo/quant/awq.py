@@ -28,7 +28,15 @@ c_fc)
                                                              ``v_proj`` row, shared by the ``o_proj``
                                                              channels of every query head reading it
 ``down_proj``                          weight columns        rows and bias of the sibling ``up_proj``
+a mixture of experts' block: the       input channels of     the post-attention norm's weight
+experts' ``gate_up_proj`` (all         every expert, and
+experts, every token), router, shared  the router's and the
+experts                                shared experts'
 =====================================  ====================  ===========================================
+
+The MoE row applies where the experts read the flattened output of the norm itself (Mixtral,
+Qwen2/3-MoE, OLMoE, gpt-oss), and no other reader of that norm folds a scale of its own; the
+experts' ``down_proj`` keeps plain RTN (its input is per expert, after the gate).
 
 Any other layer (GPT-2's ``c_proj``, a norm whose output is not ``weight·x``
 like Gemma's ``(1 + weight)·x``, tied weights) keeps ``s = 1`` (plain RTN),
@@ -61,8 +69,10 @@ import torch
 from torch import Tensor, nn
 
 from qdpo.kernels import ops
+from qdpo.quant.experts import fused_expert_tensors, is_experts_module
+from qdpo.quant.experts import transposed as experts_layout
 from qdpo.quant.linear import MODES, _linear_weight
-from qdpo.quant.model import DEFAULT_EXCLUDE, _is_linear, quantizable_layers, quantize_model
+from qdpo.quant.model import DEFAULT_EXCLUDE, _excluded, _is_linear, quantizable_layers, quantize_model
 from qdpo.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -84,6 +94,7 @@ class _Group:
     members: list[str]  # every linear reading the input, excluded ones too: all must be rescaled
     producer: str | None  # name of the norm-like module whose output the input is
     chunks: list[Tensor] = field(default_factory=list)  # captured input rows [t, K] fp32
+    view_of: str | None = None  # the norm whose output the input is a view of (an MoE block's flattened tokens)
 
 
 @dataclass(eq=False)
@@ -92,7 +103,7 @@ class _Fold:
 
     kind: str
     pred: nn.Module
-    consumers: list[nn.Module]
+    consumers: list[Tensor]  # each reader's weight with its input channels last (a view of the parameter)
     s_pred: Tensor  # [C] divides the predecessor's output channels
     s_in: Tensor  # [K] multiplies the consumers' input columns (s_pred expanded for GQA)
     check: nn.Module | None  # run on random input to verify the fold; None: end-to-end check only
@@ -180,6 +191,8 @@ def awq_scale_model(
     """
     exclude = tuple(exclude)
     layers = _checked_layers(model, spec, exclude, n_grid, max_tokens)
+    # fused expert tensors quantize_model will quantize: the first product's joins its input's group
+    layers.update({n: None for n in fused_expert_tensors(model) if not _excluded(n, exclude)})
     batches = _calibration_batches(model, calib_input_ids, attention_mask)
     positions, total = _sample_positions(batches, max_tokens)
     was_training = model.training
@@ -306,6 +319,7 @@ class _Recorder:
         self.groups: dict[str, _Group] = {}  # leader (first reader) → group
         self.leader_of: dict[str, str] = {}
         self.outputs: dict[int, tuple] = {}  # id(norm output) → (weakref, norm name), first batch only
+        self.output_data: dict[tuple, tuple] = {}  # (data pointer, numel) of a norm output → the same
         self.inputs: dict[int, tuple] = {}  # id(linear input) → (weakref, leader), first batch only
         self.first, self.index, self.n_rows = True, None, 0
 
@@ -313,6 +327,7 @@ class _Recorder:
         def hook(module, args, out):
             if self.first and isinstance(out, Tensor):
                 self.outputs[id(out)] = (weakref.ref(out), name)
+                self.output_data[(out.data_ptr(), out.numel())] = (weakref.ref(out), name)
         return hook
 
     def linear_hook(self, name: str):
@@ -337,7 +352,13 @@ class _Recorder:
             return
         prod = self.outputs.get(id(x))
         producer = prod[1] if prod is not None and prod[0]() is x else None
-        self.groups[name] = _Group([name], producer)
+        view_of = None
+        if producer is None:  # a view of a norm's output (an MoE block flattens it to tokens × channels)
+            prod = self.output_data.get((x.data_ptr(), x.numel()))
+            alive = prod[0]() if prod is not None else None
+            if alive is not None and alive.data_ptr() == x.data_ptr() and alive.dtype == x.dtype:
+                view_of = prod[1]
+        self.groups[name] = _Group([name], producer, view_of=view_of)
         self.inputs[id(x)] = (weakref.ref(x), name)
         self.leader_of[name] = name
 
@@ -347,11 +368,19 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict
     rec = _Recorder()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     handles = []
-    for name, m in model.named_modules():
+    modules = dict(model.named_modules())
+    moe_blocks = {n.rpartition(".")[0] for n, m in modules.items() if is_experts_module(m)}
+    for name, m in modules.items():
         if _is_linear(m):
             handles.append(m.register_forward_pre_hook(rec.linear_hook(name)))
         elif _is_norm_like(m):
             handles.append(m.register_forward_hook(rec.norm_hook(name)))
+        elif is_experts_module(m):  # its input's readers: the fused tensor of the first product
+            up = next((t for t in ("gate_up_proj", "up_proj") if t in m._parameters), None)
+            if up is not None:
+                handles.append(m.register_forward_pre_hook(rec.linear_hook(f"{name}.{up}" if name else up)))
+        elif name.rpartition(".")[0] in moe_blocks and _is_router_like(m):  # rescaled with the experts
+            handles.append(m.register_forward_pre_hook(rec.linear_hook(name)))
     if isinstance(head, nn.Module):  # registered last: runs after the head's capture hook
         handles.append(head.register_forward_pre_hook(_stop_forward))
     items = list(zip(batches, positions))
@@ -365,6 +394,7 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict
                 pass
             if rec.first:
                 rec.first = False
+                _adopt_views(rec.groups, modules)
                 rec.groups = {k: g for k, g in rec.groups.items() if any(n in quantized for n in g.members)}
     finally:
         for h in handles:
@@ -375,6 +405,26 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict
         g.chunks = [x[torch.randperm(x.shape[0], generator=gen)[:max_tokens].to(x.device)]
                     if x.shape[0] > max_tokens else x]
     return rec.groups
+
+
+def _adopt_views(groups: dict[str, _Group], modules: dict[str, nn.Module]) -> None:
+    """A group that reads a view of a norm's output folds into that norm when it holds a fused expert
+    tensor (the experts, router and shared experts of a standard MoE block all read the flattened
+    tokens) and no other group already folds into the norm (two scales cannot share one norm). Other
+    views keep RTN, as before: a norm output read both as a view and through derived tensors (Llama 4
+    scales its experts' input by the router) cannot take a fold that only the view's readers follow."""
+    taken = {g.producer for g in groups.values() if g.producer is not None}
+    for g in groups.values():
+        experts = any(n not in modules for n in g.members)  # a fused tensor's name is not a module's
+        if g.producer is None and g.view_of is not None and experts and g.view_of not in taken:
+            g.producer = g.view_of
+            taken.add(g.view_of)
+
+
+def _is_router_like(m: nn.Module) -> bool:
+    """A module of an MoE block with a 2-D ``weight`` over the input channels (a router), not a linear layer."""
+    w = getattr(m, "weight", None)
+    return isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point() and not isinstance(m, nn.Embedding)
 
 
 def _stop_forward(module, args):
@@ -417,20 +467,21 @@ def _plan_and_search(model, spec, groups, quantized, n_grid, backend, stats, pro
             _fallback(stats, qnames, plan, logging.INFO)
             continue
         kind, pred_name, expand, check = plan
-        weights = [_linear_weight(modules[n]) for n in qnames]
+        weights = [_member_weight(model, modules, n) for n in qnames]
+        weights = [w.reshape(-1, w.shape[-1]) for w in weights]  # fused experts: (E·O, K)
         alpha, s_pred, s_in, mse_rtn, mse_awq = _search(g.chunks.pop(), weights, expand, spec, grid, backend)
         entry = {"layers": qnames, "folded_into": pred_name, "alpha": alpha, "mse_rtn": mse_rtn,
                  "mse_awq": mse_awq, "mse_reduction": 1 - mse_awq / mse_rtn if mse_rtn > 0 else 0.0}
         stats["groups"].append(entry)
         if alpha > 0:
-            folds.append(_Fold(kind, modules[pred_name], [modules[n] for n in g.members], s_pred, s_in,
-                               check, entry))
+            folds.append(_Fold(kind, modules[pred_name], [_member_weight(model, modules, n) for n in g.members],
+                               s_pred, s_in, check, entry))
     return folds
 
 
 def _plan(modules: dict[str, nn.Module], g: _Group, tied: set[str]) -> tuple | str:
     """``(kind, predecessor name, GQA expand map or None, check module)``, or why the group keeps RTN."""
-    k = _linear_weight(modules[g.members[0]]).shape[1]
+    k = _member_weight(None, modules, g.members[0]).shape[-1]
     parent_name, _, child = g.members[0].rpartition(".")
     if g.producer is not None:
         plan = ("norm", g.producer, None, modules[g.producer])
@@ -465,6 +516,18 @@ def _kv_expand(attn: nn.Module, n_v: int, k: int) -> Tensor | None | str:
                 "the grouped-query head mapping is unknown")
     n_kv, n_rep = n_v // hd, k // n_v
     return torch.arange(n_v).view(n_kv, 1, hd).expand(n_kv, n_rep, hd).reshape(-1)  # [K] → v row
+
+
+def _member_weight(model: nn.Module, modules: dict[str, nn.Module], name: str) -> Tensor:
+    """A group member's weight as a view with its K input channels last: a linear layer's ``(N, K)``, a
+    router's ``(E, K)`` weight, or a fused expert tensor ``<experts module>.<tensor>`` (``(E, O, K)``, or
+    its transposed storage seen as such)."""
+    m = modules.get(name)
+    if m is None:  # a fused expert tensor
+        parent, _, t = name.rpartition(".")
+        p = modules[parent]._parameters[t]
+        return p.transpose(1, 2) if experts_layout(modules[parent]) else p
+    return _linear_weight(m) if _is_linear(m) else m.weight
 
 
 def _tied_modules(model: nn.Module) -> set[str]:
@@ -519,8 +582,7 @@ def _apply(f: _Fold, inverse: bool = False) -> None:
     w.copy_(shrink(w.float(), sp if f.kind == "norm" else sp[:, None]).to(w.dtype))
     if isinstance(getattr(p, "bias", None), Tensor):
         p.bias.copy_(shrink(p.bias.float(), sp).to(p.bias.dtype))
-    for c in f.consumers:
-        w = _linear_weight(c)
+    for w in f.consumers:
         w.copy_(grow(w.float(), f.s_in.to(w.device)).to(w.dtype))
 
 
@@ -558,7 +620,7 @@ def _apply_checked(model, folds: list[_Fold], check_ids, ref: Tensor, stats: dic
             applied.append(f)
         else:
             _undone(stats, f, reason)
-    min_db = min((FOLD_MIN_SQNR_DB.get(_linear_weight(c).dtype, 30.0) for f in folds for c in f.consumers),
+    min_db = min((FOLD_MIN_SQNR_DB.get(c.dtype, 30.0) for f in folds for c in f.consumers),
                  default=FOLD_MIN_SQNR_DB[torch.float32])
     # Folds checked only end to end (v_proj → o_proj) are the first suspects, then all of them.
     for only_unverified in (True, False):
