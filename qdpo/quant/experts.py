@@ -7,11 +7,11 @@ each ``(experts, out_features, in_features)``, or ``(experts, in, out)`` where t
 module says ``is_transposed`` (the attributes ``use_experts_implementation`` sets), and
 Llama 4's experts module, ``(experts, in, out)`` without those attributes (:data:`KNOWN_LAYOUTS`).
 
-:func:`quantize_experts` gives each such tensor a :class:`QuantExpertTensor`: expert
+``qdpo.quantize_model`` gives each such tensor a :class:`QuantExpertTensor` (:func:`install`): expert
 ``e``'s ``(out, in)`` matrix is quantized exactly as a :class:`~qdpo.quant.linear.QuantLinear`
 weight of that shape (rows ``e·out .. (e+1)·out`` of one ``(E·out, in)`` weight in qdpo's
 canonical format), in ``train`` mode (latent weights, fake-quant with straight-through
-gradients, optional LSQ scales) or ``packed`` mode (codes, dequantized when the module runs).
+gradients, optional LSQ scales) or ``packed`` mode (codes).
 The experts module keeps its own forward, routing included: its class becomes a subclass in
 which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every expert tensor of
 the module is packed, the forward instead runs each chosen expert's rows of the packed weights
