@@ -467,21 +467,21 @@ def _plan_and_search(model, spec, groups, quantized, n_grid, backend, stats, pro
             _fallback(stats, qnames, plan, logging.INFO)
             continue
         kind, pred_name, expand, check = plan
-        weights = [_member_weight(model, modules, n) for n in qnames]
+        weights = [_member_weight(modules, n) for n in qnames]
         weights = [w.reshape(-1, w.shape[-1]) for w in weights]  # fused experts: (E·O, K)
         alpha, s_pred, s_in, mse_rtn, mse_awq = _search(g.chunks.pop(), weights, expand, spec, grid, backend)
         entry = {"layers": qnames, "folded_into": pred_name, "alpha": alpha, "mse_rtn": mse_rtn,
                  "mse_awq": mse_awq, "mse_reduction": 1 - mse_awq / mse_rtn if mse_rtn > 0 else 0.0}
         stats["groups"].append(entry)
         if alpha > 0:
-            folds.append(_Fold(kind, modules[pred_name], [_member_weight(model, modules, n) for n in g.members],
+            folds.append(_Fold(kind, modules[pred_name], [_member_weight(modules, n) for n in g.members],
                                s_pred, s_in, check, entry))
     return folds
 
 
 def _plan(modules: dict[str, nn.Module], g: _Group, tied: set[str]) -> tuple | str:
     """``(kind, predecessor name, GQA expand map or None, check module)``, or why the group keeps RTN."""
-    k = _member_weight(None, modules, g.members[0]).shape[-1]
+    k = _member_weight(modules, g.members[0]).shape[-1]
     parent_name, _, child = g.members[0].rpartition(".")
     if g.producer is not None:
         plan = ("norm", g.producer, None, modules[g.producer])
@@ -518,7 +518,7 @@ def _kv_expand(attn: nn.Module, n_v: int, k: int) -> Tensor | None | str:
     return torch.arange(n_v).view(n_kv, 1, hd).expand(n_kv, n_rep, hd).reshape(-1)  # [K] → v row
 
 
-def _member_weight(model: nn.Module, modules: dict[str, nn.Module], name: str) -> Tensor:
+def _member_weight(modules: dict[str, nn.Module], name: str) -> Tensor:
     """A group member's weight as a view with its K input channels last: a linear layer's ``(N, K)``, a
     router's ``(E, K)`` weight, or a fused expert tensor ``<experts module>.<tensor>`` (``(E, O, K)``, or
     its transposed storage seen as such)."""

@@ -26,11 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from qdpo.kernels import ops
-from qdpo.quant.format import QuantizedWeight
-from qdpo.quant.linear import QuantModes
+from qdpo.quant.linear import MODES, QuantModes, autocast_input
 from qdpo.quant.spec import QuantSpec
 
-MODES = ("train", "packed")
 EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names for fused expert weights
 PREFIX = "qdpo_"  # the QuantExpertTensor of tensor `name` is the experts module's submodule PREFIX + name
 
@@ -46,21 +44,10 @@ class QuantExpertTensor(QuantModes, nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not known; use one of {MODES}")
-        n, k = experts * out_features, in_features
-        spec.check_shape(n, k, "QuantExpertTensor")
+        spec.check_shape(experts * out_features, in_features, "QuantExpertTensor")
         self.experts, self.out_features, self.in_features = experts, out_features, in_features
         self.spec, self.transposed, self.mode, self.backend = spec, transposed, mode, backend
-        g = 1 if spec.group_size == -1 else k // spec.group_size
-        if mode == "train":
-            self.weight = nn.Parameter(torch.zeros(n, k, dtype=dtype, device=device))
-        else:
-            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8, device=device))
-        scales = torch.ones(n, g, dtype=dtype, device=device)
-        if learn_scales and mode == "train":
-            self.scales = nn.Parameter(scales)
-        else:
-            self.register_buffer("scales", scales)
-        self.register_buffer("zeros", torch.zeros(n, g, dtype=torch.uint8, device=device))
+        self._allocate(experts * out_features, in_features, spec, mode, dtype, device, learn_scales)
 
     _w_hat: Tensor | None = None  # set by frozen_weights(): a cached ŵ for inference
 
@@ -103,14 +90,6 @@ class QuantExpertTensor(QuantModes, nn.Module):
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.value(dtype)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        """The ``(E·out, in)`` weight in the canonical packed format."""
-        with torch.no_grad():
-            qweight = (ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
-                       if self.mode == "train" else self.qweight)
-            return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
-                                   (self.experts * self.out_features, self.in_features), self.scales.dtype)
-
     def extra_repr(self) -> str:
         return (f"experts={self.experts}, out_features={self.out_features}, in_features={self.in_features}, "
                 f"transposed={self.transposed}, spec={self.spec.name}, mode={self.mode}")
@@ -136,7 +115,7 @@ def is_experts_module(m: nn.Module) -> bool:
     """A transformers experts module (``use_experts_implementation``, or one of :data:`KNOWN_LAYOUTS`),
     quantized or not."""
     return transposed(m) is not None and any(
-        isinstance(getattr(m, "_parameters", {}).get(n), nn.Parameter) or PREFIX + n in m._modules
+        isinstance(m._parameters.get(n), nn.Parameter) or PREFIX + n in m._modules
         for n in EXPERT_TENSORS)
 
 
@@ -158,7 +137,7 @@ def quantized_experts(model: nn.Module) -> dict[str, QuantExpertTensor]:
     out = {}
     for name, m in model.named_modules():
         for t in EXPERT_TENSORS:
-            q = m._modules.get(PREFIX + t) if isinstance(m, nn.Module) else None
+            q = m._modules.get(PREFIX + t)
             if isinstance(q, QuantExpertTensor):
                 out[f"{name}.{t}" if name else t] = q
     return out
@@ -229,10 +208,7 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
     The interface of transformers' experts implementations: tokens (T, H), the chosen experts and their
     routing weights (T, top_k); gating by the module's own ``_apply_gate`` (or ``act_fn``), optional
     biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert)."""
-    x = hidden_states
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):  # the custom op is not autocast-aware
-        x = x.to(torch.get_autocast_dtype(dev))
+    x = autocast_input(hidden_states)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = self._modules[PREFIX + up_name], self._modules[PREFIX + "down_proj"]
     k = top_k_index.shape[-1]
@@ -261,10 +237,7 @@ def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
     """Packed experts called on tokens laid out expert by expert (Llama 4: ``(E·T, H)``, expert ``e``'s
     rows ``e·T .. (e+1)·T``): each expert's rows through ``dequant_matmul`` on its own packed rows, gated
     as the module's forward does (``gate_up`` halves, ``up · act(gate)``)."""
-    x = hidden_states
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
+    x = autocast_input(hidden_states)
     up, down = self._modules[PREFIX + "gate_up_proj"], self._modules[PREFIX + "down_proj"]
     x = x.view(up.experts, -1, x.shape[-1])
     outs = []

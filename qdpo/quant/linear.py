@@ -26,13 +26,43 @@ from qdpo.quant.spec import QuantSpec
 MODES = ("train", "packed")
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype where autocast is on: qdpo's custom ops are not autocast-aware."""
+    dev = x.device.type
+    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+
+
 class QuantModes:
-    """Train ↔ packed conversion of a module holding ``weight`` (train) or ``qweight`` (packed) with
-    ``scales``, ``zeros``, ``spec``, ``backend`` and ``mode`` (:class:`QuantLinear`, and the quantized
-    expert tensors of ``qdpo.quant.experts``)."""
+    """The storage of a quantized ``(N, K)`` weight and its train ↔ packed conversion: ``weight``
+    (train) or ``qweight`` (packed) with ``scales``, ``zeros``, ``spec``, ``backend``, ``mode`` and
+    ``in_features`` (:class:`QuantLinear`, and the quantized expert tensors of ``qdpo.quant.experts``)."""
+
+    def _allocate(self, n: int, k: int, spec: QuantSpec, mode: str, dtype, device, learn_scales: bool) -> None:
+        """Zeroed latent weights (train) or codes (packed), unit scales and zero points, for an ``(n, k)`` weight."""
+        g = 1 if spec.group_size == -1 else k // spec.group_size
+        if mode == "train":
+            self.weight = nn.Parameter(torch.zeros(n, k, dtype=dtype, device=device))  # latent weights [N, K]
+        else:
+            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8, device=device))
+        scales = torch.ones(n, g, dtype=dtype, device=device)  # [N, K/G]
+        if learn_scales and mode == "train":
+            self.scales = nn.Parameter(scales)
+        else:
+            self.register_buffer("scales", scales)
+        self.register_buffer("zeros", torch.zeros(n, g, dtype=torch.uint8, device=device))  # [N, K/G]
 
     def _drop_cache(self) -> None:
         pass
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The ``(N, K)`` weight in the canonical packed format (packing the latent weight in train mode)."""
+        with torch.no_grad():
+            if self.mode == "train":
+                qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
+            else:
+                qweight = self.qweight
+            return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
+                                   (self.scales.shape[0], self.in_features), self.scales.dtype)
 
     @torch.no_grad()
     def _fill(self, w: Tensor, scales: Tensor, zeros: Tensor) -> None:
@@ -100,20 +130,8 @@ class QuantLinear(QuantModes, nn.Module):
         spec.check_shape(out_features, in_features, "QuantLinear")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.mode, self.backend = mode, backend
-        n, k = out_features, in_features
-        g = 1 if spec.group_size == -1 else k // spec.group_size
-        fkw = {"dtype": dtype, "device": device}
-        if mode == "train":
-            self.weight = nn.Parameter(torch.zeros(n, k, **fkw))  # latent weights [N, K]
-        else:
-            self.register_buffer("qweight", torch.zeros(n, k * spec.bits // 8, dtype=torch.uint8, device=device))
-        scales = torch.ones(n, g, **fkw)  # [N, K/G]
-        if learn_scales and mode == "train":
-            self.scales = nn.Parameter(scales)
-        else:
-            self.register_buffer("scales", scales)
-        self.register_buffer("zeros", torch.zeros(n, g, dtype=torch.uint8, device=device))  # [N, K/G]
-        self.bias = nn.Parameter(torch.zeros(n, **fkw)) if bias else None
+        self._allocate(out_features, in_features, spec, mode, dtype, device, learn_scales)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -142,9 +160,7 @@ class QuantLinear(QuantModes, nn.Module):
     _w_hat: Tensor | None = None  # set by frozen_weights(): a cached ŵ for inference
 
     def forward(self, x: Tensor) -> Tensor:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # custom ops are not autocast-aware: cast here
-            x = x.to(torch.get_autocast_dtype(dev))
+        x = autocast_input(x)
         if self._w_hat is not None:
             w_hat = self._w_hat.to(x.dtype)
             return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
@@ -206,16 +222,6 @@ class QuantLinear(QuantModes, nn.Module):
             return self._cache[1]  # the training step's ŵ of these very weights
         qw = self.quantized_weight()
         return ops.dequantize(qw.qweight, qw.scales, qw.zeros, self.spec.bits, dtype or qw.dtype, self.backend)
-
-    def quantized_weight(self) -> QuantizedWeight:
-        """The layer's weight in the canonical packed format (packing the latent weight in train mode)."""
-        with torch.no_grad():
-            if self.mode == "train":
-                qweight = ops.quantize_with(self.weight, self.scales, self.zeros, self.spec.bits, self.backend)
-            else:
-                qweight = self.qweight
-            return QuantizedWeight(qweight, self.scales.detach(), self.zeros, self.spec,
-                                   (self.out_features, self.in_features), self.scales.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
