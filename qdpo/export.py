@@ -13,6 +13,11 @@ writes a Hugging Face checkpoint: ``config.json`` with the format's
   carry ``"dequantize": true`` in the ``quantization_config``: compressed-
   tensors 0.20 otherwise allocates the zero points unpacked and the load
   fails with a size mismatch; transformers then dequantizes at load time.
+  Tensors take the names and layouts of the model's own checkpoints
+  (:mod:`qdpo.quant.layout`); a mixture of experts' fused expert tensors
+  become one layer per expert and product (symmetric grids only: transformers
+  reads no zero points for experts), and the export carries ``"dequantize":
+  true``, the only way transformers loads compressed experts.
 * ``gptq`` (v1; W4/W8) and ``awq`` (GEMM; W4): load in transformers through
   ``optimum`` + ``gptqmodel`` (``make interop-check``). Both store float16
   scales: see :mod:`qdpo.quant.convert` for what is exact.
@@ -42,8 +47,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qdpo.quant import convert
+from qdpo.quant import convert, layout
 from qdpo.quant.convert import FORMATS, FormatError
+from qdpo.quant.experts import PREFIX, fused_expert_tensors, moe_routers
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.io import CONFIG_NAME, WEIGHTS_NAME, read_quant_config
 from qdpo.quant.spec import QuantSpec
@@ -134,9 +140,9 @@ def _skeleton(src: Path) -> nn.Module:
         raise ExportError(f"{src}/config.json does not describe a transformers causal LM: {e}") from None
 
 
-def _plan(src: Path, modules: list[str], spec: QuantSpec, fmt: str) -> list[str]:
-    """Check every quantized layer against the model and the format; returns the Linear layers left unquantized."""
-    model = _skeleton(src)
+def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> list[str]:
+    """Check every quantized layer against the model and the format; returns the layers left unquantized
+    (Linear layers and MoE routers), by their names in the model's checkpoints."""
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     bad = []
@@ -158,7 +164,7 @@ def _plan(src: Path, modules: list[str], spec: QuantSpec, fmt: str) -> list[str]
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise ExportError("; ".join(bad[:3]) + more)
-    return left
+    return sorted(layout.checkpoint_name(model, n) for n in set(left) | moe_routers(model))
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -192,6 +198,34 @@ def convert_state_dict(tensors: dict[str, torch.Tensor], modules: list[str], spe
         except FormatError as e:
             raise FormatError(f"{name}: {e}") from None
         out.update({f"{name}.{k_}": v for k_, v in new.items()})
+    return out
+
+
+# qdpo saves a model under its module names; the export writes the names and layouts of the model's own
+# checkpoints (qdpo.quant.layout): Mixtral's block_sparse_moe, one linear layer per expert and product.
+def _checkpoint_layout(model: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], spec: QuantSpec,
+                       fmt: str, allow_inexact_scales: bool,
+                       experts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A qdpo packed state dict in ``fmt``'s layouts and the checkpoint's names: each quantized linear layer
+    converted, each quantized fused expert tensor split into one converted layer per expert and product,
+    every other tensor named as ``save_pretrained`` names it."""
+    layers = {layout.checkpoint_name(model, n): {p: tensors.pop(f"{n}.{p}", None) for p in ("qweight", "scales", "zeros")}
+              for n in modules}
+    for name, parts in experts.items():
+        mod, _, tensor = name.rpartition(".")
+        whole = {p: tensors.pop(f"{mod}.{PREFIX}{tensor}.{p}", None) for p in ("qweight", "scales", "zeros")}
+        for layer, rows in parts.items():
+            layers[layer] = {p: None if t is None else t[rows].contiguous() for p, t in whole.items()}
+    # fused expert tensors left in full precision keep the model's name and layout: transformers reads
+    # them as they are, while per-expert full-precision layers beside compressed ones fail its loader
+    fp_experts = {n: tensors.pop(n) for n in fused_expert_tensors(model) if n in tensors}
+    out = {**layout.revert(model, tensors), **fp_experts}
+    for key in out:
+        if key.endswith(".weight") and key[: -len(".weight")] in layers:
+            raise ExportError(f"{key} is both a full-precision tensor and a quantized layer of the export; "
+                              "save the model again")
+    flat = {f"{layer}.{p}": t for layer, parts in layers.items() for p, t in parts.items() if t is not None}
+    out.update(convert_state_dict(flat, list(layers), spec, fmt, allow_inexact_scales))
     return out
 
 
@@ -236,18 +270,27 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     _check_out(out, overwrite, src)
     qcfg = read_quant_config(src)
     spec, modules = qcfg["spec"], list(qcfg["modules"])
-    if qcfg["experts"]:
-        raise ExportError(f"{src} holds {len(qcfg['experts'])} quantized fused expert tensors (a mixture of experts); "
-                          f"{fmt} checkpoints of those are not supported: use the qdpo packed model itself "
-                          "(qdpo.load_quantized)")
-    ignore = _plan(src, modules, spec, fmt)
+    experts = list(qcfg["experts"])
+    if experts and fmt != "compressed-tensors":
+        raise ExportError(f"{src} holds {len(experts)} quantized fused expert tensors (a mixture of experts); "
+                          f"{fmt} checkpoints of those are not supported: export as compressed-tensors")
+    if experts and not spec.symmetric:
+        raise ExportError(f"{src} holds {len(experts)} quantized fused expert tensors with asymmetric grids "
+                          f"({spec.name}); transformers loads no zero points for the experts of a compressed-tensors "
+                          "checkpoint: quantize with --symmetric to export a mixture of experts, or use the qdpo "
+                          "packed model itself (qdpo.load_quantized)")
+    skeleton = _skeleton(src)
+    ignore = _plan(skeleton, modules, spec, fmt)
     config = json.loads((src / "config.json").read_text())
     tensors = _read_tensors(src / WEIGHTS_NAME)
     for alias, target in qcfg["aliases"].items():  # tied weights: transformers ties them again on load
         if not config.get("tie_word_embeddings", False) and target in tensors:
             tensors[alias] = tensors[target].clone()
-    tensors = convert_state_dict(tensors, modules, spec, fmt, allow_inexact_scales)
+    expert_parts = {name: layout.expert_layers(skeleton, name) for name in experts}  # checked before any work
+    tensors = _checkpoint_layout(skeleton, tensors, modules, spec, fmt, allow_inexact_scales, expert_parts)
     config["quantization_config"] = quantization_config(fmt, spec, ignore)
+    if experts:  # transformers reads a mixture of experts' compressed experts only by dequantizing them
+        config["quantization_config"]["dequantize"] = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

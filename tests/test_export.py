@@ -211,7 +211,7 @@ def test_quantize_initial_from_for_the_pipeline(tmp_path):
     fp = tiny_llama()
     q0, stats = quantize_initial_from(tmp_path / "gptq", fp)
     assert stats == {"init": "external", "path": str(tmp_path / "gptq"), "format": "gptq",
-                     "spec": spec.to_dict(), "layers": 14}
+                     "spec": spec.to_dict(), "layers": 14, "expert_tensors": 0}
     assert q0.qdpo_spec == spec and next(q0.parameters()).dtype == torch.float32
     assert all(m.mode == "train" and m.weight.requires_grad for m in quantized_layers(q0).values())
     assert_same_layers(model, q0)

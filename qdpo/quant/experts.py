@@ -119,6 +119,22 @@ def is_experts_module(m: nn.Module) -> bool:
         for n in EXPERT_TENSORS)
 
 
+def moe_routers(model: nn.Module) -> set[str]:
+    """Names of the modules beside an experts module in its MoE block that hold a 2-D weight: the router
+    (a module of its own, or an ``nn.Linear``) and gates such as Qwen2-MoE's ``shared_expert_gate``. They
+    decide which experts, and how much of the shared expert, each token gets; they stay in full precision,
+    as in every deployed MoE checkpoint (vLLM builds them unquantized)."""
+    out = set()
+    for block, b in model.named_modules():
+        if not any(is_experts_module(c) for c in b.children()):
+            continue
+        for child, c in b.named_children():
+            w = getattr(c, "weight", None)
+            if not is_experts_module(c) and isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point():
+                out.add(f"{block}.{child}" if block else child)
+    return out
+
+
 def fused_expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``"<module>.<tensor>"`` → (experts module, tensor name) for every fused expert tensor not yet quantized."""
     out = {}
@@ -166,7 +182,8 @@ def _quantized_class(cls: type) -> type:
         def forward(self, *args, **kwargs):
             qs = list(self._qdpo_modules())
             # transformers' experts interface (tokens, chosen experts, their weights), packed: expert by expert
-            packed = all(q.mode == "packed" and q._w_hat is None for q in qs)
+            packed = all(q.mode == "packed" and q._w_hat is None for q in qs) and not any(
+                n in self._parameters for n in EXPERT_TENSORS)  # none kept in full precision (exclude)
             if packed and len(args) == 3 and not kwargs and not getattr(self, "_is_expert_parallel", False):
                 return _packed_forward(self, *args)
             if packed and len(args) == 1 and not kwargs and cls.__name__ in SORTED_INPUT:

@@ -11,8 +11,11 @@ is the file's too.
 
 Supported: GPTQ v1 (and ``gptq_v2``) W4/W8 without act-order, AWQ GEMM W4
 with zero points, compressed-tensors ``pack-quantized`` W4/W8 (group or
-channel strategy, weight-only). Anything else gets one :class:`FormatError`
-naming what is unsupported.
+channel strategy, weight-only). Layer names may be the model's or those of
+its checkpoints (:mod:`qdpo.quant.layout`); a mixture of experts' per-expert
+layers are gathered into the model's fused expert tensors
+(:class:`~qdpo.quant.experts.QuantExpertTensor` when quantized). Anything
+else gets one :class:`FormatError` naming what is unsupported.
 
 :func:`quantize_initial_from` is the pipeline's entry point (``--init PATH``):
 the imported model in train mode, checked against the full-precision model
@@ -30,8 +33,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qdpo.quant import convert
+from qdpo.quant import convert, layout
 from qdpo.quant.convert import FormatError
+from qdpo.quant.experts import (QuantExpertTensor, fused_expert_tensors, install, quantized_experts,
+                                submodule_name)
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.linear import QuantLinear
 from qdpo.quant.model import quantized_layers, set_module
@@ -216,32 +221,104 @@ def load_external(path: str | os.PathLike, mode: str = "train", dtype: torch.dty
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build the plain architecture; qdpo fills in the layers
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # the checkpoint's names (Mixtral's block_sparse_moe, one layer per expert) → the model's (qdpo.quant.layout)
+    to_model, expert_of = layout.model_names(model), _expert_layers(model)
+    quantized, experts = set(), {}
     for name in names:
-        _install(model, name, fmt, spec, details, tensors, dtype, backend)
-    _load_rest(model, tensors, set(names), path)
+        if name in expert_of:
+            experts.setdefault(expert_of[name][0], []).append(name)
+            continue
+        target = to_model.get(name + layout.WEIGHT, name + layout.WEIGHT)[: -len(layout.WEIGHT)]
+        _install(model, target, fmt, spec, details, tensors, dtype, backend, key=name)
+        quantized.add(target)
+    for fused, layers in experts.items():
+        _install_experts(model, fused, layers, expert_of, fmt, spec, details, tensors, dtype, backend)
+        quantized.add(submodule_name(fused))
+    _merge_fp_experts(model, tensors, expert_of, set(experts))
+    tensors = {to_model.get(k, k): v for k, v in tensors.items()}
+    _load_rest(model, tensors, quantized, path)
     model.qdpo_spec = spec
     if mode == "train":
-        for m in quantized_layers(model).values():
+        for m in [*quantized_layers(model).values(), *quantized_experts(model).values()]:
             m.to_train(dtype)
     log.info("loaded %s checkpoint %s (%s, %d layers)", fmt, path, spec.name, len(names))
     return model.to(device).eval(), spec
 
 
+def _expert_layers(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """Checkpoint layer → (the fused expert tensor it is part of, its rows there), for every fused expert
+    tensor the model's checkpoints store as one linear layer per expert."""
+    out = {}
+    for fused in fused_expert_tensors(model):
+        try:
+            layers = layout.expert_layers(model, fused)
+        except FormatError:  # kept fused in the checkpoints too (gpt-oss, Llama 4): no layer of the file is one
+            continue
+        out.update({layer: (fused, rows) for layer, rows in layers.items()})
+    return out
+
+
+def _install_experts(model: nn.Module, fused: str, layers: list[str], expert_of: dict, fmt: str, spec: QuantSpec,
+                     details: dict, tensors: dict, dtype: torch.dtype, backend: str) -> None:
+    """Gather the file's per-expert quantized layers of one fused expert tensor into a packed
+    :class:`~qdpo.quant.experts.QuantExpertTensor` (codes, zero points and scales the file's)."""
+    mod_name, _, t = fused.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    e, o, k = mod._parameters[t].shape
+    missing = sorted(n for n, (f, _) in expert_of.items() if f == fused and n not in layers)
+    if missing:
+        raise FormatError(f"the checkpoint quantizes {len(layers)} of the per-expert layers of {fused} but not "
+                          f"{missing[:3]}; qdpo imports a fused expert tensor whole")
+    q = QuantExpertTensor(e, o, k, spec, transposed=False, mode="packed", dtype=dtype, backend=backend)
+    with torch.no_grad():
+        for layer in layers:
+            rows = expert_of[layer][1]
+            parts = {p: tensors.pop(f"{layer}.{p}") for p in _PARTS[fmt] if f"{layer}.{p}" in tensors}
+            qw = _layer(fmt, spec, parts, details, layer)
+            if qw.shape != (len(rows), k):
+                raise FormatError(f"{layer}: the file's weight is {qw.shape} (N, K), the model's expert layer is "
+                                  f"{(len(rows), k)}; config.json does not match the weights")
+            q.qweight[rows] = qw.qweight
+            q.scales[rows] = _cast_exact(qw.scales, dtype, layer)
+            q.zeros[rows] = qw.zeros
+    install(mod, t, q)
+
+
+def _merge_fp_experts(model: nn.Module, tensors: dict, expert_of: dict, quantized: set[str]) -> None:
+    """The file's full-precision per-expert layers as the model's fused ``(experts, out, in)`` tensors
+    (every layer of a fused tensor present; anything else is left for :func:`_load_rest` to report)."""
+    layers: dict[str, list[str]] = {}
+    for layer, (fused, _) in expert_of.items():
+        layers.setdefault(fused, []).append(layer)
+    for fused, names in layers.items():
+        if fused in quantized or not all(n + layout.WEIGHT in tensors for n in names):
+            continue
+        mod, _, t = fused.rpartition(".")
+        shape = model.get_submodule(mod)._parameters[t].shape
+        parts = [tensors.pop(n + layout.WEIGHT) for n in names]
+        whole = parts[0].new_empty(shape[0] * shape[1], shape[2])
+        for n, part in zip(names, parts):
+            whole[expert_of[n][1]] = part
+        tensors[fused] = whole.view(shape)
+
+
 def _install(model: nn.Module, name: str, fmt: str, spec: QuantSpec, details: dict, tensors: dict,
-             dtype: torch.dtype, backend: str) -> None:
-    """Replace the Linear at ``name`` by a packed :class:`QuantLinear` holding the file's weight."""
+             dtype: torch.dtype, backend: str, key: str | None = None) -> None:
+    """Replace the Linear at ``name`` by a packed :class:`QuantLinear` holding the file's weight (the file's
+    layer ``key``, by default ``name``)."""
+    key = key or name
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise FormatError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from None
+        raise FormatError(f"the checkpoint quantizes {key!r}, which {type(model).__name__} does not have") from None
     if not isinstance(old, nn.Linear):
-        raise FormatError(f"the checkpoint quantizes {name!r}, a {type(old).__name__}; qdpo imports nn.Linear layers")
-    parts = {p: tensors.pop(f"{name}.{p}") for p in _PARTS[fmt] if f"{name}.{p}" in tensors}
-    qw = _layer(fmt, spec, parts, details, name)
+        raise FormatError(f"the checkpoint quantizes {key!r}, a {type(old).__name__}; qdpo imports nn.Linear layers")
+    parts = {p: tensors.pop(f"{key}.{p}") for p in _PARTS[fmt] if f"{key}.{p}" in tensors}
+    qw = _layer(fmt, spec, parts, details, key)
     if qw.shape != (old.out_features, old.in_features):
         raise FormatError(f"{name}: the file's weight is {qw.shape} (N, K), the model's layer is "
                           f"{(old.out_features, old.in_features)}; config.json does not match the weights")
-    bias = tensors.pop(f"{name}.bias", None)
+    bias = tensors.pop(f"{key}.bias", None)
     if bias is not None and old.bias is None and not bool(bias.any()):
         bias = None  # some GPTQ writers store a zero bias for every layer
     if (bias is None) != (old.bias is None):
@@ -287,7 +364,7 @@ def quantize_initial_from(path: str | os.PathLike, fp_model_like: nn.Module,
     Returns ``(model, stats)`` like ``qdpo.training.stages.quantize_initial``:
     a train-mode copy in ``fp_model_like``'s dtype and device whose codes,
     zero points and scales are the checkpoint's, and
-    ``{"init": "external", "path", "format", "spec", "layers"}``.
+    ``{"init": "external", "path", "format", "spec", "layers", "expert_tensors"}``.
 
     Raises :class:`FormatError` (a ``ValueError``) when the checkpoint is
     unsupported, when its architecture differs from ``fp_model_like`` (layer
@@ -303,15 +380,19 @@ def quantize_initial_from(path: str | os.PathLike, fp_model_like: nn.Module,
     _check_same_architecture(model, fp_model_like, path)
     model = model.to(p.device)
     stats = {"init": "external", "path": str(path), "format": fmt, "spec": file_spec.to_dict(),
-             "layers": len(quantized_layers(model))}
+             "layers": len(quantized_layers(model)), "expert_tensors": len(quantized_experts(model))}
     return model, stats
 
 
 def _check_same_architecture(model: nn.Module, fp: nn.Module, path) -> None:
     """Same state-dict names and shapes as ``fp`` (a quantized layer's latent ``weight`` standing for its Linear)."""
     qnames = set(quantized_layers(model))
+    experts = {submodule_name(n): (n, q) for n, q in quantized_experts(model).items()}
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()
-           if not (k.rsplit(".", 1)[0] in qnames and k.rsplit(".", 1)[1] in ("scales", "zeros"))}
+           if not (k.rsplit(".", 1)[0] in qnames | set(experts) and k.rsplit(".", 1)[1] in ("scales", "zeros"))}
+    for sub, (name, q) in experts.items():  # the latent weight (E·out, in) stands for the fused tensor
+        got.pop(f"{sub}.weight", None)
+        got[name] = (q.experts, *((q.in_features, q.out_features) if q.transposed else (q.out_features, q.in_features)))
     want = {k: tuple(v.shape) for k, v in fp.state_dict().items()}
     bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
     if bad:

@@ -5,7 +5,8 @@ inside the model by a :class:`QuantLinear`, except the output embeddings
 (LM head) and any module whose name matches ``exclude``, and gives every fused
 3-D expert tensor of a transformers mixture of experts a
 :class:`~qdpo.quant.experts.QuantExpertTensor` (named ``<experts module>.<tensor>``
-for ``exclude``). Embeddings and routers are never touched. All shapes are
+for ``exclude``). Embeddings and routers (also the linear gates beside an experts module,
+:func:`~qdpo.quant.experts.moe_routers`) are never touched. All shapes are
 checked before the first layer is replaced, so a model that cannot take the
 spec is left unchanged.
 """
@@ -19,8 +20,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from qdpo.quant.experts import (QuantExpertTensor, expert_shape, fused_expert_tensors, install, quantized_experts,
-                                transposed)
+from qdpo.quant.experts import (QuantExpertTensor, expert_shape, fused_expert_tensors, install, moe_routers,
+                                quantized_experts, transposed)
 from qdpo.quant.linear import QuantLinear, _linear_weight
 from qdpo.quant.spec import QuantSpec
 
@@ -46,8 +47,9 @@ def quantizable_layers(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUD
     ``exclude`` holds module names or glob patterns (``"*.mlp.down_proj"``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    gates = moe_routers(model)
     return {name: m for name, m in model.named_modules() if _is_linear(m) and m is not head
-            and not _excluded(name, exclude)}
+            and name not in gates and not _excluded(name, exclude)}
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:
