@@ -142,7 +142,7 @@ def _skeleton(src: Path) -> nn.Module:
 
 def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> list[str]:
     """Check every quantized layer against the model and the format; returns the layers left unquantized
-    (Linear layers and MoE routers), by their names in the model's checkpoints."""
+    (Linear layers and MoE routers), by their names in the model and in its checkpoints."""
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     bad = []
@@ -164,7 +164,9 @@ def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> li
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise ExportError("; ".join(bad[:3]) + more)
-    return sorted(layout.checkpoint_name(model, n) for n in set(left) | moe_routers(model))
+    # each under the model's name (transformers matches those) and its checkpoints' (other loaders may)
+    names = set(left) | moe_routers(model)
+    return sorted(names | {layout.checkpoint_name(model, n) for n in names})
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -182,6 +182,40 @@ def test_export_writes_config_tokenizer_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "src"]  # no temporary directory left
 
 
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_export_uses_the_checkpoint_names_and_imports_them_back(tmp_path):
+    # Gemma 3's modules live under model.language_model; its checkpoints (save_pretrained) say
+    # language_model.model: the export writes those names, and the importer reads them back
+    from tests.test_quant_linear import tiny_gemma3
+
+    model = tiny_gemma3()
+    quantize_model(model, QuantSpec(4, 32, True))
+    to_packed(model)
+    save_quantized(model, tmp_path / "src")
+    with torch.no_grad():
+        logits = model(IDS).logits
+    rc, _, err = run_export(tmp_path / "src", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert rc == 0, err
+    tiny_gemma3().save_pretrained(tmp_path / "fp")
+    fp_keys = set(load_file(str(tmp_path / "fp" / "model.safetensors")))
+    got = set(load_file(str(tmp_path / "ct" / "model.safetensors")))
+    packed = {k[: -len(".weight_packed")] for k in got if k.endswith(".weight_packed")}
+    assert len(packed) == 14 and all(k.startswith("language_model.model.layers.") for k in packed)
+    assert {k for k in got if not k.endswith(("weight_packed", "weight_scale", "weight_shape"))} | {
+        f"{k}.weight" for k in packed} == fp_keys
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    vision = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "vision_tower" in n]
+    assert vision and set(ignore) == {"lm_head", "language_model.lm_head", *vision,
+                                      *(n[len("model."):] for n in vision)}  # model's names and checkpoint's
+    for mode in ("packed", "train"):
+        back, _ = load_external(tmp_path / "ct", mode=mode)
+        assert sorted(quantized_layers(back)) == sorted(quantized_layers(model))
+        with torch.no_grad():
+            assert_exact(back(IDS).logits, logits, f"{mode} logits")
+    (result,) = load_elsewhere(tmp_path, [{"dir": str(tmp_path / "ct")}])
+    assert_exact(result["logits"], logits, "transformers logits")
+
+
 # ----------------------------------------------------------------------------- export → import round trips
 @pytest.mark.parametrize("fmt,spec,fp16", [
     ("compressed-tensors", QuantSpec(4, 32, False), False),

@@ -135,11 +135,9 @@ def test_weight_coverage_counts_every_matrix_once(arch):
     assert c["fp_fused_expert_tensors"] == []
 
 
-def test_a_multimodal_checkpoint_quantizes_its_language_model_only():
-    # Gemma 3 chat checkpoints load as one causal LM with a vision encoder that chat data never reaches
+def tiny_gemma3() -> nn.Module:
+    """A tiny Gemma 3 chat model with its vision encoder (token ids below VOCAB are text)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    from qdpo.quant.model import weight_coverage
 
     torch.manual_seed(0)
     cfg = Gemma3Config(
@@ -148,7 +146,14 @@ def test_a_multimodal_checkpoint_quantizes_its_language_model_only():
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=VOCAB + 1, boi_token_index=VOCAB + 2, eoi_token_index=VOCAB + 3)
-    model = Gemma3ForConditionalGeneration(cfg).eval()
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def test_a_multimodal_checkpoint_quantizes_its_language_model_only():
+    # Gemma 3 chat checkpoints load as one causal LM with a vision encoder that chat data never reaches
+    from qdpo.quant.model import weight_coverage
+
+    model = tiny_gemma3()
     vision = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "vision_tower" in n]
     assert vision
     with torch.no_grad():
