@@ -485,17 +485,72 @@ def test_awq_scales_the_experts_input_with_the_router(arch):
     with torch.no_grad():
         assert _sqnr(ref, model(ids).logits) > 100  # the FP function is unchanged (fp32)
     groups = {g["layers"][0]: g for g in stats["groups"] if g["layers"][0] in experts}
-    assert set(groups) == set(experts) and not stats["fallback"]
+    assert set(groups) == set(experts)
+    # gpt-oss's experts, (experts, in, out) with their own gate, keep RTN for down_proj; nothing else does
+    assert set(stats["fallback"]) == ({f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)}
+                                      if arch == "GptOss" else set())
     params = dict(model.named_parameters())
     for name, g in groups.items():
         assert g["folded_into"].endswith("post_attention_layernorm") and g["mse_awq"] <= g["mse_rtn"]
         router = next(n for n in routers if n.startswith(name.rsplit(".experts", 1)[0]))
         moved = not torch.equal(params[router], routers[router])
-        assert moved == (g["alpha"] > 0) and moved == (not torch.equal(params[name], experts[name]))
+        gate = (slice(None),) if arch == "GptOss" else (slice(None), slice(0, params[name].shape[1] // 2))
+        # (the up rows move with the down_proj folds too; the gate rows only with this one)
+        assert moved == (g["alpha"] > 0) and moved == (not torch.equal(params[name][gate], experts[name][gate]))
     assert any(g["alpha"] > 0 for g in groups.values())
     model = tiny_moe(arch)  # and the whole AWQ start: every expert tensor quantized
     awq_quantize_model(model, QuantSpec(4, 32), ids)
     assert len(quantized_experts(model)) == 4
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe"])
+def test_awq_scales_each_experts_down_proj_into_its_up_rows(arch):
+    # expert e's down_proj reads act(gate)·up of the tokens routed to e: s multiplies its columns, 1/s its up rows
+    from qdpo.quant.awq import _sqnr, awq_scale_model
+
+    model = tiny_moe(arch)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    # the reference: each expert's down_proj input from the FP model's own experts call, RTN error by the reference
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: calls.append((mod, a[0].detach(), a[1])))
+             for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    spec = QuantSpec(4, 32)
+    expect = {}
+    for layer, (mod, x, idx) in enumerate(calls):
+        inter = mod.down_proj.shape[-1]
+        for e in range(mod.down_proj.shape[0]):
+            xe = x[(idx == e).any(-1)]
+            if len(xe):
+                gate, up = (xe @ mod.gate_up_proj[e].detach().t()).split(inter, dim=-1)
+                h = mod.act_fn(gate) * up
+                w = mod.down_proj[e].detach()
+                sc, z = ref.qparams(w, spec.bits, spec.group_size, spec.symmetric)
+                err = h @ (ref.fake_quant(w, sc, z, spec.bits) - w).t()
+                expect[f"model.layers.{layer}.mlp.experts.down_proj[{e}]"] = float(err.pow(2).mean())
+    before = {n: p.detach().clone() for n, p in _expert_tensors(model).items()}
+    # gate_up_proj left FP: no norm fold scales its columns, so only the down_proj folds move it
+    stats = awq_scale_model(model, spec, ids, exclude=("lm_head", "*.experts.gate_up_proj"))
+    with torch.no_grad():
+        assert _sqnr(ref_logits, model(ids).logits) > 100  # the FP function is unchanged (fp32)
+    groups = {g["layers"][0]: g for g in stats["groups"] if "down_proj[" in g["layers"][0]}
+    assert set(groups) == set(expect) and len(expect) >= 6
+    params = dict(model.named_parameters())
+    for label, g in groups.items():
+        assert g["mse_rtn"] == pytest.approx(expect[label], rel=1e-4)  # the inputs the reference saw
+        assert g["mse_awq"] <= g["mse_rtn"]
+        name, e = label.split("[")[0], int(label.split("[")[1][:-1])
+        up_name = name.replace("down_proj", "gate_up_proj")
+        half = params[up_name].shape[1] // 2
+        assert torch.equal(params[up_name][e, :half], before[up_name][e, :half])  # the gate rows never move
+        moved = not torch.equal(params[up_name][e, half:], before[up_name][e, half:])
+        assert moved == (g["alpha"] > 0) == (not torch.equal(params[name][e], before[name][e]))
+    assert sum(g["alpha"] > 0 for g in groups.values()) >= 2
+    missing = {f"model.layers.{i}.mlp.experts.down_proj[{e}]" for i in range(2) for e in range(4)} - set(expect)
+    assert {k for k in stats["fallback"] if "down_proj[" in k} == missing  # no token routed there: RTN
 
 
 def test_awq_leaves_llama4_experts_alone():

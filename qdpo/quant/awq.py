@@ -32,11 +32,16 @@ a mixture of experts' block: the       input channels of     the post-attention 
 experts' ``gate_up_proj`` (all         every expert, and
 experts, every token), router, shared  the router's and the
 experts                                shared experts'
+expert ``e``'s ``down_proj`` (the      its columns           expert ``e``'s ``up`` rows of
+tokens routed to ``e``)                                      ``gate_up_proj`` (and their bias)
 =====================================  ====================  ===========================================
 
-The MoE row applies where the experts read the flattened output of the norm itself (Mixtral,
-Qwen2/3-MoE, OLMoE, gpt-oss), and no other reader of that norm folds a scale of its own; the
-experts' ``down_proj`` keeps plain RTN (its input is per expert, after the gate).
+The first MoE row applies where the experts read the flattened output of the norm itself (Mixtral,
+Qwen2/3-MoE, OLMoE, gpt-oss), and no other reader of that norm folds a scale of its own. The
+second applies to transformers' ``(experts, out, in)`` experts whose first product is ``(gate;
+up)`` (Mixtral, Qwen2/3-MoE, OLMoE, ...; not gpt-oss or Llama 4): each expert's ``down_proj``
+input is ``act(gate)·up`` of the tokens routed to it, recomputed from the captured tokens and
+routing; an expert no calibration token reached keeps RTN.
 
 Any other layer (GPT-2's ``c_proj``, a norm whose output is not ``weight·x``
 like Gemma's ``(1 + weight)·x``, tied weights) keeps ``s = 1`` (plain RTN),
@@ -99,7 +104,7 @@ class _Group:
 
 @dataclass(eq=False)
 class _Fold:
-    """One scale folded into a predecessor (``kind`` "norm" or "rows") and its consumers."""
+    """One scale folded into a predecessor (``kind`` "norm", "rows" or "expert") and its consumers."""
 
     kind: str
     pred: nn.Module
@@ -108,6 +113,7 @@ class _Fold:
     s_in: Tensor  # [K] multiplies the consumers' input columns (s_pred expanded for GQA)
     check: nn.Module | None  # run on random input to verify the fold; None: end-to-end check only
     entry: dict  # the group's stats entry, updated if the fold is undone
+    expert: int | None = None  # kind "expert": the predecessor is expert ``expert``'s up rows of gate_up_proj
 
 
 # --------------------------------------------------------------------------- public API
@@ -198,12 +204,13 @@ def awq_scale_model(
     was_training = model.training
     model.eval()
     try:
-        groups = _capture(model, set(layers), batches, positions, max_tokens, progress)
+        groups, routed = _capture(model, set(layers), batches, positions, max_tokens, progress)
         stats = {"method": "awq", "spec": spec.name, "n_grid": n_grid, "calib_tokens": total,
                  "sampled_tokens": min(total, max_tokens), "groups": [], "fallback": {}}
         check_ids = [t[:1, :CHECK_TOKENS] if t is not None else None for t in batches[0]]
         ref_logits = _logits(model, *check_ids)
         folds = _plan_and_search(model, spec, groups, set(layers), n_grid, backend, stats, progress)
+        folds += _expert_down_folds(model, routed, set(layers), n_grid, spec, backend, stats)
         _apply_checked(model, folds, check_ids, ref_logits, stats)
     finally:
         model.train(was_training)
@@ -321,7 +328,21 @@ class _Recorder:
         self.outputs: dict[int, tuple] = {}  # id(norm output) → (weakref, norm name), first batch only
         self.output_data: dict[tuple, tuple] = {}  # (data pointer, numel) of a norm output → the same
         self.inputs: dict[int, tuple] = {}  # id(linear input) → (weakref, leader), first batch only
+        self.routed: dict[str, list[tuple[Tensor, Tensor]]] = {}  # experts module → (tokens, chosen experts)
         self.first, self.index, self.n_rows = True, None, 0
+
+    def experts_hook(self, name: str):
+        """An experts module called as transformers' experts are (tokens, chosen experts, their weights):
+        keep the sampled tokens and the experts each was routed to (the inputs of every expert's down_proj)."""
+        def hook(module, args):
+            if len(args) != 3 or not all(isinstance(a, Tensor) for a in args) or args[1].dim() != 2:
+                return
+            x, idx = args[0].detach().reshape(-1, args[0].shape[-1]), args[1].detach()
+            if x.shape[0] == self.n_rows and idx.shape[0] == x.shape[0]:
+                keep = self.index.to(x.device)
+                x, idx = x[keep], idx[keep]
+            self.routed.setdefault(name, []).append((x.to(torch.float32, copy=True), idx.clone()))
+        return hook
 
     def norm_hook(self, name: str):
         def hook(module, args, out):
@@ -363,8 +384,9 @@ class _Recorder:
         self.leader_of[name] = name
 
 
-def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict[str, _Group]:
-    """Run the FP model on the calibration batches; return the groups with quantized members."""
+def _capture(model, quantized, batches, positions, max_tokens, progress) -> tuple[dict[str, _Group], dict]:
+    """Run the FP model on the calibration batches; return the groups with quantized members, and each
+    experts module's sampled tokens with the experts they were routed to."""
     rec = _Recorder()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     handles = []
@@ -379,6 +401,8 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict
             up = next((t for t in ("gate_up_proj", "up_proj") if t in m._parameters), None)
             if up is not None:
                 handles.append(m.register_forward_pre_hook(rec.linear_hook(f"{name}.{up}" if name else up)))
+            if f"{name}.down_proj" in quantized:
+                handles.append(m.register_forward_pre_hook(rec.experts_hook(name)))
         elif name.rpartition(".")[0] in moe_blocks and _is_router_like(m):  # rescaled with the experts
             handles.append(m.register_forward_pre_hook(rec.linear_hook(name)))
     if isinstance(head, nn.Module):  # registered last: runs after the head's capture hook
@@ -404,7 +428,12 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> dict
         x = torch.cat(g.chunks)
         g.chunks = [x[torch.randperm(x.shape[0], generator=gen)[:max_tokens].to(x.device)]
                     if x.shape[0] > max_tokens else x]
-    return rec.groups
+    routed = {}
+    for name, chunks in rec.routed.items():
+        x, idx = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        keep = torch.randperm(x.shape[0], generator=gen)[:max_tokens].to(x.device)
+        routed[name] = (x[keep], idx[keep]) if x.shape[0] > max_tokens else (x, idx)
+    return rec.groups, routed
 
 
 def _adopt_views(groups: dict[str, _Group], modules: dict[str, nn.Module]) -> None:
@@ -476,6 +505,50 @@ def _plan_and_search(model, spec, groups, quantized, n_grid, backend, stats, pro
         if alpha > 0:
             folds.append(_Fold(kind, modules[pred_name], [_member_weight(modules, n) for n in g.members],
                                s_pred, s_in, check, entry))
+    return folds
+
+
+def _expert_down_folds(model, routed: dict, quantized: set[str], n_grid: int, spec, backend, stats) -> list[_Fold]:
+    """Each expert's ``down_proj`` scaled like a dense ``down_proj``: its input is ``act(gate)·up`` of the
+    tokens routed to that expert, so ``1/s`` folds into that expert's ``up`` rows of ``gate_up_proj``
+    (transformers' ``(gate; up)`` halves) and ``s`` into its ``down_proj`` columns. Experts modules of
+    another kind (no gate, the transposed gpt-oss layout, not called with the routing) keep RTN there."""
+    grid = [i / (n_grid - 1) for i in range(n_grid)] if n_grid > 1 else [0.0]
+    folds = []
+    for name, (m, t) in fused_expert_tensors(model).items():
+        if t != "down_proj" or name not in quantized:
+            continue
+        mod = name.rpartition(".")[0]
+        why = None
+        if experts_layout(m) or not getattr(m, "has_gate", True) or "gate_up_proj" not in m._parameters:
+            why = ("its experts module is not transformers' (experts, out, in) kind with a (gate; up) first "
+                   "product, through which a scale folds exactly (gpt-oss, Llama 4)")
+        elif mod not in routed:
+            why = "its experts module was not called with the routing (tokens, chosen experts, weights)"
+        if why:
+            _fallback(stats, [name], why, logging.INFO)
+            continue
+        x, idx = routed[mod]
+        gate_up, down = m._parameters["gate_up_proj"], m._parameters["down_proj"]
+        inter = down.shape[-1]
+        apply_gate = m._apply_gate if hasattr(m, "_apply_gate") else (lambda h: m.act_fn(h[..., :inter]) * h[..., inter:])
+        for e in range(down.shape[0]):
+            rows = (idx == e).any(-1)
+            label = f"{name}[{e}]"
+            if not bool(rows.any()):
+                _fallback(stats, [label], "no calibration token was routed to this expert", logging.INFO)
+                continue
+            gu = x[rows] @ gate_up[e].float().t()
+            if getattr(m, "has_bias", False):
+                gu = gu + m.gate_up_proj_bias[e].float()
+            h = apply_gate(gu).float()
+            alpha, s_pred, s_in, mse_rtn, mse_awq = _search(h, [down[e]], None, spec, grid, backend)
+            entry = {"layers": [label], "folded_into": f"{mod}.gate_up_proj[{e}] (up rows)", "alpha": alpha,
+                     "mse_rtn": mse_rtn, "mse_awq": mse_awq,
+                     "mse_reduction": 1 - mse_awq / mse_rtn if mse_rtn > 0 else 0.0}
+            stats["groups"].append(entry)
+            if alpha > 0:
+                folds.append(_Fold("expert", m, [down[e]], s_pred, s_in, m, entry, expert=e))
     return folds
 
 
@@ -577,11 +650,16 @@ def _apply(f: _Fold, inverse: bool = False) -> None:
     """Divide the predecessor's output channels by s and multiply the consumers' columns by s (or undo)."""
     shrink, grow = (torch.mul, torch.div) if inverse else (torch.div, torch.mul)
     p = f.pred
-    w = p.weight if f.kind == "norm" else _linear_weight(p)
+    if f.kind == "expert":  # the up half of the expert's (gate; up) rows, and their bias
+        half = p.gate_up_proj.shape[1] // 2
+        w, bias = p.gate_up_proj[f.expert, half:], getattr(p, "gate_up_proj_bias", None)
+        bias = bias[f.expert, half:] if isinstance(bias, Tensor) and getattr(p, "has_bias", False) else None
+    else:
+        w, bias = (p.weight if f.kind == "norm" else _linear_weight(p)), getattr(p, "bias", None)
     sp = f.s_pred.to(w.device)
     w.copy_(shrink(w.float(), sp if f.kind == "norm" else sp[:, None]).to(w.dtype))
-    if isinstance(getattr(p, "bias", None), Tensor):
-        p.bias.copy_(shrink(p.bias.float(), sp).to(p.bias.dtype))
+    if isinstance(bias, Tensor):
+        bias.copy_(shrink(bias.float(), sp).to(bias.dtype))
     for w in f.consumers:
         w.copy_(grow(w.float(), f.s_in.to(w.device)).to(w.dtype))
 
@@ -591,15 +669,21 @@ def _apply_locally_checked(f: _Fold, gen: torch.Generator) -> str | None:
     if f.check is None:
         _apply(f)
         return None
-    w = f.pred.weight
-    width = w.numel() if f.kind == "norm" else f.pred.in_features
-    x = torch.randn(1, 4, width, generator=gen).to(w.device, w.dtype)
+    if f.kind == "expert":  # the experts module on tokens all routed to this expert
+        w = f.pred.gate_up_proj
+        x = torch.randn(4, w.shape[-1], generator=gen).to(w.device, w.dtype)
+        route = (torch.full((4, 1), f.expert, device=w.device), torch.ones(4, 1, device=w.device, dtype=w.dtype))
+        args = (x, *route)
+    else:
+        w = f.pred.weight
+        width = w.numel() if f.kind == "norm" else f.pred.in_features
+        args = (torch.randn(1, 4, width, generator=gen).to(w.device, w.dtype),)
     try:
-        y0 = _first(f.check(x)).float()
+        y0 = _first(f.check(*args)).float()
     except (TypeError, RuntimeError, ValueError) as e:
         return f"{type(f.check).__name__} could not be run on a test input to verify the fold ({e})"
     _apply(f)
-    y1 = _first(f.check(x)).float()
+    y1 = _first(f.check(*args)).float()
     if f.kind == "norm":
         y1 = y1 * f.s_pred.to(y1.device)  # the norm's output must come out divided by s
     err = float((y1 - y0).norm() / y0.norm().clamp_min(1e-30))
