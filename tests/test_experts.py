@@ -291,6 +291,57 @@ def test_exported_experts_import_back_bit_for_bit(tmp_path):
         assert all(q.mode == "train" for q in quantized_experts(model).values())
 
 
+@pytest.mark.parametrize("fmt,spec", [("gptq", QuantSpec(4, 32, True)), ("awq", QuantSpec(4, 32, False))])
+def test_gptq_and_awq_moe_checkpoints_import_their_experts(fmt, spec, tmp_path):
+    # GPTQ/AWQ MoE checkpoints (GPTQModel, AutoAWQ) hold one layer per expert in the Hub layout, written
+    # here from qdpo's codes with Mixtral's known row order: w1 = gate rows, w3 = up rows, w2 = down
+    from safetensors.torch import load_file, save_file
+
+    from qdpo.export import quantization_config
+    from qdpo.quant import convert
+    from qdpo.quant.format import QuantizedWeight
+    from qdpo.quant.importers import load_external
+
+    src, _ = export_moe("Mixtral", tmp_path, spec)
+    saved = load_file(str(src / "model.safetensors"))
+    cfg = json.loads((src / "qdpo_quant.json").read_text())
+    write = convert.to_gptq if fmt == "gptq" else convert.to_awq
+
+    def layer(prefix: str, rows: slice) -> dict:
+        qw, sc, z = (saved[f"{prefix}.{p}"][rows] for p in ("qweight", "scales", "zeros"))
+        qw = QuantizedWeight(qw, sc, z, spec, (qw.shape[0], qw.shape[1] * 2), sc.dtype)
+        return write(qw, allow_inexact_scales=True)  # float16 scales
+
+    out = {k: v for k, v in saved.items() if not k.endswith(("qweight", "scales", "zeros"))}
+    for name in cfg["modules"]:
+        out.update({f"{name}.{k}": v for k, v in layer(name, slice(None)).items()})
+    inter, hidden, experts = 128, 64, 4
+    for i in range(2):
+        q = f"model.layers.{i}.mlp.experts.qdpo_"
+        for e in range(experts):
+            hub = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            for w, (t, lo, n) in {"w1": ("gate_up_proj", 2 * inter * e, inter),
+                                  "w3": ("gate_up_proj", 2 * inter * e + inter, inter),
+                                  "w2": ("down_proj", hidden * e, hidden)}.items():
+                out.update({f"{hub}.{w}.{k}": v for k, v in layer(q + t, slice(lo, lo + n)).items()})
+    d = tmp_path / fmt
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config(fmt, spec, ["lm_head"])
+    (d / "config.json").write_text(json.dumps(config))
+    model, got_spec = load_external(d, mode="packed")
+    assert got_spec == spec
+    qe = quantized_experts(model)
+    assert sorted(qe) == cfg["experts"]
+    for name, q in qe.items():  # qdpo's codes and zero points; its scales as float16 holds them
+        k = name.rpartition(".")[0] + ".qdpo_" + name.rpartition(".")[2]
+        assert torch.equal(q.qweight, saved[f"{k}.qweight"]) and torch.equal(q.zeros, saved[f"{k}.zeros"])
+        assert torch.equal(q.scales, saved[f"{k}.scales"].half().float())
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
 def test_export_refuses_what_cannot_hold_the_experts(tmp_path):
     from qdpo.export import ExportError, export
     from qdpo.quant.convert import FormatError
