@@ -15,9 +15,11 @@ writes a Hugging Face checkpoint: ``config.json`` with the format's
   fails with a size mismatch; transformers then dequantizes at load time.
   Tensors take the names and layouts of the model's own checkpoints
   (:mod:`qdpo.quant.layout`); a mixture of experts' fused expert tensors
-  become one layer per expert and product (symmetric grids only: transformers
-  reads no zero points for experts), and the export carries ``"dequantize":
-  true``, the only way transformers loads compressed experts.
+  become one layer per expert and product, and the export carries
+  ``"dequantize": true``, the only way transformers loads compressed experts.
+  transformers (5.25) cannot load asymmetric experts (its MoE loader drops
+  their zero points); :func:`check_layers` checks such files layer by layer
+  with compressed-tensors' own decompressor.
 * ``gptq`` (v1; W4/W8) and ``awq`` (GEMM; W4): load in transformers through
   ``optimum`` + ``gptqmodel`` (``make interop-check``). Both store float16
   scales: see :mod:`qdpo.quant.convert` for what is exact.
@@ -255,6 +257,48 @@ def quantization_config(fmt: str, spec: QuantSpec, ignore: list[str]) -> dict:
             "modules_to_not_convert": ignore or None}
 
 
+def asymmetric_experts(path: str | os.PathLike) -> bool:
+    """Whether the qdpo packed model at ``path`` has quantized expert tensors on asymmetric grids: their
+    compressed-tensors export is one transformers (5.25) cannot load (see :func:`export`)."""
+    qcfg = read_quant_config(path)
+    return bool(qcfg["experts"]) and not qcfg["spec"].symmetric
+
+
+def check_layers(path: str | os.PathLike) -> dict:
+    """Decompress every quantized layer of the compressed-tensors export at ``path`` with compressed-tensors'
+    own decompressor and compare it with qdpo's reading of the same tensors (:func:`~qdpo.quant.convert.
+    from_compressed_tensors`, dequantized in fp32): ``{"layers": count, "max_abs_diff": float}``. Needs the
+    ``compressed-tensors`` package."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from qdpo.kernels import reference
+    from qdpo.quant.importers import read_external_config
+
+    path = Path(path)
+    fmt, spec, _ = read_external_config(path)
+    if fmt != "compressed-tensors":
+        raise ExportError(f"{path} is a {fmt} checkpoint; check_layers reads compressed-tensors exports")
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    group = next(iter(qc["config_groups"].values()))
+    scheme = QuantizationScheme.model_validate({k: group[k] for k in ("targets", "weights") if k in group})
+    compressor = BaseCompressor.get_value_from_registry(qc["format"])
+    tensors = _read_tensors(path / "model.safetensors")
+    worst, count = 0.0, 0
+    for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
+        layer = key[: -len(".weight_packed")]
+        parts = {p: tensors[f"{layer}.{p}"] for p in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                      "weight_shape") if f"{layer}.{p}" in tensors}
+        theirs = compressor.decompress(parts, scheme)["weight"].float()
+        qw = convert.from_compressed_tensors(parts, spec)
+        ours = reference.dequantize(qw.qweight, qw.scales, qw.zeros, spec.bits, torch.float32)
+        if theirs.shape != ours.shape:
+            raise ExportError(f"{layer}: compressed-tensors decompresses it to {tuple(theirs.shape)}, qdpo reads "
+                              f"{tuple(ours.shape)}")
+        worst, count = max(worst, float((theirs - ours).abs().max())), count + 1
+    return {"layers": count, "max_abs_diff": worst}
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
@@ -277,10 +321,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
         raise ExportError(f"{src} holds {len(experts)} quantized fused expert tensors (a mixture of experts); "
                           f"{fmt} checkpoints of those are not supported: export as compressed-tensors")
     if experts and not spec.symmetric:
-        raise ExportError(f"{src} holds {len(experts)} quantized fused expert tensors with asymmetric grids "
-                          f"({spec.name}); transformers loads no zero points for the experts of a compressed-tensors "
-                          "checkpoint: quantize with --symmetric to export a mixture of experts, or use the qdpo "
-                          "packed model itself (qdpo.load_quantized)")
+        log.warning("%s: asymmetric expert layers (%s): transformers (5.25) cannot load them, its MoE loader drops "
+                    "their zero points; loaders with asymmetric compressed-tensors MoE support read them (recent "
+                    "vLLM and SGLang list it; not checked here). Each layer decompresses to qdpo's weights with "
+                    "compressed-tensors' own decompressor (qdpo.export.check_layers)", src, spec.name)
     skeleton = _skeleton(src)
     ignore = _plan(skeleton, modules, spec, fmt)
     config = json.loads((src / "config.json").read_text())

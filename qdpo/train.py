@@ -393,7 +393,9 @@ def _export(model, tok, path: Path, fp_model, test_ex, evaluated: dict, ev) -> d
 
 
 def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
-    """``python -m qdpo.export`` into ``<path>_compressed_tensors``, loaded back by transformers alone."""
+    """``python -m qdpo.export`` into ``<path>_compressed_tensors``, loaded back by transformers alone (a model
+    with asymmetric experts, which transformers cannot load: by qdpo's reader, each layer checked with
+    compressed-tensors' decompressor)."""
     import importlib.util
 
     from qdpo.export import export
@@ -409,18 +411,28 @@ def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
         return {"compressed_tensors": str(out), "compressed_tensors_checked": False}
     from transformers import AutoModelForCausalLM
 
+    from qdpo.export import asymmetric_experts, check_layers
+    from qdpo.quant.importers import load_external
     from qdpo.quant.linear import frozen_weights
     from qdpo.training.data import collate
 
-    hf = AutoModelForCausalLM.from_pretrained(str(out)).to(device).eval()
+    rec = {"compressed_tensors": str(out)}
+    if asymmetric_experts(path):  # transformers cannot load it: qdpo's reader, checked by compressed-tensors'
+        reader = load_external(out, mode="packed", device=device)[0]
+        rec["compressed_tensors_layers"] = check_layers(out)
+        log.info("compressed-tensors export %s: transformers cannot load asymmetric experts; read back by qdpo, "
+                 "its %d layers decompress with compressed-tensors to qdpo's weights (max |Δw| %.3g)", out,
+                 rec["compressed_tensors_layers"]["layers"], rec["compressed_tensors_layers"]["max_abs_diff"])
+    else:
+        reader = AutoModelForCausalLM.from_pretrained(str(out)).to(device)
     batch = collate(examples, 0).to(device)
     with torch.no_grad(), frozen_weights(model):
         a = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        b = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = reader.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     m = batch.attention_mask.bool()
     diff = (a[m] - b[m]).abs().max().item()
     log.info("compressed-tensors export %s: max |Δlogit| vs the trained model = %.3g", out, diff)
-    return {"compressed_tensors": str(out), "compressed_tensors_max_abs_logit_diff": diff}
+    return {**rec, "compressed_tensors_max_abs_logit_diff": diff}
 
 
 def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped,

@@ -2,6 +2,7 @@
 against models whose expert tensors were replaced by the reference's ŵ."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import warnings
@@ -342,13 +343,36 @@ def test_gptq_and_awq_moe_checkpoints_import_their_experts(fmt, spec, tmp_path):
         assert torch.isfinite(model(IDS).logits).all()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_asymmetric_experts_export_checked_layer_by_layer(tmp_path, monkeypatch, caplog):
+    # transformers 5.25 cannot load asymmetric experts (it drops their zero points); the file is checked by
+    # compressed-tensors' own decompressor, layer by layer, and read back by qdpo
+    from qdpo.export import asymmetric_experts, check_layers, export
+    from qdpo.quant import convert
+    from qdpo.quant.importers import load_external
+
+    src, logits = export_moe("Mixtral", tmp_path, QuantSpec(4, 32))
+    assert asymmetric_experts(src)
+    with caplog.at_level("WARNING", logger="qdpo.export"):
+        out = export(src, tmp_path / "ct", "compressed-tensors")
+    assert "transformers (5.25) cannot load them" in caplog.text
+    assert check_layers(out) == {"layers": 8 + 2 * 4 * 3, "max_abs_diff": 0.0}  # attention + w1/w2/w3 per expert
+    back, spec = load_external(out, mode="packed")
+    assert spec == QuantSpec(4, 32) and len(quantized_experts(back)) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, logits, rtol=0, atol=1e-6)
+    # the check compares two readers: one that gets the zero points wrong is caught
+    read = convert.from_compressed_tensors
+    monkeypatch.setattr(convert, "from_compressed_tensors",
+                        lambda t, sp: dataclasses.replace(read(t, sp), zeros=read(t, sp).zeros ^ 1))
+    assert check_layers(out)["max_abs_diff"] > 0
+
+
 def test_export_refuses_what_cannot_hold_the_experts(tmp_path):
     from qdpo.export import ExportError, export
     from qdpo.quant.convert import FormatError
 
     src, _ = export_moe("Mixtral", tmp_path, QuantSpec(4, 32))  # asymmetric
-    with pytest.raises(ExportError, match=r"4 quantized fused expert tensors with asymmetric grids .*--symmetric"):
-        export(src, tmp_path / "ct", "compressed-tensors")
     with pytest.raises(ExportError, match=r"4 quantized fused expert tensors .* gptq checkpoints of those are not "
                                           r"supported: export as compressed-tensors"):
         export(src, tmp_path / "ct", "gptq")
@@ -387,9 +411,8 @@ def test_pipeline_on_a_mixture_of_experts(arch, moe_dir, tmp_path):
 
     d = moe_dir if arch == "Mixtral" else save_moe(arch, tmp_path / "model")
     out = tmp_path / "run"
-    # Mixtral symmetric: its compressed-tensors export is written and checked; Llama 4's experts cannot be
-    sym = ["--symmetric"] if arch == "Mixtral" else []
-    args = _args(d, _prompts(tmp_path / "p.jsonl"), out, "--steps", "2", "--eval-every", "0", *sym)  # keeps the last step
+    # Mixtral's (asymmetric) compressed-tensors export is written and checked; Llama 4's experts cannot be
+    args = _args(d, _prompts(tmp_path / "p.jsonl"), out, "--steps", "2", "--eval-every", "0")  # keeps the last step
     assert train.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     w = metrics["init"]["weights"]
@@ -397,8 +420,9 @@ def test_pipeline_on_a_mixture_of_experts(arch, moe_dir, tmp_path):
     assert (w["quantized_layers"], w["quantized_expert_tensors"], w["fp_fused_expert_tensors"]) == (linears, 4, [])
     ex = metrics["training"]["qdpo"]["export"]
     assert ex["reproduces_eval"] is True
-    if arch == "Mixtral":
+    if arch == "Mixtral":  # read back by qdpo, every layer checked by compressed-tensors' decompressor
         assert ex["compressed_tensors"] == str(out / "export_qdpo_compressed_tensors")
+        assert ex["compressed_tensors_layers"] == {"layers": 8 + 2 * 4 * 3, "max_abs_diff": 0.0}
         assert ex["compressed_tensors_max_abs_logit_diff"] < 1e-4
     else:
         assert ex["compressed_tensors"] is None  # skipped, with a log line
