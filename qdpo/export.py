@@ -37,6 +37,7 @@ existing non-empty ``--out`` is refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--allow-inexact-scales", action="store_true",
                    help="gptq/awq: round scales float16 cannot hold exactly to nearest instead of refusing")
+    p.add_argument("--check", action="store_true",
+                   help="compressed-tensors: decompress every layer written with compressed-tensors' own "
+                        "decompressor and compare it with qdpo's reading (needs the compressed-tensors package)")
     return p
 
 
@@ -372,13 +376,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.check and args.format != "compressed-tensors":
+            raise ExportError(f"--check reads compressed-tensors exports, not {args.format}")
+        if args.check and importlib.util.find_spec("compressed_tensors") is None:
+            raise ExportError("--check needs the compressed-tensors package: pip install compressed-tensors")
         src = find_export(args.source, args.method)
         out = export(src, args.out, args.format, args.overwrite, args.allow_inexact_scales)
+        checked = check_layers(out) if args.check else None
     except (ValueError, OSError) as e:  # ExportError, FormatError, a bad qdpo_quant.json, a missing file
         print(f"qdpo.export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({args.format}, from {src}); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if args.format == "compressed-tensors" and asymmetric_experts(src):
+        print(f"wrote {out} ({args.format}, from {src}); transformers cannot load its asymmetric experts, "
+              "loaders with asymmetric compressed-tensors MoE support can; qdpo reads it with "
+              f"qdpo.quant.importers.load_external({str(out)!r})")
+    else:
+        print(f"wrote {out} ({args.format}, from {src}); load it with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if checked is not None:
+        print(f"checked {checked['layers']} layers with compressed-tensors' decompressor: max |Δw| vs qdpo's "
+              f"reading = {checked['max_abs_diff']:.3g}")
     return 0
 
 

@@ -361,6 +361,14 @@ def test_asymmetric_experts_export_checked_layer_by_layer(tmp_path, monkeypatch,
     assert spec == QuantSpec(4, 32) and len(quantized_experts(back)) == 4
     with torch.no_grad():
         torch.testing.assert_close(back(IDS).logits, logits, rtol=0, atol=1e-6)
+    from tests.test_export import run_export  # the command line says what loads it, and checks on request
+
+    rc, printed, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "cli", "--check")
+    assert rc == 0, err
+    assert "transformers cannot load its asymmetric experts" in printed
+    assert "checked 32 layers with compressed-tensors' decompressor: max |Δw| vs qdpo's reading = 0" in printed
+    rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "g", "--check")
+    assert rc == 2 and "--check reads compressed-tensors exports, not gptq" in err
     # the check compares two readers: one that gets the zero points wrong is caught
     read = convert.from_compressed_tensors
     monkeypatch.setattr(convert, "from_compressed_tensors",
