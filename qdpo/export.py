@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     if checked is not None:
         print(f"checked {checked['layers']} layers with compressed-tensors' decompressor: max |Δw| vs qdpo's "
               f"reading = {checked['max_abs_diff']:.3g}")
+        if checked["max_abs_diff"] != 0:  # both compute (q - z)·s in fp32: any difference is a wrong tensor
+            print(f"qdpo.export: error: compressed-tensors reads {out} differently from qdpo; do not deploy it",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

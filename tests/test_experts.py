@@ -374,6 +374,8 @@ def test_asymmetric_experts_export_checked_layer_by_layer(tmp_path, monkeypatch,
     monkeypatch.setattr(convert, "from_compressed_tensors",
                         lambda t, sp: dataclasses.replace(read(t, sp), zeros=read(t, sp).zeros ^ 1))
     assert check_layers(out)["max_abs_diff"] > 0
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "cli", "--check", "--overwrite")
+    assert rc == 1 and "compressed-tensors reads" in err and "differently from qdpo; do not deploy it" in err
 
 
 def test_export_refuses_what_cannot_hold_the_experts(tmp_path):
