@@ -33,14 +33,22 @@ ARCHS = {
 }
 # more layouts, for the export: shared experts beside the routed ones, a gate on the shared expert's output
 MORE_ARCHS = {"Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                               shared_expert_intermediate_size=96)}
+                               shared_expert_intermediate_size=96),
+              # DeepSeek-style blocks: router and shared experts read the norm's output, the experts its view
+              "DeepseekV3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
+                                 qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+                                 num_key_value_heads=4),
+              "Glm4Moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                              first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16)}
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
 def tiny_moe(arch: str, seed: int = 0, **sizes) -> nn.Module:
     torch.manual_seed(seed)
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, **{**ARCHS, **MORE_ARCHS}[arch])
+              num_key_value_heads=2)
+    kw.update({**ARCHS, **MORE_ARCHS}[arch])
     cfg = getattr(transformers, f"{arch}Config")(**{**kw, **sizes})
     model_cls = "Llama4ForCausalLM" if arch == "Llama4Text" else f"{arch}ForCausalLM"
     return getattr(transformers, model_cls)(cfg).eval()
@@ -636,6 +644,29 @@ def test_awq_scales_each_experts_down_proj_into_its_up_rows(arch):
     assert sum(g["alpha"] > 0 for g in groups.values()) >= 2
     missing = {f"model.layers.{i}.mlp.experts.down_proj[{e}]" for i in range(2) for e in range(4)} - set(expect)
     assert {k for k in stats["fallback"] if "down_proj[" in k} == missing  # no token routed there: RTN
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3", "Glm4Moe"])
+def test_awq_folds_a_deepseek_style_block_as_one_group(arch):
+    # the router and shared experts read the post-attention norm's output, the experts a view of it: one
+    # scale for all of them (before, the shared experts took the fold alone, the FP logits moved and AWQ
+    # undid every fold of the model)
+    from qdpo.quant.awq import _sqnr, awq_scale_model
+
+    model = tiny_moe(arch)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    router = model.model.layers[1].mlp.gate.weight.detach().clone()
+    stats = awq_scale_model(model, QuantSpec(4, 32), ids)
+    with torch.no_grad():
+        assert _sqnr(ref, model(ids).logits) > 100  # the FP function is unchanged (fp32)
+    assert not any("changed the model's FP logits" in why for why in stats["fallback"].values()), stats["fallback"]
+    (g,) = [g for g in stats["groups"] if "model.layers.1.mlp.experts.gate_up_proj" in g["layers"]]
+    assert g["folded_into"] == "model.layers.1.post_attention_layernorm" and g["alpha"] > 0
+    assert {"model.layers.1.mlp.shared_experts.gate_proj", "model.layers.1.mlp.shared_experts.up_proj"} <= set(g["layers"])
+    assert not torch.equal(model.model.layers[1].mlp.gate.weight, router)  # the router's columns took s too
+    assert sum(f["folded_into"].endswith("input_layernorm") for f in stats["groups"]) == 2  # attention still scaled
 
 
 def test_awq_leaves_llama4_experts_alone():

@@ -37,7 +37,8 @@ tokens routed to ``e``)                                      ``gate_up_proj`` (a
 =====================================  ====================  ===========================================
 
 The first MoE row applies where the experts read the flattened output of the norm itself (Mixtral,
-Qwen2/3-MoE, OLMoE, gpt-oss), and no other reader of that norm folds a scale of its own. The
+Qwen2/3-MoE, OLMoE, gpt-oss), or a view of the output that the router and shared experts read
+(DeepSeek-V3, GLM-4-MoE: one group, one scale for all of them). The
 second applies to transformers' ``(experts, out, in)`` experts whose first product is ``(gate;
 up)`` (Mixtral, Qwen2/3-MoE, OLMoE, ...; not gpt-oss or Llama 4): each expert's ``down_proj``
 input is ``act(gate)·up`` of the tokens routed to it, recomputed from the captured tokens and
@@ -437,17 +438,23 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> tupl
 
 
 def _adopt_views(groups: dict[str, _Group], modules: dict[str, nn.Module]) -> None:
-    """A group that reads a view of a norm's output folds into that norm when it holds a fused expert
-    tensor (the experts, router and shared experts of a standard MoE block all read the flattened
-    tokens) and no other group already folds into the norm (two scales cannot share one norm). Other
-    views keep RTN, as before: a norm output read both as a view and through derived tensors (Llama 4
-    scales its experts' input by the router) cannot take a fold that only the view's readers follow."""
-    taken = {g.producer for g in groups.values() if g.producer is not None}
-    for g in groups.values():
-        experts = any(n not in modules for n in g.members)  # a fused tensor's name is not a module's
-        if g.producer is None and g.view_of is not None and experts and g.view_of not in taken:
+    """Groups that read a view of a norm's output (an MoE block flattens it to tokens × channels). Where
+    another group reads that output itself and folds into the norm, the view's readers join it: one
+    scale for every reader of the same data (DeepSeek-style blocks: router and shared experts read the
+    output, the experts its view). Otherwise a group holding a fused expert tensor takes the norm itself
+    (the experts, router and shared experts of a standard MoE block all read the flattened tokens).
+    Other views keep RTN: a norm output read both as a view and through derived tensors (Llama 4 scales
+    its experts' input by the router) cannot take a fold that only the view's readers follow."""
+    owner = {g.producer: leader for leader, g in groups.items() if g.producer is not None}
+    for leader, g in list(groups.items()):
+        if g.producer is not None or g.view_of is None:
+            continue
+        if g.view_of in owner:
+            groups[owner[g.view_of]].members.extend(g.members)
+            del groups[leader]
+        elif any(n not in modules for n in g.members):  # a fused expert tensor's name is not a module's
             g.producer = g.view_of
-            taken.add(g.view_of)
+            owner[g.view_of] = leader
 
 
 def _is_router_like(m: nn.Module) -> bool:
