@@ -60,7 +60,10 @@ The statistics (α and calibration MSE vs RTN per group) are returned by
 Memory: the calibration inputs of every scaled group are held at once, fp32:
 ``num_layers × (sum of group input widths) × max_tokens × 4`` bytes
 (≈1.6 GB for SmolLM2-135M at the default 4096 tokens); lower ``max_tokens``
-to shrink it.
+to shrink it. An MoE layer whose experts' ``down_proj`` is scaled holds its
+experts' input once more (``hidden × max_tokens × 4`` bytes, with the chosen
+experts of each token), from which each expert's ``down_proj`` input is
+recomputed one expert at a time.
 """
 
 from __future__ import annotations
