@@ -78,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from qdpo.kernels import ops
-from qdpo.quant.experts import fused_expert_tensors, is_experts_module
+from qdpo.quant.experts import fused_expert_tensors, is_experts_module, moe_routers
 from qdpo.quant.experts import transposed as experts_layout
 from qdpo.quant.linear import MODES, _linear_weight
 from qdpo.quant.model import DEFAULT_EXCLUDE, _excluded, _is_linear, quantizable_layers, quantize_model
@@ -395,7 +395,7 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> tupl
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     handles = []
     modules = dict(model.named_modules())
-    moe_blocks = {n.rpartition(".")[0] for n, m in modules.items() if is_experts_module(m)}
+    routers = moe_routers(model)
     for name, m in modules.items():
         if _is_linear(m):
             handles.append(m.register_forward_pre_hook(rec.linear_hook(name)))
@@ -407,7 +407,7 @@ def _capture(model, quantized, batches, positions, max_tokens, progress) -> tupl
                 handles.append(m.register_forward_pre_hook(rec.linear_hook(f"{name}.{up}" if name else up)))
             if f"{name}.down_proj" in quantized:
                 handles.append(m.register_forward_pre_hook(rec.experts_hook(name)))
-        elif name.rpartition(".")[0] in moe_blocks and _is_router_like(m):  # rescaled with the experts
+        elif name in routers:  # a router module of its own: rescaled with the experts
             handles.append(m.register_forward_pre_hook(rec.linear_hook(name)))
     if isinstance(head, nn.Module):  # registered last: runs after the head's capture hook
         handles.append(head.register_forward_pre_hook(_stop_forward))
@@ -458,12 +458,6 @@ def _adopt_views(groups: dict[str, _Group], modules: dict[str, nn.Module]) -> No
         elif any(n not in modules for n in g.members):  # a fused expert tensor's name is not a module's
             g.producer = g.view_of
             owner[g.view_of] = leader
-
-
-def _is_router_like(m: nn.Module) -> bool:
-    """A module of an MoE block with a 2-D ``weight`` over the input channels (a router), not a linear layer."""
-    w = getattr(m, "weight", None)
-    return isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point() and not isinstance(m, nn.Embedding)
 
 
 def _stop_forward(module, args):
