@@ -31,9 +31,11 @@ CASES = (  # (format, M, what): bf16 F.linear, the prefill GEMM (path="gemm"), o
     ("W4g128", 1, {"warps": 8, "x_smem": True}), ("W4g128", 1, {"warps": 8, "scale_after": True}),
     ("W4g128", 1, {"warps": 8, "x_smem": True, "scale_after": True}),
     ("W4g128", 1, {"warps": 8, "x_smem": True, "scale_after": True, "zero_after": True}),
+    ("W4g128", 1, {"warps": 8, "scale_after": True, "zero_after": True}),
     ("W8", 1, {"warps": 8}), ("W8", 1, {"warps": 4}), ("W8", 1, {"warps": 8, "x_smem": True, "scale_after": True}),
     ("W4g128", 16, {"warps": 8}), ("W4g128", 16, {"warps": 8, "scale_after": True}),
     ("W4g128", 16, {"warps": 8, "shared_x": True}), ("W4g128", 16, {"warps": 8, "shared_x": True, "scale_after": True}),
+    ("W4g128", 16, {"warps": 8, "scale_after": True, "zero_after": True}),
     ("W4g128", 1, {"warps": 8, "shared_x": True}), ("W8", 16, {"warps": 8, "shared_x": True}),
     ("W4g128", 4096, LINEAR), ("W4g128", 4096, GEMM),
 )

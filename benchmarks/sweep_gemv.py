@@ -5,8 +5,8 @@ For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 (and of 6 and 3 with the scale in ŵ, ``--more-warps``: grids that fit one wave where 8 and 4 do not)
 and, at M <= 2, x in registers and in shared memory (``x_smem``), warps that each own 16 rows and
 share x in shared memory (``shared_x``, any M), each with the scale in ŵ and after the mma
-(``scale_after``, where the group size allows) and, with x_smem and the scale after, the zero point
-after the mma too (``zero_after``, W4), next to the plan's own choice ("auto") and bf16 ``F.linear``,
+(``scale_after``, where the group size allows) and, with the scale after, the zero point in a second
+mma too (``zero_after``, W4, bf16 x), next to the plan's own choice ("auto") and bf16 ``F.linear``,
 all back to back in one CUDA graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). A split count of 0 leaves the split to the plan's rule for that variant
 (shared_x has its own). Every forced variant's output is checked

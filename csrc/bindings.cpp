@@ -146,7 +146,7 @@ void def_host_math(py::module_& m) {
      "y (m, rows) fp32 from qweight (rows, K·b/8) uint8, scales (rows, ng) fp32, zeros (rows, ng) uint8, "
      "x (m, K) as 16-bit words; x_smem: x through the shared-memory layout of that variant (m <= 2); "
      "scale_after: the scale-after variant's data flow (G a multiple of 128 or G = K); zero_after: the "
-     "zero point after the mma too (W4, x_smem, scale_after); splits: K in that many ranges (split-K); "
+     "zero point in a second mma too (W4, bf16 x, scale_after); splits: K in that many ranges (split-K); "
      "shared_x: x through the shared_x kernel's chunks of shared memory (any m <= 16)",
      py::arg("qweight"), py::arg("stride_qn"), py::arg("rows"), py::arg("k"), py::arg("ng"), py::arg("bits"),
      py::arg("scales"), py::arg("zeros"), py::arg("x"), py::arg("m"), py::arg("x_dtype"), py::arg("y"),
@@ -215,7 +215,7 @@ void def_kernels(py::module_& m) {
      "the occupancy is unknown: blocks_per_sm 0, 8 warps); force_splits / force_warps > 0 override the split-K "
      "count / the warps per block (4 or 8); force_x_smem 1 / 2: x in registers / in shared memory (where "
      "the M <= 2 tile and 48 KB allow); force_scale_after 1 / 2: scale in ŵ / after the mma (where G is a "
-     "multiple of 128 or K); force_zero_after 2: the zero point after the mma too (W4, x_smem, scale_after); "
+     "multiple of 128 or K); force_zero_after 2: the zero point in a second mma too (W4, bf16 x, scale_after); "
      "force_shared_x 2: warps that each own 16 rows and share x staged in shared memory (not with x_smem)",
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,

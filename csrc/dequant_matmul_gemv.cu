@@ -38,9 +38,9 @@
 //   scale after it (gemv_fragments.cuh: w4_centered_pair), which drops the HMUL2
 //   of every pair: 176 per step; with x_smem, 163. y is then closer to the exact
 //   product than the x.dtype-rounded ŵ of the reference.
-// - zero_after (W4, bf16 x, with both): the mma takes the biased codes as they are, and
-//   (bias + z) times the step's Σx (from the copy of x) is subtracted before the
-//   scale: 128 per step, plus about 36 per step for the copy with its sums.
+// - zero_after (W4, bf16 x, with scale_after; any place of x, any M): the mma takes the biased
+//   codes as they are, and a second mma per k-tile and tile of x adds -(bias + z) times the same x
+//   (gemv_fragments.cuh: zero_frag), before the scale: no HSUB2 per pair, 8 · MT mma more per step.
 // - shared_x (any M <= 16; gemv_shared_x_kernel below): each warp owns 16 rows and walks the whole K
 //   range, and the block stages x of all M rows in shared memory 512 codes at a time (double-buffered,
 //   the x_smem pair layout) for all of them: x comes from L2 once per 16 · warps rows instead of once
@@ -208,14 +208,17 @@ struct XsLane {
 // one 16-byte shared-memory load per chunk and x tile at xs (see fill_xs, sx_store). SA
 // (scale-after): the mma sums q - z times x over the step into fresh accumulators, then each is
 // multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8). Zero-after (SC ==
-// kZeroAfter, x_smem): the mma sums (bias + q) · x, and (bias + z) times the step's Σx (xsum: x rows
-// 0 and 1, the columns of lanes t = 0; other lanes' columns are past M, their outputs dropped) is
-// subtracted before the scale.
+// kZeroAfter): the mma sums (bias + q) · x, and after each one a second mma adds -(bias + z) times
+// the same x (the row's zero fragment, one per step), before the scale.
 template <int HD, bool XS, int SC, int BITS, int MT, int RT>
 __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
-                                             XsLane xs, const float2* xsum, float (&acc)[RT][MT][4]) {
-  static_assert(SC != gemv::kZeroAfter || XS, "zero-after takes Σx from x_smem");
-  constexpr bool SA = SC != gemv::kScaleInW;
+                                             XsLane xs, float (&acc)[RT][MT][4]) {
+  constexpr bool SA = SC != gemv::kScaleInW, ZA = SC == gemv::kZeroAfter;
+  [[maybe_unused]] uint32_t zf[RT][4];  // ZA only
+  if constexpr (ZA) {
+    QDPO_UNROLL
+    for (int rt = 0; rt < RT; ++rt) gemv::zero_frag(st.grid[rt][0], st.grid[rt][1], zf[rt]);
+  }
   float step_acc[RT][MT][4] = {};  // SA only
   float (&sum)[RT][MT][4] = SA ? step_acc : acc;
   QDPO_UNROLL
@@ -245,17 +248,12 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
           uint32_t bf[2];
           gemv::b_frag(px[mt], h, bf);
           mma16816<HD>(sum[rt][mt], af, bf[0], bf[1]);
+          if constexpr (ZA) mma16816<HD>(sum[rt][mt], zf[rt], bf[0], bf[1]);
         }
       }
     }
   }
-  if constexpr (SC == gemv::kZeroAfter) {
-    const float2 xs2 = *xsum;
-    QDPO_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      acc[0][0][i] = gemv::zero_after_fold(acc[0][0][i], step_acc[0][0][i], i & 1 ? xs2.y : xs2.x, st.grid[0][i >> 1]);
-    }
-  } else if constexpr (SA) {
+  if constexpr (SA) {
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       QDPO_UNROLL
@@ -320,50 +318,25 @@ __device__ __forceinline__ BlockWork block_work(const GemvArgs& a) {
           min(step_lo + a.steps_per_split, a.steps), FLEX ? static_cast<int>(blockDim.x >> 5) : W};
 }
 
-// The lane's x pairs at step step_rel of the block's range (XS; else unused), and the step's Σx
-// (zero-after; else unused).
+// The lane's x pairs at step step_rel of the block's range (XS; else unused).
 template <bool XS>
 __device__ __forceinline__ XsLane xs_at(const uint8_t* xs_lane, int step_rel) {
   if constexpr (XS) return {xs_lane + step_rel * gemv::xs_lane_offset(1, 0), 0};
   return {nullptr, 0};
-}
-template <int SC>
-__device__ __forceinline__ const float2* xsum_at(const float2* xsum, int step_rel) {
-  if constexpr (SC == gemv::kZeroAfter) return xsum + step_rel;
-  return nullptr;
 }
 
 // x_smem (XS): the block first copies its rows of x over its K range into shared memory as pairs
 // (gemv_fragments.cuh: xs_offset), 16 bytes per thread and load, zeros past K; the main loop then
 // holds only weights in registers and reads a chunk's x pairs with one 16-byte load. Lanes of x rows
 // past M read row M - 1: an mma keeps columns of B apart, and store_tile drops those outputs.
-// ZA (zero-after): also Σx of each 128-code step per row, summed over the 16 threads that copy it,
-// stored as (row 0, row 1) pairs (row 0 twice at M = 1).
-template <int HD, bool ZA>
-__device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes,
-                                        float* xsum) {
+__device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, uint8_t* xs, int row_bytes) {
   const int krange = (b.step_hi - b.step_lo) * gemv::kStepK, k0 = b.step_lo * gemv::kStepK;
   for (int row = 0; row < a.m; ++row) {
-    for (int base = 0; base < krange; base += 8 * 32 * b.nw) {  // uniform: every lane reaches the shuffles
-      const int kk = base + 8 * static_cast<int>(threadIdx.x);
+    for (int kk = 8 * static_cast<int>(threadIdx.x); kk < krange; kk += 8 * 32 * b.nw) {
       uint32_t xw[4] = {0u, 0u, 0u, 0u}, p[4];
-      if (kk < krange) {
-        if (k0 + kk < a.k) load16(xw, static_cast<const uint16_t*>(a.x) + row * a.k + k0 + kk);
-        gemv::x_pairs(xw, p);
-        *reinterpret_cast<uint4*>(xs + row * row_bytes + gemv::xs_offset(kk)) = make_uint4(p[0], p[1], p[2], p[3]);
-      }
-      if constexpr (ZA) {
-        float sum = 0.f;
-        QDPO_UNROLL
-        for (int i = 0; i < 4; ++i) sum += gemv::from_h_bits(xw[i] & 0xFFFFu, HD) + gemv::from_h_bits(xw[i] >> 16, HD);
-        QDPO_UNROLL
-        for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);  // the step's 16 threads
-        if ((threadIdx.x & 15) == 0 && kk < krange) {
-          const int step_rel = static_cast<int>(static_cast<unsigned>(kk) / gemv::kStepK);
-          xsum[2 * step_rel + row] = sum;
-          if (a.m == 1) xsum[2 * step_rel + 1] = sum;
-        }
-      }
+      if (k0 + kk < a.k) load16(xw, static_cast<const uint16_t*>(a.x) + row * a.k + k0 + kk);
+      gemv::x_pairs(xw, p);
+      *reinterpret_cast<uint4*>(xs + row * row_bytes + gemv::xs_offset(kk)) = make_uint4(p[0], p[1], p[2], p[3]);
     }
   }
 }
@@ -371,9 +344,9 @@ __device__ __forceinline__ void fill_xs(const GemvArgs& a, const BlockWork& b, u
 // Blocks per SM the register allocation must allow (__launch_bounds__): ptxas's count moves by 10-15
 // registers with small code changes, and one register past a limit costs a whole block per SM. The
 // M <= 2 kernels, blocks of 8 / 4 warps: W4 3 / 6 (80 registers), with x_smem 5 / 10 (48); W8 2 / 5
-// (96 for 4 warps), with x_smem 4 / 8 (64); W4 with the zero point after the mma 4 / 8 (64: 48
-// spilled). Tighter caps spill; at these, only sm_80's W4 x_smem + scale_after kernel spills one
-// register (4 bytes).
+// (96 for 4 warps), with x_smem 4 / 8 (64); W4 with x_smem and the zero point after the mma 4 / 8
+// (64: at 48 it spilled 28 bytes). Tighter caps spill; at these, only sm_80's W4 x_smem + scale_after
+// kernel spills one register (4 bytes).
 constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
   if (mt * rt != 1) return 1;
   if (bits == 4) return (xs ? (sc == gemv::kZeroAfter ? 4 : 5) : 3) * 8 / w;
@@ -397,18 +370,15 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   const int full_hi = min(b.step_hi, a.full_steps);
   WStage<BITS, RT> w0, w1;
   uint32_t x0[MT][16], x1[MT][16];  // x in registers (not XS)
-  QDPO_DYNAMIC_SMEM(16, uint4, xs_smem);  // XS: [M][row_bytes] of x pairs, then (zero-after) Σx per step
+  QDPO_DYNAMIC_SMEM(16, uint4, xs_smem);  // XS: [M][row_bytes] of x pairs
   const uint8_t* xs_lane = nullptr;   // XS: the lane's x pairs at step b.step_lo
-  const float2* xsum = nullptr;       // zero-after: Σx of x rows 0, 1 at step b.step_lo
   if constexpr (XS) {
     const int krange_max = a.steps_per_split * gemv::kStepK, row_bytes = gemv::xs_row_bytes(krange_max);
     const int lane = threadIdx.x & 31;
     uint8_t* smem = reinterpret_cast<uint8_t*>(xs_smem);
     xs_lane = smem + min(lane >> 2, a.m - 1) * row_bytes + gemv::xs_lane_offset(0, lane & 3);
-    float* xsum_w = reinterpret_cast<float*>(smem + gemv::xsum_offset(a.m, krange_max));
-    xsum = reinterpret_cast<const float2*>(xsum_w);
     if (b.first < full_hi) load_w<false, HD, SC>(a, rows, b.first, w0);  // in flight during the copy
-    fill_xs<HD, SC == gemv::kZeroAfter>(a, b, smem, row_bytes, xsum_w);
+    fill_xs(a, b, smem, row_bytes);
     __syncthreads();
   }
   if (b.first < full_hi) {
@@ -420,10 +390,10 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
     for (int step = b.first;; step += 2 * nw) {
       if (step + nw < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + nw, w1, x1);
       const int rel0 = step - b.step_lo, rel1 = rel0 + nw;
-      compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel0), xsum_at<SC>(xsum, rel0), acc);
+      compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel0), acc);
       if (step + nw >= full_hi) break;
       if (step + 2 * nw < full_hi) load_stage<false, HD, SC, !XS>(a, rows, step + 2 * nw, w0, x0);
-      compute_step<HD, XS, SC>(w1, x1, xs_at<XS>(xs_lane, rel1), xsum_at<SC>(xsum, rel1), acc);
+      compute_step<HD, XS, SC>(w1, x1, xs_at<XS>(xs_lane, rel1), acc);
       if (step + 2 * nw >= full_hi) break;
     }
   }
@@ -432,7 +402,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
     const int rel = full_hi - b.step_lo;
     zero_x(x0);
     load_stage<true, HD, SC, !XS>(a, rows, full_hi, w0, x0);
-    compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel), xsum_at<SC>(xsum, rel), acc);
+    compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel), acc);
   }
   store_tile<W>(a, acc, b.n0, b.nw);
 }
@@ -526,8 +496,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
       const int step = c0 + s;
       if (step >= full_hi || n0 >= a.n) break;  // a warp past N only helps copy x
       if (step + 1 < full_hi) load_w<false, HD, SC>(a, rows, step + 1, st[(s + 1) & 1]);
-      compute_step<HD, true, SC>(st[s & 1], x_unused, XsLane{xb + s * gemv::xs_lane_offset(1, 0), d1}, nullptr,
-                                 acc);
+      compute_step<HD, true, SC>(st[s & 1], x_unused, XsLane{xb + s * gemv::xs_lane_offset(1, 0), d1}, acc);
     }
     if (!more) break;
     sx_store<W, MT>(sx[buf ^ 1], a, xr);  // its last readers passed the previous barrier
@@ -537,7 +506,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   if (full_hi < step_hi && n0 < a.n) {  // K's partial last step: lanes past K load nothing and add exactly 0
     load_w<true, HD, SC>(a, rows, full_hi, st[0]);
     const uint8_t* xb = sx[buf] + lane_off + (full_hi - c0) * gemv::xs_lane_offset(1, 0);
-    compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb, d1}, nullptr, acc);
+    compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb, d1}, acc);
   }
   const int t = lane & 3;
   QDPO_UNROLL
@@ -573,7 +542,7 @@ GemvKernelFn pick_tile(const GemvPlan& p) {
 template <int HD, int BITS>
 GemvKernelFn pick_scale(const GemvPlan& p) {
   if constexpr (BITS == 4 && HD == kBF16) {
-    if (p.zero_after) return pick_warps<HD, 4, 1, 1, true, gemv::kZeroAfter>(p.warps);
+    if (p.zero_after) return pick_tile<HD, 4, gemv::kZeroAfter>(p);
   }
   return p.scale_after ? pick_tile<HD, BITS, gemv::kScaleAfter>(p) : pick_tile<HD, BITS, gemv::kScaleInW>(p);
 }
@@ -587,6 +556,9 @@ GemvKernelFn pick_shared_x(const GemvPlan& p) {
 template <int HD, int BITS>
 GemvKernelFn pick_kernel(const GemvPlan& p) {
   if (p.shared_x) {
+    if constexpr (BITS == 4 && HD == kBF16) {
+      if (p.zero_after) return pick_shared_x<HD, 4, gemv::kZeroAfter>(p);
+    }
     return p.scale_after ? pick_shared_x<HD, BITS, gemv::kScaleAfter>(p) : pick_shared_x<HD, BITS, gemv::kScaleInW>(p);
   }
   return pick_scale<HD, BITS>(p);
@@ -598,8 +570,8 @@ GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
 }
 
 // Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
-int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split, bool zero_after) {
-  return gemv::xs_total_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK), zero_after);
+int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split) {
+  return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK));
 }
 
 // Blocks of a plan's kernel resident per SM on the current device with `smem` bytes of dynamic shared
@@ -648,7 +620,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
 
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + gemv_block_rows(p) - 1) / gemv_block_rows(p), p.splits);
-  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split, p.zero_after != 0) : 0;
+  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split) : 0;
   QDPO_LAUNCH(grid, p.warps * 32, static_cast<size_t>(smem), stream, mma_kernel(a.x_dtype, a.bits, p))(a);
   return launch_status();
 }
@@ -706,14 +678,13 @@ void size_gemv(int64_t m, int64_t n, int64_t k, int bits, int x_dtype, int sm_co
   plan->workspace_bytes = plan->splits > 1 ? plan->splits * m * n * 4 : 0;
   // x in shared memory: the 1x1 tile, a copy of x that fits the default 48 KB per block next to
   // store_tile's static buffer. Not yet measured on a GPU, so only when asked (force.x_smem == 2).
-  // The zero point after the mma, too: W4 with x in shared memory and the scale after (its Σx per
-  // step comes with the copy of x), bf16 x: fp16's bias of 1024 makes the fp32 cancellation leave
-  // a zero row an fp16 ulp off zero. Not yet measured either (force.zero_after == 2).
+  // The zero point after the mma, too (a second mma per k-tile with -(bias + z)): W4 with the scale
+  // after, bf16 x (fp16's bias of 1024 would cancel 8 times more in fp32), any place of x and tile.
+  // Not yet measured either (force.zero_after == 2).
   const int64_t sps = cdiv(steps, splits), fixed = store_tile_smem_bytes(kernel_warps(plan->warps), 1, 1);
   plan->x_smem = force.x_smem == 2 && !plan->shared_x && plan->mt == 1 && plan->rt == 1 &&
-                 fixed + xs_smem_bytes(m, sps, false) <= kXsMaxBytes;
-  plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after && plan->x_smem &&
-                     fixed + xs_smem_bytes(m, sps, true) <= kXsMaxBytes;
+                 fixed + xs_smem_bytes(m, sps) <= kXsMaxBytes;
+  plan->zero_after = force.zero_after == 2 && bits == 4 && x_dtype == kBF16 && plan->scale_after;
 }
 
 // The plan; `occupancy`: also ask the runtime for the chosen kernel's blocks per SM (a report for
@@ -753,7 +724,7 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   }
   const int64_t sps = cdiv(cdiv(k, gemv::kStepK), plan->splits);
   if (occupancy) {
-    const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps, plan->zero_after) : 0;
+    const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps) : 0;
     plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, smem);
   }
   return kOk;

@@ -9,8 +9,8 @@
 // shared-memory layout of the kernel's x_smem variant (xs_offset to write, xs_lane_offset to read).
 // scale_after: the mma takes q - z and each step's sums are multiplied by the row's scale after it,
 // with the scale taken from the step's first code (lanes past K too), as the kernel does.
-// zero_after: the mma takes bias + q, and (bias + z) times the step's Σx of x rows 0, 1 (as the
-// kernel's prologue stores them) is subtracted before the scale. splits: K in ranges of
+// zero_after: the mma takes bias + q, and after each one a second mma adds the zero fragment
+// -(bias + z) (zero_frag) times the same x, before the scale. splits: K in ranges of
 // ceil(steps / splits) steps, x_smem refilled per range, as split-K blocks do. shared_x: x of all m rows
 // staged kSxSteps steps at a time from each range's start, piece by piece as the kernel's threads copy
 // (sx_piece_row, sx_piece_k; zeros past K), rows kSxRowBytes apart; lanes of rows past m read row
@@ -36,22 +36,22 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
     return fail(kErrShape, "1 <= rows, m <= 16 and K, G multiples of 32");
   }
   if (x_smem && m > 2) return fail(kErrShape, "x_smem serves m <= 2");
-  if (shared_x && (x_smem || zero_after)) return fail(kErrShape, "shared_x: not with x_smem or zero_after");
+  if (shared_x && x_smem) return fail(kErrShape, "shared_x: not with x_smem");
   if (splits < 1 || splits > 16) return fail(kErrShape, "1 <= splits <= 16 (kMaxSplits)");
   const int mt_count = m <= 8 ? 1 : 2, g_size = static_cast<int>(k / ng);
   if (scale_after && ng != 1 && g_size % gemv::kStepK) return fail(kErrShape, "scale_after: G % 128 == 0 or G == K");
-  if (zero_after && !(bits == 4 && x_dtype == kBF16 && x_smem && scale_after)) {
-    return fail(kErrShape, "zero_after: W4, bf16 x, x_smem, scale_after");
+  if (zero_after && !(bits == 4 && x_dtype == kBF16 && scale_after)) {
+    return fail(kErrShape, "zero_after: W4, bf16 x, scale_after");
   }
   std::vector<double> acc(32 * 2 * 4, 0.0), step_acc(32 * 2 * 4, 0.0);
   gemv::RowGrid lane_grid[32][2];  // scale_after: the lane's row grids of the step
   const int steps = static_cast<int>((k + gemv::kStepK - 1) / gemv::kStepK);
   // K ranges of sps steps (split-K; the last may be shorter). x_smem: the kernel's prologue per range:
-  // 8 activations at a time (zeros past K) stored as their pairs at xs_offset, and (zero_after) Σx
-  // of each step of x rows 0, 1 at xsum_offset (row 0 twice at m = 1), in one buffer of the plan's size.
+  // 8 activations at a time (zeros past K) stored as their pairs at xs_offset, in one buffer of the
+  // plan's size.
   const int sps = (steps + splits - 1) / splits, kmax = sps * gemv::kStepK;
   const int row_bytes = shared_x ? gemv::kSxRowBytes : gemv::xs_row_bytes(kmax);
-  std::vector<uint8_t> xs(x_smem ? gemv::xs_total_bytes(m, kmax, zero_after) : shared_x ? 8 * mt_count * row_bytes : 0);
+  std::vector<uint8_t> xs(x_smem ? gemv::xs_bytes(m, kmax) : shared_x ? 8 * mt_count * row_bytes : 0);
   int lo = 0;  // the first step in shared memory
   for (int step = 0; step < steps; ++step) {
     if (shared_x && step % sps % gemv::kSxSteps == 0) {
@@ -78,14 +78,8 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
           std::memcpy(xs.data() + row * row_bytes + gemv::xs_offset(kk), p, 16);
         }
       }
-      for (int i = 0; zero_after && i < 2 * (krange / gemv::kStepK); ++i) {
-        const int row = m == 1 ? 0 : i & 1, kb = k0 + (i >> 1) * gemv::kStepK;
-        float sum = 0.f;
-        for (int kk = kb; kk < kb + gemv::kStepK && kk < k; ++kk) sum += gemv::from_h_bits(x[row * k + kk], x_dtype);
-        std::memcpy(xs.data() + gemv::xsum_offset(m, kmax) + 4 * i, &sum, 4);
-      }
     }
-    uint32_t a[8][32][4], b[2][8][32][2];
+    uint32_t a[8][32][4], b[2][8][32][2], zf[32][4];
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane >> 2, t = lane & 3, kl = gemv::lane_k(step, t);
       const int grp = (scale_after ? step * gemv::kStepK : kl) / g_size;
@@ -105,6 +99,7 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
         grid[h] = gemv::row_grid(s, z, x_dtype);
         lane_grid[lane][h] = grid[h];
       }
+      gemv::zero_frag(grid[0], grid[1], zf[lane]);
       for (int mt = 0; mt < mt_count; ++mt) {
         const int row = g + 8 * mt;
         if (kin && row < m) std::memcpy(xw[mt], x + row * k + kl, 64);
@@ -143,13 +138,12 @@ int gemv_mma_emulate(const uint8_t* qweight, int64_t stride_qn, int rows, int64_
       for (int mt = 0; mt < mt_count; ++mt) {
         double(*sum_mt)[4] = reinterpret_cast<double(*)[4]>(sum.data() + mt * 32 * 4);
         mma_emulate(a[j], b[mt][j], x_dtype, sum_mt);
+        if (zero_after) mma_emulate(zf, b[mt][j], x_dtype, sum_mt);
       }
     }
     for (int e = 0; scale_after && e < 2 * 32 * 4; ++e) {  // e = (mt · 32 + lane) · 4 + i
       const gemv::RowGrid& r = lane_grid[(e / 4) % 32][(e % 4) >> 1];
-      float xsum = 0.f;
-      if (zero_after) std::memcpy(&xsum, xs.data() + gemv::xsum_offset(m, kmax) + 8 * (step - lo) + 4 * (e & 1), 4);
-      acc[e] += static_cast<double>(r.sf) * (step_acc[e] - static_cast<double>(r.zbf) * xsum);
+      acc[e] += static_cast<double>(r.sf) * step_acc[e];
     }
   }
   for (int lane = 0; lane < 32; ++lane) {  // the kernel's epilogue map

@@ -134,14 +134,14 @@ QDPO_HD int sx_piece_row(int p) { return p / kSxPiecesPerRow; }
 QDPO_HD int sx_piece_k(int p) { return p % kSxPiecesPerRow * 8; }
 
 // One weight row's grid for one step, in the activation's 16-bit type `hdtype`:
-// s2 = (s, s), zb2 = (bias + z, bias + z) for W4, zf = 2^23 + z for W8, and in fp32 s (sf) and
-// bias + z (zbf) for the scale-after and zero-after variants.
+// s2 = (s, s), zb2 = (bias + z, bias + z) and nzb2 = its negation for W4, zf = 2^23 + z for W8, and
+// s in fp32 (sf) for the scale-after and zero-after variants.
 struct RowGrid {
   uint32_t s2;
   uint32_t zb2;
+  uint32_t nzb2;
   float zf;
   float sf;
-  float zbf;
 };
 
 QDPO_HD uint16_t to_h_bits(float v, int hdtype) { return hdtype == kF16 ? f32_to_f16_bits(v) : f32_to_bf16_bits(v); }
@@ -155,8 +155,8 @@ QDPO_HD uint32_t h_bias(int hdtype) { return hdtype == kF16 ? kF16Bias : kBF16Bi
 // fp16, z < 128 for bf16, so W4's z < 16 is exact in both). A row that is out
 // of range gets s = 0, z = 0: every ŵ of it is then exactly 0.
 QDPO_HD RowGrid row_grid_bits(uint32_t s_bits, uint32_t z, int hdtype) {
-  return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, 8388608.f + static_cast<float>(z),
-          from_h_bits(s_bits & 0xFFFFu, hdtype), from_h_bits(h_bias(hdtype) + z, hdtype)};
+  return {s_bits * 0x00010001u, (h_bias(hdtype) + z) * 0x00010001u, ((h_bias(hdtype) + z) | 0x8000u) * 0x00010001u,
+          8388608.f + static_cast<float>(z), from_h_bits(s_bits & 0xFFFFu, hdtype)};
 }
 QDPO_HD RowGrid row_grid(float s, float z, int hdtype) {
   return row_grid_bits(to_h_bits(s, hdtype), static_cast<uint32_t>(z), hdtype);
@@ -233,8 +233,8 @@ QDPO_HD uint32_t w8_centered_pair(float lo_biased, float hi_biased, const RowGri
 }
 
 // Where the GEMV applies the grid (s, z): in ŵ (kScaleInW), on each step's fp32 sums (kScaleAfter:
-// the mma takes q - z), or both scale and zero point on the sums (kZeroAfter, W4 with x in shared
-// memory: the mma takes bias + q, and (bias + z) · Σx of the step is subtracted after it).
+// the mma takes q - z), or both (kZeroAfter, W4: the mma takes the biased codes bias + q as they
+// are, and a second mma per k-tile adds -(bias + z) times the same x: zero_frag).
 enum ScaleMode : int { kScaleInW = 0, kScaleAfter = 1, kZeroAfter = 2 };
 
 // The 4 ŵ pairs of chunk c (codes 8c .. 8c+7 of a lane's 32): `words` is the
@@ -264,15 +264,15 @@ QDPO_HD void dequant_chunk(const uint32_t* words, int c, const RowGrid& r, int h
   }
 }
 
-// Zero-after: where the block keeps Σx of each step for x rows 0 and 1 (fp32 pairs after the rows
-// of x pairs), and the fold of one accumulator: s · (Σ (bias + q)·x - (bias + z) · Σx).
-QDPO_HD int xsum_offset(int m, int krange) { return xs_bytes(m, krange); }
-// All of a block's x_smem bytes for a K range of krange codes (the plan's dynamic shared memory).
-QDPO_HD int xs_total_bytes(int m, int krange, bool zero_after) {
-  return xsum_offset(m, krange) + (zero_after ? krange / kStepK * 8 : 0);
-}
-QDPO_HD float zero_after_fold(float acc, float step_sum, float xsum, const RowGrid& r) {
-  return fmaf(r.sf, fmaf(-r.zbf, xsum, step_sum), acc);
+// Zero-after: the A fragment whose every slot holds -(bias + z) of its row (g: a0, a2; g + 8: a1,
+// a3). The step's zero point is one per row (scale-after: the step lies in one group), so one
+// fragment serves the step's 8 k-tiles: mma(a_frag) then mma(zero_frag) on the same x add
+// Σ (bias + q - bias - z) · x = Σ (q - z) · x, the two fp32 sums cancelling within each k-tile.
+QDPO_HD void zero_frag(const RowGrid& g, const RowGrid& g8, uint32_t a[4]) {
+  a[0] = g.nzb2;
+  a[1] = g8.nzb2;
+  a[2] = g.nzb2;
+  a[3] = g8.nzb2;
 }
 
 }  // namespace gemv

@@ -62,7 +62,7 @@ struct GemvPlan {
   int blocks_per_sm;        // mma: resident blocks per SM of the chosen kernel (0: no GPU to ask)
   int x_smem;               // mma: 1 = x copied to shared memory first (M <= 2 tile), 0 = x in registers
   int scale_after;          // mma: 1 = the scale multiplies each step's fp32 sums (G % 128 == 0 or G = K)
-  int zero_after;           // mma: 1 = the zero point too, through each step's Σx (W4, x_smem, scale_after)
+  int zero_after;           // mma: 1 = the zero point too, in a second mma per k-tile (W4, bf16, scale_after)
   int shared_x;             // mma: 1 = each warp owns 16 rows, x staged in shared memory in K chunks
 };
 // Rows of ŵ one block of a plan's mma kernel owns (its grid's x axis covers N in these).
@@ -78,7 +78,7 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // plan says which):
 // x_smem: x copied to shared memory first (the M <= 2 tile, within 48 KB);
 // scale_after: the scale on each step's fp32 sums (G a multiple of 128, or G = K);
-// zero_after: the zero point after the mma too (W4, bf16 x, with x_smem and scale_after);
+// zero_after: the zero point in a second mma too (W4, bf16 x, with scale_after; any place of x);
 // shared_x: warps that each own 16 rows and share x staged in shared memory (any M; not with x_smem).
 struct GemvForce {
   int splits = 0, warps = 0, x_smem = 0, scale_after = 0, zero_after = 0, shared_x = 0;

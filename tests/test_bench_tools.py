@@ -119,15 +119,17 @@ def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
 
 def test_gemv_choices_spell_each_rule_once():
     """The forced combinations the GPU tests and the sweep share: x_smem only at M <= 2, zero_after only
-    with x_smem and scale_after (both ways), shared_x never with x_smem; each combination once."""
+    with scale_after (both ways), shared_x never with x_smem; each combination once."""
     from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices
 
-    for m, count in ((1, 14), (2, 14), (3, 8), (16, 8)):
+    for m, count in ((1, 18), (2, 18), (3, 12), (16, 12)):
         got = gemv_choices(m)
         assert len(got) == count and len({tuple(c.items()) for c in got}) == count
         assert all(set(c) == set(GEMV_OPTIONS) for c in got)
         assert all(not (c["x_smem"] and c["shared_x"]) for c in got)
-        assert all(c["x_smem"] and c["scale_after"] for c in got if c["zero_after"])
+        assert all(c["scale_after"] for c in got if c["zero_after"])
+        assert {(c["x_smem"], c["shared_x"]) for c in got if c["zero_after"]} == (
+            {(False, False), (True, False), (False, True)} if m <= 2 else {(False, False), (False, True)})
         assert any(c["x_smem"] for c in got) == (m <= 2)
         assert GEMV_DEFAULTS in got
     assert gemv_choices(1, warps=(8,), x_smem=(True,), scale_after=(True,), shared_x=(False,)) == [
@@ -138,9 +140,9 @@ def test_gemv_choices_spell_each_rule_once():
     # other block sizes: shared_x only takes 4 or 8; more_warps adds the table's exact launches only
     assert gemv_choices(16, warps=(6,), scale_after=(False,)) == [{**GEMV_DEFAULTS, "warps": 6}]
     more = gemv_choices(1, more_warps=(6, 3))
-    assert len(more) == 14 + 4 and more[:14] == gemv_choices(1)
-    assert more[14:] == [{**GEMV_DEFAULTS, "warps": w, "x_smem": xs} for w in (6, 3) for xs in (False, True)]
-    assert gemv_choices(16, more_warps=(4, 6))[8:] == [{**GEMV_DEFAULTS, "warps": 6}], "4 warps: already there"
+    assert len(more) == 18 + 4 and more[:18] == gemv_choices(1)
+    assert more[18:] == [{**GEMV_DEFAULTS, "warps": w, "x_smem": xs} for w in (6, 3) for xs in (False, True)]
+    assert gemv_choices(16, more_warps=(4, 6))[12:] == [{**GEMV_DEFAULTS, "warps": 6}], "4 warps: already there"
 
 
 def test_static_sass_finds_loops_and_counts_the_triton_kernels():

@@ -342,8 +342,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     tensor cores sum the integers q - z and multiplies each 128-code step's fp32 sums by the scale
     (group size a multiple of 128, or one group per row; not yet measured either): ŵ is then never
     rounded to x.dtype, so y is closer to the exact product than the reference's x.dtype result.
-    ``zero_after=True`` (W4, bf16 x, with ``x_smem`` and ``scale_after``) has the tensor cores take the codes as
-    they are and subtracts the zero point times each step's sum of x after them. ``shared_x=True`` (any M,
+    ``zero_after=True`` (W4, bf16 x, with ``scale_after``; any place of x) has the tensor cores take the codes
+    as they are (bias + q) and add the zero point's -(bias + z) times x in a second mma per 16 codes, which
+    drops a subtraction per two weights. ``shared_x=True`` (any M,
     not with ``x_smem``) gives each warp 16 rows of its own and has the block stage x in shared memory,
     512 codes at a time, for all of them (not yet measured either).
     ``benchmarks/sweep_gemv.py`` sweeps them. With 16-bit x, scales of another dtype are rounded to

@@ -25,7 +25,7 @@ def gemv_choices(m: int, warps=(8, 4), x_smem=(False, True), scale_after=(False,
                  shared_x=(False, True), more_warps=()) -> list[dict]:
     """Every combination of the GEMV's launch choices (:data:`GEMV_OPTIONS`) that can be forced together
     for M = m rows of x, from the values given for each: x_smem only at M <= 2, zero_after only (and
-    both ways) with x_smem and scale_after, shared_x not with x_smem and only with 4 or 8 warps. Then
+    both ways) with scale_after, shared_x not with x_smem and only with 4 or 8 warps. Then
     ``more_warps``, other block sizes (1-8), for the launches a table of measured launches may take (the
     scale in ŵ, x in registers or x_smem; :mod:`qdpo.kernels.gemv_table`). Whether a choice then applies
     to a weight (group size, 48 KB) is the plan's to say (``qdpo.kernels.cuda.gemv_plan``)."""
@@ -33,7 +33,7 @@ def gemv_choices(m: int, warps=(8, 4), x_smem=(False, True), scale_after=(False,
     for w, xs, sa, sx in itertools.product(warps, x_smem if m <= 2 else (False,), scale_after, shared_x):
         if not (xs and sx) and block_warps_ok(w, sx):
             out += [{"warps": w, "x_smem": xs, "scale_after": sa, "zero_after": za, "shared_x": sx}
-                    for za in ((False, True) if xs and sa else (False,))]
+                    for za in ((False, True) if sa else (False,))]
     for w, xs in itertools.product(more_warps, x_smem if m <= 2 else (False,)):
         choice = {**GEMV_DEFAULTS, "warps": w, "x_smem": xs}
         if choice not in out:
