@@ -42,10 +42,10 @@
 //   codes as they are, and a second mma per k-tile and tile of x adds -(bias + z) times the same x
 //   (gemv_fragments.cuh: zero_frag), before the scale: no HSUB2 per pair, 8 · MT mma more per step.
 // - shared_x (any M <= 16; gemv_shared_x_kernel below): each warp owns 16 rows and walks the whole K
-//   range, and the block stages x of all M rows in shared memory 512 codes at a time (double-buffered,
-//   the x_smem pair layout) for all of them: x comes from L2 once per 16 · warps rows instead of once
-//   per 16 · RT, and at M = 16 a warp needs 80 registers instead of 156-179 (3 blocks of 8 warps per
-//   SM instead of 1), at 229 instructions per step and 16 rows against 200.75 (static count).
+//   range, and the block stages x of all M rows in shared memory 512 codes at a time (cp.async into a
+//   landing area during the previous chunk, then the x_smem pair layout) for all of them: x comes
+//   from L2 once per 16 · warps rows instead of once per 16 · RT, and at M = 16 a warp needs 80
+//   registers instead of 156-179 (3 blocks of 8 warps per SM instead of 1; at M <= 8, 64 and 4).
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic.
@@ -415,57 +415,72 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
 // one block of 8 warps per SM, while x from L2 weighs twice the W4 weights (16 rows of x per 32 rows
 // of ŵ). Here warp w of a block owns the 16 rows from 16 · (W · blockIdx.x + w) and walks the whole
 // K range of the block (split-K: blockIdx.y); the block stages x of all M rows in shared memory,
-// kSxSteps steps (512 codes) at a time, double-buffered, as the mma pairs of x_smem: a chunk's
-// global loads are issued before the chunk's math, stored as pairs after it, then one barrier. x is
-// read from L2 once per 16 · W rows, each warp holds only its weights (ping-pong over steps) and 4 or
-// 8 accumulators, and no partial tiles need summing. Rows of x past M read row M - 1 (outputs dropped).
+// kSxSteps steps (512 codes) at a time, as the mma pairs of x_smem. Each thread copies its 16-byte
+// pieces of the next chunk with cp.async into a landing area while the warps run this chunk (no
+// registers held), then, after a barrier, turns them into pairs in the one pair buffer; a second
+// barrier opens the next chunk. x is read from L2 once per 16 · W rows, each warp holds only its
+// weights (ping-pong over steps) and 4 or 8 accumulators, and no partial tiles need summing. Rows of x
+// past M read row M - 1 (outputs dropped). Dynamic shared memory: [pairs | landing] (sx_smem_bytes).
 
 // A thread's 16-byte pieces of one chunk (gemv::sx_piece_row / sx_piece_k), for x tiles MT.
 template <int W, int MT>
 constexpr int sx_pieces() { return (8 * MT * gemv::kSxPiecesPerRow + W * 32 - 1) / (W * 32); }
 constexpr int sx_buffer_bytes(int mt) { return 8 * mt * gemv::kSxRowBytes; }
+// The landing area: piece p at 16 · p (every piece of 8 · MT rows, each thread's own).
+constexpr int sx_landing_bytes(int mt) { return 8 * mt * gemv::kSxPiecesPerRow * 16; }
+constexpr int sx_smem_bytes(int mt) { return sx_buffer_bytes(mt) + sx_landing_bytes(mt); }
+static_assert(sx_smem_bytes(2) <= kXsMaxBytes, "shared_x stays within the default 48 KB of shared memory");
 
-// The chunk from step `step0`: global → registers (zeros past k_hi, the end of the block's K range,
-// and for rows past M: a chunk that runs past the range loads nothing there).
+// The chunk from step `step0`: cp.async of the thread's pieces into the landing area at `land` (a
+// shared-space address); zeros past k_hi (the end of the block's K range: a chunk that runs past it
+// loads nothing there) and for rows past M.
 template <int W, int MT>
-__device__ __forceinline__ void sx_load(const GemvArgs& a, int step0, int k_hi,
-                                        uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
+__device__ __forceinline__ void sx_copy(const GemvArgs& a, int step0, int k_hi, uint32_t land) {
   QDPO_UNROLL
   for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
     const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
     const int k = step0 * gemv::kStepK + gemv::sx_piece_k(p);
-    xr[i][0] = xr[i][1] = xr[i][2] = xr[i][3] = 0u;
-    if (row < a.m && k < k_hi) load16(xr[i], static_cast<const uint16_t*>(a.x) + row * a.k + k);
+    const bool ok = p < 8 * MT * gemv::kSxPiecesPerRow && row < a.m && k < k_hi;
+    const uint16_t* src = ok ? static_cast<const uint16_t*>(a.x) + row * a.k + k : static_cast<const uint16_t*>(a.x);
+    if (p < 8 * MT * gemv::kSxPiecesPerRow) cp_async16(land + 16 * p, src, ok);
   }
+  cp_async_commit();
 }
 
-// Registers → one shared-memory buffer, as mma pairs (gemv::xs_offset within a row).
+// The thread's landed pieces → the pair buffer, as mma pairs (gemv::xs_offset within a row); the thread
+// first waits for its own copies.
 template <int W, int MT>
-__device__ __forceinline__ void sx_store(uint8_t* buf, const GemvArgs& a, const uint32_t (&xr)[sx_pieces<W, MT>()][4]) {
+__device__ __forceinline__ void sx_pair(uint8_t* buf, const uint8_t* landing, const GemvArgs& a) {
+  cp_async_wait_all();
   QDPO_UNROLL
   for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
     const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
-    if (row >= a.m) continue;
+    if (p >= 8 * MT * gemv::kSxPiecesPerRow || row >= a.m) continue;
+    const uint4 u = *reinterpret_cast<const uint4*>(landing + 16 * p);
+    const uint32_t xw[4] = {u.x, u.y, u.z, u.w};
     uint32_t q[4];
-    gemv::x_pairs(xr[i], q);
+    gemv::x_pairs(xw, q);
     *reinterpret_cast<uint4*>(buf + row * gemv::kSxRowBytes + gemv::xs_offset(gemv::sx_piece_k(p))) =
         make_uint4(q[0], q[1], q[2], q[3]);
   }
 }
 
 // Blocks per SM its register allocation must allow (sm_90, ptxas): blocks of 8 warps 3 (80 registers; the W4
-// scale-after kernel at M > 8 then spills 16 bytes: 4 reloads per 4-step chunk), W8 at M > 8 2 (128:
-// at 80 it spills 60-236 bytes); blocks of 4 warps (twice the pieces of x per thread) 4 at M > 8 and
-// 6 / 5 below.
+// scale-after and zero-after kernels at M > 8 then spill 4 bytes), W4 at M <= 8 4 (64: 56-62 used), W8 at
+// M > 8 2 (128: at 80 it spills 20-44 bytes); blocks of 4 warps (twice the pieces of x per thread) 4 at
+// M > 8 and 6 / 5 below (W4 at 8 spills).
 constexpr int sx_min_blocks(int bits, int mt, int w) {
-  if (w == 8) return mt == 2 && bits == 8 ? 2 : 3;
+  if (w == 8) return mt == 2 ? (bits == 8 ? 2 : 3) : (bits == 4 ? 4 : 3);
   return mt == 2 ? 4 : bits == 4 ? 6 : 5;
 }
 
 template <int HD, int BITS, int MT, int W, int SC>
 __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_shared_x_kernel(GemvArgs a) {
   static_assert(gemv::kSxSteps % 2 == 0, "the weight stages alternate within a chunk");
-  QDPO_SHARED(16, uint8_t, sx, [2][sx_buffer_bytes(MT)]);
+  QDPO_DYNAMIC_SMEM(16, uint8_t, smem);  // [pairs: sx_buffer_bytes | landing: sx_landing_bytes]
+  uint8_t* const sx = smem;
+  const uint8_t* const landing = smem + sx_buffer_bytes(MT);
+  const uint32_t land = static_cast<uint32_t>(__cvta_generic_to_shared(landing));
   const int lane = threadIdx.x & 31, g = lane >> 2;
   const int n0 = (static_cast<int>(blockIdx.x) * W + static_cast<int>(threadIdx.x >> 5)) * 16;
   const int step_lo = blockIdx.y * a.steps_per_split, step_hi = min(step_lo + a.steps_per_split, a.steps);
@@ -474,7 +489,6 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   const int lane_off = r0 * gemv::kSxRowBytes + gemv::xs_lane_offset(0, lane & 3);
   const int d1 = (r1 - r0) * gemv::kSxRowBytes;
   float acc[1][MT][4] = {};
-  uint32_t xr[sx_pieces<W, MT>()][4];
   uint32_t x_unused[MT][16];  // compute_step's registers of x: not read with XS
   WStage<BITS, 1> st[2];
   // The full steps run in the chunk loop, the next step's weights in flight during this step's math,
@@ -482,15 +496,15 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   // last chunk (still in shared memory).
   const int full_hi = min(step_hi, a.full_steps);
   const int k_hi = min(step_hi * gemv::kStepK, a.k);  // the block's K range ends here
-  sx_load<W, MT>(a, step_lo, k_hi, xr);
+  sx_copy<W, MT>(a, step_lo, k_hi, land);
   if (step_lo < full_hi && n0 < a.n) load_w<false, HD, SC>(a, rows, step_lo, st[0]);
-  sx_store<W, MT>(sx[0], a, xr);
+  sx_pair<W, MT>(sx, landing, a);
+  if (step_lo + gemv::kSxSteps < step_hi) sx_copy<W, MT>(a, step_lo + gemv::kSxSteps, k_hi, land);  // in flight
   __syncthreads();
-  int buf = 0, c0 = step_lo;
+  int c0 = step_lo;
+  const uint8_t* const xb = sx + lane_off;
   for (;; c0 += gemv::kSxSteps) {
     const bool more = c0 + gemv::kSxSteps < step_hi;
-    if (more) sx_load<W, MT>(a, c0 + gemv::kSxSteps, k_hi, xr);  // in flight during this chunk's math
-    const uint8_t* xb = sx[buf] + lane_off;
     QDPO_UNROLL
     for (int s = 0; s < gemv::kSxSteps; ++s) {
       const int step = c0 + s;
@@ -499,14 +513,14 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
       compute_step<HD, true, SC>(st[s & 1], x_unused, XsLane{xb + s * gemv::xs_lane_offset(1, 0), d1}, acc);
     }
     if (!more) break;
-    sx_store<W, MT>(sx[buf ^ 1], a, xr);  // its last readers passed the previous barrier
-    __syncthreads();
-    buf ^= 1;
+    __syncthreads();  // every warp is done with this chunk's pairs
+    sx_pair<W, MT>(sx, landing, a);  // the next chunk's, from this thread's landed pieces
+    if (c0 + 2 * gemv::kSxSteps < step_hi) sx_copy<W, MT>(a, c0 + 2 * gemv::kSxSteps, k_hi, land);
+    __syncthreads();  // the pairs are complete
   }
   if (full_hi < step_hi && n0 < a.n) {  // K's partial last step: lanes past K load nothing and add exactly 0
     load_w<true, HD, SC>(a, rows, full_hi, st[0]);
-    const uint8_t* xb = sx[buf] + lane_off + (full_hi - c0) * gemv::xs_lane_offset(1, 0);
-    compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb, d1}, acc);
+    compute_step<HD, true, SC>(st[0], x_unused, XsLane{xb + (full_hi - c0) * gemv::xs_lane_offset(1, 0), d1}, acc);
   }
   const int t = lane & 3;
   QDPO_UNROLL
@@ -569,7 +583,8 @@ GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
   return bits == 4 ? pick_kernel<kBF16, 4>(p) : pick_kernel<kBF16, 8>(p);
 }
 
-// Bytes of dynamic shared memory a plan's kernel takes: x_smem's copy of x over one K range.
+// Bytes of dynamic shared memory an x_smem plan's kernel takes: its copy of x over one K range (shared_x:
+// sx_smem_bytes).
 int64_t xs_smem_bytes(int64_t m, int64_t steps_per_split) {
   return gemv::xs_bytes(static_cast<int>(m), static_cast<int>(steps_per_split * gemv::kStepK));
 }
@@ -620,7 +635,7 @@ int blocks_per_sm(int x_dtype, int bits, const GemvPlan& p, int64_t smem) {
 
 int launch_mma(const GemvArgs& a, const GemvPlan& p, cudaStream_t stream) {
   const dim3 grid((a.n + gemv_block_rows(p) - 1) / gemv_block_rows(p), p.splits);
-  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split) : 0;
+  const int64_t smem = p.x_smem ? xs_smem_bytes(a.m, a.steps_per_split) : p.shared_x ? sx_smem_bytes(p.mt) : 0;
   QDPO_LAUNCH(grid, p.warps * 32, static_cast<size_t>(smem), stream, mma_kernel(a.x_dtype, a.bits, p))(a);
   return launch_status();
 }
@@ -724,7 +739,7 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   }
   const int64_t sps = cdiv(cdiv(k, gemv::kStepK), plan->splits);
   if (occupancy) {
-    const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps) : 0;
+    const int64_t smem = plan->x_smem ? xs_smem_bytes(m, sps) : plan->shared_x ? sx_smem_bytes(plan->mt) : 0;
     plan->blocks_per_sm = blocks_per_sm(x_dtype, bits, *plan, smem);
   }
   return kOk;

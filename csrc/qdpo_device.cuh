@@ -330,6 +330,24 @@ __device__ __forceinline__ float team_allreduce(float v, int team, Op op) {
   }
   return v;
 }
+
+// ------------------------------------------------------------------ cp.async (sm_80+)
+// 16 bytes global -> shared (dst: a shared-space address, __cvta_generic_to_shared); `valid` false:
+// nothing is read and the 16 bytes are zero-filled (src-size 0). A thread sees its own copies after
+// cp_async_wait_all, the block everyone's after a barrier behind that.
+#if defined(QDPO_EMULATE)  // the host build of emulate/cuda_emulate.h (dynamic shared memory only)
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  qdpo_emu::cp_async16(dst, src, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() { qdpo_emu::cp_async_wait_all(); }
+#else
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+#endif
 #endif
 
 struct MinOp {
