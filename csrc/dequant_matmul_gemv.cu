@@ -205,7 +205,7 @@ struct XsLane {
 };
 
 // One step's math. The x pairs come from the stage's registers, or with XS (x_smem, shared_x) from
-// one 16-byte shared-memory load per chunk and x tile at xs (see fill_xs, sx_store). SA
+// one 16-byte shared-memory load per chunk and x tile at xs (see fill_xs, sx_pair). SA
 // (scale-after): the mma sums q - z times x over the step into fresh accumulators, then each is
 // multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8). Zero-after (SC ==
 // kZeroAfter): the mma sums (bias + q) · x, and after each one a second mma adds -(bias + z) times
