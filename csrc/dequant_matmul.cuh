@@ -1,6 +1,7 @@
-// dequant_matmul.cuh — what the two GEMV kernel files share: the argument
-// block, the tile constants and the launchers dequant_matmul_gemv.cu calls in
-// dequant_matmul_fma.cu. The contract of the op is in dequant_matmul_gemv.cu.
+// dequant_matmul.cuh — what the GEMV kernel files share: the argument block,
+// the tile constants, the launchers dequant_matmul_gemv.cu calls in
+// dequant_matmul_fma.cu and the kernel choices of dequant_matmul_gemv_*.cu.
+// The contract of the op is in dequant_matmul_gemv.cu.
 #pragma once
 
 #include "qdpo_device.cuh"
@@ -34,6 +35,14 @@ struct GemvArgs {
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);
+
+// The mma kernel of a plan, one function per x dtype and bit width, each in a translation unit of its
+// own (dequant_matmul_gemv_{f16,bf16}_w{4,8}.cu, from gemv_kernels.cuh).
+using GemvKernelFn = void (*)(GemvArgs);
+GemvKernelFn gemv_kernel_f16_w4(const GemvPlan& p);
+GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p);
+GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p);
+GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p);
 int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream);
 
 }  // namespace qdpo

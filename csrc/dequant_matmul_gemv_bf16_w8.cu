@@ -1,0 +1,9 @@
+// dequant_matmul_gemv_bf16_w8.cu — the decode GEMV's kernels for bf16 x and W8 codes (gemv_kernels.cuh;
+// one of four units, one per x dtype and bit width, which nvcc builds in parallel).
+#include "gemv_kernels.cuh"
+
+namespace qdpo {
+
+GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p) { return pick_kernel<kBF16, 8>(p); }
+
+}  // namespace qdpo
