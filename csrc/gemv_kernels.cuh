@@ -366,7 +366,10 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
 
 // A thread's 16-byte pieces of one chunk (gemv::sx_piece_row / sx_piece_k), for x tiles MT.
 template <int W, int MT>
-constexpr int sx_pieces() { return (8 * MT * gemv::kSxPiecesPerRow + W * 32 - 1) / (W * 32); }
+constexpr int sx_pieces() {
+  static_assert(8 * MT * gemv::kSxPiecesPerRow % (W * 32) == 0, "every thread copies as many pieces");
+  return 8 * MT * gemv::kSxPiecesPerRow / (W * 32);
+}
 constexpr int sx_buffer_bytes(int mt) { return 8 * mt * gemv::kSxRowBytes; }
 // The landing area: piece p at 16 · p (every piece of 8 · MT rows, each thread's own).
 constexpr int sx_landing_bytes(int mt) { return 8 * mt * gemv::kSxPiecesPerRow * 16; }
@@ -382,9 +385,9 @@ __device__ __forceinline__ void sx_copy(const GemvArgs& a, int step0, int k_hi, 
   for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
     const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
     const int k = step0 * gemv::kStepK + gemv::sx_piece_k(p);
-    const bool ok = p < 8 * MT * gemv::kSxPiecesPerRow && row < a.m && k < k_hi;
+    const bool ok = row < a.m && k < k_hi;
     const uint16_t* src = ok ? static_cast<const uint16_t*>(a.x) + row * a.k + k : static_cast<const uint16_t*>(a.x);
-    if (p < 8 * MT * gemv::kSxPiecesPerRow) cp_async16(land + 16 * p, src, ok);
+    cp_async16(land + 16 * p, src, ok);
   }
   cp_async_commit();
 }
@@ -397,7 +400,7 @@ __device__ __forceinline__ void sx_pair(uint8_t* buf, const uint8_t* landing, co
   QDPO_UNROLL
   for (int i = 0; i < sx_pieces<W, MT>(); ++i) {
     const int p = static_cast<int>(threadIdx.x) + i * W * 32, row = gemv::sx_piece_row(p);
-    if (p >= 8 * MT * gemv::kSxPiecesPerRow || row >= a.m) continue;
+    if (row >= a.m) continue;
     const uint4 u = *reinterpret_cast<const uint4*>(landing + 16 * p);
     const uint32_t xw[4] = {u.x, u.y, u.z, u.w};
     uint32_t q[4];
