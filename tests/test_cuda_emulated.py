@@ -168,6 +168,11 @@ def test_gemv_every_forced_split(emulated, bits, gs):
     gpu.test_dequant_matmul_every_forced_split(bits, gs)
 
 
+@pytest.mark.parametrize("case", gpu.RANDOM_CASES)
+def test_gemv_random_shapes_every_choice(emulated, order, case):
+    gpu.test_dequant_matmul_random_shapes_every_choice(case)
+
+
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", (4, 8))
 @pytest.mark.parametrize("gs", [128, 256, -1])

@@ -229,6 +229,42 @@ def test_dequant_matmul_every_forced_split(bits, gs):
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
 
+RANDOM_CASES = range(16)
+
+
+@pytest.mark.parametrize("case", RANDOM_CASES)
+def test_dequant_matmul_random_shapes_every_choice(case):
+    """Drawn shapes (seeded: N 1-90, K up to 6 steps with a partial last one where the group allows,
+    M 1-16, W4/W8, every group size, fp16/bf16, asymmetric or symmetric, with or without bias), each
+    with ten forced launch choices drawn from all the sweep may time, blocks of 1-8 warps included,
+    and two split counts: the combinations the fixed-shape tests above do not meet, against the
+    reference."""
+    import random
+
+    from qdpo.kernels import cuda
+
+    r = random.Random(1000 + case)
+    bits, gs = r.choice((4, 8)), r.choice((32, 64, 128, 256, -1))
+    k = max(128, gs) * r.randint(1, 6) + (r.choice((0, 32, 64, 96)) if gs in (32, -1) else 0)
+    n, m = r.randint(1, 90), r.choice((1, 2, 3, 5, 8, 9, 13, 16))
+    xd = r.choice((torch.float16, torch.bfloat16))
+    qw = _weight(n, k, bits, gs, sym=r.random() < 0.3, wdtype=xd, seed=case)
+    x, b = _rand(m, k, dtype=xd, seed=case + 1), _rand(n, dtype=xd, seed=case + 2) if r.random() < 0.5 else None
+    choices = cuda.gemv_choices(m, more_warps=(1, 2, 3, 5, 6, 7))
+    ran = set()
+    for choice in r.sample(choices, min(10, len(choices))):
+        for splits in r.sample((1, 2, 3, 5, 8), 2):
+            kw = {"splits": splits, **choice}
+            plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
+            assert plan["kernel"] == "mma", f"K = {k} (a multiple of 32) and 16-bit x take the tensor cores"
+            if tuple(sorted(plan.items())) in ran:
+                continue
+            ran.add(tuple(sorted(plan.items())))
+            y = cuda.dequant_matmul(x, *_args(qw), b, **kw)
+            _check_y(y, x, qw, b, f"M={m} N={n} K={k} W{bits} g{gs} {xd} {kw}")
+    assert ran, "at least one launch ran"
+
+
 def test_dequant_matmul_launches_by_the_device_table(tmp_path):
     """A table of measured launches (read from a file, as the package's are) holding one exact case:
     dequant_matmul and gemv_plan take its launch where nothing is forced, bit for bit the same result as
