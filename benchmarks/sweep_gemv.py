@@ -10,7 +10,9 @@ mma too (``zero_after``, W4, bf16 x), next to the plan's own choice ("auto") and
 all back to back in one CUDA graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). A split count of 0 leaves the split to the plan's rule for that variant
 (shared_x has its own). Every forced variant's output is checked
-against the auto plan's first. The data behind the plan rules in
+against the auto plan's first. Two passes over the cases (``pass_choices``): first every variant at
+the plan's own block size, then the other block sizes, so that a sweep stopped by its time limit has
+timed the choices that decide the plan's defaults on every weight. The data behind the plan rules in
 ``csrc/dequant_matmul_gemv.cu``::
 
     python benchmarks/sweep_gemv.py --out benchmarks/results/gpu-check
@@ -51,6 +53,7 @@ SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)  # 0: the plan's rule
 WARPS = (8, 4)  # warps per block (the plan's rules choose between these)
 MORE_WARPS = (6, 3)  # other block sizes, for the launches a table may take: 4 / 8 blocks of 80 registers per SM
 BOTH = {"both": (False, True), "off": (False,), "on": (True,)}  # --x-smem, --scale-after, --shared-x
+DEV = "cuda"
 
 
 def _copies(n: int, k: int, bits: int, gs: int) -> list[tuple]:
@@ -103,51 +106,59 @@ def main(argv=None) -> int:
     from qdpo.kernels import cuda
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, t0 = [], time.time()
+    rows, t0 = {}, time.time()  # case → row, in the order first met
     values = {"warps": WARPS, "x_smem": BOTH[args.x_smem], "scale_after": BOTH[args.scale_after],
               "shared_x": BOTH[args.shared_x], "more_warps": tuple(args.more_warps)}
     print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
           f"best forced µs (splits, {', '.join(OPTIONS)})")
-    for shape, (n, k) in common.SHAPES.items():
-        for fmt, (bits, gs) in FORMATS.items():
-            if time.time() - t0 > args.time_limit_s:
-                break
-            copies = _copies(n, k, bits, gs)
-            for m in args.ms:
+    for first in (True, False):  # PASSES: every case at the plan's block size, then the other sizes
+        for shape, (n, k) in common.SHAPES.items():
+            for fmt, (bits, gs) in FORMATS.items():
                 if time.time() - t0 > args.time_limit_s:
                     break
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                case = f"{shape} {fmt} M={m}"
-                base = _ms([(lambda w=w: F.linear(x, w)) for w, _ in copies])
-                want = cuda.dequant_matmul(x, *copies[0][1])
-                auto_plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits)
-                auto = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies])
-                row = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m, "dtype": str(x.dtype).removeprefix("torch."),
-                       "bf16_ms": base, "auto_ms": auto,
-                       "auto_plan": auto_plan, "forced": []}
-                for choice, sp in itertools.product(gemv_choices(m, **values), args.splits):
-                    kw = {"splits": sp, **choice}
-                    plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, **kw)
-                    if any(plan[key] != kw[key] for key in OPTIONS[1:]) or sp and plan["splits"] != sp:
-                        continue  # uneven K ranges, x past 48 KB, G < 128 or W8 (zero_after): the plan says so
-                    got = cuda.dequant_matmul(x, *copies[0][1], **kw)
-                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                    ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
-                    row["forced"].append({**kw, "plan_splits": plan["splits"], "blocks_per_sm": plan["blocks_per_sm"],
-                                          "ms": ms, "rel_err": err})
-                best = min(row["forced"], key=lambda r: r["ms"])
-                rows.append(row)
-                how = ", ".join(str(best[key]) for key in ("splits", *OPTIONS))
-                print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({auto_plan['splits']}, "
-                      f"{auto_plan['warps']})   {best['ms'] * 1e3:8.2f} ({how})"
-                      f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×", flush=True)
-                bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
-                if bad:
-                    print(f"  !! forced plans differ from auto: {bad}")
-                _write(args.out, rows, args.min_gain)  # after every case: a stopped sweep keeps what it measured
-            del copies
-            bdm._weight.cache_clear()
-            torch.cuda.empty_cache()
+                copies = _copies(n, k, bits, gs)
+                for m in args.ms:
+                    if time.time() - t0 > args.time_limit_s:
+                        break
+                    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                    case = f"{shape} {fmt} M={m}"
+                    if case not in rows:
+                        auto_plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits)
+                        rows[case] = {"case": case, "N": n, "K": k, "fmt": fmt, "M": m,
+                                      "dtype": str(x.dtype).removeprefix("torch."),
+                                      "bf16_ms": _ms([(lambda w=w: F.linear(x, w)) for w, _ in copies]),
+                                      "auto_ms": _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk)) for _, pk in copies]),
+                                      "auto_plan": auto_plan, "forced": []}
+                    row = rows[case]
+                    want = cuda.dequant_matmul(x, *copies[0][1])
+                    todo = pass_choices(gemv_choices(m, **values), row["auto_plan"]["warps"], first)
+                    for choice, sp in itertools.product(todo, args.splits):
+                        kw = {"splits": sp, **choice}
+                        plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, **kw)
+                        if any(plan[key] != kw[key] for key in OPTIONS[1:]) or sp and plan["splits"] != sp:
+                            continue  # uneven K ranges, x past 48 KB, G < 128 or W8 (zero_after): the plan says so
+                        got = cuda.dequant_matmul(x, *copies[0][1], **kw)
+                        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                        ms = _ms([(lambda pk=pk: cuda.dequant_matmul(x, *pk, **kw)) for _, pk in copies])
+                        row["forced"].append({**kw, "plan_splits": plan["splits"],
+                                              "blocks_per_sm": plan["blocks_per_sm"], "ms": ms, "rel_err": err})
+                    if not row["forced"]:
+                        continue
+                    best = min(row["forced"], key=lambda r: r["ms"])
+                    how = ", ".join(str(best[key]) for key in ("splits", *OPTIONS))
+                    base, auto = row["bf16_ms"], row["auto_ms"]
+                    print(f"{case:40s} {base * 1e3:8.2f} {auto * 1e3:8.2f} ({row['auto_plan']['splits']}, "
+                          f"{row['auto_plan']['warps']})   {best['ms'] * 1e3:8.2f} ({how})"
+                          f"  speed-up vs bf16: auto {base / auto:.2f}×, best {base / best['ms']:.2f}×"
+                          f"{'' if first else '  (other block sizes)'}", flush=True)
+                    bad = [r for r in row["forced"] if not r["rel_err"] < 1e-2]
+                    if bad:
+                        print(f"  !! forced plans differ from auto: {bad}")
+                    _write(args.out, list(rows.values()), args.min_gain)  # after every case: a stopped sweep keeps it
+                del copies
+                bdm._weight.cache_clear()
+                torch.cuda.empty_cache()
+    rows = list(rows.values())
     print(f"wrote {_write(args.out, rows, args.min_gain)} and gemv_table.json: "
           f"{len(gemv_table.GemvTable.read(args.out / 'gemv_table.json'))} of {len(rows)} cases launch otherwise "
           f"than the plan's rules (install: --table-from {args.out / 'sweep_gemv.json'})")
@@ -156,6 +167,14 @@ def main(argv=None) -> int:
 
 
 OPTIONS = GEMV_OPTIONS  # the launch choices the summary compares
+
+
+def pass_choices(choices: list[dict], plan_warps: int, first: bool) -> list[dict]:
+    """The forced choices of one pass over the cases (PASSES): the first takes those at the plan's own
+    block size (every place of x, of the scale and of the zero point: the open choices of the plan), the
+    second the other block sizes. A session's short sweep then times those first choices on every
+    weight before it spends its time on block sizes."""
+    return [c for c in choices if (c["warps"] == plan_warps) == first]
 
 
 def option_gains(rows: list) -> dict:
@@ -192,11 +211,14 @@ def summary(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _meta() -> dict:
+    return {"device": common.device_name(), "torch": torch.__version__, "sm_count":
+            torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def _write(out: Path, rows: list, min_gain: float) -> Path:
     """sweep_gemv.json, and the table of measured launches made from it (gemv_table.json)."""
-    meta = {"device": common.device_name(), "torch": torch.__version__, "sm_count":
-            torch.cuda.get_device_properties(0).multi_processor_count, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    sweep = {"meta": meta, "rows": rows}
+    sweep = {"meta": _meta(), "rows": rows}
     path = out / "sweep_gemv.json"
     path.write_text(json.dumps(sweep, indent=1))
     _write_table(out / "gemv_table.json", gemv_table.table_from_sweep(sweep, min_gain))

@@ -117,6 +117,60 @@ def test_sweep_summary_pairs_each_choice_with_the_default_and_nothing_else():
     assert sweep_gemv.option_gains(rows) == {("shared_x", "W4g128", 16): [9 / 6]}
 
 
+def test_sweep_gemv_times_every_case_at_the_plan_block_size_before_other_sizes(tmp_path, monkeypatch):
+    """The sweep's main loop on a stand-in backend (CPU tensors, a clock that moves 1 s per timing): the
+    first pass times every choice at the plan's block size on every case, the second the other block
+    sizes until the time limit, and the JSON written holds every case once, its forced rows from both
+    passes; choices the plan refuses (W8 zero_after) are left out."""
+    import types
+
+    import sweep_gemv
+    import torch
+
+    from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS
+
+    def plan(x, q, s, bits, **kw):
+        p = {**GEMV_DEFAULTS, "kernel": "mma", "warps": 4, "splits": 1, "blocks_per_sm": 6}
+        p.update({key: kw[key] for key in GEMV_OPTIONS if key in kw})
+        p["zero_after"] = p["zero_after"] and bits == 4
+        return {**p, "splits": kw.get("splits") or 1}
+
+    fake = types.SimpleNamespace(gemv_plan=plan, dequant_matmul=lambda x, q, s, z, bits, **kw: x[:, :8] * 2)
+    now = [0.0]
+
+    def timed(fns):
+        now[0] += 1.0
+        return 1e-3 * (1 + len(fns))
+
+    import qdpo.kernels
+
+    monkeypatch.setattr(qdpo.kernels, "cuda", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "qdpo.kernels.cuda", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sweep_gemv, "DEV", "cpu")
+    monkeypatch.setattr(sweep_gemv, "_ms", timed)
+    monkeypatch.setattr(sweep_gemv, "_meta", lambda: {"device": "stand-in", "sm_count": 132, "date": "today"})
+    monkeypatch.setattr(sweep_gemv, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(sweep_gemv.common, "SHAPES", {"a": (8, 128), "b": (8, 256)})
+    w = {k: torch.zeros(8, k) for k in (128, 256)}
+    monkeypatch.setattr(sweep_gemv, "_copies", lambda n, k, bits, gs: [(w[k], (None, None, None, bits))])
+    # pass 1: 2 shapes × 2 formats × M in (1, 16), each 2 baselines + its choices at 4 warps
+    first = {(fmt, m): len([c for c in sweep_gemv.gemv_choices(m) if c["warps"] == 4
+                            and (fmt == "W4g128" or not c["zero_after"])]) for fmt in ("W4g128", "W8") for m in (1, 16)}
+    pass1 = 2 * sum(2 + v for v in first.values())
+    limit = pass1 + 20  # the second pass stops within its first case or two
+    assert sweep_gemv.main(["--out", str(tmp_path), "--ms", "1", "16", "--splits", "0", "--more-warps",
+                            "--time-limit-s", str(limit)]) == 0
+    rows = json.loads((tmp_path / "sweep_gemv.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == [f"{s} {f} M={m}" for s in "ab" for f in ("W4g128", "W8") for m in (1, 16)]
+    for r in rows:
+        at4 = [c for c in r["forced"] if c["warps"] == 4]
+        assert len(at4) == first[(r["fmt"], r["M"])], r["case"]
+        assert not any(c["zero_after"] for c in r["forced"] if r["fmt"] == "W8")
+    other = [r["case"] for r in rows if any(c["warps"] != 4 for c in r["forced"])]
+    assert other and other == [r["case"] for r in rows][:len(other)] and len(other) < len(rows)
+
+
 def test_gemv_choices_spell_each_rule_once():
     """The forced combinations the GPU tests and the sweep share: x_smem only at M <= 2, zero_after only
     with scale_after (both ways), shared_x never with x_smem; each combination once."""
