@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,13 +92,18 @@ def _build(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def E(request):
-    """The emulated module, built once per source hash (pytest's cache keeps it between sessions)."""
+    """The emulated module, built once per source hash (pytest's cache keeps it between sessions; without
+    the cache plugin, the system's temporary folder)."""
     if not HAS_NVCC or shutil.which("g++") is None:
         pytest.skip("the emulated build needs the CUDA headers (nvcc's toolkit) and g++")
     h = hashlib.sha256(" ".join(FLAGS + LINK).encode())
     for p in _sources():
         h.update(str(p.relative_to(CSRC)).encode() + p.read_bytes())
-    cache = Path(request.config.cache.mkdir("qdpo_cuda_emulated"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("qdpo_cuda_emulated"))
+    else:  # pytest -p no:cacheprovider
+        cache = Path(tempfile.gettempdir()) / "qdpo_cuda_emulated"
+        cache.mkdir(exist_ok=True)
     key = cache / h.hexdigest()[:16]
     found = list(key.glob("_C_emulated*.so"))
     if not found:
