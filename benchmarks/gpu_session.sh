@@ -75,11 +75,15 @@ PROFILE_S=$(limit "$PROFILE_S" 200)
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "$PROFILE_S" -gt 0 ] && [ -n "$NCU" ]; then
     stamp "Nsight Compute: one launch of each GEMV variant ($NCU)"
+    # every stall reason per issued instruction (the WarpStateStats section names only the largest)
     timeout "$PROFILE_S" "$NCU" -k regex:"gemv|gemm|nvjet" --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         $PY benchmarks/profile_gemv.py >"$OUT_DIR/profile_gemv.log" 2>&1
     echo "ncu exit $?"; grep -E "== launch|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|ERR" \
         "$OUT_DIR/profile_gemv.log" | head -80
+    grep -E "== launch|issue_stalled_(long_scoreboard|short_scoreboard|wait|math_pipe|mio|lg_throttle|not_selected|barrier)" \
+        "$OUT_DIR/profile_gemv.log" | head -120
 elif [ "$PROFILE_S" -gt 0 ]; then
     echo "no ncu on this machine"
 fi
