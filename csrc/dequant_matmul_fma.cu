@@ -56,8 +56,11 @@ __global__ void __launch_bounds__(kFmaRows * 32) gemv_fma_kernel(GemvArgs a) {
   }
 }
 
-// y = Σ_s partial[s] (+ bias), summed in split order (deterministic), cast once.
+// y = Σ_s partial[s] (+ bias), summed in split order (deterministic), cast once. Launched as the GEMV's
+// dependent (launch_dependent): on sm_90 its blocks are placed while the GEMV runs and wait here for its
+// partials, instead of the launch starting after the GEMV has finished.
 __global__ void splitk_reduce_kernel(GemvArgs a) {
+  pdl_wait();
   const int64_t mn = static_cast<int64_t>(a.m) * a.n;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= mn) return;
@@ -79,8 +82,7 @@ int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream) {
 
 int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream) {
   const int64_t mn = static_cast<int64_t>(a.m) * a.n;
-  QDPO_LAUNCH((mn + 255) / 256, 256, 0, stream, splitk_reduce_kernel)(a);
-  return launch_status();
+  return launch_dependent(splitk_reduce_kernel, dim3(static_cast<unsigned>((mn + 255) / 256)), dim3(256), 0, stream, a);
 }
 
 }  // namespace qdpo

@@ -48,7 +48,10 @@
 //   registers instead of 156-179 (3 blocks of 8 warps per SM instead of 1; at M <= 8, 64 and 4).
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
-// deterministic.
+// deterministic. That kernel is the GEMV's programmatic dependent on sm_90
+// (qdpo_device.cuh: launch_dependent; the GEMV triggers it as it starts): its
+// blocks are placed while the GEMV runs and wait for its partials, where an
+// ordinary launch began only after the GEMV had finished (not yet timed).
 //
 // Measured and dropped (H200, benchmarks/results/NVIDIA-H200-sweep_gemv-pipelines.json,
 // README "GPU results"): a ring of 3-4 weight stages per warp and a cp.async

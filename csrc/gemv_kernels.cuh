@@ -304,6 +304,7 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
 template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
+  pdl_trigger();  // split-K: the reduction's launch need not wait for this grid to finish (it waits itself)
   const BlockWork b = block_work<RT, W, FLEX>(a);
   float acc[RT][MT][4] = {};
   const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
@@ -422,6 +423,7 @@ constexpr int sx_min_blocks(int bits, int mt, int w) {
 template <int HD, int BITS, int MT, int W, int SC>
 __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_shared_x_kernel(GemvArgs a) {
   static_assert(gemv::kSxSteps % 2 == 0, "the weight stages alternate within a chunk");
+  pdl_trigger();  // as gemv_mma_kernel
   QDPO_DYNAMIC_SMEM(16, uint8_t, smem);  // [pairs: sx_buffer_bytes | landing: sx_landing_bytes]
   uint8_t* const sx = smem;
   const uint8_t* const landing = smem + sx_buffer_bytes(MT);

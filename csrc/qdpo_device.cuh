@@ -348,6 +348,69 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 #endif
+
+// ------------------------------------------------------------------ programmatic dependent launch (sm_90+)
+// A kernel started by launch_dependent may begin while the kernel ahead of it in the stream still
+// runs: pdl_wait, before it reads anything that kernel writes, waits until that kernel has completed
+// and its writes are visible. pdl_trigger, in the kernel ahead, lets the dependent be launched once
+// every block of it has triggered or exited (without it: once all have exited). Below sm_90, and in
+// the emulated build (launches one after the other), both are nothing.
+#if defined(QDPO_EMULATE)
+__device__ __forceinline__ void pdl_wait() {}
+__device__ __forceinline__ void pdl_trigger() {}
+#else
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#endif
+
+// Compute capability major of the current device (0 if the runtime cannot say), asked once per device.
+inline int device_major() {
+  static int majors[64] = {};  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (majors[dev] == 0 && cudaDeviceGetAttribute(&majors[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    majors[dev] = 0;
+  }
+  return majors[dev];
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to begin before the kernel ahead of it in the
+// stream completes (programmatic stream serialization, compute capability 9.0 and up; CUDA graphs keep
+// it as a programmatic edge): the kernel must call pdl_wait before it reads that kernel's results.
+// Returns the launch status.
+template <typename... P, typename... A>
+int launch_dependent(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
+#if defined(QDPO_EMULATE)
+  QDPO_LAUNCH(grid, block, smem, stream, kernel)(args...);
+#else
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cfg.attrs = &attr;
+  // CUDA graphs take the attribute as a programmatic edge from 12.3 on
+  cfg.numAttrs = CUDART_VERSION >= 12030 && device_major() >= 9 ? 1 : 0;
+  if (cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...) != cudaSuccess && cfg.numAttrs) {
+    (void)cudaGetLastError();  // refused with the attribute: an ordinary launch (its error is the status)
+    cfg.numAttrs = 0;
+    (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...);
+  }
+#endif
+  return launch_status();
+}
 #endif
 
 struct MinOp {

@@ -990,14 +990,12 @@ def test_a_gpu_without_a_kernel_image_is_unsupported_not_an_error(monkeypatch):
         cuda._launch(dev, other, 1, 2)
 
 
-def test_element_wise_kernels_store_16_bytes_at_a_time(C):
-    """The 8-element chunks of the element-wise kernels (dequantize, fake_quant forward and backward)
-    leave as 16-byte stores in every output dtype (sm_90 SASS of this build). A 16-bit output packed
-    in a branch on its dtype once left as four 4-byte stores, each writing a quarter of every sector
-    of the warp's 512 bytes; the fp32 outputs, stored 16 bytes at a time, had reached 95 % of copy
-    bandwidth and the bf16 ones 66-72 % (H200)."""
+@pytest.fixture(scope="session")
+def sass90(C) -> dict:
+    """The sm_90 SASS of the built extension, function by function (benchmarks/static_sass.py's cuobjdump
+    and parsing; one disassembly for every test that reads it)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import static_sass  # its cuobjdump and SASS parsing (benchmarks/static_sass.py)
+    import static_sass
 
     try:
         tool = static_sass.cuobjdump()
@@ -1005,7 +1003,30 @@ def test_element_wise_kernels_store_16_bytes_at_a_time(C):
         pytest.skip(str(e))
     sass = subprocess.run([tool, "-sass", "-arch", "sm_90", C.__file__], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr[-2000:]
-    functions = static_sass.functions(sass.stdout)
+    return static_sass.functions(sass.stdout)
+
+
+def test_split_k_reduction_waits_for_the_gemv_before_it_reads(sass90):
+    """The split-K reduction is launched as the GEMV's programmatic dependent (qdpo_device.cuh:
+    launch_dependent), so on sm_90 it may start while the GEMV still writes its partials: its SASS must
+    wait (griddepcontrol.wait, ACQBULK) before any global load. The emulation runs launches one after
+    the other and cannot show a missing wait; the machine code can."""
+    import static_sass
+
+    reduce = [body for name, body in sass90.items() if "splitk_reduce_kernel" in name]
+    assert len(reduce) == 1, sorted(sass90)
+    ops = [text for _, text in static_sass.instructions(reduce[0])]
+    first_load = next(i for i, t in enumerate(ops) if re.search(r"\bLDG\b", t))
+    assert any(t.startswith("ACQBULK") for t in ops[:first_load]), ops[:first_load + 1]
+
+
+def test_element_wise_kernels_store_16_bytes_at_a_time(sass90):
+    """The 8-element chunks of the element-wise kernels (dequantize, fake_quant forward and backward)
+    leave as 16-byte stores in every output dtype (sm_90 SASS of this build). A 16-bit output packed
+    in a branch on its dtype once left as four 4-byte stores, each writing a quarter of every sector
+    of the warp's 512 bytes; the fp32 outputs, stored 16 bytes at a time, had reached 95 % of copy
+    bandwidth and the bf16 ones 66-72 % (H200)."""
+    functions = sass90
     chunked = {name: body for name, body in functions.items()
                if re.search(r"(dequantize_kernel|fake_quant_kernel|fake_quant_backward_kernel)ILi[48]ELi8E", name)}
     assert len(chunked) == 8, sorted(functions)
