@@ -469,3 +469,17 @@ def test_dequant_matmul_opcheck_and_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(yg, y)
     assert_close_2x(y, *(ref.dequant_matmul(t, *_args(qw)) for t in (x.double(), x)))
+    # split K: the reduction is the GEMV's programmatic dependent (sm_90), a programmatic edge in a graph
+    from qdpo.kernels import cuda
+
+    qs, xs = _weight(256, 8192, 4, 128, wdtype=torch.bfloat16), _rand(4, 8192, dtype=torch.bfloat16)
+    assert cuda.gemv_plan(xs, *_args(qs)[:2], 4)["splits"] > 1
+    ys = OPS.dequant_matmul(xs, *_args(qs), None, B)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ysg = OPS.dequant_matmul(xs, *_args(qs), None, B)
+    for _ in range(2):
+        ysg.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(ysg, ys)
