@@ -25,7 +25,7 @@ PACK_DIR=${PACK_DIR-${OUT:-}}
 # and 4 warps (and of 6 and 3 with the scale in ŵ: --more-warps), x in registers, in shared memory
 # (M = 1) and shared by row warps (shared_x), the scale in ŵ and after the mma: the open choices of
 # the GEMV plan. It times every place of x and of the grid at the plan's own block size on every
-# weight first (about 120 s on an H200 at 0.45 s a timing), then the other block sizes while time is
+# weight first (about 140 s, estimated at 0.45 s a timing), then the other block sizes while time is
 # left. SWEEP_ARGS= (empty) sweeps everything (a longer SWEEP_S).
 SWEEP_ARGS=${SWEEP_ARGS-"--ms 1 16 --splits 0"}
 PROFILE_S=${PROFILE_S:-0}     # > 0: Nsight Compute on one launch of each GEMV variant (profile_gemv.py)

@@ -8,8 +8,8 @@ is preceded by a line naming it, and ncu reports the kernels in launch order::
 
 Each case is a weight of ``common.SHAPES`` (default square-8192), a format of
 ``bench_dequant_matmul.FORMATS``, M, and the launch choices that ``qdpo.kernels.cuda`` forces
-(warps per block, x in shared memory, x shared by row warps, the scale after the mma; the GPU tests
-check each against the reference).
+(warps per block, x in shared memory, x shared by row warps, the scale after the mma, row tiles per
+warp; the GPU tests check each against the reference).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ CASES = (  # (format, M, what): bf16 F.linear, the prefill GEMM (path="gemm"), o
     ("W4g128", 16, {"warps": 8, "shared_x": True}), ("W4g128", 16, {"warps": 8, "shared_x": True, "scale_after": True}),
     ("W4g128", 16, {"warps": 8, "scale_after": True, "zero_after": True}),
     ("W4g128", 1, {"warps": 8, "shared_x": True}), ("W8", 16, {"warps": 8, "shared_x": True}),
+    ("W4g128", 1, {"warps": 8, "row_tiles": 2}),
+    ("W4g128", 1, {"warps": 8, "row_tiles": 2, "scale_after": True, "zero_after": True}),
     ("W4g128", 4096, LINEAR), ("W4g128", 4096, GEMM),
 )
 

@@ -6,7 +6,8 @@ For every weight of ``common.SHAPES``, W4 g128 and W8, M in {1, 8, 16}, times
 and, at M <= 2, x in registers and in shared memory (``x_smem``), warps that each own 16 rows and
 share x in shared memory (``shared_x``, any M), each with the scale in ŵ and after the mma
 (``scale_after``, where the group size allows) and, with the scale after, the zero point in a second
-mma too (``zero_after``, W4, bf16 x), next to the plan's own choice ("auto") and bf16 ``F.linear``,
+mma too (``zero_after``, W4, bf16 x), and with x in registers the 16-row tiles per warp the plan does
+not take (``row_tiles``: 2 at M <= 2, 1 at M 3-8), next to the plan's own choice ("auto") and bf16 ``F.linear``,
 all back to back in one CUDA graph over copies of the weight that overflow twice the L2 cache
 (``common.graph_batch``). A split count of 0 leaves the split to the plan's rule for that variant
 (shared_x has its own). Every forced variant's output is checked
@@ -46,7 +47,7 @@ import bench_dequant_matmul as bdm  # noqa: E402
 import common  # noqa: E402
 
 from qdpo.kernels import gemv_table  # noqa: E402
-from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices  # noqa: E402
+from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices, plan_grants  # noqa: E402
 
 FORMATS = bdm.FORMATS  # name → (bits, group_size)
 SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)  # 0: the plan's rule
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale-after", choices=sorted(BOTH), default="both",
                    help="the scale in ŵ (off) or after the mma (on) in the forced variants")
     p.add_argument("--shared-x", choices=sorted(BOTH), default="both", help="shared_x in the forced variants")
+    p.add_argument("--row-tiles", choices=("both", "off"), default="both",
+                   help="the 16-row tiles per warp the plan does not take (2 at M <= 2, 1 at M 3-8), x in registers")
     p.add_argument("--more-warps", type=int, nargs="*", default=list(MORE_WARPS),
                    help="other warps per block (1-8) to time with the scale in ŵ (x in registers, x_smem)")
     p.add_argument("--time-limit-s", type=float, default=600, help="stop starting new cases after this")
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = {}, time.time()  # case → row, in the order first met
     values = {"warps": WARPS, "x_smem": BOTH[args.x_smem], "scale_after": BOTH[args.scale_after],
-              "shared_x": BOTH[args.shared_x], "more_warps": tuple(args.more_warps)}
+              "shared_x": BOTH[args.shared_x], "more_warps": tuple(args.more_warps),
+              "row_tiles": (0, 1, 2) if args.row_tiles == "both" else (0,)}
     print(f"{'case':40s} {'bf16 µs':>8s} {'auto µs':>8s} (splits, warps)   "
           f"best forced µs (splits, {', '.join(OPTIONS)})")
     for first in (True, False):  # PASSES: every case at the plan's block size, then the other sizes
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
                     for choice, sp in itertools.product(todo, args.splits):
                         kw = {"splits": sp, **choice}
                         plan = cuda.gemv_plan(x, copies[0][1][0], copies[0][1][1], bits, **kw)
-                        if any(plan[key] != kw[key] for key in OPTIONS[1:]) or sp and plan["splits"] != sp:
+                        if not plan_grants(plan, kw):
                             continue  # uneven K ranges, x past 48 KB, G < 128 or W8 (zero_after): the plan says so
                         got = cuda.dequant_matmul(x, *copies[0][1], **kw)
                         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()

@@ -199,10 +199,10 @@ void def_kernels(py::module_& m) {
   m.def("dequant_matmul_plan", [](int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
                                   ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count, int force_splits,
                                   int force_warps, int force_x_smem, int force_scale_after,
-                                  int force_zero_after, int force_shared_x) {
+                                  int force_zero_after, int force_shared_x, int force_row_tiles) {
     qdpo::GemvPlan p{};
-    const qdpo::GemvForce force{force_splits, force_warps, force_x_smem, force_scale_after, force_zero_after,
-                                force_shared_x};
+    const qdpo::GemvForce force{force_splits,     force_warps,    force_x_smem,   force_scale_after,
+                                force_zero_after, force_shared_x, force_row_tiles};
     check("dequant_matmul_plan", qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn,
                                                            sm_count, &p, force));
     return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
@@ -216,11 +216,12 @@ void def_kernels(py::module_& m) {
      "count / the warps per block (4 or 8); force_x_smem 1 / 2: x in registers / in shared memory (where "
      "the M <= 2 tile and 48 KB allow); force_scale_after 1 / 2: scale in ŵ / after the mma (where G is a "
      "multiple of 128 or K); force_zero_after 2: the zero point in a second mma too (W4, bf16 x, scale_after); "
-     "force_shared_x 2: warps that each own 16 rows and share x staged in shared memory (not with x_smem)",
+     "force_shared_x 2: warps that each own 16 rows and share x staged in shared memory (not with x_smem); "
+     "force_row_tiles 1 / 2: the 16-row tiles each warp computes (M <= 8; not with x_smem or shared_x)",
      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"),
      py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"), py::arg("force_splits") = 0,
      py::arg("force_warps") = 0, py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0,
-     py::arg("force_zero_after") = 0, py::arg("force_shared_x") = 0);
+     py::arg("force_zero_after") = 0, py::arg("force_shared_x") = 0, py::arg("force_row_tiles") = 0);
   m.def("gemv_auto_warps", &qdpo::gemv_auto_warps, py::arg("tiles"), py::arg("sm_count"), py::arg("blocks8"),
         py::arg("blocks4"), "Warps per block the plan picks for the M <= 2 tile, from the grid's tiles and the "
         "blocks of 8 / 4 warps an SM holds (host only)");
@@ -240,9 +241,10 @@ void def_kernels(py::module_& m) {
                              ptr_t qweight, int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias,
                              int b_dtype, ptr_t y, ptr_t workspace, int64_t workspace_bytes, int sm_count,
                              ptr_t stream, int force_splits, int force_warps, int force_x_smem,
-                             int force_scale_after, int force_zero_after, int force_shared_x) {
-    const qdpo::GemvForce force{force_splits, force_warps, force_x_smem, force_scale_after, force_zero_after,
-                                force_shared_x};
+                             int force_scale_after, int force_zero_after, int force_shared_x,
+                             int force_row_tiles) {
+    const qdpo::GemvForce force{force_splits,     force_warps,    force_x_smem,   force_scale_after,
+                                force_zero_after, force_shared_x, force_row_tiles};
     check("dequant_matmul", qdpo::dequant_matmul(x, x_dtype, mrows, n, k, ng, bits, qweight, stride_qn, scales,
                                                  s_dtype, zeros, bias, b_dtype, y, workspace, workspace_bytes,
                                                  sm_count, stream, force));
@@ -252,7 +254,7 @@ void def_kernels(py::module_& m) {
      py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"),
      py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_warps") = 0,
      py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0,
-     py::arg("force_shared_x") = 0);
+     py::arg("force_shared_x") = 0, py::arg("force_row_tiles") = 0);
 }
 
 }  // namespace

@@ -209,7 +209,7 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
   // any 1-8 warps per block (0: the plan's); shared_x blocks 4 or 8 (a warp owns 16 rows of its own)
   QDPO_REQUIRE(force.warps >= 0 && force.warps <= 8, kErrShape);
   QDPO_REQUIRE(force.shared_x != 2 || force.warps % 4 == 0, kErrShape);
-  for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x}) {
+  for (const int choice : {force.x_smem, force.scale_after, force.zero_after, force.shared_x, force.row_tiles}) {
     QDPO_REQUIRE(choice >= 0 && choice <= 2, kErrShape);
   }
   QDPO_REQUIRE(m * k < kInt32Limit && m * n < kInt32Limit && n * stride_qn < kInt32Limit, kErrTooLarge);
@@ -218,6 +218,12 @@ int plan_gemv(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype
                    aligned(qweight, 16) && stride_qn % 16 == 0;
   *plan = {mma ? kGemvMma : kGemvFma, m <= 8 ? 1 : 2, m <= 2 ? 1 : 2, 1, 0, 8, 0, 0, 0, 0, 0};
   if (!mma) return kOk;
+  // Each warp on one or two 16-row tiles where x fits one tile (M <= 8): the plan's 1 at M <= 2 and 2
+  // above, or as forced. Two tiles share x's registers and the step's address and group arithmetic
+  // (static sm_90, W4 bf16, per 1 KB of weight: 173 instructions against 197.5 with the grid in ŵ, 132
+  // against 153.5 with zero_after), at 128 registers (2 blocks of 8 warps per SM, not 3) and half the
+  // blocks. Not yet measured at M <= 2, so only when asked. x_smem and shared_x take one tile.
+  if (force.row_tiles && plan->mt == 1) plan->rt = force.row_tiles;
   // Scale after the mma: every 128-code step in one group. Not yet measured on a GPU, so only when
   // asked (force.scale_after == 2).
   plan->scale_after = force.scale_after == 2 && (ng == 1 || g % gemv::kStepK == 0);

@@ -80,8 +80,10 @@ int gemv_auto_warps(int64_t tiles, int sm_count, int blocks8, int blocks4);
 // scale_after: the scale on each step's fp32 sums (G a multiple of 128, or G = K);
 // zero_after: the zero point in a second mma too (W4, bf16 x, with scale_after; any place of x);
 // shared_x: warps that each own 16 rows and share x staged in shared memory (any M; not with x_smem).
+// row_tiles: 0 = the plan's, else the 16-row tiles each warp computes (1 or 2) where x fits one tile
+// (M <= 8; the plan's own: 1 at M <= 2, 2 above; not with x_smem or shared_x, which take 1).
 struct GemvForce {
-  int splits = 0, warps = 0, x_smem = 0, scale_after = 0, zero_after = 0, shared_x = 0;
+  int splits = 0, warps = 0, x_smem = 0, scale_after = 0, zero_after = 0, shared_x = 0, row_tiles = 0;
 };
 int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype, ptr_t x,
                         ptr_t qweight, int64_t stride_qn, int sm_count, GemvPlan* plan, const GemvForce& force = {});

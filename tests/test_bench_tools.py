@@ -176,7 +176,7 @@ def test_gemv_choices_spell_each_rule_once():
     with scale_after (both ways), shared_x never with x_smem; each combination once."""
     from qdpo.kernels.gemv_options import GEMV_DEFAULTS, GEMV_OPTIONS, gemv_choices
 
-    for m, count in ((1, 18), (2, 18), (3, 12), (16, 12)):
+    for m, count in ((1, 24), (2, 24), (3, 18), (8, 18), (9, 12), (16, 12)):
         got = gemv_choices(m)
         assert len(got) == count and len({tuple(c.items()) for c in got}) == count
         assert all(set(c) == set(GEMV_OPTIONS) for c in got)
@@ -186,6 +186,9 @@ def test_gemv_choices_spell_each_rule_once():
             {(False, False), (True, False), (False, True)} if m <= 2 else {(False, False), (False, True)})
         assert any(c["x_smem"] for c in got) == (m <= 2)
         assert GEMV_DEFAULTS in got
+        # the tiles per warp the plan does not take, with x in registers only
+        assert {c["row_tiles"] for c in got} == {0, 2 if m <= 2 else 1} if m <= 8 else {0}
+        assert all(not (c["x_smem"] or c["shared_x"]) for c in got if c["row_tiles"])
     assert gemv_choices(1, warps=(8,), x_smem=(True,), scale_after=(True,), shared_x=(False,)) == [
         {**GEMV_DEFAULTS, "x_smem": True, "scale_after": True}, {**GEMV_DEFAULTS, "x_smem": True, "scale_after": True,
                                                                 "zero_after": True}]
@@ -194,8 +197,9 @@ def test_gemv_choices_spell_each_rule_once():
     # other block sizes: shared_x only takes 4 or 8; more_warps adds the table's exact launches only
     assert gemv_choices(16, warps=(6,), scale_after=(False,)) == [{**GEMV_DEFAULTS, "warps": 6}]
     more = gemv_choices(1, more_warps=(6, 3))
-    assert len(more) == 18 + 4 and more[:18] == gemv_choices(1)
-    assert more[18:] == [{**GEMV_DEFAULTS, "warps": w, "x_smem": xs} for w in (6, 3) for xs in (False, True)]
+    assert len(more) == 24 + 4 and more[:24] == gemv_choices(1)
+    assert gemv_choices(1, row_tiles=(0,)) == [c for c in gemv_choices(1) if not c["row_tiles"]]
+    assert more[24:] == [{**GEMV_DEFAULTS, "warps": w, "x_smem": xs} for w in (6, 3) for xs in (False, True)]
     assert gemv_choices(16, more_warps=(4, 6))[12:] == [{**GEMV_DEFAULTS, "warps": 6}], "4 warps: already there"
 
 

@@ -775,6 +775,30 @@ def test_plan_takes_the_zero_point_after_the_mma_only_with_w4_bf16_x_and_scale_a
             _plan(C, force_zero_after=bad)
 
 
+def test_plan_takes_the_forced_row_tiles_where_x_fits_one_tile(C):
+    """row_tiles: the plan's 1 at M <= 2 and 2 up to M = 8 unless forced; 1 or 2 where x fits one tile
+    (M <= 8), the other tile count refused above (M > 8 has only the 2 × 2 tile); x_smem and shared_x
+    take one tile, so x_smem is refused with two and shared_x overrides them. Two tiles make blocks
+    of 32 rows (half the blocks, 4 · tiles <= SMs splits K as before)."""
+    for m, own in ((1, 1), (2, 1), (3, 2), (8, 2), (9, 2), (16, 2)):
+        assert _plan(C, m=m)["rt"] == own
+        for rt in (1, 2):
+            assert _plan(C, m=m, force_row_tiles=rt)["rt"] == (rt if m <= 8 else 2), (m, rt)
+    p = _plan(C, m=1, force_row_tiles=2)
+    assert (p["mt"], p["rt"], p["block_rows"], p["warps"]) == (1, 2, 32, 8)
+    assert _plan(C, m=1, force_row_tiles=2, force_scale_after=2, force_zero_after=2)["zero_after"]
+    p = _plan(C, m=1, force_row_tiles=2, force_x_smem=2)
+    assert p["rt"] == 2 and not p["x_smem"], "x_smem serves one tile"
+    p = _plan(C, m=1, force_row_tiles=2, force_shared_x=2)
+    assert p["rt"] == 1 and p["shared_x"]
+    # 1024 rows: 32 blocks of 32 rows fill under a quarter of 132 SMs -> 4 ranges; 64 blocks of 16 do not
+    assert _plan(C, m=1, n=1024, force_row_tiles=2)["splits"] == 4
+    assert _plan(C, m=1, n=1024)["splits"] == 1
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bad shape"):
+            _plan(C, force_row_tiles=bad)
+
+
 def test_plan_shares_x_between_row_warps_only_when_asked(C):
     """shared_x: off until measured; any M; a warp owns 16 rows, so a block 16 · warps; x_smem wins where
     both are asked for (M <= 2); zero_after with it too; about two blocks per SM from splitting K,

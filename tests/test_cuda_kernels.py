@@ -202,9 +202,9 @@ def test_dequant_matmul_every_launcher_path():
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
 def test_dequant_matmul_every_forced_split(bits, gs):
-    """Every split-K count, block size, place of x and place of the scale ``benchmarks/sweep_gemv.py``
-    times gives the reference's result (so the plan may choose any of them), for each kernel tile
-    (M = 1, 2, 5, 16); rows past N in the last tile (shared_x: whole warps past N); 3 and 6 splits
+    """Every split-K count, block size, place of x, place of the scale and count of row tiles per warp
+    ``benchmarks/sweep_gemv.py`` times gives the reference's result (so the plan may choose any of them),
+    for each kernel tile (M = 1, 2, 5, 16); rows past N in the last tile (shared_x: whole warps past N); 3 and 6 splits
     leave warps without a step, 16 gives shared_x one-step chunks; G = 32 refuses scale_after (a step
     spans 4 groups) and W8 zero_after, so those choices plan a launch already run, which runs once."""
     from qdpo.kernels import cuda
@@ -220,6 +220,7 @@ def test_dequant_matmul_every_forced_split(bits, gs):
                 plan = cuda.gemv_plan(x, *_args(qw)[:2], bits, **kw)
                 assert plan["kernel"] == "mma" and all(plan[key] == kw[key] for key in (
                     "splits", "warps", "x_smem", "shared_x"))
+                assert plan["rt"] == (kw["row_tiles"] or (1 if m <= 2 else 2)) or kw["shared_x"]
                 assert plan["scale_after"] == (kw["scale_after"] and gs != 32)
                 assert plan["zero_after"] == (kw["zero_after"] and gs != 32 and bits == 4)
                 if tuple(sorted(plan.items())) in ran:

@@ -60,7 +60,11 @@ def test_a_table_never_takes_a_launch_with_other_numerics_or_a_mismatch_or_a_cho
               {"splits": 1, "depth": 3, "ms": 4.0, "rel_err": 0.0},  # a pipeline of an older sweep
               {**fast, "splits": 4, "ms": 8.0}, {**fast, "warps": 8, "ms": 9.0}]
     (e,) = gt.table_from_sweep(_sweep(forced))["entries"]
-    assert e["launch"] == {"splits": 4, "warps": 4, "x_smem": False, "shared_x": False} and e["best_ms"] == 8.0
+    assert e["launch"] == {"splits": 4, "warps": 4, "x_smem": False, "shared_x": False, "row_tiles": 0}
+    assert e["best_ms"] == 8.0
+    # two row tiles per warp sum the same terms: a table may take them
+    (e,) = gt.table_from_sweep(_sweep(forced + [{**fast, "row_tiles": 2, "ms": 5.0}]))["entries"]
+    assert e["launch"] == {"splits": 2, "warps": 4, "x_smem": False, "shared_x": False, "row_tiles": 2}
     assert gt.table_from_sweep(_sweep(forced, auto_ms=8.1))["entries"][0]["launch"] is None  # < 3 % better
     assert gt.table_from_sweep(_sweep(forced[:4]))["entries"][0]["launch"] is None  # nothing eligible
     with pytest.raises(ValueError, match="min_gain=0.9"):
@@ -85,7 +89,9 @@ def _table(launch=None, **entry):
 def test_lookup_is_by_the_exact_case():
     t = gt.GemvTable(_table())
     assert len(t) == 1
-    assert t.launch(4, 128, "bfloat16", 1, 64, 256) == {"splits": 2, "warps": 4, "x_smem": True, "shared_x": False}
+    # a table from before row_tiles: the plan's tiles (0)
+    assert t.launch(4, 128, "bfloat16", 1, 64, 256) == {"splits": 2, "warps": 4, "x_smem": True, "shared_x": False,
+                                                        "row_tiles": 0}
     for other in ((8, 128, "bfloat16", 1, 64, 256), (4, -1, "bfloat16", 1, 64, 256), (4, 128, "float16", 1, 64, 256),
                   (4, 128, "bfloat16", 2, 64, 256), (4, 128, "bfloat16", 1, 65, 256), (4, 128, "bfloat16", 1, 64, 512)):
         assert t.launch(*other) is None, other
@@ -94,7 +100,7 @@ def test_lookup_is_by_the_exact_case():
 def test_a_table_may_launch_any_block_size_the_kernel_takes():
     """1-8 warps per block (the sweep times 6 and 3 too: other grids fit one wave); shared_x: 4 or 8."""
     for w in range(1, 9):
-        launch = {"splits": 0, "warps": w, "x_smem": False, "shared_x": False}
+        launch = {"splits": 0, "warps": w, "x_smem": False, "shared_x": False, "row_tiles": 2}
         assert gt.GemvTable(_table(launch)).launch(4, 128, "bfloat16", 1, 64, 256) == launch
     assert len(gt.GemvTable(_table({"splits": 0, "warps": 4, "x_smem": False, "shared_x": True}))) == 1
 
@@ -114,6 +120,7 @@ def test_a_table_may_launch_any_block_size_the_kernel_takes():
     (_table({"splits": 2, "warps": 0, "x_smem": False, "shared_x": False}), "warps 0"),
     (_table({"splits": 2, "warps": 6, "x_smem": False, "shared_x": True}), "warps 6"),
     (_table({"splits": 99, "warps": 4, "x_smem": False, "shared_x": False}), "splits 99"),
+    (_table({"splits": 2, "warps": 4, "x_smem": False, "shared_x": False, "row_tiles": 3}), "row_tiles 3"),
 ])
 def test_a_bad_table_is_refused_with_what_is_wrong_and_how_to_make_one(bad, match):
     with pytest.raises(ValueError, match=match) as err:
@@ -175,8 +182,9 @@ def test_the_backend_launches_by_the_table_only_where_nothing_is_forced():
         cuda.use_gemv_table(t, device="cuda:0")
         assert cuda.gemv_table_for(0) is t
         args = (0, torch.bfloat16, 1, 64, 256, 2, 4)  # device, x dtype, M, N, K, groups (G = 128), bits
-        assert cuda._launch_choices(*args, cuda.UNFORCED) == (2, 4, True, None, None, False)
-        for forced in ((0, 8, None, None, None, None), (0, 0, None, True, None, None), (1, 0, None, None, None, None)):
+        assert cuda._launch_choices(*args, cuda.UNFORCED) == (2, 4, True, None, None, False, 0)
+        for forced in ((0, 8, None, None, None, None, 0), (0, 0, None, True, None, None, 0),
+                       (1, 0, None, None, None, None, 0), (0, 0, None, None, None, None, 2)):
             assert cuda._launch_choices(*args, forced) == forced  # the caller's choice wins, all of it
         assert cuda._launch_choices(0, torch.float16, *args[2:], cuda.UNFORCED) == cuda.UNFORCED
         assert cuda._launch_choices(0, torch.bfloat16, 1, 64, 256, 1, 4, cuda.UNFORCED) == cuda.UNFORCED  # G = K
@@ -190,15 +198,19 @@ def test_the_backend_launches_by_the_table_only_where_nothing_is_forced():
 
 
 def test_the_backend_refuses_a_block_size_the_kernel_cannot_take():
-    """Forced warps: 0 (the plan's) or 1-8, 4 or 8 with shared_x; anything else one ValueError saying so."""
+    """Forced warps: 0 (the plan's) or 1-8, 4 or 8 with shared_x; row tiles 0, 1 or 2; anything else one
+    ValueError saying so."""
     cuda = pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C not built in this checkout")
     import torch
 
     args = (0, torch.bfloat16, 1, 64, 256, 2, 4)
-    for ok in ((0, 3, None, None, None, None), (0, 6, True, None, None, None), (0, 0, None, None, None, True),
-               (0, 4, None, None, None, True)):
+    for ok in ((0, 3, None, None, None, None, 0), (0, 6, True, None, None, None, 0), (0, 0, None, None, None, True, 0),
+               (0, 4, None, None, None, True, 0), (0, 0, None, None, None, None, 2)):
         assert cuda._launch_choices(*args, ok) == ok
-    for bad in ((0, 9, None, None, None, None), (0, -1, None, None, None, None), (0, 6, None, None, None, True),
-                (0, "8", None, None, None, None)):
+    for bad in ((0, 9, None, None, None, None, 0), (0, -1, None, None, None, None, 0),
+                (0, 6, None, None, None, True, 0), (0, "8", None, None, None, None, 0)):
         with pytest.raises(ValueError, match=r"a GEMV block takes 1 to 8 warps, with shared_x=True 4 or 8"):
             cuda._launch_choices(*args, bad)
+    for bad in (3, -1, "2", None):
+        with pytest.raises(ValueError, match=r"row_tiles=.*1 or 2 tiles of 16 rows; 0: the plan's"):
+            cuda._launch_choices(*args, (0, 0, None, None, None, None, bad))

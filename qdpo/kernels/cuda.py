@@ -59,7 +59,7 @@ from qdpo import _C  # ImportError: extension not built
 from qdpo.kernels import gemv_table
 from qdpo.kernels.backends import Unsupported, register
 from qdpo.kernels.gemv_options import (  # noqa: F401 (re-exported)
-    GEMV_DEFAULTS, GEMV_OPTIONS, MAX_WARPS, WARPS_RULE, block_warps_ok, gemv_choices,
+    GEMV_DEFAULTS, GEMV_OPTIONS, MAX_WARPS, ROW_TILES, WARPS_RULE, block_warps_ok, gemv_choices,
 )
 
 RUNTIME_VERSION = _C.runtime_version()
@@ -248,15 +248,15 @@ def _choice_code(flag: bool | None) -> int:
     return 0 if flag is None else 2 if flag else 1
 
 
-def _force(splits, warps, x_smem, scale_after, zero_after, shared_x) -> dict:
+def _force(splits, warps, x_smem, scale_after, zero_after, shared_x, row_tiles) -> dict:
     """The C++ launcher's force_* keywords."""
     return {"force_splits": splits, "force_warps": warps, "force_x_smem": _choice_code(x_smem),
             "force_scale_after": _choice_code(scale_after), "force_zero_after": _choice_code(zero_after),
-            "force_shared_x": _choice_code(shared_x)}
+            "force_shared_x": _choice_code(shared_x), "force_row_tiles": row_tiles}
 
 
 # --------------------------------------------------------------------------- measured launches
-UNFORCED = (0, 0, None, None, None, None)  # (splits, warps, x_smem, scale_after, zero_after, shared_x)
+UNFORCED = (0, 0, None, None, None, None, 0)  # (splits, warps, x_smem, scale_after, zero_after, shared_x, row_tiles)
 _TABLES: dict[int, gemv_table.GemvTable | None] = {}  # device index -> its table of measured launches
 
 
@@ -287,28 +287,33 @@ def _launch_choices(index: int, dtype: torch.dtype, m: int, n: int, k: int, grou
     if not isinstance(warps, int) or warps != 0 and not block_warps_ok(warps, bool(shared_x)):
         raise ValueError(f"warps={warps!r} (shared_x={shared_x!r}): a GEMV block takes {WARPS_RULE}; "
                          f"0: the plan's choice")
+    if force[6] not in ROW_TILES:
+        raise ValueError(f"row_tiles={force[6]!r}: each warp computes 1 or 2 tiles of 16 rows; 0: the plan's choice")
     if force != UNFORCED:
         return force
     table = gemv_table_for(index)
     launch = table and table.launch(bits, gemv_table.group_of(k, groups), str(dtype).removeprefix("torch."), m, n, k)
     if not launch:
         return force
-    return launch["splits"], launch["warps"], launch["x_smem"], None, None, launch["shared_x"]
+    return (launch["splits"], launch["warps"], launch["x_smem"], None, None, launch["shared_x"],
+            launch.get("row_tiles", 0))
 
 
 def gemv_plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, splits: int = 0,
               warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
-              zero_after: bool | None = None, shared_x: bool | None = None) -> dict:
+              zero_after: bool | None = None, shared_x: bool | None = None, row_tiles: int = 0) -> dict:
     """The C++ launcher's choice for ``x2 @ ŵᵀ``: kernel ("mma" | "fma"), tiles, rows per block, splits,
     workspace bytes, warps per block, the resident blocks per SM it expects, where x sits and where the
-    scale and zero point are applied; ``splits`` / ``warps`` > 0 and ``x_smem`` / ``scale_after`` /
+    scale and zero point are applied (``row_tiles``: the 16-row tiles each warp computes, ``rt``);
+    ``splits`` / ``warps`` / ``row_tiles`` > 0 and ``x_smem`` / ``scale_after`` /
     ``zero_after`` / ``shared_x`` not None force those (benchmarks). Forcing none, the device's table
     of measured launches decides where it holds this case (:func:`gemv_table_for`), as in
     :func:`dequant_matmul`."""
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     force = _launch_choices(x2.device.index, x2.dtype, x2.shape[0], n, k, scales.shape[1], bits,
-                            (splits, warps, x_smem, scale_after, zero_after, shared_x))
-    return _plan(x2, qweight, scales, bits, n, k, force)
+                            (splits, warps, x_smem, scale_after, zero_after, shared_x, row_tiles))
+    plan = _plan(x2, qweight, scales, bits, n, k, force)
+    return {**plan, "row_tiles": plan["rt"]}
 
 
 def _plan(x2, qweight, scales, bits: int, n: int, k: int, force: tuple) -> dict:
@@ -329,7 +334,7 @@ PATHS = ("gemv", "workspace", "gemm")  # dequant_matmul's routes (see dequant_ma
 @register("cuda", "dequant_matmul", auto_if=_decode_sized)
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = "", splits: int = 0,
                    warps: int = 0, x_smem: bool | None = None, scale_after: bool | None = None,
-                   zero_after: bool | None = None, shared_x: bool | None = None):
+                   zero_after: bool | None = None, shared_x: bool | None = None, row_tiles: int = 0):
     """``x @ ŵᵀ (+ bias)`` in x's dtype.
 
     ``path``: "gemv" (the decode kernel, at most :data:`GEMV_MAX_M` rows of x; the default there),
@@ -346,7 +351,10 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     as they are (bias + q) and add the zero point's -(bias + z) times x in a second mma per 16 codes, which
     drops a subtraction per two weights. ``shared_x=True`` (any M,
     not with ``x_smem``) gives each warp 16 rows of its own and has the block stage x in shared memory,
-    512 codes at a time, for all of them (not yet measured either).
+    512 codes at a time, for all of them (not yet measured either). ``row_tiles`` (1 or 2; M <= 8, not
+    with ``x_smem`` or ``shared_x``) sets the 16-row tiles each warp computes: the plan takes 1 at M <= 2
+    and 2 above; 2 at M <= 2 shares x and the step's arithmetic between two tiles, in half the blocks at
+    128 registers (not yet measured either).
     ``benchmarks/sweep_gemv.py`` sweeps them. With 16-bit x, scales of another dtype are rounded to
     x.dtype first (the tensor-core kernels read them so): ŵ then differs from the reference's, which
     rounds only (q - z) · s, by at most half an ulp of s; scales in x.dtype give its ŵ bit for bit. 0 / None lets the plan choose: where the caller forces
@@ -389,7 +397,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
                 qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(), _ptr(bias), b_code, y.data_ptr())
         return y.reshape(*x.shape[:-1], n)
     force = _launch_choices(dev.index, x.dtype, m, n, k, scales.shape[1], bits,
-                            (splits, warps, x_smem, scale_after, zero_after, shared_x))
+                            (splits, warps, x_smem, scale_after, zero_after, shared_x, row_tiles))
     plan = _plan(x2, qweight, scales, bits, n, k, force)  # resolved once, table included
     ws = plan["workspace_bytes"]
     workspace = torch.empty(ws // 4, dtype=torch.float32, device=dev) if ws else None  # [splits, M, N] fp32

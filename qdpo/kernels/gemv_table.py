@@ -4,7 +4,7 @@ The cuda backend's GEMV plan (``csrc/dequant_matmul_gemv.cu``) picks its split-K
 by rules, and keeps its opt-in variants (``x_smem``, ``shared_x``) off. ``benchmarks/sweep_gemv.py``
 times every valid launch on a GPU. :func:`table_from_sweep` keeps, for each weight and M it timed, the
 fastest launch that sums the same terms as the plan's own (:data:`EXACT`: split count, block size,
-where x is staged; only the order of the fp32 sums changes), wherever it beat the plan's own launch by
+where x is staged, row tiles per warp; only the order of the fp32 sums changes), wherever it beat the plan's own launch by
 at least ``min_gain``. Launches that round ŵ differently (``scale_after``, ``zero_after``) never enter a
 table.
 
@@ -25,17 +25,17 @@ import re
 import warnings
 from pathlib import Path
 
-from qdpo.kernels.gemv_options import GEMV_DEFAULTS, WARPS_RULE, block_warps_ok
+from qdpo.kernels.gemv_options import GEMV_DEFAULTS, ROW_TILES, WARPS_RULE, block_warps_ok
 
 ENV = "QDPO_GEMV_TABLE"
 OFF = ("off", "none", "0")
 TABLE_DIR = Path(__file__).parent / "gemv_tables"
 # The launch choices a table may set: each sums the same products q·x as the plan's launch, in
 # another order. splits 0 is the plan's split rule for that launch.
-EXACT = ("splits", "warps", "x_smem", "shared_x")
+EXACT = ("splits", "warps", "x_smem", "shared_x", "row_tiles")
 MIN_GAIN = 1.03  # auto / best: smaller gains are within a sweep's run-to-run spread
 _FORCED_KEYS = set(EXACT) | {"scale_after", "zero_after", "ms", "rel_err", "plan_splits", "blocks_per_sm"}
-_TYPES = {"splits": int, "warps": int, "x_smem": bool, "shared_x": bool}
+_TYPES = {"splits": int, "warps": int, "x_smem": bool, "shared_x": bool, "row_tiles": int}
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -106,14 +106,17 @@ class GemvTable:
                 raise bad(f"entry {i} lacks or mistypes {err}") from None
             if key[0] not in (4, 8) or key[2] not in DTYPES or min(key[3:]) < 1:
                 raise bad(f"entry {i}: bits {key[0]}, dtype {key[2]!r}, M/N/K {key[3:]} are not a GEMV case")
+            if isinstance(launch, dict) and "row_tiles" not in launch:
+                launch = {**launch, "row_tiles": 0}  # a table from before row_tiles: the plan's tiles
             if launch is not None:
                 if not isinstance(launch, dict) or set(launch) != set(EXACT) or any(
                         type(launch[k]) is not t for k, t in _TYPES.items()):
                     raise bad(f"entry {i}: launch {launch!r} must set exactly {EXACT} "
                               f"({', '.join(t.__name__ for t in _TYPES.values())})")
-                if not block_warps_ok(launch["warps"], launch["shared_x"]) or not 0 <= launch["splits"] <= 16:
+                if not block_warps_ok(launch["warps"], launch["shared_x"]) or not 0 <= launch["splits"] <= 16 \
+                        or launch["row_tiles"] not in ROW_TILES:
                     raise bad(f"entry {i}: warps {launch['warps']} ({WARPS_RULE}), "
-                              f"splits {launch['splits']} (0-16)")
+                              f"splits {launch['splits']} (0-16), row_tiles {launch['row_tiles']} {ROW_TILES}")
             if key in self._index:
                 raise bad(f"entry {i} repeats the case {key}")
             self._index[key] = launch
