@@ -174,6 +174,10 @@ def test_gemv_every_forced_split(emulated, bits, gs):
     gpu.test_dequant_matmul_every_forced_split(bits, gs)
 
 
+def test_gemv_row_tiles_sum_the_same_terms(emulated, order):
+    gpu.test_dequant_matmul_row_tiles_sum_the_same_terms()
+
+
 @pytest.mark.parametrize("case", gpu.RANDOM_CASES)
 def test_gemv_random_shapes_every_choice(emulated, order, case):
     gpu.test_dequant_matmul_random_shapes_every_choice(case)

@@ -230,6 +230,22 @@ def test_dequant_matmul_every_forced_split(bits, gs):
                 _check_y(y, x, qw, b, f"M={m} {kw}")
 
 
+def test_dequant_matmul_row_tiles_sum_the_same_terms():
+    """One or two 16-row tiles per warp (row_tiles) run each row's mma in the same order with the same
+    warps and splits: bit for bit the same y (what lets a table of measured launches take either), for
+    each place of the scale and zero point, and against the reference."""
+    from qdpo.kernels import cuda
+
+    qw = _weight(72, 1024, 4, 128, wdtype=torch.bfloat16, seed=5)
+    for m in (1, 2, 5):
+        x = _rand(m, 1024, dtype=torch.bfloat16, seed=m)
+        for grid in ({}, {"scale_after": True}, {"scale_after": True, "zero_after": True}):
+            ys = [cuda.dequant_matmul(x, *_args(qw), splits=2, warps=4, row_tiles=rt, **grid) for rt in (1, 2)]
+            assert [cuda.gemv_plan(x, *_args(qw)[:2], 4, row_tiles=rt)["rt"] for rt in (1, 2)] == [1, 2]
+            assert torch.equal(ys[0], ys[1]), (m, grid)
+            _check_y(ys[1], x, qw, what=f"M={m} row_tiles=2 {grid}")
+
+
 RANDOM_CASES = range(16)
 
 
