@@ -252,3 +252,14 @@ def test_static_sass_finds_loops_and_counts_the_triton_kernels():
     for wd in ("bf16", "fp32"):
         name = f"fake_quant forward w={wd} 32x128 8 warps"
         assert rows[name + ", reciprocal path"] < rows[name] / 2, "the reciprocal path is one of two"
+
+
+def test_plan_grants_compares_what_was_forced_and_leaves_the_plan_its_own_choices():
+    from qdpo.kernels.gemv_options import plan_grants
+
+    plan = {"splits": 4, "warps": 8, "x_smem": False, "scale_after": True, "zero_after": False, "shared_x": False,
+            "row_tiles": 1, "block_rows": 16}
+    assert plan_grants(plan, {"splits": 0, "warps": 0, "row_tiles": 0, "scale_after": True})
+    assert plan_grants(plan, {"splits": 4, "warps": 8, "row_tiles": 1, "x_smem": False, "block_rows": 99})
+    for refused in ({"splits": 2}, {"warps": 4}, {"row_tiles": 2}, {"zero_after": True}, {"x_smem": True}):
+        assert not plan_grants(plan, refused), refused

@@ -55,7 +55,8 @@ def gemv_choices(m: int, warps=(8, 4), x_smem=(False, True), scale_after=(False,
 
 def plan_grants(plan: dict, forced: dict) -> bool:
     """Whether a GEMV plan (``qdpo.kernels.cuda.gemv_plan``) launches as ``forced`` asks (the keywords
-    given to it): every choice of :data:`GEMV_OPTIONS` as given, and ``splits`` / ``row_tiles`` where
-    forced (> 0). A plan refuses what does not apply to the weight (group size, 48 KB, W8 zero_after)."""
+    given to it): every choice of :data:`GEMV_OPTIONS` as given, and ``splits`` / ``warps`` /
+    ``row_tiles`` where forced (> 0; 0 is the plan's own). A plan refuses what does not apply to the
+    weight (group size, 48 KB, W8 zero_after)."""
     return all(plan[key] == value for key, value in forced.items()
-               if key in GEMV_OPTIONS + ("splits",) and (value or key not in ("splits", "row_tiles")))
+               if key in GEMV_OPTIONS + ("splits",) and (value or key not in ("splits", "warps", "row_tiles")))
