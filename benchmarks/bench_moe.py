@@ -3,13 +3,15 @@
 Conditions: one Mixtral-8x7B experts module on a GPU (8 experts, hidden 4096, intermediate 14336,
 top 2), on the CPU a tiny one (hidden 64, intermediate 128); tokens M ∈ {1, 16}, routed at random
 (fixed seed) in bf16. The timed call is the module's forward from routed tokens to their summed
-outputs (routing itself, a small matmul, is outside), run eagerly: the packed path syncs once with
-the host to split tokens by expert, as transformers' own eager experts loop does. GB/s counts the
+outputs (routing itself, a small matmul, is outside), run eagerly: above one token the packed path
+syncs once with the host to split tokens by expert, as transformers' own eager experts loop does. GB/s counts the
 weight bytes of the experts the tokens chose (packed codes + scales + zeros, or bf16).
 
 Impls: ``bf16`` (transformers' module with bf16 weights, its default experts implementation),
 ``packed-<backend>`` (qdpo W4 g128 (g32 on the CPU) packed experts: each chosen expert's rows through
-``dequant_matmul``) for the backends available, and ``dequantize-all`` (the packed codes
+``dequant_matmul``; one token on a backend with ``dequant_matmul_experts`` (cuda, reference) instead
+runs one grouped launch per product, without a host sync) for the backends available,
+``packed-cuda-per-expert`` (M = 1: the per-expert launches, to compare), and ``dequantize-all`` (the packed codes
 dequantized for every expert each call, then the module's own forward: what the packed path avoids).
 Each row's ``speedup`` is the bf16 module's time on the same tokens over the row's.
 """
@@ -25,6 +27,7 @@ import torch
 
 import qdpo
 from qdpo.kernels import backends
+from qdpo.quant import experts
 from qdpo.quant.experts import QuantExpertTensor, quantized_experts
 
 GPU = torch.cuda.is_available()
@@ -33,7 +36,7 @@ SIZES = dict(hidden_size=4096, intermediate_size=14336) if GPU else dict(hidden_
 EXPERTS, TOP_K = 8, 2
 MS = (1, 16)
 GROUP = 128 if GPU else 32
-IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-reference", "dequantize-all")
+IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,22 +73,25 @@ def _routed(m: int):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("m", MS)
 def test_moe_experts_decode(benchmark, m, impl):
-    backend = impl.removeprefix("packed-") if impl.startswith("packed-") else "auto"
+    backend = impl.removeprefix("packed-").removesuffix("-per-expert") if impl.startswith("packed-") else "auto"
     if impl.startswith("packed-") and backend not in backends.available(DEV):
         pytest.skip(f"the {backend} backend is not available here")
+    if impl.endswith("-per-expert") and m != 1:
+        pytest.skip("above one token packed-cuda runs per expert itself")
+    per_expert = impl.endswith("-per-expert")
     x, idx, w = _routed(m)
     chosen = int(idx.unique().numel())
     h, i = SIZES["hidden_size"], SIZES["intermediate_size"]
-    per_expert = 3 * h * i  # gate, up, down
+    weights = 3 * h * i  # per expert: gate, up, down
     if impl == "bf16":
-        mod, nbytes = _experts(), chosen * per_expert * 2
+        mod, nbytes = _experts(), chosen * weights * 2
     else:
         mod = _packed(backend)
         q = next(iter(quantized_experts(mod).values()))
-        nbytes = chosen * per_expert * (q.spec.bits / 8 + 3 / GROUP)  # codes, bf16 scale and uint8 zero per group
+        nbytes = chosen * weights * (q.spec.bits / 8 + 3 / GROUP)  # codes, bf16 scale and uint8 zero per group
         if impl == "dequantize-all":
             qs = list(quantized_experts(mod).values())
-            nbytes = EXPERTS * per_expert * (q.spec.bits / 8 + 3 / GROUP) + EXPERTS * per_expert * 2
+            nbytes = EXPERTS * weights * (q.spec.bits / 8 + 3 / GROUP) + EXPERTS * weights * 2
 
             def every():
                 for t in qs:
@@ -102,11 +108,15 @@ def test_moe_experts_decode(benchmark, m, impl):
         def fn():
             return mod(x, idx, w)
 
-    with torch.no_grad():
-        fn()
-        row = common.bench(benchmark, "moe_experts", f"mixtral M{m}" if GPU else f"tiny M{m}", impl,
-                           torch.no_grad()(fn), nbytes=nbytes, M=m, experts_chosen=chosen)
-        row["speedup"] = _bf16_ms(m) / row["median_ms"]
+    experts.ROUTED_DECODE = not per_expert
+    try:
+        with torch.no_grad():
+            fn()
+            row = common.bench(benchmark, "moe_experts", f"mixtral M{m}" if GPU else f"tiny M{m}", impl,
+                               torch.no_grad()(fn), nbytes=nbytes, M=m, experts_chosen=chosen)
+    finally:
+        experts.ROUTED_DECODE = True
+    row["speedup"] = _bf16_ms(m) / row["median_ms"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -255,6 +255,22 @@ void def_kernels(py::module_& m) {
      py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_warps") = 0,
      py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0,
      py::arg("force_shared_x") = 0, py::arg("force_row_tiles") = 0);
+  m.def("dequant_matmul_experts_supported", &qdpo::dequant_matmul_experts_supported, py::arg("n"), py::arg("k"),
+        py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"), py::arg("x"), py::arg("qweight"),
+        py::arg("stride_qn"), "Whether the grouped GEMV serves these sizes, dtypes and pointers (host only)");
+  m.def("dequant_matmul_experts", [](ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts,
+                                     int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn,
+                                     ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
+                                     int sm_count, ptr_t stream) {
+    check("dequant_matmul_experts", qdpo::dequant_matmul_experts(x, x_dtype, pairs, pair_expert, experts, n, k, ng,
+                                                                 bits, qweight, stride_qn, scales, s_dtype, zeros,
+                                                                 bias, b_dtype, y, sm_count, stream));
+  }, "y[p] = x[p] @ ŵ_{ids[p]}ᵀ (+ bias[ids[p]]) for P pairs of a row of x and an expert, ids (int32) on the "
+     "device (see csrc/dequant_matmul_gemv.cu)",
+     py::arg("x"), py::arg("x_dtype"), py::arg("pairs"), py::arg("pair_expert"), py::arg("experts"), py::arg("n"),
+     py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("qweight"), py::arg("stride_qn"), py::arg("scales"),
+     py::arg("s_dtype"), py::arg("zeros"), py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("sm_count"),
+     py::arg("stream"));
 }
 
 }  // namespace
@@ -295,6 +311,7 @@ PYBIND11_MODULE(QDPO_MODULE, m) {
   m.attr("QUANTIZE") = static_cast<int>(qdpo::kQuantize);
   m.attr("QUANTIZE_WITH") = static_cast<int>(qdpo::kQuantizeWith);
   m.attr("GEMV_MAX_M") = qdpo::kGemvMaxM;
+  m.attr("MAX_GROUPED_PAIRS") = qdpo::kMaxGroupedPairs;
   def_host_math(m);
   def_kernels(m);
 }

@@ -32,17 +32,20 @@ struct GemvArgs {
   int steps;            // mma: ceil(K / 128)
   int steps_per_split;  // mma: 128-code steps per K range
   int full_steps;       // mma: steps whose 128 codes all lie inside K (floor(K / 128))
+  const int32_t* pair_expert = nullptr;  // grouped (dequant_matmul_experts): (P,) expert of each x row
+  int experts = 0;                       // grouped: experts in qweight (N rows each)
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);
 
 // The mma kernel of a plan, one function per x dtype and bit width, each in a translation unit of its
-// own (dequant_matmul_gemv_{f16,bf16}_w{4,8}.cu, from gemv_kernels.cuh).
+// own (dequant_matmul_gemv_{f16,bf16}_w{4,8}.cu, from gemv_kernels.cuh); `grouped`: its grouped
+// instance (dequant_matmul_experts).
 using GemvKernelFn = void (*)(GemvArgs);
-GemvKernelFn gemv_kernel_f16_w4(const GemvPlan& p);
-GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p);
-GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p);
-GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p);
+GemvKernelFn gemv_kernel_f16_w4(const GemvPlan& p, bool grouped = false);
+GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p, bool grouped = false);
+GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p, bool grouped = false);
+GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p, bool grouped = false);
 int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream);
 
 }  // namespace qdpo

@@ -72,9 +72,9 @@
 namespace qdpo {
 namespace {
 
-GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p) {
-  if (x_dtype == kF16) return bits == 4 ? gemv_kernel_f16_w4(p) : gemv_kernel_f16_w8(p);
-  return bits == 4 ? gemv_kernel_bf16_w4(p) : gemv_kernel_bf16_w8(p);
+GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p, bool grouped = false) {
+  if (x_dtype == kF16) return bits == 4 ? gemv_kernel_f16_w4(p, grouped) : gemv_kernel_f16_w8(p, grouped);
+  return bits == 4 ? gemv_kernel_bf16_w4(p, grouped) : gemv_kernel_bf16_w8(p, grouped);
 }
 
 // Bytes of dynamic shared memory an x_smem plan's kernel takes: its copy of x over one K range (shared_x:
@@ -252,6 +252,23 @@ int dequant_matmul_plan(int64_t m, int64_t n, int64_t k, int64_t ng, int bits, i
   return plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force, true);
 }
 
+namespace {
+
+GemvArgs gemv_args(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
+                   int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
+                   ptr_t workspace, int splits) {
+  const int64_t steps = cdiv(k, gemv::kStepK);
+  return GemvArgs{reinterpret_cast<const void*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
+                  static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng),
+                  div_magic(static_cast<uint32_t>(k / ng)),
+                  reinterpret_cast<const uint8_t*>(qweight), stride_qn, reinterpret_cast<const void*>(scales),
+                  s_dtype, reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<const void*>(bias), b_dtype,
+                  reinterpret_cast<void*>(y), reinterpret_cast<float*>(workspace), splits, static_cast<int>(steps),
+                  static_cast<int>(cdiv(steps, splits)), static_cast<int>(k / gemv::kStepK)};
+}
+
+}  // namespace
+
 int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight,
                    int64_t stride_qn, ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
                    ptr_t workspace, int64_t workspace_bytes, int sm_count, ptr_t stream, const GemvForce& force) {
@@ -265,14 +282,8 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
                    aligned(scales, dtype_size(s_dtype)) && aligned(bias, bias ? dtype_size(b_dtype) : 1), kErrAlign);
   QDPO_REQUIRE(workspace_bytes >= p.workspace_bytes && (p.workspace_bytes == 0 || workspace != 0), kErrWorkspace);
   QDPO_REQUIRE(aligned(workspace, 4), kErrAlign);
-  const int64_t steps = cdiv(k, gemv::kStepK);
-  GemvArgs a{reinterpret_cast<const void*>(x), x_dtype, static_cast<int>(m), static_cast<int>(n),
-             static_cast<int>(k), bits, static_cast<int>(k / ng), static_cast<int>(ng),
-             div_magic(static_cast<uint32_t>(k / ng)),
-             reinterpret_cast<const uint8_t*>(qweight), stride_qn, reinterpret_cast<const void*>(scales), s_dtype,
-             reinterpret_cast<const uint8_t*>(zeros), reinterpret_cast<const void*>(bias), b_dtype,
-             reinterpret_cast<void*>(y), reinterpret_cast<float*>(workspace), p.splits, static_cast<int>(steps),
-             static_cast<int>(cdiv(steps, p.splits)), static_cast<int>(k / gemv::kStepK)};
+  const GemvArgs a = gemv_args(x, x_dtype, m, n, k, ng, bits, qweight, stride_qn, scales, s_dtype, zeros, bias,
+                               b_dtype, y, workspace, p.splits);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (p.kernel == kGemvFma) {
     const int xs = dtype_size(x_dtype);
@@ -283,6 +294,40 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
   int e = launch_mma(a, p, st);
   if (e == kOk && p.splits > 1) e = launch_splitk_reduce(a, st);
   return e;
+}
+
+bool dequant_matmul_experts_supported(int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
+                                      ptr_t x, ptr_t qweight, int64_t stride_qn) {
+  GemvPlan p;
+  return plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, 1, &p, GemvForce{}, false) == kOk &&
+         p.kernel == kGemvMma;
+}
+
+int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts, int64_t n,
+                           int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn, ptr_t scales,
+                           int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count, ptr_t stream) {
+  QDPO_REQUIRE(pairs >= 0 && pairs <= kMaxGroupedPairs && experts >= 1, kErrShape);
+  GemvForce force{};
+  force.splits = 1;
+  GemvPlan p;
+  if (int e = plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p, force, false)) {
+    return e;
+  }
+  QDPO_REQUIRE(p.kernel == kGemvMma, kErrShape);  // dequant_matmul_experts_supported says so first
+  QDPO_REQUIRE(experts * n * stride_qn < kInt32Limit && experts * n * ng < kInt32Limit && pairs * k < kInt32Limit &&
+                   pairs * n < kInt32Limit, kErrTooLarge);
+  if (pairs == 0) return kOk;
+  QDPO_REQUIRE(x != 0 && pair_expert != 0 && qweight != 0 && scales != 0 && zeros != 0 && y != 0, kErrNull);
+  QDPO_REQUIRE(bias == 0 || valid_dtype(b_dtype), kErrDtype);
+  QDPO_REQUIRE(aligned(y, dtype_size(x_dtype)) && aligned(scales, dtype_size(s_dtype)) && aligned(pair_expert, 4) &&
+                   aligned(bias, bias ? dtype_size(b_dtype) : 1), kErrAlign);
+  GemvArgs a = gemv_args(x, x_dtype, 1, n, k, ng, bits, qweight, stride_qn, scales, s_dtype, zeros, bias, b_dtype, y,
+                         0, 1);
+  a.pair_expert = reinterpret_cast<const int32_t*>(pair_expert);
+  a.experts = static_cast<int>(experts);
+  const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1, static_cast<unsigned>(pairs));
+  QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream), mma_kernel(x_dtype, bits, p, true))(a);
+  return launch_status();
 }
 
 }  // namespace qdpo

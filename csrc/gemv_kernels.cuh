@@ -50,22 +50,24 @@ struct LaneRows {
   const uint16_t* x[MT];  // x row m (nullptr past M)
 };
 
+// Grouped launches (experts): the block's weight rows start at row_base of qweight and its x rows at
+// row x_row of x (both 0 otherwise, folded away).
 template <int MT, int RT>
-__device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0) {
+__device__ __forceinline__ LaneRows<MT, RT> lane_rows(const GemvArgs& a, int n0, int row_base = 0, int x_row = 0) {
   const int g = (threadIdx.x & 31) >> 2;
   LaneRows<MT, RT> r;
   QDPO_UNROLL
   for (int rt = 0; rt < RT; ++rt) {
     QDPO_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const int n = min(n0 + 16 * rt + g + 8 * h, a.n - 1);
+      const int n = min(n0 + 16 * rt + g + 8 * h, a.n - 1) + row_base;
       r.q[rt][h] = static_cast<int>(n * a.stride_qn);
       r.p[rt][h] = n * a.ng;
     }
   }
   QDPO_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    r.x[mt] = g + 8 * mt < a.m ? static_cast<const uint16_t*>(a.x) + (g + 8 * mt) * a.k : nullptr;
+    r.x[mt] = g + 8 * mt < a.m ? static_cast<const uint16_t*>(a.x) + (x_row + g + 8 * mt) * a.k : nullptr;
   }
   return r;
 }
@@ -207,14 +209,21 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
   }
 }
 
-// One output y[m, n] (+ bias) from its fp32 sum, or the split's fp32 partial; outside (M, N): nothing.
-__device__ __forceinline__ void store_out(const GemvArgs& a, int n, int m, float v) {
+// Where a block's outputs go: y's first row, and bias's first element (a grouped launch's pair and
+// expert; 0 otherwise).
+struct OutRow {
+  int y_row = 0, bias_at = 0;
+};
+
+// One output y[y_row + m, n] (+ bias) from its fp32 sum, or the split's fp32 partial; outside (M, N):
+// nothing.
+__device__ __forceinline__ void store_out(const GemvArgs& a, int n, int m, float v, OutRow o = {}) {
   if (n >= a.n || m >= a.m) return;
   if (a.splits > 1) {
     a.partial[(static_cast<int64_t>(blockIdx.y) * a.m + m) * a.n + n] = v;
   } else {
-    if (a.bias) v += load1(a.bias, a.b_dtype, n);
-    store1(a.y, a.x_dtype, static_cast<int64_t>(m) * a.n + n, v);
+    if (a.bias) v += load1(a.bias, a.b_dtype, o.bias_at + n);
+    store1(a.y, a.x_dtype, static_cast<int64_t>(o.y_row + m) * a.n + n, v);
   }
 }
 
@@ -228,7 +237,8 @@ constexpr int64_t store_tile_smem_bytes(int warps, int mt, int rt) { return int6
 // The block's nw (<= W) warps hold partial sums of the same tile: add them in warp order, then write y
 // (or the split's fp32 partials).
 template <int W, int MT, int RT>
-__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0, int nw) {
+__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)[RT][MT][4], int n0, int nw,
+                                           OutRow o = {}) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int E = RT * MT * 4;
   QDPO_SHARED(4, float, red, [W][E][32]);
@@ -242,7 +252,7 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&acc)
     QDPO_UNROLL
     for (int w = 0; w < nw; ++w) v += red[w][e][lane];
     const int rt = e / (MT * 4), mt = (e / 4) % MT, i = e % 4;
-    store_out(a, n0 + 16 * rt + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), v);
+    store_out(a, n0 + 16 * rt + gemv::c_row(g, i), 8 * mt + gemv::c_col(t, i), v, o);
   }
 }
 
@@ -301,13 +311,31 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
 // serves 5-7, W = 4 serves 1-3, and sets the register budget and the reduction buffer); a count known
 // only at run time costs the main loop up to 31 instructions per two steps (static sm_90), so 8 and 4
 // keep kernels of their own. XS: x in shared memory; SC: where the grid applies (ScaleMode).
-template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC>
+// GR (grouped, dequant_matmul_experts): blockIdx.z is a pair of one row of x and one expert; the block
+// multiplies x row z by its rows of that expert's N-row slice of the weights (a.pair_expert[z]) into y
+// row z, adding row e of the (experts, N) bias if there is one. An id outside [0, a.experts) (an
+// expert-parallel sentinel) gives that row of y zeros. One x row per pair (a.m = 1), no split.
+template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC, bool GR = false>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
+  static_assert(!GR || (MT == 1 && !XS), "a grouped launch takes one x row per pair, in registers");
   pdl_trigger();  // split-K: the reduction's launch need not wait for this grid to finish (it waits itself)
   const BlockWork b = block_work<RT, W, FLEX>(a);
+  OutRow out;  // GR: the pair's row of y, its expert's row of bias
+  int row_base = 0;  // GR: its expert's first weight row
+  if constexpr (GR) {
+    const int pair = static_cast<int>(blockIdx.z), e = a.pair_expert[pair];
+    if (e < 0 || e >= a.experts) {  // the same for the whole block
+      for (int i = static_cast<int>(threadIdx.x); i < 16 * RT && b.n0 + i < a.n; i += static_cast<int>(blockDim.x)) {
+        store1(a.y, a.x_dtype, static_cast<int64_t>(pair) * a.n + b.n0 + i, 0.f);
+      }
+      return;
+    }
+    row_base = e * a.n;
+    out = {pair, row_base};
+  }
   float acc[RT][MT][4] = {};
-  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0);
+  const LaneRows<MT, RT> rows = lane_rows<MT, RT>(a, b.n0, row_base, out.y_row);
   // The full steps: two register stages in ping-pong, the next step's loads in flight during this
   // step's math, no bounds checks.
   const int full_hi = min(b.step_hi, a.full_steps);
@@ -347,7 +375,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
     load_stage<true, HD, SC, !XS>(a, rows, full_hi, w0, x0);
     compute_step<HD, XS, SC>(w0, x0, xs_at<XS>(xs_lane, rel), acc);
   }
-  store_tile<W>(a, acc, b.n0, b.nw);
+  store_tile<W>(a, acc, b.n0, b.nw, out);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -513,8 +541,22 @@ GemvKernelFn pick_shared_x(const GemvPlan& p) {
   return p.warps == 4 ? gemv_shared_x_kernel<HD, BITS, 2, 4, SC> : gemv_shared_x_kernel<HD, BITS, 2, 8, SC>;
 }
 
+// A grouped launch's kernel (dequant_matmul_experts): the plan's M = 1 launch with x in registers and the
+// grid in ŵ (the plan's defaults), one tile or two per warp, blocks of 8 or 4 warps.
 template <int HD, int BITS>
-GemvKernelFn pick_kernel(const GemvPlan& p) {
+GemvKernelFn pick_grouped(const GemvPlan& p) {
+  constexpr int SC = gemv::kScaleInW;
+  if (p.rt == 2) {
+    return p.warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4, false, false, SC, true>
+                        : gemv_mma_kernel<HD, BITS, 1, 2, 8, false, false, SC, true>;
+  }
+  return p.warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, false, false, SC, true>
+                      : gemv_mma_kernel<HD, BITS, 1, 1, 8, false, false, SC, true>;
+}
+
+template <int HD, int BITS>
+GemvKernelFn pick_kernel(const GemvPlan& p, bool grouped) {
+  if (grouped) return pick_grouped<HD, BITS>(p);
   if (p.shared_x) {
     if constexpr (BITS == 4 && HD == kBF16) {
       if (p.zero_after) return pick_shared_x<HD, 4, gemv::kZeroAfter>(p);

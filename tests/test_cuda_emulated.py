@@ -178,6 +178,11 @@ def test_gemv_row_tiles_sum_the_same_terms(emulated, order):
     gpu.test_dequant_matmul_row_tiles_sum_the_same_terms()
 
 
+@pytest.mark.parametrize("bits,gs,xdtype,k", gpu.EXPERTS_CASES)
+def test_gemv_experts_gives_each_row_its_experts_gemv(emulated, order, bits, gs, xdtype, k):
+    gpu.test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype, k)
+
+
 @pytest.mark.parametrize("case", gpu.RANDOM_CASES)
 def test_gemv_random_shapes_every_choice(emulated, order, case):
     gpu.test_dequant_matmul_random_shapes_every_choice(case)
@@ -421,6 +426,19 @@ def test_gemv_reads_stay_inside_their_operands(emulated, monkeypatch, side, bits
         _check_y(cuda.dequant_matmul(x, *qgs, bits, b, path="gemm"), x, qg, b, "gemm")
         xf = _guarded(_rand(3, 2080, seed=4), side, keep)  # fp32 x: the FMA kernel
         _check_y(cuda.dequant_matmul(xf, q, s, z, bits, b), xf, qw, b, "fma")
+        # the grouped launch on three experts of 37 rows: the last expert ends at the weights' end, the first
+        # starts at their start
+        qe = _weight(3 * 37, 2080, bits, gs, wdtype=torch.bfloat16, seed=5)
+        qes = [_guarded(t, side, keep) for t in (qe.qweight, qe.scales, qe.zeros)]
+        be = _guarded(_rand(3, 37, dtype=torch.bfloat16, seed=6), side, keep)
+        xe = _guarded(_rand(3, 2080, dtype=torch.bfloat16, seed=7), side, keep)
+        ye = cuda.dequant_matmul_experts(xe, torch.tensor([2, 0, 7]), *qes, bits, 3, be)
+        for p, eid in enumerate((2, 0)):
+            rows = slice(37 * eid, 37 * (eid + 1))
+            want = cuda.dequant_matmul(xe[p:p + 1], qe.qweight[rows], qe.scales[rows], qe.zeros[rows], bits, be[eid],
+                                       splits=1)
+            assert torch.equal(ye[p:p + 1], want), eid
+        assert not ye[2].any()
     finally:
         _unguard(keep)
 
@@ -484,6 +502,15 @@ def test_gemv_reads_each_weight_byte_once_and_x_once_per_block(emulated, E, bits
             tile = 16 * plan["rt"]  # a warp's rows (shared_x: 16; a whole warp past N loads nothing)
             assert w_bytes == -(-n // tile) * tile * k * bits // 8, what
             assert x_bytes == -(-n // plan["block_rows"]) * m * k * 2, what
+    # the grouped launch: each pair's expert rows once, its x row once per block; an id past the experts, nothing
+    qe = _weight(3 * n, k, bits, gs, wdtype=torch.bfloat16, seed=bits)
+    x = _rand(4, k, dtype=torch.bfloat16, seed=4)
+    plan = cuda.gemv_plan(x[:1], *_args(qe)[:2], bits, splits=1)
+    E.emulate_take_load_bytes()
+    cuda.dequant_matmul_experts(x, torch.tensor([2, 0, 2, 9]), *_args(qe)[:3], bits, 3)
+    x_bytes, w_bytes, _ = E.emulate_take_load_bytes()
+    assert w_bytes == 3 * -(-n // (16 * plan["rt"])) * 16 * plan["rt"] * k * bits // 8
+    assert x_bytes == 3 * -(-n // plan["block_rows"]) * k * 2
 
 
 def test_gemm_copies_each_tile_once_per_block(emulated, E):
@@ -531,6 +558,30 @@ def test_quantized_bf16_model_decodes_on_the_cuda_gemv(emulated, E, monkeypatch,
     got = model(ids).logits.float()
     layers = test_quant_linear.quantized_layers(model).values()
     assert E.emulate_take_load_bytes()[1] == sum(layer.qweight.numel() for layer in layers)  # each streamed once
+    assert sqnr(want, got) > 35
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch):
+    """A packed bf16 mixture of experts' decode step with every op on the cuda backend: each experts
+    module takes two grouped launches (dequant_matmul_experts), and the logits match the reference
+    backend's per-expert launches."""
+    import qdpo.quant.experts as experts
+    from tests import test_experts
+
+    model = test_experts.tiny_moe(arch).to(torch.bfloat16)
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    ids = test_experts.IDS[:1, :1]
+    with torch.no_grad(), monkeypatch.context() as mp:
+        mp.setattr(experts, "ROUTED_DECODE", False)
+        want = model(ids).logits.float()  # auto on CPU tensors: the reference
+    launches, grouped = [], backends._IMPLS["cuda"]["dequant_matmul_experts"]
+    monkeypatch.setitem(backends._IMPLS["cuda"], "dequant_matmul_experts",
+                        lambda *a: launches.append(a[0].shape) or grouped(*a))
+    monkeypatch.setenv("QDPO_BACKEND", "cuda")
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert len(launches) == 2 * model.config.num_hidden_layers
     assert sqnr(want, got) > 35
 
 

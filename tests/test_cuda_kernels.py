@@ -247,6 +247,46 @@ def test_dequant_matmul_row_tiles_sum_the_same_terms():
             _check_y(ys[1], x, qw, what=f"M={m} row_tiles=2 {grid}")
 
 
+EXPERTS_CASES = [(4, 128, torch.bfloat16, 1024), (8, -1, torch.float16, 2080), (4, 32, torch.float16, 2080)]
+
+
+@pytest.mark.parametrize("bits,gs,xdtype,k", EXPERTS_CASES)
+def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype, k):
+    """One grouped launch over (row of x, expert) pairs (dequant_matmul_experts) gives each row bit for
+    bit what the M = 1 GEMV gives on its expert's rows of the weights with its expert's bias row (unsplit,
+    as the grouped launch runs): the same kernel code, reading its expert from the ids on the device.
+    Repeated experts, 40 rows per expert (a partial last block), K with a partial last step (K = 2080);
+    ids past the experts, negative or past int32, give zero rows; int32 and int64 ids alike; no rows,
+    no launch. fp32 x is refused by name (auto then takes the reference)."""
+    from qdpo.kernels import cuda
+
+    e, n = 3, 40
+    qw = _weight(e * n, k, bits, gs, wdtype=xdtype, seed=bits + k)
+    q, s, z, _ = _args(qw)
+    bias = _rand(e, n, dtype=xdtype, seed=5)
+    ids = [2, 0, 2, 5, -1, 1, 2**40]
+    x = _rand(len(ids), k, dtype=xdtype, seed=7)
+    ids32 = [min(i, 2**31 - 1) for i in ids]
+    ys = [OPS.dequant_matmul_experts(x, torch.tensor(i, dtype=d, device=DEV), q, s, z, bits, e, b, B)
+          for i, d in ((ids, torch.int64), (ids32, torch.int32)) for b in (bias, None)]
+    for p, eid in enumerate(ids):
+        if not 0 <= eid < e:
+            assert all(torch.equal(y[p], torch.zeros_like(y[p])) for y in ys), p
+            continue
+        rows = slice(eid * n, (eid + 1) * n)
+        for y, b in zip(ys[:2], (bias[eid], None)):
+            want = cuda.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, b, splits=1)
+            assert torch.equal(y[p:p + 1], want), (p, eid, b is None)
+    assert torch.equal(ys[0], ys[2]) and torch.equal(ys[1], ys[3])  # int32 ids
+    empty = OPS.dequant_matmul_experts(x[:0], torch.zeros(0, dtype=torch.int64, device=DEV), q, s, z, bits, e, None, B)
+    assert empty.shape == (0, n) and empty.dtype == xdtype
+    ids_t = torch.tensor(ids[:4], device=DEV)
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, B)
+    assert torch.equal(OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e),
+                       OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, "reference"))
+
+
 RANDOM_CASES = range(16)
 
 

@@ -527,6 +527,44 @@ def test_experts_on_the_gpu(arch, backend):
         torch.testing.assert_close(model(ids).logits, expect(ids).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_packed_bf16_decode_step_on_the_cuda_backend_and_in_a_graph(arch, monkeypatch):
+    """A packed bf16 MoE's decode step on the cuda backend: the grouped launches (dequant_matmul_experts)
+    give the per-expert launches' logits within bf16 rounding, and one experts module's forward, captured
+    in a CUDA graph, follows new routing written into its index tensor on replay (nothing in it depends
+    on the host seeing the ids)."""
+    import qdpo.quant.experts as experts
+
+    pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built")
+    model = tiny_moe(arch).to(torch.bfloat16).cuda()
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed", backend="cuda")
+    ids = IDS[:1, :1].cuda()
+    with torch.no_grad():
+        routed = model(ids).logits.float()
+        with monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            per_expert = model(ids).logits.float()
+        torch.testing.assert_close(routed, per_expert, rtol=0.02, atol=0.02)
+        m = _experts_modules(model)[0]
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(1, model.config.hidden_size, generator=g).to(torch.bfloat16).cuda()
+        idx, w = torch.tensor([[3, 1]], device="cuda"), torch.tensor([[0.7, 0.3]], device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            m(x, idx, w)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        for route in ([[3, 1]], [[0, 2]]):
+            idx.copy_(torch.tensor(route))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, m(x, idx, w)), route
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_experts_read_only_the_chosen_experts(arch, monkeypatch):
     # packed experts run each chosen expert's rows of the packed weight through dequant_matmul; the result
@@ -555,11 +593,59 @@ def test_packed_experts_read_only_the_chosen_experts(arch, monkeypatch):
         for t in tensors:  # every (token, chosen expert) pair once per tensor
             assert sum(n for i, _, n in calls if i == t) == ids.numel() * k
         calls.clear()
-        with torch.no_grad():  # one decode step: k experts per layer, two products each, one token each
+        routed, real_routed = [], QuantExpertTensor.matmul_routed
+
+        def matmul_routed(self, x, experts, bias=None):
+            routed.append((id(self), x.shape[0]))
+            return real_routed(self, x, experts, bias)
+
+        monkeypatch.setattr(QuantExpertTensor, "matmul_routed", matmul_routed)
+        with torch.no_grad():  # one decode step: one grouped launch per product and layer, over the k experts
             model(ids[:1, :1])
-        assert len(calls) == 2 * k * layers and {n for *_, n in calls} == {1}
+        assert not calls and len(routed) == 2 * layers and {n for _, n in routed} == {k}
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), every, rtol=0.05, atol=0.05)
+
+
+def _experts_modules(model) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(type(m), "_qdpo_experts", False)]
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])
+def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
+    """One token (decode) through a packed experts module: one grouped launch per product over its k
+    (token, expert) pairs, the expert ids never read on the host (the module runs with Tensor.item,
+    tolist, __bool__ and __int__ refused, where the per-expert loop must read them), and bit for bit the
+    per-expert loop's output: the same products and fp32 sums in the same order. An expert-parallel
+    sentinel id (past the experts) adds nothing in either. Several tokens keep the loop."""
+    import qdpo.quant.experts as experts
+
+    model = tiny_moe(arch)
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    m = _experts_modules(model)[0]
+    e, g = m.qdpo_down_proj.experts, torch.Generator().manual_seed(2)
+    x = torch.randn(1, model.config.hidden_size, generator=g)
+    cases = [(torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])), (torch.tensor([[1, e]]), torch.tensor([[0.6, 0.4]])),
+             (torch.tensor([[3, 0, 1]]), torch.tensor([[0.5, 0.3, 0.2]]))]  # top 3: the order of the sum shows
+    with torch.no_grad():
+        want = []
+        with monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = [m(x, idx, w) for idx, w in cases]
+        launches = []
+        real = experts.ops.dequant_matmul_experts
+        monkeypatch.setattr(experts.ops, "dequant_matmul_experts", lambda *a: launches.append(a[0].shape) or real(*a))
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "__bool__", "__int__"):
+                mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
+            got = [m(x, idx, w) for idx, w in cases]
+        assert launches == [(k, w) for k in (2, 2, 3) for w in (x.shape[1], m.qdpo_down_proj.in_features)]
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        launches.clear()
+        two = torch.randn(2, x.shape[1], generator=g)
+        m(two, torch.tensor([[3, 1], [0, 3]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]]))
+        assert not launches
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])

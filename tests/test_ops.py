@@ -43,10 +43,11 @@ def _opcheck_cases():
         (OPS.dequant_matmul_dx, (torch.randn(3, 6), q, s, z, 4)),
         (OPS.fake_quant_matmul, (x, wl, sl, z, 4, b)),
         (OPS.fake_quant_matmul_backward, (torch.randn(3, 6), x.detach(), w, s, z, 4, False)),
+        (OPS.dequant_matmul_experts, (torch.randn(4, 64), torch.tensor([2, 0, 2, 7]), q, s, z, 4, 3, torch.randn(3, 2))),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     opcheck(op, args)
@@ -54,7 +55,8 @@ def test_opcheck(case):
 
 def test_every_op_has_a_reference_implementation():
     names = {"qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward",
-             "dequant_matmul", "dequant_matmul_dx", "fake_quant_matmul", "fake_quant_matmul_backward"}
+             "dequant_matmul", "dequant_matmul_dx", "dequant_matmul_experts", "fake_quant_matmul",
+             "fake_quant_matmul_backward"}
     assert names <= set(backends._IMPLS["reference"])
 
 
@@ -154,6 +156,45 @@ def test_errors_mismatched_shapes():
         OPS.dequantize(q, s, z, 3)
     with pytest.raises(ValueError, match="4-bit codes need an even K"):
         OPS.pack(torch.zeros(2, 5, dtype=torch.uint8), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_matmul_experts_rows_are_their_experts_products(dtype):
+    """Each row of dequant_matmul_experts is dequant_matmul of that row on its expert's slice of the
+    weights (with its expert's bias row), bit for bit, and within rounding of the float64 product; ids
+    outside [0, experts), either sign, give zeros; no rows give an empty (0, N)."""
+    w, q, s, z = _problem(n=12, k=64, gs=32, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x, bias = torch.randn(6, 64, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
+    ids = torch.tensor([3, 0, 3, 4, -2, 1])
+    y = OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 4, bias)
+    assert y.shape == (6, 3) and y.dtype == dtype
+    for p, e in enumerate(ids.tolist()):
+        if not 0 <= e < 4:
+            assert torch.equal(y[p], torch.zeros(3, dtype=dtype))
+            continue
+        rows = slice(3 * e, 3 * e + 3)
+        assert torch.equal(y[p:p + 1], OPS.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], 4, bias[e]))
+        exact = x[p].double() @ ref.dequantize(q[rows], s[rows], z[rows], 4, torch.float64).T + bias[e].double()
+        torch.testing.assert_close(y[p].double(), exact, rtol=0, atol=64 * torch.finfo(dtype).eps)
+    assert OPS.dequant_matmul_experts(x[:0], ids[:0], q, s, z, 4, 4).shape == (0, 3)
+
+
+def test_dequant_matmul_experts_errors():
+    w, q, s, z = _problem()  # 6 rows
+    x, ids = torch.randn(2, 64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="num_experts=4 does not split the weight's 6 rows"):
+        OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 4)
+    with pytest.raises(ValueError, match=r"x has shape \(1, 2, 64\); pass one row per \(token, expert\) pair"):
+        OPS.dequant_matmul_experts(x[None], ids, q, s, z, 4, 3)
+    with pytest.raises(ValueError, match=r"experts has dtype torch.float32 and shape \(2,\); pass one int32"):
+        OPS.dequant_matmul_experts(x, ids.float(), q, s, z, 4, 3)
+    with pytest.raises(ValueError, match=r"experts has dtype torch.int64 and shape \(3,\)"):
+        OPS.dequant_matmul_experts(x, torch.tensor([0, 1, 2]), q, s, z, 4, 3)
+    with pytest.raises(ValueError, match=r"bias has shape \(2,\); expected one row per expert: \(3, 2\)"):
+        OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, torch.randn(2))
+    with pytest.raises(ValueError, match="in_features K=64"):
+        OPS.dequant_matmul_experts(torch.randn(2, 32), ids, q, s, z, 4, 3)
 
 
 def test_errors_in_fake_mode_match_eager():

@@ -45,6 +45,11 @@ class Unsupported(Exception):
     """Raised by a backend implementation that cannot serve this request."""
 
 
+class Refused(RuntimeError):
+    """What :func:`call` raises when a backend named explicitly cannot serve a request (its reason in
+    the message); ``auto`` never raises it."""
+
+
 def register(backend: str, op: str, auto_if: Callable[..., bool] | bool = True) -> Callable[[Callable], Callable]:
     """Decorator: make ``fn`` the ``backend`` implementation of op ``op``.
 
@@ -117,7 +122,7 @@ def call(op: str, backend: str, device: torch.device, *args):
         try:
             return fn(*args)
         except Unsupported as e:
-            raise RuntimeError(
+            raise Refused(
                 f"qdpo::{op}: the {backend} backend cannot serve this request: {e}; "
                 "use backend='auto' or 'reference'"
             ) from None
@@ -136,6 +141,13 @@ def call(op: str, backend: str, device: torch.device, *args):
                 _WARNED.add(key)
                 log.warning("qdpo::%s: %s backend skipped (%s); falling back", op, b, e)
     raise RuntimeError(f"qdpo::{op}: no backend can serve this request")  # unreachable: reference serves all
+
+
+def serves(backend: str, op: str) -> bool:
+    """Whether a request for ``backend`` (an op's argument, ``QDPO_BACKEND`` applied) reaches an
+    implementation of ``op`` (``auto``: the reference backend serves every op)."""
+    backend = requested(backend)
+    return backend == "auto" or (_load(backend) is None and op in _IMPLS[backend])
 
 
 def available(device: torch.device | str = "cuda") -> list[str]:

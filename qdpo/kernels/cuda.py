@@ -17,6 +17,8 @@ op                          kernel                      served
 ``fake_quant`` (+backward)  ``csrc/fake_quant.cu``      STE mask recomputed, LSQ sum per group
 ``dequant_matmul``          ``csrc/dequant_matmul_*.cu``  M <= 16 rows of x (decode GEMV); more rows:
                                                         ``dequantize`` once, then cuBLAS
+``dequant_matmul_experts``  ``csrc/dequant_matmul_*.cu``  fp16/bf16 x: one GEMV launch over (row, expert)
+                                                        pairs, the expert ids read on the device
 ``dequant_matmul_dx``       ``dequantize`` + cuBLAS     every shape
 ``fake_quant_matmul``       ``fake_quant`` + cuBLAS     every shape; backward: cuBLAS for dx and
 (+backward)                                             dŵ (fp32), ``fake_quant_backward`` for the STE
@@ -406,6 +408,47 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
             b_code, y.data_ptr(), _ptr(workspace), ws,
             _sm_count(dev.index), **_force(*force))
     return y.reshape(*x.shape[:-1], n)
+
+
+@register("cuda", "dequant_matmul_experts")
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None):
+    """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV (its M = 1 plan, no split),
+    the grid's z axis over the P rows: each block reads its expert id on the device and runs on that
+    expert's rows of the weights. Serves fp16/bf16 x where the M = 1 GEMV takes tensor cores (K and the
+    group a multiple of 32, 16-byte aligned x and weight rows) and up to 65535 rows."""
+    dev = _check_device(x, experts, qweight, scales, zeros, bias)
+    x_code = _code(x.dtype, "x")
+    if x.dtype == torch.float32:
+        raise Unsupported("dequant_matmul_experts serves fp16 and bf16 x (the tensor-core GEMV); got float32")
+    p, k = x.shape
+    rows = qweight.shape[0]
+    n = rows // num_experts
+    if p > _C.MAX_GROUPED_PAIRS:
+        raise Unsupported(f"{p} rows of x: one launch takes at most {_C.MAX_GROUPED_PAIRS}")
+    y = torch.empty(p, n, dtype=x.dtype, device=dev)
+    qweight = _rows(qweight)
+    scales, zeros = _grid(scales, zeros)
+    if scales.dtype != x.dtype:  # as dequant_matmul: the tensor cores read scales in x.dtype
+        scales = scales.to(x.dtype)
+    s_code = DTYPE_CODES[scales.dtype]
+    if not _C.dequant_matmul_experts_supported(n, k, scales.shape[1], bits, x_code, s_code, x.data_ptr(),
+                                               qweight.data_ptr(), qweight.stride(0)):
+        raise Unsupported(f"the grouped GEMV needs K and the group size multiples of 32 and 16-byte aligned x and "
+                          f"weight rows; got K={k}, {scales.shape[1]} groups per row")
+    if rows * qweight.stride(0) >= INT32_LIMIT:
+        raise Unsupported(f"the experts' packed weights hold {rows * qweight.stride(0)} bytes; the grouped GEMV "
+                          f"indexes them with int32 (below 2^31)")
+    if bias is not None:
+        bias = bias.contiguous()
+        _code(bias.dtype, "bias")
+    if p == 0:
+        return y
+    # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
+    ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
+    _launch(dev, _C.dequant_matmul_experts, x.data_ptr(), x_code, p, ids.data_ptr(), num_experts, n, k,
+            scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(),
+            _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _sm_count(dev.index))
+    return y
 
 
 @register("cuda", "dequant_matmul_dx", auto_if=False)

@@ -17,6 +17,7 @@ Ops (``bits`` ∈ {4, 8}; ``scales``/``zeros`` ``(N, n_groups)``; the group size
 ``dequantize(qweight, scales, zeros, bits, dtype)``  → ``ŵ (N, K)``
 ``fake_quant(w, scales, zeros, bits, dtype)``     → ``ŵ``; STE backward
 ``dequant_matmul(x, qweight, scales, zeros, bits, bias)``  → ``x @ ŵᵀ + bias``; ∂x, ∂bias
+``dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)``  → ``x[p] @ ŵ_{experts[p]}ᵀ``
 ``fake_quant_matmul(x, w, scales, zeros, bits, bias)``     → ``x @ fq(w)ᵀ + bias``; ∂x, ∂w, ∂scales, ∂bias
 =============================  ====================================================
 
@@ -386,6 +387,50 @@ def _dqmm_backward(ctx, dy):
 dequant_matmul.register_autograd(_dqmm_backward, setup_context=_dqmm_setup)
 
 
+# --------------------------------------------------------------------------- dequant_matmul_experts
+INT_IDS = (torch.int32, torch.int64)
+
+
+def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias) -> tuple[int, int]:
+    rows, k = _check_dequant(qweight, scales, zeros, bits)
+    if num_experts < 1 or rows % num_experts:
+        raise ValueError(f"num_experts={num_experts} does not split the weight's {rows} rows into equal slices; "
+                         f"pass the number of experts the weight holds")
+    _check_x(x, k)
+    if x.dim() != 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; pass one row per (token, expert) pair: (P, K)")
+    if experts.dtype not in INT_IDS or experts.shape != (x.shape[0],):
+        raise ValueError(f"experts has dtype {experts.dtype} and shape {tuple(experts.shape)}; pass one int32 or "
+                         f"int64 expert id per row of x: ({x.shape[0]},)")
+    n = rows // num_experts
+    if bias is not None:
+        _check_float(bias, "bias")
+        if bias.shape != (num_experts, n):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected one row per expert: ({num_experts}, {n})")
+    _check_same_device(x, experts, qweight, bias)
+    return n, k
+
+
+@torch.library.custom_op("qdpo::dequant_matmul_experts", mutates_args=())
+def dequant_matmul_experts(
+    x: Tensor, experts: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, num_experts: int,
+    bias: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x (a mixture of experts'
+    routed tokens): one launch, the ids never read on the host. The weights hold ``num_experts`` slices
+    of N rows (a :class:`~qdpo.quant.experts.QuantExpertTensor`), bias one row per expert; an id outside
+    ``[0, num_experts)`` gives a row of zeros. Inference only (no autograd)."""
+    _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)
+    return backends.call("dequant_matmul_experts", backend, x.device, x.contiguous(), experts.contiguous(), qweight,
+                         scales, zeros, bits, num_experts, None if bias is None else bias.contiguous())
+
+
+@dequant_matmul_experts.register_fake
+def _(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, backend="auto"):
+    n, _ = _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)
+    return x.new_empty(x.shape[0], n)
+
+
 # --------------------------------------------------------------------------- fake_quant_matmul
 def _check_fqmm(x, w, scales, zeros, bits, bias) -> None:
     _check_fq(w, scales, zeros, bits)
@@ -465,5 +510,6 @@ register("reference", "fake_quant")(reference.fake_quant)
 register("reference", "fake_quant_backward")(reference.fake_quant_backward)
 register("reference", "dequant_matmul")(reference.dequant_matmul)
 register("reference", "dequant_matmul_dx")(reference.dequant_matmul_dx)
+register("reference", "dequant_matmul_experts")(reference.dequant_matmul_experts)
 register("reference", "fake_quant_matmul")(reference.fake_quant_matmul)
 register("reference", "fake_quant_matmul_backward")(reference.fake_quant_matmul_backward)

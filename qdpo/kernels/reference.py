@@ -289,7 +289,38 @@ def dequant_matmul(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ ŵᵀ (+ bias)``: x ``(..., K)`` → y ``(..., N)`` in ``x.dtype``."""
-    w_hat = dequantize(qweight, scales, zeros, bits, x.dtype)
+    return dequant_matmul_rows(x, dequantize(qweight, scales, zeros, bits, x.dtype), bias)
+
+
+def dequant_matmul_experts(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    num_experts: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])`` with ``e = experts[p]``: x ``(P, K)``, ``experts`` ``(P,)``
+    integer ids, the weights ``num_experts`` slices of ``N`` rows each (expert e: rows ``e·N .. (e+1)·N``),
+    bias ``(num_experts, N)`` or None → y ``(P, N)`` in ``x.dtype``; an id outside ``[0, num_experts)``
+    gives a row of zeros. Each row as :func:`dequant_matmul` computes it on its expert's rows, without
+    reading ids on the host: the chosen experts' codes are gathered on the device and dequantized."""
+    n, p = qweight.shape[0] // num_experts, x.shape[0]
+    if p == 0:
+        return x.new_empty(0, n)
+    valid = (experts >= 0) & (experts < num_experts)
+    e = torch.where(valid, experts, torch.zeros_like(experts)).long()
+    qw, s, z = (t.view(num_experts, n, -1)[e].reshape(p * n, -1) for t in (qweight, scales, zeros))
+    w_hat = dequantize(qw, s, z, bits, x.dtype).view(p, n, -1)  # [P, N, K]
+    b = None if bias is None else bias[e]  # [P, N]
+    y = torch.cat([dequant_matmul_rows(x[i:i + 1], w_hat[i], None if b is None else b[i]) for i in range(p)])
+    return torch.where(valid[:, None], y, torch.zeros_like(y))
+
+
+def dequant_matmul_rows(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`dequant_matmul`'s product on a ŵ already in ``x.dtype``."""
     return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
 
 

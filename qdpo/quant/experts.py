@@ -16,8 +16,9 @@ The experts module keeps its own forward, routing included: its class becomes a 
 which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every expert tensor of
 the module is packed, the forward instead runs each chosen expert's rows of the packed weights
 through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`, and :func:`_packed_sorted_forward`
-for Llama 4's tokens laid out expert by expert; one launch per expert and product, no grouped
-kernel across experts).
+for Llama 4's tokens laid out expert by expert; one launch per expert and product). One token (decode)
+takes one grouped launch per product instead, the expert ids read on the device
+(``torch.ops.qdpo.dequant_matmul_experts``, :func:`_packed_routed_forward`): no host sync.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qdpo.kernels import ops
+from qdpo.kernels import backends, ops
 from qdpo.quant.linear import MODES, QuantModes, autocast_input
 from qdpo.quant.spec import QuantSpec
 
@@ -78,6 +79,13 @@ class QuantExpertTensor(QuantModes, nn.Module):
             return self._layout(ops.fake_quant(self.weight, self.scales, self.zeros, self.spec.bits, dtype,
                                                self.backend))
         return self._layout(ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend))
+
+    def matmul_routed(self, x: Tensor, experts: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x ``(P, in)`` of a packed
+        tensor (``torch.ops.qdpo.dequant_matmul_experts``: one launch, the ids stay on the device); bias
+        ``(experts, out)``; an id outside ``[0, experts)`` gives a row of zeros."""
+        return ops.dequant_matmul_experts(x, experts, self.qweight, self.scales, self.zeros, self.spec.bits,
+                                          self.experts, bias, self.backend)
 
     def matmul(self, x: Tensor, expert: int, bias: Tensor | None = None) -> Tensor:
         """``x @ ŵ_eᵀ (+ bias)`` for expert ``e`` of a packed tensor, on its rows of the packed weight
@@ -219,15 +227,63 @@ def _quantized_class(cls: type) -> type:
     return _classes[cls]
 
 
+def _expert_output(self, y: Tensor) -> Tensor:
+    return self.post_expert_norm(y) if getattr(self, "has_post_expert_norm", False) else y
+
+
+# False: packed experts run one launch per chosen expert and product at decode too (benchmarks compare)
+ROUTED_DECODE = True
+
+
+def _routed(up: QuantExpertTensor, x: Tensor) -> bool:
+    """Whether the packed forward takes one grouped launch per product (:func:`_packed_routed_forward`):
+    one token (its top-k experts are distinct, so no expert's weights are read twice), a backend that
+    implements it, and no gradient to carry (the grouped op has none)."""
+    return (ROUTED_DECODE and x.shape[0] == 1 and backends.serves(up.backend, "dequant_matmul_experts")
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, up: QuantExpertTensor,
+                           down: QuantExpertTensor, up_name: str) -> Tensor:
+    """One token's experts in two grouped launches (``dequant_matmul_experts``: every (token, expert) pair
+    on its expert's rows, the ids read on the device): no host sync and a fixed number of launches, so a
+    decode step can be captured in a CUDA graph. The same sums as :func:`_packed_forward`, in the same
+    order: each pair's fp32 output times its routing weight, added to zero in ascending expert order
+    (ids past the experts give zeros)."""
+    t, k = top_k_index.shape
+    ids = top_k_index.reshape(-1)  # (T·k,) pairs, token-major
+    valid = (ids >= 0) & (ids < up.experts)
+    clamped = torch.where(valid, ids, torch.zeros_like(ids))
+    up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
+    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None)
+    y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
+    y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
+    order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)
+    y = torch.gather(y, 1, order[..., None].expand(-1, -1, y.shape[-1]))
+    out = torch.zeros(t, y.shape[-1], dtype=torch.float32, device=x.device)
+    for j in range(k):
+        out = out + y[:, j]
+    return out
+
+
 def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The experts of a packed model: each expert hit runs its rows of the packed weights through
     ``dequant_matmul`` (at decode, a GEMV per chosen expert), instead of dequantizing every expert.
     The interface of transformers' experts implementations: tokens (T, H), the chosen experts and their
     routing weights (T, top_k); gating by the module's own ``_apply_gate`` (or ``act_fn``), optional
-    biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert)."""
+    biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert). One token
+    (decode) takes :func:`_packed_routed_forward` instead, without a host sync."""
     x = autocast_input(hidden_states)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = self._modules[PREFIX + up_name], self._modules[PREFIX + "down_proj"]
+    if _routed(up, x):
+        try:
+            return _packed_routed_forward(self, x, top_k_index, top_k_weights, up, down, up_name).to(
+                hidden_states.dtype)
+        except backends.Refused:  # a backend named explicitly that cannot take these (cuda: fp32 x): per expert
+            pass
     k = top_k_index.shape[-1]
     experts, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
     tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
@@ -243,9 +299,7 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
         rows = tokens[pick]
         h = up.matmul(x[rows], e, getattr(self, f"{up_name}_bias")[e] if self.has_bias else None)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = down.matmul(h.to(x.dtype), e, self.down_proj_bias[e] if self.has_bias else None)
-        if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
+        y = _expert_output(self, down.matmul(h.to(x.dtype), e, self.down_proj_bias[e] if self.has_bias else None))
         out.index_add_(0, rows, y.float() * weights[pick, None].float())
     return out.to(hidden_states.dtype)
 
