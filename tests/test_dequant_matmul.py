@@ -263,6 +263,37 @@ def test_autograd_from_sum_and_large_m():
     _check_dx(x.grad, torch.ones(129, 33, dtype=torch.float16, device=DEV), qw, "x.grad")
 
 
+# --------------------------------------------------------------------------- grouped (experts)
+@pytest.mark.parametrize("bits,gs,xdtype", [(4, 32, torch.bfloat16), (8, -1, torch.float32), (4, -1, torch.float16)])
+def test_experts_rows_are_each_experts_one_row_gemv(bits, gs, xdtype):
+    """dequant_matmul_experts on the triton backend: each row of x bit for bit the M = 1 GEMV (one split,
+    as the grouped launch runs) on its expert's rows of the weights with its bias row, and within the
+    2×-of-PyTorch rule of the reference; ids outside the experts (either sign) give zero rows; 20 rows
+    per expert (a partial block), K = 96 (a partial K tile, and odd words for W4 with G = K)."""
+    e, n, k = 3, 20, 96
+    qw = _weight(e * n, k, bits, gs, seed=bits)
+    q, s, z, _ = _args(qw)
+    if xdtype != torch.float32:
+        s = s.to(xdtype)
+    bias = _rand(e, n, dtype=xdtype, seed=4)
+    ids = [2, 0, 2, 3, -1, 1]
+    x = _rand(len(ids), k, dtype=xdtype, seed=5)
+    y = OPS.dequant_matmul_experts(x, torch.tensor(ids, device=DEV), q, s, z, bits, e, bias, "triton")
+    for p, eid in enumerate(ids):
+        if not 0 <= eid < e:
+            assert torch.equal(y[p], torch.zeros_like(y[p]))
+            continue
+        rows = slice(eid * n, (eid + 1) * n)
+        w = dmg.Packed.of(q[rows], s[rows], z[rows], bits)
+        one = torch.empty(1, n, dtype=xdtype, device=DEV)
+        cfg = dmg._BEST[("gemv", dmg.tuning_key(x, w, 1))] if x.is_cuda else dm.GEMV_CPU  # the grouped launch's
+        dm._launch_gemv(x[p:p + 1], w, bias[eid], one, cfg._replace(split_k=1))
+        assert torch.equal(y[p:p + 1], one), (p, eid)
+        want = ref.dequant_matmul(x[p:p + 1].double(), q[rows], s[rows], z[rows], bits, bias[eid].double())
+        lo = ref.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, bias[eid])
+        assert_close_2x(y[p:p + 1], want, lo, floor=fp32_sum_floor(k), what=f"row {p}")
+
+
 # --------------------------------------------------------------------------- registration, errors
 def test_opcheck_forward():
     qw = _weight(7, 96, 4, 32)

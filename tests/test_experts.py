@@ -528,17 +528,19 @@ def test_experts_on_the_gpu(arch, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
-def test_packed_bf16_decode_step_on_the_cuda_backend_and_in_a_graph(arch, monkeypatch):
-    """A packed bf16 MoE's decode step on the cuda backend: the grouped launches (dequant_matmul_experts)
+def test_packed_bf16_decode_step_on_the_gpu_and_in_a_graph(arch, backend, monkeypatch):
+    """A packed bf16 MoE's decode step on each GPU backend: the grouped launches (dequant_matmul_experts)
     give the per-expert launches' logits within bf16 rounding, and one experts module's forward, captured
     in a CUDA graph, follows new routing written into its index tensor on replay (nothing in it depends
     on the host seeing the ids)."""
     import qdpo.quant.experts as experts
 
-    pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built")
+    if backend == "cuda":
+        pytest.importorskip("qdpo.kernels.cuda", reason="qdpo._C was not built")
     model = tiny_moe(arch).to(torch.bfloat16).cuda()
-    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed", backend="cuda")
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed", backend=backend)
     ids = IDS[:1, :1].cuda()
     with torch.no_grad():
         routed = model(ids).logits.float()

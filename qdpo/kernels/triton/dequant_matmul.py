@@ -69,6 +69,7 @@ first call before capturing a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -84,6 +85,7 @@ from qdpo.kernels.triton.dequant_matmul_gemm import (
 )
 
 GEMV_MAX_M = 16  # at most this many rows: the split-K streaming kernel (tl.dot pads M to 16)
+MAX_PAIRS = 65535  # rows of x one grouped launch takes (the grid's third axis)
 WORKSPACE_MIN_M = 1024  # at least this many rows: dequantize once + cuBLAS (estimated H100 crossover)
 PATHS = ("gemv", "gemm", "workspace")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -188,9 +190,22 @@ def _gemv_kernel(
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr = False,
+    ids_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split). WORDS (M = 1):
-    ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words."""
+    ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words. GROUPED (M = 1, one
+    split; dequant_matmul_experts): program axis 2 is a pair of row p of x and expert ``ids[p]`` (in
+    range), whose N rows of the weights (and row of bias) give row p of y."""
+    if GROUPED:
+        pair = tl.program_id(2)
+        row0 = tl.load(ids_ptr + pair) * N
+        qw_ptr += row0 * stride_qn
+        s_ptr += row0 * stride_sn
+        z_ptr += row0 * stride_sn
+        x_ptr += pair * stride_xm
+        out_ptr += pair * stride_om
+        if HAS_BIAS:
+            b_ptr += row0
     pid_s = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -253,17 +268,18 @@ GEMV_GPU = (
 
 
 # --------------------------------------------------------------------------- launches
-def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
-    """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction)."""
-    m = x2.shape[0]
+def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None) -> None:
+    """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction). ``ids``
+    (int32, in range): row p of x2 on rows ``ids[p]·N ..`` of the weights into row p of y (one split)."""
+    m = 1 if ids is not None else x2.shape[0]
     bk = w.block_k(cfg.block_k)
     tiles = triton.cdiv(w.k, bk)
-    per_split = triton.cdiv(tiles, min(cfg.split_k, tiles))
+    per_split = triton.cdiv(tiles, min(cfg.split_k if ids is None else 1, tiles))
     split = triton.cdiv(tiles, per_split)  # no empty K-ranges
     out = torch.empty(split, m, w.n, dtype=torch.float32, device=x2.device) if split > 1 else y
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
-    grid = (triton.cdiv(w.n, cfg.block_n), split)
+    grid = (triton.cdiv(w.n, cfg.block_n), split) + (() if ids is None else (ids.shape[0],))
     # whole aligned words: the word path (M = 1 only; the M <= 16 dot path gained nothing, static sm_90)
     words = int32_words(w.qweight) if m == 1 else None
     qw = w.qweight if words is None else words
@@ -274,7 +290,7 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig) -> None:
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ids_ptr=ids, GROUPED=ids is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         block = 1024 if x2.is_cuda else 4096
@@ -359,6 +375,33 @@ def backward_dx(dy, qweight, scales, zeros, bits, path: str | None = None) -> to
 def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
     """``qdpo::dequant_matmul`` on the triton backend: ``x @ ŵᵀ (+ bias)`` in x's dtype."""
     return forward(x, qweight, scales, zeros, bits, bias)
+
+
+@register("triton", "dequant_matmul_experts")
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None):
+    """``qdpo::dequant_matmul_experts`` on the triton backend: the M = 1 GEMV (one split) over program
+    axis 2, one program column per row of x, each on its expert's rows of the weights (ids read on the
+    device); rows of ids outside ``[0, num_experts)`` run expert 0 and are then zeroed."""
+    w_all = Packed.of(qweight, scales, zeros, bits)
+    _check_rows(x, w_all.k, "x")
+    w = dataclasses.replace(w_all, n=w_all.n // num_experts)  # one expert's rows; the pointers: all of them
+    p = x.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()
+        _check_rows(bias, w.n, "bias")
+    if p > MAX_PAIRS or p * w.n >= INT32_LIMIT or w_all.qweight.numel() >= INT32_LIMIT:
+        raise Unsupported(f"{p} rows of x on ({w_all.n}, {w.k}) weights: at most {MAX_PAIRS} rows, and every "
+                          f"operand within int32 indexing")
+    y = torch.empty(p, w.n, dtype=x.dtype, device=x.device)
+    if p == 0:
+        return y
+    valid = (experts >= 0) & (experts < num_experts)
+    ids = torch.where(valid, experts, 0).to(torch.int32)
+    x = x.contiguous()
+    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the one-row GEMV on N rows
+    cfg = pick_config("gemv", tuning_key(x, w, 1), cands, lambda c: _launch_gemv(x[:1], w, bias, y[:1], c))
+    _launch_gemv(x, w, None if bias is None else bias, y, cfg, ids)
+    return torch.where(valid[:, None], y, torch.zeros_like(y))
 
 
 @register("triton", "dequant_matmul_dx")
