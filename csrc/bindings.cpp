@@ -44,6 +44,16 @@ void check(const char* fn, int code) {
                            ")");
 }
 
+// A GEMV plan as dequant_matmul_plan and dequant_matmul_experts_plan return it.
+py::dict plan_dict(const qdpo::GemvPlan& p) {
+  return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
+                  py::arg("rt") = p.rt, py::arg("splits") = p.splits, py::arg("workspace_bytes") = p.workspace_bytes,
+                  py::arg("warps") = p.warps, py::arg("blocks_per_sm") = p.blocks_per_sm,
+                  py::arg("x_smem") = p.x_smem != 0, py::arg("scale_after") = p.scale_after != 0,
+                  py::arg("zero_after") = p.zero_after != 0, py::arg("shared_x") = p.shared_x != 0,
+                  py::arg("block_rows") = qdpo::gemv_block_rows(p));
+}
+
 void def_host_math(py::module_& m) {
   // Host builds of the shared math, so the CPU test suite checks it bit-exactly.
   m.def("host_quantize_one", &qdpo::quantize_one, py::arg("w"), py::arg("s"), py::arg("z"), py::arg("bits"));
@@ -205,12 +215,7 @@ void def_kernels(py::module_& m) {
                                 force_zero_after, force_shared_x, force_row_tiles};
     check("dequant_matmul_plan", qdpo::dequant_matmul_plan(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn,
                                                            sm_count, &p, force));
-    return py::dict(py::arg("kernel") = p.kernel == qdpo::kGemvMma ? "mma" : "fma", py::arg("mt") = p.mt,
-                    py::arg("rt") = p.rt, py::arg("splits") = p.splits,
-                    py::arg("workspace_bytes") = p.workspace_bytes, py::arg("warps") = p.warps,
-                    py::arg("blocks_per_sm") = p.blocks_per_sm, py::arg("x_smem") = p.x_smem != 0,
-                    py::arg("scale_after") = p.scale_after != 0, py::arg("zero_after") = p.zero_after != 0,
-                    py::arg("shared_x") = p.shared_x != 0, py::arg("block_rows") = qdpo::gemv_block_rows(p));
+    return plan_dict(p);
   }, "The GEMV kernel, tile, split-K and block-size choice for these sizes and pointers (host; without a GPU "
      "the occupancy is unknown: blocks_per_sm 0, 8 warps); force_splits / force_warps > 0 override the split-K "
      "count / the warps per block (4 or 8); force_x_smem 1 / 2: x in registers / in shared memory (where "
@@ -255,9 +260,15 @@ void def_kernels(py::module_& m) {
      py::arg("sm_count"), py::arg("stream"), py::arg("force_splits") = 0, py::arg("force_warps") = 0,
      py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0,
      py::arg("force_shared_x") = 0, py::arg("force_row_tiles") = 0);
-  m.def("dequant_matmul_experts_supported", &qdpo::dequant_matmul_experts_supported, py::arg("n"), py::arg("k"),
-        py::arg("ng"), py::arg("bits"), py::arg("x_dtype"), py::arg("s_dtype"), py::arg("x"), py::arg("qweight"),
-        py::arg("stride_qn"), "Whether the grouped GEMV serves these sizes, dtypes and pointers (host only)");
+  m.def("dequant_matmul_experts_plan", [](int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
+                                          int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count) {
+    qdpo::GemvPlan p{};
+    check("dequant_matmul_experts_plan", qdpo::dequant_matmul_experts_plan(pairs, n, k, ng, bits, x_dtype, s_dtype, x,
+                                                                           qweight, stride_qn, sm_count, &p));
+    return plan_dict(p);
+  }, "The grouped GEMV's plan (as dequant_matmul_plan's; kernel 'fma': it cannot serve these, host only)",
+     py::arg("pairs"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"),
+     py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"));
   m.def("dequant_matmul_experts", [](ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts,
                                      int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn,
                                      ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,

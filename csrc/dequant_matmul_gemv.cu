@@ -296,24 +296,34 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
   return e;
 }
 
-bool dequant_matmul_experts_supported(int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
-                                      ptr_t x, ptr_t qweight, int64_t stride_qn) {
-  GemvPlan p;
-  return plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, 1, &p, GemvForce{}, false) == kOk &&
-         p.kernel == kGemvMma;
+int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
+                                int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
+                                GemvPlan* plan) {
+  QDPO_REQUIRE(pairs >= 0 && pairs <= kMaxGroupedPairs, kErrShape);
+  GemvForce force{};
+  force.splits = 1;
+  if (int e = plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force, false)) {
+    return e;
+  }
+  if (plan->kernel == kGemvMma && plan->rt == 1) {  // the M = 1 block-size rule, on the blocks of all pairs
+    GemvPlan p8 = *plan, p4 = *plan;
+    p8.warps = 8, p4.warps = 4;
+    plan->warps = gemv_auto_warps(std::max<int64_t>(pairs, 1) * cdiv(n, 16), sm_count,
+                                  blocks_per_sm(x_dtype, bits, p8, 0), blocks_per_sm(x_dtype, bits, p4, 0));
+  }
+  return kOk;
 }
 
 int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts, int64_t n,
                            int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn, ptr_t scales,
                            int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count, ptr_t stream) {
-  QDPO_REQUIRE(pairs >= 0 && pairs <= kMaxGroupedPairs && experts >= 1, kErrShape);
-  GemvForce force{};
-  force.splits = 1;
+  QDPO_REQUIRE(experts >= 1, kErrShape);
   GemvPlan p;
-  if (int e = plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, &p, force, false)) {
+  if (int e = dequant_matmul_experts_plan(pairs, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count,
+                                          &p)) {
     return e;
   }
-  QDPO_REQUIRE(p.kernel == kGemvMma, kErrShape);  // dequant_matmul_experts_supported says so first
+  QDPO_REQUIRE(p.kernel == kGemvMma, kErrShape);  // the wrapper asks dequant_matmul_experts_plan first
   QDPO_REQUIRE(experts * n * stride_qn < kInt32Limit && experts * n * ng < kInt32Limit && pairs * k < kInt32Limit &&
                    pairs * n < kInt32Limit, kErrTooLarge);
   if (pairs == 0) return kOk;

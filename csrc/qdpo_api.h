@@ -94,11 +94,13 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
 // without the expert ids on the host (a mixture of experts' decode). qweight, scales and zeros hold
 // `experts` slices of N rows each (expert e: rows e·N .. (e+1)·N); y[p] = x[p] @ ŵ_{ids[p]}ᵀ, where ids
 // (P,) int32 sits in device memory, plus bias[ids[p]] of an (experts, N) bias if given; an id outside
-// [0, experts) gives y[p] = 0. Serves what the M = 1 GEMV serves on tensor cores
-// (dequant_matmul_experts_supported, host only); else kErrShape.
+// [0, experts) gives y[p] = 0. Serves what the M = 1 GEMV serves on tensor cores (its plan's kernel is
+// kGemvMma); else kErrShape. The plan: the M = 1 plan unsplit, its block size chosen by the blocks of all
+// pairs (gemv_auto_warps).
 constexpr int64_t kMaxGroupedPairs = 65535;  // the grid's z axis
-bool dequant_matmul_experts_supported(int64_t n, int64_t k, int64_t ng, int bits, int x_dtype, int s_dtype,
-                                      ptr_t x, ptr_t qweight, int64_t stride_qn);
+int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
+                                int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
+                                GemvPlan* plan);
 int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts, int64_t n,
                            int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn, ptr_t scales,
                            int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count,

@@ -692,6 +692,23 @@ def test_plan_falls_back_to_fma(C):
     assert _plan(C, stride=4096 // 2 + 8)["kernel"] == "fma", "qweight rows not 16-byte aligned"
 
 
+def test_experts_plan_is_the_one_row_plan_unsplit(C):
+    """dequant_matmul_experts' plan: the M = 1 plan of one expert's N rows without a split (where that
+    alone would split K: 64 tiles of 16 rows), its kernel "fma" where the grouped launch refuses (fp32 x,
+    misaligned rows), at most 65535 pairs (the grid's third axis)."""
+    def plan(pairs=2, n=1024, xdtype=torch.bfloat16, stride=2048):
+        return C.dequant_matmul_experts_plan(pairs, n, 4096, 32, 4, CODES[xdtype], CODES[xdtype], 1 << 20, 1 << 24,
+                                             stride, 132)
+    assert _plan(C, n=128)["splits"] > 1 and plan(n=128)["splits"] == 1
+    one = _plan(C, n=1024, force_splits=1)
+    assert {k: v for k, v in plan().items() if k not in ("warps", "blocks_per_sm")} == {
+        k: v for k, v in one.items() if k not in ("warps", "blocks_per_sm")}
+    assert plan(xdtype=torch.float32)["kernel"] == "fma" and plan(stride=2056)["kernel"] == "fma"
+    assert plan(pairs=65535)["kernel"] == "mma" and plan(pairs=0)["kernel"] == "mma"
+    with pytest.raises(ValueError, match="shape"):
+        plan(pairs=65536)
+
+
 def test_plan_splits_k_only_when_rows_fill_a_quarter_of_the_sms(C):
     """The rule measured on an H200 (README "GPU results"): unsplit unless tiles <= SMs / 4."""
     assert _plan(C, n=8192)["splits"] == 1 and _plan(C, n=8192)["workspace_bytes"] == 0

@@ -266,6 +266,8 @@ def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype
     bias = _rand(e, n, dtype=xdtype, seed=5)
     ids = [2, 0, 2, 5, -1, 1, 2**40]
     x = _rand(len(ids), k, dtype=xdtype, seed=7)
+    plan = cuda.experts_plan(x, q, s.to(xdtype), bits, e)  # the block size: by the blocks of all pairs
+    assert plan["kernel"] == "mma" and plan["splits"] == 1 and plan["rt"] == 1 and plan["warps"] in (4, 8)
     ids32 = [min(i, 2**31 - 1) for i in ids]
     ys = [OPS.dequant_matmul_experts(x, torch.tensor(i, dtype=d, device=DEV), q, s, z, bits, e, b, B)
           for i, d in ((ids, torch.int64), (ids32, torch.int32)) for b in (bias, None)]
@@ -275,7 +277,7 @@ def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype
             continue
         rows = slice(eid * n, (eid + 1) * n)
         for y, b in zip(ys[:2], (bias[eid], None)):
-            want = cuda.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, b, splits=1)
+            want = cuda.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, b, splits=1, warps=plan["warps"])
             assert torch.equal(y[p:p + 1], want), (p, eid, b is None)
     assert torch.equal(ys[0], ys[2]) and torch.equal(ys[1], ys[3])  # int32 ids
     empty = OPS.dequant_matmul_experts(x[:0], torch.zeros(0, dtype=torch.int64, device=DEV), q, s, z, bits, e, None, B)

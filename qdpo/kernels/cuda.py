@@ -410,6 +410,15 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     return y.reshape(*x.shape[:-1], n)
 
 
+def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, num_experts: int) -> dict:
+    """The grouped GEMV's plan for :func:`dequant_matmul_experts` (as :func:`gemv_plan`'s; scales in
+    x.dtype): the M = 1 plan unsplit, its warps per block chosen by the blocks of all rows of x."""
+    n, k = qweight.shape[0] // num_experts, qweight.shape[1] * 8 // bits
+    return _C.dequant_matmul_experts_plan(x.shape[0], n, k, scales.shape[1], bits, _code(x.dtype, "x"),
+                                          _code(scales.dtype, "scales"), x.data_ptr(), qweight.data_ptr(),
+                                          qweight.stride(0), _sm_count(x.device.index))
+
+
 @register("cuda", "dequant_matmul_experts")
 def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None):
     """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV (its M = 1 plan, no split),
@@ -431,8 +440,7 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     if scales.dtype != x.dtype:  # as dequant_matmul: the tensor cores read scales in x.dtype
         scales = scales.to(x.dtype)
     s_code = DTYPE_CODES[scales.dtype]
-    if not _C.dequant_matmul_experts_supported(n, k, scales.shape[1], bits, x_code, s_code, x.data_ptr(),
-                                               qweight.data_ptr(), qweight.stride(0)):
+    if experts_plan(x, qweight, scales, bits, num_experts)["kernel"] != "mma":
         raise Unsupported(f"the grouped GEMV needs K and the group size multiples of 32 and 16-byte aligned x and "
                           f"weight rows; got K={k}, {scales.shape[1]} groups per row")
     if rows * qweight.stride(0) >= INT32_LIMIT:
