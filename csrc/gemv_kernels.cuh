@@ -14,12 +14,38 @@ namespace {
 
 using gemv::RowGrid;
 
-// One lane's weight operands of one K step: rows g and g + 8 of each 16-row tile.
-template <int BITS, int RT>
+// One lane's weight operands of one K step: rows g and g + 8 of each 16-row tile. DG (deferred grid):
+// the scale's bits and the zero point stay as loaded until the step's math turns them into the grid
+// (grid()). Converted in the loader, right behind their loads, they held the warp there for a whole
+// memory round trip every step: ptxas keeps that code ahead of the step's first mma (its WARPSYNC),
+// and the step's math waited with it (static sm_90: every grid load of the main loop read before the
+// next HMMA). Deferred, they are read a step later. The kernels whose register cap then spills a
+// loaded value (its STL waits for the load as the conversion did) convert in the loader: defer_grid.
+template <int BITS, int RT, bool DG>
 struct WStage {
   uint32_t w[RT][2][BITS];  // 16 bytes (W4) or 32 bytes (W8) of codes per row
-  RowGrid grid[RT][2];
+  uint32_t s_bits[RT][2], z[RT][2];  // DG
+  RowGrid grid_[RT][2];              // !DG
+  __device__ __forceinline__ void set(int rt, int h, uint32_t s, uint32_t zp, int hd) {
+    if constexpr (DG) {
+      s_bits[rt][h] = s, z[rt][h] = zp;
+    } else {
+      grid_[rt][h] = gemv::row_grid_bits(s, zp, hd);
+    }
+  }
+  __device__ __forceinline__ RowGrid grid(int rt, int h, int hd) const {
+    if constexpr (DG) return gemv::row_grid_bits(s_bits[rt][h], z[rt][h], hd);
+    return grid_[rt][h];
+  }
 };
+
+// Whether a kernel's stages defer the grid (WStage): all but those that would spill at their register
+// caps (static sm_90): x_smem's and the one-tile zero_after kernels (12-44 bytes, stored right behind
+// the loads), and bf16 W8's one-tile kernels of 4 warps (96 registers: 4 spill accesses per loop).
+constexpr bool defer_grid(int hd, int bits, int w, bool xs, int sc, int mt, int rt) {
+  const bool one_tile = mt * rt == 1;
+  return !xs && !(one_tile && (sc == gemv::kZeroAfter || (hd == kBF16 && bits == 8 && w == 4)));
+}
 
 __device__ __forceinline__ void load16(uint32_t* dst, const void* src) {
   const uint4 u = __ldg(static_cast<const uint4*>(src));
@@ -107,9 +133,9 @@ __device__ __forceinline__ void zero_x(uint32_t (&x)[MT][16]) {
 // one group, and the scale multiplies the lane's accumulators, which hold all four lanes' codes: a
 // lane past K in the last step takes the step's scale too, with codes and zero point 0 (q - z = 0);
 // with the zero point after (SC == kZeroAfter) the step's real zero point, since its codes meet x = 0.
-template <bool TAIL, int HD, int SC, int BITS, int MT, int RT>
+template <bool TAIL, int HD, int SC, int BITS, int MT, int RT, bool DG>
 __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
-                                       WStage<BITS, RT>& st) {
+                                       WStage<BITS, RT, DG>& st) {
   const int kl = gemv::lane_k(step, threadIdx.x & 3);
   const int grp = group_of(a, SC != gemv::kScaleInW ? step * gemv::kStepK : kl);
   const uint16_t* scales = static_cast<const uint16_t*>(a.s);  // in x.dtype on this path
@@ -121,22 +147,21 @@ __device__ __forceinline__ void load_w(const GemvArgs& a, const LaneRows<MT, RT>
       if (TAIL && kl >= a.k) {
         QDPO_UNROLL
         for (int i = 0; i < BITS; ++i) st.w[rt][h][i] = 0u;
-        st.grid[rt][h] = SC == gemv::kZeroAfter ? gemv::row_grid_bits(scales[p], a.z[p], HD)
-                         : gemv::row_grid_bits(SC == gemv::kScaleAfter ? scales[p] : 0u, 0u, HD);  // ŵ = 0
+        st.set(rt, h, SC != gemv::kScaleInW ? scales[p] : 0u, SC == gemv::kZeroAfter ? a.z[p] : 0u, HD);  // ŵ = 0
         continue;
       }
       const uint8_t* src = a.q + (rows.q[rt][h] + (static_cast<unsigned>(kl) * BITS >> 3));
       load16_stream(st.w[rt][h], src);
       if (BITS == 8) load16_stream(st.w[rt][h] + 4, src + 16);
-      st.grid[rt][h] = gemv::row_grid_bits(scales[p], a.z[p], HD);
+      st.set(rt, h, scales[p], a.z[p], HD);
     }
   }
 }
 
 // One step's loads: weights, and x too unless it sits in shared memory (X = false).
-template <bool TAIL, int HD, int SC, bool X = true, int BITS, int MT, int RT>
+template <bool TAIL, int HD, int SC, bool X = true, int BITS, int MT, int RT, bool DG>
 __device__ __forceinline__ void load_stage(const GemvArgs& a, const LaneRows<MT, RT>& rows, int step,
-                                           WStage<BITS, RT>& ws, uint32_t (&x)[MT][16]) {
+                                           WStage<BITS, RT, DG>& ws, uint32_t (&x)[MT][16]) {
   if constexpr (X) load_x<TAIL>(a, rows, step, x);
   load_w<TAIL, HD, SC>(a, rows, step, ws);
 }
@@ -154,14 +179,17 @@ struct XsLane {
 // multiplied by its row's scale into acc (c0, c1: row g; c2, c3: row g + 8). Zero-after (SC ==
 // kZeroAfter): the mma sums (bias + q) · x, and after each one a second mma adds -(bias + z) times
 // the same x (the row's zero fragment, one per step), before the scale.
-template <int HD, bool XS, int SC, int BITS, int MT, int RT>
-__device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const uint32_t (&x)[MT][16],
+template <int HD, bool XS, int SC, int BITS, int MT, int RT, bool DG>
+__device__ __forceinline__ void compute_step(const WStage<BITS, RT, DG>& st, const uint32_t (&x)[MT][16],
                                              XsLane xs, float (&acc)[RT][MT][4]) {
   constexpr bool SA = SC != gemv::kScaleInW, ZA = SC == gemv::kZeroAfter;
+  RowGrid grid[RT][2];
+  QDPO_UNROLL
+  for (int rt = 0; rt < RT; ++rt) grid[rt][0] = st.grid(rt, 0, HD), grid[rt][1] = st.grid(rt, 1, HD);
   [[maybe_unused]] uint32_t zf[RT][4];  // ZA only
   if constexpr (ZA) {
     QDPO_UNROLL
-    for (int rt = 0; rt < RT; ++rt) gemv::zero_frag(st.grid[rt][0], st.grid[rt][1], zf[rt]);
+    for (int rt = 0; rt < RT; ++rt) gemv::zero_frag(grid[rt][0], grid[rt][1], zf[rt]);
   }
   float step_acc[RT][MT][4] = {};  // SA only
   float (&sum)[RT][MT][4] = SA ? step_acc : acc;
@@ -181,8 +209,8 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
     QDPO_UNROLL
     for (int rt = 0; rt < RT; ++rt) {
       uint32_t pg[4], pg8[4];
-      gemv::dequant_chunk<BITS, SC>(st.w[rt][0], c, st.grid[rt][0], HD, pg);
-      gemv::dequant_chunk<BITS, SC>(st.w[rt][1], c, st.grid[rt][1], HD, pg8);
+      gemv::dequant_chunk<BITS, SC>(st.w[rt][0], c, grid[rt][0], HD, pg);
+      gemv::dequant_chunk<BITS, SC>(st.w[rt][1], c, grid[rt][1], HD, pg8);
       QDPO_UNROLL
       for (int h = 0; h < 2; ++h) {
         uint32_t af[4];
@@ -203,7 +231,7 @@ __device__ __forceinline__ void compute_step(const WStage<BITS, RT>& st, const u
       QDPO_UNROLL
       for (int mt = 0; mt < MT; ++mt) {
         QDPO_UNROLL
-        for (int i = 0; i < 4; ++i) acc[rt][mt][i] = fmaf(st.grid[rt][i >> 1].sf, step_acc[rt][mt][i], acc[rt][mt][i]);
+        for (int i = 0; i < 4; ++i) acc[rt][mt][i] = fmaf(grid[rt][i >> 1].sf, step_acc[rt][mt][i], acc[rt][mt][i]);
       }
     }
   }
@@ -339,7 +367,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   // The full steps: two register stages in ping-pong, the next step's loads in flight during this
   // step's math, no bounds checks.
   const int full_hi = min(b.step_hi, a.full_steps);
-  WStage<BITS, RT> w0, w1;
+  WStage<BITS, RT, defer_grid(HD, BITS, W, XS, SC, MT, RT)> w0, w1;
   uint32_t x0[MT][16], x1[MT][16];  // x in registers (not XS)
   QDPO_DYNAMIC_SMEM(16, uint4, xs_smem);  // XS: [M][row_bytes] of x pairs
   const uint8_t* xs_lane = nullptr;   // XS: the lane's x pairs at step b.step_lo
@@ -465,7 +493,7 @@ __global__ void __launch_bounds__(W * 32, sx_min_blocks(BITS, MT, W)) gemv_share
   const int d1 = (r1 - r0) * gemv::kSxRowBytes;
   float acc[1][MT][4] = {};
   uint32_t x_unused[MT][16];  // compute_step's registers of x: not read with XS
-  WStage<BITS, 1> st[2];
+  WStage<BITS, 1, true> st[2];
   // The full steps run in the chunk loop, the next step's weights in flight during this step's math,
   // without bounds checks; the last step of a K that is not a multiple of 128 runs after it, from the
   // last chunk (still in shared memory).

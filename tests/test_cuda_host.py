@@ -1061,6 +1061,70 @@ def test_split_k_reduction_waits_for_the_gemv_before_it_reads(sass90):
     assert any(t.startswith("ACQBULK") for t in ops[:first_load]), ops[:first_load + 1]
 
 
+def _main_loop(ins: list) -> list:
+    """The instructions of a kernel's largest loop (from a backward branch's target to the branch)."""
+    best = (0, 0, -1)
+    for addr, text in ins:
+        target = re.search(r"BRA 0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            best = max(best, (sum(1 for a, _ in ins if lo <= a <= addr), lo, addr))
+    return [t for a, t in ins if best[1] <= a <= best[2]]
+
+
+def _reads_before_next_mma(loop: list, i: int, reg: str) -> str | None:
+    """The first instruction after loop[i] and before the next HMMA that reads (or stores) ``reg``."""
+    for text in loop[i + 1:]:
+        if text.startswith("HMMA"):
+            return None
+        op, _, rest = text.partition(" ")
+        operands = [o.strip() for o in rest.split(",")]
+        reads = operands if op.startswith("@") or op.startswith("ST") else operands[1:]
+        if any(re.search(rf"\b{reg}\b", o) for o in reads):
+            return text
+    return None
+
+
+def test_gemv_steps_do_not_wait_for_the_grid_they_just_loaded(sass90):
+    """The GEMV's main loop loads the next step's weights, scales and zero points, then runs this step's
+    mma. Where a kernel defers the grid (gemv_kernels.cuh: WStage, defer_grid), no instruction before the
+    step's next HMMA reads a scale or zero point just loaded (LDG.U16 / LDG.U8), so the warp does not
+    wait a memory round trip for them before its math (with the conversion in the loader, every one was
+    read there: static sm_90). Every kernel the plan picks by default defers but bf16 W8's one-tile
+    kernels of 4 warps, and no main loop touches local memory that did not before (x_smem with the scale
+    after the mma)."""
+    import static_sass
+
+    name_re = re.compile(r"gemv_(mma|shared_x)_kernelILi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)E(?:Lb(\d)ELb(\d)ELi(\d)ELb(\d))?")
+    seen = deferred = 0
+    for name, body in sass90.items():
+        m = name_re.search(name)
+        if not m:
+            continue
+        seen += 1
+        if m.group(1) == "shared_x":
+            defer, hd, bits, xs, sc = True, int(m.group(2)), int(m.group(3)), False, int(m.group(6))
+        else:
+            hd, bits, mt, rt, w = (int(m.group(k)) for k in range(2, 7))
+            xs, sc = m.group(8) == "1", int(m.group(9))
+            one_tile = mt * rt == 1
+            defer = not xs and not (one_tile and (sc == 2 or (hd == 2 and bits == 8 and w == 4)))
+            if sc == 0 and not xs and not (hd == 2 and bits == 8 and w == 4 and one_tile):
+                assert defer, name
+        loop = _main_loop(static_sass.instructions(body))
+        spills = [t for t in loop if re.match(r"(STL|LDL)", t)]
+        assert not spills or (xs and sc == 1), (name, spills)
+        if not defer:
+            continue
+        deferred += 1
+        for i, text in enumerate(loop):
+            load = re.match(r"(?:@!?P\d )?LDG\.E\.(?:U16|U8) (R\d+),", text)
+            if load:
+                use = _reads_before_next_mma(loop, i, load.group(1))
+                assert use is None, (name, text, use)
+    assert seen >= 190 and deferred >= 150, (seen, deferred)  # 196 and 151 in this build
+
+
 def test_element_wise_kernels_store_16_bytes_at_a_time(sass90):
     """The 8-element chunks of the element-wise kernels (dequantize, fake_quant forward and backward)
     leave as 16-byte stores in every output dtype (sm_90 SASS of this build). A 16-bit output packed
