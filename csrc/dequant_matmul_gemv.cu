@@ -46,6 +46,11 @@
 //   landing area during the previous chunk, then the x_smem pair layout) for all of them: x comes
 //   from L2 once per 16 · warps rows instead of once per 16 · RT, and at M = 16 a warp needs 80
 //   registers instead of 156-179 (3 blocks of 8 warps per SM instead of 1; at M <= 8, 64 and 4).
+// Grouped (dequant_matmul_experts, a mixture of experts' decode): P rows of x, each with its own expert of
+// the weights' `experts` slices of N rows, in one launch of the M = 1 kernel, unsplit; blockIdx.z is the
+// row, and each block reads its expert id from device memory (gemv_kernels.cuh: GR).
+// A step keeps the scale bits and zero points it loads as they are and turns them into the grid in the
+// step that uses them (gemv_kernels.cuh: WStage), so that no step waits for the loads it has just issued.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
 // write fp32 partials that a small kernel sums in split order: results are
 // deterministic. That kernel is the GEMV's programmatic dependent on sm_90
