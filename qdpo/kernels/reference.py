@@ -306,16 +306,20 @@ def dequant_matmul_experts(
     integer ids, the weights ``num_experts`` slices of ``N`` rows each (expert e: rows ``e·N .. (e+1)·N``),
     bias ``(num_experts, N)`` or None → y ``(P, N)`` in ``x.dtype``; an id outside ``[0, num_experts)``
     gives a row of zeros. Each row as :func:`dequant_matmul` computes it on its expert's rows, without
-    reading ids on the host: the chosen experts' codes are gathered on the device and dequantized."""
+    reading ids on the host: row by row, its expert's codes are gathered on the device and dequantized
+    (one expert's ŵ at a time)."""
     n, p = qweight.shape[0] // num_experts, x.shape[0]
     if p == 0:
         return x.new_empty(0, n)
     valid = (experts >= 0) & (experts < num_experts)
     e = torch.where(valid, experts, torch.zeros_like(experts)).long()
-    qw, s, z = (t.view(num_experts, n, -1)[e].reshape(p * n, -1) for t in (qweight, scales, zeros))
-    w_hat = dequantize(qw, s, z, bits, x.dtype).view(p, n, -1)  # [P, N, K]
-    b = None if bias is None else bias[e]  # [P, N]
-    y = torch.cat([dequant_matmul_rows(x[i:i + 1], w_hat[i], None if b is None else b[i]) for i in range(p)])
+    qweight, scales, zeros = (t.view(num_experts, n, -1) for t in (qweight, scales, zeros))
+    rows = []
+    for i in range(p):
+        ei = e[i:i + 1]  # a device tensor: indexing with it gathers, nothing reads it on the host
+        w_hat = dequantize(qweight[ei][0], scales[ei][0], zeros[ei][0], bits, x.dtype)  # [N, K]
+        rows.append(dequant_matmul_rows(x[i:i + 1], w_hat, None if bias is None else bias[ei][0]))
+    y = torch.cat(rows)
     return torch.where(valid[:, None], y, torch.zeros_like(y))
 
 
