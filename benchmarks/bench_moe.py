@@ -3,15 +3,16 @@
 Conditions: one Mixtral-8x7B experts module on a GPU (8 experts, hidden 4096, intermediate 14336,
 top 2), on the CPU a tiny one (hidden 64, intermediate 128); tokens M ∈ {1, 16}, routed at random
 (fixed seed) in bf16. The timed call is the module's forward from routed tokens to their summed
-outputs (routing itself, a small matmul, is outside), run eagerly: above one token the packed path
-syncs once with the host to split tokens by expert, as transformers' own eager experts loop does. GB/s counts the
+outputs (routing itself, a small matmul, is outside), run eagerly: the packed path's per-expert
+launches sync once with the host to split tokens by expert, as transformers' own eager experts loop
+does; its grouped launches (up to 16 tokens) do not. GB/s counts the
 weight bytes of the experts the tokens chose (packed codes + scales + zeros, or bf16).
 
 Impls: ``bf16`` (transformers' module with bf16 weights, its default experts implementation),
 ``packed-<backend>`` (qdpo W4 g128 (g32 on the CPU) packed experts: each chosen expert's rows through
-``dequant_matmul``; one token on a backend with ``dequant_matmul_experts`` (cuda, reference) instead
-runs one grouped launch per product, without a host sync) for the backends available,
-``packed-cuda-per-expert`` (M = 1: the per-expert launches, to compare), and ``dequantize-all`` (the packed codes
+``dequant_matmul``; up to 16 tokens instead run one grouped launch per product, ``dequant_matmul_experts``,
+without a host sync) for the backends available, ``packed-cuda-per-expert`` (the per-expert launches
+with their host sync, to compare), and ``dequantize-all`` (the packed codes
 dequantized for every expert each call, then the module's own forward: what the packed path avoids).
 Each row's ``speedup`` is the bf16 module's time on the same tokens over the row's.
 """
@@ -76,8 +77,6 @@ def test_moe_experts_decode(benchmark, m, impl):
     backend = impl.removeprefix("packed-").removesuffix("-per-expert") if impl.startswith("packed-") else "auto"
     if impl.startswith("packed-") and backend not in backends.available(DEV):
         pytest.skip(f"the {backend} backend is not available here")
-    if impl.endswith("-per-expert") and m != 1:
-        pytest.skip("above one token packed-cuda runs per expert itself")
     per_expert = impl.endswith("-per-expert")
     x, idx, w = _routed(m)
     chosen = int(idx.unique().numel())

@@ -125,10 +125,11 @@ def triton_rows():
                     "b_ptr": "*bf16"}
             sig = {**ptrs, "out_ptr": "*fp32", **ints("M", "N", "K", "G", "K_PER_SPLIT", "stride_xm", "stride_qn",
                    "stride_sn", "stride_om", "stride_os"), **cexp("BITS", "HAS_BIAS", "PARTIAL", "OUT_DTYPE",
-                   "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS", "ids_ptr", "GROUPED")}
+                   "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS", "ids_ptr", "GROUPED", "SEGMENTS",
+                   "CHUNKS")}
             k = _compile(dm._gemv_kernel, sig, dict(BITS=bits, HAS_BIAS=False, PARTIAL=True, OUT_DTYPE=tl.bfloat16,
                          DOT_DTYPE=tl.bfloat16, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, WORDS=words, ids_ptr=None,
-                         GROUPED=False),
+                         GROUPED=False, SEGMENTS=False, CHUNKS=1),
                          [*ptrs, "out_ptr", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_qn"], warps)
             body = loops(instructions(_sass_of(k)))[0]
             name = f"gemv M=1 W{bits} {'words' if words else 'bytes'} {bn}x{bk} {warps} warps"

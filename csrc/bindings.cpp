@@ -261,27 +261,31 @@ void def_kernels(py::module_& m) {
      py::arg("force_x_smem") = 0, py::arg("force_scale_after") = 0, py::arg("force_zero_after") = 0,
      py::arg("force_shared_x") = 0, py::arg("force_row_tiles") = 0);
   m.def("dequant_matmul_experts_plan", [](int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
-                                          int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count) {
+                                          int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
+                                          int64_t seg_rows) {
     qdpo::GemvPlan p{};
     check("dequant_matmul_experts_plan", qdpo::dequant_matmul_experts_plan(pairs, n, k, ng, bits, x_dtype, s_dtype, x,
-                                                                           qweight, stride_qn, sm_count, &p));
+                                                                           qweight, stride_qn, sm_count, &p,
+                                                                           seg_rows));
     return plan_dict(p);
-  }, "The grouped GEMV's plan (as dequant_matmul_plan's; kernel 'fma': it cannot serve these, host only)",
+  }, "The grouped GEMV's plan (as dequant_matmul_plan's; kernel 'fma': it cannot serve these, host only); "
+     "seg_rows > 0: segments of at most that many rows per expert",
      py::arg("pairs"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"),
-     py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"));
+     py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"),
+     py::arg("seg_rows") = 0);
   m.def("dequant_matmul_experts", [](ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts,
                                      int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn,
                                      ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,
-                                     int sm_count, ptr_t stream) {
+                                     int sm_count, ptr_t stream, int64_t seg_rows) {
     check("dequant_matmul_experts", qdpo::dequant_matmul_experts(x, x_dtype, pairs, pair_expert, experts, n, k, ng,
                                                                  bits, qweight, stride_qn, scales, s_dtype, zeros,
-                                                                 bias, b_dtype, y, sm_count, stream));
+                                                                 bias, b_dtype, y, sm_count, stream, seg_rows));
   }, "y[p] = x[p] @ ŵ_{ids[p]}ᵀ (+ bias[ids[p]]) for P pairs of a row of x and an expert, ids (int32) on the "
      "device (see csrc/dequant_matmul_gemv.cu)",
      py::arg("x"), py::arg("x_dtype"), py::arg("pairs"), py::arg("pair_expert"), py::arg("experts"), py::arg("n"),
      py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("qweight"), py::arg("stride_qn"), py::arg("scales"),
      py::arg("s_dtype"), py::arg("zeros"), py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("sm_count"),
-     py::arg("stream"));
+     py::arg("stream"), py::arg("seg_rows") = 0);
 }
 
 }  // namespace

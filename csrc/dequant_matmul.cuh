@@ -32,20 +32,22 @@ struct GemvArgs {
   int steps;            // mma: ceil(K / 128)
   int steps_per_split;  // mma: 128-code steps per K range
   int full_steps;       // mma: steps whose 128 codes all lie inside K (floor(K / 128))
-  const int32_t* pair_expert = nullptr;  // grouped (dequant_matmul_experts): (P,) expert of each x row
+  const int32_t* pair_expert = nullptr;  // grouped (dequant_matmul_experts): (P,) expert of each x row, or
+                                         // (experts + 1,) offsets of each expert's rows (segments)
   int experts = 0;                       // grouped: experts in qweight (N rows each)
+  int chunks = 1;                        // grouped segments: blocks along z per expert
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);
 
 // The mma kernel of a plan, one function per x dtype and bit width, each in a translation unit of its
 // own (dequant_matmul_gemv_{f16,bf16}_w{4,8}.cu, from gemv_kernels.cuh); `grouped`: its grouped
-// instance (dequant_matmul_experts).
+// instance (dequant_matmul_experts: 1 pairs, 2 segments; gemv_kernels.cuh: GroupedMode).
 using GemvKernelFn = void (*)(GemvArgs);
-GemvKernelFn gemv_kernel_f16_w4(const GemvPlan& p, bool grouped = false);
-GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p, bool grouped = false);
-GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p, bool grouped = false);
-GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p, bool grouped = false);
+GemvKernelFn gemv_kernel_f16_w4(const GemvPlan& p, int grouped = 0);
+GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p, int grouped = 0);
+GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p, int grouped = 0);
+GemvKernelFn gemv_kernel_bf16_w8(const GemvPlan& p, int grouped = 0);
 int launch_splitk_reduce(const GemvArgs& a, cudaStream_t stream);
 
 }  // namespace qdpo

@@ -47,8 +47,10 @@
 //   from L2 once per 16 · warps rows instead of once per 16 · RT, and at M = 16 a warp needs 80
 //   registers instead of 156-179 (3 blocks of 8 warps per SM instead of 1; at M <= 8, 64 and 4).
 // Grouped (dequant_matmul_experts, a mixture of experts' decode): P rows of x, each with its own expert of
-// the weights' `experts` slices of N rows, in one launch of the M = 1 kernel, unsplit; blockIdx.z is the
-// row, and each block reads its expert id from device memory (gemv_kernels.cuh: GR).
+// the weights' `experts` slices of N rows, in one launch, unsplit (gemv_kernels.cuh: GR). Pairs: the
+// M = 1 kernel, blockIdx.z the row, each block reading its expert id from device memory. Segments
+// (rows sorted by expert, seg_rows > 0 at most per expert): blockIdx.z an expert (and chunk of 8 or 16
+// of its rows), the kernel of the M = seg_rows tile, each expert's weights read once.
 // A step keeps the scale bits and zero points it loads as they are and turns them into the grid in the
 // step that uses them (gemv_kernels.cuh: WStage), so that no step waits for the loads it has just issued.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
@@ -77,7 +79,7 @@
 namespace qdpo {
 namespace {
 
-GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p, bool grouped = false) {
+GemvKernelFn mma_kernel(int x_dtype, int bits, const GemvPlan& p, int grouped = 0) {
   if (x_dtype == kF16) return bits == 4 ? gemv_kernel_f16_w4(p, grouped) : gemv_kernel_f16_w8(p, grouped);
   return bits == 4 ? gemv_kernel_bf16_w4(p, grouped) : gemv_kernel_bf16_w8(p, grouped);
 }
@@ -303,11 +305,12 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
 
 int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
                                 int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
-                                GemvPlan* plan) {
-  QDPO_REQUIRE(pairs >= 0 && pairs <= kMaxGroupedPairs, kErrShape);
+                                GemvPlan* plan, int64_t seg_rows) {
+  QDPO_REQUIRE(pairs >= 0 && pairs <= kMaxGroupedPairs && seg_rows >= 0, kErrShape);
   GemvForce force{};
   force.splits = 1;
-  if (int e = plan_gemv(1, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force, false)) {
+  const int64_t m = std::clamp<int64_t>(seg_rows, 1, kGemvMaxM);  // segments: the tile of the most rows
+  if (int e = plan_gemv(m, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count, plan, force, false)) {
     return e;
   }
   if (plan->kernel == kGemvMma && plan->rt == 1) {  // the M = 1 block-size rule, on the blocks of all pairs
@@ -321,13 +324,16 @@ int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng,
 
 int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts, int64_t n,
                            int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn, ptr_t scales,
-                           int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count, ptr_t stream) {
+                           int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count, ptr_t stream,
+                           int64_t seg_rows) {
   QDPO_REQUIRE(experts >= 1, kErrShape);
   GemvPlan p;
   if (int e = dequant_matmul_experts_plan(pairs, n, k, ng, bits, x_dtype, s_dtype, x, qweight, stride_qn, sm_count,
-                                          &p)) {
+                                          &p, seg_rows)) {
     return e;
   }
+  const int64_t chunks = seg_rows ? cdiv(seg_rows, 8 * p.mt) : 1;
+  QDPO_REQUIRE(experts * chunks <= kMaxGroupedPairs, kErrShape);
   QDPO_REQUIRE(p.kernel == kGemvMma, kErrShape);  // the wrapper asks dequant_matmul_experts_plan first
   QDPO_REQUIRE(experts * n * stride_qn < kInt32Limit && experts * n * ng < kInt32Limit && pairs * k < kInt32Limit &&
                    pairs * n < kInt32Limit, kErrTooLarge);
@@ -340,8 +346,11 @@ int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_exper
                          0, 1);
   a.pair_expert = reinterpret_cast<const int32_t*>(pair_expert);
   a.experts = static_cast<int>(experts);
-  const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1, static_cast<unsigned>(pairs));
-  QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream), mma_kernel(x_dtype, bits, p, true))(a);
+  a.chunks = static_cast<int>(chunks);
+  const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1,
+                  static_cast<unsigned>(seg_rows ? experts * chunks : pairs));
+  QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream),
+              mma_kernel(x_dtype, bits, p, seg_rows ? 2 : 1))(a);
   return launch_status();
 }
 

@@ -4,6 +4,6 @@
 
 namespace qdpo {
 
-GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p, bool grouped) { return pick_kernel<kBF16, 4>(p, grouped); }
+GemvKernelFn gemv_kernel_bf16_w4(const GemvPlan& p, int grouped) { return pick_kernel<kBF16, 4>(p, grouped); }
 
 }  // namespace qdpo

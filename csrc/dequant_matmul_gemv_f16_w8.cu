@@ -4,6 +4,6 @@
 
 namespace qdpo {
 
-GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p, bool grouped) { return pick_kernel<kF16, 8>(p, grouped); }
+GemvKernelFn gemv_kernel_f16_w8(const GemvPlan& p, int grouped) { return pick_kernel<kF16, 8>(p, grouped); }
 
 }  // namespace qdpo

@@ -339,19 +339,33 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
 // serves 5-7, W = 4 serves 1-3, and sets the register budget and the reduction buffer); a count known
 // only at run time costs the main loop up to 31 instructions per two steps (static sm_90), so 8 and 4
 // keep kernels of their own. XS: x in shared memory; SC: where the grid applies (ScaleMode).
-// GR (grouped, dequant_matmul_experts): blockIdx.z is a pair of one row of x and one expert; the block
-// multiplies x row z by its rows of that expert's N-row slice of the weights (a.pair_expert[z]) into y
-// row z, adding row e of the (experts, N) bias if there is one. An id outside [0, a.experts) (an
-// expert-parallel sentinel) gives that row of y zeros. One x row per pair (a.m = 1), no split.
-template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC, bool GR = false>
+// GR (grouped, dequant_matmul_experts; no split, x in registers), the weights `a.experts` slices of
+// a.n rows and the bias (if any) one row per expert:
+// - kPairs: blockIdx.z is a pair of one row of x and one expert; the block multiplies x row z by its
+//   rows of that expert's slice (a.pair_expert[z]) into y row z, adding the expert's bias row. An id
+//   outside [0, a.experts) (an expert-parallel sentinel) gives that row of y zeros. a.m = 1.
+// - kSegments: x's rows come sorted by expert, expert e's at a.pair_expert[e] .. a.pair_expert[e + 1]
+//   (a.experts + 1 offsets); blockIdx.z = e · a.chunks + c takes chunk c of them, up to 8 · MT rows
+//   (a.m: this block's count), into the same rows of y; a block without rows exits at once.
+enum GroupedMode : int { kNotGrouped = 0, kPairs = 1, kSegments = 2 };
+template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC, int GR = kNotGrouped>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
-  static_assert(!GR || (MT == 1 && !XS), "a grouped launch takes one x row per pair, in registers");
+  static_assert(!GR || !XS, "a grouped launch keeps x in registers");
+  static_assert(GR != kPairs || MT == 1, "a pair is one row of x");
   pdl_trigger();  // split-K: the reduction's launch need not wait for this grid to finish (it waits itself)
   const BlockWork b = block_work<RT, W, FLEX>(a);
-  OutRow out;  // GR: the pair's row of y, its expert's row of bias
+  OutRow out;  // GR: the block's first row of y, its expert's row of bias
   int row_base = 0;  // GR: its expert's first weight row
-  if constexpr (GR) {
+  if constexpr (GR == kSegments) {
+    const int z = static_cast<int>(blockIdx.z), e = z / a.chunks;
+    const int lo = a.pair_expert[e] + 8 * MT * (z - e * a.chunks);
+    a.m = min(a.pair_expert[e + 1] - lo, 8 * MT);
+    if (a.m <= 0) return;  // the same for the whole block
+    row_base = e * a.n;
+    out = {lo, row_base};
+  }
+  if constexpr (GR == kPairs) {
     const int pair = static_cast<int>(blockIdx.z), e = a.pair_expert[pair];
     if (e < 0 || e >= a.experts) {  // the same for the whole block
       for (int i = static_cast<int>(threadIdx.x); i < 16 * RT && b.n0 + i < a.n; i += static_cast<int>(blockDim.x)) {
@@ -569,22 +583,26 @@ GemvKernelFn pick_shared_x(const GemvPlan& p) {
   return p.warps == 4 ? gemv_shared_x_kernel<HD, BITS, 2, 4, SC> : gemv_shared_x_kernel<HD, BITS, 2, 8, SC>;
 }
 
-// A grouped launch's kernel (dequant_matmul_experts): the plan's M = 1 launch with x in registers and the
-// grid in ŵ (the plan's defaults), one tile or two per warp, blocks of 8 or 4 warps.
-template <int HD, int BITS>
-GemvKernelFn pick_grouped(const GemvPlan& p) {
-  constexpr int SC = gemv::kScaleInW;
-  if (p.rt == 2) {
-    return p.warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 2, 4, false, false, SC, true>
-                        : gemv_mma_kernel<HD, BITS, 1, 2, 8, false, false, SC, true>;
-  }
-  return p.warps == 4 ? gemv_mma_kernel<HD, BITS, 1, 1, 4, false, false, SC, true>
-                      : gemv_mma_kernel<HD, BITS, 1, 1, 8, false, false, SC, true>;
+// A grouped launch's kernel (dequant_matmul_experts): the plan's launch with x in registers and the grid
+// in ŵ (the plan's defaults), its tile, blocks of 8 or 4 warps.
+template <int HD, int BITS, int MT, int RT, int GR>
+GemvKernelFn pick_grouped_warps(const GemvPlan& p) {
+  return p.warps == 4 ? gemv_mma_kernel<HD, BITS, MT, RT, 4, false, false, gemv::kScaleInW, GR>
+                      : gemv_mma_kernel<HD, BITS, MT, RT, 8, false, false, gemv::kScaleInW, GR>;
 }
 
 template <int HD, int BITS>
-GemvKernelFn pick_kernel(const GemvPlan& p, bool grouped) {
-  if (grouped) return pick_grouped<HD, BITS>(p);
+GemvKernelFn pick_grouped(const GemvPlan& p, int grouped) {
+  if (grouped == kPairs) {
+    return p.rt == 2 ? pick_grouped_warps<HD, BITS, 1, 2, kPairs>(p) : pick_grouped_warps<HD, BITS, 1, 1, kPairs>(p);
+  }
+  if (p.mt == 2) return pick_grouped_warps<HD, BITS, 2, 2, kSegments>(p);
+  return p.rt == 2 ? pick_grouped_warps<HD, BITS, 1, 2, kSegments>(p) : pick_grouped_warps<HD, BITS, 1, 1, kSegments>(p);
+}
+
+template <int HD, int BITS>
+GemvKernelFn pick_kernel(const GemvPlan& p, int grouped) {
+  if (grouped) return pick_grouped<HD, BITS>(p, grouped);
   if (p.shared_x) {
     if constexpr (BITS == 4 && HD == kBF16) {
       if (p.zero_after) return pick_shared_x<HD, 4, gemv::kZeroAfter>(p);

@@ -98,13 +98,16 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
 // kGemvMma); else kErrShape. The plan: the M = 1 plan unsplit, its block size chosen by the blocks of all
 // pairs (gemv_auto_warps).
 constexpr int64_t kMaxGroupedPairs = 65535;  // the grid's z axis
+// seg_rows > 0: segments instead of pairs. x's rows are sorted by expert, `pair_expert` holds experts + 1
+// int32 offsets (expert e's rows: offsets[e] .. offsets[e + 1], at most seg_rows of them; rows past
+// offsets[experts] are left unwritten), and each expert's weights are read once for all its rows.
 int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
                                 int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
-                                GemvPlan* plan);
+                                GemvPlan* plan, int64_t seg_rows = 0);
 int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts, int64_t n,
                            int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn, ptr_t scales,
                            int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y, int sm_count,
-                           ptr_t stream);
+                           ptr_t stream, int64_t seg_rows = 0);
 
 // dequant_matmul_gemm.cu — y = x @ ŵᵀ (+ bias) for any M on tensor cores (prefill). Serves fp16/bf16
 // x with scales in x.dtype, K % 64 == 0, G % 32 == 0 and 16-byte aligned x, qweight and its rows

@@ -183,6 +183,11 @@ def test_gemv_experts_gives_each_row_its_experts_gemv(emulated, order, bits, gs,
     gpu.test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype, k)
 
 
+@pytest.mark.parametrize("bits,gs,xdtype,k,max_rows", gpu.SEGMENT_CASES)
+def test_gemv_experts_takes_each_experts_rows_together(emulated, order, bits, gs, xdtype, k, max_rows):
+    gpu.test_dequant_matmul_experts_takes_each_experts_rows_together(bits, gs, xdtype, k, max_rows)
+
+
 @pytest.mark.parametrize("case", gpu.RANDOM_CASES)
 def test_gemv_random_shapes_every_choice(emulated, order, case):
     gpu.test_dequant_matmul_random_shapes_every_choice(case)
@@ -502,15 +507,18 @@ def test_gemv_reads_each_weight_byte_once_and_x_once_per_block(emulated, E, bits
             tile = 16 * plan["rt"]  # a warp's rows (shared_x: 16; a whole warp past N loads nothing)
             assert w_bytes == -(-n // tile) * tile * k * bits // 8, what
             assert x_bytes == -(-n // plan["block_rows"]) * m * k * 2, what
-    # the grouped launch: each pair's expert rows once, its x row once per block; an id past the experts, nothing
+    # the grouped launch: pairs read each pair's expert rows once, segments each chosen expert's rows once;
+    # each x row once per block column; an id past the experts, nothing
     qe = _weight(3 * n, k, bits, gs, wdtype=torch.bfloat16, seed=bits)
     x = _rand(4, k, dtype=torch.bfloat16, seed=4)
-    plan = cuda.gemv_plan(x[:1], *_args(qe)[:2], bits, splits=1)
-    E.emulate_take_load_bytes()
-    cuda.dequant_matmul_experts(x, torch.tensor([2, 0, 2, 9]), *_args(qe)[:3], bits, 3)
-    x_bytes, w_bytes, _ = E.emulate_take_load_bytes()
-    assert w_bytes == 3 * -(-n // (16 * plan["rt"])) * 16 * plan["rt"] * k * bits // 8
-    assert x_bytes == 3 * -(-n // plan["block_rows"]) * k * 2
+    for max_rows, experts_read in ((1, 3), (2, 2)):
+        plan = cuda.experts_plan(x, qe.qweight, qe.scales, bits, 3, max_rows)
+        E.emulate_take_load_bytes()
+        cuda.dequant_matmul_experts(x, torch.tensor([2, 0, 2, 9]), *_args(qe)[:3], bits, 3, None, max_rows)
+        x_bytes, w_bytes, _ = E.emulate_take_load_bytes()
+        tile = 16 * plan["rt"]
+        assert w_bytes == experts_read * -(-n // tile) * tile * k * bits // 8, max_rows
+        assert x_bytes == 3 * -(-n // plan["block_rows"]) * k * 2, max_rows
 
 
 def test_gemm_copies_each_tile_once_per_block(emulated, E):
@@ -571,18 +579,19 @@ def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch
 
     model = test_experts.tiny_moe(arch).to(torch.bfloat16)
     qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
-    ids = test_experts.IDS[:1, :1]
-    with torch.no_grad(), monkeypatch.context() as mp:
-        mp.setattr(experts, "ROUTED_DECODE", False)
-        want = model(ids).logits.float()  # auto on CPU tensors: the reference
     launches, grouped = [], backends._IMPLS["cuda"]["dequant_matmul_experts"]
     monkeypatch.setitem(backends._IMPLS["cuda"], "dequant_matmul_experts",
                         lambda *a: launches.append(a[0].shape) or grouped(*a))
-    monkeypatch.setenv("QDPO_BACKEND", "cuda")
-    with torch.no_grad():
-        got = model(ids).logits.float()
-    assert len(launches) == 2 * model.config.num_hidden_layers
-    assert sqnr(want, got) > 35
+    for ids in (test_experts.IDS[:1, :1], test_experts.IDS[:, :1]):  # one token (pairs), two (segments)
+        with torch.no_grad(), monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = model(ids).logits.float()  # auto on CPU tensors: the reference
+        launches.clear()
+        with torch.no_grad(), monkeypatch.context() as mp:
+            mp.setenv("QDPO_BACKEND", "cuda")
+            got = model(ids).logits.float()
+        assert len(launches) == 2 * model.config.num_hidden_layers
+        assert sqnr(want, got) > 35
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1)])

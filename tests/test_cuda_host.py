@@ -707,6 +707,11 @@ def test_experts_plan_is_the_one_row_plan_unsplit(C):
     assert plan(pairs=65535)["kernel"] == "mma" and plan(pairs=0)["kernel"] == "mma"
     with pytest.raises(ValueError, match="shape"):
         plan(pairs=65536)
+    # segments (rows sorted by expert, at most seg_rows per expert): the plan of that M, unsplit
+    for seg, tile in ((2, (1, 1)), (5, (1, 2)), (12, (2, 2)), (40, (2, 2))):
+        got = C.dequant_matmul_experts_plan(64, 128, 4096, 32, 4, CODES[torch.bfloat16], CODES[torch.bfloat16],
+                                            1 << 20, 1 << 24, 2048, 132, seg_rows=seg)
+        assert (got["mt"], got["rt"], got["splits"]) == (*tile, 1), seg
 
 
 def test_plan_splits_k_only_when_rows_fill_a_quarter_of_the_sms(C):
@@ -1095,7 +1100,7 @@ def test_gemv_steps_do_not_wait_for_the_grid_they_just_loaded(sass90):
     after the mma)."""
     import static_sass
 
-    name_re = re.compile(r"gemv_(mma|shared_x)_kernelILi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)E(?:Lb(\d)ELb(\d)ELi(\d)ELb(\d))?")
+    name_re = re.compile(r"gemv_(mma|shared_x)_kernelILi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)E(?:Lb(\d)ELb(\d)ELi(\d)EL[bi](\d))?")
     seen = deferred = 0
     for name, body in sass90.items():
         m = name_re.search(name)

@@ -252,7 +252,7 @@ EXPERTS_CASES = [(4, 128, torch.bfloat16, 1024), (8, -1, torch.float16, 2080), (
 
 @pytest.mark.parametrize("bits,gs,xdtype,k", EXPERTS_CASES)
 def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype, k):
-    """One grouped launch over (row of x, expert) pairs (dequant_matmul_experts) gives each row bit for
+    """One grouped launch over (row of x, expert) pairs (dequant_matmul_experts, max_rows 1) gives each row bit for
     bit what the M = 1 GEMV gives on its expert's rows of the weights with its expert's bias row (unsplit,
     as the grouped launch runs): the same kernel code, reading its expert from the ids on the device.
     Repeated experts, 40 rows per expert (a partial last block), K with a partial last step (K = 2080);
@@ -266,10 +266,11 @@ def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype
     bias = _rand(e, n, dtype=xdtype, seed=5)
     ids = [2, 0, 2, 5, -1, 1, 2**40]
     x = _rand(len(ids), k, dtype=xdtype, seed=7)
-    plan = cuda.experts_plan(x, q, s.to(xdtype), bits, e)  # the block size: by the blocks of all pairs
+    plan = cuda.experts_plan(x, q, s.to(xdtype), bits, e, 1)  # the block size: by the blocks of all pairs
     assert plan["kernel"] == "mma" and plan["splits"] == 1 and plan["rt"] == 1 and plan["warps"] in (4, 8)
+    assert plan["segment_rows"] == 0
     ids32 = [min(i, 2**31 - 1) for i in ids]
-    ys = [OPS.dequant_matmul_experts(x, torch.tensor(i, dtype=d, device=DEV), q, s, z, bits, e, b, B)
+    ys = [OPS.dequant_matmul_experts(x, torch.tensor(i, dtype=d, device=DEV), q, s, z, bits, e, b, 1, backend=B)
           for i, d in ((ids, torch.int64), (ids32, torch.int32)) for b in (bias, None)]
     for p, eid in enumerate(ids):
         if not 0 <= eid < e:
@@ -280,13 +281,55 @@ def test_dequant_matmul_experts_gives_each_row_its_experts_gemv(bits, gs, xdtype
             want = cuda.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, b, splits=1, warps=plan["warps"])
             assert torch.equal(y[p:p + 1], want), (p, eid, b is None)
     assert torch.equal(ys[0], ys[2]) and torch.equal(ys[1], ys[3])  # int32 ids
-    empty = OPS.dequant_matmul_experts(x[:0], torch.zeros(0, dtype=torch.int64, device=DEV), q, s, z, bits, e, None, B)
+    empty = OPS.dequant_matmul_experts(x[:0], torch.zeros(0, dtype=torch.int64, device=DEV), q, s, z, bits, e, None, backend=B)
     assert empty.shape == (0, n) and empty.dtype == xdtype
     ids_t = torch.tensor(ids[:4], device=DEV)
     with pytest.raises(RuntimeError, match="fp16 and bf16"):
-        OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, B)
+        OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, backend=B)
     assert torch.equal(OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e),
-                       OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, "reference"))
+                       OPS.dequant_matmul_experts(x[:4].float(), ids_t, q, s, z, bits, e, None, backend="reference"))
+
+
+SEGMENT_CASES = [(4, 128, torch.bfloat16, 1024, 2), (8, -1, torch.float16, 2080, 6), (4, 32, torch.bfloat16, 2080, 0)]
+
+
+@pytest.mark.parametrize("bits,gs,xdtype,k,max_rows", SEGMENT_CASES)
+def test_dequant_matmul_experts_takes_each_experts_rows_together(bits, gs, xdtype, k, max_rows):
+    """Several rows per expert (max_rows > 1, or 0 with more than one row): the rows are sorted by expert
+    on the device and one block takes all of an expert's rows of a tile (segments), so each chosen
+    expert's weights are read once. Each expert's rows come out bit for bit as the GEMV of just those
+    rows on its slice of the weights (unsplit, the grouped plan's block size), in their own places of y;
+    rows past the experts give zeros; an expert with 20 rows (max_rows 0: up to all 26) takes two
+    chunks of 16."""
+    from qdpo.kernels import cuda
+
+    e, n = 4, 40
+    qw = _weight(e * n, k, bits, gs, wdtype=xdtype, seed=bits + 3)
+    q, s, z, _ = _args(qw)
+    bias = _rand(e, n, dtype=xdtype, seed=6)
+    g = torch.Generator().manual_seed(k + max_rows)
+    if max_rows:  # tokens that each pick distinct experts: at most max_rows rows per expert
+        ids = torch.cat([torch.randperm(e, generator=g)[:2] for _ in range(max_rows)])
+        ids[3] = e + 5
+    else:
+        ids = torch.cat([torch.full((20,), 1), torch.tensor([3, 0, 3, -1, 7, 0])])[torch.randperm(26, generator=g)]
+    x = _rand(len(ids), k, dtype=xdtype, seed=8)
+    plan = cuda.experts_plan(x, q, s.to(xdtype), bits, e, max_rows)
+    assert plan["segment_rows"] == (max_rows or len(ids)) and plan["kernel"] == "mma" and plan["splits"] == 1
+    y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend=B)
+    for eid in range(-1, e + 6):
+        sel = (ids == eid).nonzero()[:, 0].to(DEV)
+        if not len(sel):
+            continue
+        if not 0 <= eid < e:
+            assert torch.equal(y[sel], torch.zeros_like(y[sel])), eid
+            continue
+        rows = slice(eid * n, (eid + 1) * n)
+        for lo in range(0, len(sel), 16):  # the chunks of 16 rows an expert's blocks take
+            part = sel[lo:lo + 16]
+            want = cuda.dequant_matmul(x[part], q[rows], s[rows], z[rows], bits, bias[eid], splits=1,
+                                       warps=plan["warps"])
+            assert torch.equal(y[part], want), (eid, lo)
 
 
 RANDOM_CASES = range(16)

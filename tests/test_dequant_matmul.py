@@ -266,7 +266,7 @@ def test_autograd_from_sum_and_large_m():
 # --------------------------------------------------------------------------- grouped (experts)
 @pytest.mark.parametrize("bits,gs,xdtype", [(4, 32, torch.bfloat16), (8, -1, torch.float32), (4, -1, torch.float16)])
 def test_experts_rows_are_each_experts_one_row_gemv(bits, gs, xdtype):
-    """dequant_matmul_experts on the triton backend: each row of x bit for bit the M = 1 GEMV (one split,
+    """dequant_matmul_experts on the triton backend, max_rows 1: each row of x bit for bit the M = 1 GEMV (one split,
     as the grouped launch runs) on its expert's rows of the weights with its bias row, and within the
     2×-of-PyTorch rule of the reference; ids outside the experts (either sign) give zero rows; 20 rows
     per expert (a partial block), K = 96 (a partial K tile, and odd words for W4 with G = K)."""
@@ -278,7 +278,7 @@ def test_experts_rows_are_each_experts_one_row_gemv(bits, gs, xdtype):
     bias = _rand(e, n, dtype=xdtype, seed=4)
     ids = [2, 0, 2, 3, -1, 1]
     x = _rand(len(ids), k, dtype=xdtype, seed=5)
-    y = OPS.dequant_matmul_experts(x, torch.tensor(ids, device=DEV), q, s, z, bits, e, bias, "triton")
+    y = OPS.dequant_matmul_experts(x, torch.tensor(ids, device=DEV), q, s, z, bits, e, bias, 1, backend="triton")
     for p, eid in enumerate(ids):
         if not 0 <= eid < e:
             assert torch.equal(y[p], torch.zeros_like(y[p]))
@@ -286,12 +286,50 @@ def test_experts_rows_are_each_experts_one_row_gemv(bits, gs, xdtype):
         rows = slice(eid * n, (eid + 1) * n)
         w = dmg.Packed.of(q[rows], s[rows], z[rows], bits)
         one = torch.empty(1, n, dtype=xdtype, device=DEV)
-        cfg = dmg._BEST[("gemv", dmg.tuning_key(x, w, 1))] if x.is_cuda else dm.GEMV_CPU  # the grouped launch's
+        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, 1))] if x.is_cuda else dm.GEMV_CPU  # the grouped launch's
         dm._launch_gemv(x[p:p + 1], w, bias[eid], one, cfg._replace(split_k=1))
         assert torch.equal(y[p:p + 1], one), (p, eid)
         want = ref.dequant_matmul(x[p:p + 1].double(), q[rows], s[rows], z[rows], bits, bias[eid].double())
         lo = ref.dequant_matmul(x[p:p + 1], q[rows], s[rows], z[rows], bits, bias[eid])
         assert_close_2x(y[p:p + 1], want, lo, floor=fp32_sum_floor(k), what=f"row {p}")
+
+
+@pytest.mark.parametrize("bits,gs,xdtype,max_rows", [(4, 32, torch.bfloat16, 3), (8, -1, torch.float32, 0)])
+def test_experts_rows_of_one_expert_run_together(bits, gs, xdtype, max_rows):
+    """With several rows per expert the triton backend sorts the rows by expert on the device and one
+    program takes up to 16 of an expert's rows (the tl.dot path), so each chosen expert's weights are
+    read once: an expert's rows bit for bit the unsplit GEMV of just those rows on its slice where it
+    has several (one row alone takes the M = 1 path there), every row within the 2×-of-PyTorch rule;
+    ids outside the experts give zeros; 18 rows of one expert take two chunks."""
+    e, n, k = 3, 20, 96
+    qw = _weight(e * n, k, bits, gs, seed=bits + 1)
+    q, s, z, _ = _args(qw)
+    if xdtype != torch.float32:
+        s = s.to(xdtype)
+    bias = _rand(e, n, dtype=xdtype, seed=4)
+    g = torch.Generator().manual_seed(9)
+    ids = (torch.cat([torch.randperm(e, generator=g)[:2] for _ in range(max_rows)]) if max_rows else
+           torch.cat([torch.full((18,), 1), torch.tensor([0, 2, 2, -4, 5])])[torch.randperm(23, generator=g)])
+    x = _rand(len(ids), k, dtype=xdtype, seed=6)
+    y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
+    for eid in set(ids.tolist()):
+        sel = (ids == eid).nonzero()[:, 0].to(DEV)
+        if not 0 <= eid < e:
+            assert torch.equal(y[sel], torch.zeros_like(y[sel]))
+            continue
+        rows = slice(eid * n, (eid + 1) * n)
+        w = dmg.Packed.of(q[rows], s[rows], z[rows], bits)
+        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, min(max_rows or len(ids), len(ids))))] \
+            if x.is_cuda else dm.GEMV_CPU
+        for lo in range(0, len(sel), 16):
+            part = sel[lo:lo + 16]
+            if len(part) > 1:
+                one = torch.empty(len(part), n, dtype=xdtype, device=DEV)
+                dm._launch_gemv(x[part], w, bias[eid], one, cfg._replace(split_k=1))
+                assert torch.equal(y[part], one), (eid, lo)
+            want = ref.dequant_matmul(x[part].double(), q[rows], s[rows], z[rows], bits, bias[eid].double())
+            lo_ref = ref.dequant_matmul(x[part], q[rows], s[rows], z[rows], bits, bias[eid])
+            assert_close_2x(y[part], want, lo_ref, floor=fp32_sum_floor(k), what=f"expert {eid}")
 
 
 # --------------------------------------------------------------------------- registration, errors

@@ -597,9 +597,9 @@ def test_packed_experts_read_only_the_chosen_experts(arch, monkeypatch):
         calls.clear()
         routed, real_routed = [], QuantExpertTensor.matmul_routed
 
-        def matmul_routed(self, x, experts, bias=None):
+        def matmul_routed(self, x, experts, bias=None, max_rows=0):
             routed.append((id(self), x.shape[0]))
-            return real_routed(self, x, experts, bias)
+            return real_routed(self, x, experts, bias, max_rows)
 
         monkeypatch.setattr(QuantExpertTensor, "matmul_routed", matmul_routed)
         with torch.no_grad():  # one decode step: one grouped launch per product and layer, over the k experts
@@ -615,11 +615,12 @@ def _experts_modules(model) -> list[nn.Module]:
 
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])
 def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
-    """One token (decode) through a packed experts module: one grouped launch per product over its k
-    (token, expert) pairs, the expert ids never read on the host (the module runs with Tensor.item,
-    tolist, __bool__ and __int__ refused, where the per-expert loop must read them), and bit for bit the
-    per-expert loop's output: the same products and fp32 sums in the same order. An expert-parallel
-    sentinel id (past the experts) adds nothing in either. Several tokens keep the loop."""
+    """A decode step through a packed experts module: one grouped launch per product over its (token,
+    expert) pairs, the expert ids never read on the host (the module runs with Tensor.item, tolist,
+    __bool__ and __int__ refused, where the per-expert loop must read them). One token: bit for bit the
+    per-expert loop's output, the same products and fp32 sums in the same order; three tokens: the same
+    within fp32 rounding (the loop multiplies each expert's rows together). An expert-parallel sentinel
+    id (past the experts) adds nothing in either. Seventeen tokens (prefill) keep the loop."""
     import qdpo.quant.experts as experts
 
     model = tiny_moe(arch)
@@ -636,7 +637,8 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
             want = [m(x, idx, w) for idx, w in cases]
         launches = []
         real = experts.ops.dequant_matmul_experts
-        monkeypatch.setattr(experts.ops, "dequant_matmul_experts", lambda *a: launches.append(a[0].shape) or real(*a))
+        monkeypatch.setattr(experts.ops, "dequant_matmul_experts",
+                            lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
         with monkeypatch.context() as mp:
             for name in ("item", "tolist", "__bool__", "__int__"):
                 mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
@@ -644,9 +646,20 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
         assert launches == [(k, w) for k in (2, 2, 3) for w in (x.shape[1], m.qdpo_down_proj.in_features)]
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
+        three = torch.randn(3, x.shape[1], generator=g)
+        idx, w = torch.tensor([[3, 1], [0, 3], [3, e]]), torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+        with monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = m(three, idx, w)
         launches.clear()
-        two = torch.randn(2, x.shape[1], generator=g)
-        m(two, torch.tensor([[3, 1], [0, 3]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]]))
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "__bool__", "__int__"):
+                mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
+            got = m(three, idx, w)
+        assert len(launches) == 2 and launches[0][0] == 6
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        launches.clear()
+        m(torch.randn(17, x.shape[1], generator=g), torch.randint(0, e, (17, 2), generator=g), torch.ones(17, 2) / 2)
         assert not launches
 
 

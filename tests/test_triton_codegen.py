@@ -47,10 +47,10 @@ SCRIPT = textwrap.dedent('''
             sig = {**ptrs, "qw_ptr": "*i32" if words else "*u8", "out_ptr": "*bf16", **ints("M", "N", "K", "G",
                    "K_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn", "stride_om", "stride_os"), **cexp("BITS",
                    "HAS_BIAS", "PARTIAL", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS", "ids_ptr",
-                   "GROUPED")}
+                   "GROUPED", "SEGMENTS", "CHUNKS")}
             out[f"gemv W{bits} M<={bm}" + (" words" if words else "")] = ptx(dm._gemv_kernel, sig, dict(BITS=bits,
                 HAS_BIAS=False, PARTIAL=False, OUT_DTYPE=tl.bfloat16, DOT_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=64,
-                BLOCK_K=128, WORDS=words, ids_ptr=None, GROUPED=False),
+                BLOCK_K=128, WORDS=words, ids_ptr=None, GROUPED=False, SEGMENTS=False, CHUNKS=1),
                 [*ptrs, "out_ptr", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_qn"])
         sig = {**ptrs, "y_ptr": "*bf16", **ints("M", "N", "K", "G", "stride_xm", "stride_qn", "stride_sn", "stride_ym"),
                **cexp("BITS", "HAS_BIAS", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}

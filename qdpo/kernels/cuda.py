@@ -18,7 +18,8 @@ op                          kernel                      served
 ``dequant_matmul``          ``csrc/dequant_matmul_*.cu``  M <= 16 rows of x (decode GEMV); more rows:
                                                         ``dequantize`` once, then cuBLAS
 ``dequant_matmul_experts``  ``csrc/dequant_matmul_*.cu``  fp16/bf16 x: one GEMV launch over (row, expert)
-                                                        pairs, the expert ids read on the device
+                                                        pairs, or over each expert's rows sorted on the
+                                                        device; the expert ids never read on the host
 ``dequant_matmul_dx``       ``dequantize`` + cuBLAS     every shape
 ``fake_quant_matmul``       ``fake_quant`` + cuBLAS     every shape; backward: cuBLAS for dx and
 (+backward)                                             dŵ (fp32), ``fake_quant_backward`` for the STE
@@ -410,21 +411,30 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
     return y.reshape(*x.shape[:-1], n)
 
 
-def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, num_experts: int) -> dict:
+def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, num_experts: int,
+                 max_rows: int = 0) -> dict:
     """The grouped GEMV's plan for :func:`dequant_matmul_experts` (as :func:`gemv_plan`'s; scales in
-    x.dtype): the M = 1 plan unsplit, its warps per block chosen by the blocks of all rows of x."""
+    x.dtype), unsplit, with ``segment_rows``: 0 where each row of x runs as its own pair (the M = 1 plan,
+    its warps per block chosen by the blocks of all rows), else the most rows one expert's block takes
+    (x sorted by expert; the plan of that M, each expert's weights read once)."""
     n, k = qweight.shape[0] // num_experts, qweight.shape[1] * 8 // bits
-    return _C.dequant_matmul_experts_plan(x.shape[0], n, k, scales.shape[1], bits, _code(x.dtype, "x"),
+    p = x.shape[0]
+    seg = 0 if (max_rows or p) <= 1 else min(max_rows or p, p)
+    plan = _C.dequant_matmul_experts_plan(p, n, k, scales.shape[1], bits, _code(x.dtype, "x"),
                                           _code(scales.dtype, "scales"), x.data_ptr(), qweight.data_ptr(),
-                                          qweight.stride(0), _sm_count(x.device.index))
+                                          qweight.stride(0), _sm_count(x.device.index), seg_rows=seg)
+    return {**plan, "segment_rows": seg}
 
 
 @register("cuda", "dequant_matmul_experts")
-def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None):
-    """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV (its M = 1 plan, no split),
-    the grid's z axis over the P rows: each block reads its expert id on the device and runs on that
-    expert's rows of the weights. Serves fp16/bf16 x where the M = 1 GEMV takes tensor cores (K and the
-    group a multiple of 32, 16-byte aligned x and weight rows) and up to 65535 rows."""
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV, unsplit.
+    One row per expert at most (``max_rows`` 1, or one row of x): the grid's z axis over the P rows, each
+    block reading its expert id on the device (the M = 1 plan). Else the rows are sorted by expert on
+    the device and the z axis runs over the experts (and chunks of 8 or 16 of their rows), each block
+    taking all its expert's rows at once: every chosen expert's weights are read once, blocks of experts
+    without rows exit at once. Serves fp16/bf16 x where the GEMV takes tensor cores (K and the group a
+    multiple of 32, 16-byte aligned x and weight rows) and up to 65535 rows (or experts × chunks)."""
     dev = _check_device(x, experts, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
     if x.dtype == torch.float32:
@@ -440,7 +450,12 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     if scales.dtype != x.dtype:  # as dequant_matmul: the tensor cores read scales in x.dtype
         scales = scales.to(x.dtype)
     s_code = DTYPE_CODES[scales.dtype]
-    if experts_plan(x, qweight, scales, bits, num_experts)["kernel"] != "mma":
+    plan = experts_plan(x, qweight, scales, bits, num_experts, max_rows)
+    seg = plan["segment_rows"]
+    if num_experts * -(-seg // (8 * plan["mt"])) > _C.MAX_GROUPED_PAIRS:
+        raise Unsupported(f"{num_experts} experts in chunks of {8 * plan['mt']} of up to {seg} rows: more than "
+                          f"{_C.MAX_GROUPED_PAIRS} blocks along the grid's third axis")
+    if plan["kernel"] != "mma":
         raise Unsupported(f"the grouped GEMV needs K and the group size multiples of 32 and 16-byte aligned x and "
                           f"weight rows; got K={k}, {scales.shape[1]} groups per row")
     if rows * qweight.stride(0) >= INT32_LIMIT:
@@ -451,12 +466,23 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
         _code(bias.dtype, "bias")
     if p == 0:
         return y
-    # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
-    ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
-    _launch(dev, _C.dequant_matmul_experts, x.data_ptr(), x_code, p, ids.data_ptr(), num_experts, n, k,
-            scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(), s_code, zeros.data_ptr(),
-            _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _sm_count(dev.index))
-    return y
+    valid = (experts >= 0) & (experts < num_experts)
+    args = (num_experts, n, k, scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(), s_code,
+            zeros.data_ptr(), _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0)
+    if not seg:
+        # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
+        ids = torch.where(valid, experts, -1).to(torch.int32)
+        _launch(dev, _C.dequant_matmul_experts, x.data_ptr(), x_code, p, ids.data_ptr(), *args, y.data_ptr(),
+                _sm_count(dev.index))
+        return y
+    # rows sorted by expert (ids outside last, unwritten: zeros), each expert's offsets found on the device
+    key, order = torch.sort(torch.where(valid, experts, num_experts), stable=True)
+    offsets = torch.searchsorted(key, torch.arange(num_experts + 1, device=dev, dtype=key.dtype)).to(torch.int32)
+    xs = x[order].contiguous()
+    ys = torch.zeros(p, n, dtype=x.dtype, device=dev)
+    _launch(dev, _C.dequant_matmul_experts, xs.data_ptr(), x_code, p, offsets.data_ptr(), *args, ys.data_ptr(),
+            _sm_count(dev.index), seg_rows=seg)
+    return y.index_copy_(0, order, ys)
 
 
 @register("cuda", "dequant_matmul_dx", auto_if=False)

@@ -17,7 +17,7 @@ Ops (``bits`` ∈ {4, 8}; ``scales``/``zeros`` ``(N, n_groups)``; the group size
 ``dequantize(qweight, scales, zeros, bits, dtype)``  → ``ŵ (N, K)``
 ``fake_quant(w, scales, zeros, bits, dtype)``     → ``ŵ``; STE backward
 ``dequant_matmul(x, qweight, scales, zeros, bits, bias)``  → ``x @ ŵᵀ + bias``; ∂x, ∂bias
-``dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)``  → ``x[p] @ ŵ_{experts[p]}ᵀ``
+``dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)``  → ``x[p] @ ŵ_{experts[p]}ᵀ``
 ``fake_quant_matmul(x, w, scales, zeros, bits, bias)``     → ``x @ fq(w)ᵀ + bias``; ∂x, ∂w, ∂scales, ∂bias
 =============================  ====================================================
 
@@ -391,8 +391,10 @@ dequant_matmul.register_autograd(_dqmm_backward, setup_context=_dqmm_setup)
 INT_IDS = (torch.int32, torch.int64)
 
 
-def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias) -> tuple[int, int]:
+def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows) -> tuple[int, int]:
     rows, k = _check_dequant(qweight, scales, zeros, bits)
+    if max_rows < 0:
+        raise ValueError(f"max_rows={max_rows}; pass the most rows of x one expert may get, or 0 for any number")
     if num_experts < 1 or rows % num_experts:
         raise ValueError(f"num_experts={num_experts} does not split the weight's {rows} rows into equal slices; "
                          f"pass the number of experts the weight holds")
@@ -414,20 +416,22 @@ def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, b
 @torch.library.custom_op("qdpo::dequant_matmul_experts", mutates_args=())
 def dequant_matmul_experts(
     x: Tensor, experts: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, num_experts: int,
-    bias: Optional[Tensor] = None, backend: str = "auto",
+    bias: Optional[Tensor] = None, max_rows: int = 0, backend: str = "auto",
 ) -> Tensor:
     """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x (a mixture of experts'
     routed tokens): one launch, the ids never read on the host. The weights hold ``num_experts`` slices
     of N rows (a :class:`~qdpo.quant.experts.QuantExpertTensor`), bias one row per expert; an id outside
-    ``[0, num_experts)`` gives a row of zeros. Inference only (no autograd)."""
-    _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)
+    ``[0, num_experts)`` gives a row of zeros. ``max_rows``: at most this many rows share an expert (the
+    tokens, when each picks distinct experts; 0: any number), which sizes the kernels' blocks. Inference
+    only (no autograd)."""
+    _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     return backends.call("dequant_matmul_experts", backend, x.device, x.contiguous(), experts.contiguous(), qweight,
-                         scales, zeros, bits, num_experts, None if bias is None else bias.contiguous())
+                         scales, zeros, bits, num_experts, None if bias is None else bias.contiguous(), max_rows)
 
 
 @dequant_matmul_experts.register_fake
-def _(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, backend="auto"):
-    n, _ = _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias)
+def _(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0, backend="auto"):
+    n, _ = _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     return x.new_empty(x.shape[0], n)
 
 

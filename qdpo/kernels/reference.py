@@ -301,11 +301,13 @@ def dequant_matmul_experts(
     bits: int,
     num_experts: int,
     bias: torch.Tensor | None = None,
+    max_rows: int = 0,
 ) -> torch.Tensor:
     """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])`` with ``e = experts[p]``: x ``(P, K)``, ``experts`` ``(P,)``
     integer ids, the weights ``num_experts`` slices of ``N`` rows each (expert e: rows ``e·N .. (e+1)·N``),
     bias ``(num_experts, N)`` or None → y ``(P, N)`` in ``x.dtype``; an id outside ``[0, num_experts)``
-    gives a row of zeros. Each row as :func:`dequant_matmul` computes it on its expert's rows, without
+    gives a row of zeros (``max_rows``, a bound on the rows one expert gets, sizes other backends'
+    blocks; unused here). Each row as :func:`dequant_matmul` computes it on its expert's rows, without
     reading ids on the host: row by row, its expert's codes are gathered on the device and dequantized
     (one expert's ŵ at a time)."""
     n, p = qweight.shape[0] // num_experts, x.shape[0]

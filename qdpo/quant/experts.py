@@ -16,8 +16,8 @@ The experts module keeps its own forward, routing included: its class becomes a 
 which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every expert tensor of
 the module is packed, the forward instead runs each chosen expert's rows of the packed weights
 through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`, and :func:`_packed_sorted_forward`
-for Llama 4's tokens laid out expert by expert; one launch per expert and product). One token (decode)
-takes one grouped launch per product instead, the expert ids read on the device
+for Llama 4's tokens laid out expert by expert; one launch per expert and product). A decode step's
+few tokens take one grouped launch per product instead, the expert ids read on the device
 (``torch.ops.qdpo.dequant_matmul_experts``, :func:`_packed_routed_forward`): no host sync.
 """
 
@@ -80,12 +80,13 @@ class QuantExpertTensor(QuantModes, nn.Module):
                                                self.backend))
         return self._layout(ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend))
 
-    def matmul_routed(self, x: Tensor, experts: Tensor, bias: Tensor | None = None) -> Tensor:
+    def matmul_routed(self, x: Tensor, experts: Tensor, bias: Tensor | None = None, max_rows: int = 0) -> Tensor:
         """``x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x ``(P, in)`` of a packed
         tensor (``torch.ops.qdpo.dequant_matmul_experts``: one launch, the ids stay on the device); bias
-        ``(experts, out)``; an id outside ``[0, experts)`` gives a row of zeros."""
+        ``(experts, out)``; an id outside ``[0, experts)`` gives a row of zeros; ``max_rows``: at most
+        this many rows share an expert (0: any number)."""
         return ops.dequant_matmul_experts(x, experts, self.qweight, self.scales, self.zeros, self.spec.bits,
-                                          self.experts, bias, self.backend)
+                                          self.experts, bias, max_rows, backend=self.backend)
 
     def matmul(self, x: Tensor, expert: int, bias: Tensor | None = None) -> Tensor:
         """``x @ ŵ_eᵀ (+ bias)`` for expert ``e`` of a packed tensor, on its rows of the packed weight
@@ -233,31 +234,34 @@ def _expert_output(self, y: Tensor) -> Tensor:
 
 # False: packed experts run one launch per chosen expert and product at decode too (benchmarks compare)
 ROUTED_DECODE = True
+ROUTED_MAX_TOKENS = 16  # up to this many tokens (a decode step's batch) take the grouped launches
 
 
 def _routed(up: QuantExpertTensor, x: Tensor) -> bool:
     """Whether the packed forward takes one grouped launch per product (:func:`_packed_routed_forward`):
-    one token (its top-k experts are distinct, so no expert's weights are read twice), a backend that
-    implements it, and no gradient to carry (the grouped op has none)."""
-    return (ROUTED_DECODE and x.shape[0] == 1 and backends.serves(up.backend, "dequant_matmul_experts")
+    a decode step's few tokens (each expert then gets at most one row per token, at most 16 rows, one
+    GEMV block's; more tokens, as in prefill, run each expert as a GEMM), a backend that implements it,
+    and no gradient to carry (the grouped op has none)."""
+    return (ROUTED_DECODE and x.shape[0] <= ROUTED_MAX_TOKENS
+            and backends.serves(up.backend, "dequant_matmul_experts")
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, up: QuantExpertTensor,
                            down: QuantExpertTensor, up_name: str) -> Tensor:
-    """One token's experts in two grouped launches (``dequant_matmul_experts``: every (token, expert) pair
-    on its expert's rows, the ids read on the device): no host sync and a fixed number of launches, so a
-    decode step can be captured in a CUDA graph. The same sums as :func:`_packed_forward`, in the same
-    order: each pair's fp32 output times its routing weight, added to zero in ascending expert order
-    (ids past the experts give zeros)."""
+    """A decode step's experts in two grouped launches (``dequant_matmul_experts`` over the (token, expert)
+    pairs, the ids read on the device; each token picks distinct experts, so at most T rows share one):
+    no host sync and a fixed number of launches, so a decode step can be captured in a CUDA graph. The
+    same sums as :func:`_packed_forward`, in the same order: each pair's fp32 output times its routing
+    weight, added to zero in ascending expert order (ids past the experts give zeros)."""
     t, k = top_k_index.shape
     ids = top_k_index.reshape(-1)  # (T·k,) pairs, token-major
     valid = (ids >= 0) & (ids < up.experts)
     clamped = torch.where(valid, ids, torch.zeros_like(ids))
     up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
-    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias)
+    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias, t)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None)
+    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None, t)
     y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
     y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
     order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)
@@ -273,8 +277,8 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
     ``dequant_matmul`` (at decode, a GEMV per chosen expert), instead of dequantizing every expert.
     The interface of transformers' experts implementations: tokens (T, H), the chosen experts and their
     routing weights (T, top_k); gating by the module's own ``_apply_gate`` (or ``act_fn``), optional
-    biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert). One token
-    (decode) takes :func:`_packed_routed_forward` instead, without a host sync."""
+    biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert). A decode step's
+    few tokens take :func:`_packed_routed_forward` instead, without a host sync."""
     x = autocast_input(hidden_states)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = self._modules[PREFIX + up_name], self._modules[PREFIX + "down_proj"]

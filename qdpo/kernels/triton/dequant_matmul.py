@@ -190,20 +190,34 @@ def _gemv_kernel(
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr = False,
-    ids_ptr=None, GROUPED: tl.constexpr = False,
+    ids_ptr=None, GROUPED: tl.constexpr = False, SEGMENTS: tl.constexpr = False, CHUNKS=1,
 ):
     """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split). WORDS (M = 1):
-    ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words. GROUPED (M = 1, one
-    split; dequant_matmul_experts): program axis 2 is a pair of row p of x and expert ``ids[p]`` (in
-    range), whose N rows of the weights (and row of bias) give row p of y."""
+    ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words. GROUPED (one split;
+    dequant_matmul_experts), the weights' slices of N rows one per expert: program axis 2 is a pair of
+    row p of x and expert ``ids[p]`` (in range; M = 1), whose N rows (and row of bias) give row p of y;
+    or with SEGMENTS, x's rows sorted by expert, ``ids`` the experts' offsets (expert e's rows
+    ``ids[e] .. ids[e + 1]``): axis 2 is ``e · CHUNKS + c``, chunk c of BLOCK_M of expert e's rows (a
+    program without rows returns at once)."""
     if GROUPED:
-        pair = tl.program_id(2)
-        row0 = tl.load(ids_ptr + pair) * N
+        if SEGMENTS:
+            z = tl.program_id(2)
+            e = z // CHUNKS
+            lo = tl.load(ids_ptr + e) + BLOCK_M * (z - e * CHUNKS)
+            M = tl.minimum(tl.load(ids_ptr + e + 1) - lo, BLOCK_M)
+            if M <= 0:
+                return
+            row0 = e * N
+            x_ptr += lo * stride_xm
+            out_ptr += lo * stride_om
+        else:
+            pair = tl.program_id(2)
+            row0 = tl.load(ids_ptr + pair) * N
+            x_ptr += pair * stride_xm
+            out_ptr += pair * stride_om
         qw_ptr += row0 * stride_qn
         s_ptr += row0 * stride_sn
         z_ptr += row0 * stride_sn
-        x_ptr += pair * stride_xm
-        out_ptr += pair * stride_om
         if HAS_BIAS:
             b_ptr += row0
     pid_s = tl.program_id(1)
@@ -268,10 +282,11 @@ GEMV_GPU = (
 
 
 # --------------------------------------------------------------------------- launches
-def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None) -> None:
+def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None, chunks: int = 0) -> None:
     """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction). ``ids``
-    (int32, in range): row p of x2 on rows ``ids[p]·N ..`` of the weights into row p of y (one split)."""
-    m = 1 if ids is not None else x2.shape[0]
+    (int32, in range): row p of x2 on rows ``ids[p]·N ..`` of the weights into row p of y (one split);
+    with ``chunks``, the experts' offsets into x2 sorted by expert, ``chunks`` programs of 16 rows each."""
+    m = (16 if chunks else 1) if ids is not None else x2.shape[0]
     bk = w.block_k(cfg.block_k)
     tiles = triton.cdiv(w.k, bk)
     per_split = triton.cdiv(tiles, min(cfg.split_k if ids is None else 1, tiles))
@@ -279,7 +294,8 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
     out = torch.empty(split, m, w.n, dtype=torch.float32, device=x2.device) if split > 1 else y
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
-    grid = (triton.cdiv(w.n, cfg.block_n), split) + (() if ids is None else (ids.shape[0],))
+    grid = (triton.cdiv(w.n, cfg.block_n), split) + (
+        () if ids is None else ((ids.shape[0] - 1) * chunks,) if chunks else (ids.shape[0],))
     # whole aligned words: the word path (M = 1 only; the M <= 16 dot path gained nothing, static sm_90)
     words = int32_words(w.qweight) if m == 1 else None
     qw = w.qweight if words is None else words
@@ -290,7 +306,8 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
-        ids_ptr=ids, GROUPED=ids is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ids_ptr=ids, GROUPED=ids is not None, SEGMENTS=chunks > 0, CHUNKS=max(chunks, 1),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         block = 1024 if x2.is_cuda else 4096
@@ -378,10 +395,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
 
 
 @register("triton", "dequant_matmul_experts")
-def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None):
-    """``qdpo::dequant_matmul_experts`` on the triton backend: the M = 1 GEMV (one split) over program
-    axis 2, one program column per row of x, each on its expert's rows of the weights (ids read on the
-    device); rows of ids outside ``[0, num_experts)`` run expert 0 and are then zeroed."""
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``qdpo::dequant_matmul_experts`` on the triton backend, one split, program axis 2 over the rows:
+    one row per expert at most (``max_rows`` 1, or one row): the M = 1 GEMV, one program column per row
+    of x on its expert's rows of the weights (ids read on the device; rows of ids outside
+    ``[0, num_experts)`` run expert 0 and are then zeroed). Else the rows sorted by expert on the device,
+    one program column per expert and chunk of 16 of its rows (the ``tl.dot`` path), so each chosen
+    expert's weights are read once; programs without rows return at once."""
     w_all = Packed.of(qweight, scales, zeros, bits)
     _check_rows(x, w_all.k, "x")
     w = dataclasses.replace(w_all, n=w_all.n // num_experts)  # one expert's rows; the pointers: all of them
@@ -396,12 +416,24 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     if p == 0:
         return y
     valid = (experts >= 0) & (experts < num_experts)
-    ids = torch.where(valid, experts, 0).to(torch.int32)
     x = x.contiguous()
-    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the one-row GEMV on N rows
-    cfg = pick_config("gemv", tuning_key(x, w, 1), cands, lambda c: _launch_gemv(x[:1], w, bias, y[:1], c))
-    _launch_gemv(x, w, None if bias is None else bias, y, cfg, ids)
-    return torch.where(valid[:, None], y, torch.zeros_like(y))
+    rows = min(max_rows or p, p)
+    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the GEMV of `rows` rows on N rows
+    cfg = pick_config("gemv-experts", tuning_key(x, w, rows), cands,
+                      lambda c: _launch_gemv(x[:rows], w, bias, y[:rows], c._replace(split_k=1)))
+    if rows == 1:
+        _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
+        return torch.where(valid[:, None], y, torch.zeros_like(y))
+    chunks = triton.cdiv(rows, 16)
+    if num_experts * chunks > MAX_PAIRS:
+        raise Unsupported(f"{num_experts} experts in chunks of 16 of up to {rows} rows: more than {MAX_PAIRS} "
+                          f"programs along the grid's third axis")
+    # rows sorted by expert (ids outside last, unwritten: zeros), each expert's offsets found on the device
+    key, order = torch.sort(torch.where(valid, experts, num_experts), stable=True)
+    offsets = torch.searchsorted(key, torch.arange(num_experts + 1, device=x.device, dtype=key.dtype))
+    ys = torch.zeros_like(y)
+    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets.to(torch.int32), chunks)
+    return y.index_copy_(0, order, ys)
 
 
 @register("triton", "dequant_matmul_dx")
