@@ -350,7 +350,7 @@ int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_exper
   const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1,
                   static_cast<unsigned>(seg_rows ? experts * chunks : pairs));
   QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream),
-              mma_kernel(x_dtype, bits, p, seg_rows ? 2 : 1))(a);
+              mma_kernel(x_dtype, bits, p, seg_rows ? kSegments : kPairs))(a);
   return launch_status();
 }
 

@@ -594,6 +594,26 @@ def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch
         assert sqnr(want, got) > 35
 
 
+def test_packed_fp32_moe_on_the_cuda_backend_keeps_the_per_expert_launches(emulated, monkeypatch):
+    """Named explicitly, the cuda backend refuses the grouped launch for fp32 x (its tensor cores take
+    16-bit x); the packed experts then run per expert (the FMA GEMV) and give the reference's logits."""
+    import qdpo.quant.experts as experts
+    from tests import test_experts
+
+    model = test_experts.tiny_moe("Mixtral")
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    ids = test_experts.IDS[:1, :1]
+    with torch.no_grad():
+        want = model(ids).logits  # auto on CPU tensors: the reference
+    matmuls, real = [], experts.QuantExpertTensor.matmul
+    monkeypatch.setattr(experts.QuantExpertTensor, "matmul", lambda *a, **kw: matmuls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("QDPO_BACKEND", "cuda")
+    with torch.no_grad():
+        got = model(ids).logits
+    assert len(matmuls) == 2 * model.config.num_experts_per_tok * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,gs", [(4, 32), (8, -1)])
 def test_quantized_layer_trains_on_the_cuda_backend(emulated, bits, gs):
     """A QuantLinear with learned scales (LSQ) in train mode: its output and the gradients of x, the

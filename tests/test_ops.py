@@ -195,6 +195,18 @@ def test_dequant_matmul_experts_errors():
         OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, torch.randn(2))
     with pytest.raises(ValueError, match="in_features K=64"):
         OPS.dequant_matmul_experts(torch.randn(2, 32), ids, q, s, z, 4, 3)
+    with pytest.raises(ValueError, match="max_rows=-1; pass the most rows of x one expert may get"):
+        OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, None, -1)
+
+
+def test_expert_segments_sort_rows_by_expert():
+    """The grouped kernels' sorted rows: expert order, stable, ids outside the experts last; offsets bound
+    each expert's rows (empty for experts no row chose)."""
+    ids = torch.tensor([2, 0, 5, 2, -1, 0, 2])
+    order, offsets = ref.expert_segments(ids, 4)
+    assert order.tolist() == [1, 5, 0, 3, 6, 2, 4] and offsets.tolist() == [0, 2, 2, 5, 5]
+    assert offsets.dtype == torch.int32
+    assert [ref.rows_per_expert(7, m) for m in (0, 1, 3, 9)] == [7, 1, 3, 7]
 
 
 def test_errors_in_fake_mode_match_eager():

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from qdpo import _C  # ImportError: extension not built
 from qdpo.kernels import gemv_table
 from qdpo.kernels.backends import Unsupported, register
+from qdpo.kernels.reference import expert_segments, rows_per_expert
 from qdpo.kernels.gemv_options import (  # noqa: F401 (re-exported)
     GEMV_DEFAULTS, GEMV_OPTIONS, MAX_WARPS, ROW_TILES, WARPS_RULE, block_warps_ok, gemv_choices,
 )
@@ -419,7 +420,8 @@ def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     (x sorted by expert; the plan of that M, each expert's weights read once)."""
     n, k = qweight.shape[0] // num_experts, qweight.shape[1] * 8 // bits
     p = x.shape[0]
-    seg = 0 if (max_rows or p) <= 1 else min(max_rows or p, p)
+    seg = rows_per_expert(p, max_rows)
+    seg = seg if seg > 1 else 0
     plan = _C.dequant_matmul_experts_plan(p, n, k, scales.shape[1], bits, _code(x.dtype, "x"),
                                           _code(scales.dtype, "scales"), x.data_ptr(), qweight.data_ptr(),
                                           qweight.stride(0), _sm_count(x.device.index), seg_rows=seg)
@@ -466,18 +468,15 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
         _code(bias.dtype, "bias")
     if p == 0:
         return y
-    valid = (experts >= 0) & (experts < num_experts)
     args = (num_experts, n, k, scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(), s_code,
             zeros.data_ptr(), _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0)
     if not seg:
         # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
-        ids = torch.where(valid, experts, -1).to(torch.int32)
+        ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
         _launch(dev, _C.dequant_matmul_experts, x.data_ptr(), x_code, p, ids.data_ptr(), *args, y.data_ptr(),
                 _sm_count(dev.index))
         return y
-    # rows sorted by expert (ids outside last, unwritten: zeros), each expert's offsets found on the device
-    key, order = torch.sort(torch.where(valid, experts, num_experts), stable=True)
-    offsets = torch.searchsorted(key, torch.arange(num_experts + 1, device=dev, dtype=key.dtype)).to(torch.int32)
+    order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
     xs = x[order].contiguous()
     ys = torch.zeros(p, n, dtype=x.dtype, device=dev)
     _launch(dev, _C.dequant_matmul_experts, xs.data_ptr(), x_code, p, offsets.data_ptr(), *args, ys.data_ptr(),

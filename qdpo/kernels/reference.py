@@ -325,6 +325,22 @@ def dequant_matmul_experts(
     return torch.where(valid[:, None], y, torch.zeros_like(y))
 
 
+def rows_per_expert(p: int, max_rows: int) -> int:
+    """The most of P rows one expert may get under ``dequant_matmul_experts``' ``max_rows`` (0: any)."""
+    return min(max_rows or p, p)
+
+
+def expert_segments(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows sorted by expert on the device, for the grouped kernels: ``(order, offsets)``, ``order``
+    the rows in expert order (stable; ids outside ``[0, num_experts)`` last) and ``offsets``
+    ``(num_experts + 1,)`` int32, expert e's rows at ``offsets[e] .. offsets[e + 1]`` of that order.
+    Nothing is read on the host."""
+    valid = (experts >= 0) & (experts < num_experts)
+    key, order = torch.sort(torch.where(valid, experts, num_experts), stable=True)
+    ends = torch.arange(num_experts + 1, device=experts.device, dtype=key.dtype)
+    return order, torch.searchsorted(key, ends).to(torch.int32)
+
+
 def dequant_matmul_rows(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`dequant_matmul`'s product on a ŵ already in ``x.dtype``."""
     return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))

@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported, register
+from qdpo.kernels.reference import expert_segments, rows_per_expert
 from qdpo.kernels.triton._common import cast_out, codes_in_place, codes_minus_z, int32_words, tl_dtype, word_halves
 from qdpo.kernels.triton.dequant_matmul_gemm import (
     DX_CPU, DX_GPU, GEMM_CPU, GEMM_GPU, INT32_LIMIT, Packed, _dequant_tile, _group_params, _packed,
@@ -415,24 +416,22 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     y = torch.empty(p, w.n, dtype=x.dtype, device=x.device)
     if p == 0:
         return y
-    valid = (experts >= 0) & (experts < num_experts)
     x = x.contiguous()
-    rows = min(max_rows or p, p)
+    rows = rows_per_expert(p, max_rows)
     cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the GEMV of `rows` rows on N rows
     cfg = pick_config("gemv-experts", tuning_key(x, w, rows), cands,
                       lambda c: _launch_gemv(x[:rows], w, bias, y[:rows], c._replace(split_k=1)))
     if rows == 1:
+        valid = (experts >= 0) & (experts < num_experts)
         _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
         return torch.where(valid[:, None], y, torch.zeros_like(y))
     chunks = triton.cdiv(rows, 16)
     if num_experts * chunks > MAX_PAIRS:
         raise Unsupported(f"{num_experts} experts in chunks of 16 of up to {rows} rows: more than {MAX_PAIRS} "
                           f"programs along the grid's third axis")
-    # rows sorted by expert (ids outside last, unwritten: zeros), each expert's offsets found on the device
-    key, order = torch.sort(torch.where(valid, experts, num_experts), stable=True)
-    offsets = torch.searchsorted(key, torch.arange(num_experts + 1, device=x.device, dtype=key.dtype))
+    order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
     ys = torch.zeros_like(y)
-    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets.to(torch.int32), chunks)
+    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, chunks)
     return y.index_copy_(0, order, ys)
 
 
