@@ -126,10 +126,10 @@ def triton_rows():
             sig = {**ptrs, "out_ptr": "*fp32", **ints("M", "N", "K", "G", "K_PER_SPLIT", "stride_xm", "stride_qn",
                    "stride_sn", "stride_om", "stride_os"), **cexp("BITS", "HAS_BIAS", "PARTIAL", "OUT_DTYPE",
                    "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS", "ids_ptr", "GROUPED", "SEGMENTS",
-                   "CHUNKS")}
+                   "EXPERTS", "EXPERTS_BLOCK")}
             k = _compile(dm._gemv_kernel, sig, dict(BITS=bits, HAS_BIAS=False, PARTIAL=True, OUT_DTYPE=tl.bfloat16,
                          DOT_DTYPE=tl.bfloat16, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, WORDS=words, ids_ptr=None,
-                         GROUPED=False, SEGMENTS=False, CHUNKS=1),
+                         GROUPED=False, SEGMENTS=False, EXPERTS=1, EXPERTS_BLOCK=1),
                          [*ptrs, "out_ptr", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_qn"], warps)
             body = loops(instructions(_sass_of(k)))[0]
             name = f"gemv M=1 W{bits} {'words' if words else 'bytes'} {bn}x{bk} {warps} warps"

@@ -269,10 +269,12 @@ void def_kernels(py::module_& m) {
                                                                            seg_rows));
     return plan_dict(p);
   }, "The grouped GEMV's plan (as dequant_matmul_plan's; kernel 'fma': it cannot serve these, host only); "
-     "seg_rows > 0: segments of at most that many rows per expert",
+     "seg_rows > 0: segments, the tile of that many rows per expert",
      py::arg("pairs"), py::arg("n"), py::arg("k"), py::arg("ng"), py::arg("bits"), py::arg("x_dtype"),
      py::arg("s_dtype"), py::arg("x"), py::arg("qweight"), py::arg("stride_qn"), py::arg("sm_count"),
      py::arg("seg_rows") = 0);
+  m.def("segment_blocks", &qdpo::segment_blocks, "a segments launch's grid: the most chunks of `rows` rows P rows "
+        "sorted among E experts can make", py::arg("pairs"), py::arg("experts"), py::arg("rows"));
   m.def("dequant_matmul_experts", [](ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_expert, int64_t experts,
                                      int64_t n, int64_t k, int64_t ng, int bits, ptr_t qweight, int64_t stride_qn,
                                      ptr_t scales, int s_dtype, ptr_t zeros, ptr_t bias, int b_dtype, ptr_t y,

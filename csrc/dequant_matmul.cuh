@@ -35,7 +35,6 @@ struct GemvArgs {
   const int32_t* pair_expert = nullptr;  // grouped (dequant_matmul_experts): (P,) expert of each x row, or
                                          // (experts + 1,) offsets of each expert's rows (segments)
   int experts = 0;                       // grouped: experts in qweight (N rows each)
-  int chunks = 1;                        // grouped segments: blocks along z per expert
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);

@@ -49,8 +49,10 @@
 // Grouped (dequant_matmul_experts, a mixture of experts' decode): P rows of x, each with its own expert of
 // the weights' `experts` slices of N rows, in one launch, unsplit (gemv_kernels.cuh: GR). Pairs: the
 // M = 1 kernel, blockIdx.z the row, each block reading its expert id from device memory. Segments
-// (rows sorted by expert, seg_rows > 0 at most per expert): blockIdx.z an expert (and chunk of 8 or 16
-// of its rows), the kernel of the M = seg_rows tile, each expert's weights read once.
+// (rows sorted by expert; seg_rows > 0, the most rows one expert is expected to take, picks the tile):
+// blockIdx.z a chunk of 8 or 16 of one expert's rows, found on the device (gemv_kernels.cuh:
+// find_segment), the kernel of the M = seg_rows tile, each expert's weights read once per chunk; the
+// grid holds segment_blocks(P, E, rows) blocks, not one column per expert.
 // A step keeps the scale bits and zero points it loads as they are and turns them into the grid in the
 // step that uses them (gemv_kernels.cuh: WStage), so that no step waits for the loads it has just issued.
 // Warps' partial tiles are summed in shared memory in a fixed order; splits
@@ -332,8 +334,6 @@ int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_exper
                                           &p, seg_rows)) {
     return e;
   }
-  const int64_t chunks = seg_rows ? cdiv(seg_rows, 8 * p.mt) : 1;
-  QDPO_REQUIRE(experts * chunks <= kMaxGroupedPairs, kErrShape);
   QDPO_REQUIRE(p.kernel == kGemvMma, kErrShape);  // the wrapper asks dequant_matmul_experts_plan first
   QDPO_REQUIRE(experts * n * stride_qn < kInt32Limit && experts * n * ng < kInt32Limit && pairs * k < kInt32Limit &&
                    pairs * n < kInt32Limit, kErrTooLarge);
@@ -346,9 +346,8 @@ int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_exper
                          0, 1);
   a.pair_expert = reinterpret_cast<const int32_t*>(pair_expert);
   a.experts = static_cast<int>(experts);
-  a.chunks = static_cast<int>(chunks);
   const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1,
-                  static_cast<unsigned>(seg_rows ? experts * chunks : pairs));
+                  static_cast<unsigned>(seg_rows ? segment_blocks(pairs, experts, 8 * p.mt) : pairs));
   QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream),
               mma_kernel(x_dtype, bits, p, seg_rows ? kSegments : kPairs))(a);
   return launch_status();

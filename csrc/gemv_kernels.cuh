@@ -345,9 +345,60 @@ constexpr int min_blocks(int bits, int mt, int rt, int w, bool xs, int sc) {
 //   rows of that expert's slice (a.pair_expert[z]) into y row z, adding the expert's bias row. An id
 //   outside [0, a.experts) (an expert-parallel sentinel) gives that row of y zeros. a.m = 1.
 // - kSegments: x's rows come sorted by expert, expert e's at a.pair_expert[e] .. a.pair_expert[e + 1]
-//   (a.experts + 1 offsets); blockIdx.z = e · a.chunks + c takes chunk c of them, up to 8 · MT rows
-//   (a.m: this block's count), into the same rows of y; a block without rows exits at once.
+//   (a.experts + 1 offsets), in chunks of up to 8 · MT rows; blockIdx.z takes the z-th chunk in expert
+//   order (find_segment; a.m: its rows), into the same rows of y. Blocks past the last chunk exit.
 enum GroupedMode : int { kNotGrouped = 0, kPairs = 1, kSegments = 2 };
+
+// kSegments: which rows block z takes. Expert e's c rows make ceil(c / R) chunks of R rows; the block
+// takes the z-th chunk in expert order ({expert, first row, rows}; rows = 0 past the last chunk). The
+// block's threads find it together, one expert each per round of blockDim.x experts: each loads its
+// expert's two offsets (one memory round trip, as one thread reading block z's two offsets would take),
+// a scan of the chunk counts over the warp (xor butterflies) and over the warps (their sums in shared
+// memory) gives each expert its first chunk, and the expert whose chunks hold z writes the answer. So
+// the grid needs no block for an expert without rows: segment_blocks(P, E, R) of them at most, where
+// one block column per expert took E (most of them empty for a model of 128 experts and a few tokens).
+// Not inlined: inlined, the search's code moved ptxas to spill a register inside the main loop of the
+// one-tile kernels (static sm_90); a call leaves every main loop as it was without the search.
+struct Segment {
+  int expert, lo, m;  // m = 0: no chunk for this block
+};
+template <int R>
+__device__ QDPO_NOINLINE Segment find_segment(const int32_t* offsets, int experts, int z) {
+  QDPO_SHARED(4, int, warp_chunks, [32]);
+  QDPO_SHARED(4, int, found, [3]);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int warps = static_cast<int>(blockDim.x) >> 5;
+  if (tid == 0) found[2] = 0;  // no chunk, unless an expert's chunks hold z (written after a barrier)
+  int before = 0;  // the chunks of the experts of earlier rounds
+  for (int base = 0; base < experts; base += static_cast<int>(blockDim.x)) {
+    const int e = base + tid;
+    const int lo = e < experts ? offsets[e] : 0, hi = e < experts ? offsets[e + 1] : 0;
+    const int n = (hi - lo + R - 1) / R;
+    int incl = n, group = n;  // incl: the chunks of experts base .. e; group: of the lane's aligned group
+    QDPO_UNROLL
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_xor_sync(0xffffffffu, group, d);
+      if (lane & d) incl += v;
+      group += v;
+    }
+    if (lane == 31) warp_chunks[warp] = incl;
+    __syncthreads();
+    int round = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int c = warp_chunks[w];
+      incl += w < warp ? c : 0;
+      round += c;
+    }
+    const int first = before + incl - n;
+    if (z >= first && z < first + n) {
+      const int row = lo + R * (z - first);
+      found[0] = e, found[1] = row, found[2] = min(hi - row, R);
+    }
+    before += round;
+    __syncthreads();  // found is read below; warp_chunks is written again by the next round
+  }
+  return {found[0], found[1], found[2]};
+}
 template <int HD, int BITS, int MT, int RT, int W, bool FLEX, bool XS, int SC, int GR = kNotGrouped>
 __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) gemv_mma_kernel(GemvArgs a) {
   static_assert(!XS || MT == 1, "x_smem serves the one-x-tile kernel (xs_at gives x tile 1 no row of its own)");
@@ -358,12 +409,11 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   OutRow out;  // GR: the block's first row of y, its expert's row of bias
   int row_base = 0;  // GR: its expert's first weight row
   if constexpr (GR == kSegments) {
-    const int z = static_cast<int>(blockIdx.z), e = z / a.chunks;
-    const int lo = a.pair_expert[e] + 8 * MT * (z - e * a.chunks);
-    a.m = min(a.pair_expert[e + 1] - lo, 8 * MT);
+    const Segment seg = find_segment<8 * MT>(a.pair_expert, a.experts, static_cast<int>(blockIdx.z));
+    a.m = seg.m;
     if (a.m <= 0) return;  // the same for the whole block
-    row_base = e * a.n;
-    out = {lo, row_base};
+    row_base = seg.expert * a.n;
+    out = {seg.lo, row_base};
   }
   if constexpr (GR == kPairs) {
     const int pair = static_cast<int>(blockIdx.z), e = a.pair_expert[pair];

@@ -99,8 +99,16 @@ int dequant_matmul(ptr_t x, int x_dtype, int64_t m, int64_t n, int64_t k, int64_
 // pairs (gemv_auto_warps).
 constexpr int64_t kMaxGroupedPairs = 65535;  // the grid's z axis
 // seg_rows > 0: segments instead of pairs. x's rows are sorted by expert, `pair_expert` holds experts + 1
-// int32 offsets (expert e's rows: offsets[e] .. offsets[e + 1], at most seg_rows of them; rows past
-// offsets[experts] are left unwritten), and each expert's weights are read once for all its rows.
+// int32 offsets (expert e's rows: offsets[e] .. offsets[e + 1]; rows past offsets[experts] are left
+// unwritten), and each expert's weights are read once for all its rows (in chunks of 8 or 16). seg_rows,
+// the most rows one expert is expected to take, picks the chunk's tile (the plan of M = seg_rows); an
+// expert with more rows than that is still served whole, in more chunks.
+// The grid of a segments launch: at most this many chunks of `rows` rows when P rows are sorted among E
+// experts (each expert with c > 0 rows makes ceil(c / rows) <= (c + rows - 1) / rows chunks, and at
+// most min(E, P) experts have rows), so one block per chunk covers any routing (never more than P).
+constexpr int64_t segment_blocks(int64_t pairs, int64_t experts, int64_t rows) {
+  return (pairs + (experts < pairs ? experts : pairs) * (rows - 1)) / rows;
+}
 int dequant_matmul_experts_plan(int64_t pairs, int64_t n, int64_t k, int64_t ng, int bits, int x_dtype,
                                 int s_dtype, ptr_t x, ptr_t qweight, int64_t stride_qn, int sm_count,
                                 GemvPlan* plan, int64_t seg_rows = 0);

@@ -24,12 +24,14 @@
 
 #if defined(QDPO_EMULATE)  // the emulated build: the kernels run on the host (emulate/cuda_emulate.h)
 #include "emulate/cuda_emulate.h"
+#define QDPO_NOINLINE  // (the host compiler's CUDA headers leave __noinline__ undefined)
 #else
 // kernel<<<grid, block, smem, stream>>>(args) and the kernel's shared memory (dynamic; static: `dims` as
 // [A][B]), spelled so that the emulated build can run them on the host.
 #define QDPO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QDPO_DYNAMIC_SMEM(align, type, name) extern __shared__ __align__(align) type name[]
 #define QDPO_SHARED(align, type, name, dims) __shared__ __align__(align) type name dims
+#define QDPO_NOINLINE __noinline__
 #endif
 
 #include "qdpo_api.h"

@@ -188,6 +188,11 @@ def test_gemv_experts_takes_each_experts_rows_together(emulated, order, bits, gs
     gpu.test_dequant_matmul_experts_takes_each_experts_rows_together(bits, gs, xdtype, k, max_rows)
 
 
+@pytest.mark.parametrize("max_rows", [2, 12])
+def test_gemv_experts_segments_need_no_block_per_expert(emulated, order, max_rows):
+    gpu.test_dequant_matmul_experts_segments_need_no_block_per_expert(max_rows)
+
+
 @pytest.mark.parametrize("case", gpu.RANDOM_CASES)
 def test_gemv_random_shapes_every_choice(emulated, order, case):
     gpu.test_dequant_matmul_random_shapes_every_choice(case)

@@ -712,6 +712,10 @@ def test_experts_plan_is_the_one_row_plan_unsplit(C):
         got = C.dequant_matmul_experts_plan(64, 128, 4096, 32, 4, CODES[torch.bfloat16], CODES[torch.bfloat16],
                                             1 << 20, 1 << 24, 2048, 132, seg_rows=seg)
         assert (got["mt"], got["rt"], got["splits"]) == (*tile, 1), seg
+    # the segments grid: the launcher's count is the reference's (tests/test_ops.py checks it is the most
+    # chunks any routing makes)
+    for p, e, r in itertools.product((0, 1, 7, 16, 64, 65535), (1, 3, 128, 300), (8, 16)):
+        assert C.segment_blocks(p, e, r) == ref.segment_blocks(p, e, r), (p, e, r)
 
 
 def test_plan_splits_k_only_when_rows_fill_a_quarter_of_the_sms(C):

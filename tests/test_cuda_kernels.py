@@ -317,19 +317,54 @@ def test_dequant_matmul_experts_takes_each_experts_rows_together(bits, gs, xdtyp
     plan = cuda.experts_plan(x, q, s.to(xdtype), bits, e, max_rows)
     assert plan["segment_rows"] == (max_rows or len(ids)) and plan["kernel"] == "mma" and plan["splits"] == 1
     y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend=B)
-    for eid in range(-1, e + 6):
+    _check_segments(y, x, ids, q, s, z, bits, e, bias, plan["warps"])
+
+
+def _check_segments(y, x, ids, q, s, z, bits, e, bias, warps):
+    """Each expert's rows of y bit for bit the unsplit GEMV of just those rows (16 at a time) on its slice
+    of the weights with its bias row, in blocks of ``warps`` warps; rows of ids outside the experts zero."""
+    from qdpo.kernels import cuda
+
+    n = q.shape[0] // e
+    for eid in ids.unique().tolist():
         sel = (ids == eid).nonzero()[:, 0].to(DEV)
-        if not len(sel):
-            continue
         if not 0 <= eid < e:
             assert torch.equal(y[sel], torch.zeros_like(y[sel])), eid
             continue
         rows = slice(eid * n, (eid + 1) * n)
-        for lo in range(0, len(sel), 16):  # the chunks of 16 rows an expert's blocks take
+        for lo in range(0, len(sel), 16):  # a row's sum does not depend on the rows beside it
             part = sel[lo:lo + 16]
-            want = cuda.dequant_matmul(x[part], q[rows], s[rows], z[rows], bits, bias[eid], splits=1,
-                                       warps=plan["warps"])
+            want = cuda.dequant_matmul(x[part], q[rows], s[rows], z[rows], bits, bias[eid], splits=1, warps=warps)
             assert torch.equal(y[part], want), (eid, lo)
+
+
+@pytest.mark.parametrize("max_rows", [2, 12])
+def test_dequant_matmul_experts_segments_need_no_block_per_expert(max_rows):
+    """The segments grid holds one block per chunk any routing could make (segment_blocks), not one per
+    expert, and each block finds its chunk from all the experts' offsets on the device: 300 experts (two
+    or three rounds of a block's threads) with every row its own expert (the grid is then exactly full:
+    a block short, a row of zeros), then 3 experts with 1, 1 + R and 1 + 2R rows and a row of an id past
+    them (R = 8 or 16, the tile max_rows picks: again exactly full; and beyond max_rows, which only sizes
+    the tile, an expert still gets all its rows)."""
+    from qdpo.kernels import cuda
+
+    k, n = 256, 16
+    for e, counts in ((300, {0: 1, 5: 1, 131: 1, 255: 1, 256: 1, 299: 1}),
+                      (3, {2: 1, 0: 1 + 8 * (1 + max_rows // 9), 1: 1 + 16 * (1 + max_rows // 9), 7: 1})):
+        qw = _weight(e * n, k, 4, 128, wdtype=torch.bfloat16, seed=e)
+        q, s, z, _ = _args(qw)
+        bias = _rand(e, n, dtype=torch.bfloat16, seed=3)
+        g = torch.Generator().manual_seed(e + max_rows)
+        ids = torch.cat([torch.full((c,), i) for i, c in counts.items()])[torch.randperm(sum(counts.values()),
+                                                                                          generator=g)]
+        x = _rand(len(ids), k, dtype=torch.bfloat16, seed=4)
+        plan = cuda.experts_plan(x, q, s, 4, e, max_rows)
+        seg, tile = min(max_rows, len(ids)), 8 * plan["mt"]
+        assert plan["segment_rows"] == seg and tile == (8 if seg <= 8 else 16)
+        chosen = [c for i, c in counts.items() if 0 <= i < e]
+        assert ref.segment_blocks(len(ids), e, tile) == sum(-(-c // tile) for c in chosen), (e, tile)
+        y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, 4, e, bias, max_rows, backend=B)
+        _check_segments(y, x, ids, q, s, z, 4, e, bias, plan["warps"])
 
 
 RANDOM_CASES = range(16)

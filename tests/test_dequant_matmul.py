@@ -312,6 +312,35 @@ def test_experts_rows_of_one_expert_run_together(bits, gs, xdtype, max_rows):
            torch.cat([torch.full((18,), 1), torch.tensor([0, 2, 2, -4, 5])])[torch.randperm(23, generator=g)])
     x = _rand(len(ids), k, dtype=xdtype, seed=6)
     y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
+    _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows)
+
+
+def test_experts_segments_need_no_program_per_expert():
+    """The triton segments grid holds one program per chunk of 16 rows any routing could make
+    (segment_blocks), not one per expert, and each program finds its chunk from all the experts' offsets:
+    300 experts with every row its own expert (the grid is then exactly full), then 3 experts with 1, 17
+    and 33 rows and a row of an id past them (exactly full again, and beyond max_rows = 2, which only
+    sizes the tuning, each expert still gets all its rows)."""
+    k, n = 96, 20
+    for e, counts in ((300, {0: 1, 5: 1, 131: 1, 255: 1, 256: 1, 299: 1}), (3, {2: 1, 0: 17, 1: 33, 7: 1})):
+        qw = _weight(e * n, k, 4, 32, seed=e)
+        q, s, z, _ = _args(qw)
+        bias = _rand(e, n, seed=3)
+        g = torch.Generator().manual_seed(e)
+        ids = torch.cat([torch.full((c,), i) for i, c in counts.items()])[torch.randperm(sum(counts.values()),
+                                                                                          generator=g)]
+        chosen = [c for i, c in counts.items() if 0 <= i < e]
+        assert ref.segment_blocks(len(ids), e, 16) == sum(-(-c // 16) for c in chosen), e
+        x = _rand(len(ids), k, seed=4)
+        y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, 4, e, bias, 2, backend="triton")
+        _check_triton_segments(y, x, ids, q, s, z, 4, e, bias, 2)
+
+
+def _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows):
+    """Each expert's rows of y bit for bit the unsplit GEMV of just those rows (16 at a time; one row
+    alone takes the M = 1 path there, so only the rule below) on its slice of the weights with its bias
+    row, every row within the 2×-of-PyTorch rule; rows of ids outside the experts zero."""
+    n, k = q.shape[0] // e, x.shape[1]
     for eid in set(ids.tolist()):
         sel = (ids == eid).nonzero()[:, 0].to(DEV)
         if not 0 <= eid < e:
@@ -324,7 +353,7 @@ def test_experts_rows_of_one_expert_run_together(bits, gs, xdtype, max_rows):
         for lo in range(0, len(sel), 16):
             part = sel[lo:lo + 16]
             if len(part) > 1:
-                one = torch.empty(len(part), n, dtype=xdtype, device=DEV)
+                one = torch.empty(len(part), n, dtype=x.dtype, device=DEV)
                 dm._launch_gemv(x[part], w, bias[eid], one, cfg._replace(split_k=1))
                 assert torch.equal(y[part], one), (eid, lo)
             want = ref.dequant_matmul(x[part].double(), q[rows], s[rows], z[rows], bits, bias[eid].double())

@@ -4,6 +4,8 @@ Kernel-specific comparisons live in tests/test_<op>.py; this file covers the
 ops layer with the reference backend, which runs everywhere.
 """
 
+import itertools
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -207,6 +209,20 @@ def test_expert_segments_sort_rows_by_expert():
     assert order.tolist() == [1, 5, 0, 3, 6, 2, 4] and offsets.tolist() == [0, 2, 2, 5, 5]
     assert offsets.dtype == torch.int32
     assert [ref.rows_per_expert(7, m) for m in (0, 1, 3, 9)] == [7, 1, 3, 7]
+
+
+def test_segment_blocks_is_the_most_chunks_any_routing_makes():
+    """The grouped kernels' segments grid: for every P rows split among E experts (some rows perhaps to no
+    expert), the chunks of R rows never exceed segment_blocks(P, E, R), and some routing reaches it (so
+    a smaller grid would drop rows). Brute force over every split of P."""
+    def most(p, e, r):  # the most chunks p rows make among at most e experts (rows left over: no expert)
+        if p == 0 or e == 0:
+            return 0
+        return max(most(p - c, e - 1, r) + (c + r - 1) // r for c in range(0, p + 1))
+
+    for p, e, r in itertools.product(range(0, 13), range(1, 6), (1, 2, 3, 8, 16)):
+        assert ref.segment_blocks(p, e, r) == most(p, e, r), (p, e, r)
+    assert ref.segment_blocks(16, 128, 8) == 16 and ref.segment_blocks(128, 128, 16) == 128
 
 
 def test_errors_in_fake_mode_match_eager():

@@ -240,6 +240,11 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   const uint32_t in[2] = {qdpo::float_bits(v), static_cast<uint32_t>(lane_mask)};
   return qdpo::bits_float(::qdpo_emu::warp_op(::qdpo_emu::kShflXor, in, 2)[0]);
 }
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {  // the same exchange, of the int's bits
+  if (mask != 0xFFFFFFFFu) ::qdpo_emu::fail_thread("__shfl_xor_sync: only the full mask is emulated");
+  const uint32_t in[2] = {static_cast<uint32_t>(v), static_cast<uint32_t>(lane_mask)};
+  return static_cast<int>(::qdpo_emu::warp_op(::qdpo_emu::kShflXor, in, 2)[0]);
+}
 inline size_t __cvta_generic_to_shared(const void* p) { return ::qdpo_emu::cvta_to_shared(p); }
 using std::max;
 using std::min;

@@ -416,8 +416,9 @@ def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
                  max_rows: int = 0) -> dict:
     """The grouped GEMV's plan for :func:`dequant_matmul_experts` (as :func:`gemv_plan`'s; scales in
     x.dtype), unsplit, with ``segment_rows``: 0 where each row of x runs as its own pair (the M = 1 plan,
-    its warps per block chosen by the blocks of all rows), else the most rows one expert's block takes
-    (x sorted by expert; the plan of that M, each expert's weights read once)."""
+    its warps per block chosen by the blocks of all rows), else the most rows one expert is expected to
+    take (x sorted by expert; the plan of that M, whose tile of 8 or 16 rows is a block's chunk of one
+    expert's rows)."""
     n, k = qweight.shape[0] // num_experts, qweight.shape[1] * 8 // bits
     p = x.shape[0]
     seg = rows_per_expert(p, max_rows)
@@ -433,10 +434,12 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV, unsplit.
     One row per expert at most (``max_rows`` 1, or one row of x): the grid's z axis over the P rows, each
     block reading its expert id on the device (the M = 1 plan). Else the rows are sorted by expert on
-    the device and the z axis runs over the experts (and chunks of 8 or 16 of their rows), each block
-    taking all its expert's rows at once: every chosen expert's weights are read once, blocks of experts
-    without rows exit at once. Serves fp16/bf16 x where the GEMV takes tensor cores (K and the group a
-    multiple of 32, 16-byte aligned x and weight rows) and up to 65535 rows (or experts × chunks)."""
+    the device and each block along z takes one chunk of 8 or 16 of one expert's rows, found by the
+    block from the experts' offsets (``find_segment``): each chosen expert's weights are read once per
+    chunk (once, when its rows fit the tile ``max_rows`` picks), and the grid holds one block per chunk
+    that any routing could make (``segment_blocks``), not one per expert. Serves fp16/bf16 x where the
+    GEMV takes tensor cores (K and the group a multiple of 32, 16-byte aligned x and weight rows) and up
+    to 65535 rows."""
     dev = _check_device(x, experts, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
     if x.dtype == torch.float32:
@@ -454,9 +457,6 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     s_code = DTYPE_CODES[scales.dtype]
     plan = experts_plan(x, qweight, scales, bits, num_experts, max_rows)
     seg = plan["segment_rows"]
-    if num_experts * -(-seg // (8 * plan["mt"])) > _C.MAX_GROUPED_PAIRS:
-        raise Unsupported(f"{num_experts} experts in chunks of {8 * plan['mt']} of up to {seg} rows: more than "
-                          f"{_C.MAX_GROUPED_PAIRS} blocks along the grid's third axis")
     if plan["kernel"] != "mma":
         raise Unsupported(f"the grouped GEMV needs K and the group size multiples of 32 and 16-byte aligned x and "
                           f"weight rows; got K={k}, {scales.shape[1]} groups per row")

@@ -421,9 +421,10 @@ def dequant_matmul_experts(
     """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x (a mixture of experts'
     routed tokens): one launch, the ids never read on the host. The weights hold ``num_experts`` slices
     of N rows (a :class:`~qdpo.quant.experts.QuantExpertTensor`), bias one row per expert; an id outside
-    ``[0, num_experts)`` gives a row of zeros. ``max_rows``: at most this many rows share an expert (the
-    tokens, when each picks distinct experts; 0: any number), which sizes the kernels' blocks. Inference
-    only (no autograd)."""
+    ``[0, num_experts)`` gives a row of zeros. ``max_rows``: how many rows one expert is expected to take
+    (the tokens, when each picks distinct experts; 0: up to all of them), which sizes the kernels' tiles
+    (1: one block per row); an expert given more still gets every row right. Inference only (no
+    autograd)."""
     _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     return backends.call("dequant_matmul_experts", backend, x.device, x.contiguous(), experts.contiguous(), qweight,
                          scales, zeros, bits, num_experts, None if bias is None else bias.contiguous(), max_rows)

@@ -306,8 +306,8 @@ def dequant_matmul_experts(
     """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])`` with ``e = experts[p]``: x ``(P, K)``, ``experts`` ``(P,)``
     integer ids, the weights ``num_experts`` slices of ``N`` rows each (expert e: rows ``e·N .. (e+1)·N``),
     bias ``(num_experts, N)`` or None → y ``(P, N)`` in ``x.dtype``; an id outside ``[0, num_experts)``
-    gives a row of zeros (``max_rows``, a bound on the rows one expert gets, sizes other backends'
-    blocks; unused here). Each row as :func:`dequant_matmul` computes it on its expert's rows, without
+    gives a row of zeros (``max_rows``, the rows one expert is expected to get, sizes other backends'
+    tiles; unused here). Each row as :func:`dequant_matmul` computes it on its expert's rows, without
     reading ids on the host: row by row, its expert's codes are gathered on the device and dequantized
     (one expert's ŵ at a time)."""
     n, p = qweight.shape[0] // num_experts, x.shape[0]
@@ -328,6 +328,14 @@ def dequant_matmul_experts(
 def rows_per_expert(p: int, max_rows: int) -> int:
     """The most of P rows one expert may get under ``dequant_matmul_experts``' ``max_rows`` (0: any)."""
     return min(max_rows or p, p)
+
+
+def segment_blocks(p: int, num_experts: int, rows: int) -> int:
+    """The most chunks of ``rows`` rows that P rows sorted among ``num_experts`` experts can make (an
+    expert with c > 0 rows makes ceil(c / rows) <= (c + rows - 1) / rows of them, and at most
+    min(experts, P) experts have rows): the grid of the grouped kernels' segments, one block per chunk,
+    whatever the routing (never more than P)."""
+    return (p + min(num_experts, p) * (rows - 1)) // rows
 
 
 def expert_segments(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

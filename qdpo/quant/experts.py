@@ -83,8 +83,9 @@ class QuantExpertTensor(QuantModes, nn.Module):
     def matmul_routed(self, x: Tensor, experts: Tensor, bias: Tensor | None = None, max_rows: int = 0) -> Tensor:
         """``x[p] @ ŵ_eᵀ (+ bias[e])``, ``e = experts[p]``, for the P rows of x ``(P, in)`` of a packed
         tensor (``torch.ops.qdpo.dequant_matmul_experts``: one launch, the ids stay on the device); bias
-        ``(experts, out)``; an id outside ``[0, experts)`` gives a row of zeros; ``max_rows``: at most
-        this many rows share an expert (0: any number)."""
+        ``(experts, out)``; an id outside ``[0, experts)`` gives a row of zeros; ``max_rows``: the rows
+        one expert is expected to take, which sizes the kernels' tiles (0: up to all; more still come out
+        right)."""
         return ops.dequant_matmul_experts(x, experts, self.qweight, self.scales, self.zeros, self.spec.bits,
                                           self.experts, bias, max_rows, backend=self.backend)
 

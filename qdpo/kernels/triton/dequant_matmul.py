@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from qdpo.kernels.backends import Unsupported, register
-from qdpo.kernels.reference import expert_segments, rows_per_expert
+from qdpo.kernels.reference import expert_segments, rows_per_expert, segment_blocks
 from qdpo.kernels.triton._common import cast_out, codes_in_place, codes_minus_z, int32_words, tl_dtype, word_halves
 from qdpo.kernels.triton.dequant_matmul_gemm import (
     DX_CPU, DX_GPU, GEMM_CPU, GEMM_GPU, INT32_LIMIT, Packed, _dequant_tile, _group_params, _packed,
@@ -191,23 +191,31 @@ def _gemv_kernel(
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr = False,
-    ids_ptr=None, GROUPED: tl.constexpr = False, SEGMENTS: tl.constexpr = False, CHUNKS=1,
+    ids_ptr=None, GROUPED: tl.constexpr = False, SEGMENTS: tl.constexpr = False, EXPERTS=1,
+    EXPERTS_BLOCK: tl.constexpr = 1,
 ):
     """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split). WORDS (M = 1):
     ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words. GROUPED (one split;
     dequant_matmul_experts), the weights' slices of N rows one per expert: program axis 2 is a pair of
     row p of x and expert ``ids[p]`` (in range; M = 1), whose N rows (and row of bias) give row p of y;
-    or with SEGMENTS, x's rows sorted by expert, ``ids`` the experts' offsets (expert e's rows
-    ``ids[e] .. ids[e + 1]``): axis 2 is ``e · CHUNKS + c``, chunk c of BLOCK_M of expert e's rows (a
-    program without rows returns at once)."""
+    or with SEGMENTS, x's rows sorted by expert, ``ids`` the EXPERTS experts' offsets (expert e's rows
+    ``ids[e] .. ids[e + 1]``, EXPERTS_BLOCK >= EXPERTS a power of two): axis 2 is the z-th chunk of
+    BLOCK_M rows of one expert in expert order, found from all the offsets (a prefix sum of the
+    experts' chunk counts); a program past the last chunk returns at once."""
     if GROUPED:
         if SEGMENTS:
             z = tl.program_id(2)
-            e = z // CHUNKS
-            lo = tl.load(ids_ptr + e) + BLOCK_M * (z - e * CHUNKS)
-            M = tl.minimum(tl.load(ids_ptr + e + 1) - lo, BLOCK_M)
-            if M <= 0:
+            ex = tl.arange(0, EXPERTS_BLOCK)
+            lo_e = tl.load(ids_ptr + ex, mask=ex < EXPERTS, other=0)
+            hi_e = tl.load(ids_ptr + ex + 1, mask=ex < EXPERTS, other=0)
+            n_e = (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M
+            ends = tl.cumsum(n_e, 0)  # non-decreasing: the chunks of experts 0 .. e
+            e = tl.sum((ends <= z).to(tl.int32), 0)  # the first expert whose chunks reach past z
+            if e >= EXPERTS:
                 return
+            mine = ex == e
+            lo = tl.sum(tl.where(mine, lo_e + BLOCK_M * (z - ends + n_e), 0), 0)
+            M = tl.minimum(tl.sum(tl.where(mine, hi_e, 0), 0) - lo, BLOCK_M)
             row0 = e * N
             x_ptr += lo * stride_xm
             out_ptr += lo * stride_om
@@ -283,11 +291,14 @@ GEMV_GPU = (
 
 
 # --------------------------------------------------------------------------- launches
-def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None, chunks: int = 0) -> None:
+def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None,
+                 segments: bool = False) -> None:
     """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction). ``ids``
     (int32, in range): row p of x2 on rows ``ids[p]·N ..`` of the weights into row p of y (one split);
-    with ``chunks``, the experts' offsets into x2 sorted by expert, ``chunks`` programs of 16 rows each."""
-    m = (16 if chunks else 1) if ids is not None else x2.shape[0]
+    with ``segments``, the experts' offsets into x2 sorted by expert, one program per chunk of 16 rows
+    that any routing could make."""
+    m = (16 if segments else 1) if ids is not None else x2.shape[0]
+    experts = ids.shape[0] - 1 if segments else 1
     bk = w.block_k(cfg.block_k)
     tiles = triton.cdiv(w.k, bk)
     per_split = triton.cdiv(tiles, min(cfg.split_k if ids is None else 1, tiles))
@@ -296,7 +307,7 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
     grid = (triton.cdiv(w.n, cfg.block_n), split) + (
-        () if ids is None else ((ids.shape[0] - 1) * chunks,) if chunks else (ids.shape[0],))
+        () if ids is None else (segment_blocks(x2.shape[0], experts, 16),) if segments else (ids.shape[0],))
     # whole aligned words: the word path (M = 1 only; the M <= 16 dot path gained nothing, static sm_90)
     words = int32_words(w.qweight) if m == 1 else None
     qw = w.qweight if words is None else words
@@ -307,7 +318,8 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
-        ids_ptr=ids, GROUPED=ids is not None, SEGMENTS=chunks > 0, CHUNKS=max(chunks, 1),
+        ids_ptr=ids, GROUPED=ids is not None, SEGMENTS=segments, EXPERTS=experts,
+        EXPERTS_BLOCK=max(16, triton.next_power_of_2(experts)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -401,8 +413,9 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     one row per expert at most (``max_rows`` 1, or one row): the M = 1 GEMV, one program column per row
     of x on its expert's rows of the weights (ids read on the device; rows of ids outside
     ``[0, num_experts)`` run expert 0 and are then zeroed). Else the rows sorted by expert on the device,
-    one program column per expert and chunk of 16 of its rows (the ``tl.dot`` path), so each chosen
-    expert's weights are read once; programs without rows return at once."""
+    one program column per chunk of 16 of one expert's rows (the ``tl.dot`` path), found by the program
+    from the experts' offsets, so each chosen expert's weights are read once per chunk; the grid holds
+    as many as any routing could make (``segment_blocks``), those past the last chunk return at once."""
     w_all = Packed.of(qweight, scales, zeros, bits)
     _check_rows(x, w_all.k, "x")
     w = dataclasses.replace(w_all, n=w_all.n // num_experts)  # one expert's rows; the pointers: all of them
@@ -425,13 +438,9 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
         valid = (experts >= 0) & (experts < num_experts)
         _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
         return torch.where(valid[:, None], y, torch.zeros_like(y))
-    chunks = triton.cdiv(rows, 16)
-    if num_experts * chunks > MAX_PAIRS:
-        raise Unsupported(f"{num_experts} experts in chunks of 16 of up to {rows} rows: more than {MAX_PAIRS} "
-                          f"programs along the grid's third axis")
     order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
     ys = torch.zeros_like(y)
-    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, chunks)
+    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, segments=True)
     return y.index_copy_(0, order, ys)
 
 
