@@ -1,18 +1,19 @@
 """Benchmarks of a mixture of experts' experts module at decode: qdpo's packed experts against bf16.
 
 Conditions: one Mixtral-8x7B experts module on a GPU (8 experts, hidden 4096, intermediate 14336,
-top 2), on the CPU a tiny one (hidden 64, intermediate 128); tokens M ∈ {1, 16}, routed at random
-(fixed seed) in bf16. The timed call is the module's forward from routed tokens to their summed
-outputs (routing itself, a small matmul, is outside), run eagerly: the packed path's per-expert
-launches sync once with the host to split tokens by expert, as transformers' own eager experts loop
-does; its grouped launches (up to 16 tokens) do not. GB/s counts the
-weight bytes of the experts the tokens chose (packed codes + scales + zeros, or bf16).
+top 2), on the CPU a tiny one (hidden 64, intermediate 128); tokens M ∈ {1, 16, 64} (64: a short
+prefill, 16 rows per expert on average), routed at random (fixed seed) in bf16. The timed call is the
+module's forward from routed tokens to their summed outputs (routing itself, a small matmul, is
+outside), run eagerly: the packed path's per-expert launches sync once with the host to split tokens
+by expert, as transformers' own eager experts loop does; its grouped launches (up to 16 tokens, and on
+the GPU backends up to 16 rows per expert on average: experts.ROUTED_ROWS_PER_EXPERT) do not. GB/s
+counts the weight bytes of the experts the tokens chose (packed codes + scales + zeros, or bf16).
 
 Impls: ``bf16`` (transformers' module with bf16 weights, its default experts implementation),
 ``packed-<backend>`` (qdpo W4 g128 (g32 on the CPU) packed experts: each chosen expert's rows through
-``dequant_matmul``; up to 16 tokens instead run one grouped launch per product, ``dequant_matmul_experts``,
-without a host sync) for the backends available, ``packed-cuda-per-expert`` (the per-expert launches
-with their host sync, to compare), and ``dequantize-all`` (the packed codes
+``dequant_matmul``; the tokens above instead run one grouped launch per product,
+``dequant_matmul_experts``, without a host sync) for the backends available, ``packed-cuda-per-expert``
+(the per-expert launches with their host sync, to compare), and ``dequantize-all`` (the packed codes
 dequantized for every expert each call, then the module's own forward: what the packed path avoids).
 Each row's ``speedup`` is the bf16 module's time on the same tokens over the row's.
 """
@@ -35,7 +36,7 @@ GPU = torch.cuda.is_available()
 DEV = common.device()
 SIZES = dict(hidden_size=4096, intermediate_size=14336) if GPU else dict(hidden_size=64, intermediate_size=128)
 EXPERTS, TOP_K = 8, 2
-MS = (1, 16)
+MS = (1, 16, 64)
 GROUP = 128 if GPU else 32
 IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
 

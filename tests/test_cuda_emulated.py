@@ -578,7 +578,8 @@ def test_quantized_bf16_model_decodes_on_the_cuda_gemv(emulated, E, monkeypatch,
 def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch):
     """A packed bf16 mixture of experts' decode step with every op on the cuda backend: each experts
     module takes two grouped launches (dequant_matmul_experts), and the logits match the reference
-    backend's per-expert launches."""
+    backend's per-expert launches. So does a prefill of 18 tokens (36 rows over 4 experts: 9 per expert
+    on average, within one tile)."""
     import qdpo.quant.experts as experts
     from tests import test_experts
 
@@ -587,7 +588,8 @@ def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch
     launches, grouped = [], backends._IMPLS["cuda"]["dequant_matmul_experts"]
     monkeypatch.setitem(backends._IMPLS["cuda"], "dequant_matmul_experts",
                         lambda *a: launches.append(a[0].shape) or grouped(*a))
-    for ids in (test_experts.IDS[:1, :1], test_experts.IDS[:, :1]):  # one token (pairs), two (segments)
+    # one token (pairs), two (segments), 2 × 9 (a prefill of 18 tokens: segments)
+    for ids in (test_experts.IDS[:1, :1], test_experts.IDS[:, :1], test_experts.IDS):
         with torch.no_grad(), monkeypatch.context() as mp:
             mp.setattr(experts, "ROUTED_DECODE", False)
             want = model(ids).logits.float()  # auto on CPU tensors: the reference

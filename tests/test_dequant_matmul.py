@@ -348,7 +348,7 @@ def _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows):
             continue
         rows = slice(eid * n, (eid + 1) * n)
         w = dmg.Packed.of(q[rows], s[rows], z[rows], bits)
-        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, min(max_rows or len(ids), len(ids))))] \
+        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, min(max_rows or len(ids), len(ids), 16)))] \
             if x.is_cuda else dm.GEMV_CPU
         for lo in range(0, len(sel), 16):
             part = sel[lo:lo + 16]

@@ -663,6 +663,49 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
         assert not launches
 
 
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_packed_prefill_with_few_rows_per_expert_takes_the_grouped_launches(arch, monkeypatch):
+    """More tokens than a decode step (20) whose (token, expert) pairs make at most 16 rows per expert on
+    average (40 rows over 4 experts) take the grouped launches too on a backend with GPU kernels (here
+    triton, under the interpreter), without reading an expert id on the host, and give the per-expert
+    launches' output within fp32 rounding; 40 tokens (20 rows per expert) keep the per-expert launches,
+    and so does the reference backend (auto on CPU tensors), which would dequantize an expert per row."""
+    import qdpo.quant.experts as experts
+
+    model = tiny_moe(arch)
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    m = _experts_modules(model)[0]
+    e, g = m.qdpo_down_proj.experts, torch.Generator().manual_seed(4)
+    launches, real = [], experts.ops.dequant_matmul_experts
+    monkeypatch.setattr(experts.ops, "dequant_matmul_experts",
+                        lambda *a, **kw: launches.append((a[0].shape[0], kw.get("backend"))) or real(*a, **kw))
+
+    def step(t):
+        x = torch.randn(t, model.config.hidden_size, generator=g)
+        idx = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(t)])
+        return x, idx, torch.softmax(torch.randn(t, 2, generator=g), -1)
+
+    with torch.no_grad():
+        x, idx, w = step(20)
+        with monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = m(x, idx, w)
+        assert m(x, idx, w) is not None and not launches  # auto on CPU tensors: the reference, per expert
+        with monkeypatch.context() as mp:
+            mp.setenv("QDPO_BACKEND", "triton")
+            for name in ("item", "tolist", "__bool__", "__int__"):
+                mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the prefill"))
+            got = m(x, idx, w)
+        assert [n for n, _ in launches] == [40, 40]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        launches.clear()
+        x, idx, w = step(40)
+        with monkeypatch.context() as mp:
+            mp.setenv("QDPO_BACKEND", "triton")
+            m(x, idx, w)
+        assert not launches
+
+
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])
 def test_awq_scales_the_experts_input_with_the_router(arch):
     # the experts' first product reads the flattened output of the post-attention norm, as the router

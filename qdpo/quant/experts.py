@@ -236,22 +236,36 @@ def _expert_output(self, y: Tensor) -> Tensor:
 # False: packed experts run one launch per chosen expert and product at decode too (benchmarks compare)
 ROUTED_DECODE = True
 ROUTED_MAX_TOKENS = 16  # up to this many tokens (a decode step's batch) take the grouped launches
+# More tokens (prefill) too, on the GPU kernels, while the (token, expert) pairs make at most this many rows
+# per expert on average: one GEMV tile (16 rows), the kernel the per-expert launches would give most experts
+ROUTED_ROWS_PER_EXPERT = 16
 
 
-def _routed(up: QuantExpertTensor, x: Tensor) -> bool:
+def _routed(up: QuantExpertTensor, x: Tensor, top_k: int) -> bool:
     """Whether the packed forward takes one grouped launch per product (:func:`_packed_routed_forward`):
     a decode step's few tokens (each expert then gets at most one row per token, at most 16 rows, one
-    GEMV block's; more tokens, as in prefill, run each expert as a GEMM), a backend that implements it,
-    and no gradient to carry (the grouped op has none)."""
-    return (ROUTED_DECODE and x.shape[0] <= ROUTED_MAX_TOKENS
-            and backends.serves(up.backend, "dequant_matmul_experts")
-            and not (torch.is_grad_enabled() and x.requires_grad))
+    GEMV tile's), or more tokens (prefill) whose pairs make at most :data:`ROUTED_ROWS_PER_EXPERT` rows
+    per expert on average, where the grouped op runs on the GPU kernels (the cuda or triton backend; the
+    reference one dequantizes an expert per row). Then the per-expert launches would run the same GEMV on
+    most experts, one launch pair per expert after a host sync; an expert given more rows gets more
+    chunks of the grouped kernel (per expert, more than 16 rows go to the GEMM route). More rows per
+    expert keep the per-expert launches. Also: a backend that implements the op, and no gradient to
+    carry (the grouped op has none)."""
+    if not (ROUTED_DECODE and backends.serves(up.backend, "dequant_matmul_experts")
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return False
+    if x.shape[0] <= ROUTED_MAX_TOKENS:
+        return True
+    backend = backends.requested(up.backend)
+    kernels = backend in ("cuda", "triton") or (backend == "auto" and x.is_cuda)
+    return kernels and x.shape[0] * top_k <= ROUTED_ROWS_PER_EXPERT * up.experts
 
 
 def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, up: QuantExpertTensor,
                            down: QuantExpertTensor, up_name: str) -> Tensor:
-    """A decode step's experts in two grouped launches (``dequant_matmul_experts`` over the (token, expert)
-    pairs, the ids read on the device; each token picks distinct experts, so at most T rows share one):
+    """A decode step's (or a short prefill's) experts in two grouped launches (``dequant_matmul_experts``
+    over the (token, expert) pairs, the ids read on the device; each token picks distinct experts, so at
+    most T rows share one, the tile sized for up to 16):
     no host sync and a fixed number of launches, so a decode step can be captured in a CUDA graph. The
     same sums as :func:`_packed_forward`, in the same order: each pair's fp32 output times its routing
     weight, added to zero in ascending expert order (ids past the experts give zeros)."""
@@ -260,9 +274,10 @@ def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: 
     valid = (ids >= 0) & (ids < up.experts)
     clamped = torch.where(valid, ids, torch.zeros_like(ids))
     up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
-    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias, t)
+    rows = min(t, ROUTED_MAX_TOKENS)  # each expert's expected rows at most: the tile (16 rows at most)
+    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias, rows)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None, t)
+    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None, rows)
     y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
     y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
     order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)
@@ -279,11 +294,12 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
     The interface of transformers' experts implementations: tokens (T, H), the chosen experts and their
     routing weights (T, top_k); gating by the module's own ``_apply_gate`` (or ``act_fn``), optional
     biases and post-expert norm. Outputs are summed in fp32 in a fixed order (by expert). A decode step's
-    few tokens take :func:`_packed_routed_forward` instead, without a host sync."""
+    few tokens (and, on the GPU kernels, more tokens with few rows per expert: :func:`_routed`) take
+    :func:`_packed_routed_forward` instead, without a host sync."""
     x = autocast_input(hidden_states)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = self._modules[PREFIX + up_name], self._modules[PREFIX + "down_proj"]
-    if _routed(up, x):
+    if _routed(up, x, top_k_index.shape[-1]):
         try:
             return _packed_routed_forward(self, x, top_k_index, top_k_weights, up, down, up_name).to(
                 hidden_states.dtype)

@@ -431,9 +431,10 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
         return y
     x = x.contiguous()
     rows = rows_per_expert(p, max_rows)
-    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the GEMV of `rows` rows on N rows
-    cfg = pick_config("gemv-experts", tuning_key(x, w, rows), cands,
-                      lambda c: _launch_gemv(x[:rows], w, bias, y[:rows], c._replace(split_k=1)))
+    tile = min(rows, 16)  # a program's rows at most
+    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the GEMV of a tile's rows on N rows
+    cfg = pick_config("gemv-experts", tuning_key(x, w, tile), cands,
+                      lambda c: _launch_gemv(x[:tile], w, bias, y[:tile], c._replace(split_k=1)))
     if rows == 1:
         valid = (experts >= 0) & (experts < num_experts)
         _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
