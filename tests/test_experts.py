@@ -663,6 +663,25 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
         assert not launches
 
 
+def test_packed_decode_step_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) takes a packed experts module's decode step whole (no host read to
+    break the graph; the grouped op traced through its fake impl) and gives the eager output; the
+    per-expert launches of 17 tokens read the routing on the host, which fullgraph refuses."""
+    model = tiny_moe("Mixtral")
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    m = _experts_modules(model)[0]
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(17, model.config.hidden_size, generator=g)
+    idx, w = torch.randint(0, 4, (17, 2), generator=g), torch.full((17, 2), 0.5)
+    idx[:, 1] = (idx[:, 0] + 1) % 4  # distinct experts per token
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # the graph capture, not a code generator
+    with torch.no_grad():
+        assert torch.equal(compiled(x[:3], idx[:3], w[:3]), m(x[:3], idx[:3], w[:3]))
+        with pytest.raises(Exception, match="(?i)graph break|tolist|item|data-dependent"):
+            compiled(x, idx, w)
+
+
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
 def test_packed_prefill_with_few_rows_per_expert_takes_the_grouped_launches(arch, monkeypatch):
     """More tokens than a decode step (20) whose (token, expert) pairs make at most 16 rows per expert on
