@@ -1,8 +1,11 @@
 """Benchmarks of a mixture of experts' experts module at decode: qdpo's packed experts against bf16.
 
 Conditions: one Mixtral-8x7B experts module on a GPU (8 experts, hidden 4096, intermediate 14336,
-top 2), on the CPU a tiny one (hidden 64, intermediate 128); tokens M ∈ {1, 16, 64} (64: a short
-prefill, 16 rows per expert on average), routed at random (fixed seed) in bf16. The timed call is the
+top 2; tokens M ∈ {1, 16, 64}, 64 a short prefill of 16 rows per expert on average) and one
+Qwen3-30B-A3B experts module (128 experts, hidden 2048, intermediate 768, top 8; M ∈ {4, 256}: a
+decode step whose 32 rows leave most experts without one, and a prefill of 16 rows per expert on
+average), on the CPU tiny ones (hidden 64; 8 and 16 experts); tokens routed at random (fixed seed) to
+distinct experts, in bf16. The timed call is the
 module's forward from routed tokens to their summed outputs (routing itself, a small matmul, is
 outside), run eagerly: the packed path's per-expert launches sync once with the host to split tokens
 by expert, as transformers' own eager experts loop does; its grouped launches (up to 16 tokens, and on
@@ -34,64 +37,88 @@ from qdpo.quant.experts import QuantExpertTensor, quantized_experts
 
 GPU = torch.cuda.is_available()
 DEV = common.device()
-SIZES = dict(hidden_size=4096, intermediate_size=14336) if GPU else dict(hidden_size=64, intermediate_size=128)
-EXPERTS, TOP_K = 8, 2
-MS = (1, 16, 64)
 GROUP = 128 if GPU else 32
+# name: (transformers architecture, its module, its experts arguments, sizes on a GPU, sizes on the CPU)
+MODELS = {
+    "mixtral": ("Mixtral", "mixtral", dict(num_local_experts=8, num_experts_per_tok=2),
+                dict(hidden_size=4096, intermediate_size=14336), dict(hidden_size=64, intermediate_size=128)),
+    "qwen3-moe": ("Qwen3Moe", "qwen3_moe", dict(num_experts=128, num_experts_per_tok=8),
+                  dict(hidden_size=2048, moe_intermediate_size=768),
+                  dict(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)),
+}
 IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
+CASES = ([("mixtral", m, impl) for m in (1, 16, 64) for impl in IMPLS]
+         + [("qwen3-moe", m, impl) for m in (4, 256) for impl in IMPLS[:4]])
+
+
+@functools.lru_cache(maxsize=None)
+def _config(model: str):
+    import transformers
+
+    arch, _, moe, gpu_sizes, cpu_sizes = MODELS[model]
+    cfg = getattr(transformers, f"{arch}Config")(**{**moe, **(gpu_sizes if GPU else cpu_sizes)})
+    cfg._experts_implementation = "grouped_mm" if GPU else "eager"  # what from_pretrained picks on each
+    return cfg
+
+
+def _shape(model: str) -> tuple[int, int, int, int]:
+    """(experts, top k, hidden, intermediate) of the model's experts module."""
+    cfg = _config(model)
+    experts_n = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return experts_n, cfg.num_experts_per_tok, cfg.hidden_size, inter
 
 
 @functools.lru_cache(maxsize=1)
-def _experts():
-    """A bf16 Mixtral experts module (weights ~N(0, 0.02))."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+def _experts(model: str):
+    """A bf16 experts module of the model (weights ~N(0, 0.02))."""
+    import importlib
 
-    cfg = MixtralConfig(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, **SIZES)
-    cfg._experts_implementation = "grouped_mm" if GPU else "eager"  # what from_pretrained picks on each
-    m = MixtralExperts(cfg)
+    arch, module = MODELS[model][:2]
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    m = getattr(mod, f"{arch}Experts")(_config(model))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
     return m.to(DEV, torch.bfloat16).eval()
 
 
-def _packed(backend: str):
-    m = copy.deepcopy(_experts())
+def _packed(model: str, backend: str):
+    m = copy.deepcopy(_experts(model))
     holder = torch.nn.Module()
     holder.experts = m
     qdpo.quantize_model(holder, qdpo.QuantSpec(4, GROUP), mode="packed", backend=backend, exclude=())
     return m
 
 
-def _routed(m: int):
+def _routed(model: str, m: int):
+    n_experts, top_k, hidden, _ = _shape(model)
     g = torch.Generator(device="cpu").manual_seed(m)
-    x = (torch.randn(m, SIZES["hidden_size"], generator=g) * 0.5).to(DEV, torch.bfloat16)
-    idx = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(m)]).to(DEV)
-    w = torch.softmax(torch.randn(m, TOP_K, generator=g), -1).to(DEV, torch.bfloat16)
+    x = (torch.randn(m, hidden, generator=g) * 0.5).to(DEV, torch.bfloat16)
+    idx = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(m)]).to(DEV)
+    w = torch.softmax(torch.randn(m, top_k, generator=g), -1).to(DEV, torch.bfloat16)
     return x, idx, w
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("m", MS)
-def test_moe_experts_decode(benchmark, m, impl):
+@pytest.mark.parametrize("model,m,impl", CASES)
+def test_moe_experts_decode(benchmark, model, m, impl):
     backend = impl.removeprefix("packed-").removesuffix("-per-expert") if impl.startswith("packed-") else "auto"
     if impl.startswith("packed-") and backend not in backends.available(DEV):
         pytest.skip(f"the {backend} backend is not available here")
     per_expert = impl.endswith("-per-expert")
-    x, idx, w = _routed(m)
+    x, idx, w = _routed(model, m)
     chosen = int(idx.unique().numel())
-    h, i = SIZES["hidden_size"], SIZES["intermediate_size"]
+    n_experts, _, h, i = _shape(model)
     weights = 3 * h * i  # per expert: gate, up, down
     if impl == "bf16":
-        mod, nbytes = _experts(), chosen * weights * 2
+        mod, nbytes = _experts(model), chosen * weights * 2
     else:
-        mod = _packed(backend)
+        mod = _packed(model, backend)
         q = next(iter(quantized_experts(mod).values()))
         nbytes = chosen * weights * (q.spec.bits / 8 + 3 / GROUP)  # codes, bf16 scale and uint8 zero per group
         if impl == "dequantize-all":
             qs = list(quantized_experts(mod).values())
-            nbytes = EXPERTS * weights * (q.spec.bits / 8 + 3 / GROUP) + EXPERTS * weights * 2
+            nbytes = n_experts * weights * (q.spec.bits / 8 + 3 / GROUP) + n_experts * weights * 2
 
             def every():
                 for t in qs:
@@ -112,17 +139,17 @@ def test_moe_experts_decode(benchmark, m, impl):
     try:
         with torch.no_grad():
             fn()
-            row = common.bench(benchmark, "moe_experts", f"mixtral M{m}" if GPU else f"tiny M{m}", impl,
+            row = common.bench(benchmark, "moe_experts", f"{model} M{m}" if GPU else f"tiny {model} M{m}", impl,
                                torch.no_grad()(fn), nbytes=nbytes, M=m, experts_chosen=chosen)
     finally:
         experts.ROUTED_DECODE = True
-    row["speedup"] = _bf16_ms(m) / row["median_ms"]
+    row["speedup"] = _bf16_ms(model, m) / row["median_ms"]
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_ms(m: int) -> float:
+def _bf16_ms(model: str, m: int) -> float:
     """The bf16 module's time on the same routed tokens: each row's ``speedup`` is against it."""
-    x, idx, w = _routed(m)
-    mod = _experts()
+    x, idx, w = _routed(model, m)
+    mod = _experts(model)
     with torch.no_grad():
         return common.time_ms(lambda: mod(x, idx, w))["median_ms"]
