@@ -35,6 +35,7 @@ struct GemvArgs {
   const int32_t* pair_expert = nullptr;  // grouped (dequant_matmul_experts): (P,) expert of each x row, or
                                          // (experts + 1,) offsets of each expert's rows (segments)
   int experts = 0;                       // grouped: experts in qweight (N rows each)
+  int pairs = 0;                         // grouped: rows of x (segments: each offset is clamped to 0 .. pairs)
 };
 
 int launch_gemv_fma(const GemvArgs& a, bool vec8, cudaStream_t stream);

@@ -346,6 +346,7 @@ int dequant_matmul_experts(ptr_t x, int x_dtype, int64_t pairs, ptr_t pair_exper
                          0, 1);
   a.pair_expert = reinterpret_cast<const int32_t*>(pair_expert);
   a.experts = static_cast<int>(experts);
+  a.pairs = static_cast<int>(pairs);
   const dim3 grid(static_cast<unsigned>(cdiv(n, gemv_block_rows(p))), 1,
                   static_cast<unsigned>(seg_rows ? segment_blocks(pairs, experts, 8 * p.mt) : pairs));
   QDPO_LAUNCH(grid, p.warps * 32, 0, reinterpret_cast<cudaStream_t>(stream),

@@ -363,7 +363,7 @@ struct Segment {
   int expert, lo, m;  // m = 0: no chunk for this block
 };
 template <int R>
-__device__ QDPO_NOINLINE Segment find_segment(const int32_t* offsets, int experts, int z) {
+__device__ QDPO_NOINLINE Segment find_segment(const int32_t* offsets, int experts, int rows, int z) {
   QDPO_SHARED(4, int, warp_chunks, [32]);
   QDPO_SHARED(4, int, found, [3]);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -372,7 +372,10 @@ __device__ QDPO_NOINLINE Segment find_segment(const int32_t* offsets, int expert
   int before = 0;  // the chunks of the experts of earlier rounds
   for (int base = 0; base < experts; base += static_cast<int>(blockDim.x)) {
     const int e = base + tid;
-    const int lo = e < experts ? offsets[e] : 0, hi = e < experts ? offsets[e + 1] : 0;
+    // clamped to 0 <= lo <= hi <= rows: offsets that are not the experts' ranges (dequant_matmul_segments
+    // takes them from the caller) give wrong rows, never a read or write outside x and y
+    const int lo = e < experts ? min(max(offsets[e], 0), rows) : 0;
+    const int hi = e < experts ? min(max(offsets[e + 1], lo), rows) : 0;
     const int n = (hi - lo + R - 1) / R;
     int incl = n, group = n;  // incl: the chunks of experts base .. e; group: of the lane's aligned group
     QDPO_UNROLL
@@ -409,7 +412,7 @@ __global__ void __launch_bounds__(W * 32, min_blocks(BITS, MT, RT, W, XS, SC)) g
   OutRow out;  // GR: the block's first row of y, its expert's row of bias
   int row_base = 0;  // GR: its expert's first weight row
   if constexpr (GR == kSegments) {
-    const Segment seg = find_segment<8 * MT>(a.pair_expert, a.experts, static_cast<int>(blockIdx.z));
+    const Segment seg = find_segment<8 * MT>(a.pair_expert, a.experts, a.pairs, static_cast<int>(blockIdx.z));
     a.m = seg.m;
     if (a.m <= 0) return;  // the same for the whole block
     row_base = seg.expert * a.n;

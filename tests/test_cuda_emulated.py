@@ -449,6 +449,10 @@ def test_gemv_reads_stay_inside_their_operands(emulated, monkeypatch, side, bits
                                        splits=1)
             assert torch.equal(ye[p:p + 1], want), eid
         assert not ye[2].any()
+        # dequant_matmul_segments with offsets that are not ranges (decreasing, past P, negative): the kernel
+        # clamps each to 0 .. P, so no read or write leaves x and y
+        bad = _guarded(torch.tensor([0, 9, -4, 10**6], dtype=torch.int32), side, keep)
+        assert cuda.dequant_matmul_segments(xe, bad, *qes, bits, 3, be, 2).isfinite().all()
     finally:
         _unguard(keep)
 
@@ -585,9 +589,10 @@ def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch
 
     model = test_experts.tiny_moe(arch).to(torch.bfloat16)
     qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
-    launches, grouped = [], backends._IMPLS["cuda"]["dequant_matmul_experts"]
-    monkeypatch.setitem(backends._IMPLS["cuda"], "dequant_matmul_experts",
-                        lambda *a: launches.append(a[0].shape) or grouped(*a))
+    launches = []
+    for op in ("dequant_matmul_experts", "dequant_matmul_segments"):  # one token: pairs; more: sorted once
+        monkeypatch.setitem(backends._IMPLS["cuda"], op,
+                            lambda *a, grouped=backends._IMPLS["cuda"][op]: launches.append(a[0].shape) or grouped(*a))
     # one token (pairs), two (segments), 2 × 9 (a prefill of 18 tokens: segments)
     for ids in (test_experts.IDS[:1, :1], test_experts.IDS[:, :1], test_experts.IDS):
         with torch.no_grad(), monkeypatch.context() as mp:

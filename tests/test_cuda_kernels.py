@@ -318,6 +318,13 @@ def test_dequant_matmul_experts_takes_each_experts_rows_together(bits, gs, xdtyp
     assert plan["segment_rows"] == (max_rows or len(ids)) and plan["kernel"] == "mma" and plan["splits"] == 1
     y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend=B)
     _check_segments(y, x, ids, q, s, z, bits, e, bias, plan["warps"])
+    # the same launch on rows the caller sorted (dequant_matmul_segments): y in that order
+    order, offsets = ref.expert_segments(ids.to(DEV), e)
+    ys = OPS.dequant_matmul_segments(x[order], offsets, q, s, z, bits, e, bias, max_rows, backend=B)
+    assert torch.equal(ys, y[order])
+    # offsets that are not the experts' ranges (decreasing, past P, negative): wrong rows, nothing outside x, y
+    bad = torch.tensor([0, 9, 2, -4, 10**6], dtype=torch.int32, device=DEV)
+    assert OPS.dequant_matmul_segments(x[:5], bad, q, s, z, bits, e, bias, max_rows, backend=B).isfinite().all()
 
 
 def _check_segments(y, x, ids, q, s, z, bits, e, bias, warps):

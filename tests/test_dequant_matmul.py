@@ -313,6 +313,13 @@ def test_experts_rows_of_one_expert_run_together(bits, gs, xdtype, max_rows):
     x = _rand(len(ids), k, dtype=xdtype, seed=6)
     y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
     _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows)
+    # the same launch on rows the caller sorted (dequant_matmul_segments): y in that order
+    order, offsets = ref.expert_segments(ids.to(DEV), e)
+    ys = OPS.dequant_matmul_segments(x[order], offsets, q, s, z, bits, e, bias, max_rows, backend="triton")
+    assert torch.equal(ys, y[order])
+    # offsets that are not the experts' ranges (decreasing, past P, negative): wrong rows, nothing outside x, y
+    bad = torch.tensor([0, 9, -4, 10**6], dtype=torch.int32, device=DEV)
+    assert OPS.dequant_matmul_segments(x[:5], bad, q, s, z, bits, e, bias, max_rows, backend="triton").isfinite().all()
 
 
 def test_experts_segments_need_no_program_per_expert():

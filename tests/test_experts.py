@@ -532,9 +532,9 @@ def test_experts_on_the_gpu(arch, backend):
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
 def test_packed_bf16_decode_step_on_the_gpu_and_in_a_graph(arch, backend, monkeypatch):
     """A packed bf16 MoE's decode step on each GPU backend: the grouped launches (dequant_matmul_experts)
-    give the per-expert launches' logits within bf16 rounding, and one experts module's forward, captured
-    in a CUDA graph, follows new routing written into its index tensor on replay (nothing in it depends
-    on the host seeing the ids)."""
+    give the per-expert launches' logits within bf16 rounding, and one experts module's forward of one
+    and of three tokens, captured in a CUDA graph, follows new routing written into its index tensor on
+    replay (nothing in it depends on the host seeing the ids)."""
     import qdpo.quant.experts as experts
 
     if backend == "cuda":
@@ -550,21 +550,25 @@ def test_packed_bf16_decode_step_on_the_gpu_and_in_a_graph(arch, backend, monkey
         torch.testing.assert_close(routed, per_expert, rtol=0.02, atol=0.02)
         m = _experts_modules(model)[0]
         g = torch.Generator().manual_seed(4)
-        x = torch.randn(1, model.config.hidden_size, generator=g).to(torch.bfloat16).cuda()
-        idx, w = torch.tensor([[3, 1]], device="cuda"), torch.tensor([[0.7, 0.3]], device="cuda", dtype=torch.bfloat16)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            m(x, idx, w)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = m(x, idx, w)
-        for route in ([[3, 1]], [[0, 2]]):
-            idx.copy_(torch.tensor(route))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, m(x, idx, w)), route
+        # one token (a block per pair), three (the pairs sorted on the device, then the segments)
+        for routes in ([[[3, 1]], [[0, 2]]], [[[3, 1], [0, 3], [2, 1]], [[0, 1], [1, 2], [3, 0]]]):
+            t = len(routes[0])
+            x = torch.randn(t, model.config.hidden_size, generator=g).to(torch.bfloat16).cuda()
+            idx = torch.tensor(routes[0], device="cuda")
+            w = torch.softmax(torch.randn(t, 2, generator=g), -1).to("cuda", torch.bfloat16)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                m(x, idx, w)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = m(x, idx, w)
+            for route in routes:
+                idx.copy_(torch.tensor(route))
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, m(x, idx, w)), route
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -618,9 +622,11 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
     """A decode step through a packed experts module: one grouped launch per product over its (token,
     expert) pairs, the expert ids never read on the host (the module runs with Tensor.item, tolist,
     __bool__ and __int__ refused, where the per-expert loop must read them). One token: bit for bit the
-    per-expert loop's output, the same products and fp32 sums in the same order; three tokens: the same
-    within fp32 rounding (the loop multiplies each expert's rows together). An expert-parallel sentinel
-    id (past the experts) adds nothing in either. Seventeen tokens (prefill) keep the loop."""
+    per-expert loop's output, the same products and fp32 sums in the same order (dequant_matmul_experts,
+    a block per pair); three tokens: the same within fp32 rounding (the loop multiplies each expert's
+    rows together), the pairs sorted once for both products (dequant_matmul_segments). An
+    expert-parallel sentinel id (past the experts) adds nothing in either. Seventeen tokens (prefill)
+    keep the loop on the reference backend."""
     import qdpo.quant.experts as experts
 
     model = tiny_moe(arch)
@@ -636,14 +642,15 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
             mp.setattr(experts, "ROUTED_DECODE", False)
             want = [m(x, idx, w) for idx, w in cases]
         launches = []
-        real = experts.ops.dequant_matmul_experts
-        monkeypatch.setattr(experts.ops, "dequant_matmul_experts",
-                            lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
+        for op in ("dequant_matmul_experts", "dequant_matmul_segments"):
+            monkeypatch.setattr(experts.ops, op, lambda *a, op=op, real=getattr(experts.ops, op), **kw:
+                                launches.append((op, *a[0].shape)) or real(*a, **kw))
         with monkeypatch.context() as mp:
             for name in ("item", "tolist", "__bool__", "__int__"):
                 mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
             got = [m(x, idx, w) for idx, w in cases]
-        assert launches == [(k, w) for k in (2, 2, 3) for w in (x.shape[1], m.qdpo_down_proj.in_features)]
+        assert launches == [("dequant_matmul_experts", k, w) for k in (2, 2, 3)
+                            for w in (x.shape[1], m.qdpo_down_proj.in_features)]
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
         three = torch.randn(3, x.shape[1], generator=g)
@@ -656,7 +663,7 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
             for name in ("item", "tolist", "__bool__", "__int__"):
                 mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
             got = m(three, idx, w)
-        assert len(launches) == 2 and launches[0][0] == 6
+        assert [(op, p) for op, p, _ in launches] == [("dequant_matmul_segments", 6)] * 2
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         launches.clear()
         m(torch.randn(17, x.shape[1], generator=g), torch.randint(0, e, (17, 2), generator=g), torch.ones(17, 2) / 2)
@@ -695,9 +702,10 @@ def test_packed_prefill_with_few_rows_per_expert_takes_the_grouped_launches(arch
     qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
     m = _experts_modules(model)[0]
     e, g = m.qdpo_down_proj.experts, torch.Generator().manual_seed(4)
-    launches, real = [], experts.ops.dequant_matmul_experts
-    monkeypatch.setattr(experts.ops, "dequant_matmul_experts",
-                        lambda *a, **kw: launches.append((a[0].shape[0], kw.get("backend"))) or real(*a, **kw))
+    launches = []
+    for op in ("dequant_matmul_experts", "dequant_matmul_segments"):
+        monkeypatch.setattr(experts.ops, op, lambda *a, real=getattr(experts.ops, op), **kw:
+                            launches.append((a[0].shape[0], kw.get("backend"))) or real(*a, **kw))
 
     def step(t):
         x = torch.randn(t, model.config.hidden_size, generator=g)

@@ -46,10 +46,12 @@ def _opcheck_cases():
         (OPS.fake_quant_matmul, (x, wl, sl, z, 4, b)),
         (OPS.fake_quant_matmul_backward, (torch.randn(3, 6), x.detach(), w, s, z, 4, False)),
         (OPS.dequant_matmul_experts, (torch.randn(4, 64), torch.tensor([2, 0, 2, 7]), q, s, z, 4, 3, torch.randn(3, 2))),
+        (OPS.dequant_matmul_segments, (torch.randn(4, 64), torch.tensor([0, 1, 1, 3], dtype=torch.int32), q, s, z, 4,
+                                       3, torch.randn(3, 2))),
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     opcheck(op, args)
@@ -57,8 +59,8 @@ def test_opcheck(case):
 
 def test_every_op_has_a_reference_implementation():
     names = {"qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward",
-             "dequant_matmul", "dequant_matmul_dx", "dequant_matmul_experts", "fake_quant_matmul",
-             "fake_quant_matmul_backward"}
+             "dequant_matmul", "dequant_matmul_dx", "dequant_matmul_experts", "dequant_matmul_segments",
+             "fake_quant_matmul", "fake_quant_matmul_backward"}
     assert names <= set(backends._IMPLS["reference"])
 
 
@@ -197,8 +199,28 @@ def test_dequant_matmul_experts_errors():
         OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, torch.randn(2))
     with pytest.raises(ValueError, match="in_features K=64"):
         OPS.dequant_matmul_experts(torch.randn(2, 32), ids, q, s, z, 4, 3)
-    with pytest.raises(ValueError, match="max_rows=-1; pass the most rows of x one expert may get"):
+    with pytest.raises(ValueError, match="max_rows=-1; pass the rows of x one expert is expected to take"):
         OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, None, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_matmul_segments_is_the_experts_op_on_sorted_rows(dtype):
+    """dequant_matmul_segments on the rows sorted by expert (reference.expert_segments) gives, bit for bit,
+    dequant_matmul_experts' rows in that order, ids outside the experts (sorted last) zeros (test_opcheck
+    covers its registration); its checks name the offsets' expected shape."""
+    w, q, s, z = _problem(n=12, k=64, gs=32, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    x, bias = torch.randn(7, 64, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
+    ids = torch.tensor([3, 0, 3, 4, -2, 1, 3])
+    order, offsets = ref.expert_segments(ids, 4)
+    y = OPS.dequant_matmul_segments(x[order], offsets, q, s, z, 4, 4, bias)
+    assert torch.equal(y, OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 4, bias)[order])
+    assert not y[5:].any() and y[:5].all()  # the two rows of ids outside, sorted last
+    assert OPS.dequant_matmul_segments(x[:0], torch.zeros(5, dtype=torch.int32), q, s, z, 4, 4).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"offsets has dtype torch.int64 and shape \(5,\); pass the experts' int32"):
+        OPS.dequant_matmul_segments(x, offsets.long(), q, s, z, 4, 4)
+    with pytest.raises(ValueError, match=r"offsets has dtype torch.int32 and shape \(4,\).*\(5,\)"):
+        OPS.dequant_matmul_segments(x, offsets[:4], q, s, z, 4, 4)
 
 
 def test_expert_segments_sort_rows_by_expert():

@@ -413,50 +413,41 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None, *, path: str = ""
 
 
 def experts_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, num_experts: int,
-                 max_rows: int = 0) -> dict:
+                 max_rows: int = 0, segments: bool = False) -> dict:
     """The grouped GEMV's plan for :func:`dequant_matmul_experts` (as :func:`gemv_plan`'s; scales in
     x.dtype), unsplit, with ``segment_rows``: 0 where each row of x runs as its own pair (the M = 1 plan,
     its warps per block chosen by the blocks of all rows), else the most rows one expert is expected to
     take (x sorted by expert; the plan of that M, whose tile of 8 or 16 rows is a block's chunk of one
-    expert's rows)."""
+    expert's rows). ``segments``: x comes sorted (:func:`dequant_matmul_segments`), never pairs."""
     n, k = qweight.shape[0] // num_experts, qweight.shape[1] * 8 // bits
     p = x.shape[0]
     seg = rows_per_expert(p, max_rows)
-    seg = seg if seg > 1 else 0
+    seg = max(seg, 1) if segments else seg if seg > 1 else 0
     plan = _C.dequant_matmul_experts_plan(p, n, k, scales.shape[1], bits, _code(x.dtype, "x"),
                                           _code(scales.dtype, "scales"), x.data_ptr(), qweight.data_ptr(),
                                           qweight.stride(0), _sm_count(x.device.index), seg_rows=seg)
     return {**plan, "segment_rows": seg}
 
 
-@register("cuda", "dequant_matmul_experts")
-def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
-    """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV, unsplit.
-    One row per expert at most (``max_rows`` 1, or one row of x): the grid's z axis over the P rows, each
-    block reading its expert id on the device (the M = 1 plan). Else the rows are sorted by expert on
-    the device and each block along z takes one chunk of 8 or 16 of one expert's rows, found by the
-    block from the experts' offsets (``find_segment``): each chosen expert's weights are read once per
-    chunk (once, when its rows fit the tile ``max_rows`` picks), and the grid holds one block per chunk
-    that any routing could make (``segment_blocks``), not one per expert. Serves fp16/bf16 x where the
-    GEMV takes tensor cores (K and the group a multiple of 32, 16-byte aligned x and weight rows) and up
-    to 65535 rows."""
-    dev = _check_device(x, experts, qweight, scales, zeros, bias)
+def _grouped(x, index, qweight, scales, zeros, bits, num_experts, bias, max_rows, segments):
+    """What both grouped ops share: the checks (Unsupported where the grouped GEMV cannot serve), the plan
+    and the launch. Returns ``(seg, launch)``: ``launch(x, index, y)`` runs the grouped GEMV (``index``:
+    the rows' int32 expert ids for pairs, the experts' offsets for segments) into y, allocated by the
+    caller, and ``seg`` is the plan's ``segment_rows`` (0: pairs)."""
+    dev = _check_device(x, index, qweight, scales, zeros, bias)
     x_code = _code(x.dtype, "x")
     if x.dtype == torch.float32:
-        raise Unsupported("dequant_matmul_experts serves fp16 and bf16 x (the tensor-core GEMV); got float32")
+        raise Unsupported("the grouped GEMV serves fp16 and bf16 x (its tensor cores); got float32")
     p, k = x.shape
     rows = qweight.shape[0]
     n = rows // num_experts
     if p > _C.MAX_GROUPED_PAIRS:
         raise Unsupported(f"{p} rows of x: one launch takes at most {_C.MAX_GROUPED_PAIRS}")
-    y = torch.empty(p, n, dtype=x.dtype, device=dev)
     qweight = _rows(qweight)
     scales, zeros = _grid(scales, zeros)
     if scales.dtype != x.dtype:  # as dequant_matmul: the tensor cores read scales in x.dtype
         scales = scales.to(x.dtype)
-    s_code = DTYPE_CODES[scales.dtype]
-    plan = experts_plan(x, qweight, scales, bits, num_experts, max_rows)
-    seg = plan["segment_rows"]
+    plan = experts_plan(x, qweight, scales, bits, num_experts, max_rows, segments)
     if plan["kernel"] != "mma":
         raise Unsupported(f"the grouped GEMV needs K and the group size multiples of 32 and 16-byte aligned x and "
                           f"weight rows; got K={k}, {scales.shape[1]} groups per row")
@@ -466,22 +457,50 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     if bias is not None:
         bias = bias.contiguous()
         _code(bias.dtype, "bias")
-    if p == 0:
+    seg = plan["segment_rows"]
+
+    def launch(xs: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if p:
+            _launch(dev, _C.dequant_matmul_experts, xs.data_ptr(), x_code, p, index.data_ptr(), num_experts, n, k,
+                    scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(),
+                    DTYPE_CODES[scales.dtype], zeros.data_ptr(), _ptr(bias),
+                    DTYPE_CODES[bias.dtype] if bias is not None else 0, y.data_ptr(), _sm_count(dev.index),
+                    seg_rows=seg)
         return y
-    args = (num_experts, n, k, scales.shape[1], bits, qweight.data_ptr(), qweight.stride(0), scales.data_ptr(), s_code,
-            zeros.data_ptr(), _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0)
+
+    return seg, launch
+
+
+@register("cuda", "dequant_matmul_experts")
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``y[p] = x[p] @ ŵ_{experts[p]}ᵀ (+ bias[experts[p]])`` in one launch of the decode GEMV, unsplit.
+    One row per expert at most (``max_rows`` 1, or one row of x): the grid's z axis over the P rows, each
+    block reading its expert id on the device (the M = 1 plan). Else the rows are sorted by expert on
+    the device and run as :func:`dequant_matmul_segments`. Serves fp16/bf16 x where the GEMV takes
+    tensor cores (K and the group a multiple of 32, 16-byte aligned x and weight rows) and up to 65535
+    rows."""
+    seg, launch = _grouped(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows, False)
+    n = qweight.shape[0] // num_experts
     if not seg:
         # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
         ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
-        _launch(dev, _C.dequant_matmul_experts, x.data_ptr(), x_code, p, ids.data_ptr(), *args, y.data_ptr(),
-                _sm_count(dev.index))
-        return y
+        return launch(x, ids, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device))
     order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
-    xs = x[order].contiguous()
-    ys = torch.zeros(p, n, dtype=x.dtype, device=dev)
-    _launch(dev, _C.dequant_matmul_experts, xs.data_ptr(), x_code, p, offsets.data_ptr(), *args, ys.data_ptr(),
-            _sm_count(dev.index), seg_rows=seg)
-    return y.index_copy_(0, order, ys)
+    ys = launch(x[order].contiguous(), offsets, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device).zero_())
+    return torch.empty_like(ys).index_copy_(0, order, ys)
+
+
+@register("cuda", "dequant_matmul_segments")
+def dequant_matmul_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])`` for expert e's rows ``offsets[e] .. offsets[e + 1]`` of x (sorted by
+    expert), in one launch: each block along z takes one chunk of 8 or 16 of one expert's rows, found by
+    the block from the offsets (``find_segment``, each offset clamped to 0 .. P), so each chosen expert's
+    weights are read once per chunk (once, when its rows fit the tile ``max_rows`` picks); the grid holds
+    one block per chunk that any routing could make (``segment_blocks``), not one per expert. Rows from
+    ``offsets[num_experts]`` on stay zero. What :func:`dequant_matmul_experts` serves."""
+    _, launch = _grouped(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows, True)
+    n = qweight.shape[0] // num_experts
+    return launch(x, offsets, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device).zero_())
 
 
 @register("cuda", "dequant_matmul_dx", auto_if=False)

@@ -18,6 +18,7 @@ Ops (``bits`` ∈ {4, 8}; ``scales``/``zeros`` ``(N, n_groups)``; the group size
 ``fake_quant(w, scales, zeros, bits, dtype)``     → ``ŵ``; STE backward
 ``dequant_matmul(x, qweight, scales, zeros, bits, bias)``  → ``x @ ŵᵀ + bias``; ∂x, ∂bias
 ``dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)``  → ``x[p] @ ŵ_{experts[p]}ᵀ``
+``dequant_matmul_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows)``  → the same, x sorted by expert
 ``fake_quant_matmul(x, w, scales, zeros, bits, bias)``     → ``x @ fq(w)ᵀ + bias``; ∂x, ∂w, ∂scales, ∂bias
 =============================  ====================================================
 
@@ -391,25 +392,43 @@ dequant_matmul.register_autograd(_dqmm_backward, setup_context=_dqmm_setup)
 INT_IDS = (torch.int32, torch.int64)
 
 
-def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows) -> tuple[int, int]:
+def _check_grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows) -> tuple[int, int]:
+    """The checks dequant_matmul_experts and dequant_matmul_segments share; returns (N, K) of one expert."""
     rows, k = _check_dequant(qweight, scales, zeros, bits)
     if max_rows < 0:
-        raise ValueError(f"max_rows={max_rows}; pass the most rows of x one expert may get, or 0 for any number")
+        raise ValueError(f"max_rows={max_rows}; pass the rows of x one expert is expected to take (it sizes the "
+                         f"kernels' tiles), or 0 for up to all of them")
     if num_experts < 1 or rows % num_experts:
         raise ValueError(f"num_experts={num_experts} does not split the weight's {rows} rows into equal slices; "
                          f"pass the number of experts the weight holds")
     _check_x(x, k)
     if x.dim() != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}; pass one row per (token, expert) pair: (P, K)")
-    if experts.dtype not in INT_IDS or experts.shape != (x.shape[0],):
-        raise ValueError(f"experts has dtype {experts.dtype} and shape {tuple(experts.shape)}; pass one int32 or "
-                         f"int64 expert id per row of x: ({x.shape[0]},)")
     n = rows // num_experts
     if bias is not None:
         _check_float(bias, "bias")
         if bias.shape != (num_experts, n):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected one row per expert: ({num_experts}, {n})")
-    _check_same_device(x, experts, qweight, bias)
+    _check_same_device(x, qweight, bias)
+    return n, k
+
+
+def _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows) -> tuple[int, int]:
+    n, k = _check_grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    if experts.dtype not in INT_IDS or experts.shape != (x.shape[0],):
+        raise ValueError(f"experts has dtype {experts.dtype} and shape {tuple(experts.shape)}; pass one int32 or "
+                         f"int64 expert id per row of x: ({x.shape[0]},)")
+    _check_same_device(x, experts)
+    return n, k
+
+
+def _check_dqmm_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows) -> tuple[int, int]:
+    n, k = _check_grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    if offsets.dtype != torch.int32 or offsets.shape != (num_experts + 1,):
+        raise ValueError(f"offsets has dtype {offsets.dtype} and shape {tuple(offsets.shape)}; pass the experts' "
+                         f"int32 row offsets into x: ({num_experts + 1},), as qdpo.kernels.reference."
+                         f"expert_segments gives them")
+    _check_same_device(x, offsets)
     return n, k
 
 
@@ -433,6 +452,30 @@ def dequant_matmul_experts(
 @dequant_matmul_experts.register_fake
 def _(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0, backend="auto"):
     n, _ = _check_dqmm_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("qdpo::dequant_matmul_segments", mutates_args=())
+def dequant_matmul_segments(
+    x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, num_experts: int,
+    bias: Optional[Tensor] = None, max_rows: int = 0, backend: str = "auto",
+) -> Tensor:
+    """:func:`dequant_matmul_experts` on rows already sorted by expert: ``y[p] = x[p] @ ŵ_eᵀ (+ bias[e])``
+    for expert e's rows ``offsets[e] .. offsets[e + 1]`` of x, ``offsets`` ``(num_experts + 1,)`` int32,
+    non-decreasing from 0 (``qdpo.kernels.reference.expert_segments(ids, num_experts)`` gives the order
+    and the offsets); rows from ``offsets[num_experts]`` on give zeros. y keeps x's order, so a mixture
+    of experts' two products run back to back on one sort. The offsets are read on the device only;
+    each is clamped to ``0 .. P`` there, so offsets that are not such ranges give wrong rows but never
+    a read or write outside x and y. ``max_rows`` as for :func:`dequant_matmul_experts`. Inference
+    only (no autograd)."""
+    _check_dqmm_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    return backends.call("dequant_matmul_segments", backend, x.device, x.contiguous(), offsets.contiguous(), qweight,
+                         scales, zeros, bits, num_experts, None if bias is None else bias.contiguous(), max_rows)
+
+
+@dequant_matmul_segments.register_fake
+def _(x, offsets, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0, backend="auto"):
+    n, _ = _check_dqmm_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     return x.new_empty(x.shape[0], n)
 
 
@@ -516,5 +559,6 @@ register("reference", "fake_quant_backward")(reference.fake_quant_backward)
 register("reference", "dequant_matmul")(reference.dequant_matmul)
 register("reference", "dequant_matmul_dx")(reference.dequant_matmul_dx)
 register("reference", "dequant_matmul_experts")(reference.dequant_matmul_experts)
+register("reference", "dequant_matmul_segments")(reference.dequant_matmul_segments)
 register("reference", "fake_quant_matmul")(reference.fake_quant_matmul)
 register("reference", "fake_quant_matmul_backward")(reference.fake_quant_matmul_backward)

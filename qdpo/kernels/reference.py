@@ -325,6 +325,26 @@ def dequant_matmul_experts(
     return torch.where(valid[:, None], y, torch.zeros_like(y))
 
 
+def dequant_matmul_segments(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    num_experts: int,
+    bias: torch.Tensor | None = None,
+    max_rows: int = 0,
+) -> torch.Tensor:
+    """:func:`dequant_matmul_experts` on rows sorted by expert: row p of x belongs to expert e where
+    ``offsets[e] <= p < offsets[e + 1]`` (``offsets`` ``(num_experts + 1,)``, as :func:`expert_segments`
+    gives them); rows from ``offsets[num_experts]`` on give zeros. Each row's expert is found on the
+    device (how many experts' rows end at or before it), nothing is read on the host."""
+    p = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+    experts = torch.searchsorted(offsets[1:].contiguous(), p, right=True)  # num_experts: past the last range
+    return dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+
+
 def rows_per_expert(p: int, max_rows: int) -> int:
     """The most of P rows one expert may get under ``dequant_matmul_experts``' ``max_rows`` (0: any)."""
     return min(max_rows or p, p)

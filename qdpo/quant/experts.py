@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from qdpo.kernels import backends, ops
+from qdpo.kernels.reference import expert_segments
 from qdpo.quant.linear import MODES, QuantModes, autocast_input
 from qdpo.quant.spec import QuantSpec
 
@@ -88,6 +89,12 @@ class QuantExpertTensor(QuantModes, nn.Module):
         right)."""
         return ops.dequant_matmul_experts(x, experts, self.qweight, self.scales, self.zeros, self.spec.bits,
                                           self.experts, bias, max_rows, backend=self.backend)
+
+    def matmul_segments(self, x: Tensor, offsets: Tensor, bias: Tensor | None = None, max_rows: int = 0) -> Tensor:
+        """:meth:`matmul_routed` on rows sorted by expert, expert e's at ``offsets[e] .. offsets[e + 1]``
+        (``torch.ops.qdpo.dequant_matmul_segments``; ``qdpo.kernels.reference.expert_segments`` sorts)."""
+        return ops.dequant_matmul_segments(x, offsets, self.qweight, self.scales, self.zeros, self.spec.bits,
+                                           self.experts, bias, max_rows, backend=self.backend)
 
     def matmul(self, x: Tensor, expert: int, bias: Tensor | None = None) -> Tensor:
         """``x @ ŵ_eᵀ (+ bias)`` for expert ``e`` of a packed tensor, on its rows of the packed weight
@@ -274,10 +281,18 @@ def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: 
     valid = (ids >= 0) & (ids < up.experts)
     clamped = torch.where(valid, ids, torch.zeros_like(ids))
     up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
-    rows = min(t, ROUTED_MAX_TOKENS)  # each expert's expected rows at most: the tile (16 rows at most)
-    h = up.matmul_routed(x.repeat_interleave(k, 0), ids, up_bias, rows)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = down.matmul_routed(h.to(x.dtype), ids, self.down_proj_bias if self.has_bias else None, rows)
+    down_bias = self.down_proj_bias if self.has_bias else None
+    if t == 1:  # one row per expert: each pair its own block, nothing to sort
+        h = up.matmul_routed(x.expand(k, -1), ids, up_bias, 1)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = down.matmul_routed(h.to(x.dtype), ids, down_bias, 1)
+    else:  # the pairs sorted by expert once, for both products
+        rows = min(t, ROUTED_MAX_TOKENS)  # each expert's expected rows at most: the tile (16 rows at most)
+        order, offsets = expert_segments(ids, up.experts)
+        h = up.matmul_segments(x[order // k], offsets, up_bias, rows)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        ys = down.matmul_segments(h.to(x.dtype), offsets, down_bias, rows)
+        y = torch.empty_like(ys).index_copy_(0, order, ys)  # back to the pairs' order
     y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
     y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
     order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)

@@ -206,8 +206,10 @@ def _gemv_kernel(
         if SEGMENTS:
             z = tl.program_id(2)
             ex = tl.arange(0, EXPERTS_BLOCK)
-            lo_e = tl.load(ids_ptr + ex, mask=ex < EXPERTS, other=0)
-            hi_e = tl.load(ids_ptr + ex + 1, mask=ex < EXPERTS, other=0)
+            # M is P here: offsets clamped to 0 <= lo <= hi <= P, so offsets that are not the experts'
+            # ranges (dequant_matmul_segments takes them from the caller) never reach outside x and y
+            lo_e = tl.minimum(tl.maximum(tl.load(ids_ptr + ex, mask=ex < EXPERTS, other=0), 0), M)
+            hi_e = tl.minimum(tl.maximum(tl.load(ids_ptr + ex + 1, mask=ex < EXPERTS, other=0), lo_e), M)
             n_e = (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M
             ends = tl.cumsum(n_e, 0)  # non-decreasing: the chunks of experts 0 .. e
             e = tl.sum((ends <= z).to(tl.int32), 0)  # the first expert whose chunks reach past z
@@ -313,7 +315,7 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
     qw = w.qweight if words is None else words
     _gemv_kernel[grid](
         x2, qw, w.scales, w.zeros, y if bias is None else bias, out,
-        m, w.n, w.k, w.g, per_split * bk,
+        x2.shape[0] if segments else m, w.n, w.k, w.g, per_split * bk,  # segments: P, the offsets' bound
         x2.stride(0), qw.stride(0), w.scales.stride(0), out.stride(-2), m * w.n,
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
@@ -407,15 +409,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits, bias=None):
     return forward(x, qweight, scales, zeros, bits, bias)
 
 
-@register("triton", "dequant_matmul_experts")
-def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
-    """``qdpo::dequant_matmul_experts`` on the triton backend, one split, program axis 2 over the rows:
-    one row per expert at most (``max_rows`` 1, or one row): the M = 1 GEMV, one program column per row
-    of x on its expert's rows of the weights (ids read on the device; rows of ids outside
-    ``[0, num_experts)`` run expert 0 and are then zeroed). Else the rows sorted by expert on the device,
-    one program column per chunk of 16 of one expert's rows (the ``tl.dot`` path), found by the program
-    from the experts' offsets, so each chosen expert's weights are read once per chunk; the grid holds
-    as many as any routing could make (``segment_blocks``), those past the last chunk return at once."""
+def _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows):
+    """What both grouped ops share: the checks, the weights of one expert (its pointers: all of them),
+    the tuned config (as the GEMV of a tile's rows on one expert's N rows) and y, empty."""
     w_all = Packed.of(qweight, scales, zeros, bits)
     _check_rows(x, w_all.k, "x")
     w = dataclasses.replace(w_all, n=w_all.n // num_experts)  # one expert's rows; the pointers: all of them
@@ -427,22 +423,47 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
         raise Unsupported(f"{p} rows of x on ({w_all.n}, {w.k}) weights: at most {MAX_PAIRS} rows, and every "
                           f"operand within int32 indexing")
     y = torch.empty(p, w.n, dtype=x.dtype, device=x.device)
-    if p == 0:
-        return y
+    tile = min(rows_per_expert(p, max_rows), 16)  # a program's rows at most
+    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU
+    cfg = pick_config("gemv-experts", tuning_key(x, w, max(tile, 1)), cands,
+                      lambda c: _launch_gemv(x[:tile], w, bias, y[:tile], c._replace(split_k=1))) if p else None
+    return w, bias, y, cfg
+
+
+@register("triton", "dequant_matmul_experts")
+def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``qdpo::dequant_matmul_experts`` on the triton backend, one split, program axis 2 over the rows:
+    one row per expert at most (``max_rows`` 1, or one row): the M = 1 GEMV, one program column per row
+    of x on its expert's rows of the weights (ids read on the device; rows of ids outside
+    ``[0, num_experts)`` run expert 0 and are then zeroed). Else the rows sorted by expert on the device
+    run as :func:`dequant_matmul_segments`."""
     x = x.contiguous()
-    rows = rows_per_expert(p, max_rows)
-    tile = min(rows, 16)  # a program's rows at most
-    cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU  # tuned as the GEMV of a tile's rows on N rows
-    cfg = pick_config("gemv-experts", tuning_key(x, w, tile), cands,
-                      lambda c: _launch_gemv(x[:tile], w, bias, y[:tile], c._replace(split_k=1)))
-    if rows == 1:
+    w, bias, y, cfg = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    if x.shape[0] == 0:
+        return y
+    if rows_per_expert(x.shape[0], max_rows) == 1:
         valid = (experts >= 0) & (experts < num_experts)
         _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
         return torch.where(valid[:, None], y, torch.zeros_like(y))
     order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
-    ys = torch.zeros_like(y)
+    ys = y.zero_()
     _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, segments=True)
-    return y.index_copy_(0, order, ys)
+    return torch.empty_like(ys).index_copy_(0, order, ys)
+
+
+@register("triton", "dequant_matmul_segments")
+def dequant_matmul_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
+    """``qdpo::dequant_matmul_segments`` on the triton backend: one program column per chunk of 16 of one
+    expert's rows (the ``tl.dot`` path), found by the program from the experts' offsets (a prefix sum of
+    their chunk counts; each offset clamped to 0 .. P), so each chosen expert's weights are read once
+    per chunk; the grid holds as many as any routing could make (``segment_blocks``), those past the
+    last chunk return at once. Rows from ``offsets[num_experts]`` on stay zero."""
+    x = x.contiguous()
+    w, bias, y, cfg = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    y.zero_()
+    if x.shape[0]:
+        _launch_gemv(x, w, bias, y, cfg, offsets, segments=True)
+    return y
 
 
 @register("triton", "dequant_matmul_dx")
