@@ -670,6 +670,35 @@ def test_packed_decode_step_reads_no_expert_id_on_the_host(arch, monkeypatch):
         assert not launches
 
 
+def test_llama4_decode_step_reads_only_the_chosen_experts():
+    """Llama 4's experts take every token once per expert, scaled by its router score (zero for the experts
+    it did not choose). A packed decode step runs both products as one grouped launch each over the rows
+    that are not all zero, so only the chosen expert's weights are read (the per-expert launches read
+    all of them), and gives the per-expert launches' logits, bit for bit, without a host read."""
+    import qdpo.quant.experts as experts
+
+    model = tiny_moe("Llama4Text")
+    qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
+    ids = IDS[:1, :1]
+    with torch.no_grad():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = model(ids).logits
+        launches, real = [], experts.ops.dequant_matmul_experts
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(experts.ops, "dequant_matmul_experts",
+                       lambda *a, **kw: launches.append(a[1].clone()) or real(*a, **kw))
+            mp.setattr(QuantExpertTensor, "matmul", lambda *a, **kw: pytest.fail("a per-expert launch"))
+            for name in ("item", "tolist", "__bool__", "__int__"):
+                mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the decode step"))
+            got = model(ids).logits
+    e = model.config.num_local_experts
+    assert len(launches) == 2 * model.config.num_hidden_layers
+    for chosen in launches:  # one token, top 1: one row of the E has an expert, the others none (-1)
+        assert chosen.shape == (e,) and (chosen >= 0).sum() == 1 and (chosen == -1).sum() == e - 1
+    assert torch.equal(got, want)
+
+
 def test_packed_decode_step_compiles_into_one_graph():
     """torch.compile(fullgraph=True) takes a packed experts module's decode step whole (no host read to
     break the graph; the grouped op traced through its fake impl) and gives the eager output; the

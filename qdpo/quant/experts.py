@@ -17,8 +17,9 @@ which reading ``gate_up_proj`` returns ŵ, computed once per forward. When every
 the module is packed, the forward instead runs each chosen expert's rows of the packed weights
 through ``torch.ops.qdpo.dequant_matmul`` (:func:`_packed_forward`, and :func:`_packed_sorted_forward`
 for Llama 4's tokens laid out expert by expert; one launch per expert and product). A decode step's
-few tokens take one grouped launch per product instead, the expert ids read on the device
-(``torch.ops.qdpo.dequant_matmul_experts``, :func:`_packed_routed_forward`): no host sync.
+few tokens (and, on the GPU kernels, a prefill of few rows per expert) take one grouped launch per
+product instead, the expert ids read on the device (``torch.ops.qdpo.dequant_matmul_experts`` and
+``dequant_matmul_segments``, :func:`_grouped_products`): no host sync.
 """
 
 from __future__ import annotations
@@ -268,6 +269,22 @@ def _routed(up: QuantExpertTensor, x: Tensor, top_k: int) -> bool:
     return kernels and x.shape[0] * top_k <= ROUTED_ROWS_PER_EXPERT * up.experts
 
 
+def _grouped_products(x: Tensor, token: Tensor, ids: Tensor, up: QuantExpertTensor, down: QuantExpertTensor,
+                      up_bias: Tensor | None, down_bias: Tensor | None, act, rows: int) -> Tensor:
+    """``down_e(act(up_e(x[token[p]])))`` for each pair p of a row of x and its expert ``e = ids[p]`` (an id
+    outside the experts: zeros), ``(P, out)`` in the pairs' order, in one grouped launch per product and
+    without a host sync. ``rows`` (the rows one expert is expected to take) 1: each pair its own block
+    (``dequant_matmul_experts``), nothing to sort; more: the pairs sorted by expert on the device once for
+    both products (``dequant_matmul_segments``), the tile sized for ``rows``."""
+    if rows == 1:
+        xs = x[token]
+        return down.matmul_routed(act(up.matmul_routed(xs, ids, up_bias, 1)).to(x.dtype), ids, down_bias, 1)
+    order, offsets = expert_segments(ids, up.experts)
+    h = act(up.matmul_segments(x[token[order]], offsets, up_bias, rows))
+    ys = down.matmul_segments(h.to(x.dtype), offsets, down_bias, rows)
+    return torch.empty_like(ys).index_copy_(0, order, ys)  # back to the pairs' order
+
+
 def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, up: QuantExpertTensor,
                            down: QuantExpertTensor, up_name: str) -> Tensor:
     """A decode step's (or a short prefill's) experts in two grouped launches (``dequant_matmul_experts``
@@ -282,17 +299,12 @@ def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: 
     clamped = torch.where(valid, ids, torch.zeros_like(ids))
     up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
-    if t == 1:  # one row per expert: each pair its own block, nothing to sort
-        h = up.matmul_routed(x.expand(k, -1), ids, up_bias, 1)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = down.matmul_routed(h.to(x.dtype), ids, down_bias, 1)
-    else:  # the pairs sorted by expert once, for both products
-        rows = min(t, ROUTED_MAX_TOKENS)  # each expert's expected rows at most: the tile (16 rows at most)
-        order, offsets = expert_segments(ids, up.experts)
-        h = up.matmul_segments(x[order // k], offsets, up_bias, rows)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        ys = down.matmul_segments(h.to(x.dtype), offsets, down_bias, rows)
-        y = torch.empty_like(ys).index_copy_(0, order, ys)  # back to the pairs' order
+
+    def act(h: Tensor) -> Tensor:
+        return self._apply_gate(h) if self.has_gate else self.act_fn(h)
+
+    y = _grouped_products(x, torch.arange(t, device=x.device).repeat_interleave(k), ids, up, down, up_bias,
+                          down_bias, act, min(t, ROUTED_MAX_TOKENS))
     y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
     y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
     order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)
@@ -343,9 +355,26 @@ def _packed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
 def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
     """Packed experts called on tokens laid out expert by expert (Llama 4: ``(E·T, H)``, expert ``e``'s
     rows ``e·T .. (e+1)·T``): each expert's rows through ``dequant_matmul`` on its own packed rows, gated
-    as the module's forward does (``gate_up`` halves, ``up · act(gate)``)."""
+    as the module's forward does (``gate_up`` halves, ``up · act(gate)``). Where the routed launches
+    serve (:func:`_routed`: a decode step's few tokens, or on the GPU kernels a prefill of few rows per
+    expert), both products are instead one grouped launch each over the rows that are not all zero: Llama
+    4 scales each expert's copy of the tokens by their router scores, zero for the experts a token did
+    not choose, and such a row's output is exactly zero (no bias; act(0)·0 = 0), so only the chosen
+    experts' weights are read (with top 1 of 16 experts, a 16th of them at one token)."""
     x = autocast_input(hidden_states)
     up, down = self._modules[PREFIX + "gate_up_proj"], self._modules[PREFIX + "down_proj"]
+    t = x.shape[0] // up.experts
+    if _routed(up, x[:t], 1):
+        expert = torch.arange(up.experts, device=x.device).repeat_interleave(t)  # the layout's expert of each row
+        ids = torch.where((x != 0).any(dim=1), expert, -1)  # an all-zero row: no expert, a zero row out
+
+        def act(h: Tensor) -> Tensor:
+            gate, u = h.chunk(2, dim=-1)
+            return u * self.act_fn(gate)
+
+        rows = torch.arange(x.shape[0], device=x.device)
+        return _grouped_products(x, rows, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
+            hidden_states.dtype)
     x = x.view(up.experts, -1, x.shape[-1])
     outs = []
     for e in range(up.experts):
