@@ -269,18 +269,19 @@ def _routed(up: QuantExpertTensor, x: Tensor, top_k: int) -> bool:
     return kernels and x.shape[0] * top_k <= ROUTED_ROWS_PER_EXPERT * up.experts
 
 
-def _grouped_products(x: Tensor, token: Tensor, ids: Tensor, up: QuantExpertTensor, down: QuantExpertTensor,
+def _grouped_products(x: Tensor, token: Tensor | None, ids: Tensor, up: QuantExpertTensor, down: QuantExpertTensor,
                       up_bias: Tensor | None, down_bias: Tensor | None, act, rows: int) -> Tensor:
     """``down_e(act(up_e(x[token[p]])))`` for each pair p of a row of x and its expert ``e = ids[p]`` (an id
-    outside the experts: zeros), ``(P, out)`` in the pairs' order, in one grouped launch per product and
-    without a host sync. ``rows`` (the rows one expert is expected to take) 1: each pair its own block
-    (``dequant_matmul_experts``), nothing to sort; more: the pairs sorted by expert on the device once for
-    both products (``dequant_matmul_segments``), the tile sized for ``rows``."""
+    outside the experts: zeros; ``token`` None: pair p is row p), ``(P, out)`` in the pairs' order, in one
+    grouped launch per product and without a host sync. ``rows`` (the rows one expert is expected to
+    take) 1: each pair its own block (``dequant_matmul_experts``), nothing to sort; more: the pairs sorted
+    by expert on the device once for both products (``dequant_matmul_segments``), the tile sized for
+    ``rows``."""
     if rows == 1:
-        xs = x[token]
+        xs = x if token is None else x[token]
         return down.matmul_routed(act(up.matmul_routed(xs, ids, up_bias, 1)).to(x.dtype), ids, down_bias, 1)
     order, offsets = expert_segments(ids, up.experts)
-    h = act(up.matmul_segments(x[token[order]], offsets, up_bias, rows))
+    h = act(up.matmul_segments(x[order if token is None else token[order]], offsets, up_bias, rows))
     ys = down.matmul_segments(h.to(x.dtype), offsets, down_bias, rows)
     return torch.empty_like(ys).index_copy_(0, order, ys)  # back to the pairs' order
 
@@ -372,8 +373,7 @@ def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
             gate, u = h.chunk(2, dim=-1)
             return u * self.act_fn(gate)
 
-        rows = torch.arange(x.shape[0], device=x.device)
-        return _grouped_products(x, rows, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
+        return _grouped_products(x, None, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
             hidden_states.dtype)
     x = x.view(up.experts, -1, x.shape[-1])
     outs = []
