@@ -4,8 +4,9 @@ Conditions: one Mixtral-8x7B experts module on a GPU (8 experts, hidden 4096, in
 top 2; tokens M ∈ {1, 16, 64}, 64 a short prefill of 16 rows per expert on average) and one
 Qwen3-30B-A3B experts module (128 experts, hidden 2048, intermediate 768, top 8; M ∈ {4, 256}: a
 decode step whose 32 rows leave most experts without one, and a prefill of 16 rows per expert on
-average), on the CPU tiny ones (hidden 64; 8 and 16 experts); tokens routed at random (fixed seed) to
-distinct experts, in bf16. The timed call is the
+average), and one Llama 4 Scout experts module (16 experts, hidden 5120, intermediate 8192, top 1; M = 1),
+which takes every token once per expert scaled by its router score; on the CPU tiny ones (hidden 64; 8,
+16 and 16 experts); tokens routed at random (fixed seed) to distinct experts, in bf16. The timed call is the
 module's forward from routed tokens to their summed outputs (routing itself, a small matmul, is
 outside), run eagerly: the packed path's per-expert launches sync once with the host to split tokens
 by expert, as transformers' own eager experts loop does; its grouped launches (up to 16 tokens, and on
@@ -45,10 +46,15 @@ MODELS = {
     "qwen3-moe": ("Qwen3Moe", "qwen3_moe", dict(num_experts=128, num_experts_per_tok=8),
                   dict(hidden_size=2048, moe_intermediate_size=768),
                   dict(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)),
+    # every token laid out once per expert, scaled by its router score (zero for the experts it did not choose)
+    "llama4-scout": ("Llama4Text", "llama4", dict(num_local_experts=16, num_experts_per_tok=1),
+                     dict(hidden_size=5120, intermediate_size=8192), dict(hidden_size=64, intermediate_size=32)),
 }
+SORTED = {"llama4-scout"}
 IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
 CASES = ([("mixtral", m, impl) for m in (1, 16, 64) for impl in IMPLS]
-         + [("qwen3-moe", m, impl) for m in (4, 256) for impl in IMPLS[:4]])
+         + [("qwen3-moe", m, impl) for m in (4, 256) for impl in IMPLS[:4]]
+         + [("llama4-scout", m, impl) for m in (1,) for impl in IMPLS[:4]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,13 +106,24 @@ def _routed(model: str, m: int):
     return x, idx, w
 
 
+def _call(model: str, mod, m: int):
+    """The experts module's call on the routed tokens: (tokens, ids, weights), or for a sorted layout (Llama 4)
+    the tokens repeated once per expert and scaled by their router scores (zero where not chosen)."""
+    x, idx, w = _routed(model, m)
+    if model not in SORTED:
+        return lambda: mod(x, idx, w)
+    scores = torch.zeros(m, _shape(model)[0], dtype=x.dtype, device=DEV).scatter(1, idx, w)
+    routed_in = x.repeat(scores.shape[1], 1) * scores.t().reshape(-1, 1)
+    return lambda: mod(routed_in)
+
+
 @pytest.mark.parametrize("model,m,impl", CASES)
 def test_moe_experts_decode(benchmark, model, m, impl):
     backend = impl.removeprefix("packed-").removesuffix("-per-expert") if impl.startswith("packed-") else "auto"
     if impl.startswith("packed-") and backend not in backends.available(DEV):
         pytest.skip(f"the {backend} backend is not available here")
     per_expert = impl.endswith("-per-expert")
-    x, idx, w = _routed(model, m)
+    _, idx, _ = _routed(model, m)
     chosen = int(idx.unique().numel())
     n_experts, _, h, i = _shape(model)
     weights = 3 * h * i  # per expert: gate, up, down
@@ -125,15 +142,13 @@ def test_moe_experts_decode(benchmark, model, m, impl):
                     t._w_hat = None
                     t._w_hat = QuantExpertTensor.dequantized(t)
                 try:
-                    return mod(x, idx, w)
+                    return call()
                 finally:
                     for t in qs:
                         t._w_hat = None
 
-            fn = every
-    if impl != "dequantize-all":
-        def fn():
-            return mod(x, idx, w)
+    call = _call(model, mod, m)
+    fn = every if impl == "dequantize-all" else call
 
     experts.ROUTED_DECODE = not per_expert
     try:
@@ -149,7 +164,6 @@ def test_moe_experts_decode(benchmark, model, m, impl):
 @functools.lru_cache(maxsize=None)
 def _bf16_ms(model: str, m: int) -> float:
     """The bf16 module's time on the same routed tokens: each row's ``speedup`` is against it."""
-    x, idx, w = _routed(model, m)
-    mod = _experts(model)
+    call = _call(model, _experts(model), m)
     with torch.no_grad():
-        return common.time_ms(lambda: mod(x, idx, w))["median_ms"]
+        return common.time_ms(call)["median_ms"]
