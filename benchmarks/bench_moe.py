@@ -17,7 +17,8 @@ Impls: ``bf16`` (transformers' module with bf16 weights, its default experts imp
 ``packed-<backend>`` (qdpo W4 g128 (g32 on the CPU) packed experts: each chosen expert's rows through
 ``dequant_matmul``; the tokens above instead run one grouped launch per product,
 ``dequant_matmul_experts``, without a host sync) for the backends available, ``packed-cuda-per-expert``
-(the per-expert launches with their host sync, to compare), and ``dequantize-all`` (the packed codes
+(the per-expert launches with their host sync, to compare), ``packed-<backend>-grouped`` (the grouped
+launches at any number of rows per expert), and ``dequantize-all`` (the packed codes
 dequantized for every expert each call, then the module's own forward: what the packed path avoids).
 Each row's ``speedup`` is the bf16 module's time on the same tokens over the row's.
 """
@@ -52,8 +53,13 @@ MODELS = {
 }
 SORTED = {"llama4-scout"}
 IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
+# -grouped: the grouped launches whatever the rows per expert (experts.ROUTED_ROWS_PER_EXPERT lifted), to find
+# where they stop beating the per-expert launches (1024 tokens of Qwen3-MoE: 64 rows per expert on average;
+# on a GPU only: minutes under the Triton interpreter)
 CASES = ([("mixtral", m, impl) for m in (1, 16, 64) for impl in IMPLS]
          + [("qwen3-moe", m, impl) for m in (4, 256) for impl in IMPLS[:4]]
+         + [("qwen3-moe", 1024, impl) for impl in ("bf16", "packed-cuda", "packed-cuda-grouped", "packed-triton-grouped")
+            if GPU]
          + [("llama4-scout", m, impl) for m in (1,) for impl in IMPLS[:4]])
 
 
@@ -119,7 +125,8 @@ def _call(model: str, mod, m: int):
 
 @pytest.mark.parametrize("model,m,impl", CASES)
 def test_moe_experts_decode(benchmark, model, m, impl):
-    backend = impl.removeprefix("packed-").removesuffix("-per-expert") if impl.startswith("packed-") else "auto"
+    backend = (impl.removeprefix("packed-").removesuffix("-per-expert").removesuffix("-grouped")
+               if impl.startswith("packed-") else "auto")
     if impl.startswith("packed-") and backend not in backends.available(DEV):
         pytest.skip(f"the {backend} backend is not available here")
     per_expert = impl.endswith("-per-expert")
@@ -151,13 +158,16 @@ def test_moe_experts_decode(benchmark, model, m, impl):
     fn = every if impl == "dequantize-all" else call
 
     experts.ROUTED_DECODE = not per_expert
+    rows_per_expert = experts.ROUTED_ROWS_PER_EXPERT
+    if impl.endswith("-grouped"):
+        experts.ROUTED_ROWS_PER_EXPERT = 1 << 30
     try:
         with torch.no_grad():
             fn()
             row = common.bench(benchmark, "moe_experts", f"{model} M{m}" if GPU else f"tiny {model} M{m}", impl,
                                torch.no_grad()(fn), nbytes=nbytes, M=m, experts_chosen=chosen)
     finally:
-        experts.ROUTED_DECODE = True
+        experts.ROUTED_DECODE, experts.ROUTED_ROWS_PER_EXPERT = True, rows_per_expert
     row["speedup"] = _bf16_ms(model, m) / row["median_ms"]
 
 
