@@ -606,13 +606,15 @@ def test_packed_bf16_moe_decodes_on_the_grouped_gemv(emulated, monkeypatch, arch
         assert sqnr(want, got) > 35
 
 
-def test_packed_fp32_moe_on_the_cuda_backend_keeps_the_per_expert_launches(emulated, monkeypatch):
+@pytest.mark.parametrize("arch", ["Mixtral", "Llama4Text"])
+def test_packed_fp32_moe_on_the_cuda_backend_keeps_the_per_expert_launches(emulated, monkeypatch, arch):
     """Named explicitly, the cuda backend refuses the grouped launch for fp32 x (its tensor cores take
-    16-bit x); the packed experts then run per expert (the FMA GEMV) and give the reference's logits."""
+    16-bit x); the packed experts then run per expert (the FMA GEMV) and give the reference's logits
+    (Llama 4: every expert on every row)."""
     import qdpo.quant.experts as experts
     from tests import test_experts
 
-    model = test_experts.tiny_moe("Mixtral")
+    model = test_experts.tiny_moe(arch)
     qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
     ids = test_experts.IDS[:1, :1]
     with torch.no_grad():
@@ -622,7 +624,8 @@ def test_packed_fp32_moe_on_the_cuda_backend_keeps_the_per_expert_launches(emula
     monkeypatch.setenv("QDPO_BACKEND", "cuda")
     with torch.no_grad():
         got = model(ids).logits
-    assert len(matmuls) == 2 * model.config.num_experts_per_tok * model.config.num_hidden_layers
+    per_layer = model.config.num_local_experts if arch == "Llama4Text" else model.config.num_experts_per_tok
+    assert len(matmuls) == 2 * per_layer * model.config.num_hidden_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -365,21 +365,21 @@ def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
     x = autocast_input(hidden_states)
     up, down = self._modules[PREFIX + "gate_up_proj"], self._modules[PREFIX + "down_proj"]
     t = x.shape[0] // up.experts
+
+    def act(h: Tensor) -> Tensor:
+        gate, u = h.chunk(2, dim=-1)
+        return u * self.act_fn(gate)
+
     if _routed(up, x[:t], 1):
         expert = torch.arange(up.experts, device=x.device).repeat_interleave(t)  # the layout's expert of each row
         ids = torch.where((x != 0).any(dim=1), expert, -1)  # an all-zero row: no expert, a zero row out
-
-        def act(h: Tensor) -> Tensor:
-            gate, u = h.chunk(2, dim=-1)
-            return u * self.act_fn(gate)
-
-        return _grouped_products(x, None, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
-            hidden_states.dtype)
+        try:
+            return _grouped_products(x, None, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
+                hidden_states.dtype)
+        except backends.Refused:  # a backend named explicitly that cannot take these (cuda: fp32 x): per expert
+            pass
     x = x.view(up.experts, -1, x.shape[-1])
-    outs = []
-    for e in range(up.experts):
-        gate, u = up.matmul(x[e], e).chunk(2, dim=-1)
-        outs.append(down.matmul((u * self.act_fn(gate)).to(x.dtype), e))
+    outs = [down.matmul(act(up.matmul(x[e], e)).to(x.dtype), e) for e in range(up.experts)]
     return torch.cat(outs).to(hidden_states.dtype)
 
 
