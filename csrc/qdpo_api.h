@@ -101,10 +101,9 @@ constexpr int64_t kMaxGroupedPairs = 65535;  // the grid's z axis
 // seg_rows > 0: segments instead of pairs. x's rows are sorted by expert, `pair_expert` holds experts + 1
 // int32 offsets (expert e's rows: offsets[e] .. offsets[e + 1]; rows past offsets[experts] are left
 // unwritten; each offset is clamped to 0 .. P on the device, so offsets that are not such ranges give
-// wrong rows but no access outside x and y), and each expert's weights are read once for all its rows
-// (in chunks of 8 or 16). seg_rows,
-// the most rows one expert is expected to take, picks the chunk's tile (the plan of M = seg_rows); an
-// expert with more rows than that is still served whole, in more chunks.
+// wrong rows but no access outside x and y), and each expert's weights are read once per chunk of 8 or
+// 16 of its rows. seg_rows, the most rows one expert is expected to take, picks the chunk's tile (the
+// plan of M = seg_rows); an expert with more rows than that is still served whole, in more chunks.
 // The grid of a segments launch: at most this many chunks of `rows` rows when P rows are sorted among E
 // experts (each expert with c > 0 rows makes ceil(c / rows) <= (c + rows - 1) / rows chunks, and at
 // most min(E, P) experts have rows), so one block per chunk covers any routing (never more than P).
