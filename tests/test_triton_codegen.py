@@ -43,17 +43,21 @@ SCRIPT = textwrap.dedent('''
                 BITS=bits, OUT_DTYPE=tl.bfloat16, BLOCK_R=32, BLOCK_G=128, WORDS=words, WIDE=False),
                 ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
         ptrs = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16"}
-        for bm, words, seg in ((1, False, False), (1, True, False), (16, False, False), (16, False, True)):
-            # seg: dequant_matmul_experts' segments (each program finds its chunk of one expert's rows)
+        for bm, words, seg in ((1, False, False), (1, True, False), (16, False, False), (16, False, True),
+                               (1, True, "pairs")):
+            # seg: dequant_matmul_experts' segments (each program finds its chunk of one expert's rows), or its
+            # pairs (each program one row and its expert, returning at once for id -1)
             sig = {**ptrs, "qw_ptr": "*i32" if words else "*u8", "out_ptr": "*bf16", **ints("M", "N", "K", "G",
                    "K_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn", "stride_om", "stride_os"), **cexp("BITS",
                    "HAS_BIAS", "PARTIAL", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS",
                    "GROUPED", "SEGMENTS", "EXPERTS_BLOCK"), "ids_ptr": "*i32" if seg else "constexpr",
-                   "EXPERTS": "i32" if seg else "constexpr"}
-            out[f"gemv W{bits} M<={bm}" + (" words" if words else "") + (" segments" if seg else "")] = ptx(
+                   "EXPERTS": "i32" if seg is True else "constexpr"}
+            out[f"gemv W{bits} M<={bm}" + (" words" if words else "") + (f" {seg}" if seg == "pairs" else
+                                                                          " segments" if seg else "")] = ptx(
                 dm._gemv_kernel, sig, dict(BITS=bits, HAS_BIAS=False, PARTIAL=False, OUT_DTYPE=tl.bfloat16,
-                DOT_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, WORDS=words, GROUPED=seg, SEGMENTS=seg,
-                EXPERTS_BLOCK=128 if seg else 1, **({} if seg else {"ids_ptr": None, "EXPERTS": 1})),
+                DOT_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, WORDS=words, GROUPED=bool(seg),
+                SEGMENTS=seg is True, EXPERTS_BLOCK=128 if seg is True else 1,
+                **({} if seg else {"ids_ptr": None}), **({} if seg is True else {"EXPERTS": 1})),
                 [*ptrs, "out_ptr", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_qn"] + (["ids_ptr"] if seg else []))
         sig = {**ptrs, "y_ptr": "*bf16", **ints("M", "N", "K", "G", "stride_xm", "stride_qn", "stride_sn", "stride_ym"),
                **cexp("BITS", "HAS_BIAS", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}

@@ -197,7 +197,8 @@ def _gemv_kernel(
     """``yᵀ[BLOCK_N rows, all M <= BLOCK_M]`` over one K-range: program (n-block, split). WORDS (M = 1):
     ``qw_ptr`` is the packed weight as int32 words and ``stride_qn`` counts words. GROUPED (one split;
     dequant_matmul_experts), the weights' slices of N rows one per expert: program axis 2 is a pair of
-    row p of x and expert ``ids[p]`` (in range; M = 1), whose N rows (and row of bias) give row p of y;
+    row p of x and expert ``ids[p]`` (M = 1), whose N rows (and row of bias) give row p of y (-1: the
+    program returns at once, leaving the row as the caller zeroed it);
     or with SEGMENTS, x's rows sorted by expert, ``ids`` the EXPERTS experts' offsets (expert e's rows
     ``ids[e] .. ids[e + 1]``, EXPERTS_BLOCK >= EXPERTS a power of two): axis 2 is the z-th chunk of
     BLOCK_M rows of one expert in expert order, found from all the offsets (a prefix sum of the
@@ -223,7 +224,10 @@ def _gemv_kernel(
             out_ptr += lo * stride_om
         else:
             pair = tl.program_id(2)
-            row0 = tl.load(ids_ptr + pair) * N
+            e = tl.load(ids_ptr + pair)
+            if e < 0:  # no expert (-1): its row of y stays as the caller zeroed it, no weight is read
+                return
+            row0 = e * N
             x_ptr += pair * stride_xm
             out_ptr += pair * stride_om
         qw_ptr += row0 * stride_qn
@@ -434,17 +438,18 @@ def _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows):
 def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0):
     """``qdpo::dequant_matmul_experts`` on the triton backend, one split, program axis 2 over the rows:
     one row per expert at most (``max_rows`` 1, or one row): the M = 1 GEMV, one program column per row
-    of x on its expert's rows of the weights (ids read on the device; rows of ids outside
-    ``[0, num_experts)`` run expert 0 and are then zeroed). Else the rows sorted by expert on the device
-    run as :func:`dequant_matmul_segments`."""
+    of x on its expert's rows of the weights (ids read on the device; a program whose id is outside
+    ``[0, num_experts)`` returns at once, its row zero, no weight read). Else the rows sorted by expert
+    on the device run as :func:`dequant_matmul_segments`."""
     x = x.contiguous()
     w, bias, y, cfg = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     if x.shape[0] == 0:
         return y
     if rows_per_expert(x.shape[0], max_rows) == 1:
-        valid = (experts >= 0) & (experts < num_experts)
-        _launch_gemv(x, w, bias, y, cfg, torch.where(valid, experts, 0).to(torch.int32))
-        return torch.where(valid[:, None], y, torch.zeros_like(y))
+        # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
+        ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
+        _launch_gemv(x, w, bias, y.zero_(), cfg, ids)
+        return y
     order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
     ys = y.zero_()
     _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, segments=True)
