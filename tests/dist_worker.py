@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc-per-node 2 \\
         tests/dist_worker.py DATA.json OUT_DIR --dist fsdp [--fail-at STEP --fail-rank R] [--resume]
 
-Rank 0 writes ``OUT_DIR/result.pt``: the logged history and the final trainable weights.
+Rank 0 writes ``OUT_DIR/result.pt``: the logged history and the final trainable weights. Each rank writes
+``OUT_DIR/calls-rankR.json``: per decoder forward, the number of decoder calls (parts) it ran in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from test_trainer import tiny_fp  # noqa: E402 - the same tiny Llama as the trai
 import qdpo  # noqa: E402
 from qdpo.eval.metrics import fp_targets  # noqa: E402
 from qdpo.training import distributed as D  # noqa: E402
+from qdpo.training import logps  # noqa: E402
 from qdpo.training.config import TrainConfig  # noqa: E402
 from qdpo.training.trainer import Example, Trainer  # noqa: E402
 
@@ -69,7 +71,24 @@ def train(data: Path, out: Path, resume: bool = False, fail_at: int = 0, fail_ra
             return rec
 
         t.train_step = failing_step
-    t.run(resume=resume)
+    calls = []  # decoder calls per decoder_hidden: 1 for whole rows, 2-3 when shared starts run once
+    hidden = logps.decoder_hidden
+
+    def counting(model, batch):
+        n = []
+        hook = logps.base_model(model).register_forward_hook(lambda *_: n.append(1))
+        try:
+            return hidden(model, batch)
+        finally:
+            hook.remove()
+            calls.append(len(n))
+
+    logps.decoder_hidden = counting
+    try:
+        t.run(resume=resume)
+    finally:
+        logps.decoder_hidden = hidden
+    (out / f"calls-rank{D.rank()}.json").write_text(json.dumps(calls))
     final = t.final_model(models()[1])
     weights = None if final is None else {n: p.detach().clone() for n, p in final.named_parameters()
                                           if p.requires_grad}

@@ -41,7 +41,7 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dist") / "examples.json"
-    W.write_examples(path, make_data()[2])
+    W.write_examples(path, make_data(system=8)[2])  # half the prompts share a start: the runs share prefixes
     return path
 
 
@@ -72,9 +72,14 @@ def assert_same_run(ref: dict, got: dict) -> None:
         torch.testing.assert_close(got["weights"][n], w, **WEIGHTS, msg=n)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(data, one_process, tmp_path, mode):
-    extra = ["--activation-checkpointing"] if mode == "fsdp" else []  # recomputing changes nothing either
+def decoder_calls(out: Path) -> list[list[int]]:
+    """Per rank: the decoder calls of each forward (1: whole rows; 2-3: shared starts run once), from dist_worker."""
+    return [json.loads((out / f"calls-rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("mode,extra", [("ddp", []), ("fsdp", []), ("fsdp", ["--activation-checkpointing"])],
+                         ids=["ddp", "fsdp", "fsdp-checkpointing"])
+def test_two_processes_match_one_process(data, one_process, tmp_path, mode, extra):
     r = torchrun(HERE / "dist_worker.py", data, tmp_path, "--dist", mode, *extra)
     assert r.returncode == 0, r.stderr[-4000:]
     assert_same_run(one_process, torch.load(tmp_path / "result.pt", weights_only=False))
@@ -83,6 +88,12 @@ def test_two_processes_match_one_process(data, one_process, tmp_path, mode):
     ckpts = D.complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in ckpts] == ["step-000006", "step-000008"]  # the last two
     assert sorted(p.name for p in ckpts[-1].iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", D.META]
+    calls = decoder_calls(tmp_path)
+    assert len(calls[0]) == len(calls[1]) > 0
+    if mode == "ddp":  # whole copies: each rank runs its batch's shared starts once
+        assert max(calls[0]) > 1 and max(calls[1]) > 1
+    else:  # FSDP2 (layers gathered per call) and recomputed layers: whole rows
+        assert set(calls[0]) == set(calls[1]) == {1}
 
 
 def test_dying_rank_stops_the_launcher_and_its_checkpoint_resumes_in_one_process(data, one_process, tmp_path):
@@ -98,7 +109,8 @@ def test_dying_rank_stops_the_launcher_and_its_checkpoint_resumes_in_one_process
 
 
 def test_torchrun_pipeline_writes_one_report_from_the_one_process_pairs(model_dir, tmp_path):  # noqa: F811
-    prompts = _prompts(tmp_path / "p.jsonl")
+    # one system turn for all: generation (on each rank's whole copy) and training share its prefix
+    prompts = _prompts(tmp_path / "p.jsonl", system="w1 w2 w3 w4 w5 w6 w7 w8 w9")
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main(_args(model_dir, prompts, one)) == 0
     r = torchrun("-m", "qdpo.train", *_args(model_dir, prompts, two))

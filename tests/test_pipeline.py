@@ -43,13 +43,17 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _prompts(path: Path, n=15, split=True) -> Path:
+def _prompts(path: Path, n=15, split=True, system: str = "") -> Path:
+    """``n`` prompts of 2–5 random words; with ``system``, each starts with that system turn."""
     g = torch.Generator().manual_seed(1)
     rows = []
     for i in range(n):
         words = " ".join(f"w{int(t)}" for t in torch.randint(0, 150, (int(torch.randint(2, 6, (1,), generator=g)),),
                                                               generator=g))
         row = {"id": f"q{i}", "prompt": words}
+        if system:
+            row = {"id": row["id"], "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": words}]}
         if split:
             row["split"] = ("train", "train", "train", "validation", "test")[i % 5]
         rows.append(row)
