@@ -54,12 +54,12 @@ MODELS = {
 SORTED = {"llama4-scout"}
 IMPLS = ("bf16", "packed-triton", "packed-cuda", "packed-cuda-per-expert", "packed-reference", "dequantize-all")
 # -grouped: the grouped launches whatever the rows per expert (experts.ROUTED_ROWS_PER_EXPERT lifted), to find
-# where they stop beating the per-expert launches (1024 tokens of Qwen3-MoE: 64 rows per expert on average;
-# on a GPU only: minutes under the Triton interpreter)
+# where they stop beating the per-expert launches (1024 tokens of Qwen3-MoE: 64 rows per expert on average, the
+# triton chunks 64 rows wide; on a GPU only: minutes under the Triton interpreter)
 CASES = ([("mixtral", m, impl) for m in (1, 16, 64) for impl in IMPLS]
          + [("qwen3-moe", m, impl) for m in (4, 256) for impl in IMPLS[:4]]
-         + [("qwen3-moe", 1024, impl) for impl in ("bf16", "packed-cuda", "packed-cuda-grouped", "packed-triton-grouped")
-            if GPU]
+         + [("qwen3-moe", 1024, impl) for impl in ("bf16", "packed-cuda", "packed-cuda-grouped", "packed-triton",
+                                                   "packed-triton-grouped") if GPU]
          + [("llama4-scout", m, impl) for m in (1,) for impl in IMPLS[:4]])
 
 

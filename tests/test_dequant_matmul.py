@@ -343,11 +343,39 @@ def test_experts_segments_need_no_program_per_expert():
         _check_triton_segments(y, x, ids, q, s, z, 4, e, bias, 2)
 
 
+@pytest.mark.parametrize("max_rows,bits,xdtype", [(20, 4, torch.float32), (40, 8, torch.bfloat16), (0, 4, torch.float16)])
+def test_experts_segments_take_wider_tiles_for_more_rows(max_rows, bits, xdtype):
+    """More rows expected per expert (a prefill's ``max_rows``) widen the triton segments tile to 32 or 64
+    rows (``tl.dot`` as in the per-expert GEMM); the grid is still one program per chunk any routing could
+    make: experts with 1, 1 + R and 1 + 2R rows (R the tile) fill it exactly, and each gets all its rows."""
+    tile = dm.segment_tile(max_rows or 10**6)
+    assert tile == {20: 32, 40: 64, 0: 64}[max_rows]
+    e, n, k = 3, 20, 96
+    qw = _weight(e * n, k, bits, 32, seed=11)
+    q, s, z, _ = _args(qw)
+    if xdtype != torch.float32:
+        s = s.to(xdtype)
+    bias = _rand(e, n, dtype=xdtype, seed=5)
+    counts = {1: 1, 2: 1 + tile, 0: 1 + 2 * tile}
+    g = torch.Generator().manual_seed(tile)
+    ids = torch.cat([torch.full((c,), i) for i, c in counts.items()])[torch.randperm(sum(counts.values()), generator=g)]
+    assert ref.segment_blocks(len(ids), e, tile) == 1 + 2 + 3
+    x = _rand(len(ids), k, dtype=xdtype, seed=7)
+    y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
+    _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows)
+    order, offsets = ref.expert_segments(ids.to(DEV), e)
+    ys = OPS.dequant_matmul_segments(x[order], offsets, q, s, z, bits, e, bias, max_rows, backend="triton")
+    assert torch.equal(ys, y[order])
+
+
 def _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows):
-    """Each expert's rows of y bit for bit the unsplit GEMV of just those rows (16 at a time; one row
-    alone takes the M = 1 path there, so only the rule below) on its slice of the weights with its bias
-    row, every row within the 2×-of-PyTorch rule; rows of ids outside the experts zero."""
+    """Each expert's rows of y, a tile at a time (16, 32 or 64 rows: ``segment_tile`` of the rows one
+    expert is expected to take), bit for bit an independent launch of just those rows on its slice of
+    the weights with its bias row: the unsplit GEMV for a 16-row tile (one row alone takes the M = 1
+    path there, so only the rule below), the per-expert GEMM kernel with the same tiles for wider ones;
+    every row within the 2×-of-PyTorch rule; rows of ids outside the experts zero."""
     n, k = q.shape[0] // e, x.shape[1]
+    tile = dm.segment_tile(ref.rows_per_expert(len(ids), max_rows))
     for eid in set(ids.tolist()):
         sel = (ids == eid).nonzero()[:, 0].to(DEV)
         if not 0 <= eid < e:
@@ -355,12 +383,15 @@ def _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows):
             continue
         rows = slice(eid * n, (eid + 1) * n)
         w = dmg.Packed.of(q[rows], s[rows], z[rows], bits)
-        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, min(max_rows or len(ids), len(ids), 16)))] \
-            if x.is_cuda else dm.GEMV_CPU
-        for lo in range(0, len(sel), 16):
-            part = sel[lo:lo + 16]
-            if len(part) > 1:
-                one = torch.empty(len(part), n, dtype=x.dtype, device=DEV)
+        cfg = dmg._BEST[("gemv-experts", dmg.tuning_key(x, w, tile))] if x.is_cuda else dm.GEMV_CPU
+        for lo in range(0, len(sel), tile):
+            part = sel[lo:lo + tile]
+            one = torch.empty(len(part), n, dtype=x.dtype, device=DEV)
+            if tile > 16:
+                gemm = dmg.GemmConfig(tile, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
+                dmg.launch_gemm(x[part], w, bias[eid], one, gemm)
+                assert torch.equal(y[part], one), (eid, lo)
+            elif len(part) > 1:
                 dm._launch_gemv(x[part], w, bias[eid], one, cfg._replace(split_k=1))
                 assert torch.equal(y[part], one), (eid, lo)
             want = ref.dequant_matmul(x[part].double(), q[rows], s[rows], z[rows], bits, bias[eid].double())

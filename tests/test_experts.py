@@ -731,10 +731,11 @@ def test_packed_prefill_with_few_rows_per_expert_takes_the_grouped_launches(arch
     qdpo.quantize_model(model, QuantSpec(4, 32), mode="packed")
     m = _experts_modules(model)[0]
     e, g = m.qdpo_down_proj.experts, torch.Generator().manual_seed(4)
-    launches = []
+    launches, rows = [], []  # rows: max_rows, the rows one expert is expected to take
     for op in ("dequant_matmul_experts", "dequant_matmul_segments"):
         monkeypatch.setattr(experts.ops, op, lambda *a, real=getattr(experts.ops, op), **kw:
-                            launches.append((a[0].shape[0], kw.get("backend"))) or real(*a, **kw))
+                            launches.append((a[0].shape[0], kw.get("backend"))) or rows.append(a[8])
+                            or real(*a, **kw))
 
     def step(t):
         x = torch.randn(t, model.config.hidden_size, generator=g)
@@ -752,14 +753,26 @@ def test_packed_prefill_with_few_rows_per_expert_takes_the_grouped_launches(arch
             for name in ("item", "tolist", "__bool__", "__int__"):
                 mp.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"Tensor.{name} in the prefill"))
             got = m(x, idx, w)
-        assert [n for n, _ in launches] == [40, 40]
+        assert [n for n, _ in launches] == [40, 40] and rows == [16, 16]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         launches.clear()
+        rows.clear()
         x, idx, w = step(40)
         with monkeypatch.context() as mp:
             mp.setenv("QDPO_BACKEND", "triton")
             m(x, idx, w)
         assert not launches
+        # the bound lifted (as bench_moe's "-grouped" rows do): 20 rows per expert expected, which widens
+        # the triton tile to 32 rows; the same output as the per-expert launches
+        with monkeypatch.context() as mp:
+            mp.setattr(experts, "ROUTED_DECODE", False)
+            want = m(x, idx, w)
+        with monkeypatch.context() as mp:
+            mp.setenv("QDPO_BACKEND", "triton")
+            mp.setattr(experts, "ROUTED_ROWS_PER_EXPERT", 64)
+            got = m(x, idx, w)
+        assert [n for n, _ in launches] == [80, 80] and rows == [20, 20]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe", "GptOss"])

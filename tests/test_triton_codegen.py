@@ -44,9 +44,9 @@ SCRIPT = textwrap.dedent('''
                 ["q_ptr", "s_ptr", "z_ptr", "out_ptr", "R", "G", "stride_qn", "stride_on"])
         ptrs = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16"}
         for bm, words, seg in ((1, False, False), (1, True, False), (16, False, False), (16, False, True),
-                               (1, True, "pairs")):
-            # seg: dequant_matmul_experts' segments (each program finds its chunk of one expert's rows), or its
-            # pairs (each program one row and its expert, returning at once for id -1)
+                               (64, False, True), (1, True, "pairs")):
+            # seg: dequant_matmul_experts' segments (each program finds its chunk of one expert's rows; 16 rows,
+            # or 64 for a prefill), or its pairs (each program one row and its expert, returning at once for id -1)
             sig = {**ptrs, "qw_ptr": "*i32" if words else "*u8", "out_ptr": "*bf16", **ints("M", "N", "K", "G",
                    "K_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn", "stride_om", "stride_os"), **cexp("BITS",
                    "HAS_BIAS", "PARTIAL", "OUT_DTYPE", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS",

@@ -249,6 +249,13 @@ ROUTED_MAX_TOKENS = 16  # up to this many tokens (a decode step's batch) take th
 ROUTED_ROWS_PER_EXPERT = 16
 
 
+def _expected_rows(t: int, top_k: int, experts: int) -> int:
+    """The rows one expert is expected to take from ``t`` tokens that each pick ``top_k`` experts (the
+    grouped ops' ``max_rows``, which sizes their tiles): all of a decode step's, else at least one GEMV
+    tile's and the average (the triton kernels widen their tile for more)."""
+    return min(t, max(ROUTED_MAX_TOKENS, -(-t * top_k // experts)))
+
+
 def _routed(up: QuantExpertTensor, x: Tensor, top_k: int) -> bool:
     """Whether the packed forward takes one grouped launch per product (:func:`_packed_routed_forward`):
     a decode step's few tokens (each expert then gets at most one row per token, at most 16 rows, one
@@ -305,7 +312,7 @@ def _packed_routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: 
         return self._apply_gate(h) if self.has_gate else self.act_fn(h)
 
     y = _grouped_products(x, torch.arange(t, device=x.device).repeat_interleave(k), ids, up, down, up_bias,
-                          down_bias, act, min(t, ROUTED_MAX_TOKENS))
+                          down_bias, act, _expected_rows(t, k, up.experts))
     y = _expert_output(self, y).float() * top_k_weights.reshape(-1, 1).float()
     y = torch.where(valid[:, None], y, torch.zeros_like(y)).view(t, k, -1)
     order = torch.argsort(clamped.masked_fill(~valid, up.experts).view(t, k), dim=1, stable=True)
@@ -374,7 +381,7 @@ def _packed_sorted_forward(self, hidden_states: Tensor) -> Tensor:
         expert = torch.arange(up.experts, device=x.device).repeat_interleave(t)  # the layout's expert of each row
         ids = torch.where((x != 0).any(dim=1), expert, -1)  # an all-zero row: no expert, a zero row out
         try:
-            return _grouped_products(x, None, ids, up, down, None, None, act, min(t, ROUTED_MAX_TOKENS)).to(
+            return _grouped_products(x, None, ids, up, down, None, None, act, _expected_rows(t, 1, up.experts)).to(
                 hidden_states.dtype)
         except backends.Refused:  # a backend named explicitly that cannot take these (cuda: fp32 x): per expert
             pass

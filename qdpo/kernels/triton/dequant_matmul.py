@@ -297,13 +297,23 @@ GEMV_GPU = (
 
 
 # --------------------------------------------------------------------------- launches
+SEGMENT_TILES = (16, 32, 64)  # rows of one expert per program of the segments grid
+
+
+def segment_tile(rows: int) -> int:
+    """The segments tile for ``rows`` rows expected per expert: the smallest of :data:`SEGMENT_TILES` that
+    holds them, else the largest (an expert's rows past it take more programs, each reading its weights
+    again). Up to 16 rows one GEMV tile; more, a ``tl.dot`` as wide as the per-expert GEMM's."""
+    return next((t for t in SEGMENT_TILES if rows <= t), SEGMENT_TILES[-1])
+
+
 def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | None = None,
-                 segments: bool = False) -> None:
+                 segments: int = 0) -> None:
     """``y = x2 @ ŵᵀ (+ bias)`` for ``M <= 16`` rows with ``_gemv_kernel`` (+ the reduction). ``ids``
     (int32, in range): row p of x2 on rows ``ids[p]·N ..`` of the weights into row p of y (one split);
-    with ``segments``, the experts' offsets into x2 sorted by expert, one program per chunk of 16 rows
-    that any routing could make."""
-    m = (16 if segments else 1) if ids is not None else x2.shape[0]
+    with ``segments`` (a tile of :data:`SEGMENT_TILES`), the experts' offsets into x2 sorted by expert,
+    one program per chunk of ``segments`` rows that any routing could make."""
+    m = (segments or 1) if ids is not None else x2.shape[0]
     experts = ids.shape[0] - 1 if segments else 1
     bk = w.block_k(cfg.block_k)
     tiles = triton.cdiv(w.k, bk)
@@ -313,7 +323,7 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
     if out.numel() >= INT32_LIMIT:
         raise Unsupported(f"split-K partials of {tuple(out.shape)} exceed int32 indexing")
     grid = (triton.cdiv(w.n, cfg.block_n), split) + (
-        () if ids is None else (segment_blocks(x2.shape[0], experts, 16),) if segments else (ids.shape[0],))
+        () if ids is None else (segment_blocks(x2.shape[0], experts, m),) if segments else (ids.shape[0],))
     # whole aligned words: the word path (M = 1 only; the M <= 16 dot path gained nothing, static sm_90)
     words = int32_words(w.qweight) if m == 1 else None
     qw = w.qweight if words is None else words
@@ -323,7 +333,7 @@ def _launch_gemv(x2, w: Packed, bias, y, cfg: GemvConfig, ids: torch.Tensor | No
         x2.stride(0), qw.stride(0), w.scales.stride(0), out.stride(-2), m * w.n,
         BITS=w.bits, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OUT_DTYPE=tl_dtype(y.dtype), DOT_DTYPE=dot_dtype(x2),
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
+        BLOCK_M=1 if m == 1 else max(m, 16), BLOCK_N=cfg.block_n, BLOCK_K=bk, WORDS=words is not None,
         ids_ptr=ids, GROUPED=ids is not None, SEGMENTS=segments, EXPERTS=experts,
         EXPERTS_BLOCK=max(16, triton.next_power_of_2(experts)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -427,11 +437,20 @@ def _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows):
         raise Unsupported(f"{p} rows of x on ({w_all.n}, {w.k}) weights: at most {MAX_PAIRS} rows, and every "
                           f"operand within int32 indexing")
     y = torch.empty(p, w.n, dtype=x.dtype, device=x.device)
-    tile = min(rows_per_expert(p, max_rows), 16)  # a program's rows at most
+    rows = rows_per_expert(p, max_rows)
+    tile = 1 if rows <= 1 else segment_tile(rows)  # a program's rows at most
     cands = (GEMV_CPU,) if not x.is_cuda else GEMV_GPU
-    cfg = pick_config("gemv-experts", tuning_key(x, w, max(tile, 1)), cands,
-                      lambda c: _launch_gemv(x[:tile], w, bias, y[:tile], c._replace(split_k=1))) if p else None
-    return w, bias, y, cfg
+    if tile == 1:
+        def run(c):
+            _launch_gemv(x[:1], w, bias, y[:1], c._replace(split_k=1))
+    else:  # the segments launch itself, on one expert's chunk of a tile's rows (or all P)
+        m = min(tile, p)
+        one = torch.tensor([0, m], dtype=torch.int32, device=x.device)
+
+        def run(c):
+            _launch_gemv(x[:m], w, bias, y[:m], c, one, segments=tile)
+    cfg = pick_config("gemv-experts", tuning_key(x, w, tile), cands, run) if p else None
+    return w, bias, y, cfg, tile
 
 
 @register("triton", "dequant_matmul_experts")
@@ -442,17 +461,17 @@ def dequant_matmul_experts(x, experts, qweight, scales, zeros, bits, num_experts
     ``[0, num_experts)`` returns at once, its row zero, no weight read). Else the rows sorted by expert
     on the device run as :func:`dequant_matmul_segments`."""
     x = x.contiguous()
-    w, bias, y, cfg = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    w, bias, y, cfg, tile = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     if x.shape[0] == 0:
         return y
-    if rows_per_expert(x.shape[0], max_rows) == 1:
+    if tile == 1:
         # int32 for the kernel; ids outside [0, num_experts) (int64 ones past int32 included) become -1
         ids = torch.where((experts >= 0) & (experts < num_experts), experts, -1).to(torch.int32)
         _launch_gemv(x, w, bias, y.zero_(), cfg, ids)
         return y
     order, offsets = expert_segments(experts, num_experts)  # ids outside last: unwritten, zeros
     ys = y.zero_()
-    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, segments=True)
+    _launch_gemv(x[order].contiguous(), w, bias, ys, cfg, offsets, segments=tile)
     return torch.empty_like(ys).index_copy_(0, order, ys)
 
 
@@ -464,10 +483,10 @@ def dequant_matmul_segments(x, offsets, qweight, scales, zeros, bits, num_expert
     per chunk; the grid holds as many as any routing could make (``segment_blocks``), those past the
     last chunk return at once. Rows from ``offsets[num_experts]`` on stay zero."""
     x = x.contiguous()
-    w, bias, y, cfg = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
+    w, bias, y, cfg, tile = _grouped(x, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     y.zero_()
     if x.shape[0]:
-        _launch_gemv(x, w, bias, y, cfg, offsets, segments=True)
+        _launch_gemv(x, w, bias, y, cfg, offsets, segments=max(tile, SEGMENT_TILES[0]))
     return y
 
 
