@@ -311,12 +311,7 @@ def test_experts_rows_of_one_expert_run_together(bits, gs, xdtype, max_rows):
     ids = (torch.cat([torch.randperm(e, generator=g)[:2] for _ in range(max_rows)]) if max_rows else
            torch.cat([torch.full((18,), 1), torch.tensor([0, 2, 2, -4, 5])])[torch.randperm(23, generator=g)])
     x = _rand(len(ids), k, dtype=xdtype, seed=6)
-    y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
-    _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows)
-    # the same launch on rows the caller sorted (dequant_matmul_segments): y in that order
-    order, offsets = ref.expert_segments(ids.to(DEV), e)
-    ys = OPS.dequant_matmul_segments(x[order], offsets, q, s, z, bits, e, bias, max_rows, backend="triton")
-    assert torch.equal(ys, y[order])
+    _check_both_grouped_ops(x, ids, q, s, z, bits, e, bias, max_rows)
     # offsets that are not the experts' ranges (decreasing, past P, negative): wrong rows, nothing outside x, y
     bad = torch.tensor([0, 9, -4, 10**6], dtype=torch.int32, device=DEV)
     assert OPS.dequant_matmul_segments(x[:5], bad, q, s, z, bits, e, bias, max_rows, backend="triton").isfinite().all()
@@ -360,7 +355,12 @@ def test_experts_segments_take_wider_tiles_for_more_rows(max_rows, bits, xdtype)
     g = torch.Generator().manual_seed(tile)
     ids = torch.cat([torch.full((c,), i) for i, c in counts.items()])[torch.randperm(sum(counts.values()), generator=g)]
     assert ref.segment_blocks(len(ids), e, tile) == 1 + 2 + 3
-    x = _rand(len(ids), k, dtype=xdtype, seed=7)
+    _check_both_grouped_ops(_rand(len(ids), k, dtype=xdtype, seed=7), ids, q, s, z, bits, e, bias, max_rows)
+
+
+def _check_both_grouped_ops(x, ids, q, s, z, bits, e, bias, max_rows):
+    """dequant_matmul_experts on the triton backend as :func:`_check_triton_segments` says, and the same
+    launch on the rows sorted by the caller (dequant_matmul_segments) equal to it, in that order."""
     y = OPS.dequant_matmul_experts(x, ids.to(DEV), q, s, z, bits, e, bias, max_rows, backend="triton")
     _check_triton_segments(y, x, ids, q, s, z, bits, e, bias, max_rows)
     order, offsets = ref.expert_segments(ids.to(DEV), e)
