@@ -130,9 +130,10 @@ def _assert_sharing_matches_whole_rows(model, batch) -> None:
         model.qdpo_no_prefix_sharing = not share
         h = decoder_hidden(model, batch)
         (h * probe)[mask].sum().backward()
-        got.append((h.detach()[mask], {n: p.grad.clone() for n, p in model.named_parameters()}))
+        got.append((h.detach()[mask], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     model.qdpo_no_prefix_sharing = False
     torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
+    assert got[0][1].keys() == got[1][1].keys() and got[1][1]
     for n, want in got[1][1].items():  # fp32 rounding relative to each gradient's scale (sums over positions)
         torch.testing.assert_close(got[0][1][n], want, rtol=0, atol=2e-6 * want.abs().max().item(), msg=n)
 
@@ -212,3 +213,52 @@ def test_row_groups_need_a_partner_for_every_row():
                     for i, n in enumerate(batch.attention_mask.sum(1).tolist()))], 0)
     assert row_groups(lone, len(SYSTEM)) is None  # one row without a partner: the batch-wide prefix only
     assert row_groups(collate(PREFIXED, 0), len(SYSTEM)) is None  # fewer than 4 rows
+
+
+@pytest.mark.parametrize("kind,parts", [("prefix", 2), ("groups", 3), ("groups without a prefix", 2)])
+def test_shared_starts_under_activation_checkpointing_match_whole_rows(kind, parts):
+    """With every decoder layer recomputed in the backward pass, the shared starts still run once (each
+    part's cache only reads: a recomputed layer sees what it saw) and give whole rows' hidden states and
+    parameter gradients; the layers are recomputed (a forward hook counts each layer's calls)."""
+    from qdpo.training.distributed import activation_checkpointing
+
+    model = tiny(5).train()
+    activation_checkpointing(model)
+    batch = {"prefix": collate(PREFIXED, 0), "groups": _dpo_batch(SYSTEM, seed=1),
+             "groups without a prefix": _dpo_batch([], seed=1)}[kind]
+    calls = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    _assert_sharing_matches_whole_rows(model, batch)
+    hook.remove()
+    assert len(calls) == 2 * parts + 2  # sharing: each part and its recompute; whole rows: one and its recompute
+
+
+ARCHS = {  # name: (config class, model class, what differs from tiny()'s sizes)
+    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),  # q/k norms
+    "Phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv, partial rotary
+    "Olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),  # norms after the blocks
+    "Mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "Qwen3Moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 16, "head_dim": 8}),
+}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_starts_match_whole_rows_across_architectures(arch, checkpointing):
+    """Other decoder families, dense and mixture-of-experts, with and without activation checkpointing:
+    the pairs' starts run once and give whole rows' hidden states and gradients."""
+    import transformers
+
+    from qdpo.training.distributed import activation_checkpointing
+    from qdpo.training.logps import _new_cache, prefix_sharing_ok
+
+    config, cls, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **extra)
+    model = getattr(transformers, cls)(cfg).train()
+    if checkpointing:
+        activation_checkpointing(model)
+    assert prefix_sharing_ok(model) and _new_cache(model) is not None  # the shared starts run once
+    _assert_sharing_matches_whole_rows(model, _dpo_batch(SYSTEM, seed=2))

@@ -291,10 +291,9 @@ def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
 def activation_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer's activations in backward (transformers' per-layer checkpointing).
 
-    The decoder then runs whole rows (no shared-prefix cache, ``logps.decoder_hidden``): a recomputed
-    layer would append its keys and values to the cache a second time.
+    Shared starts still run once (``logps.decoder_hidden``): each part's cache only reads, so a
+    recomputed layer sees the keys and values it saw in the forward.
     """
-    model.qdpo_no_prefix_sharing = True
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:

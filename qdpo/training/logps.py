@@ -50,13 +50,13 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
     flow back through the reuse), for less compute. Positions at padding
     (right of each row's length) hold unspecified values.
     """
-    if prefix_sharing_ok(model):
+    if prefix_sharing_ok(model) and _new_cache(model) is not None:
         p = shared_prefix(batch)
-        out = _with_row_groups(model, batch, p)
-        if out is None and p:
-            out = _with_shared_prefix(model, batch, p)
-        if out is not None:
-            return out
+        plan = row_groups(batch, p)
+        if plan is not None:
+            return _with_row_groups(model, batch, p, plan)
+        if p:
+            return _with_shared_prefix(model, batch, p)
     out = base_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
 
@@ -106,7 +106,7 @@ def row_groups(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
 
 def prefix_sharing_ok(model) -> bool:
     """Whether this model's forward may start from a cache (decoder-only, plain dynamic KV cache) and may
-    call each decoder layer more than once (not under activation checkpointing or FSDP2).
+    call each decoder layer more than once (not under FSDP2).
 
     FSDP2 gathers a layer's weights on each call and reduce-scatters its gradients after each call's
     backward: two or three parts cost that many times the communication, and the ranks would have to
@@ -116,10 +116,19 @@ def prefix_sharing_ok(model) -> bool:
     """
     if sharded(model):
         return False
+    if _checkpointing(model) and not any(hasattr(m, "_can_checkpoint_with_cache") for m in model.modules()):
+        return False  # a transformers that drops any cache under checkpointing (see _Part)
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False) or getattr(model, "qdpo_no_prefix_sharing", False):
         return False
     return getattr(model, "_qdpo_prefix_ok", True)
+
+
+def _checkpointing(model) -> bool:
+    """Whether transformers' activation checkpointing is on for ``model`` (its 5.x name, else the older)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 def sharded(model) -> bool:
@@ -162,36 +171,87 @@ def prefix_cache(model, prefix: Tensor, batch_size: int):
     return name, cache, pre.last_hidden_state
 
 
-def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor | None:
-    """``decoder_hidden`` with the first ``p`` tokens run once; None when the model cannot (see ``prefix_cache``)."""
+class _Part:
+    """One forward of a part of a batch (a shared prefix, the pairs' starts, the rows' rests) on the
+    keys and values of the parts before it.
+
+    Its cache's layers hold those keys and values and never change: ``update`` returns them followed by
+    the part's own, and keeps the part's own (``new``) for the parts after it. So a layer run again by
+    activation checkpointing's recompute in the backward pass sees exactly what it saw in the forward
+    (a growing cache would see its own keys twice), and the decoder layers may keep the cache under
+    checkpointing (transformers drops a cache there, whose layers write to it).
+    """
+
+    def __init__(self, model, past: list[tuple[Tensor, Tensor]] | None):
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        class Layer(DynamicLayer):
+            def __init__(self, kv):
+                super().__init__()
+                if kv is not None:
+                    self.keys, self.values = kv
+                    self.is_initialized = True
+                self.new = None
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                self.new = key_states, value_states
+                if not self.is_initialized:
+                    return key_states, value_states
+                return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+        self.name, self.cache = _new_cache(model)
+        n = len(self.cache.layers)
+        self.cache.layers = [Layer(None if past is None else past[i]) for i in range(n)]
+        self.model = model
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None):
+        """``(hidden [b, t, H], this part's keys and values per layer)``."""
+        key = "_can_checkpoint_with_cache"
+        layers = {m: m.__dict__.get(key) for m in self.model.modules() if hasattr(m, key)}
+        for m in layers:  # the cache only reads, so the recompute sees the same (see the class docstring)
+            setattr(m, key, True)
+        try:
+            # use_cache: transformers turns it off itself under checkpointing (with a warning); the cache
+            # given is used either way
+            h = base_model(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=not _checkpointing(self.model),
+                                       **{self.name: self.cache}).last_hidden_state
+        finally:
+            for m, was in layers.items():
+                if was is None:
+                    delattr(m, key)  # the class's own again
+                else:
+                    setattr(m, key, was)
+        return h, [layer.new for layer in self.cache.layers]
+
+
+def _rows(kv: list[tuple[Tensor, Tensor]], index: Tensor | int) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's keys and values for the rows ``index`` picks (an int: the one row repeated that often)."""
+    if isinstance(index, int):
+        return [(k.expand(index, -1, -1, -1), v.expand(index, -1, -1, -1)) for k, v in kv]
+    return [(k[index], v[index]) for k, v in kv]
+
+
+def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor:
+    """``decoder_hidden`` with the first ``p`` tokens run once."""
     ids, att = batch.input_ids, batch.attention_mask
     b = ids.shape[0]
-    got = prefix_cache(model, ids[:1, :p], b)
-    if got is None:
-        return None
-    name, cache, h_pre = got
-    rest = base_model(model)(input_ids=ids[:, p:], attention_mask=att, use_cache=True, **{name: cache})
-    return torch.cat([h_pre.expand(b, -1, -1), rest.last_hidden_state], 1)
+    h_pre, kv = _Part(model, None)(ids[:1, :p], att[:1, :p])
+    h_rest, _ = _Part(model, _rows(kv, b))(ids[:, p:], att)
+    return torch.cat([h_pre.expand(b, -1, -1), h_rest], 1)
 
 
-def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
-    """``decoder_hidden`` in three parts: the batch's shared prefix (``p`` tokens, one row), each row group's
-    longer shared start (one row per group), each row's own rest. None when :func:`row_groups` finds no
-    groups or the model cannot start from a cache.
+def _with_row_groups(model, batch: Batch, p: int, plan: tuple[list[int], list[int]]) -> Tensor:
+    """``decoder_hidden`` in three parts: the batch's shared prefix (``p`` tokens, one row; none when 0),
+    each row group's longer shared start (one row per group, ``plan`` from :func:`row_groups`), each row's
+    own rest.
 
-    Cache layout of row i in group g: ``[prefix p][group start m_g][padding to M][own rest]``; the
-    padding is masked and the positions are given explicitly, so each token sees exactly the tokens
-    before it in its own row, at the positions a whole-row forward gives them.
+    Keys of row i in group g: ``[prefix p][group start m_g][padding to M][own rest]``; the padding is
+    masked and the positions are given explicitly, so each token sees exactly the tokens before it in
+    its own row, at the positions a whole-row forward gives them.
     """
-    plan = row_groups(batch, p)
-    if plan is None:
-        return None
     group_of, shared = plan
-    got = prefix_cache(model, batch.input_ids[:1, :p], len(shared)) if p else _new_cache(model)
-    if got is None:
-        return None
-    name, cache = got[0], got[1]
-    base, ids, dev = base_model(model), batch.input_ids, batch.input_ids.device
+    ids, dev = batch.input_ids, batch.input_ids.device
     lengths = batch.attention_mask.sum(1).tolist()
     b, t, g = ids.shape[0], ids.shape[1], len(shared)
     first = [group_of.index(k) for k in range(g)]  # a row of each group: its tokens up to shared[k]
@@ -201,12 +261,16 @@ def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
     mid_att = torch.zeros(g, m, dtype=batch.attention_mask.dtype, device=dev)
     for k, (r, n) in enumerate(zip(first, mid_len)):
         mid_ids[k, :n], mid_att[k, :n] = ids[r, p:p + n], 1
-    ones = torch.ones(g, p, dtype=mid_att.dtype, device=dev)
+    ones = torch.ones(1, p, dtype=mid_att.dtype, device=dev)
+    if p:
+        h_pre, kv_pre = _Part(model, None)(ids[:1, :p], ones)
     mid_pos = (torch.arange(m, device=dev) + p).expand(g, -1)
-    h_mid = base(input_ids=mid_ids, attention_mask=torch.cat([ones, mid_att], 1), position_ids=mid_pos,
-                 use_cache=True, **{name: cache}).last_hidden_state  # [G, M, H]
+    h_mid, kv_mid = _Part(model, _rows(kv_pre, g) if p else None)(
+        mid_ids, torch.cat([ones.expand(g, -1), mid_att], 1), mid_pos)  # [G, M, H]
     sel = torch.tensor(group_of, device=dev)
-    cache.batch_select_indices(sel)
+    past = _rows(kv_mid, sel)
+    if p:
+        past = [(torch.cat([k0, k1], -2), torch.cat([v0, v1], -2)) for (k0, v0), (k1, v1) in zip(_rows(kv_pre, b), past)]
     own = [lengths[i] - shared[group_of[i]] for i in range(b)]
     r = max(own)
     rest_ids = torch.zeros(b, r, dtype=ids.dtype, device=dev)
@@ -216,11 +280,10 @@ def _with_row_groups(model, batch: Batch, p: int) -> Tensor | None:
         s = shared[group_of[i]]
         rest_ids[i, :own[i]], rest_att[i, :own[i]] = ids[i, s:lengths[i]], 1
         rest_pos[i] = torch.arange(r, device=dev) + s
-    att = torch.cat([torch.ones(b, p, dtype=mid_att.dtype, device=dev), mid_att[sel], rest_att], 1)
-    h_rest = base(input_ids=rest_ids, attention_mask=att, position_ids=rest_pos, use_cache=True,
-                  **{name: cache}).last_hidden_state  # [B, R, H]
+    att = torch.cat([ones.expand(b, -1), mid_att[sel], rest_att], 1)
+    h_rest, _ = _Part(model, past)(rest_ids, att, rest_pos)  # [B, R, H]
     # gather every row's hidden states back into the [B, T] layout of the batch
-    h_pre = got[2][0] if p else h_mid.new_zeros(0, h_mid.shape[-1])
+    h_pre = h_pre[0] if p else h_mid.new_zeros(0, h_mid.shape[-1])
     src = torch.cat([h_pre, h_mid.reshape(-1, h_mid.shape[-1]), h_rest.reshape(-1, h_rest.shape[-1])])
     index = torch.zeros(b, t, dtype=torch.long)
     for i in range(b):
