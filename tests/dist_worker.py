@@ -4,7 +4,8 @@
         tests/dist_worker.py DATA.json OUT_DIR --dist fsdp [--fail-at STEP --fail-rank R] [--resume]
 
 Rank 0 writes ``OUT_DIR/result.pt``: the logged history and the final trainable weights. Each rank writes
-``OUT_DIR/calls-rankR.json``: per decoder forward, the number of decoder calls (parts) it ran in.
+``OUT_DIR/calls-rankR.json``: per decoder forward, ``[rows of each decoder call, rows of the batch]``: one call
+on every row (whole rows), 2-3 calls (shared starts in parts) or one on fewer rows (groups packed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qdpo.training.config import TrainConfig  # noqa: E402
 from qdpo.training.trainer import Example, Trainer  # noqa: E402
 
 # SGD-like enough to compare weights: few steps, clipping off; see test_distributed for the tolerance
-SETTINGS = dict(steps=8, batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=1, eval_every=4, patience=0,
+SETTINGS = dict(steps=8, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, eval_every=4, patience=0,
                 checkpoint_every=3, beta=0.5, seed=3, max_grad_norm=0.0, kd_weight=0.0)
 
 
@@ -71,17 +72,18 @@ def train(data: Path, out: Path, resume: bool = False, fail_at: int = 0, fail_ra
             return rec
 
         t.train_step = failing_step
-    calls = []  # decoder calls per decoder_hidden: 1 for whole rows, 2-3 when shared starts run once
+    calls = []  # per decoder_hidden: the rows of each decoder call, then the batch's (see the module docstring)
     hidden = logps.decoder_hidden
 
     def counting(model, batch):
         n = []
-        hook = logps.base_model(model).register_forward_hook(lambda *_: n.append(1))
+        hook = logps.base_model(model).register_forward_pre_hook(
+            lambda m, a, kw: n.append(kw["input_ids"].shape[0]), with_kwargs=True)
         try:
             return hidden(model, batch)
         finally:
             hook.remove()
-            calls.append(len(n))
+            calls.append([n, batch.input_ids.shape[0]])
 
     logps.decoder_hidden = counting
     try:

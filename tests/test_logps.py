@@ -262,3 +262,27 @@ def test_shared_starts_match_whole_rows_across_architectures(arch, checkpointing
         activation_checkpointing(model)
     assert prefix_sharing_ok(model) and _new_cache(model) is not None  # the shared starts run once
     _assert_sharing_matches_whole_rows(model, _dpo_batch(SYSTEM, seed=2))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("system", [SYSTEM, []], ids=["prefix", "no prefix"])
+def test_packed_groups_match_whole_rows(monkeypatch, attn, system):
+    """Under FSDP2 (one decoder call per batch) each group of rows runs as one packed row: its start once,
+    then each row's rest, a 4D mask giving each token its own row's tokens. Hidden states and gradients
+    are whole rows'; the decoder runs once, on one packed row per pair."""
+    from qdpo.training import logps
+
+    model = tiny(6).train()
+    model.config._attn_implementation = attn
+    batch = _dpo_batch(system, seed=4)
+    monkeypatch.setattr(logps, "sharded", lambda m: True)
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    _assert_sharing_matches_whole_rows(model, batch)
+    hook.remove()
+    lengths = batch.attention_mask.sum(1).tolist()
+    group_of, shared = logps.row_groups(batch, logps.shared_prefix(batch))
+    assert sorted(group_of) == [0, 0, 1, 1, 2, 2]  # the pairs
+    widths = [s + sum(n - s for n, k in zip(lengths, group_of) if k == g) for g, s in enumerate(shared)]
+    assert shapes == [(3, max(widths)), tuple(batch.input_ids.shape)]  # packed, then whole rows

@@ -42,15 +42,15 @@ def fresh(data):
     return fp, copy.deepcopy(q), examples
 
 
-def make_data(n_prompts=12, new_tokens=8, seed=0, system=0):
-    """``(fp, q, examples)``: prompts of 3–6 random tokens; with ``system`` > 0, every other prompt starts
-    with the same ``system`` tokens (as a chat template's system prompt would)."""
+def make_data(n_prompts=12, new_tokens=8, seed=0, system=0, words=(3, 7)):
+    """``(fp, q, examples)``: prompts of ``words`` (low, high + 1) random tokens; with ``system`` > 0, every
+    other prompt starts with the same ``system`` tokens (as a chat template's system prompt would)."""
     fp = tiny_fp(seed)
     q = copy.deepcopy(fp)
     qdpo.quantize_model(q, QuantSpec(4, -1))
     g = torch.Generator().manual_seed(seed + 1)
     start = torch.randint(2, VOCAB, (system,), generator=g).tolist() if system else []
-    prompts = [(start if i % 2 else []) + torch.randint(2, VOCAB, (int(torch.randint(3, 7, (1,), generator=g)),),
+    prompts = [(start if i % 2 else []) + torch.randint(2, VOCAB, (int(torch.randint(*words, (1,), generator=g)),),
                                                        generator=g).tolist()
                for i in range(n_prompts)]
     fp_ans = greedy(fp, Tok, prompts, new_tokens, batch_size=4, disable=True)

@@ -115,12 +115,12 @@ def _inputs(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch
     the positions (from the attention mask) are those of plain left padding.
     Otherwise plain left padding, and no cache.
     """
-    from qdpo.training.logps import MIN_SHARED_PREFIX, prefix_cache, prefix_sharing_ok
+    from qdpo.training.logps import MIN_SHARED_PREFIX, prefix_cache, prefix_sharing_ok, sharded
 
     p = min(len(x) for x in prompts) - 1  # every row keeps at least one token to prefill
     for x in prompts[1:]:
         p = min(p, common_prefix(prompts[0], x))
-    if len(prompts) < 2 or p < MIN_SHARED_PREFIX or not prefix_sharing_ok(model):
+    if len(prompts) < 2 or p < MIN_SHARED_PREFIX or not prefix_sharing_ok(model) or sharded(model):
         ids, att = left_pad(prompts, pad_id)
         return ids.to(device), att.to(device), {}
     prefix = torch.tensor([prompts[0][:p]], dtype=torch.long, device=device)

@@ -45,17 +45,22 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
     template's system prompt) as one row, and, when every row has a partner
     that shares more (a DPO pair's prompt and the common start of its chosen
     and rejected answers), that longer start once per group of rows. Their
-    keys and values are reused for the rest of each row. The numbers are a
-    whole-row forward's up to float rounding, with or without gradients (they
-    flow back through the reuse), for less compute. Positions at padding
-    (right of each row's length) hold unspecified values.
+    keys and values are reused for the rest of each row. Under FSDP2 (one
+    decoder call per batch, :func:`prefix_sharing_ok`) each such group is one
+    packed row instead (:func:`_packed_groups`). The numbers are a whole-row
+    forward's up to float rounding, with or without gradients (they flow back
+    through the reuse), for less compute. Positions at padding (right of each
+    row's length) hold unspecified values.
     """
     if prefix_sharing_ok(model) and _new_cache(model) is not None:
         p = shared_prefix(batch)
         plan = row_groups(batch, p)
-        if plan is not None:
+        if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
+            if plan is not None and _masks_are_tensors(model):
+                return _packed_groups(model, batch, plan)
+        elif plan is not None:
             return _with_row_groups(model, batch, p, plan)
-        if p:
+        elif p:
             return _with_shared_prefix(model, batch, p)
     out = base_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
@@ -105,23 +110,66 @@ def row_groups(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
 
 
 def prefix_sharing_ok(model) -> bool:
-    """Whether this model's forward may start from a cache (decoder-only, plain dynamic KV cache) and may
-    call each decoder layer more than once (not under FSDP2).
+    """Whether this model's shared starts may run once (decoder-only, plain dynamic KV cache: full
+    attention, whose positions and masks the parts or the packed rows reproduce exactly).
 
-    FSDP2 gathers a layer's weights on each call and reduce-scatters its gradients after each call's
-    backward: two or three parts cost that many times the communication, and the ranks would have to
-    agree on the number of parts. Measured on the CPU (2 ranks, gloo, SmolLM2-135M W4, 4 pairs per rank):
-    a step took 1.5x longer with the shared starts than with whole rows; under DDP (whole copies, one
-    gradient all-reduce per step) it took 0.9x.
+    Under FSDP2 the decoder runs once per batch: FSDP2 gathers a layer's weights on each call and
+    reduce-scatters its gradients after each call's backward, so the 2–3 parts of
+    :func:`_with_row_groups` would multiply that traffic (and the ranks would have to agree on the
+    number of parts). Measured on the CPU (2 ranks, gloo, SmolLM2-135M W4, 4 pairs per rank), a step
+    took 1.5x longer with the parts than with whole rows. There, :func:`_packed_groups` instead.
     """
-    if sharded(model):
-        return False
     if _checkpointing(model) and not any(hasattr(m, "_can_checkpoint_with_cache") for m in model.modules()):
         return False  # a transformers that drops any cache under checkpointing (see _Part)
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False) or getattr(model, "qdpo_no_prefix_sharing", False):
         return False
     return getattr(model, "_qdpo_prefix_ok", True)
+
+
+def _masks_are_tensors(model) -> bool:
+    """Whether the model's attention takes a 4D mask tensor as given (eager and SDPA; not flash or flex)."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def _packed_groups(model, batch: Batch, plan: tuple[list[int], list[int]]) -> Tensor:
+    """``decoder_hidden`` in one decoder call: one packed row per group of :func:`row_groups`, its
+    shared start once and then each of its rows' own rest, with a 4D mask that lets each token see
+    exactly the tokens before it in its own row (the start, then its rest) at the positions a whole-row
+    forward gives them. A group's start runs once (a DPO pair's prompt: once, not twice); the attention
+    of a packed row spans the rows of its group (for a pair about 1.5x a row).
+    """
+    group_of, shared = plan
+    ids, dev = batch.input_ids, batch.input_ids.device
+    lengths = batch.attention_mask.sum(1).tolist()
+    b, t, g = ids.shape[0], ids.shape[1], len(shared)
+    members = [[i for i in range(b) if group_of[i] == k] for k in range(g)]
+    widths = [shared[k] + sum(lengths[i] - shared[k] for i in members[k]) for k in range(g)]
+    width = max(widths)
+    tok = torch.zeros(g, width, dtype=ids.dtype, device=dev)
+    pos = torch.zeros(g, width, dtype=torch.long, device=dev)
+    seg = torch.full((g, width), -1, dtype=torch.long)  # 0: the group's start, j + 1: its j-th row's rest
+    index = torch.zeros(b, t, dtype=torch.long)  # row i, column c → place in the packed [G · width]
+    for k, rows in enumerate(members):
+        s = shared[k]
+        tok[k, :s], pos[k, :s], seg[k, :s] = ids[rows[0], :s], torch.arange(s, device=dev), 0
+        at = s
+        for j, i in enumerate(rows):
+            n = lengths[i] - s
+            tok[k, at:at + n], pos[k, at:at + n], seg[k, at:at + n] = ids[i, s:lengths[i]], \
+                torch.arange(s, lengths[i], device=dev), j + 1
+            index[i, :s] = k * width + torch.arange(s)
+            index[i, s:lengths[i]] = k * width + at + torch.arange(n)
+            at += n
+    seg = seg.to(dev)
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    see = ((sk == 0) | (sk == sq)) & (pos[:, None, :] <= pos[:, :, None]) & (sq >= 0) & (sk >= 0)
+    see |= torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself (no row without a key)
+    mask = see[:, None]
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    h = base_model(model)(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    return h.reshape(g * width, -1)[index.to(dev)]
 
 
 def _checkpointing(model) -> bool:
