@@ -243,12 +243,16 @@ ARCHS = {  # name: (config class, model class, what differs from tiny()'s sizes)
 }
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("checkpointing,packed", [(False, False), (True, False), (True, True)],
+                         ids=["parts", "parts-checkpointing", "packed-checkpointing"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_starts_match_whole_rows_across_architectures(arch, checkpointing):
-    """Other decoder families, dense and mixture-of-experts, with and without activation checkpointing:
-    the pairs' starts run once and give whole rows' hidden states and gradients."""
+def test_shared_starts_match_whole_rows_across_architectures(monkeypatch, arch, checkpointing, packed):
+    """Other decoder families, dense and mixture-of-experts, with and without activation checkpointing,
+    in parts (one process) or packed (FSDP2): the pairs' starts run once and give whole rows' hidden
+    states and gradients."""
     import transformers
+
+    from qdpo.training import logps
 
     from qdpo.training.distributed import activation_checkpointing
     from qdpo.training.logps import _new_cache, prefix_sharing_ok
@@ -260,6 +264,9 @@ def test_shared_starts_match_whole_rows_across_architectures(arch, checkpointing
     model = getattr(transformers, cls)(cfg).train()
     if checkpointing:
         activation_checkpointing(model)
+    if packed:
+        monkeypatch.setattr(logps, "sharded", lambda m: True)
+        assert logps._masks_are_tensors(model)
     assert prefix_sharing_ok(model) and _new_cache(model) is not None  # the shared starts run once
     _assert_sharing_matches_whole_rows(model, _dpo_batch(SYSTEM, seed=2))
 

@@ -129,7 +129,7 @@ def prefix_sharing_ok(model) -> bool:
 
 def _masks_are_tensors(model) -> bool:
     """Whether the model's attention takes a 4D mask tensor as given (eager and SDPA; not flash or flex)."""
-    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+    return getattr(base_model(model).config, "_attn_implementation", None) in ("eager", "sdpa")
 
 
 def _packed_groups(model, batch: Batch, plan: tuple[list[int], list[int]]) -> Tensor:
@@ -166,7 +166,7 @@ def _packed_groups(model, batch: Batch, plan: tuple[list[int], list[int]]) -> Te
     see = ((sk == 0) | (sk == sq)) & (pos[:, None, :] <= pos[:, :, None]) & (sq >= 0) & (sk >= 0)
     see |= torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself (no row without a key)
     mask = see[:, None]
-    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+    if base_model(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
     h = base_model(model)(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     return h.reshape(g * width, -1)[index.to(dev)]
