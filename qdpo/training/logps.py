@@ -219,6 +219,9 @@ def prefix_cache(model, prefix: Tensor, batch_size: int):
     return name, cache, pre.last_hidden_state
 
 
+Pieces = list[tuple[Tensor, Tensor, "Tensor | int"]]  # one layer's keys, values and their rows (see _Part)
+
+
 class _Part:
     """One forward of a part of a batch (a shared prefix, the pairs' starts, the rows' rests) on the
     keys and values of the parts before it.
@@ -227,29 +230,35 @@ class _Part:
     the part's own, and keeps the part's own (``new``) for the parts after it. So a layer run again by
     activation checkpointing's recompute in the backward pass sees exactly what it saw in the forward
     (a growing cache would see its own keys twice), and the decoder layers may keep the cache under
-    checkpointing (transformers drops a cache there, whose layers write to it).
+    checkpointing (transformers drops a cache there, whose layers write to it). Each layer's earlier
+    keys are pieces (``[rows, heads, tokens, dim]`` each, with the rows of this part: an int, its one
+    row repeated that often; a tensor, the rows it picks) put together only inside ``update``, so a part's
+    keys for every row of every layer are not all held at once (under checkpointing, nothing saves them).
     """
 
-    def __init__(self, model, past: list[tuple[Tensor, Tensor]] | None):
+    def __init__(self, model, past: list[Pieces] | None):
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         class Layer(DynamicLayer):
-            def __init__(self, kv):
+            def __init__(self, pieces: Pieces):
                 super().__init__()
-                if kv is not None:
-                    self.keys, self.values = kv
-                    self.is_initialized = True
-                self.new = None
+                self.pieces, self.new = pieces, None
+                self.is_initialized = bool(pieces)
+
+            def get_seq_length(self) -> int:
+                return sum(k.shape[-2] for k, _, _ in self.pieces)
 
             def update(self, key_states, value_states, *args, **kwargs):
                 self.new = key_states, value_states
-                if not self.is_initialized:
+                if not self.pieces:
                     return key_states, value_states
-                return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+                ks = [_pick(k, rows) for k, _, rows in self.pieces]
+                vs = [_pick(v, rows) for _, v, rows in self.pieces]
+                return torch.cat([*ks, key_states], -2), torch.cat([*vs, value_states], -2)
 
         self.name, self.cache = _new_cache(model)
         n = len(self.cache.layers)
-        self.cache.layers = [Layer(None if past is None else past[i]) for i in range(n)]
+        self.cache.layers = [Layer([] if past is None else past[i]) for i in range(n)]
         self.model = model
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None):
@@ -273,11 +282,13 @@ class _Part:
         return h, [layer.new for layer in self.cache.layers]
 
 
-def _rows(kv: list[tuple[Tensor, Tensor]], index: Tensor | int) -> list[tuple[Tensor, Tensor]]:
-    """Each layer's keys and values for the rows ``index`` picks (an int: the one row repeated that often)."""
-    if isinstance(index, int):
-        return [(k.expand(index, -1, -1, -1), v.expand(index, -1, -1, -1)) for k, v in kv]
-    return [(k[index], v[index]) for k, v in kv]
+def _pick(t: Tensor, rows: "Tensor | int") -> Tensor:
+    return t.expand(rows, -1, -1, -1) if isinstance(rows, int) else t[rows]
+
+
+def _pieces(kv: list[tuple[Tensor, Tensor]], rows: "Tensor | int") -> list[Pieces]:
+    """A part's keys and values as one piece per layer, for the ``rows`` of the next part."""
+    return [[(k, v, rows)] for k, v in kv]
 
 
 def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor:
@@ -285,7 +296,7 @@ def _with_shared_prefix(model, batch: Batch, p: int) -> Tensor:
     ids, att = batch.input_ids, batch.attention_mask
     b = ids.shape[0]
     h_pre, kv = _Part(model, None)(ids[:1, :p], att[:1, :p])
-    h_rest, _ = _Part(model, _rows(kv, b))(ids[:, p:], att)
+    h_rest, _ = _Part(model, _pieces(kv, b))(ids[:, p:], att)
     return torch.cat([h_pre.expand(b, -1, -1), h_rest], 1)
 
 
@@ -313,12 +324,12 @@ def _with_row_groups(model, batch: Batch, p: int, plan: tuple[list[int], list[in
     if p:
         h_pre, kv_pre = _Part(model, None)(ids[:1, :p], ones)
     mid_pos = (torch.arange(m, device=dev) + p).expand(g, -1)
-    h_mid, kv_mid = _Part(model, _rows(kv_pre, g) if p else None)(
+    h_mid, kv_mid = _Part(model, _pieces(kv_pre, g) if p else None)(
         mid_ids, torch.cat([ones.expand(g, -1), mid_att], 1), mid_pos)  # [G, M, H]
     sel = torch.tensor(group_of, device=dev)
-    past = _rows(kv_mid, sel)
+    past = _pieces(kv_mid, sel)
     if p:
-        past = [(torch.cat([k0, k1], -2), torch.cat([v0, v1], -2)) for (k0, v0), (k1, v1) in zip(_rows(kv_pre, b), past)]
+        past = [pre + mid for pre, mid in zip(_pieces(kv_pre, b), past)]
     own = [lengths[i] - shared[group_of[i]] for i in range(b)]
     r = max(own)
     rest_ids = torch.zeros(b, r, dtype=ids.dtype, device=dev)
