@@ -282,6 +282,29 @@ def test_packed_groups_match_whole_rows(monkeypatch, attn, system):
     model = tiny(6).train()
     model.config._attn_implementation = attn
     batch = _dpo_batch(system, seed=4)
+    _check_packed(monkeypatch, model, batch, 3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_sharing_only_a_prefix_pack_into_one_row(monkeypatch, attn):
+    """Under FSDP2, rows that share only the batch's prefix (a pair alone in its micro-batch: its prompt)
+    pack into one row while it is at most twice a row: the prefix once, then each row's rest."""
+    from qdpo.training import logps
+
+    model = tiny(7).train()
+    model.config._attn_implementation = attn
+    batch = collate(PREFIXED[:2], 0)
+    assert logps.row_groups(batch, logps.shared_prefix(batch)) is None
+    _check_packed(monkeypatch, model, batch, 1)
+    long = collate([(SYSTEM, [5 + i] * 40) for i in range(3)], 0)  # packed: 10 + 3 x 40 > 2 x 50
+    assert logps.shared_prefix(long) and logps._one_group(long, logps.shared_prefix(long)) is None
+
+
+def _check_packed(monkeypatch, model, batch, groups: int) -> None:
+    """``batch`` under FSDP2 (``sharded`` patched): whole rows' hidden states and gradients, from one
+    decoder call on ``groups`` packed rows, each as wide as its group's start and rests."""
+    from qdpo.training import logps
+
     monkeypatch.setattr(logps, "sharded", lambda m: True)
     shapes = []
     hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
@@ -289,7 +312,8 @@ def test_packed_groups_match_whole_rows(monkeypatch, attn, system):
     _assert_sharing_matches_whole_rows(model, batch)
     hook.remove()
     lengths = batch.attention_mask.sum(1).tolist()
-    group_of, shared = logps.row_groups(batch, logps.shared_prefix(batch))
-    assert sorted(group_of) == [0, 0, 1, 1, 2, 2]  # the pairs
+    p = logps.shared_prefix(batch)
+    group_of, shared = logps.row_groups(batch, p) or logps._one_group(batch, p)
+    assert sorted(group_of) == sorted(list(range(groups)) * (len(lengths) // groups))  # pairs, or all rows
     widths = [s + sum(n - s for n, k in zip(lengths, group_of) if k == g) for g, s in enumerate(shared)]
-    assert shapes == [(3, max(widths)), tuple(batch.input_ids.shape)]  # packed, then whole rows
+    assert shapes == [(groups, max(widths)), tuple(batch.input_ids.shape)]  # packed, then whole rows

@@ -56,6 +56,7 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
         p = shared_prefix(batch)
         plan = row_groups(batch, p)
         if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
+            plan = plan or _one_group(batch, p)
             if plan is not None and _masks_are_tensors(model):
                 return _packed_groups(model, batch, plan)
         elif plan is not None:
@@ -130,6 +131,16 @@ def prefix_sharing_ok(model) -> bool:
 def _masks_are_tensors(model) -> bool:
     """Whether the model's attention takes a 4D mask tensor as given (eager and SDPA; not flash or flex)."""
     return getattr(base_model(model).config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def _one_group(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
+    """Every row one group sharing the batch's prefix of ``p`` tokens, when packed they make a row at most
+    twice the batch's (its attention then spans at most 4x a row's): a DPO pair alone in its micro-batch
+    shares its prompt so. None without a prefix, or when the packed row would be longer."""
+    if not p:
+        return None
+    width = p + int((batch.attention_mask.sum(1) - p).sum())
+    return ([0] * batch.input_ids.shape[0], [p]) if width <= 2 * batch.input_ids.shape[1] else None
 
 
 def _packed_groups(model, batch: Batch, plan: tuple[list[int], list[int]]) -> Tensor:
