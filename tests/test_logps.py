@@ -221,6 +221,7 @@ def test_shared_starts_under_activation_checkpointing_match_whole_rows(kind, par
     part's cache only reads: a recomputed layer sees what it saw) and give whole rows' hidden states and
     parameter gradients; the layers are recomputed (a forward hook counts each layer's calls)."""
     from qdpo.training.distributed import activation_checkpointing
+    from qdpo.training.logps import decoder_hidden
 
     model = tiny(5).train()
     activation_checkpointing(model)
@@ -231,6 +232,10 @@ def test_shared_starts_under_activation_checkpointing_match_whole_rows(kind, par
     _assert_sharing_matches_whole_rows(model, batch)
     hook.remove()
     assert len(calls) == 2 * parts + 2  # sharing: each part and its recompute; whole rows: one and its recompute
+    mask = batch.attention_mask.bool()
+    with torch.no_grad():  # validation of a model whose checkpointing is on: nothing recomputed, the same rows
+        got = decoder_hidden(model.eval(), batch)[mask]
+        torch.testing.assert_close(got, _plain_hidden(model, batch)[mask], rtol=1e-5, atol=1e-5)
 
 
 ARCHS = {  # name: (config class, model class, what differs from tiny()'s sizes)

@@ -279,11 +279,11 @@ class _Part:
         for m in layers:  # the cache only reads, so the recompute sees the same (see the class docstring)
             setattr(m, key, True)
         try:
-            # use_cache: transformers turns it off itself under checkpointing (with a warning); the cache
+            # use_cache: transformers turns it off itself where it checkpoints (with a warning); the cache
             # given is used either way
+            checkpointed = _checkpointing(self.model) and self.model.training and torch.is_grad_enabled()
             h = base_model(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=not _checkpointing(self.model),
-                                       **{self.name: self.cache}).last_hidden_state
+                                       use_cache=not checkpointed, **{self.name: self.cache}).last_hidden_state
         finally:
             for m, was in layers.items():
                 if was is None:
