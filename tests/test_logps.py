@@ -282,8 +282,6 @@ def test_packed_groups_match_whole_rows(monkeypatch, attn, system):
     """Under FSDP2 (one decoder call per batch) each group of rows runs as one packed row: its start once,
     then each row's rest, a 4D mask giving each token its own row's tokens. Hidden states and gradients
     are whole rows'; the decoder runs once, on one packed row per pair."""
-    from qdpo.training import logps
-
     model = tiny(6).train()
     model.config._attn_implementation = attn
     batch = _dpo_batch(system, seed=4)

@@ -14,6 +14,8 @@ Models whose output layer applies a final soft-capping or logit scale
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -233,6 +235,32 @@ def prefix_cache(model, prefix: Tensor, batch_size: int):
 Pieces = list[tuple[Tensor, Tensor, "Tensor | int"]]  # one layer's keys, values and their rows (see _Part)
 
 
+@functools.cache
+def _part_layer() -> type:
+    """The cache layer of :class:`_Part` (a transformers ``DynamicLayer`` that never changes; made on first
+    use, transformers being imported only then)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PartLayer(DynamicLayer):
+        def __init__(self, pieces: Pieces):
+            super().__init__()
+            self.pieces, self.new = pieces, None
+            self.is_initialized = bool(pieces)
+
+        def get_seq_length(self) -> int:
+            return sum(k.shape[-2] for k, _, _ in self.pieces)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new = key_states, value_states
+            if not self.pieces:
+                return key_states, value_states
+            ks = [_pick(k, rows) for k, _, rows in self.pieces]
+            vs = [_pick(v, rows) for _, v, rows in self.pieces]
+            return torch.cat([*ks, key_states], -2), torch.cat([*vs, value_states], -2)
+
+    return PartLayer
+
+
 class _Part:
     """One forward of a part of a batch (a shared prefix, the pairs' starts, the rows' rests) on the
     keys and values of the parts before it.
@@ -248,28 +276,10 @@ class _Part:
     """
 
     def __init__(self, model, past: list[Pieces] | None):
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        class Layer(DynamicLayer):
-            def __init__(self, pieces: Pieces):
-                super().__init__()
-                self.pieces, self.new = pieces, None
-                self.is_initialized = bool(pieces)
-
-            def get_seq_length(self) -> int:
-                return sum(k.shape[-2] for k, _, _ in self.pieces)
-
-            def update(self, key_states, value_states, *args, **kwargs):
-                self.new = key_states, value_states
-                if not self.pieces:
-                    return key_states, value_states
-                ks = [_pick(k, rows) for k, _, rows in self.pieces]
-                vs = [_pick(v, rows) for _, v, rows in self.pieces]
-                return torch.cat([*ks, key_states], -2), torch.cat([*vs, value_states], -2)
-
+        layer = _part_layer()
         self.name, self.cache = _new_cache(model)
         n = len(self.cache.layers)
-        self.cache.layers = [Layer([] if past is None else past[i]) for i in range(n)]
+        self.cache.layers = [layer([] if past is None else past[i]) for i in range(n)]
         self.model = model
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None):
