@@ -54,6 +54,17 @@ def tiny_moe(arch: str, seed: int = 0, **sizes) -> nn.Module:
     return getattr(transformers, model_cls)(cfg).eval()
 
 
+def packed_expert_weights(src) -> dict[str, torch.Tensor]:
+    """The fp32 expert tensors (``(experts, out, in)`` or the model's own layout) of the packed model
+    saved in ``src``: each quantized one dequantized, each one left in full precision as it is."""
+    model = load_quantized(src)
+    quantized = quantized_experts(model)
+    with torch.no_grad():
+        weights = {n: q.dequantized(torch.float32) for n, q in quantized.items()}
+    weights.update({n: p.detach() for n, p in model.named_parameters() if ".experts." in n and n not in weights})
+    return weights
+
+
 def _expert_tensors(model) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.dim() == 3}
 
@@ -237,8 +248,8 @@ def test_compressed_tensors_export_of_experts_loads_in_transformers_alone(tmp_pa
         arch = case.split("-")[0]
         src, logits = export_moe(arch, tmp_path / case, QuantSpec(4, 32, True), exclude, LOADER_IDS)
         out = export(src, tmp_path / f"ct_{case}", "compressed-tensors")
-        jobs.append({"dir": str(out)})
-        expected.append((case, logits))
+        jobs.append({"dir": str(out), "experts": True})
+        expected.append((case, logits, packed_expert_weights(src)))
         # the checkpoint's layers are those transformers' save_pretrained writes for the FP model: one per
         # expert and product (Mixtral's w1/w2/w3 under block_sparse_moe), each quantized or kept whole
         tiny_moe(arch).save_pretrained(tmp_path / f"fp_{case}")
@@ -258,8 +269,13 @@ def test_compressed_tensors_export_of_experts_loads_in_transformers_alone(tmp_pa
                    for b in ({"mlp", "block_sparse_moe"} if arch == "Mixtral" else {"mlp"})}
         gates = {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} if arch == "Qwen2Moe" else set()
         assert set(qc["ignore"]) == {"lm_head"} | routers | gates
-    for (case, logits), got in zip(expected, load_elsewhere(tmp_path, jobs)):
-        torch.testing.assert_close(got["logits"], logits, rtol=0, atol=0, msg=f"{case} logits")
+    for (case, logits, weights), got in zip(expected, load_elsewhere(tmp_path, jobs)):
+        assert sorted(got["experts"]) == sorted(weights), case
+        for name, w in weights.items():  # transformers holds qdpo's ŵ bit for bit, each expert tensor
+            assert torch.equal(got["experts"][name], w), f"{case} {name}"
+        # its experts group the rows otherwise (grouped_mm, or by choice rank), and a CPU GEMM's sums may
+        # depend on the rows it is given: the same weights, the logits to fp32 summation order
+        torch.testing.assert_close(got["logits"], logits, rtol=0, atol=1e-6, msg=f"{case} logits")
 
 
 def test_exported_experts_import_back_bit_for_bit(tmp_path):

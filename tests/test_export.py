@@ -114,6 +114,8 @@ for job in json.loads(sys.argv[1]):
     with torch.no_grad():
         result["logits"] = model(torch.load(job["ids"])).logits.float()
         result["layers"] = [type(m).__name__ for m in model.modules()]
+        if job.get("experts"):  # the expert tensors as transformers holds them after loading
+            result["experts"] = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
         if job.get("backend") == "gptq":
             result["w"] = model.model.layers[0].mlp.down_proj.dequantize_weight()
         elif job.get("backend") == "awq":
