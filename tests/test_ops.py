@@ -113,6 +113,31 @@ def test_dequant_matmul_backward_to_x_and_bias():
     torch.testing.assert_close(b.grad, dy.sum(0))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_outputs_take_in_place_updates_under_autograd(backend):
+    """A model may update a linear layer's output in place (Falcon: ``mlp_output += attention_output``).
+    With x of 3 dimensions the kernels reshape a 2D product, and such a view would reach autograd as a
+    view output of the op, whose in-place update autograd refuses. Updated in place, the outputs carry
+    the gradients of the reference's out-of-place update."""
+    w, q, s, z = _problem(n=6, k=64)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    wl = w.clone().requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    dy = torch.randn(2, 3, 6)
+    for op, inputs, args in [
+        (OPS.dequant_matmul, (x, b), lambda: (x, q, s, z, 4, b, backend)),
+        (OPS.fake_quant_matmul, (x, wl, b), lambda: (x, wl, s, z, 4, b, backend)),
+    ]:
+        y = op(*args())
+        y += 1.0  # refused when y is marked a view of the op's intermediate
+        grads = torch.autograd.grad((y * dy).sum(), inputs)
+        y_ref = op(*args()[:-1], "reference") + 1.0
+        expect = torch.autograd.grad((y_ref * dy).sum(), inputs)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, expect):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fake_quant_without_grid_uses_rtn_and_needs_both():
     w = torch.randn(4, 64)
     spec = QuantSpec(4, 64)

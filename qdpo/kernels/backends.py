@@ -109,8 +109,24 @@ def requested(backend: str) -> str:
     return backend
 
 
+def own(out):
+    """``out`` (a tensor or a tuple of them) with no tensor marked as a view. An op's body runs below
+    autograd, so a result that is a view of the body's own intermediate (a 2D product reshaped to x's
+    leading dimensions) would reach autograd as a view output of the op, and a caller's in-place update
+    of it would be refused (Falcon's decoder layer adds the attention output into the MLP's in place).
+    ``detach`` drops the mark without a copy; nothing is lost, the body's tensors carry no history."""
+    if isinstance(out, torch.Tensor):
+        return out.detach() if out._is_view() else out
+    return tuple(own(o) for o in out) if isinstance(out, tuple) else out
+
+
 def call(op: str, backend: str, device: torch.device, *args):
-    """Run op ``op`` on the chosen backend; see the module docstring for the rules."""
+    """Run op ``op`` on the chosen backend (its result through :func:`own`); see the module docstring
+    for the rules."""
+    return own(_call(op, backend, device, *args))
+
+
+def _call(op: str, backend: str, device: torch.device, *args):
     backend = requested(backend)
     if backend != "auto":
         why = _device_reason(backend, device)

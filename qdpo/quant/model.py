@@ -32,12 +32,18 @@ METHODS = ("rtn", "awq")
 DEFAULT_EXCLUDE = ("lm_head", "*vision_tower*", "*vision_model*", "*visual*", "*multi_modal_projector*")
 
 
+# nn.Linear subclasses of transformers whose own forward computes exactly ``x @ Wᵀ (+ b)`` (Falcon's, for
+# the transposed product it prefers): quantized like nn.Linear
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
 def _is_linear(m: nn.Module) -> bool:
     """An ``nn.Linear`` that computes what ``nn.Linear`` does, or GPT-2's ``Conv1D``. A subclass with a
-    forward of its own (Llama 4's router returns scores and logits) is not: replacing it would change
-    what it returns, so it stays as it is (counted as a full-precision weight)."""
+    forward of its own (Llama 4's router returns scores and logits) is not, unless it is one of
+    :data:`PLAIN_LINEAR_SUBCLASSES`: replacing it would change what it returns, so it stays as it is
+    (counted as a full-precision weight)."""
     if isinstance(m, nn.Linear):
-        return type(m).forward is nn.Linear.forward
+        return type(m).forward is nn.Linear.forward or type(m).__name__ in PLAIN_LINEAR_SUBCLASSES
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
