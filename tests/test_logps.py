@@ -276,6 +276,35 @@ def test_shared_starts_match_whole_rows_across_architectures(monkeypatch, arch, 
     _assert_sharing_matches_whole_rows(model, _dpo_batch(SYSTEM, seed=2))
 
 
+def test_a_model_that_drops_the_cache_under_checkpointing_runs_whole_rows(caplog):
+    """GPT-2 hands its blocks no cache while it checkpoints them: the first part's keys never reach the
+    cache, so that model runs whole rows from then on (the same hidden states and gradients; before, a
+    TypeError), and says so once. Without checkpointing it shares its starts."""
+    import transformers
+
+    from qdpo.training import logps
+    from qdpo.training.distributed import activation_checkpointing
+    from qdpo.training.trainer import disable_dropout
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    disable_dropout(model)  # as training does
+    batch = _dpo_batch(SYSTEM, seed=2)
+    parts = []
+    real = logps._Part.__call__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(logps._Part, "__call__", lambda self, *a: parts.append(1) or real(self, *a))
+        _assert_sharing_matches_whole_rows(model, batch)
+        assert parts and getattr(model, "_qdpo_prefix_ok", True)  # shared without checkpointing
+        activation_checkpointing(model)
+        parts.clear()
+        with caplog.at_level("INFO", logger="qdpo.training.logps"):
+            _assert_sharing_matches_whole_rows(model, batch)
+    assert len(parts) == 1 and model._qdpo_prefix_ok is False  # one try, then whole rows
+    assert caplog.text.count("does not keep the keys of shared starts") == 1
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("system", [SYSTEM, []], ids=["prefix", "no prefix"])
 def test_packed_groups_match_whole_rows(monkeypatch, attn, system):

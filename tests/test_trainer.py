@@ -313,3 +313,29 @@ def test_greedy_with_a_shared_prompt_prefix_matches_plain_left_padding(data):
         torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-4)
         for x, y in zip(h1, h0):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-attention-dropout"])
+def test_training_runs_without_dropout(data, tmp_path, arch):
+    """The targets (FP answers, reference log-probs, the teacher's distributions) come from eval-mode
+    forwards; the trained model's train-mode forward must compute the same function, so dropout is off
+    for training: GPT-2's dropout modules (p = 0.1) and an attention's float ``attention_dropout``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, _, examples = data
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, attention_dropout=0.5))
+    qdpo.quantize_model(model, QuantSpec(4, -1))
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    def logits(train: bool):
+        with torch.no_grad():
+            return model.train(train)(ids).logits
+
+    assert not torch.equal(logits(True), logits(False))  # dropout on, as transformers built it
+    Trainer(model, cfg(steps=1), "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)
+    assert torch.equal(logits(True), logits(False))

@@ -15,12 +15,15 @@ Models whose output layer applies a final soft-capping or logit scale
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdpo.training.data import Batch
+
+log = logging.getLogger(__name__)
 
 
 MIN_SHARED_PREFIX = 8  # tokens every row must share before the prefix is run once
@@ -57,14 +60,19 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
     if prefix_sharing_ok(model) and _new_cache(model) is not None:
         p = shared_prefix(batch)
         plan = row_groups(batch, p)
-        if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
-            plan = plan or _one_group(batch, p)
-            if plan is not None and _masks_are_tensors(model):
-                return _packed_groups(model, batch, plan)
-        elif plan is not None:
-            return _with_row_groups(model, batch, p, plan)
-        elif p:
-            return _with_shared_prefix(model, batch, p)
+        try:
+            if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
+                plan = plan or _one_group(batch, p)
+                if plan is not None and _masks_are_tensors(model):
+                    return _packed_groups(model, batch, plan)
+            elif plan is not None:
+                return _with_row_groups(model, batch, p, plan)
+            elif p:
+                return _with_shared_prefix(model, batch, p)
+        except _CacheUnused:  # found on the first part, before any part read a cache: whole rows from now on
+            model._qdpo_prefix_ok = False
+            log.info("%s does not keep the keys of shared starts here (a cache it drops under activation "
+                     "checkpointing?): whole rows", type(model).__name__)
     out = base_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
 
@@ -300,7 +308,15 @@ class _Part:
                     delattr(m, key)  # the class's own again
                 else:
                     setattr(m, key, was)
-        return h, [layer.new for layer in self.cache.layers]
+        new = [layer.new for layer in self.cache.layers]
+        if any(kv is None for kv in new):
+            raise _CacheUnused
+        return h, new
+
+
+class _CacheUnused(Exception):
+    """The decoder did not write a part's keys and values into the cache it was given (GPT-2 hands its
+    blocks no cache while it checkpoints them, whatever ``_can_checkpoint_with_cache`` says)."""
 
 
 def _pick(t: Tensor, rows: "Tensor | int") -> Tensor:

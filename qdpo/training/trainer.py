@@ -116,9 +116,24 @@ def trainable_params(model) -> tuple[list, list]:
 
 
 def prepare_for_training(model, cfg: TrainConfig) -> None:
-    """Latent weights in ``cfg.latent_dtype``, everything but them (and learned scales) frozen."""
+    """Latent weights in ``cfg.latent_dtype``, everything but them (and learned scales) frozen, dropout
+    off (:func:`disable_dropout`)."""
     set_latent_dtype(model, cfg.latent_dtype)
     freeze_for_training(model, cfg.learn_scales)
+    disable_dropout(model)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in train mode too, in place: every dropout module's ``p`` and every module's float
+    ``attention_dropout`` (what transformers' attention functions read in train mode) become 0. The
+    training targets the deterministic (eval-mode) answers and log-probs: the FP model's answers, the
+    reference log-probs of the pairs, the KD teacher's distributions. With dropout (GPT-2's 0.1, for one)
+    the policy's log-probs of a DPO pair would differ from the reference's at step 0 by noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
