@@ -263,3 +263,20 @@ def test_plan_grants_compares_what_was_forced_and_leaves_the_plan_its_own_choice
     assert plan_grants(plan, {"splits": 4, "warps": 8, "row_tiles": 1, "x_smem": False, "block_rows": 99})
     for refused in ({"splits": 2}, {"warps": 4}, {"row_tiles": 2}, {"zero_after": True}, {"x_smem": True}):
         assert not plan_grants(plan, refused), refused
+
+
+def test_arch_sweep_builds_every_architecture_and_runs_the_pipeline(tmp_path):
+    """benchmarks/arch_sweep.py (README's "Models" list): every architecture it names builds and loads in
+    the installed transformers, and one runs python -m qdpo.train end to end (export checked)."""
+    import transformers
+
+    import arch_sweep
+
+    for arch in arch_sweep.ARCHS:
+        if hasattr(transformers, f"{arch}Config"):
+            arch_sweep.build(arch, tmp_path / arch)
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / arch)
+            assert type(model).__name__ == arch_sweep.MODEL_CLASS.get(arch, f"{arch}ForCausalLM")
+    assert arch_sweep.main(["--archs", "GPT2", "--out", str(tmp_path / "sweep")]) == 0
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert results["GPT2"].startswith("rc=0") and "'reproduces_eval': True" in results["GPT2"]
