@@ -183,7 +183,7 @@ def _dpo_batch(system: list[int], seed: int = 0):
         return torch.randint(1, 50, (n,), generator=g).tolist()
 
     prompts = [system + r(n) for n in (9, 12, 10)]
-    pairs = [(pr, c := r(2)) for pr in prompts]
+    pairs = [(pr, r(2)) for pr in prompts]
     chosen = [(pr, c + r(4 + i)) for i, (pr, c) in enumerate(pairs)]
     rejected = [(pr, c + r(7 - i)) for i, (pr, c) in enumerate(pairs)]
     return collate(chosen + rejected, 0)
