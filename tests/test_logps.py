@@ -157,22 +157,41 @@ def test_shared_prefix_forward_and_gradients_match_whole_rows():
         assert total[i].item() == pytest.approx(_direct_logps(model, p, c), abs=1e-4)
 
 
-def test_models_without_a_plain_kv_cache_run_whole_rows():
-    """A sliding-window model (its cache drops old keys) is not given a shared prefix."""
+def test_batches_wider_than_a_sliding_window_run_whole_rows(monkeypatch):
+    """A sliding-window model shares starts only while a part's keys fit in the window (see the next
+    test); a batch wider than it runs whole rows, which apply the model's own sliding masks."""
     from transformers import MistralConfig, MistralForCausalLM
 
+    from qdpo.training import logps
     from qdpo.training.logps import decoder_hidden
 
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     model = MistralForCausalLM(cfg).eval()
-    batch = collate(PREFIXED, 0)
+    parts = []
+    real = logps._Part.__call__
+    monkeypatch.setattr(logps._Part, "__call__", lambda self, *a: parts.append(1) or real(self, *a))
+    for batch in (collate(PREFIXED, 0), _dpo_batch(SYSTEM, seed=2)):
+        with torch.no_grad():
+            h = decoder_hidden(model, batch)
+            want = _plain_hidden(model, batch)
+        assert torch.equal(h, want)
+    assert logps.window(model) == 4 and not parts and logps.prefix_sharing_ok(model)
+    model.config.sliding_window = 3  # it matters: the rows differ from full attention's
     with torch.no_grad():
-        h = decoder_hidden(model, batch)
-        want = _plain_hidden(model, batch)
-    assert model._qdpo_prefix_ok is False
-    assert torch.equal(h, want)
+        assert not torch.allclose(_plain_hidden(model, batch), want)
+
+
+def test_chunked_attention_runs_whole_rows():
+    """Chunked attention (Llama 4) keeps its keys in sliding-window cache layers, but its masks are not a
+    sliding window's: never shared."""
+    from qdpo.training import logps
+    from tests.test_experts import tiny_moe
+
+    model = tiny_moe("Llama4Text", attention_chunk_size=8)
+    assert "chunked_attention" in logps._layer_types(model)
+    assert logps._new_cache(model) is None and not logps.prefix_sharing_ok(model)
 
 
 def _dpo_batch(system: list[int], seed: int = 0):
@@ -245,6 +264,9 @@ ARCHS = {  # name: (config class, model class, what differs from tiny()'s sizes)
     "Mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen3Moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
                                                            "moe_intermediate_size": 16, "head_dim": 8}),
+    # sliding windows wider than these batches (the keys of every part fit): shared, as full attention is
+    "Mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "Gemma2-hybrid": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 64, "head_dim": 8}),
 }
 
 
@@ -273,7 +295,9 @@ def test_shared_starts_match_whole_rows_across_architectures(monkeypatch, arch, 
         monkeypatch.setattr(logps, "sharded", lambda m: True)
         assert logps._masks_are_tensors(model)
     assert prefix_sharing_ok(model) and _new_cache(model) is not None  # the shared starts run once
-    _assert_sharing_matches_whole_rows(model, _dpo_batch(SYSTEM, seed=2))
+    batch = _dpo_batch(SYSTEM, seed=2)
+    assert logps.fits_window(model, batch.input_ids.shape[1] * 2)
+    _assert_sharing_matches_whole_rows(model, batch)
 
 
 def test_a_model_that_drops_the_cache_under_checkpointing_runs_whole_rows(caplog):

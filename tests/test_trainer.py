@@ -315,6 +315,42 @@ def test_greedy_with_a_shared_prompt_prefix_matches_plain_left_padding(data):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
+def test_greedy_shares_a_prefix_on_sliding_window_models_only_within_the_window(monkeypatch):
+    """Gemma 2 (sliding-window layers between full ones): prompts with their answers inside the window
+    decode from one cached prefix, as plain left padding does; wider ones run plain (forced to share,
+    their hidden states differ: the window matters)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from qdpo.training import logps
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(12)
+    system = torch.randint(2, VOCAB, (12,), generator=g).tolist()
+    prompts = [system + torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 3, 8)]
+    calls = []
+    real = logps.prefix_cache
+    monkeypatch.setattr(logps, "prefix_cache", lambda *a: calls.append(1) or real(*a))
+
+    def decode(model, share):
+        model.qdpo_no_prefix_sharing = not share
+        hidden = []
+        answers = greedy(model, Tok, prompts, 8, batch_size=4, disable=True, hidden=hidden)
+        return answers, torch.cat(hidden)
+
+    for window, shared in ((64, True), (12, False)):  # widest prompt + answer: 28 tokens
+        cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+                           eos_token_id=1, pad_token_id=1, bos_token_id=None, initializer_range=0.3)
+        model = Gemma2ForCausalLM(cfg).eval()
+        calls.clear()
+        (a1, h1), (a0, h0) = decode(model, True), decode(model, False)
+        assert len(calls) == shared and a1 == a0
+        torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(logps, "fits_window", lambda m, width: True)
+    a1, h1 = decode(model, True)
+    assert len(calls) == 1 and (a1 != a0 or not torch.allclose(h1, h0, rtol=1e-4, atol=1e-4))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama-attention-dropout"])
 def test_training_runs_without_dropout(data, tmp_path, arch):
     """The targets (FP answers, reference log-probs, the teacher's distributions) come from eval-mode

@@ -81,7 +81,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
         bar = stack.enter_context(tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, att, cache = _inputs(model, [prompts[i] for i in idx], pad, device)
+            ids, att, cache = _inputs(model, [prompts[i] for i in idx], pad, device, max_new_tokens)
             steps.clear()
             out = model.generate(
                 input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
@@ -106,21 +106,26 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     return (ordered, [logps[i] for i in range(len(prompts))]) if with_logps else ordered
 
 
-def _inputs(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _inputs(model, prompts: list[list[int]], pad_id: int, device, max_new_tokens: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``(input_ids, attention_mask, cache kwargs)`` of one generation batch.
 
     Prompts that share a start (the chat template's system prompt) are laid
     out as ``[shared prefix][left padding][rest]``: the prefix's keys and
     values are computed once and handed to ``generate`` as its cache, and
     the positions (from the attention mask) are those of plain left padding.
-    Otherwise plain left padding, and no cache.
+    Otherwise plain left padding, and no cache; so too where the model has sliding-window layers and the
+    prompts with their ``max_new_tokens`` answers would not fit in the window
+    (``qdpo.training.logps.fits_window``).
     """
-    from qdpo.training.logps import MIN_SHARED_PREFIX, prefix_cache, prefix_sharing_ok, sharded
+    from qdpo.training.logps import MIN_SHARED_PREFIX, fits_window, prefix_cache, prefix_sharing_ok, sharded
 
     p = min(len(x) for x in prompts) - 1  # every row keeps at least one token to prefill
     for x in prompts[1:]:
         p = min(p, common_prefix(prompts[0], x))
-    if len(prompts) < 2 or p < MIN_SHARED_PREFIX or not prefix_sharing_ok(model) or sharded(model):
+    width = max(len(x) for x in prompts) + max_new_tokens
+    if len(prompts) < 2 or p < MIN_SHARED_PREFIX or not prefix_sharing_ok(model) or sharded(model) \
+            or not fits_window(model, width):
         ids, att = left_pad(prompts, pad_id)
         return ids.to(device), att.to(device), {}
     prefix = torch.tensor([prompts[0][:p]], dtype=torch.long, device=device)

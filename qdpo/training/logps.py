@@ -63,11 +63,13 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
         try:
             if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
                 plan = plan or _one_group(batch, p)
-                if plan is not None and _masks_are_tensors(model):
+                # the packed mask spans real positions: at most a row (sliding windows, see _new_cache)
+                if plan is not None and _masks_are_tensors(model) and fits_window(model, batch.input_ids.shape[1]):
                     return _packed_groups(model, batch, plan)
             elif plan is not None:
-                return _with_row_groups(model, batch, p, plan)
-            elif p:
+                if fits_window(model, _parts_width(batch, plan)):
+                    return _with_row_groups(model, batch, p, plan)
+            elif p and fits_window(model, batch.input_ids.shape[1]):
                 return _with_shared_prefix(model, batch, p)
         except _CacheUnused:  # found on the first part, before any part read a cache: whole rows from now on
             model._qdpo_prefix_ok = False
@@ -143,6 +145,14 @@ def _masks_are_tensors(model) -> bool:
     return getattr(base_model(model).config, "_attn_implementation", None) in ("eager", "sdpa")
 
 
+def _parts_width(batch: Batch, plan: tuple[list[int], list[int]]) -> int:
+    """The keys the last part of :func:`_with_row_groups` attends over: the prefix and the widest group
+    start, then the longest rest."""
+    group_of, shared = plan
+    lengths = batch.attention_mask.sum(1).tolist()
+    return max(shared) + max(n - shared[k] for n, k in zip(lengths, group_of))
+
+
 def _one_group(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
     """Every row one group sharing the batch's prefix of ``p`` tokens, when packed they make a row at most
     twice the batch's (its attention then spans at most 4x a row's): a DPO pair alone in its micro-batch
@@ -210,8 +220,14 @@ def sharded(model) -> bool:
 
 
 def _new_cache(model):
-    """``(cache kwarg name, empty DynamicCache)``, or None when the model's cache is not a plain dynamic one
-    (remembered on the model: sliding-window, linear-attention or static caches run whole rows)."""
+    """``(cache kwarg name, empty DynamicCache)`` whose layers are all plain full-attention ones, or None when
+    the model's cache is not a plain dynamic one (remembered on the model: linear-attention, chunked or
+    static caches run whole rows).
+
+    Sliding-window layers get plain layers too, and the model's smallest window is remembered
+    (:func:`window`): a sliding layer attends to every key of a row that fits in its window, as a full one
+    does, so the shared starts may run once while the keys a part attends over (counted by cache index,
+    padding included) fit in it; the callers check that width, and run wider batches whole."""
     import inspect
 
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -220,10 +236,50 @@ def _new_cache(model):
     layers = getattr(cache, "layers", None)
     params = inspect.signature(base_model(model).forward).parameters
     name = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers) or name not in params:
+    sliding = [layer.sliding_window for layer in layers or [] if _is_sliding_layer(layer)]
+    plain = all(type(layer) is DynamicLayer or _is_sliding_layer(layer) for layer in layers or [])
+    if sliding:  # chunked attention has sliding-window cache layers too: not the same masks
+        plain = plain and _layer_types(model) <= {"full_attention", "sliding_attention"}
+    if not layers or name not in params or not plain:
         model._qdpo_prefix_ok = False
         return None
+    model._qdpo_window = min(sliding) if sliding else None
+    if sliding:
+        cache.layers = [DynamicLayer() for _ in layers]
     return name, cache
+
+
+def _is_sliding_layer(layer) -> bool:
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:  # an older transformers: its sliding caches run whole rows
+        return False
+    return type(layer) is DynamicSlidingWindowLayer
+
+
+def _layer_types(model) -> set[str]:
+    """The kinds of attention of the model's layers as transformers' cache reads them (``full_attention``,
+    ``sliding_attention``, ``chunked_attention``, ...); ``{"unknown"}`` where it cannot say."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return set(get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0])
+    except Exception:  # noqa: BLE001 - an older or different transformers: not known, so not shared
+        return {"unknown"}
+
+
+def window(model) -> int | None:
+    """The smallest sliding window of the model's layers (None: every layer attends to all keys), as
+    :func:`_new_cache` finds it."""
+    if not hasattr(model, "_qdpo_window"):
+        _new_cache(model)
+    return getattr(model, "_qdpo_window", None)
+
+
+def fits_window(model, width: int) -> bool:
+    """Whether parts whose keys span ``width`` cache positions compute what whole rows do."""
+    w = window(model)
+    return w is None or width <= w
 
 
 def prefix_cache(model, prefix: Tensor, batch_size: int):
