@@ -124,7 +124,8 @@ def row_groups(batch: Batch, p: int) -> tuple[list[int], list[int]] | None:
 
 def prefix_sharing_ok(model) -> bool:
     """Whether this model's shared starts may run once (decoder-only, plain dynamic KV cache: full
-    attention, whose positions and masks the parts or the packed rows reproduce exactly).
+    attention, whose positions and masks the parts or the packed rows reproduce exactly; sliding-window
+    attention too, batch by batch, while the keys fit in the window: :func:`_new_cache`).
 
     Under FSDP2 the decoder runs once per batch: FSDP2 gathers a layer's weights on each call and
     reduce-scatters its gradients after each call's backward, so the 2–3 parts of
