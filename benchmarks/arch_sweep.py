@@ -29,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.test_experts import ARCHS as EXPERT_LAYOUTS  # noqa: E402
+from tests.test_experts import MORE_ARCHS as MORE_EXPERT_LAYOUTS  # noqa: E402
+
 # name: what differs from the base sizes (head_dim where the config's default is not hidden / heads)
 DENSE = {
     "Llama": {}, "Qwen2": {}, "Qwen3": {"head_dim": 16}, "Mistral": {}, "Gemma": {"head_dim": 16},
@@ -37,24 +40,11 @@ DENSE = {
     "Glm": {}, "Glm4": {}, "SmolLM3": {}, "Exaone4": {}, "Helium": {"head_dim": 16}, "Arcee": {},
     "Ernie4_5": {}, "SeedOss": {}, "Apertus": {}, "Falcon": {}, "GPT2": {},
 }
-MOE = {
-    "Mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "Qwen3Moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
-    "Qwen2Moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                 "shared_expert_intermediate_size": 64},
-    "Olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "GraniteMoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "GptOss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 8},
-    "DeepseekV3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                   "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "kv_lora_rank": 32,
-                   "num_key_value_heads": 4, "q_lora_rank": 64, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-                   "v_head_dim": 16},
-    "Ernie4_5_Moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
-    "Glm4Moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "head_dim": 16},
-    "Llama4Text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128,
-                   "head_dim": 16, "interleave_moe_layer_step": 1},
-}
+# the test suite's MoE layouts (tests/test_experts.py), and three more
+MOE = {**EXPERT_LAYOUTS, **MORE_EXPERT_LAYOUTS,
+       "Olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+       "GraniteMoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+       "Ernie4_5_Moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32}}
 ARCHS = {**DENSE, **MOE}
 MODEL_CLASS = {"Llama4Text": "Llama4ForCausalLM", "GPT2": "GPT2LMHeadModel", "Gemma3Text": "Gemma3ForCausalLM"}
 

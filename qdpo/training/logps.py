@@ -237,8 +237,12 @@ def _new_cache(model):
     layers = getattr(cache, "layers", None)
     params = inspect.signature(base_model(model).forward).parameters
     name = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
-    sliding = [layer.sliding_window for layer in layers or [] if _is_sliding_layer(layer)]
-    plain = all(type(layer) is DynamicLayer or _is_sliding_layer(layer) for layer in layers or [])
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer as Sliding
+    except ImportError:  # an older transformers: its sliding caches run whole rows
+        Sliding = None
+    sliding = [layer.sliding_window for layer in layers or [] if type(layer) is Sliding]
+    plain = all(type(layer) in (DynamicLayer, Sliding) for layer in layers or [])
     if sliding:  # chunked attention has sliding-window cache layers too: not the same masks
         plain = plain and _layer_types(model) <= {"full_attention", "sliding_attention"}
     if not layers or name not in params or not plain:
@@ -248,14 +252,6 @@ def _new_cache(model):
     if sliding:
         cache.layers = [DynamicLayer() for _ in layers]
     return name, cache
-
-
-def _is_sliding_layer(layer) -> bool:
-    try:
-        from transformers.cache_utils import DynamicSlidingWindowLayer
-    except ImportError:  # an older transformers: its sliding caches run whole rows
-        return False
-    return type(layer) is DynamicSlidingWindowLayer
 
 
 def _layer_types(model) -> set[str]:
