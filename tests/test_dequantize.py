@@ -95,6 +95,14 @@ def test_strided_qweight_and_grid(backend):
     _assert_dequantize(q_t, s, z, 4, torch.float32, backend)
 
 
+def test_scales_and_zeros_with_different_strides(backend):
+    """One of scales and zeros column-major, the other row-major: each read with its own layout (the
+    Triton kernels index both at one offset, so the two are made to agree first)."""
+    q, s, z = on(backend, *_random_packed(7, 96, 4, 3, torch.float32, seed=5))
+    _assert_dequantize(q, s, z.t().contiguous().t(), 4, torch.float32, backend)
+    _assert_dequantize(q, s.t().contiguous().t(), z, 4, torch.float16, backend)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy, for the fp16 infs
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
 def test_tiny_and_huge_scales_fp32(mag, backend):

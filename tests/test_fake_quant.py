@@ -116,6 +116,18 @@ def test_mixed_dtypes_of_output_grad_and_scales(backend):
     _assert_backward(randn(7, 96, torch.float16, seed=4), w, s16, z, 8, backend)
 
 
+def test_scales_and_zeros_with_different_strides(backend):
+    """One of scales and zeros column-major, the other row-major, forward and backward."""
+    w = randn(7, 96, torch.float32, seed=8)
+    s, z = _grid(w, 4, 32, False)
+    grad = randn(7, 96, torch.float32, seed=9)
+    for s_, z_ in ((s, z.t().contiguous().t()), (s.t().contiguous().t(), z)):
+        assert_exact(OPS.fake_quant(*on(backend, w, s_, z_), 4, None, backend).cpu(), ref.fake_quant(w, s, z, 4), "ŵ")
+        _assert_backward(grad, w, s_, z_, 4, backend)
+        gw, _ = OPS.fake_quant_backward(*on(backend, grad, w, s_, z_), 4, False, backend)
+        assert_exact(gw.cpu(), ref.fake_quant_backward(grad, w, s, z, 4)[0], "grad_w")
+
+
 def test_negative_scales_give_the_reference_bits(backend):
     """RTN and AWQ make positive scales only, and the kernels finish ŵ with one FMA, c·s + 0, where every
     scale of a tile or group is positive; a grid given with negative scales takes the other route and

@@ -84,6 +84,15 @@ def test_quantize_with_other_scale_dtype_and_strided_grid(sdtype, backend):
                  ref.quantize_codes_packed(w, s_t.cpu(), z_t.cpu(), 8), "qweight")
 
 
+def test_quantize_with_scales_and_zeros_with_different_strides(backend):
+    w = randn(7, 96, torch.float32, seed=7)
+    s, z = ref.qparams(w, 4, 32, False)
+    expect = ref.quantize_codes_packed(w, s, z, 4)
+    w, s, z = on(backend, w, s, z)
+    for s_, z_ in ((s, z.t().contiguous().t()), (s.t().contiguous().t(), z)):  # one column-major, one not
+        assert_exact(OPS.quantize_with(w, s_, z_, 4, backend).cpu(), expect, "qweight")
+
+
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
 def test_long_rows_are_quantized_in_chunks(bits, sym):
     """Per-row mode with a row longer than a tile: two passes over chunks (forced small tile)."""

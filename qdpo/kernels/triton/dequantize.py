@@ -12,8 +12,9 @@ tensor     shape                 dtype             layout
 qweight    (N, K·bits/8)         uint8             K contiguous (copied if not),
                                                    any row stride; 4 bits: code
                                                    2j in the low nibble of byte j
-scales     (N, NG)               fp32/fp16/bf16    any strides
-zeros      (N, NG)               uint8             any strides
+scales     (N, NG)               fp32/fp16/bf16    any strides (copied
+zeros      (N, NG)               uint8             with zeros if theirs
+                                                   differ)
 ŵ (out)    (N, K)                ``dtype``         contiguous
 =========  ====================  ================  ==============================
 
@@ -35,7 +36,9 @@ import triton.language as tl
 
 from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import cast_out, codes_minus_z, codes_of_words, int32_words, tl_dtype, word_halves
-from qdpo.kernels.triton.quantize import config, contiguous_k, div_magic, group_rows, load_grid, wide_offsets
+from qdpo.kernels.triton.quantize import (
+    config, contiguous_k, div_magic, group_rows, load_grid, same_layout, wide_offsets,
+)
 
 
 @triton.jit
@@ -83,6 +86,7 @@ def launch(qweight, scales, zeros, bits, dtype, cfg=None):
     """Run the kernel; ``cfg`` forces a tile (tests)."""
     # (1) check: shapes and dtypes are checked by qdpo.kernels.ops
     qweight = contiguous_k(qweight)
+    scales, zeros = same_layout(scales, zeros)
     n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
     ng = scales.shape[1]
     g, r = k // ng, n * ng

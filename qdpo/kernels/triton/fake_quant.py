@@ -15,8 +15,8 @@ tensor      shape        dtype             layout
 ==========  ===========  ================  ======================================
 w           (N, K)       fp32/fp16/bf16    K contiguous (copied if not), any row
                                            stride
-scales      (N, NG)      fp32/fp16/bf16    any strides
-zeros       (N, NG)      uint8             any strides
+scales      (N, NG)      fp32/fp16/bf16    any strides (copied with zeros
+zeros       (N, NG)      uint8             if theirs differ)
 ŵ (out)     (N, K)       ``dtype``         contiguous
 grad        (N, K)       any float         contiguous (the op makes it so)
 grad_w      (N, K)       w.dtype           contiguous
@@ -45,7 +45,7 @@ from qdpo.kernels.backends import register
 from qdpo.kernels.triton._common import all_in_range, cast_out, recip_quotient, round_half_even, tl_dtype
 from qdpo.kernels.triton.quantize import (
     clamp_to_grid, config, contiguous_k, div_magic, group_rows, load_grid, load_tile, rounded_quotient,
-    wide_offsets,
+    same_layout, wide_offsets,
 )
 
 
@@ -132,6 +132,7 @@ def fake_quant(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     """``ŵ`` ``(N, K)`` in ``dtype``; ``cfg`` forces a tile (tests)."""
     # (1) check: shapes and dtypes are checked by qdpo.kernels.ops
     w = contiguous_k(w)
+    scales, zeros = same_layout(scales, zeros)
     (n, k), ng = w.shape, scales.shape[1]
     g, r = k // ng, n * ng
     cfg = cfg or config(r, g, w.device)
@@ -158,6 +159,7 @@ def fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
     if grad.shape != w.shape:
         raise ValueError(f"grad has shape {tuple(grad.shape)}; expected the weight's {tuple(w.shape)}")
     grad, w = contiguous_k(grad), contiguous_k(w)
+    scales, zeros = same_layout(scales, zeros)
     (n, k), ng = w.shape, scales.shape[1]
     g, r = k // ng, n * ng
     cfg = cfg or config(r, g, w.device)

@@ -24,9 +24,9 @@ w          (N, K)                fp32/fp16/bf16    K contiguous (copied if not),
                                                    any row stride
 qweight    (N, K·bits/8)         uint8             contiguous; 4 bits: code 2j in
                                                    the low nibble of byte j
-scales     (N, NG)               w.dtype (or any   any strides
-                                 float, frozen)
-zeros      (N, NG)               uint8             any strides
+scales     (N, NG)               w.dtype (or any   any strides (copied
+                                 float, frozen)    with zeros if theirs
+zeros      (N, NG)               uint8             differ)
 =========  ====================  ================  ==============================
 
 Constraints: bits ∈ {4, 8}; K % G == 0; K even for 4 bits (the ops check all
@@ -116,9 +116,18 @@ def load_tile(ptr, base, k0, G, rmask, BLOCK_G: tl.constexpr):
     return x.to(tl.float32), mask
 
 
+def same_layout(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros that share one pair of strides, as :func:`load_grid` reads both at one offset:
+    the two as they are where their strides agree (any layout), else both copied contiguous."""
+    if scales.stride() == zeros.stride():
+        return scales, zeros
+    return scales.contiguous(), zeros.contiguous()
+
+
 @triton.jit
 def load_grid(s_ptr, z_ptr, p_off, rmask):
-    """Frozen per-group scale and zero point as fp32 (scale 1 off the edge: no 0/0)."""
+    """Frozen per-group scale and zero point as fp32 (scale 1 off the edge: no 0/0), both read at
+    ``p_off``: scales and zeros must share their strides (:func:`same_layout`)."""
     s = tl.load(s_ptr + p_off, mask=rmask, other=1.0).to(tl.float32)
     z = tl.load(z_ptr + p_off, mask=rmask, other=0).to(tl.float32)
     return s, z
@@ -265,6 +274,8 @@ def launch(w, bits, group_size, symmetric, scales=None, zeros=None, store_codes=
     w = contiguous_k(w)
     n, k = w.shape
     frozen = scales is not None
+    if frozen:
+        scales, zeros = same_layout(scales, zeros)
     ng = scales.shape[1] if frozen else (1 if group_size == -1 else k // group_size)
     g, r = k // ng, n * ng
     cfg = cfg or config(r, g, w.device)
