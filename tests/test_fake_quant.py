@@ -246,6 +246,9 @@ def test_opcheck(backend):
     w, s, z = on(backend, w, *_grid(w, 4, 32, False))
     opcheck(OPS.fake_quant, (w.clone().requires_grad_(), s.clone().requires_grad_(), z, 4, None, backend))
     opcheck(OPS.fake_quant_backward, (on(backend, randn(7, 96, seed=16)), w, s, z, 4, True, backend))
+    w_t = w.t().contiguous().t()  # column-major: ŵ and grad_w are contiguous all the same
+    opcheck(OPS.fake_quant, (w_t.clone().requires_grad_(), s, z, 4, None, backend))
+    opcheck(OPS.fake_quant_backward, (on(backend, randn(7, 96, seed=16)), w_t, s, z, 4, True, backend))
 
 
 def test_torch_compile_fullgraph_forward_and_backward(backend):

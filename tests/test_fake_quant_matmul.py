@@ -262,6 +262,8 @@ def test_opcheck_backward_op():
     args = (_rand(3, 7, dtype=torch.float32, seed=2), _rand(3, 64, dtype=torch.float32), w, s, z, 4)
     opcheck(OPS.fake_quant_matmul_backward, (*args, True, "triton"))
     opcheck(OPS.fake_quant_matmul_backward, (*args, False, "triton"))
+    x_t, w_t = args[1].t().contiguous().t(), w.t().contiguous().t()  # column-major: dx and dw are contiguous
+    opcheck(OPS.fake_quant_matmul_backward, (args[0], x_t, w_t, s, z, 4, True, "triton"))
 
 
 def test_errors():

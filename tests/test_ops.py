@@ -57,6 +57,17 @@ def test_opcheck(case):
     opcheck(op, args)
 
 
+def test_opcheck_transposed_inputs():
+    """Outputs are contiguous whatever the inputs' strides, as the fake implementations say (the reference's
+    ŵ of a transposed weight kept the weight's strides, and the backward's fakes copied x's and w's)."""
+    w, q, s, z = _problem()
+    w_t, x_t = w.t().contiguous().t(), torch.randn(64, 3).t()  # (6, 64) and (3, 64), column-major
+    opcheck(OPS.fake_quant, (w_t.clone().requires_grad_(), s, z, 4))
+    opcheck(OPS.fake_quant_backward, (torch.randn(6, 64), w_t, s, z, 4, True))
+    opcheck(OPS.fake_quant_matmul_backward, (torch.randn(3, 6), x_t, w_t, s, z, 4, True))
+    opcheck(OPS.fake_quant_matmul, (x_t.clone().requires_grad_(), w_t.clone().requires_grad_(), s, z, 4))
+
+
 def test_every_op_has_a_reference_implementation():
     names = {"qparams", "quantize", "quantize_with", "dequantize", "fake_quant", "fake_quant_backward",
              "dequant_matmul", "dequant_matmul_dx", "dequant_matmul_experts", "dequant_matmul_segments",
@@ -342,3 +353,24 @@ def test_torch_compile_fullgraph():
     f(x, w2).backward()
     torch.testing.assert_close(out, f(x, w0))
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+@torch._inductor.config.patch(force_disable_caches=True)  # a graph cached before a fake impl changed hides it
+def test_torch_compile_fullgraph_transposed_inputs():
+    """Weights and inputs stored transposed (a GPT-2 Conv1D's (K, N), a (K, M) activation): compiled code
+    reads the ops' outputs with the fake strides."""
+    w_kn, x_km = torch.randn(64, 6), torch.randn(64, 3)
+    s, z = ref.qparams(w_kn.t(), 4, 32, False)
+
+    def f(x_km, w_kn):
+        w_hat = OPS.fake_quant(w_kn.t(), s, z, 4)
+        return (OPS.fake_quant_matmul(x_km.t(), w_kn.t(), s, z, 4) * 2).sum() + (w_hat * w_hat).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        x, w = x_km.clone().requires_grad_(), w_kn.clone().requires_grad_()
+        out = fn(x, w)
+        out.backward()
+        grads.append((out, x.grad, w.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)

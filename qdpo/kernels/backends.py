@@ -110,12 +110,15 @@ def requested(backend: str) -> str:
 
 
 def own(out):
-    """``out`` (a tensor or a tuple of them) with no tensor marked as a view. An op's body runs below
+    """``out`` (a tensor or a tuple of them) contiguous, as the ops' fake implementations describe it, and
+    with no tensor marked as a view. A backend may return another layout (the reference's ŵ of a transposed
+    weight, for one), and compiled code takes the fake strides for the real ones. An op's body runs below
     autograd, so a result that is a view of the body's own intermediate (a 2D product reshaped to x's
     leading dimensions) would reach autograd as a view output of the op, and a caller's in-place update
     of it would be refused (Falcon's decoder layer adds the attention output into the MLP's in place).
     ``detach`` drops the mark without a copy; nothing is lost, the body's tensors carry no history."""
     if isinstance(out, torch.Tensor):
+        out = out.contiguous()
         return out.detach() if out._is_view() else out
     return tuple(own(o) for o in out) if isinstance(out, tuple) else out
 

@@ -3,7 +3,9 @@
 Every op is defined once with ``torch.library.custom_op``. Its fake (meta)
 implementation runs the same input checks as the real one, so a bad shape is
 reported identically in eager mode, under ``torch.compile`` and by opcheck.
-The real implementation dispatches to a backend (``backends.call``).
+The real implementation dispatches to a backend (``backends.call``). Every
+output is contiguous, whatever the inputs' strides (the fake implementations
+say so, and ``torch.compile`` takes their word for it).
 
 Ops (``bits`` ∈ {4, 8}; ``scales``/``zeros`` ``(N, n_groups)``; the group size is
 ``K // n_groups``; see ``qdpo/kernels/reference.py`` for the math and
@@ -307,7 +309,7 @@ def fake_quant_backward(
 def _(grad, w, scales, zeros, bits, need_scales_grad, backend="auto"):
     _check_fq(w, scales, zeros, bits)
     _check_grad(grad, w)
-    return torch.empty_like(w), (torch.empty_like(scales) if need_scales_grad else scales.new_empty(0))
+    return w.new_empty(w.shape), (scales.new_empty(scales.shape) if need_scales_grad else scales.new_empty(0))
 
 
 def _fq_setup(ctx, inputs, output):
@@ -522,8 +524,8 @@ def fake_quant_matmul_backward(
 def _(dy, x, w, scales, zeros, bits, need_scales_grad, backend="auto"):
     _check_fqmm(x, w, scales, zeros, bits, None)
     _check_x(dy, w.shape[0], "dy")
-    ds = torch.empty_like(scales) if need_scales_grad else scales.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(w), ds
+    ds = scales.new_empty(scales.shape) if need_scales_grad else scales.new_empty(0)
+    return x.new_empty(x.shape), w.new_empty(w.shape), ds
 
 
 def _fqmm_setup(ctx, inputs, output):
