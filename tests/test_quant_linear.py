@@ -339,3 +339,12 @@ def test_cpu_step_cache_matches_ops_path_and_refreshes_after_a_step():
             a.weight.sub_(0.5 * a.weight.grad)
             b.weight.sub_(0.5 * b.weight.grad)
         a.weight.grad = b.weight.grad = None
+
+
+@pytest.mark.parametrize("mode", ["train", "packed"])
+def test_layer_runs_on_the_meta_device(mode):
+    """A model moved to (or built on) ``meta`` runs shapes only, as nn.Linear does: autocast, which meta
+    does not have, is not asked about there."""
+    q = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32), mode=mode).to("meta")
+    y = q(torch.randn(2, 3, 64, device="meta"))
+    assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 3, 8), torch.float32)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from qdpo.kernels import backends, ops
 from qdpo.kernels.reference import expert_segments
-from qdpo.quant.linear import MODES, QuantModes, autocast_input
+from qdpo.quant.linear import MODES, QuantModes, autocast_dtype, autocast_input
 from qdpo.quant.spec import QuantSpec
 
 EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names for fused expert weights
@@ -209,7 +209,7 @@ def _quantized_class(cls: type) -> type:
             self._qdpo_values = {}  # each tensor's ŵ, made at its first read in this forward
             dev = qs[0].scales.device.type
             # under autocast ŵ comes in the autocast dtype, as QuantLinear computes (grouped_mm does not autocast)
-            self._qdpo_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            self._qdpo_dtype = autocast_dtype(dev)
             try:
                 return cls.forward(self, *args, **kwargs)
             finally:

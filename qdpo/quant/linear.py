@@ -26,10 +26,18 @@ from qdpo.quant.spec import QuantSpec
 MODES = ("train", "packed")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for ``device_type``; None where it is off or the device type
+    has none (``meta``, on which ``torch.is_autocast_enabled`` raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def autocast_input(x: Tensor) -> Tensor:
     """``x`` in the autocast dtype where autocast is on: qdpo's custom ops are not autocast-aware."""
-    dev = x.device.type
-    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+    dtype = autocast_dtype(x.device.type)
+    return x if dtype is None else x.to(dtype)
 
 
 class QuantModes:
