@@ -348,3 +348,20 @@ def test_layer_runs_on_the_meta_device(mode):
     q = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32), mode=mode).to("meta")
     y = q(torch.randn(2, 3, 64, device="meta"))
     assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 3, 8), torch.float32)
+
+
+def test_train_layer_compiles_fullgraph_and_exports_on_the_cpu():
+    """The CPU step cache (keyed on data pointers) is an eager-mode path: compiled and exported code takes
+    the ops, with the same outputs and gradients."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32))
+    x = torch.randn(3, 64)
+    assert q._use_step_cache(x)
+    y = q(x)
+    y.pow(2).sum().backward()
+    dw, q.weight.grad = q.weight.grad, None
+    yc = torch.compile(q, fullgraph=True)(x)
+    yc.pow(2).sum().backward()
+    assert_exact(yc, y, "compiled y")
+    assert_exact(q.weight.grad, dw, "compiled dw")
+    assert_exact(torch.export.export(q, (x,)).module()(x), y, "exported y")

@@ -193,9 +193,12 @@ class QuantLinear(QuantModes, nn.Module):
         forward and again in every backward; with frozen scales ŵ only changes
         when the optimizer steps, so it is computed once per step (at the cost
         of holding ŵ and a bool mask). Learned scales need the LSQ gradient of
-        the ops, so they take the ops path.
+        the ops, so they take the ops path; so does code being compiled or
+        exported, which cannot key a cache on data pointers.
         """
         if not (self.step_cache and torch.is_grad_enabled() and self.weight.requires_grad) or self.scales.requires_grad:
+            return False
+        if torch.compiler.is_compiling():
             return False
         from qdpo.kernels import backends
 
