@@ -21,6 +21,7 @@ import qdpo
 from qdpo import QuantLinear, QuantSpec
 from qdpo.kernels import reference as ref
 from qdpo.quant import quantizable_layers, quantized_layers, to_packed
+from qdpo.quant.linear import frozen_weights
 from tests.conftest import assert_exact, sqnr
 
 VOCAB = 96
@@ -365,3 +366,21 @@ def test_train_layer_compiles_fullgraph_and_exports_on_the_cpu():
     assert_exact(yc, y, "compiled y")
     assert_exact(q.weight.grad, dw, "compiled dw")
     assert_exact(torch.export.export(q, (x,)).module()(x), y, "exported y")
+
+
+def test_bad_inputs_are_refused_on_every_path():
+    """The CPU step cache and frozen_weights multiply by a cached ŵ outside the ops: x is checked as the
+    ops check it (an integer x used to come out as zeros, ŵ cast to it)."""
+    q = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32))
+
+    def frozen(x):
+        with torch.no_grad(), frozen_weights(q):
+            return q(x)
+
+    for run in (q, frozen):
+        with pytest.raises(TypeError, match="x has dtype torch.int64; use float16, bfloat16 or float32"):
+            run(torch.ones(3, 64, dtype=torch.long))
+        with pytest.raises(TypeError, match="x has dtype torch.float64"):
+            run(torch.randn(3, 64, dtype=torch.float64))
+        with pytest.raises(ValueError, match="in_features K=64"):
+            run(torch.randn(3, 63))

@@ -169,6 +169,8 @@ class QuantLinear(QuantModes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = autocast_input(x)
+        # the ops' check of x, for the paths below that bypass them (ŵ cast to an integer x would be zeros)
+        ops._check_x(x, self.in_features)
         if self._w_hat is not None:
             w_hat = self._w_hat.to(x.dtype)
             return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
