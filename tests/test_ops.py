@@ -198,6 +198,20 @@ def test_errors_mismatched_shapes():
         OPS.pack(torch.zeros(2, 5, dtype=torch.uint8), 4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_errors_output_dtype(dtype, backend):
+    """ŵ's dtype is checked by the ops, for every backend (the reference truncated ŵ to integers, Triton
+    raised a bare KeyError)."""
+    w, q, s, z = _problem()
+    with pytest.raises(TypeError, match=f"dtype={dtype} is not supported for ŵ; use float16, bfloat16, float32"):
+        OPS.dequantize(q, s, z, 4, dtype, backend)
+    with pytest.raises(TypeError, match=f"dtype={dtype} is not supported for ŵ"):
+        OPS.fake_quant(w, s, z, 4, dtype, backend)
+    with pytest.raises(TypeError, match=f"dtype={dtype} is not supported for ŵ"):
+        qdpo.dequantize(qdpo.quantize(w, QuantSpec(4, 32)), dtype, backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequant_matmul_experts_rows_are_their_experts_products(dtype):
     """Each row of dequant_matmul_experts is dequant_matmul of that row on its expert's slice of the

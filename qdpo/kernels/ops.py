@@ -49,6 +49,11 @@ def _check_float(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32")
 
 
+def _check_out_dtype(dtype: Optional[torch.dtype], default: str) -> None:
+    if dtype is not None and dtype not in FLOATS:
+        raise TypeError(f"dtype={dtype} is not supported for ŵ; use float16, bfloat16, float32 or None ({default})")
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
@@ -259,6 +264,7 @@ def dequantize(
     dtype: Optional[torch.dtype] = None, backend: str = "auto",
 ) -> Tensor:
     _check_dequant(qweight, scales, zeros, bits)
+    _check_out_dtype(dtype, "the scales' dtype")
     dtype = dtype or scales.dtype
     return backends.call("dequantize", backend, qweight.device, qweight, scales, zeros, bits, dtype)
 
@@ -266,6 +272,7 @@ def dequantize(
 @dequantize.register_fake
 def _(qweight, scales, zeros, bits, dtype=None, backend="auto"):
     n, k = _check_dequant(qweight, scales, zeros, bits)
+    _check_out_dtype(dtype, "the scales' dtype")
     return scales.new_empty(n, k, dtype=dtype or scales.dtype)
 
 
@@ -282,12 +289,14 @@ def fake_quant(
     dtype: Optional[torch.dtype] = None, backend: str = "auto",
 ) -> Tensor:
     _check_fq(w, scales, zeros, bits)
+    _check_out_dtype(dtype, "the weight's dtype")
     return backends.call("fake_quant", backend, w.device, w, scales, zeros, bits, dtype or w.dtype)
 
 
 @fake_quant.register_fake
 def _(w, scales, zeros, bits, dtype=None, backend="auto"):
     _check_fq(w, scales, zeros, bits)
+    _check_out_dtype(dtype, "the weight's dtype")
     return w.new_empty(w.shape, dtype=dtype or w.dtype)
 
 
