@@ -369,6 +369,30 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(w.grad, w2.grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_second_derivatives(backend):
+    """dequant_matmul's gradient is linear in dy, so it has second derivatives (a gradient penalty through
+    a frozen packed layer); the straight-through ones refuse with their own message, not torch's request
+    to register an autograd formula."""
+    w, q, s, z = _problem()
+    x = torch.randn(3, 64, requires_grad=True)
+    (gx,) = torch.autograd.grad(OPS.dequant_matmul(x, q, s, z, 4, None, backend).pow(2).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    xe = x.detach().clone().requires_grad_()
+    (gxe,) = torch.autograd.grad(torch.nn.functional.linear(xe, ref.dequantize(q, s, z, 4)).pow(2).sum(), xe,
+                                 create_graph=True)
+    (ggxe,) = torch.autograd.grad(gxe.pow(2).sum(), xe)
+    torch.testing.assert_close(gx, gxe, rtol=1e-4, atol=1e-3)  # Triton sums in another order
+    torch.testing.assert_close(ggx, ggxe, rtol=1e-3, atol=1e-2)
+    wl = w.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(OPS.fake_quant_matmul(x, wl, s, z, 4, None, backend).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of fake_quant / fake_quant_matmul .* not supported"):
+        torch.autograd.grad(gx.sum(), wl)
+    (gw,) = torch.autograd.grad(OPS.fake_quant(wl, s, z, 4, None, backend).pow(2).sum(), wl, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(gw.sum(), wl)
+
+
 @torch._inductor.config.patch(force_disable_caches=True)  # a graph cached before a fake impl changed hides it
 def test_torch_compile_fullgraph_transposed_inputs():
     """Weights and inputs stored transposed (a GPT-2 Conv1D's (K, N), a (K, M) activation): compiled code

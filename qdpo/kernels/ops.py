@@ -164,6 +164,16 @@ def _needs(ctx, i: int) -> bool:
     return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
 
 
+def _first_order_only(op: str):
+    """The autograd of a backward op: a clear refusal where a second derivative reaches it (torch's own
+    message asks the caller to register one)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"qdpo::{op}: second derivatives of fake_quant / fake_quant_matmul (create_graph=True and a "
+            "backward through the gradient) are not supported; the straight-through gradient is first order")
+    return backward
+
+
 def _groups(k: int, group_size: int) -> int:
     return 1 if group_size == -1 else k // group_size
 
@@ -335,6 +345,7 @@ def _fq_backward(ctx, grad):
 
 
 fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
+fake_quant_backward.register_autograd(_first_order_only("fake_quant_backward"))
 
 
 # --------------------------------------------------------------------------- dequant_matmul
@@ -397,6 +408,22 @@ def _dqmm_backward(ctx, dy):
 
 
 dequant_matmul.register_autograd(_dqmm_backward, setup_context=_dqmm_setup)
+
+
+def _dx_setup(ctx, inputs, output):
+    _dy, qweight, scales, zeros, bits, backend = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.bits, ctx.backend = bits, backend
+
+
+def _dx_backward(ctx, g):
+    """``dx = dy @ ŵ`` is linear in dy: its gradient is ``g @ ŵᵀ`` (second derivatives of dequant_matmul)."""
+    qweight, scales, zeros = ctx.saved_tensors
+    ddy = dequant_matmul(g, qweight, scales, zeros, ctx.bits, None, ctx.backend) if _needs(ctx, 0) else None
+    return ddy, None, None, None, None, None
+
+
+dequant_matmul_dx.register_autograd(_dx_backward, setup_context=_dx_setup)
 
 
 # --------------------------------------------------------------------------- dequant_matmul_experts
@@ -558,6 +585,7 @@ def _fqmm_backward(ctx, dy):
 
 
 fake_quant_matmul.register_autograd(_fqmm_backward, setup_context=_fqmm_setup)
+fake_quant_matmul_backward.register_autograd(_first_order_only("fake_quant_matmul_backward"))
 
 
 # --------------------------------------------------------------------------- reference backend
