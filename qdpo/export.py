@@ -110,6 +110,8 @@ def _what_is_it(p: Path) -> str:
 def _check_out(out: Path, overwrite: bool, src: Path) -> None:
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ExportError(f"--out {out} is inside the model being exported; choose another directory")
+    if out.resolve() in src.resolve().parents:  # --overwrite would delete the source (a run directory) with it
+        raise ExportError(f"--out {out} holds the model being exported ({src}); choose another directory")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
 

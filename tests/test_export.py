@@ -283,6 +283,19 @@ def test_export_user_errors(tmp_path):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_export_out_holding_the_source_is_refused_even_with_overwrite(tmp_path):
+    # --out the run directory (or any folder above the export) would be replaced, source and run with it
+    run = tmp_path / "run"
+    packed_export(run / "export_qdpo", QuantSpec(4, 32, True))
+    (run / "metrics.json").write_text("{}")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, tmp_path):
+        rc, _, err = run_export(run, "--format", "compressed-tensors", "--out", out, "--overwrite")
+        assert_user_error(rc, err, "holds the model being exported")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_export_unsupported_shapes_name_the_layer(tmp_path):
     src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, -1, False), odd=True, fp16_scales=True)
     rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "o")
