@@ -385,6 +385,33 @@ def test_import_errors(gptq_dir, tmp_path, case, match):
     assert match in str(e.value)
 
 
+def test_import_reads_the_shards_its_index_names(gptq_dir, tmp_path):
+    # hub checkpoints ship model-0000i-of-0000n.safetensors and an index; a stray file beside them is not read
+    sd = load_file(str(gptq_dir / "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    d = _copy(gptq_dir, tmp_path / "sharded")
+    (d / "model.safetensors").unlink()
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(d / name))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    stale = "model.layers.1.mlp.up_proj.scales"
+    save_file({stale: sd[stale] * 2}, str(d / "old-model.safetensors"))  # not in the index
+    whole, _ = load_external(gptq_dir, mode="packed")
+    sharded, _ = load_external(d, mode="packed")
+    assert_same_layers(whole, sharded)
+    (d / "model.safetensors.index.json").unlink()  # without the index, a tensor stored twice is refused
+    with pytest.raises(FormatError, match=f"tensor '{stale}' is stored in both model-0000"):
+        load_external(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FormatError, match=r"lists shard\(s\) \['model-00002-of-00002.safetensors'\]"):
+        load_external(d)
+
+
 def test_import_refuses_pickles_and_plain_models(tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()

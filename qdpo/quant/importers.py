@@ -2,9 +2,10 @@
 
 :func:`load_external` reads a checkpoint directory (``config.json`` with a
 ``quantization_config``, or the older ``quantize_config.json`` /
-``quant_config.json`` beside it, and ``*.safetensors`` weights: pickled
-checkpoints are refused) into a ``transformers`` causal LM whose quantized
-Linear layers are :class:`QuantLinear`. Codes, zero points and scales are
+``quant_config.json`` beside it, and ``*.safetensors`` weights, sharded ones
+through their ``*.safetensors.index.json``: pickled checkpoints are refused)
+into a ``transformers`` causal LM whose quantized Linear layers are
+:class:`QuantLinear`. Codes, zero points and scales are
 the file's, bit for bit (:mod:`qdpo.quant.convert` does the unpacking);
 every other tensor (embeddings, norms, which AWQ has rescaled, the LM head)
 is the file's too.
@@ -145,7 +146,11 @@ def _ct_spec(qc: dict) -> QuantSpec:
 
 # ----------------------------------------------------------------------------- tensors
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
+    """Every tensor of the checkpoint: the shards its ``*.safetensors.index.json`` lists (what transformers
+    reads; other ``*.safetensors`` files beside them are ignored), else every ``*.safetensors`` file, where
+    a tensor stored in two files is refused."""
+    shards = _index_shards(path)
+    files = sorted(shards) if shards is not None else sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLES)
         if pickles:
@@ -153,13 +158,48 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "convert the checkpoint to safetensors")
         raise FileNotFoundError(f"{path} has no *.safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    where: dict[str, str] = {}
+    for name in files:
+        f = path / name
         try:
             with safe_open(str(f), "pt", device="cpu") as sf:
-                tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+                keys = [k for k in sf.keys() if shards is None or k in shards[name]]
+                if shards is not None and set(shards[name]) - set(keys):
+                    raise FormatError(f"{f} lacks {sorted(set(shards[name]) - set(keys))[:3]}, which the index "
+                                      "lists there; the download is incomplete or mixes two versions")
+                for k in keys:
+                    if k in where:
+                        raise FormatError(f"{path}: tensor {k!r} is stored in both {where[k]} and {name}; remove "
+                                          "the stale file (or add a model.safetensors.index.json naming the shards)")
+                    where[k] = name
+                    tensors[k] = sf.get_tensor(k)
+        except FormatError:
+            raise
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
             raise FormatError(f"{f} is not a readable safetensors file ({e})") from None
     return tensors
+
+
+def _index_shards(path: Path) -> dict[str, list[str]] | None:
+    """Shard file → the tensors ``*.safetensors.index.json`` puts there; ``None`` without an index."""
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if not indexes:
+        return None
+    if len(indexes) > 1:
+        raise FormatError(f"{path} holds several safetensors indexes {[p.name for p in indexes]}; keep the one "
+                          "of the checkpoint")
+    try:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for k, name in weight_map.items():
+            shards.setdefault(str(name), []).append(str(k))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{indexes[0]} is not a safetensors index (a JSON object with a 'weight_map'): {e}") from None
+    missing = sorted(name for name in shards if not (path / name).is_file())
+    if missing:
+        raise FormatError(f"{indexes[0].name} lists shard(s) {missing} that {path} does not hold; the download is "
+                          "incomplete")
+    return shards
 
 
 def _layer(fmt: str, spec: QuantSpec, parts: dict, details: dict, name: str) -> QuantizedWeight:
