@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qdpo import QuantSpec
 from qdpo.export import main as export_main
 from qdpo.kernels import ops
-from qdpo.quant import quantizable_layers, quantize_model, quantized_layers, save_quantized, to_packed
+from qdpo.quant import (load_quantized, quantizable_layers, quantize_model, quantized_layers, save_quantized,
+                        to_packed)
 from qdpo.quant.convert import FormatError
 from qdpo.quant.importers import load_external, quantize_initial_from
 from qdpo.quant.linear import frozen_weights
@@ -294,6 +295,27 @@ def test_export_out_holding_the_source_is_refused_even_with_overwrite(tmp_path):
         assert_user_error(rc, err, "holds the model being exported")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert not list(tmp_path.glob(".*"))
+
+
+def test_save_pretrained_of_a_quantized_model_is_refused(tmp_path):
+    # transformers would write the packed tensors under names it does not read back, and load that
+    # checkpoint with random weights in their place (warning only): the model says how to save it instead
+    import copy
+    import pickle
+
+    src, model, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, False), fp16_scales=True)
+    assert run_export(src, "--format", "gptq", "--out", tmp_path / "gptq")[0] == 0
+    train = quantize_model(tiny_llama(), QuantSpec(8, 64, True))
+    models = [model, train, load_quantized(src), load_external(tmp_path / "gptq", mode="packed")[0],
+              copy.deepcopy(model), pickle.loads(pickle.dumps(train))]
+    for i, m in enumerate(models):
+        with pytest.raises(ValueError, match=r"save_pretrained cannot save qdpo's quantized layers.*"
+                                             r"qdpo.save_quantized.*python -m qdpo.export"):
+            m.save_pretrained(tmp_path / f"sp{i}")
+        assert not (tmp_path / f"sp{i}").exists()
+    plain = tiny_llama()
+    plain.save_pretrained(tmp_path / "plain")  # an FP model saves as before
+    assert (tmp_path / "plain" / "model.safetensors").exists()
 
 
 def test_export_unsupported_shapes_name_the_layer(tmp_path):

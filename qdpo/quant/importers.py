@@ -40,7 +40,7 @@ from qdpo.quant.experts import (QuantExpertTensor, fused_expert_tensors, install
                                 submodule_name)
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.linear import QuantLinear
-from qdpo.quant.model import quantized_layers, set_module
+from qdpo.quant.model import mark_quantized, quantized_layers, set_module
 from qdpo.quant.spec import QuantSpec
 
 __all__ = ["FormatError", "read_external_config", "load_external", "quantize_initial_from"]
@@ -277,7 +277,7 @@ def load_external(path: str | os.PathLike, mode: str = "train", dtype: torch.dty
     _merge_fp_experts(model, tensors, expert_of, set(experts))
     tensors = {to_model.get(k, k): v for k, v in tensors.items()}
     _load_rest(model, tensors, quantized, path)
-    model.qdpo_spec = spec
+    mark_quantized(model, spec)
     if mode == "train":
         for m in [*quantized_layers(model).values(), *quantized_experts(model).values()]:
             m.to_train(dtype)

@@ -14,6 +14,7 @@ spec is left unchanged.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import warnings
 from typing import Callable, Iterable
 
@@ -65,6 +66,25 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Name → :class:`QuantLinear` for every quantized layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def mark_quantized(model: nn.Module, spec: QuantSpec) -> None:
+    """Record ``spec`` on a model holding quantized layers, and make its ``save_pretrained`` (transformers')
+    refuse while it does: it would write the layers' packed tensors under names no loader reads, and
+    transformers would load that checkpoint with random weights in their place, warning only."""
+    model.qdpo_spec = spec
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = functools.partial(_save_pretrained, model)
+
+
+def _save_pretrained(model: nn.Module, *args, **kwargs):
+    if quantized_layers(model) or quantized_experts(model):
+        raise ValueError(
+            f"{type(model).__name__}.save_pretrained cannot save qdpo's quantized layers: transformers would "
+            "load the checkpoint with random weights in their place. Save it with qdpo.save_quantized(model, DIR) "
+            "(load_quantized reads it back), and for a checkpoint transformers and other tools load, convert that "
+            "with python -m qdpo.export DIR --format compressed-tensors --out OUT")
+    return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -128,7 +148,7 @@ def quantize_model(
         s, z = (grids or {}).get(name, (None, None))
         set_module(model, name, QuantLinear.from_linear(
             m, spec, mode=mode, learn_scales=learn_scales, scales=s, zeros=z, backend=backend))
-    model.qdpo_spec = spec
+    mark_quantized(model, spec)
     return model
 
 
