@@ -9,7 +9,9 @@ One entry point, :func:`load_model`, accepts three kinds of source:
   imported: its ``__init__`` imports ``llama_cpp``, which qdpo does not use.
 * a local Hugging Face model directory (``config.json``, ``*.safetensors``,
   tokenizer files). Pickled weights (``*.bin``, ``*.pt``, ``*.pth``) are
-  refused: unpickling can run arbitrary code.
+  refused: unpickling can run arbitrary code. So are quantized checkpoints
+  (a ``quantization_config`` in ``config.json``, or a qdpo packed model):
+  transformers would load them neither plain nor trainable.
 * a local ``.gguf`` file.
 
 A GGUF file is converted once: ``transformers`` dequantizes it but marks the
@@ -81,6 +83,8 @@ _MARKER = "qdpo-conversion.json"
 # Bumped when the layout of a converted directory changes, so old caches are rebuilt.
 _CACHE_FORMAT = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# The file that marks a qdpo packed model (qdpo.quant.io.CONFIG_NAME; not imported: loading stays light).
+_QDPO_PACKED = "qdpo_quant.json"
 # Text whose tokens check that the converted model's logits equal the GGUF model's.
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 # transformers renamed `torch_dtype` to `dtype` in 4.56; qdpo supports both sides.
@@ -197,6 +201,14 @@ def _check_hf_dir(path: Path) -> None:
         ggufs = sorted(path.glob("*.gguf"))
         hint = f"pass the .gguf file itself ({ggufs[0]})" if ggufs else "pass a Hugging Face model directory"
         raise ValueError(f"cannot load the model in {path}: it has no config.json; {hint}")
+    quantized = "a qdpo packed model" if (path / _QDPO_PACKED).is_file() else _quant_method(path / "config.json")
+    if quantized:
+        raise ValueError(
+            f"cannot load the model in {path}: it is {quantized}, and qdpo loads full-precision models here "
+            "(the reference the quantized model is trained towards). Pass the full-precision model it was "
+            "quantized from; qdpo.load_quantized loads qdpo packed models, and --init PATH starts a run from a "
+            "gptq, awq or compressed-tensors checkpoint's weights"
+        )
     if any(path.glob("*.safetensors")):
         return
     pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -208,6 +220,18 @@ def _check_hf_dir(path: Path) -> None:
             "safe_serialization=True), then remove the pickled files"
         )
     raise ValueError(f"cannot load the model in {path}: it has no *.safetensors weight file")
+
+
+def _quant_method(config: Path) -> str | None:
+    """``"a <method> quantized checkpoint"`` when ``config`` declares a ``quantization_config``."""
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # transformers reports an unreadable config
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    return f"a {method} quantized checkpoint" if method else "a quantized checkpoint"
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):

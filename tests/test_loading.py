@@ -107,6 +107,25 @@ def test_pickled_weights_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("kind", ["gptq", "awq", "compressed-tensors", "qdpo"])
+def test_quantized_checkpoints_refused(tmp_path, kind):
+    # GPTQ/AWQ: transformers raised its own ImportError (a traceback in qdpo.train) or, with optimum and
+    # gptqmodel installed, gave a quantized model as the full-precision reference; a qdpo packed model
+    # failed with a hint about a missing causal-LM head
+    _save_tiny(tmp_path / "m", "llama")
+    if kind == "qdpo":
+        (tmp_path / "m" / "qdpo_quant.json").write_text("{}")
+        what = "a qdpo packed model"
+    else:
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": kind, "bits": 4}
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        what = f"a {kind} quantized checkpoint"
+    with pytest.raises(ValueError, match=f"m: it is {what}, .*Pass the full-precision model it was quantized "
+                                         "from; qdpo.load_quantized .*--init PATH"):
+        load_model(tmp_path / "m")
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_model(tmp_path / "no-such-model")
