@@ -449,6 +449,13 @@ def test_import_refuses_pickles_and_plain_models(tmp_path):
         load_external(tmp_path / "missing")
 
 
+def test_import_names_a_qdpo_packed_model(tmp_path):
+    # --init runs/x/export_qdpo: the packed model is quantized; the error said to quantize it
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, True))
+    with pytest.raises(FormatError, match="is a qdpo packed model, .* convert it first with python -m qdpo.export"):
+        quantize_initial_from(src, tiny_llama())
+
+
 # ----------------------------------------------------------------------------- GPTQ/AWQ in transformers
 @pytest.mark.skipif(not HAS_INTEROP, reason="GPTQ/AWQ loading needs optimum + gptqmodel: run `make interop-check`")
 def test_gptq_and_awq_exports_load_in_transformers(tmp_path):

@@ -92,6 +92,10 @@ def _quantization_config(path: Path) -> dict:
     for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):  # AutoGPTQ / AutoAWQ
         if (path / name).exists():
             return {"quant_method": method, **json.loads((path / name).read_text())}
+    if (path / "qdpo_quant.json").is_file():  # qdpo.quant.io.CONFIG_NAME
+        raise FormatError(f"{path} is a qdpo packed model, not a gptq, awq or compressed-tensors checkpoint: "
+                          "qdpo.load_quantized loads it; to start from it here, convert it first with "
+                          f"python -m qdpo.export {path} --format compressed-tensors --out DIR")
     raise FormatError(f"{cfg_file} has no quantization_config: {path} is not a quantized checkpoint "
                       "(quantize it with python -m qdpo.train instead)")
 
