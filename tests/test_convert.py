@@ -203,6 +203,19 @@ def test_awq_symmetric_is_written_with_its_constant_zero_point():
 
 
 # ----------------------------------------------------------------------------- bad files
+def test_compressed_tensors_symmetric_config_checks_a_stored_zero_point():
+    # an asymmetric weight read with a symmetric config was read with zero point 2^(b-1): other numbers
+    asym = convert.to_compressed_tensors(random_weight(24, 64, QuantSpec(4, 32, False), torch.float16))
+    with pytest.raises(FormatError, match="config says symmetric but weight_zero_point holds other zero points"):
+        convert.from_compressed_tensors(asym, QuantSpec(4, 32, True))
+    for bits in (4, 8):  # the symmetric zero point, packed or unpacked (older writers), is read as it is
+        spec = QuantSpec(bits, 32, True)
+        qw = random_weight(24, 64, spec, torch.float16)
+        t = convert.to_compressed_tensors(qw)
+        for zp in (convert._pack_words(qw.zeros.t(), bits).t().contiguous(), torch.zeros(24, 2, dtype=torch.int8)):
+            assert_same(convert.from_compressed_tensors({**t, "weight_zero_point": zp}, spec), qw)
+
+
 def test_act_order_g_idx_is_refused():
     spec = QuantSpec(4, 32, True)
     t = convert.to_gptq(random_weight(8, 64, spec, torch.float16))

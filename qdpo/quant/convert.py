@@ -222,12 +222,28 @@ def from_compressed_tensors(tensors: dict[str, Tensor], spec: QuantSpec) -> Quan
     scale = _check_float(tensors, "weight_scale", (n, g), "compressed-tensors")
     _check_g_idx(tensors.get("weight_g_idx"), spec, k, "compressed-tensors weight_g_idx")
     if spec.symmetric:
+        _check_ct_symmetric_zero_point(tensors.get("weight_zero_point"), b, n, g)
         zeros = torch.full((n, g), 1 << (b - 1), dtype=torch.uint8)
     else:
         zp = _check_tensor(tensors, "weight_zero_point", (-(-n // per), g), torch.int32, "compressed-tensors")
         zeros = _unpack_words(zp.t(), b, n).t().contiguous()  # [N, K/G]
     codes = _unpack_words(packed, b, k)  # [N, K]
     return QuantizedWeight(pack(codes, b), scale.contiguous(), zeros, spec, (n, k), scale.dtype)
+
+
+def _check_ct_symmetric_zero_point(zp: Tensor | None, bits: int, n: int, g: int) -> None:
+    """A symmetric weight may carry a ``weight_zero_point`` (older writers stored one): it must then be the
+    symmetric zero point, packed (each field ``2^(b−1)``) or unpacked (CT's signed 0), never another grid."""
+    if zp is None:
+        return
+    per = _WORD // bits
+    if zp.dtype == torch.int32 and tuple(zp.shape) == (-(-n // per), g):
+        ok = bool((_unpack_words(zp.t(), bits, n) == 1 << (bits - 1)).all())
+    else:
+        ok = tuple(zp.shape) == (n, g) and not zp.is_floating_point() and not bool(zp.any())
+    if not ok:
+        raise FormatError("compressed-tensors: the config says symmetric but weight_zero_point holds other zero "
+                          "points (an asymmetric weight); the config's 'symmetric' does not match the file")
 
 
 # ----------------------------------------------------------------------------- GPTQ v1
