@@ -79,6 +79,9 @@ def find_export(path: str | os.PathLike, method: str | None = None) -> Path:
     if not p.is_dir():
         raise ExportError(f"{p} is a file; pass the directory written by qdpo.save_quantized or a run directory")
     if (p / CONFIG_NAME).exists():
+        if method and p.name != f"export_{method}":
+            raise ExportError(f"--method {method} chooses among a run directory's exports, and {p} is a packed "
+                              "model itself; drop --method, or pass the run directory")
         return p
     found = {d.name[len("export_"):]: d for d in sorted(p.glob("export_*")) if (d / CONFIG_NAME).exists()}
     if method:
@@ -112,6 +115,9 @@ def _check_out(out: Path, overwrite: bool, src: Path) -> None:
         raise ExportError(f"--out {out} is inside the model being exported; choose another directory")
     if out.resolve() in src.resolve().parents:  # --overwrite would delete the source (a run directory) with it
         raise ExportError(f"--out {out} holds the model being exported ({src}); choose another directory")
+    blocked = next((d for d in out.resolve().parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        raise ExportError(f"--out {out} cannot be made: {blocked} is a file; choose another directory")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
 

@@ -282,6 +282,18 @@ def test_export_user_errors(tmp_path):
     rc, _, err = run_export(tmp_path / "full", "--format", "gptq", "--out", tmp_path / "o")
     assert_user_error(rc, err, "is a gptq checkpoint already")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp*"))
+    (tmp_path / "afile").write_text("mine")
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "afile" / "sub")
+    assert_user_error(rc, err, "afile is a file")
+    assert (tmp_path / "afile").read_text() == "mine"
+    run = tmp_path / "run"  # --method picks among a run directory's exports, not a packed model's own
+    packed_export(run / "export_kd", QuantSpec(4, 32, True))
+    for source in (run / "export_kd", src):
+        rc, _, err = run_export(source, "--method", "qdpo", "--format", "compressed-tensors", "--out", tmp_path / "o")
+        assert_user_error(rc, err, "--method qdpo chooses among a run directory's exports")
+    rc, _, err = run_export(run / "export_kd", "--method", "kd", "--format", "compressed-tensors",
+                            "--out", tmp_path / "o")
+    assert rc == 0, err
 
 
 def test_export_out_holding_the_source_is_refused_even_with_overwrite(tmp_path):
@@ -447,6 +459,12 @@ def test_import_refuses_pickles_and_plain_models(tmp_path):
         load_external(d)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_external(tmp_path / "missing")
+    (d / "quantize_config.json").write_text('{"bits": 4,')  # AutoGPTQ's settings file, cut short
+    with pytest.raises(FormatError, match="quantize_config.json is not valid JSON"):
+        load_external(d)
+    (d / "quantize_config.json").write_text("[4, 128]")
+    with pytest.raises(FormatError, match="quantize_config.json holds list, not a JSON object"):
+        load_external(d)
 
 
 def test_import_names_a_qdpo_packed_model(tmp_path):

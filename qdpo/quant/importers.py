@@ -91,7 +91,14 @@ def _quantization_config(path: Path) -> dict:
         return qc
     for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):  # AutoGPTQ / AutoAWQ
         if (path / name).exists():
-            return {"quant_method": method, **json.loads((path / name).read_text())}
+            try:
+                legacy = json.loads((path / name).read_text())
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{path / name} is not valid JSON ({e})") from None
+            if not isinstance(legacy, dict):
+                raise FormatError(f"{path / name} holds {type(legacy).__name__}, not a JSON object of "
+                                  "quantization settings")
+            return {"quant_method": method, **legacy}
     if (path / "qdpo_quant.json").is_file():  # qdpo.quant.io.CONFIG_NAME
         raise FormatError(f"{path} is a qdpo packed model, not a gptq, awq or compressed-tensors checkpoint: "
                           "qdpo.load_quantized loads it; to start from it here, convert it first with "
