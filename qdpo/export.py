@@ -174,7 +174,11 @@ def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> li
                    "export as compressed-tensors, whose 'ignore' list can name them")
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise ExportError("; ".join(bad[:3]) + more)
+        conv = any("is a Conv1D" in b for b in bad)
+        hint = ("; these formats describe nn.Linear layers only (GPT-2's Conv1D stores its weight transposed, "
+                "and loaders do not replace it): keep the qdpo packed model, which qdpo.load_quantized reads"
+                if conv else "")
+        raise ExportError("; ".join(bad[:3]) + more + hint)
     # each under the model's name (transformers matches those) and its checkpoints' (other loaders may)
     names = set(left) | moe_routers(model)
     return sorted(names | {layout.checkpoint_name(model, n) for n in names})

@@ -296,6 +296,20 @@ def test_export_user_errors(tmp_path):
     assert rc == 0, err
 
 
+def test_gpt2_conv1d_export_is_refused_with_what_to_do(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=2))
+    quantize_model(model, QuantSpec(4, 32, False))
+    to_packed(model)
+    save_quantized(model, tmp_path / "gpt2")
+    rc, _, err = run_export(tmp_path / "gpt2", "--format", "compressed-tensors", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "transformer.h.0.attn.c_attn is a Conv1D, not an nn.Linear")
+    assert "keep the qdpo packed model, which qdpo.load_quantized reads" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_out_holding_the_source_is_refused_even_with_overwrite(tmp_path):
     # --out the run directory (or any folder above the export) would be replaced, source and run with it
     run = tmp_path / "run"
