@@ -269,8 +269,12 @@ def test_opcheck_backward_op():
 def test_errors():
     w, s, z = _problem(7, 64, 4, 32)
     x = _rand(3, 64, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="dy has dtype torch.float16 but x has torch.float32"):
-        OPS.fake_quant_matmul_backward(_rand(3, 7, dtype=torch.float16), x, w, s, z, 4, False, "triton")
+    dy16 = _rand(3, 7, dtype=torch.float16)
+    for backend in ("reference", "triton"):  # the ops layer's check, so every backend's (and the fake's) words
+        with pytest.raises(TypeError, match="dy has dtype torch.float16 but x has torch.float32"):
+            OPS.fake_quant_matmul_backward(dy16, x, w, s, z, 4, False, backend)
+    with pytest.raises(TypeError, match="dy has dtype torch.float16 but x has torch.float32"):
+        OPS.fake_quant_matmul_backward(*(t.to("meta") for t in (dy16, x, w, s, z)), 4, False)
     with pytest.raises(ValueError, match="must have the same leading dimensions"):  # the ops layer's check
         OPS.fake_quant_matmul_backward(_rand(4, 7, dtype=torch.float32), x, w, s, z, 4, False, "triton")
     with pytest.raises(ValueError, match="path='cublas' is not known"):

@@ -125,6 +125,8 @@ def _check_x(x: Tensor, k: int, name: str = "x") -> None:
 def _check_rows(dy: Tensor, x: Tensor) -> None:
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+    if dy.dtype != x.dtype:  # the op's output, and so its gradient, has x's dtype
+        raise TypeError(f"dy has dtype {dy.dtype} but x has {x.dtype}; pass dy in x's dtype")
 
 
 def _check_bias(bias: Optional[Tensor], n: int) -> None:
@@ -560,6 +562,7 @@ def fake_quant_matmul_backward(
 def _(dy, x, w, scales, zeros, bits, need_scales_grad, backend="auto"):
     _check_fqmm(x, w, scales, zeros, bits, None)
     _check_x(dy, w.shape[0], "dy")
+    _check_rows(dy, x)
     ds = scales.new_empty(scales.shape) if need_scales_grad else scales.new_empty(0)
     return x.new_empty(x.shape), w.new_empty(w.shape), ds
 
