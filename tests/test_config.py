@@ -44,6 +44,10 @@ def test_flags_and_config_file(tmp_path):
     js.write_text(json.dumps({"kd_weight": 0, "beta": 0.5}))
     cfg = parse_args(["--config", str(js)])
     assert (cfg.kd_weight, cfg.beta) == (0, 0.5)
+    # YAML 1.1 reads 1e-4 (no dot) as a string: read like the flag, as the number it is
+    yml.write_text("lr: 1e-4\nbeta: 1\nsteps: '5'\n")
+    cfg = parse_args(["--config", str(yml)])
+    assert (cfg.lr, cfg.beta, cfg.steps) == (1e-4, 1.0, 5) and isinstance(cfg.beta, float)
 
 
 @pytest.mark.parametrize("content, argv, match", [
@@ -51,6 +55,10 @@ def test_flags_and_config_file(tmp_path):
     ("bits: [4", ["--config", "{d}/c.yaml"], "cannot parse"),
     ("- 4\n- 8\n", ["--config", "{d}/c.yaml"], "expected a mapping"),
     ("bitz: 4\n", ["--config", "{d}/c.yaml"], r"unknown option\(s\) \['bitz'\]"),
+    ("steps: 2.5\n", ["--config", "{d}/c.yaml"], "steps: expected an integer, as --steps takes; got 2.5"),
+    ("beta: abc\n", ["--config", "{d}/c.yaml"], "beta: expected a number, as --beta takes; got 'abc'"),
+    ("export: 'no'\n", ["--config", "{d}/c.yaml"], "export: expected true or false, as --export takes"),
+    ("max-new-tokens:\n", ["--config", "{d}/c.yaml"], "max_new_tokens: expected an integer"),
     (None, ["--bits", "3"], "--bits/--group-size"),
     (None, ["--method", "ppo"], "--method 'ppo'"),
     (None, ["--batch-size", "6", "--micro-batch-size", "4"], "multiple of --micro-batch-size 4"),

@@ -196,7 +196,27 @@ def _read_config_file(path: str) -> dict:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {unknown}")
-    return data
+    hints = typing.get_type_hints(TrainConfig)
+    return {k: _coerce(path, k, v, hints[k]) for k, v in data.items()}
+
+
+def _coerce(path: str, name: str, value, typ: type):
+    """A config file's ``value`` of the field ``name``, as its flag would read it (a string such as YAML's
+    ``1e-4`` is parsed like the command line's); one clear error for a value of the wrong type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        pass  # true/false, null, a list or a mapping where a number or a string belongs
+    elif typ is str:
+        return str(value)
+    elif isinstance(value, (str, int)) or typ is float:  # not 2.5 for an integer
+        try:
+            return typ(value)
+        except ValueError:
+            pass
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+    raise ConfigError(f"--config {path}: {name}: expected {want}, as {_flag(name)} takes; got {value!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
