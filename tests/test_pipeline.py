@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,8 @@ def test_plain_template_and_unsplit_prompts(tmp_path):
     ("no_test", "no test prompts"),
     ("small_vocab", r"prompt 'line1' has token id \d+, but .* has 150 embedding rows: the tokenizer \(200 tokens\) "
                     r"does not match the model; resize"),
+    ("no_system_role", r"prompt 'q0': the tokenizer's chat template refuses its messages \(System role not supported\)"
+                       r"; .*put the system text into the first user turn"),
 ])
 def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, match):
     prompts = _prompts(tmp_path / "p.jsonl")
@@ -253,6 +256,14 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
                                      pad_token_id=2)).save_pretrained(model)
         _tokenizer(True).save_pretrained(model)
         prompts.write_text('{"prompt": "w1 w190", "split": "train"}\n{"prompt": "w3", "split": "test"}\n')
+    elif case == "no_system_role":  # a chat template that raises on a system turn (Gemma's does)
+        model = tmp_path / "nosys"
+        shutil.copytree(model_dir, model)
+        tok = _tokenizer(True)
+        tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                             "supported') }}{% endif %}" + TEMPLATE)
+        tok.save_pretrained(model)
+        prompts = _prompts(tmp_path / "p.jsonl", system="w5 w6")
     elif case == "no_test":
         prompts.write_text("".join(l.replace('"test"', '"train"') + "\n" for l in prompts.read_text().splitlines()))
     out = tmp_path / "run"

@@ -37,7 +37,7 @@ from qdpo.training import distributed as D
 from qdpo.training.data import collate, common_prefix, fit
 from qdpo.training.generate import greedy
 from qdpo.training.logps import sequence_logps
-from qdpo.training.prompts import Prompt, prompt_ids
+from qdpo.training.prompts import Prompt, PromptError, prompt_ids
 from qdpo.training.trainer import Example
 
 log = logging.getLogger("qdpo.train")
@@ -67,9 +67,16 @@ def publish_jsonl(path: Path, rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- prompts
 def tokenize_prompts(tokenizer, prompts: list[Prompt], max_length: int) -> tuple[list[Prompt], list[list[int]], int]:
     """Token ids of each rendered prompt; prompts that leave no room for an answer are dropped."""
+    from jinja2.exceptions import TemplateError
+
     kept, ids, dropped = [], [], 0
     for p in prompts:
-        t = prompt_ids(tokenizer, p.messages)
+        try:
+            t = prompt_ids(tokenizer, p.messages)
+        except TemplateError as e:  # e.g. raise_exception('System role not supported') in Gemma's template
+            raise PromptError(f"prompt {p.id!r}: the tokenizer's chat template refuses its messages ({e}); write "
+                              "them as that template accepts (without a system role: put the system text into the "
+                              "first user turn)") from None
         if fit(t, [0], max_length) is None:
             dropped += 1
             continue
