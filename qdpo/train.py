@@ -64,20 +64,38 @@ def _fingerprint(cfg: TrainConfig) -> dict:
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Create, reuse (``--resume``) or replace (``--overwrite``) the run directory."""
     out = Path(cfg.output_dir)
+    try:
+        return _prepare_run_dir(cfg, out)
+    except OSError as e:  # a file, a path under a file, no permission: nothing was written
+        raise RunDirError(f"--output-dir {out} cannot be used as a run directory ({e.strerror or e}); choose a "
+                          "directory you can write to") from None
+
+
+def _old_fingerprint(run_file: Path) -> dict:
+    try:
+        old = json.loads(run_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{run_file} is damaged ({e}); use another --output-dir, or --overwrite to start "
+                          "again") from None
+    return old.get("fingerprint", {}) if isinstance(old, dict) else {}
+
+
+def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
     if out.exists() and any(out.iterdir()):
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
-        old = json.loads(run_file.read_text()).get("fingerprint", {})
-        diff = sorted(k for k in set(old) | set(_fingerprint(cfg)) if old.get(k) != _fingerprint(cfg).get(k))
         if cfg.overwrite:
             shutil.rmtree(out)
         elif not cfg.resume:
             raise RunDirError(f"--output-dir {out} already holds a run; pass --resume to continue it or "
                               "--overwrite to start again")
-        elif diff:
-            raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
-                              "use another --output-dir, or --overwrite to replace it")
+        else:
+            old, new = _old_fingerprint(run_file), _fingerprint(cfg)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
+                                  "use another --output-dir, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     from qdpo.training.stages import atomic_write_text
 

@@ -125,6 +125,26 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
+def test_output_dir_that_cannot_hold_a_run_is_one_clear_error(model_dir, tmp_path, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"fingerp')
+    for out, extra, match in ((a_file, [], r"--output-dir .*notes.txt cannot be used as a run directory \(Not a "
+                                             r"directory\); choose a directory you can write to"),
+                              (a_file / "run", [], "notes.txt/run cannot be used as a run directory"),
+                              (damaged, ["--resume"], r"damaged/run.json is damaged \(.*\); use another --output-dir, "
+                                                      "or --overwrite")):
+        capsys.readouterr()
+        assert train.main(_args(model_dir, prompts, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("qdpo.train: error: ") == 1
+        assert re.search(match, err.strip().splitlines()[-1]), err
+    assert a_file.read_text() == "mine" and (damaged / "run.json").read_text() == '{"fingerp'
+
+
 def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch):
     prompts = _prompts(tmp_path / "p.jsonl")
     full = tmp_path / "full"
