@@ -82,7 +82,9 @@ def _old_fingerprint(run_file: Path) -> dict:
 
 def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
+    # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say);
+    # nothing to keep, so the corrected command starts afresh instead of being refused as another run
+    if out.exists() and any(p.name != RUN_FILE for p in out.iterdir()):
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
         if cfg.overwrite:

@@ -130,7 +130,7 @@ def test_output_dir_that_cannot_hold_a_run_is_one_clear_error(model_dir, tmp_pat
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     damaged = tmp_path / "damaged"
-    damaged.mkdir()
+    (damaged / "answers").mkdir(parents=True)
     (damaged / "run.json").write_text('{"fingerp')
     for out, extra, match in ((a_file, [], r"--output-dir .*notes.txt cannot be used as a run directory \(Not a "
                                              r"directory\); choose a directory you can write to"),
@@ -143,6 +143,17 @@ def test_output_dir_that_cannot_hold_a_run_is_one_clear_error(model_dir, tmp_pat
         assert "Traceback" not in err and err.count("qdpo.train: error: ") == 1
         assert re.search(match, err.strip().splitlines()[-1]), err
     assert a_file.read_text() == "mine" and (damaged / "run.json").read_text() == '{"fingerp'
+
+
+def test_a_user_error_before_any_artifact_does_not_block_the_corrected_command(model_dir, tmp_path, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, tmp_path / "typo.jsonl", out)) == 2
+    assert "prompt file" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["run.json"]
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--no-export")) == 0  # not "holds a run"
+    assert json.loads((out / "run.json").read_text())["config"]["prompts"] == str(prompts)
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--no-export")) == 2  # a real run: refused
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch):
