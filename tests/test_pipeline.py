@@ -245,6 +245,15 @@ def test_plain_template_and_unsplit_prompts(tmp_path):
     assert m["pairs"]["total"] == 12  # 60 % of 20 unsplit prompts are training prompts
 
 
+def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
+    from qdpo.training.prompts import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_bytes("\ufeff".encode() + '{"prompt": "héllo w1", "split": "test"}\r\n\r\n{"prompt": "w2"}\r\n'.encode())
+    got = read_prompts(f)
+    assert [(p.id, p.text, p.split) for p in got] == [("line1", "héllo w1", "test"), ("line3", "w2", "")]
+
+
 @pytest.mark.parametrize("case,match", [
     ("missing_model", "--model .*does not exist|not found"),
     ("no_head", "without a causal-LM head"),

@@ -76,7 +76,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise PromptError(f"prompt file {path} not found; pass --prompts PATH to a JSONL file or 'default'")
     prompts = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a BOM (Windows editors, PowerShell) starts no JSON object
         for i, line in enumerate(f):
             if not line.strip():
                 continue
