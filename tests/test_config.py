@@ -62,6 +62,11 @@ def test_flags_and_config_file(tmp_path):
     (None, ["--bits", "3"], "--bits/--group-size"),
     (None, ["--method", "ppo"], "--method 'ppo'"),
     (None, ["--batch-size", "6", "--micro-batch-size", "4"], "multiple of --micro-batch-size 4"),
+    (None, ["--micro-batch-size", "0"], "--batch-size and --micro-batch-size must be >= 1"),
+    (None, ["--gen-batch-size", "0"], "--gen-batch-size 0: must be >= 1"),
+    (None, ["--logps-chunk", "0"], "--logps-chunk 0: must be >= 1"),
+    (None, ["--patience", "-1"], "--patience -1: must be >= 0"),  # stopped before step 1
+    (None, ["--max-train-prompts", "-1"], "--max-train-prompts -1: must be >= 0"),  # all but the last prompt
 ])
 def test_bad_configuration_is_one_clear_error(tmp_path, capsys, content, argv, match):
     if content is not None:

@@ -109,8 +109,15 @@ class TrainConfig:
 
             (self.steps >= 1, f"--steps {self.steps}: must be >= 1"),
             (self.batch_size >= 1 and self.micro_batch_size >= 1, "--batch-size and --micro-batch-size must be >= 1"),
-            (self.batch_size % self.micro_batch_size == 0 or self.micro_batch_size > self.batch_size,
+            (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size == 0
+             or self.micro_batch_size > self.batch_size,
              f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}"),
+            *((getattr(self, k) >= 1, f"{_flag(k)} {getattr(self, k)}: must be >= 1")
+              for k in ("gen_batch_size", "logps_chunk", "awq_grid")),
+            # 0 means "all" / "never" / "off" for these; a negative count would cut or stop silently
+            *((getattr(self, k) >= 0, f"{_flag(k)} {getattr(self, k)}: must be >= 0")
+              for k in ("max_train_prompts", "max_eval_prompts", "eval_every", "patience", "checkpoint_every",
+                        "log_every", "warmup_steps", "max_grad_norm", "weight_decay", "nll_weight", "kd_weight")),
             (self.beta > 0, f"--beta {self.beta}: must be > 0"),
             (0 <= self.label_smoothing < 0.5, f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)"),
             (self.lr > 0, f"--lr {self.lr}: must be > 0"),
