@@ -24,6 +24,7 @@ alone evaluates, exports and writes the reports while the others wait.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import resource
@@ -57,8 +58,26 @@ USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFo
 
 
 # ----------------------------------------------------------------------------- run directory
+# The prompt files' contents: a file edited under the same path is another run (its answers and pairs would be
+# reused for prompts they were not made for). Compared only when the run.json holds them.
+CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-prompts"}
+
+
 def _fingerprint(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
+    from qdpo.training.prompts import default_prompts_path
+
+    fp = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
+    files = {"prompts_sha256": default_prompts_path() if cfg.prompts in ("", "default") else cfg.prompts,
+             "eval_prompts_sha256": cfg.eval_prompts}
+    return {**fp, **{key: _sha256(path) for key, path in files.items()}}
+
+
+def _sha256(path) -> str | None:
+    """The file's SHA-256; None for no file or one that cannot be read (reading the prompts reports why)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -94,7 +113,9 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
                               "--overwrite to start again")
         else:
             old, new = _old_fingerprint(run_file), _fingerprint(cfg)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = sorted(k if k not in CONTENT_FIELDS else f"the content of {CONTENT_FIELDS[k]}"
+                          for k in set(old) | set(new)
+                          if old.get(k) != new.get(k) and (k in old or k not in CONTENT_FIELDS))
             if diff:
                 raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
                                   "use another --output-dir, or --overwrite to replace it")

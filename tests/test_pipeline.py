@@ -115,6 +115,10 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert train.main(_args(model_dir, prompts, out, "--resume")) == 0  # every stage reused
     again = json.loads((out / "metrics.json").read_text())
     assert again["eval"]["qdpo"]["flip_rate"] == first["eval"]["qdpo"]["flip_rate"]
+    edited = prompts.read_text().replace('"id": "q0", "prompt": "', '"id": "q0", "prompt": "w7 ')
+    prompts.write_text(edited)  # the same path, another prompt q0: its answers and pair must not be reused
+    assert train.main(_args(model_dir, prompts, out, "--resume")) == 2
+    assert "holds a different run (differs in the content of --prompts)" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--overwrite")) == 0
     assert json.loads((out / "run.json").read_text())["config"]["bits"] == 8
     stranger = tmp_path / "not_a_run"
