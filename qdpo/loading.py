@@ -68,6 +68,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot load the model in {path}: {exc}") from exc
+    except SafetensorError as exc:  # a truncated download, say
+        raise ValueError(f"cannot load the model in {path}: a weight file is damaged or incomplete ({exc}); "
+                         "copy or download it again") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # e.g. a base model saved without its causal-LM head: transformers would fill it randomly
         raise ValueError(

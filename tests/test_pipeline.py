@@ -261,6 +261,8 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
 @pytest.mark.parametrize("case,match", [
     ("missing_model", "--model .*does not exist|not found"),
     ("no_head", "without a causal-LM head"),
+    ("truncated_weights", r"--model .*: cannot load the model in .*: a weight file is damaged or incomplete "
+                          r"\(.*\); copy or download it again"),
     ("malformed", r"p.jsonl:3: malformed JSON"),
     ("empty", "holds no prompts"),
     ("bits", "bits=3 is not supported"),
@@ -283,6 +285,10 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
                                num_attention_heads=4, num_key_value_heads=2,
                                tie_word_embeddings=False)).save_pretrained(model)
         _tokenizer(True).save_pretrained(model)
+    elif case == "truncated_weights":  # an interrupted download
+        model = tmp_path / "truncated"
+        shutil.copytree(model_dir, model)
+        (model / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])
     elif case == "malformed":
         lines = prompts.read_text().splitlines()
         lines[2] = '{"prompt": "w1 w2"'
