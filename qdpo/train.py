@@ -244,7 +244,7 @@ def run(cfg: TrainConfig) -> dict:
         q0.to("cpu")  # from here on only the template of each method's copy: off the GPU
     for method in cfg.methods():
         model = copy.deepcopy(q0).to(device)
-        examples = _examples(method, pairs, train_p, ids, fp, cfg.window)
+        examples = _examples(method, pairs, train_p, ids, fp, cfg.window, cfg.max_length)
         with stage(f"train_{method}"):
             if not examples:  # every pair identical: nothing to prefer
                 log.warning("%s: no training pairs (the quantized model already answers every training prompt "
@@ -374,12 +374,17 @@ def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
     return D.main_first(quantize)  # rank 0 quantizes and writes initial/; the others load it
 
 
-def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0) -> list[Example]:
+def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0, max_length: int = 0) -> list[Example]:
+    """Training examples of ``method``: QDPO's pairs (already cut to ``--max-length``), or the FP answers cut to
+    ``max_length`` (0: whole) like the pairs (every prompt here leaves room for an answer)."""
     if method == "qdpo":
         pre = f"window{window}_" if window else ""
         return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r[f"{pre}ref_chosen_logps"],
                         r[f"{pre}ref_rejected_logps"]).windowed(window) for r in pairs]
-    return [Example(ids[p.id], fp[p.id]) for p in train_p]
+    from qdpo.training.data import fit
+
+    return [Example(*(fit(ids[p.id], fp[p.id], max_length) if max_length else (ids[p.id], fp[p.id])))
+            for p in train_p]
 
 
 def _per_example(fp_hidden: dict | None, prompts) -> list | None:

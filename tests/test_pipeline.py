@@ -214,6 +214,26 @@ def test_fp_targets_come_from_decoding(model_dir, tmp_path, monkeypatch):
         assert again[name]["kl"] == pytest.approx(first[name]["kl"], rel=1e-4, abs=1e-7)
 
 
+def test_max_length_cuts_every_method_s_training_examples(model_dir, tmp_path, monkeypatch):
+    """--max-length bounds prompt + answer in training for KD and SFT too, not only QDPO's pairs."""
+    seen = {}
+    orig = trainer_mod.Trainer.__init__
+
+    def spy(self, model, cfg, method, examples, *a, **k):
+        seen[method] = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids or [])) for e in examples]
+        orig(self, model, cfg, method, examples, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", spy)
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, _prompts(tmp_path / "p.jsonl"), out, "--method", "all", "--max-length", "12",
+                            "--steps", "1", "--no-export")) == 0
+    assert set(seen) == {"qdpo", "kd", "sft"}
+    fp = [json.loads(x) for x in (out / "answers" / "fp.jsonl").read_text().splitlines()]
+    assert max(len(r["answer_ids"]) for r in fp) == 6  # prompts of 7 to 10 tokens: some answers are cut
+    for method, lengths in seen.items():
+        assert max(p + max(c, r) for p, c, r in lengths) == 12, method
+
+
 def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
     """--judge-url: each evaluated model's greedy test answers are rated; scores land in metrics.json and
     report.md, and a judge added on --resume of a finished run needs no retraining."""
