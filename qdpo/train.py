@@ -176,7 +176,7 @@ def _prompt_sets(cfg: TrainConfig):
     val = split(prompts, "validation", cfg.max_eval_prompts)
     test = split(prompts, "test", cfg.max_eval_prompts)
     if cfg.eval_prompts:
-        test = read_prompts(cfg.eval_prompts)[: cfg.max_eval_prompts or None]
+        test = read_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.max_eval_prompts or None]
         for p in test:
             p.id, p.split = f"eval:{p.id}", "test"
     if not train:

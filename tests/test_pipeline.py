@@ -285,6 +285,7 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
                           r"\(.*\); copy or download it again"),
     ("malformed", r"p.jsonl:3: malformed JSON"),
     ("empty", "holds no prompts"),
+    ("no_eval_file", r"prompt file .*nowhere.jsonl not found; pass --eval-prompts PATH to a JSONL file$"),
     ("bits", "bits=3 is not supported"),
     ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
     ("too_long", "longer than --max-length"),
@@ -315,6 +316,8 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         prompts.write_text("\n".join(lines) + "\n")
     elif case == "empty":
         prompts.write_text("\n")
+    elif case == "no_eval_file":
+        extra = ["--eval-prompts", str(tmp_path / "nowhere.jsonl")]
     elif case == "bits":
         extra = ["--bits", "3"]
     elif case == "too_long":

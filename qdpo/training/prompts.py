@@ -70,11 +70,13 @@ def _parse_line(obj, where: str, index: int) -> Prompt:
     return Prompt(pid, msgs, split, extra)
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Read a prompt JSONL file; one clear error (with the line number) for each problem."""
+def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
+    """Read a prompt JSONL file; one clear error (with the line number) for each problem. ``flag``: the option
+    that named the file, for the message."""
     path = Path(path)
     if not path.is_file():
-        raise PromptError(f"prompt file {path} not found; pass --prompts PATH to a JSONL file or 'default'")
+        raise PromptError(f"prompt file {path} not found; pass {flag} PATH to a JSONL file"
+                          + (" or 'default'" if flag == "--prompts" else ""))
     prompts = []
     with path.open(encoding="utf-8-sig") as f:  # a BOM (Windows editors, PowerShell) starts no JSON object
         for i, line in enumerate(f):
