@@ -211,6 +211,7 @@ def run(cfg: TrainConfig) -> dict:
         train_p, val_p, test_p = ([p for p in ps if p.id in keep] for ps in (train_p, val_p, test_p))
         if not train_p or not test_p:
             raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
+        _check_positions(fp_model, ids, cfg.max_new_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with stage("fp_answers"):
         hidden_path = out / "answers" / "fp_hidden.safetensors"  # FP targets of KD and evaluation, from decoding
@@ -328,6 +329,23 @@ def _check_vocab(model, tok, ids: dict[str, list[int]]) -> None:
                               f"the tokenizer ({len(tok)} tokens) does not match the model; resize the model's "
                               "embeddings (model.resize_token_embeddings(len(tokenizer))) and save it, or use the "
                               "model's own tokenizer")
+
+
+def _check_positions(model, ids: dict[str, list[int]], max_new_tokens: int) -> None:
+    """A model with a learned position table (GPT-2's ``wpe``, OPT's ``embed_positions``) has no position past
+    it: a prompt plus its answer longer than that would fail deep inside generation. One clear error now."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    emb = model.get_input_embeddings()
+    if not isinstance(limit, int) or not any(
+            isinstance(m, torch.nn.Embedding) and m is not emb and m.num_embeddings - getattr(m, "offset", 0) == limit
+            for m in model.modules()):
+        return  # rotary or ALiBi positions: longer sequences run
+    pid, t = max(ids.items(), key=lambda kv: len(kv[1]))
+    if len(t) + max_new_tokens > limit:
+        raise ConfigError(f"prompt {pid!r} ({len(t)} tokens) and an answer of --max-new-tokens {max_new_tokens} "
+                          f"need {len(t) + max_new_tokens} positions, but {_model_name(model)} has {limit} (a learned "
+                          f"position table); lower --max-new-tokens, or drop the longer prompts with --max-length "
+                          f"{limit - max_new_tokens + 1}")
 
 
 def _model_name(model) -> str:

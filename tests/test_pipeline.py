@@ -285,6 +285,8 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
                           r"\(.*\); copy or download it again"),
     ("malformed", r"p.jsonl:3: malformed JSON"),
     ("empty", "holds no prompts"),
+    ("positions", r"prompt 'q1' \(14 tokens\) and an answer of --max-new-tokens 6 need 20 positions, but .* has 16 "
+                  r"\(a learned position table\); lower --max-new-tokens, or drop the longer prompts with --max-length 11"),
     ("no_eval_file", r"prompt file .*nowhere.jsonl not found; pass --eval-prompts PATH to a JSONL file$"),
     ("bits", "bits=3 is not supported"),
     ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
@@ -316,6 +318,13 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         prompts.write_text("\n".join(lines) + "\n")
     elif case == "empty":
         prompts.write_text("\n")
+    elif case == "positions":  # GPT-2's learned positions end at n_positions: generation would fail past them
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = tmp_path / "gpt2"
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=16, eos_token_id=2,
+                                   pad_token_id=2, bos_token_id=2)).save_pretrained(model)
+        _tokenizer(True).save_pretrained(model)
     elif case == "no_eval_file":
         extra = ["--eval-prompts", str(tmp_path / "nowhere.jsonl")]
     elif case == "bits":
