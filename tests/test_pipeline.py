@@ -285,6 +285,8 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
                           r"\(.*\); copy or download it again"),
     ("malformed", r"p.jsonl:3: malformed JSON"),
     ("empty", "holds no prompts"),
+    ("latin1", r"p.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 16 of the line\); save the file as "
+               "UTF-8"),
     ("positions", r"prompt 'q1' \(14 tokens\) and an answer of --max-new-tokens 6 need 20 positions, but .* has 16 "
                   r"\(a learned position table\); lower --max-new-tokens, or drop the longer prompts with --max-length 11"),
     ("no_eval_file", r"prompt file .*nowhere.jsonl not found; pass --eval-prompts PATH to a JSONL file$"),
@@ -316,6 +318,10 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         lines = prompts.read_text().splitlines()
         lines[2] = '{"prompt": "w1 w2"'
         prompts.write_text("\n".join(lines) + "\n")
+    elif case == "latin1":  # a file saved in a legacy encoding
+        lines = prompts.read_bytes().splitlines(keepends=True)
+        lines[1] = '{"prompt": "caf\u00e9 w1"}\n'.encode("latin-1")
+        prompts.write_bytes(b"".join(lines))
     elif case == "empty":
         prompts.write_text("\n")
     elif case == "positions":  # GPT-2's learned positions end at n_positions: generation would fail past them

@@ -78,11 +78,16 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
         raise PromptError(f"prompt file {path} not found; pass {flag} PATH to a JSONL file"
                           + (" or 'default'" if flag == "--prompts" else ""))
     prompts = []
-    with path.open(encoding="utf-8-sig") as f:  # a BOM (Windows editors, PowerShell) starts no JSON object
-        for i, line in enumerate(f):
+    with path.open("rb") as f:  # decoded line by line: an error names its line
+        for i, raw in enumerate(f):
+            where = f"{path}:{i + 1}"
+            try:  # utf-8-sig: a BOM (Windows editors, PowerShell) starts no JSON object
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line); save "
+                                  "the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{i + 1}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
