@@ -55,6 +55,7 @@ def test_flags_and_config_file(tmp_path):
     ("bits: [4", ["--config", "{d}/c.yaml"], "cannot parse"),
     ("- 4\n- 8\n", ["--config", "{d}/c.yaml"], "expected a mapping"),
     ("bitz: 4\n", ["--config", "{d}/c.yaml"], r"unknown option\(s\) \['bitz'\]"),
+    ("output_dir: caf\u00e9\n".encode("latin-1"), ["--config", "{d}/c.yaml"], "cannot parse.*can't decode byte 0xe9"),
     ("steps: 2.5\n", ["--config", "{d}/c.yaml"], "steps: expected an integer, as --steps takes; got 2.5"),
     ("beta: abc\n", ["--config", "{d}/c.yaml"], "beta: expected a number, as --beta takes; got 'abc'"),
     ("export: 'no'\n", ["--config", "{d}/c.yaml"], "export: expected true or false, as --export takes"),
@@ -69,7 +70,9 @@ def test_flags_and_config_file(tmp_path):
     (None, ["--max-train-prompts", "-1"], "--max-train-prompts -1: must be >= 0"),  # all but the last prompt
 ])
 def test_bad_configuration_is_one_clear_error(tmp_path, capsys, content, argv, match):
-    if content is not None:
+    if isinstance(content, bytes):  # not UTF-8
+        (tmp_path / "c.yaml").write_bytes(content)
+    elif content is not None:
         (tmp_path / "c.yaml").write_text(content)
     argv = [a.format(d=tmp_path) for a in argv]
     with pytest.raises(ConfigError, match=match):

@@ -186,8 +186,8 @@ def _read_config_file(path: str) -> dict:
     f = Path(path)
     if not f.is_file():
         raise ConfigError(f"--config {path}: file not found")
-    text = f.read_text()
     try:
+        text = f.read_text(encoding="utf-8-sig")
         if f.suffix == ".json":
             data = json.loads(text)
         else:
