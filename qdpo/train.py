@@ -90,6 +90,19 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
                           "directory you can write to") from None
 
 
+def _check_inputs_outside(cfg: TrainConfig, out: Path) -> None:
+    """--overwrite deletes ``out``: refuse while an input of this run (the model, a prompt file, an --init
+    checkpoint, e.g. an export of the run being replaced) lies inside it."""
+    inputs = {"--model": "" if cfg.model == "default" else cfg.model,
+              "--prompts": "" if cfg.prompts in ("", "default") else cfg.prompts, "--eval-prompts": cfg.eval_prompts,
+              "--init": "" if cfg.init in ("rtn", "awq") else cfg.init}
+    root = out.resolve()
+    for flag, path in inputs.items():
+        if path and root in (Path(path).expanduser().resolve(), *Path(path).expanduser().resolve().parents):
+            raise RunDirError(f"--overwrite would delete {flag} {path}, which lies inside --output-dir {out}; move "
+                              "it out first, or use another --output-dir")
+
+
 def _old_fingerprint(run_file: Path) -> dict:
     try:
         old = json.loads(run_file.read_text())
@@ -107,6 +120,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
         if cfg.overwrite:
+            _check_inputs_outside(cfg, out)
             shutil.rmtree(out)
         elif not cfg.resume:
             raise RunDirError(f"--output-dir {out} already holds a run; pass --resume to continue it or "

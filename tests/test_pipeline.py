@@ -121,6 +121,12 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert "holds a different run (differs in the content of --prompts)" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--overwrite")) == 0
     assert json.loads((out / "run.json").read_text())["config"]["bits"] == 8
+    inside = out / "prompts_kept_here.jsonl"  # an input inside the run that --overwrite would delete
+    inside.write_text(prompts.read_text())
+    assert train.main(_args(model_dir, inside, out, "--overwrite")) == 2
+    assert (f"--overwrite would delete --prompts {inside}, which lies inside --output-dir {out}; move it out first"
+            in capsys.readouterr().err)
+    assert inside.exists() and (out / "metrics.json").exists()  # nothing deleted
     stranger = tmp_path / "not_a_run"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
