@@ -226,6 +226,7 @@ def run(cfg: TrainConfig) -> dict:
         if not train_p or not test_p:
             raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
         _check_positions(fp_model, ids, cfg.max_new_tokens)
+        S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with stage("fp_answers"):
         hidden_path = out / "answers" / "fp_hidden.safetensors"  # FP targets of KD and evaluation, from decoding

@@ -48,6 +48,11 @@ def test_flags_and_config_file(tmp_path):
     yml.write_text("lr: 1e-4\nbeta: 1\nsteps: '5'\n")
     cfg = parse_args(["--config", str(yml)])
     assert (cfg.lr, cfg.beta, cfg.steps) == (1e-4, 1.0, 5) and isinstance(cfg.beta, float)
+    yml.write_text("exclude: ['*.down_proj', model.layers.0.self_attn.q_proj]\n")  # a list, or the flag's commas
+    cfg = parse_args(["--config", str(yml)])
+    assert cfg.exclude_patterns() == ["*.down_proj", "model.layers.0.self_attn.q_proj"]
+    assert parse_args(["--exclude", " *.down_proj,,model.layers.0.self_attn.q_proj "]).exclude_patterns() == \
+        cfg.exclude_patterns()
 
 
 @pytest.mark.parametrize("content, argv, match", [
@@ -68,6 +73,8 @@ def test_flags_and_config_file(tmp_path):
     (None, ["--logps-chunk", "0"], "--logps-chunk 0: must be >= 1"),
     (None, ["--patience", "-1"], "--patience -1: must be >= 0"),  # stopped before step 1
     (None, ["--max-train-prompts", "-1"], "--max-train-prompts -1: must be >= 0"),  # all but the last prompt
+    (None, ["--init", "{d}", "--exclude", "*.down_proj"], "--exclude applies to --init rtn or awq"),
+    ("exclude: [1, 2]\n", ["--config", "{d}/c.yaml"], "exclude: expected a string"),
 ])
 def test_bad_configuration_is_one_clear_error(tmp_path, capsys, content, argv, match):
     if isinstance(content, bytes):  # not UTF-8

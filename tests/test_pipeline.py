@@ -423,6 +423,27 @@ def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):
     assert train.main(_args(model_dir, prompts, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))) == 2
 
 
+def test_exclude_keeps_the_named_layers_in_full_precision(model_dir, tmp_path, capsys):
+    from qdpo.quant import load_quantized, quantized_layers
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    keep = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--init", "awq",
+                            "--exclude", "*.down_proj, model.layers.0.self_attn.q_proj")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    packed = quantized_layers(load_quantized(out / "export_qdpo"))
+    assert packed and not set(keep) & set(packed)
+    assert m["init"]["weights"]["quantized_layers"] == len(packed)
+    ct = json.loads((out / "export_qdpo_compressed_tensors" / "config.json").read_text())
+    assert set(keep) <= set(ct["quantization_config"]["ignore"])
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--init", "awq", "--resume")) == 2
+    assert "holds a different run (differs in exclude)" in capsys.readouterr().err
+    assert train.main(_args(model_dir, prompts, tmp_path / "typo", "--exclude", "*.down_porj")) == 2
+    assert ("--exclude *.down_porj matches no quantizable layer of LlamaForCausalLM; its layers are named like "
+            "'model.layers.0.self_attn.q_proj'") in capsys.readouterr().err
+
+
 def test_no_differing_pairs_skips_qdpo_with_a_clear_note(model_dir, tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"

@@ -41,6 +41,9 @@ class TrainConfig:
     symmetric: bool = False  # symmetric grid (zero point fixed at 2^(bits-1))
     init: str = "rtn"  # initial quantization: rtn, awq, or a GPTQ/AWQ/compressed-tensors checkpoint directory
     awq_grid: int = 20  # AWQ: alpha grid points
+    # comma-separated layer names or glob patterns kept in full precision, besides the LM head and any vision
+    # encoder (e.g. "*.down_proj,model.layers.0.*"); each must match a layer
+    exclude: str = ""
     # --- pairs
     max_new_tokens: int = 40  # greedy answer length for pairs and evaluation
     gen_batch_size: int = 64  # prompts per generation batch (fewer, larger batches decode faster)
@@ -86,9 +89,16 @@ class TrainConfig:
     def methods(self) -> list[str]:
         return list(METHODS) if self.method == "all" else [self.method]
 
+    def exclude_patterns(self) -> list[str]:
+        """``--exclude`` as a list of layer names or glob patterns (empty when none are given)."""
+        return [p.strip() for p in self.exclude.split(",") if p.strip()]
+
     def validate(self) -> "TrainConfig":
         from qdpo.quant.spec import QuantSpec
 
+        if self.exclude_patterns() and self.init not in ("rtn", "awq"):
+            raise ConfigError(f"--exclude applies to --init rtn or awq; the checkpoint {self.init} decides which "
+                              "layers are quantized: drop --exclude")
         if self.init not in ("rtn", "awq"):  # a quantized checkpoint: its spec wins
             from qdpo.quant.importers import read_external_config
 
@@ -210,6 +220,8 @@ def _read_config_file(path: str) -> dict:
 def _coerce(path: str, name: str, value, typ: type):
     """A config file's ``value`` of the field ``name``, as its flag would read it (a string such as YAML's
     ``1e-4`` is parsed like the command line's); one clear error for a value of the wrong type."""
+    if name == "exclude" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list of patterns
     if typ is bool:
         if isinstance(value, bool):
             return value

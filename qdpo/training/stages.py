@@ -24,6 +24,7 @@ writes each artifact while the others wait, then read it.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import logging
 import os
@@ -33,7 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qdpo.quant import QuantSpec, quantize_model
+from qdpo.quant.experts import fused_expert_tensors
+from qdpo.quant.model import DEFAULT_EXCLUDE, quantizable_layers
 from qdpo.training import distributed as D
+from qdpo.training.config import ConfigError
 from qdpo.training.data import collate, common_prefix, fit
 from qdpo.training.generate import greedy
 from qdpo.training.logps import sequence_logps
@@ -155,9 +159,10 @@ def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
     """A quantized copy of ``fp_model`` (train mode); cached in ``out_dir``."""
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
     model = copy.deepcopy(fp_model)
+    exclude = excluded_layers(model, cfg.exclude_patterns())
     weights = out_dir / "model.safetensors"
     if weights.exists() and (out_dir / "done.json").exists():
-        quantize_model(model, spec)  # the structure; the file holds the actual (maybe AWQ) values
+        quantize_model(model, spec, exclude=exclude)  # the structure; the file holds the actual (maybe AWQ) values
         state = load_file(str(weights))
         missing = [k for k in model.state_dict() if k not in state]
         model.load_state_dict({**model.state_dict(), **state}, strict=True)
@@ -169,10 +174,10 @@ def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
         from qdpo.quant.awq import awq_quantize_model
 
         calib = [torch.tensor(c) for c in calib_ids]
-        awq_quantize_model(model, spec, calib, n_grid=cfg.awq_grid)
+        awq_quantize_model(model, spec, calib, n_grid=cfg.awq_grid, exclude=exclude)
         stats["awq"] = getattr(model, "qdpo_awq_stats", {})
     else:
-        quantize_model(model, spec)
+        quantize_model(model, spec, exclude=exclude)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, _aliases = _unique_state(model)
     tmp = out_dir / ".model.safetensors.tmp"
@@ -180,6 +185,20 @@ def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
     os.replace(tmp, weights)
     atomic_write_text(out_dir / "done.json", json.dumps(_jsonable(stats)))
     return model, stats
+
+
+def excluded_layers(model, patterns: list[str]) -> tuple[str, ...]:
+    """The exclude list of ``--exclude``'s ``patterns`` (the defaults' too); a pattern that matches no layer
+    is refused (a typo would quietly quantize the layer it meant)."""
+    if not patterns:
+        return DEFAULT_EXCLUDE
+    names = [*quantizable_layers(model, ()), *fused_expert_tensors(model)]
+    unmatched = [p for p in patterns if not any(n == p or fnmatch.fnmatch(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"--exclude {','.join(unmatched)} matches no quantizable layer of "
+                         f"{type(model).__name__}; its layers are named like {names[0]!r} (globs such as "
+                         "'*.down_proj' match the full name)")
+    return (*DEFAULT_EXCLUDE, *patterns)
 
 
 def _unique_state(model) -> tuple[dict, dict]:
