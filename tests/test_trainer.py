@@ -127,6 +127,27 @@ def test_teacher_cache_gives_the_recomputed_kd_loss_and_runs_the_fp_model_once_p
         hook.remove()
 
 
+@pytest.mark.parametrize("method,kw", [("kd", {}), ("sft", {}), ("qdpo", dict(kd_weight=4.0, nll_weight=1.0))])
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(data, tmp_path, method, kw):
+    """Gradient accumulation: a step in micro-batches of 1 or 2 is the step of one forward over the batch. The
+    per-token terms (KD, SFT) are means over the batch's tokens, not means of each micro-batch's token means."""
+    fp, q, examples = fresh(data)
+    # answers of different lengths: a micro-batch's token mean is not the batch's
+    examples = [Example(e.prompt_ids, e.chosen_ids[:2 + (i * 5) % 7], e.rejected_ids, e.ref_chosen, e.ref_rejected)
+                for i, e in enumerate(examples)]
+    recs = []
+    for micro in (4, 2, 1):
+        c = cfg(steps=1, batch_size=4, micro_batch_size=micro, max_grad_norm=0.0, **kw)
+        t = Trainer(copy.deepcopy(q), c, method, examples, tmp_path / str(micro), fp_model=fp, pad_id=1,
+                    disable_progress=True)
+        assert len({len(examples[i].chosen_ids) for i in batch_indices(len(examples), 0, 4, c.seed)}) > 1
+        recs.append(t.train_step())
+    for rec in recs[1:]:
+        for k in ("loss", "grad_norm", "kd", "nll", "rewards/margins", "num_tokens"):
+            if k in recs[0]:
+                assert rec[k] == pytest.approx(recs[0][k], rel=1e-5, abs=1e-7), (k, rec, recs[0])
+
+
 def test_only_latent_weights_train(data, tmp_path):
     fp, q, examples = fresh(data)
     frozen = {n: p.detach().clone() for n, p in q.named_parameters() if not n.endswith("weight")

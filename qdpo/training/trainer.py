@@ -18,7 +18,11 @@ shows progress. Checkpoints are ``torch.distributed.checkpoint`` folders
 (``checkpoints/step-NNNNNN/``, complete once ``.metadata`` exists, the last
 two kept) that any number of processes can resume.
 
-Losses per method (all per micro-batch, averaged over the batch):
+Losses per method, each a mean over the whole (global) batch, whatever its
+split into micro-batches and ranks: per-pair terms are averaged over the
+batch's examples, per-token terms over the batch's answer tokens (each
+micro-batch contributes its sum over the batch's count, so the gradient is
+that of one forward over the batch):
 
 * ``qdpo``: the DPO loss of ``qdpo.training.losses`` on chosen (FP answer)
   vs rejected (quantized answer), reference = the initial quantized model,
@@ -178,14 +182,28 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
+def answer_tokens(examples: list[Example]) -> int:
+    """The chosen-answer tokens of ``examples`` that a forward predicts (all but a first token without a prompt
+    before it): what the per-token terms (KD, SFT) average over."""
+    return sum(max(len(e.chosen_ids) - (not e.prompt_ids), 0) for e in examples)
+
+
 def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, method: str, pad_id: int,
-               device, teacher: "TeacherCache | None" = None) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch (mean over its examples) and its metrics.
+               device, teacher: "TeacherCache | None" = None, whole: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch and its metrics, as its share of the loss of the batch it belongs to.
+
+    ``whole``: ``(examples, answer tokens)`` of that batch (:func:`answer_tokens`); per-pair terms are
+    summed over this micro-batch's examples and divided by the first, per-token terms (KD, SFT) summed over
+    its tokens and divided by the second, so the shares of a batch's micro-batches add up to the batch's
+    loss (and metrics) however it is split. None: the micro-batch is the whole batch (the means over it).
 
     ``teacher``: the FP model's hidden states at the chosen answers' positions,
     kept across steps (the FP model is frozen and the chosen answers fixed), so
     the KD term runs the FP decoder once per example instead of once per step.
     """
+    n = len(examples)
+    n_all, tok_all = whole or (n, answer_tokens(examples))
     w, b = output_layer(model)
     if method in ("kd", "sft"):
         batch = collate([(e.prompt_ids, e.chosen_ids) for e in examples], pad_id).to(device)
@@ -195,8 +213,8 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
             tok = -label_logps(h, w, b, labels, cfg.logps_chunk)
         else:
             tok = _kd_tokens(model, fp_model, batch, h, cfg, device, examples, teacher)
-        return tok.mean(), {"loss": tok.mean().item(), "num_tokens": batch.num_tokens}
-    n = len(examples)
+        loss = tok.sum() / max(tok_all, 1)
+        return loss, {"loss": loss.item(), "num_tokens": batch.num_tokens}
     batch = collate([(e.prompt_ids, e.chosen_ids) for e in examples]
                     + [(e.prompt_ids, e.rejected_ids) for e in examples], pad_id).to(device)
     with _autocast(cfg, device):
@@ -209,16 +227,16 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
     if cfg.loss == "ipo":  # IPO compares per-token mean log-probs
         pol, ref = total / count.clamp_min(1), ref / count.clamp_min(1)
     losses, rc, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.loss, cfg.label_smoothing)
-    loss = losses.mean()
-    metrics = preference_metrics(losses, rc, rr, total[:n], total[n:])
+    loss = losses.sum() / n_all
+    metrics = {k: v * n / n_all for k, v in preference_metrics(losses, rc, rr, total[:n], total[n:]).items()}
     if cfg.nll_weight:
-        nll = -(total[:n] / count[:n].clamp_min(1)).mean()
+        nll = -(total[:n] / count[:n].clamp_min(1)).sum() / n_all
         loss = loss + cfg.nll_weight * nll
         metrics["nll"] = nll.item()
     if cfg.kd_weight:
         chosen = row < n
         cb = Batch(batch.input_ids[:n], batch.attention_mask[:n], batch.completion_mask[:n])
-        kd = _kd_tokens(model, fp_model, cb, h[chosen], cfg, device, examples, teacher).mean()
+        kd = _kd_tokens(model, fp_model, cb, h[chosen], cfg, device, examples, teacher).sum() / max(tok_all, 1)
         loss = loss + cfg.kd_weight * kd
         metrics["kd"] = kd.item()
     metrics["loss"] = loss.item()
@@ -438,16 +456,16 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
 
     # -- one optimizer step
-    def _micro_step(self, examples: list[Example], total: int, sync: bool) -> dict:
-        """Forward and backward of one micro-batch of a global batch of ``total`` examples."""
+    def _micro_step(self, examples: list[Example], whole: tuple[int, int], sync: bool) -> dict:
+        """Forward and backward of one micro-batch of a global batch of ``whole`` = (examples, answer tokens)."""
         def loss_of(model):
             return micro_loss(model, self.fp_model, examples, self.cfg, self.method, self.pad_id, self.device,
-                              self.teacher)
+                              self.teacher, whole)
 
         with D.gradient_sync(self.runner, sync):
-            loss, metrics = self.runner(loss_of)
-            # DDP and FSDP2 average gradients over the ranks; each rank's loss is its share of the global sum
-            (loss * len(examples) / total * D.world_size()).backward()
+            loss, metrics = self.runner(loss_of)  # this micro-batch's share of the global batch's loss
+            # DDP and FSDP2 average gradients over the ranks: each rank's shares sum to its part of the global loss
+            (loss * D.world_size()).backward()
         return metrics
 
     def train_step(self) -> dict:
@@ -456,12 +474,13 @@ class Trainer:
         idx = batch_indices(len(self.examples), self.step, cfg.batch_size, cfg.seed)
         mine = D.local_slice(idx)
         micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        whole = (len(idx), answer_tokens([self.examples[i] for i in idx]))
         agg: dict[str, float] = {}
         t0 = time.perf_counter()
         for j, mb in enumerate(micro):
-            m = self._micro_step([self.examples[i] for i in mb], len(idx), sync=j == len(micro) - 1)
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + (v if k == "num_tokens" else v * len(mb) / len(idx))
+            m = self._micro_step([self.examples[i] for i in mb], whole, sync=j == len(micro) - 1)
+            for k, v in m.items():  # shares of the global batch's values (num_tokens: counts)
+                agg[k] = agg.get(k, 0.0) + v
         agg = D.all_reduce_sum(agg)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         gn = D.clip_grad_norm(params, cfg.max_grad_norm)
