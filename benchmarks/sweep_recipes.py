@@ -210,7 +210,7 @@ def main() -> None:
                 cfg = TrainConfig(**values).validate()
                 model = copy.deepcopy(q0)
                 method = cfg.method if cfg.method != "all" else "qdpo"
-                examples = _examples(method, pairs, train_p, ids, fp)
+                examples = _examples(method, pairs, train_p, ids, fp, max_length=cfg.max_length)
                 if method == "qdpo" and extra.get("samples"):
                     examples = examples + _sampled_pairs(q0, tok, pairs, extra["samples"], extra.get("temp", 1.0),
                                                          cfg, pad, seed)
