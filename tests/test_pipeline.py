@@ -1,8 +1,11 @@
 """python -m qdpo.train end to end on a tiny local model: artifacts, run-directory rules, resume, bad input."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -476,3 +479,17 @@ def test_a_compressed_tensors_export_transformers_cannot_load_is_recorded_not_fa
     assert "FalconLinear" in export["compressed_tensors_load_error"]
     assert (out / "export_qdpo_compressed_tensors" / "model.safetensors").exists() and (out / "report.md").exists()
     assert "transformers could not load it to check it" in caplog.text
+
+
+def test_artifacts_are_utf8_whatever_the_locale(tmp_path):
+    # answers hold any text (written with ensure_ascii=False): under a non-UTF-8 locale (LC_ALL=C without
+    # Python's UTF-8 mode, a Windows code page) the default encoding would fail on them or misread them
+    code = ("import sys; from pathlib import Path; from qdpo.training.stages import read_jsonl, write_jsonl\n"
+            "p = Path(sys.argv[1]); rows = [{'id': 'q0', 'answer': 'caf\\u00e9 \\u2192 \\u4e2d'}]\n"
+            "write_jsonl(p, rows); assert read_jsonl(p) == rows\n")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.jsonl")], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "caf\u00e9" in (tmp_path / "a.jsonl").read_text(encoding="utf-8")

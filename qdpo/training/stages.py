@@ -50,7 +50,7 @@ log = logging.getLogger("qdpo.train")
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -59,7 +59,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def publish_jsonl(path: Path, rows: list[dict]) -> list[dict]:
@@ -102,7 +102,8 @@ def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[
     """
     if path.exists():
         rows = read_jsonl(path)
-        if all(p.id in {r["id"] for r in rows} for p in prompts) and (not with_logps or "logp" in rows[0]):
+        have = {r["id"] for r in rows}  # once: a set per prompt made resuming quadratic in the prompts
+        if all(p.id in have for p in prompts) and (not with_logps or "logp" in rows[0]):
             return _answer_maps(rows, with_logps)
 
     def generate(part: list[list[int]]) -> list:
