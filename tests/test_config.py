@@ -74,6 +74,7 @@ def test_flags_and_config_file(tmp_path):
     (None, ["--patience", "-1"], "--patience -1: must be >= 0"),  # stopped before step 1
     (None, ["--max-train-prompts", "-1"], "--max-train-prompts -1: must be >= 0"),  # all but the last prompt
     (None, ["--init", "{d}", "--exclude", "*.down_proj"], "--exclude applies to --init rtn or awq"),
+    (None, ["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing applies to --loss sigmoid or robust"),
     ("exclude: [1, 2]\n", ["--config", "{d}/c.yaml"], "exclude: expected a string"),
 ])
 def test_bad_configuration_is_one_clear_error(tmp_path, capsys, content, argv, match):

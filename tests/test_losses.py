@@ -35,6 +35,17 @@ def test_sigmoid_is_the_paper_formula():
     torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta)[0], paper)
 
 
+def test_sigmoid_with_label_smoothing_is_conservative_dpo():
+    """cDPO: a preference label flipped with probability ε, -(1-ε) log σ(βh) - ε log σ(-βh) (TRL's sigmoid)."""
+    pc, pr, rc, rr = _lp()
+    eps = 0.2
+    expect = [(1 - eps) * math.log1p(math.exp(-0.1 * h)) + eps * math.log1p(math.exp(0.1 * h)) for h in (2.0, -1.0, 2.0)]
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", eps)[0], torch.tensor(expect))
+    for loss_type in ("hinge", "ipo"):  # no label noise in these: refused, not ignored
+        with pytest.raises(ValueError, match=f"label_smoothing applies to the sigmoid and robust losses, not '{loss_type}'"):
+            dpo_loss(pc, pr, rc, rr, 0.1, loss_type, eps)
+
+
 def test_hinge_ipo_robust_hand_computed():
     pc, pr, rc, rr = _lp()
     h = torch.tensor([2.0, -1.0, 2.0])

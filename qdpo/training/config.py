@@ -54,7 +54,7 @@ class TrainConfig:
     method: str = "qdpo"  # qdpo, kd, sft, or all (each from the same start, same data and budget)
     loss: str = "sigmoid"  # DPO loss: sigmoid, ipo, hinge, robust
     beta: float = 0.1  # DPO temperature
-    label_smoothing: float = 0.0  # robust DPO: assumed label noise
+    label_smoothing: float = 0.0  # assumed label noise: conservative DPO with --loss sigmoid, or --loss robust
     nll_weight: float = 0.0  # QDPO: weight of an NLL term on the chosen (FP) answer
     # QDPO: weight of a token-level KL(FP || quantized) term on the chosen answer. 16 and lr 1e-4 are the best
     # QDPO recipe of the validation sweep (README: "Choosing the QDPO recipe"); --kd-weight 0 is plain DPO
@@ -130,6 +130,8 @@ class TrainConfig:
                         "log_every", "warmup_steps", "max_grad_norm", "weight_decay", "nll_weight", "kd_weight")),
             (self.beta > 0, f"--beta {self.beta}: must be > 0"),
             (0 <= self.label_smoothing < 0.5, f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)"),
+            (not self.label_smoothing or self.loss in ("sigmoid", "robust"),
+             f"--label-smoothing applies to --loss sigmoid or robust, not {self.loss}"),
             (self.lr > 0, f"--lr {self.lr}: must be > 0"),
             (self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens}: must be >= 1"),
             (self.max_length > 8, f"--max-length {self.max_length}: too small"),

@@ -4,7 +4,8 @@ DPO (Rafailov et al. 2023). With policy log-probs ``πc, πr`` and reference
 log-probs ``ρc, ρr`` of the chosen and rejected answers (summed over the
 answer tokens) and ``h = (πc - ρc) - (πr - ρr)``:
 
-* ``sigmoid``: ``-log σ(β h)`` (the DPO paper);
+* ``sigmoid``: ``-log σ(β h)`` (the DPO paper); with label smoothing ε,
+  ``-(1-ε) log σ(β h) - ε log σ(-β h)`` (conservative DPO, as TRL's sigmoid loss);
 * ``robust``:  ``(-(1-ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε)`` (label noise ε);
 * ``hinge``:   ``max(0, 1 - β h)`` (SLiC);
 * ``ipo``:     ``(h - 1/(2β))²`` with *per-token mean* log-probs (Azar et al. 2023).
@@ -29,8 +30,11 @@ def dpo_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not known; use one of {LOSS_TYPES}")
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}")
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        eps = label_smoothing
+        losses = -F.logsigmoid(beta * h) if not eps else -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
         eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
