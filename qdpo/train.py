@@ -60,7 +60,7 @@ USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFo
 # ----------------------------------------------------------------------------- run directory
 # The prompt files' contents: a file edited under the same path is another run (its answers and pairs would be
 # reused for prompts they were not made for). Compared only when the run.json holds them.
-CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-prompts"}
+CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-prompts", "model_files": "--model"}
 
 
 def _fingerprint(cfg: TrainConfig) -> dict:
@@ -69,7 +69,25 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     fp = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
     files = {"prompts_sha256": default_prompts_path() if cfg.prompts in ("", "default") else cfg.prompts,
              "eval_prompts_sha256": cfg.eval_prompts}
-    return {**fp, **{key: _sha256(path) for key, path in files.items()}}
+    return {**fp, **{key: _sha256(path) for key, path in files.items()}, "model_files": _model_files(cfg.model)}
+
+
+def _model_files(model: str) -> str | None:
+    """A digest of the model at ``model`` that changes when another model is put there: its config.json's
+    bytes and its weight files' names and sizes (hashing the weights would read gigabytes). None for the
+    embedded default or a path that cannot be read (loading the model reports why)."""
+    p = Path(model).expanduser() if model and model != "default" else None
+    try:
+        if p is None or not p.exists():
+            return None
+        if p.is_file():  # a .gguf
+            return hashlib.sha256(f"{p.name}:{p.stat().st_size}".encode()).hexdigest()
+        h = hashlib.sha256((p / "config.json").read_bytes() if (p / "config.json").is_file() else b"")
+        for f in sorted(p.glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        return h.hexdigest()
+    except OSError:
+        return None
 
 
 def _sha256(path) -> str | None:

@@ -122,6 +122,14 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     prompts.write_text(edited)  # the same path, another prompt q0: its answers and pair must not be reused
     assert train.main(_args(model_dir, prompts, out, "--resume")) == 2
     assert "holds a different run (differs in the content of --prompts)" in capsys.readouterr().err
+    prompts.write_text(prompts.read_text().replace('"id": "q0", "prompt": "w7 ', '"id": "q0", "prompt": "'))
+    other = tmp_path / "other_model"  # another model put under the same path: its FP answers are not these
+    shutil.copytree(model_dir, other)
+    assert train.main(_args(other, prompts, tmp_path / "run2", "--steps", "1")) == 0
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert train.main(_args(other, prompts, tmp_path / "run2", "--steps", "1", "--resume")) == 2
+    assert "holds a different run (differs in the content of --model)" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--overwrite")) == 0
     assert json.loads((out / "run.json").read_text())["config"]["bits"] == 8
     inside = out / "prompts_kept_here.jsonl"  # an input inside the run that --overwrite would delete
