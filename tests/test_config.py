@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -48,6 +49,9 @@ def test_flags_and_config_file(tmp_path):
     yml.write_text("lr: 1e-4\nbeta: 1\nsteps: '5'\n")
     cfg = parse_args(["--config", str(yml)])
     assert (cfg.lr, cfg.beta, cfg.steps) == (1e-4, 1.0, 5) and isinstance(cfg.beta, float)
+    yml.write_text("output_dir: ~/runs/x\nprompts: ~/p.jsonl\n")  # as the shell expands a flag's ~
+    cfg = parse_args(["--config", str(yml)])
+    assert (cfg.output_dir, cfg.prompts) == (os.path.expanduser("~/runs/x"), os.path.expanduser("~/p.jsonl"))
     yml.write_text("exclude: ['*.down_proj', model.layers.0.self_attn.q_proj]\n")  # a list, or the flag's commas
     cfg = parse_args(["--config", str(yml)])
     assert cfg.exclude_patterns() == ["*.down_proj", "model.layers.0.self_attn.q_proj"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         from qdpo.quant.spec import QuantSpec
 
+        for k in ("model", "prompts", "eval_prompts", "output_dir", "init"):  # a config file's "~/..." as a shell's
+            v = getattr(self, k)
+            if isinstance(v, str) and v.startswith("~"):
+                setattr(self, k, os.path.expanduser(v))
         if self.exclude_patterns() and self.init not in ("rtn", "awq"):
             raise ConfigError(f"--exclude applies to --init rtn or awq; the checkpoint {self.init} decides which "
                               "layers are quantized: drop --exclude")
