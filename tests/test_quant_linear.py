@@ -276,6 +276,32 @@ def test_load_errors_wrong_shape(tmp_path):
         qdpo.load_quantized(path)
 
 
+def test_load_errors_zero_points_and_scales_out_of_range(tmp_path):
+    # the kernels read the grid as stored: a damaged value would be a silently wrong layer
+    path = _saved(tmp_path)
+    good = load_file(path / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj."
+    for edit, match in (("zeros", r"zero points '.*up_proj.zeros' hold 200, expected in \[0, 15\]"),
+                        ("scales", r"scales '.*up_proj.scales' hold NaN or Inf")):
+        tensors = dict(good)
+        t = tensors[key + edit].clone()
+        t.view(-1)[3] = 200 if edit == "zeros" else float("nan")
+        tensors[key + edit] = t
+        save_file(tensors, path / "model.safetensors")
+        with pytest.raises(ValueError, match=match):
+            qdpo.load_quantized(path)
+    sym = tmp_path / "sym"  # symmetric: every zero point is the fixed offset 2^(b-1)
+    model = tiny("llama")
+    qdpo.quantize_model(model, QuantSpec(4, 32, symmetric=True), mode="packed")
+    qdpo.save_quantized(model, sym)
+    tensors = load_file(sym / "model.safetensors")
+    assert qdpo.load_quantized(sym) is not None
+    tensors[key + "zeros"] = tensors[key + "zeros"] - 1
+    save_file(tensors, sym / "model.safetensors")
+    with pytest.raises(ValueError, match=r"hold 7, expected all 8 \(W4A16-g32-sym is symmetric\)"):
+        qdpo.load_quantized(sym)
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c.update(format="gptq"), "'format' must be 'qdpo-packed'"),
     (lambda c: c["spec"].update(bits=3), "bits=3 is not supported"),

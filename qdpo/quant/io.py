@@ -160,6 +160,7 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
         e = mod._parameters[t].shape[0]
         install(mod, t, QuantExpertTensor(e, shape[0] // e, shape[1], spec, transposed(mod), mode="packed",
                                           dtype=scales_dtype, backend=backend))
+    _check_grids(tensors, spec, path / WEIGHTS_NAME)
     _load_tensors(model, tensors, cfg["aliases"], path / WEIGHTS_NAME)
     mark_quantized(model, spec)
     if mode == "train":
@@ -168,6 +169,21 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
     elif mode != "packed":
         raise ValueError(f"mode={mode!r} is not known; use 'packed' or 'train'")
     return model.to(device).eval()
+
+
+def _check_grids(tensors: dict, spec: QuantSpec, where: Path) -> None:
+    """Every zero point a code of ``spec`` (the symmetric offset where symmetric) and every scale finite: the
+    kernels read them as they are, so a damaged value would give wrong outputs with no error."""
+    offset, top = 1 << (spec.bits - 1), (1 << spec.bits) - 1
+    for k, t in tensors.items():
+        if k.endswith(".zeros") and t.numel():
+            bad = (t != offset) if spec.symmetric else (t > top)
+            if bool(bad.any()):
+                want = f"all {offset} ({spec.name} is symmetric)" if spec.symmetric else f"in [0, {top}]"
+                raise ValueError(f"{where}: zero points {k!r} hold {int(t[bad].flatten()[0])}, expected {want}; "
+                                 "the file is damaged or from another spec")
+        elif k.endswith(".scales") and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: scales {k!r} hold NaN or Inf; the file is damaged, save the model again")
 
 
 def _load_tensors(model: nn.Module, tensors: dict, aliases: dict, where: Path) -> None:
