@@ -522,7 +522,8 @@ def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
                  rec["compressed_tensors_layers"]["layers"], rec["compressed_tensors_layers"]["max_abs_diff"])
     else:
         try:
-            reader = AutoModelForCausalLM.from_pretrained(str(out)).to(device)
+            with _ct_local():
+                reader = AutoModelForCausalLM.from_pretrained(str(out)).to(device)
         except Exception as e:  # noqa: BLE001 - transformers' loader, not the export, failed: the run goes on
             # (transformers 5.25 cannot load a symmetric Falcon export: its weight init reads a
             # compressed layer's missing `weight`)
@@ -538,6 +539,19 @@ def _export_compressed_tensors(model, path: Path, examples, device) -> dict:
     diff = (a[m] - b[m]).abs().max().item()
     log.info("compressed-tensors export %s: max |Δlogit| vs the trained model = %.3g", out, diff)
     return {**rec, "compressed_tensors_max_abs_logit_diff": diff}
+
+
+def _ct_local():
+    """compressed-tensors (0.20) spreads the compression of a model it loads over the ranks of an initialized
+    process group, with collectives every rank must join; under torchrun only rank 0 loads the export (the
+    others wait on a barrier), which hung there. Its ``as_single_threaded`` keeps that work on this process."""
+    from contextlib import nullcontext
+
+    try:
+        from compressed_tensors.offload import as_single_threaded
+    except ImportError:  # a release without the distributed compression: nothing to keep local
+        return nullcontext()
+    return as_single_threaded()
 
 
 def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped,

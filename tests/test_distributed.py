@@ -9,6 +9,7 @@ master, and the checks on how a batch splits.
 """
 
 import json
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,10 +33,18 @@ CURVE = dict(rtol=1e-5, atol=1e-6)
 WEIGHTS = dict(rtol=0, atol=1e-5)
 
 
-def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen(cmd, cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a run that hangs: SIGTERM lets torchrun stop its ranks too
+            p.terminate()
+            p.communicate(timeout=60)
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +145,17 @@ def test_torchrun_pipeline_writes_one_report_from_the_one_process_pairs(model_di
     assert [h["loss"] for h in h2[1:]] == pytest.approx([h["loss"] for h in h1[1:]], rel=1e-5)
     assert m2["eval"]["qdpo"]["flip_rate"] == pytest.approx(m1["eval"]["qdpo"]["flip_rate"], abs=1e-9)
     assert m2["training"]["qdpo"]["export"]["reproduces_eval"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_torchrun_checks_a_symmetric_export_in_transformers_on_rank_0_alone(model_dir, tmp_path):  # noqa: F811
+    # transformers loads a symmetric export compressed, and compressed-tensors spreads that over the ranks of an
+    # initialized process group: rank 0, loading alone while the others wait, hung there
+    prompts = _prompts(tmp_path / "p.jsonl")
+    r = torchrun("-m", "qdpo.train", *_args(model_dir, prompts, tmp_path / "run", "--symmetric"), timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    export = json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["qdpo"]["export"]
+    assert export["reproduces_eval"] is True and export["compressed_tensors_max_abs_logit_diff"] < 1e-4
 
 
 def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):
