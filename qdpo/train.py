@@ -228,7 +228,7 @@ def run(cfg: TrainConfig) -> dict:
         from qdpo.eval.judge import check
 
         check(cfg.judge_url, cfg.judge_model, cfg.judge_key_env)
-    D.resolve_mode(cfg.dist, cfg.batch_size)  # a batch the ranks cannot split fails now, not after generation
+    D.resolve_mode(cfg.dist, cfg.batch_size, cfg.learn_scales, cfg.latent_dtype)  # fails now, not after generation
     D.on_main(lambda: prepare_run_dir(cfg))
     out = Path(cfg.output_dir)
     stage = Stages()

@@ -194,6 +194,21 @@ def test_a_batch_the_ranks_cannot_split_is_refused(monkeypatch):
     assert D.resolve_mode("fsdp", 6) == "none"  # one process trains unwrapped
 
 
+def test_fsdp_refuses_bf16_latent_weights_beside_learned_scales_before_generation(model_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                                   capsys):
+    # FSDP2 asserts one dtype for a layer's trainable parameters: it failed at the first training step
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    out = tmp_path / "run"
+    args = _args(model_dir, _prompts(tmp_path / "p.jsonl"), out, "--learn-scales", "--latent-dtype", "bfloat16")
+    assert train.main(args) == 2
+    assert "--dist auto (FSDP2) cannot train --learn-scales" in capsys.readouterr().err
+    assert not (out / "answers").exists()  # refused before generation
+    assert D.resolve_mode("ddp", 4, True, "bfloat16") == "ddp" and D.resolve_mode("fsdp", 4, True, "float32") == "fsdp"
+    assert D.resolve_mode("fsdp", 4, False, "bfloat16") == "fsdp"
+    with pytest.raises(ConfigError, match="cannot train --learn-scales with --latent-dtype bfloat16.*use --dist ddp"):
+        D.resolve_mode("fsdp", 4, True, "bfloat16")
+
+
 def test_a_clean_shutdown_waits_for_every_rank_and_an_error_does_not(monkeypatch):
     """``shutdown(clean=True)``: a barrier, then the group ends; after an error no barrier (ranks may
     stand at different collectives); the group ends even when the barrier raises."""

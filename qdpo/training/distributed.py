@@ -222,8 +222,10 @@ def _portable(err: Exception | None) -> Exception | None:
 
 
 # ----------------------------------------------------------------------------- wrapping the model
-def resolve_mode(requested: str, batch_size: int) -> str:
-    """``none`` for one process; ``auto`` means FSDP2 for several. Checks the batch splits evenly."""
+def resolve_mode(requested: str, batch_size: int, learn_scales: bool = False, latent_dtype: str = "float32") -> str:
+    """``none`` for one process; ``auto`` means FSDP2 for several. Checks the batch splits evenly, and that
+    FSDP2 can shard what trains: one dtype for a layer's trainable parameters, so not bf16 latent weights
+    beside learned scales (which stay in their own dtype, float32)."""
     n = world_size()
     if requested not in DIST_MODES:
         raise ConfigError(f"--dist {requested!r}: use one of {DIST_MODES}")
@@ -233,7 +235,12 @@ def resolve_mode(requested: str, batch_size: int) -> str:
         raise ConfigError(f"--dist none cannot train with {n} processes; use --dist ddp or fsdp (or auto)")
     if batch_size % n:
         raise ConfigError(f"--batch-size {batch_size} does not split over {n} processes; use a multiple of {n}")
-    return "fsdp" if requested == "auto" else requested
+    mode = "fsdp" if requested == "auto" else requested
+    if mode == "fsdp" and learn_scales and latent_dtype != "float32":
+        raise ConfigError(f"--dist {requested} (FSDP2) cannot train --learn-scales with --latent-dtype {latent_dtype}: "
+                          "FSDP2 needs one dtype for a layer's trainable parameters, and the learned scales stay "
+                          "float32; use --dist ddp, or --latent-dtype float32")
+    return mode
 
 
 class Runner(nn.Module):

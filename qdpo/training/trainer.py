@@ -346,7 +346,7 @@ class Trainer:
         self.out_dir, self.pad_id, self.val = Path(out_dir), pad_id, val  # val: (examples, FPTargets)
         self.device = next(model.parameters()).device
         self.disable = disable_progress or not D.is_main()
-        self.mode = D.resolve_mode(cfg.dist, cfg.batch_size)  # none | ddp | fsdp
+        self.mode = D.resolve_mode(cfg.dist, cfg.batch_size, cfg.learn_scales, cfg.latent_dtype)  # none|ddp|fsdp
         prepare_for_training(model, cfg)
         if cfg.activation_checkpointing:
             D.activation_checkpointing(model)
