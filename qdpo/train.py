@@ -395,10 +395,13 @@ def _coverage(model) -> dict:
     log.info("quantized %d linear layers%s: %.1f %% of the weight matrices (full precision: embeddings %d, "
              "other %d weights)", c["quantized_layers"], experts, 100 * c["quantized_fraction"],
              c["embedding_weights"], c["other_fp_weights"])
-    if c["fp_fused_expert_tensors"]:
+    excluded = c["fp_excluded_expert_tensors"]
+    unknown = [n for n in c["fp_fused_expert_tensors"] if n not in excluded]
+    if excluded:
+        log.info("%d expert tensors kept in full precision (--exclude, or the --init checkpoint)", len(excluded))
+    if unknown:
         log.warning("%d 3-D parameters stay in full precision (not the expert tensors of a transformers experts "
-                    "module): the evaluation measures a model where they are not quantized",
-                    len(c["fp_fused_expert_tensors"]))
+                    "module): the evaluation measures a model where they are not quantized", len(unknown))
     return c
 
 

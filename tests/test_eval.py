@@ -270,18 +270,24 @@ def test_report_table_and_verdict_follow_the_numbers(tmp_path, qdpo_flip, kd_fli
     assert "| pairs | 3 |" in md
 
 
-@pytest.mark.parametrize("experts, left", [(0, []), (4, []), (0, ["model.layers.0.mlp.bank"])])
-def test_report_says_how_much_of_the_model_is_quantized(tmp_path, experts, left):
+@pytest.mark.parametrize("experts, left, excluded", [(0, [], []), (4, [], []), (0, ["model.layers.0.mlp.bank"], []),
+                                                     (4, ["model.layers.0.mlp.experts.down_proj"],
+                                                      ["model.layers.0.mlp.experts.down_proj"])])
+def test_report_says_how_much_of_the_model_is_quantized(tmp_path, experts, left, excluded):
     weights = {"quantized_layers": 14, "quantized_expert_tensors": experts, "quantized_weights": 1500,
                "embedding_weights": 400, "other_fp_weights": 100, "quantized_fraction": 0.75,
-               "fp_fused_expert_tensors": left}
+               "fp_fused_expert_tensors": left, "fp_excluded_expert_tensors": excluded}
     path = report.write_metrics_json(tmp_path / "metrics.json", config=CONFIG, pairs={}, eval=_eval(0.2, 0.1, 0.15),
                                      timing={}, init={"init": "rtn", "weights": weights})
     md = report.write_report_md(tmp_path / "report.md", json.loads(path.read_text())).read_text()
     fused = " and 4 fused expert tensors" if experts else ""
     assert (f"- **Quantized weights**: 75.00 % of the weight matrices (14 linear layers{fused}; full precision: "
             "embeddings 400, other 100 weights)") in md
-    assert ("1 3-D weight tensors (experts of a module qdpo does not know) stay in full precision" in md) == bool(left)
+    # expert tensors --exclude kept in full precision are named as such, not as experts qdpo does not know
+    unknown = bool(left) and not excluded
+    assert ("1 3-D weight tensors (experts of a module qdpo does not know) stay in full precision" in md) == unknown
+    assert ("- **Expert tensors kept in full precision** (`--exclude`, or the `--init` checkpoint): 1, "
+            "model.layers.0.mlp.experts.down_proj") in md if excluded else "kept in full precision" not in md
     assert "| init | rtn |" in md and "quantized_fraction" not in md  # the line above, not a JSON cell
 
 

@@ -153,6 +153,7 @@ def test_excluded_and_unknown_3d_tensors_stay_fp_with_a_warning():
     c = weight_coverage(model)
     assert c["quantized_expert_tensors"] == 2
     assert c["fp_fused_expert_tensors"] == [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
+    assert c["fp_excluded_expert_tensors"] == c["fp_fused_expert_tensors"]  # known experts, left out by exclude
 
     class Custom(nn.Module):  # a 3-D weight outside a transformers experts module
         def __init__(self):
@@ -160,8 +161,11 @@ def test_excluded_and_unknown_3d_tensors_stay_fp_with_a_warning():
             self.proj = nn.Linear(32, 32)
             self.bank = nn.Parameter(torch.randn(2, 32, 32))
 
+    custom = Custom()
     with pytest.warns(UserWarning, match=r"1 3-D parameters \(bank; 67 % of the weight matrices\)"):
-        qdpo.quantize_model(Custom(), QuantSpec(4, 32), exclude=())
+        qdpo.quantize_model(custom, QuantSpec(4, 32), exclude=())
+    c = weight_coverage(custom)
+    assert (c["fp_fused_expert_tensors"], c["fp_excluded_expert_tensors"]) == (["bank"], [])
 
 
 def test_expert_shapes_are_checked_before_anything_changes():

@@ -194,7 +194,11 @@ def _coverage_lines(w: Mapping | None) -> list[str]:
     out = [f"- **Quantized weights**: {_pct(w['quantized_fraction'])} of the weight matrices "
            f"({w['quantized_layers']} linear layers{fused}; full precision: embeddings {w['embedding_weights']:,}, "
            f"other {w['other_fp_weights']:,} weights)"]
-    left = w.get("fp_fused_expert_tensors") or []
+    excluded = w.get("fp_excluded_expert_tensors") or []
+    left = [n for n in w.get("fp_fused_expert_tensors") or [] if n not in excluded]
+    if excluded:
+        out.append(f"- **Expert tensors kept in full precision** (`--exclude`, or the `--init` checkpoint): "
+                   f"{len(excluded)}, {', '.join(excluded[:4])}{' …' if len(excluded) > 4 else ''}")
     if left:
         out.append(f"- **Warning**: {len(left)} 3-D weight tensors (experts of a module qdpo does not know) "
                    "stay in full precision: every number below is for a model where they are not quantized")

@@ -174,7 +174,11 @@ def weight_coverage(model: nn.Module) -> dict:
     """What share of the model's weight matrices is quantized: element counts of the
     :class:`QuantLinear` weights and quantized expert tensors, of the embeddings (input and output, a tied pair once) and of every
     other floating-point parameter with two or more dimensions, which stays in full precision (a
-    mixture of experts' fused 3-D expert tensors, its routers, layers left out by ``exclude``)."""
+    mixture of experts' fused 3-D expert tensors, its routers, layers left out by ``exclude``).
+    ``fp_fused_expert_tensors`` names every 3-D one left so; ``fp_excluded_expert_tensors`` those of them
+    that are expert tensors of a transformers experts module, which qdpo quantizes unless ``exclude`` (or
+    the checkpoint the model was read from) kept them in full precision; the rest belong to modules qdpo
+    does not know."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     experts = quantized_experts(model)
     emb = [getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, f)]
@@ -197,7 +201,8 @@ def weight_coverage(model: nn.Module) -> dict:
     return {"quantized_layers": len(quantized), "quantized_expert_tensors": len(experts),
             "quantized_weights": n_q, "embedding_weights": n_emb,
             "other_fp_weights": other, "quantized_fraction": n_q / total if total else 0.0,
-            "fp_fused_expert_tensors": fp3d}
+            "fp_fused_expert_tensors": fp3d,
+            "fp_excluded_expert_tensors": [n for n in fp3d if n in fused_expert_tensors(model)]}
 
 
 def _stacked_matrices(p: Tensor) -> bool:
