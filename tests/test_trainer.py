@@ -1,6 +1,7 @@
 """The training loop on a tiny model: loss falls, flips fall, resume is exact, only latent weights train."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import qdpo
 from qdpo import QuantSpec
 from qdpo.quant import quantized_layers
+from qdpo.training import distributed as D
 from qdpo.training.config import TrainConfig
 from qdpo.training.generate import greedy
 from qdpo.training.stages import reference_logps
@@ -196,6 +198,24 @@ def test_resume_gives_the_same_final_weights(data, tmp_path):
     t2 = Trainer(q_b, c, "qdpo", examples, tmp_path / "cut", pad_id=1, disable_progress=True)
     t2.run(resume=True)
     assert t2.history[-1]["step"] == 10 and [h["step"] for h in t2.history] == list(range(11))
+    for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data, tmp_path):
+    fp, q, examples = fresh(data)
+    c = cfg(steps=6, checkpoint_every=3)
+    q_full = copy.deepcopy(q)
+    Trainer(q_full, c, "qdpo", examples, tmp_path / "run", pad_id=1, disable_progress=True).run()
+    ckpts = D.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000003", "step-000006"]
+    for folder in ckpts:  # damaged data files (their .metadata intact): every load fails part-way
+        shard = folder / "__0_0.distcp"
+        os.truncate(shard, shard.stat().st_size * 6 // 10)
+    q_b = copy.deepcopy(q)
+    t = Trainer(q_b, c, "qdpo", examples, tmp_path / "run", pad_id=1, disable_progress=True)
+    t.run(resume=True)  # nothing loads: trains from step 0, as the first run did
+    assert [h["step"] for h in t.history] == list(range(7))
     for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
         assert torch.equal(a, b), n
 

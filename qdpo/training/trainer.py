@@ -384,11 +384,18 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint that loads (saved by any number of processes)."""
+        start = None  # the weights before any load: a checkpoint that fails part-way has written into them
         for folder in reversed(D.complete_checkpoints(self.ckpt_dir)):
+            if start is None:
+                start = trainable_state(self.model)
             try:
                 meta = self._load(folder)
             except (Exception, D.CheckpointException) as e:  # noqa: BLE001 - a damaged one: try the one before
                 log.warning("checkpoint %s does not load (%s); trying an older one", folder, str(e).splitlines()[0])
+                # as before the load: DCP created the AdamW state (a step with zero gradients) and filled part
+                # of it, and of the weights; a run that finds no loadable checkpoint starts as a fresh one
+                load_trainable_state(self.model, start)
+                self.opt.state.clear()
                 continue
             if D.is_main():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
