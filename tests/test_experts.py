@@ -19,7 +19,7 @@ from qdpo.quant import load_quantized, save_quantized
 from qdpo.quant.experts import QuantExpertTensor, quantized_experts
 from qdpo.quant.experts import transposed as experts_layout
 from qdpo.quant.linear import frozen_weights
-from qdpo.quant.model import to_packed, weight_coverage
+from qdpo.quant.model import quantized_layers, to_packed, weight_coverage
 
 VOCAB = 96
 # transformers' own MoE layouts: (experts, out, in), and gpt-oss's transposed (experts, in, out) with biases
@@ -827,6 +827,25 @@ def test_awq_scales_the_experts_input_with_the_router(arch):
     model = tiny_moe(arch)  # and the whole AWQ start: every expert tensor quantized
     awq_quantize_model(model, QuantSpec(4, 32), ids)
     assert len(quantized_experts(model)) == 4
+
+
+def test_awq_quantizes_the_experts_alone():
+    # every linear layer excluded (attention in full precision, a common MoE recipe): RTN quantized the experts,
+    # AWQ refused the model as having nothing to quantize
+    from qdpo.quant.awq import _sqnr, awq_quantize_model
+
+    exclude = ("lm_head", "*.self_attn.*")
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    rtn, model = tiny_moe("Mixtral"), tiny_moe("Mixtral")
+    with torch.no_grad():
+        ref = model(ids).logits
+    qdpo.quantize_model(rtn, QuantSpec(4, 32), exclude=exclude)
+    awq_quantize_model(model, QuantSpec(4, 32), ids, exclude=exclude)
+    assert not quantized_layers(model) and len(quantized_experts(model)) == len(quantized_experts(rtn)) == 4
+    assert {g["layers"][0] for g in model.qdpo_awq_stats["groups"]} >= {f"model.layers.{i}.mlp.experts.gate_up_proj"
+                                                                       for i in range(2)}
+    with torch.no_grad():
+        assert _sqnr(ref, model(ids).logits) >= _sqnr(ref, rtn(ids).logits)  # scaled on this very data
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe"])

@@ -236,7 +236,8 @@ def _checked_layers(model, spec, exclude, n_grid, max_tokens) -> dict[str, nn.Mo
     if type(max_tokens) is not int or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1")
     layers = quantizable_layers(model, exclude)
-    if not layers:
+    experts = [n for n in fused_expert_tensors(model) if not _excluded(n, exclude)]  # as quantize_model: these count
+    if not layers and not experts:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {exclude} to quantize")
     for name, m in layers.items():
         w = _linear_weight(m)
