@@ -224,10 +224,10 @@ def run(cfg: TrainConfig) -> dict:
     from qdpo.training import stages as S
 
     device = D.init(_device(cfg))
-    if cfg.judge_url and D.is_main():  # an unusable judge fails now, not after training
+    if cfg.judge_url:  # an unusable judge fails now, not after training; on rank 0, its error on every rank
         from qdpo.eval.judge import check
 
-        check(cfg.judge_url, cfg.judge_model, cfg.judge_key_env)
+        D.on_main(lambda: check(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
     D.resolve_mode(cfg.dist, cfg.batch_size, cfg.learn_scales, cfg.latent_dtype)  # fails now, not after generation
     D.on_main(lambda: prepare_run_dir(cfg))
     out = Path(cfg.output_dir)

@@ -158,6 +158,18 @@ def test_torchrun_checks_a_symmetric_export_in_transformers_on_rank_0_alone(mode
     assert export["reproduces_eval"] is True and export["compressed_tensors_max_abs_logit_diff"] < 1e-4
 
 
+def test_torchrun_an_unreachable_judge_ends_every_rank_with_its_error(model_dir, tmp_path):  # noqa: F811
+    # rank 0 alone checks the judge: its error went to rank 0 only, and rank 1, waiting for rank 0's next
+    # broadcast, died on the closed connection with a gloo traceback ("Connection reset by peer")
+    prompts = _prompts(tmp_path / "p.jsonl")
+    r = torchrun("-m", "qdpo.train", *_args(model_dir, prompts, tmp_path / "run", "--judge-url",
+                                            "http://127.0.0.1:9/v1", "--judge-model", "stub"), timeout=120)
+    assert r.returncode != 0
+    assert "qdpo.train: error: rank 0 of 2: --judge-url http://127.0.0.1:9/v1: cannot reach" in r.stderr
+    assert "[rank1]" not in r.stderr and "Connection reset" not in r.stderr, r.stderr[-4000:]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):
     full = in_process(data, tmp_path / "full", latent_dtype="bfloat16")
     assert all(w.dtype == torch.bfloat16 for w in full["weights"].values())
