@@ -60,7 +60,8 @@ USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFo
 # ----------------------------------------------------------------------------- run directory
 # The prompt files' contents: a file edited under the same path is another run (its answers and pairs would be
 # reused for prompts they were not made for). Compared only when the run.json holds them.
-CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-prompts", "model_files": "--model"}
+CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-prompts", "model_files": "--model",
+                  "init_files": "--init"}
 
 
 def _fingerprint(cfg: TrainConfig) -> dict:
@@ -69,11 +70,12 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     fp = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
     files = {"prompts_sha256": default_prompts_path() if cfg.prompts in ("", "default") else cfg.prompts,
              "eval_prompts_sha256": cfg.eval_prompts}
-    return {**fp, **{key: _sha256(path) for key, path in files.items()}, "model_files": _model_files(cfg.model)}
+    return {**fp, **{key: _sha256(path) for key, path in files.items()}, "model_files": _model_files(cfg.model),
+            "init_files": _model_files(cfg.init) if cfg.init not in ("rtn", "awq") else None}
 
 
 def _model_files(model: str) -> str | None:
-    """A digest of the model at ``model`` that changes when another model is put there: its config.json's
+    """A digest of the model (or --init checkpoint) at ``model`` that changes when another is put there: its config.json's
     bytes and its weight files' names and sizes (hashing the weights would read gigabytes). None for the
     embedded default or a path that cannot be read (loading the model reports why)."""
     p = Path(model).expanduser() if model and model != "default" else None

@@ -432,6 +432,10 @@ def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):
     assert (m["config"]["bits"], m["config"]["group_size"], m["config"]["symmetric"]) == (4, 64, True)
     assert m["init"]["init"] == "external"
     assert train.main(_args(model_dir, prompts, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))) == 2
+    # another checkpoint under the same --init path: the pairs' reference log-probs were the old one's
+    shutil.rmtree(ckpt)
+    export(tmp_path / "packed", ckpt, "gptq", allow_inexact_scales=True)
+    assert train.main(_args(model_dir, prompts, out, "--init", str(ckpt), "--steps", "1", "--resume")) == 2
 
 
 def test_exclude_keeps_the_named_layers_in_full_precision(model_dir, tmp_path, capsys):
@@ -451,8 +455,10 @@ def test_exclude_keeps_the_named_layers_in_full_precision(model_dir, tmp_path, c
     assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--init", "awq", "--resume")) == 2
     assert "holds a different run (differs in exclude)" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, tmp_path / "typo", "--exclude", "*.down_porj")) == 2
-    assert ("--exclude *.down_porj matches no quantizable layer of LlamaForCausalLM; its layers are named like "
+    assert ("--exclude *.down_porj matches no layer of LlamaForCausalLM; its layers are named like "
             "'model.layers.0.self_attn.q_proj'") in capsys.readouterr().err
+    from qdpo.training.stages import excluded_layers  # the LM head is kept anyway: naming it is no typo
+    assert "lm_head" in excluded_layers(load_quantized(out / "export_qdpo"), ["lm_head", "*.down_proj"])
 
 
 def test_no_differing_pairs_skips_qdpo_with_a_clear_note(model_dir, tmp_path):

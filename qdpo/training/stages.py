@@ -193,12 +193,12 @@ def excluded_layers(model, patterns: list[str]) -> tuple[str, ...]:
     is refused (a typo would quietly quantize the layer it meant)."""
     if not patterns:
         return DEFAULT_EXCLUDE
-    names = [*quantizable_layers(model, ()), *fused_expert_tensors(model)]
+    layers = [*quantizable_layers(model, ()), *fused_expert_tensors(model)]
+    names = [*(n for n, _ in model.named_modules() if n), *layers]  # lm_head too: already kept, not a typo
     unmatched = [p for p in patterns if not any(n == p or fnmatch.fnmatch(n, p) for n in names)]
     if unmatched:
-        raise ConfigError(f"--exclude {','.join(unmatched)} matches no quantizable layer of "
-                         f"{type(model).__name__}; its layers are named like {names[0]!r} (globs such as "
-                         "'*.down_proj' match the full name)")
+        raise ConfigError(f"--exclude {','.join(unmatched)} matches no layer of {type(model).__name__}; its "
+                          f"layers are named like {layers[0]!r} (globs such as '*.down_proj' match the full name)")
     return (*DEFAULT_EXCLUDE, *patterns)
 
 
