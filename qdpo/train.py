@@ -39,6 +39,7 @@ import torch
 from qdpo.eval.judge import JudgeError
 from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
+from qdpo.training.data import fit
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
 from qdpo.training.trainer import CheckpointError, Example, Trainer, needs_fp
 
@@ -437,8 +438,6 @@ def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0,
         pre = f"window{window}_" if window else ""
         return [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r[f"{pre}ref_chosen_logps"],
                         r[f"{pre}ref_rejected_logps"]).windowed(window) for r in pairs]
-    from qdpo.training.data import fit
-
     return [Example(*(fit(ids[p.id], fp[p.id], max_length) if max_length else (ids[p.id], fp[p.id])))
             for p in train_p]
 

@@ -16,6 +16,8 @@ fake-quantized latent weight, so both modes give the same outputs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -169,18 +171,20 @@ class QuantLinear(QuantModes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = autocast_input(x)
-        # the ops' check of x, for the paths below that bypass them (ŵ cast to an integer x would be zeros)
-        ops._check_x(x, self.in_features)
         if self._w_hat is not None:
-            w_hat = self._w_hat.to(x.dtype)
-            return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
+            return self._linear(x, lambda: self._w_hat.to(x.dtype))
         bits = self.spec.bits
         if self.mode == "train" and self._use_step_cache(x):
-            w_hat = _StepSTE.apply(self.weight, *self._step_cache(x.dtype))
-            return nn.functional.linear(x, w_hat, None if self.bias is None else self.bias.to(x.dtype))
+            return self._linear(x, lambda: _StepSTE.apply(self.weight, *self._step_cache(x.dtype)))
         if self.mode == "train":
             return ops.fake_quant_matmul(x, self.weight, self.scales, self.zeros, bits, self.bias, self.backend)
         return ops.dequant_matmul(x, self.qweight, self.scales, self.zeros, bits, self.bias, self.backend)
+
+    def _linear(self, x: Tensor, w_hat: Callable[[], Tensor]) -> Tensor:
+        """``x @ ŵᵀ (+ b)`` with a ŵ made here rather than by an op: x gets the ops' check first (ŵ cast to an
+        integer x would be zeros)."""
+        ops._check_x(x, self.in_features)
+        return nn.functional.linear(x, w_hat(), None if self.bias is None else self.bias.to(x.dtype))
 
     # ------------------------------------------------------------------ CPU training path
     _cache: tuple | None = None  # (key, ŵ, mask) for the current latent weights
