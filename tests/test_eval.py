@@ -77,6 +77,23 @@ def test_fp_against_itself_is_perfect():
     assert r["tokens"] == sum(len(a) for _, a in EXAMPLES)
 
 
+def test_near_tie_logits_are_not_flips_of_the_fp_model_against_itself():
+    # FP logits 0 everywhere but 1e-7 at token 5: its top-1 is 5, yet log-softmax rounds all of them to -log(96)
+    fp = copy.deepcopy(FP)
+    fp.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
+    with torch.no_grad():
+        fp.lm_head.weight.zero_()
+        fp.lm_head.bias.zero_()
+        fp.lm_head.bias[5] = 1e-7
+    ex = [([1, 2, 3], [4, 5, 6]), ([7, 8], [9])]
+    t = M.fp_targets(fp, ex, disable=True)
+    assert t.argmax.tolist() == [5, 5, 5, 5]  # plain argmax of the logits
+    for q in (fp, copy.deepcopy(fp)):
+        r = M.teacher_forced(fp, q, ex, disable=True)
+        assert r["flip_rate"] == 0 and not r["flipped"].any()
+        assert r["flip_rate"] == M.flip_rate(q, ex, t, disable=True)
+
+
 def test_teacher_forced_matches_full_logits_reference():
     r = M.teacher_forced(FP, Q, EXAMPLES, disable=True)
     lf, lq, y = reference(FP, Q, EXAMPLES)

@@ -9,7 +9,9 @@ positions, FP logits ``z_f`` and quantized logits ``z_q`` (``[V]`` each),
 
 * ``flip_rate``: ``mean[argmax z_q != argmax z_f]`` — the quantized model
   would pick another next token than the FP model; ``top1_agreement = 1 - flip_rate``
-  (llama.cpp's "same top p");
+  (llama.cpp's "same top p"). ``argmax`` is taken on the logits and a tie goes
+  to the lowest token id, as in greedy decoding: a tie between the FP token and
+  a lower id counts as a flip;
 * ``kl``: ``mean KL(p_f ‖ p_q)`` in nats, exact over the whole vocabulary;
 * ``nll``/``ppl``: the quantized model's mean ``-log p_q(y)`` and its exp;
   ``fp_ppl`` the same for the FP model, ``ppl_ratio = ppl / fp_ppl``;
@@ -255,10 +257,10 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
             m_all, f_all = [], []
             for c in _chunks(h_q.shape[0], chunk):
                 z_f = _logits(h_f, head_f, c).to(dev)
-                lf = torch.log_softmax(z_f, -1)
-                lq = torch.log_softmax(_logits(h_q, head_q, c), -1)
+                z_q = _logits(h_q, head_q, c)
+                lf, lq = torch.log_softmax(z_f, -1), torch.log_softmax(z_q, -1)
                 top2 = z_f.topk(2, dim=-1).values
-                flip = lq.argmax(-1) != z_f.argmax(-1)
+                flip = z_q.argmax(-1) != z_f.argmax(-1)  # logits, as fp_targets: log_softmax can round a near-tie equal
                 lf_y, lq_y = lf.gather(1, labels[c]).squeeze(1), lq.gather(1, labels[c]).squeeze(1)
                 sums += torch.stack([flip.sum(), (lf.exp() * (lf - lq)).sum(), -lq_y.sum(), -lf_y.sum(),
                                      (lq_y.exp() - lf_y.exp()).pow(2).sum()]).double()
