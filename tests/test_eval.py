@@ -140,6 +140,21 @@ def test_padding_does_not_change_results():
         assert close(a[k], b[k], rel=1e-4), k
 
 
+def test_bf16_models_take_fp32_fp_hidden_states_as_greedy_keeps_them():
+    fp, q = copy.deepcopy(FP).to(torch.bfloat16), copy.deepcopy(Q).to(torch.bfloat16)
+    ex = [e for e in EXAMPLES if e[1]]
+    with torch.no_grad():  # the FP model's bf16 hidden states at the answer positions, stored as fp32
+        hidden = [fp.model(torch.tensor([p + a])).last_hidden_state[0, len(p) - 1:-1].float() for p, a in ex]
+    lf, lq, y = reference(fp, q, ex)  # bf16 logits, log-softmax in fp32
+    r = M.teacher_forced(fp, q, ex, disable=True, fp_hidden=hidden)
+    assert torch.equal(r["flipped"], lf.argmax(-1) != lq.argmax(-1))
+    assert close(r["kl"], (lf.exp() * (lf - lq)).sum(-1).mean().item(), rel=1e-3)
+    assert close(r["nll"], -lq.gather(1, y[:, None]).mean().item(), rel=1e-3)
+    t = M.fp_targets(fp, ex, disable=True, fp_hidden=hidden)
+    assert torch.equal(t.argmax, lf.argmax(-1))
+    assert M.flip_rate(q, ex, t, disable=True) == pytest.approx(r["flip_rate"])
+
+
 def test_flip_rate_with_cached_targets_equals_teacher_forced():
     t = M.fp_targets(FP, EXAMPLES, batch_size=3, disable=True)
     assert t.num_examples == len(EXAMPLES) and t.num_tokens == sum(len(a) for _, a in EXAMPLES)

@@ -158,7 +158,8 @@ def _chunks(n: int, chunk: int):
 
 
 def _logits(h: Tensor, head: tuple[Tensor, Tensor | None], c: slice) -> Tensor:
-    return F.linear(h[c], *head).float()  # [chunk, V] fp32
+    # h in the head's dtype: given FP hidden states are fp32 (greedy's), a bf16 model's head is not
+    return F.linear(h[c].to(head[0].dtype), *head).float()  # [chunk, V] fp32
 
 
 def _scatter(out: list, idx: list[int], lengths: list[int], values: Tensor) -> None:
