@@ -11,9 +11,12 @@ from qdpo.eval import judge as J
 
 class _Stub(BaseHTTPRequestHandler):
     """Rates an answer by its length (min(10, words)); replies without a rating to answers holding 'mute';
-    401 without the expected key when the server was given one."""
+    401 without the expected key when the server was given one. Faults by the answer's first word (or the
+    class's ``fault`` for every request): 'cut' closes the connection mid-reply, 'garble' sends no HTTP status
+    line, 'parts' rates in OpenAI content parts, 'object' sends a content that is neither text nor parts."""
 
     key = None
+    fault = None
     seen: list = []
 
     def do_POST(self):  # noqa: N802 - http.server's name
@@ -25,13 +28,25 @@ class _Stub(BaseHTTPRequestHandler):
             return
         user = body["messages"][-1]["content"]
         answer = user.split("[Assistant answer]\n")[-1].split("\n\nRate")[0] if "[Assistant answer]" in user else ""
+        fault = type(self).fault or (answer.split() or [""])[0]
+        if fault == "cut":
+            self.send_response(200)
+            self.send_header("Content-Length", "500")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [')
+            return
+        if fault == "garble":
+            self.wfile.write(b"garbage\r\n\r\n")
+            return
         if "[Assistant answer]" not in user:
             text = "[[10]]"
         elif "mute" in answer:
             text = "I cannot rate this."
         else:
             text = f"Fine. [[{min(10, max(1, len(answer.split())))}]]"
-        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        content = {"parts": [{"type": "text", "text": text[:6]}, {"type": "text", "text": text[6:]}],
+                   "object": {"text": text}}.get(fault, text)
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -44,7 +59,7 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Stub.key, _Stub.seen = None, []
+    _Stub.key, _Stub.fault, _Stub.seen = None, None, []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -60,6 +75,16 @@ def test_scores_are_mean_ratings_and_unrated_answers_are_counted(server):
     assert got["b"] == {"judge_score": pytest.approx(2.0), "judged": 1, "unrated": 2}
     path, body, _ = _Stub.seen[0]
     assert path == "/v1/chat/completions" and body["model"] == "judge-model" and body["temperature"] == 0
+
+
+def test_cut_or_garbled_replies_are_counted_unrated_and_content_parts_are_read(server):
+    answers = {"a": ["cut one two", "garble one", "parts one two three", "object one", "one two"]}
+    got = J.judge_answers(server, "judge-model", "QDPO_TEST_NO_KEY", list("qqqqq"), answers, disable=True)
+    assert got["a"] == {"judge_score": pytest.approx(3.0), "judged": 2, "unrated": 3}  # [[4]] in parts, [[2]]
+    for fault in ("cut", "garble"):
+        _Stub.fault = fault
+        with pytest.raises(J.JudgeError, match="cannot reach an OpenAI-compatible"):
+            J.check(server, "m", "QDPO_TEST_NO_KEY")
 
 
 def test_rating_parser():

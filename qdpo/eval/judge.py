@@ -16,6 +16,7 @@ key, when the server wants one, is read from the environment variable named by
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -55,9 +56,14 @@ def _ask(url: str, model: str, key: str | None, user: str, timeout: float) -> st
                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
     reply = _post(url, payload, key, timeout)
     try:
-        return reply["choices"][0]["message"]["content"] or ""
+        content = reply["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError):
         raise ValueError(f"not a chat-completions reply: {str(reply)[:200]}") from None
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if not isinstance(content, str):
+        raise ValueError(f"not a chat-completions reply (content is {type(content).__name__}): {str(reply)[:200]}")
+    return content
 
 
 def api_key(env_name: str) -> str | None:
@@ -73,7 +79,7 @@ def check(url: str, model: str, key_env: str, timeout: float = 30.0) -> None:
     except urllib.error.HTTPError as e:
         hint = f"; set {key_env} to the API key" if e.code in (401, 403) and not api_key(key_env) else ""
         raise JudgeError(f"--judge-url {url}: the endpoint answered HTTP {e.code} ({e.reason}){hint}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise JudgeError(f"--judge-url {url}: cannot reach an OpenAI-compatible chat-completions endpoint "
                          f"({reason}); check the URL (e.g. http://host:8000/v1) or drop --judge-url") from None
@@ -84,7 +90,7 @@ def rate(url: str, model: str, key: str | None, question: str, answer: str, time
     user = f"[User request]\n{question}\n\n[Assistant answer]\n{answer}\n\nRate the answer."
     try:
         text = _ask(url, model, key, user, timeout)
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # HTTPException: a cut reply
         return None
     m = RATING.search(text)
     if m is None:
