@@ -5,9 +5,11 @@ served at ``--judge-url`` (any server speaking the OpenAI chat-completions
 protocol: a hosted API, vLLM, llama.cpp's server, ...), which rates it from 1
 to 10 and writes the rating as ``[[N]]``. The score of a model is the mean
 rating over the answers the judge rated; answers it did not rate (an error, a
-reply without ``[[N]]``) are counted, not guessed. The default run never
-needs a judge: the FP model's own NLL of each answer (``fp_nll``) is the free
-judge every run reports.
+reply without ``[[N]]``) are counted, not guessed. A rate limit (HTTP 429), a
+busy server (5xx) or a dropped connection is tried again first (``RETRIES``
+tries per answer, waiting the server's ``Retry-After`` or a doubling backoff).
+The default run never needs a judge: the FP model's own NLL of each answer
+(``fp_nll``) is the free judge every run reports.
 
 Requests are plain HTTPS/HTTP POSTs (``urllib``): no client library. The API
 key, when the server wants one, is read from the environment variable named by
@@ -20,6 +22,7 @@ import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -30,6 +33,9 @@ SYSTEM = ("You grade answers of an AI assistant. Judge how helpful, correct, rel
           "Reply with a one-sentence reason, then the rating from 1 (useless) to 10 (excellent) in the form "
           "[[N]].")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+RETRIES = 3  # tries per answer: hosted APIs answer bursts with 429, busy servers with 503
+BACKOFF_S = 2.0  # wait before the second try, doubled before each further one (unless the server says Retry-After)
+MAX_WAIT_S = 60.0  # the longest Retry-After honoured
 
 
 class JudgeError(ValueError):
@@ -88,15 +94,36 @@ def check(url: str, model: str, key_env: str, timeout: float = 30.0) -> None:
 def rate(url: str, model: str, key: str | None, question: str, answer: str, timeout: float = 60.0) -> float | None:
     """The judge's 1–10 rating of ``answer`` to ``question``; None when it gives none."""
     user = f"[User request]\n{question}\n\n[Assistant answer]\n{answer}\n\nRate the answer."
-    try:
-        text = _ask(url, model, key, user, timeout)
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # HTTPException: a cut reply
-        return None
+    for attempt in range(RETRIES):
+        try:
+            text = _ask(url, model, key, user, timeout)
+            break
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:  # HTTPException: cut
+            if attempt + 1 == RETRIES or not _transient(e):
+                return None
+            time.sleep(_wait(e, attempt))
     m = RATING.search(text)
     if m is None:
         return None
     value = float(m.group(1))
     return value if 1.0 <= value <= 10.0 else None
+
+
+def _transient(e: Exception) -> bool:
+    """A failure that may pass on another try: 408, 429, 5xx, or a connection reset or cut short (not one
+    refused: a server that is down would cost every answer the whole backoff)."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code in (408, 429) or e.code >= 500
+    if isinstance(e, urllib.error.URLError):
+        e = e.reason
+    return isinstance(e, (ConnectionError, http.client.HTTPException)) and not isinstance(e, ConnectionRefusedError)
+
+
+def _wait(e: Exception, attempt: int) -> float:
+    after = (e.headers.get("Retry-After") or "").strip() if isinstance(e, urllib.error.HTTPError) and e.headers else ""
+    if after.isdigit():  # seconds (an HTTP date is not worth parsing: backoff then)
+        return min(float(after), MAX_WAIT_S)
+    return BACKOFF_S * 2 ** attempt
 
 
 def judge_answers(url: str, model: str, key_env: str, questions: list[str], answers: dict[str, list[str]],
