@@ -242,6 +242,19 @@ def test_plots_write_pngs(tmp_path):
         plots.flip_vs_margin({}, tmp_path / "x.png")
 
 
+def test_flip_vs_margin_puts_each_point_at_the_median_margin_of_the_positions_it_counts(tmp_path, monkeypatch):
+    figs = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or save(fig, path))
+    # bf16-like margins: many ties, one on a bin edge; the margin-0 positions all flip, the others never
+    m = torch.tensor([0.0] * 30 + [0.125] * 40 + [0.25] * 30)
+    f = m == 0
+    assert _is_png(plots.flip_vs_margin({"q": (m, f)}, tmp_path / "p.png"))
+    (line,) = figs[0].axes[0].lines
+    assert line.get_label() == "q (30.0% overall)"
+    assert line.get_xydata().tolist() == [[0.0, 1.0], [0.125, 0.0]]  # bins {0} and {0.125, 0.25}
+
+
 # ---------------------------------------------------------------------------- metrics.json and report.md
 def _eval(initial, qdpo_, kd):
     def row(flip, **kw):

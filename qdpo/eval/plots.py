@@ -39,6 +39,11 @@ def _bin_edges(pooled: np.ndarray, bins: int) -> np.ndarray:
     return edges
 
 
+def _bin_of(margins: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin index of each margin: ``[lo, hi)``, the last bin closed."""
+    return np.clip(np.searchsorted(edges, margins, side="right") - 1, 0, len(edges) - 2)
+
+
 def flip_vs_margin(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path, bins: int = BINS) -> Path:
     """Flip probability vs FP top-1/top-2 logit margin, one line per model.
 
@@ -59,18 +64,20 @@ def flip_vs_margin(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path, b
                              "need the same non-zero number")
     pooled = np.concatenate([m for m, _ in data.values()])
     edges = _bin_edges(pooled, bins)
-    centers = np.array([np.median(pooled[(pooled >= lo) & (pooled <= hi)]) for lo, hi in zip(edges[:-1], edges[1:])])
+    where = _bin_of(pooled, edges)  # the medians of the very positions each bin counts (ties at an edge: one bin)
+    centers = np.array([np.median(pooled[where == b]) if (where == b).any() else np.nan
+                        for b in range(len(edges) - 1)])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for name, (m, f) in data.items():
-        which = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, len(edges) - 2)  # bin of each position
+        which = _bin_of(m, edges)
         count = np.bincount(which, minlength=len(centers))
         rate = np.bincount(which, weights=f, minlength=len(centers)) / np.maximum(count, 1)
         ok = count > 0
         err = np.sqrt(rate * (1 - rate) / np.maximum(count, 1))
         line, = ax.plot(centers[ok], rate[ok], marker="o", label=f"{name} ({f.mean():.1%} overall)")
         ax.fill_between(centers[ok], (rate - err)[ok], (rate + err)[ok], alpha=0.15, color=line.get_color())
-    if centers.min() > 0 and centers.max() / centers.min() > 10:
+    if np.nanmin(centers) > 0 and np.nanmax(centers) / np.nanmin(centers) > 10:
         ax.set_xscale("log")
     ax.set_xlabel("FP top-1 − top-2 logit margin (bin median)")
     ax.set_ylabel("P(quantized top-1 ≠ FP top-1)")
