@@ -12,9 +12,9 @@ from qdpo.eval import judge as J
 class _Stub(BaseHTTPRequestHandler):
     """Rates an answer by its length (min(10, words)); replies without a rating to answers holding 'mute';
     401 without the expected key when the server was given one. Faults by the answer's first word (or the
-    class's ``fault`` for every request): 'cut' closes the connection mid-reply, 'garble' sends no HTTP status
-    line, 'parts' rates in OpenAI content parts, 'object' sends a content that is neither text nor parts;
-    'busy' answers 429 (Retry-After: 0) to its first two requests, 'down' always 503, 'bad' always 400."""
+    class's ``fault`` for every request): '~cut' closes the connection mid-reply, '~garble' sends no HTTP status
+    line, '~parts' rates in OpenAI content parts, '~object' sends a content that is neither text nor parts;
+    '~busy' answers 429 (Retry-After: 0) to its first two requests, '~down' always 503, '~bad' always 400."""
 
     key = None
     fault = None
@@ -31,20 +31,20 @@ class _Stub(BaseHTTPRequestHandler):
         answer = user.split("[Assistant answer]\n")[-1].split("\n\nRate")[0] if "[Assistant answer]" in user else ""
         fault = type(self).fault or (answer.split() or [""])[0]
         tries = sum(b["messages"][-1]["content"] == user for _, b, _ in type(self).seen)
-        status = {"busy": 429 if tries <= 2 else None, "down": 503, "bad": 400}.get(fault)
+        status = {"~busy": 429 if tries <= 2 else None, "~down": 503, "~bad": 400}.get(fault)
         if status:
             self.send_response(status)
             self.send_header("Retry-After", "0")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if fault == "cut":
+        if fault == "~cut":
             self.send_response(200)
             self.send_header("Content-Length", "500")
             self.end_headers()
             self.wfile.write(b'{"choices": [')
             return
-        if fault == "garble":
+        if fault == "~garble":
             self.wfile.write(b"garbage\r\n\r\n")
             return
         if "[Assistant answer]" not in user:
@@ -53,8 +53,8 @@ class _Stub(BaseHTTPRequestHandler):
             text = "I cannot rate this."
         else:
             text = f"Fine. [[{min(10, max(1, len(answer.split())))}]]"
-        content = {"parts": [{"type": "text", "text": text[:6]}, {"type": "text", "text": text[6:]}],
-                   "object": {"text": text}}.get(fault, text)
+        content = {"~parts": [{"type": "text", "text": text[:6]}, {"type": "text", "text": text[6:]}],
+                   "~object": {"text": text}}.get(fault, text)
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -88,10 +88,10 @@ def test_scores_are_mean_ratings_and_unrated_answers_are_counted(server):
 
 def test_cut_or_garbled_replies_are_counted_unrated_and_content_parts_are_read(server, monkeypatch):
     monkeypatch.setattr(J, "BACKOFF_S", 0.0, raising=False)  # a cut reply is tried again
-    answers = {"a": ["cut one two", "garble one", "parts one two three", "object one", "one two"]}
+    answers = {"a": ["~cut one two", "~garble one", "~parts one two three", "~object one", "one two"]}
     got = J.judge_answers(server, "judge-model", "QDPO_TEST_NO_KEY", list("qqqqq"), answers, disable=True)
     assert got["a"] == {"judge_score": pytest.approx(3.0), "judged": 2, "unrated": 3}  # [[4]] in parts, [[2]]
-    for fault in ("cut", "garble"):
+    for fault in ("~cut", "~garble"):
         _Stub.fault = fault
         with pytest.raises(J.JudgeError, match="cannot reach an OpenAI-compatible"):
             J.check(server, "m", "QDPO_TEST_NO_KEY")
@@ -99,7 +99,7 @@ def test_cut_or_garbled_replies_are_counted_unrated_and_content_parts_are_read(s
 
 def test_rate_limits_and_busy_servers_are_tried_again_then_counted_unrated(server, monkeypatch):
     monkeypatch.setattr(J, "BACKOFF_S", 0.0, raising=False)
-    answers = {"a": ["busy one two three", "down one", "bad one", "one two"]}
+    answers = {"a": ["~busy one two three", "~down one", "~bad one", "one two"]}
     got = J.judge_answers(server, "judge-model", "QDPO_TEST_NO_KEY", ["q1", "q2", "q3", "q4"], answers, disable=True)
     assert got["a"] == {"judge_score": pytest.approx(3.0), "judged": 2, "unrated": 2}  # [[4]] on the 3rd try, [[2]]
     tries = [sum(f"]\n{a}\n\n" in b["messages"][-1]["content"] for _, b, _ in _Stub.seen) for a in answers["a"]]
