@@ -313,6 +313,8 @@ def test_report_table_and_verdict_follow_the_numbers(tmp_path, qdpo_flip, kd_fli
     assert "W4A16-g64-asym" in md and "patience 3" in md and "a tiny test run" in md
     assert "![Training curves](plots/curves.png)" in md
     assert "| pairs | 3 |" in md
+    assert ("Units (kl: nats/token; first_divergence: tokens; rouge_l: F1 in [0, 1]; fp_nll: nats/token; "
+            "delta_p_rms: probability).") in md  # only the columns shown (no judge_score here)
 
 
 @pytest.mark.parametrize("experts, left, excluded", [(0, [], []), (4, [], []), (0, ["model.layers.0.mlp.bank"], []),

@@ -67,6 +67,8 @@ METRIC_KEYS = ("flip_rate", "top1_agreement", "kl", "first_divergence", "exact_m
 EXTRA_METRIC_KEYS = ("delta_p_rms", "judge_score")  # shown in the table when present
 LOWER_IS_BETTER = {"flip_rate", "kl", "fp_nll", "ppl", "delta_p_rms"}
 PERCENT_KEYS = {"flip_rate", "top1_agreement", "exact_match"}
+UNITS = {"kl": "nats/token", "fp_nll": "nats/token", "first_divergence": "tokens", "rouge_l": "F1 in [0, 1]",
+         "delta_p_rms": "probability", "judge_score": "rating 1–10"}  # the % cells say theirs; ppl has none
 MODEL_ORDER = ("fp", "initial")  # then the methods, in the order they were given
 LABELS = {"fp": "FP", "initial": "initial", "qdpo": "QDPO", "kd": "KD", "sft": "SFT"}
 _DROP = object()
@@ -221,8 +223,9 @@ def _eval_table(ev: Mapping) -> list[str]:
             cells.append(f"**{cell}**" if m != "fp" and k in best and _num(ev[m], k) == best[k] else cell)
         rows.append([_label(m)] + cells)
     header = ["model"] + [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
+    units = "; ".join(f"{k}: {UNITS[k]}" for k in keys if k in UNITS)
     return _table(header, rows) + ["", "↓ lower is better, ↑ higher is better; bold: best quantized model. "
-                                   "Teacher-forced metrics on the FP answers of the test prompts; "
+                                   f"Units ({units}). Teacher-forced metrics on the FP answers of the test prompts; "
                                    "first_divergence, exact_match, rouge_l and fp_nll on each model's own "
                                    "greedy answers."]
 
