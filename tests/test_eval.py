@@ -110,6 +110,18 @@ def test_teacher_forced_matches_full_logits_reference():
     torch.testing.assert_close(r["margins"], top2[0] - top2[1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_diverged_model_gets_infinite_perplexity_not_an_overflow_error():
+    q = copy.deepcopy(Q)
+    with torch.no_grad():
+        q.lm_head.weight.mul_(300)  # logit gaps of thousands: NLLs past exp's range
+    r = M.teacher_forced(FP, q, EXAMPLES, disable=True)
+    lf, lq, y = reference(FP, q, EXAMPLES)
+    nll = -lq.gather(1, y[:, None]).mean().item()
+    assert nll > 710 and close(r["nll"], nll, rel=1e-4)
+    assert r["ppl"] == math.inf and r["ppl_ratio"] == math.inf
+    assert r["flip_rate"] == pytest.approx((lf.argmax(-1) != lq.argmax(-1)).float().mean().item())
+
+
 def test_quantized_model_runs_on_frozen_weights_and_keeps_training_flag():
     q = copy.deepcopy(FP)
     qdpo.quantize_model(q, QuantSpec(4, 32))

@@ -13,7 +13,7 @@ positions, FP logits ``z_f`` and quantized logits ``z_q`` (``[V]`` each),
   to the lowest token id, as in greedy decoding: a tie between the FP token and
   a lower id counts as a flip;
 * ``kl``: ``mean KL(p_f ‖ p_q)`` in nats, exact over the whole vocabulary;
-* ``nll``/``ppl``: the quantized model's mean ``-log p_q(y)`` and its exp;
+* ``nll``/``ppl``: the quantized model's mean ``-log p_q(y)`` and its exp (inf past float range);
   ``fp_ppl`` the same for the FP model, ``ppl_ratio = ppl / fp_ppl``;
 * ``delta_p_rms``: ``sqrt(mean (p_q(y) - p_f(y))²)`` (llama.cpp's "Δp RMS");
 * generation: first divergence, exact match and ROUGE-L of the quantized
@@ -162,6 +162,14 @@ def _logits(h: Tensor, head: tuple[Tensor, Tensor | None], c: slice) -> Tensor:
     return F.linear(h[c].to(head[0].dtype), *head).float()  # [chunk, V] fp32
 
 
+def _exp(x: float) -> float:
+    """``math.exp``, but inf past the float range (a diverged model's NLL of hundreds of nats) instead of raising."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def _scatter(out: list, idx: list[int], lengths: list[int], values: Tensor) -> None:
     """Split the per-position ``values`` of one batch back into per-example pieces of ``out``."""
     for i, piece in zip(idx, values.split([lengths[i] for i in idx])):
@@ -272,8 +280,8 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
     n = sum(lengths)
     flips, kl, nll, fp_nll, dp2 = (s / n for s in sums.tolist())
     return {
-        "flip_rate": flips, "top1_agreement": 1.0 - flips, "kl": kl, "nll": nll, "ppl": math.exp(nll),
-        "fp_ppl": math.exp(fp_nll), "ppl_ratio": math.exp(nll - fp_nll), "delta_p_rms": math.sqrt(dp2),
+        "flip_rate": flips, "top1_agreement": 1.0 - flips, "kl": kl, "nll": nll, "ppl": _exp(nll),
+        "fp_ppl": _exp(fp_nll), "ppl_ratio": _exp(nll - fp_nll), "delta_p_rms": math.sqrt(dp2),
         "tokens": n, "margins": torch.cat(margins), "flipped": torch.cat(flipped),
     }
 
