@@ -356,6 +356,19 @@ def test_verdict_when_training_made_things_worse():
     assert lines[0].startswith("QDPO raised the test flip rate from 10.00 % to 12.00 % (AWQ start, +20 % relative)")
 
 
+def test_verdict_on_an_unchanged_or_missing_flip_rate_says_what_happened():
+    ev = {"initial": {"flip_rate": 0.1}, "kd": {"flip_rate": 0.1}}
+    lines = report.verdict({"config": {"init": "rtn"}, "eval": ev})
+    assert lines[0] == "KD left the test flip rate at 10.00 % (RTN start)."
+    ev = {"initial": {"flip_rate": 0.1}, "qdpo": {"flip_rate": None}, "kd": {"flip_rate": 0.08}}
+    assert report.verdict({"eval": ev})[0] == "QDPO has no flip rate, so there is no before/after comparison."
+    ev["initial"]["flip_rate"] = float("nan")
+    assert report.verdict({"eval": ev})[0] == "The initial model has no flip rate, so there is no before/after " \
+                                              "comparison."
+    del ev["initial"]
+    assert report.verdict({"eval": ev})[0].startswith("The initial quantized model was not evaluated, so there is no")
+
+
 def test_verdict_says_when_kl_ranks_qdpo_and_kd_the_other_way_and_that_one_seed_is_one_seed():
     ev = {"initial": {"flip_rate": 0.25, "kl": 0.33}, "qdpo": {"flip_rate": 0.1986, "kl": 0.1895},
           "kd": {"flip_rate": 0.2006, "kl": 0.1809}}

@@ -245,11 +245,15 @@ def verdict(metrics: Mapping) -> list[str]:
     lead = "qdpo" if "qdpo" in methods else methods[0]
     others = [f"{_label(m)} reached {_pct(flips[m])}" for m in methods if m != lead and flips[m] is not None]
     if start is None or flips[lead] is None:
-        out.append("The initial quantized model was not evaluated, so there is no before/after comparison.")
+        missing = "The initial quantized model was not evaluated" if "initial" not in ev else \
+            f"{'The initial model' if start is None else _label(lead)} has no flip rate"
+        out.append(f"{missing}, so there is no before/after comparison.")
     else:
-        verb = "lowered" if flips[lead] < start else "raised" if flips[lead] > start else "did not change"
+        verb = "lowered" if flips[lead] < start else "raised" if flips[lead] > start else None
         rel = f", {100 * (flips[lead] - start) / start:+.0f} % relative" if start > 0 else ""
-        text = f"{_label(lead)} {verb} the test flip rate from {_pct(start)} to {_pct(flips[lead])} ({init} start{rel})"
+        change = f"{verb} the test flip rate from {_pct(start)} to {_pct(flips[lead])}" if verb else \
+            f"left the test flip rate at {_pct(start)}"
+        text = f"{_label(lead)} {change} ({init} start{rel if verb else ''})"
         out.append(text + ("; " + ", ".join(others) if others else "") + ".")
     if "qdpo" in methods and "kd" in methods and flips["qdpo"] is not None and flips["kd"] is not None:
         q, k = flips["qdpo"], flips["kd"]
