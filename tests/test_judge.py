@@ -32,11 +32,14 @@ class _Stub(BaseHTTPRequestHandler):
         fault = type(self).fault or (answer.split() or [""])[0]
         tries = sum(b["messages"][-1]["content"] == user for _, b, _ in type(self).seen)
         status = {"~busy": 429 if tries <= 2 else None, "~down": 503, "~bad": 400}.get(fault)
-        if status:
-            self.send_response(status)
+        if status or body["model"] == "no-such-model":
+            err = b'{"error": {"message": "The model `no-such-model` does not exist.", "code": 404}}'
+            err = b"" if status else err
+            self.send_response(status or 404)
             self.send_header("Retry-After", "0")
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(err)))
             self.end_headers()
+            self.wfile.write(err)
             return
         if fault == "~cut":
             self.send_response(200)
@@ -128,3 +131,5 @@ def test_unusable_endpoints_fail_up_front_with_one_clear_message(server, monkeyp
     monkeypatch.setenv("QDPO_TEST_KEY", "s3cret")
     J.check(server, "m", "QDPO_TEST_KEY")  # the key from the environment is sent
     assert _Stub.seen[-1][2] == "Bearer s3cret"
+    with pytest.raises(J.JudgeError, match=r"HTTP 404 \(Not Found: The model `no-such-model` does not exist\.\)$"):
+        J.check(server, "no-such-model", "QDPO_TEST_KEY")  # the server's reason, not only its status

@@ -84,11 +84,27 @@ def check(url: str, model: str, key_env: str, timeout: float = 30.0) -> None:
         _ask(url, model, api_key(key_env), "Reply with [[10]].", timeout)
     except urllib.error.HTTPError as e:
         hint = f"; set {key_env} to the API key" if e.code in (401, 403) and not api_key(key_env) else ""
-        raise JudgeError(f"--judge-url {url}: the endpoint answered HTTP {e.code} ({e.reason}){hint}") from None
+        raise JudgeError(f"--judge-url {url}: the endpoint answered HTTP {e.code} ({e.reason}{_said(e)}){hint}") \
+            from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise JudgeError(f"--judge-url {url}: cannot reach an OpenAI-compatible chat-completions endpoint "
                          f"({reason}); check the URL (e.g. http://host:8000/v1) or drop --judge-url") from None
+
+
+def _said(e: urllib.error.HTTPError) -> str:
+    """The server's own words on an HTTP error (an unknown model, an unsupported parameter), short."""
+    try:
+        raw = e.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return ""
+    try:
+        err = json.loads(raw).get("error", raw)  # OpenAI's {"error": {"message": ...}}, or {"error": "..."}
+        msg = err.get("message", err) if isinstance(err, dict) else err
+    except (ValueError, AttributeError):
+        msg = raw
+    msg = " ".join(str(msg).split())[:300]
+    return f": {msg}" if msg else ""
 
 
 def rate(url: str, model: str, key: str | None, question: str, answer: str, timeout: float = 60.0) -> float | None:
