@@ -133,6 +133,13 @@ def _old_fingerprint(run_file: Path) -> dict:
     return old.get("fingerprint", {}) if isinstance(old, dict) else {}
 
 
+def _shown_config(cfg: TrainConfig) -> dict:
+    """The configuration as run.json and metrics.json record it: no credentials from ``--judge-url``."""
+    from qdpo.eval.judge import shown
+
+    return {**cfg.to_dict(), "judge_url": shown(cfg.judge_url)}
+
+
 def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
     # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say);
@@ -157,7 +164,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from qdpo.training.stages import atomic_write_text
 
-    atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": cfg.to_dict()}, indent=1))
+    atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": _shown_config(cfg)}, indent=1))
     return out
 
 
@@ -323,7 +330,7 @@ def run(cfg: TrainConfig) -> dict:
 
 def _judge(cfg: TrainConfig, tok, test_p, texts: dict, evals: dict) -> dict:
     """LLM-judge ratings of every evaluated model's greedy test answers (``qdpo.eval.judge``)."""
-    from qdpo.eval.judge import judge_answers
+    from qdpo.eval.judge import judge_answers, shown
 
     def question(p) -> str:
         turns = [m for m in p.messages if m["role"] != "system"]
@@ -338,7 +345,7 @@ def _judge(cfg: TrainConfig, tok, test_p, texts: dict, evals: dict) -> dict:
     unrated = sum(r["unrated"] for r in scores.values())
     if unrated:
         log.warning("the judge rated no score for %d answer(s); they are left out of the means", unrated)
-    return {"url": cfg.judge_url, "model": cfg.judge_model, "scale": "1-10, single-answer grading",
+    return {"url": shown(cfg.judge_url), "model": cfg.judge_model, "scale": "1-10, single-answer grading",
             **{name: {k: v for k, v in r.items() if k != "judge_score"} for name, r in scores.items()}}
 
 
@@ -567,7 +574,7 @@ def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stat
         plot_paths["training_curves"] = plots.training_curves(histories, out / "training_curves.png")
     pair_stats = {**pair_stats, "prompts_dropped_too_long": dropped}
     metrics_path = report.write_metrics_json(
-        out / "metrics.json", config=cfg.to_dict(), pairs=pair_stats, eval=evals, timing=stage.timing,
+        out / "metrics.json", config=_shown_config(cfg), pairs=pair_stats, eval=evals, timing=stage.timing,
         training=summaries, init=init_stats, **({"judge": judge} if judge else {}))
     metrics = json.loads(metrics_path.read_text())
     rpath = report.write_report_md(out / "report.md", metrics, plots=plot_paths, notes=_notes(cfg, summaries))

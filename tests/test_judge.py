@@ -117,6 +117,27 @@ def test_rating_parser():
     assert J.RATING.search("no rating here") is None
     assert J.endpoint("http://h/v1/") == "http://h/v1/chat/completions"
     assert J.endpoint("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+    assert J.endpoint("https://h/d/v1/?api-version=2024-06") == "https://h/d/v1/chat/completions?api-version=2024-06"
+
+
+def test_urls_are_shown_without_their_secrets():
+    """What run.json, metrics.json and the errors show of --judge-url: no password, no secret-named parameter."""
+    assert J.shown("") == "" and J.shown("http://host:8000/v1") == "http://host:8000/v1"
+    assert J.shown("https://me:pw@h.ai/v1?api-version=2024&api-key=s3&access_token=t&sig=x") == \
+        "https://me:***@h.ai/v1?api-version=2024&api-key=***&access_token=***&sig=***"
+    assert J.shown("https://me@h.ai/v1?q") == "https://me@h.ai/v1?q="  # a user name alone is no secret
+
+
+def test_the_startup_check_waits_out_a_rate_limit(server, monkeypatch):
+    monkeypatch.setattr(J, "BACKOFF_S", 0.0, raising=False)
+    _Stub.fault = "~busy"  # 429 to the first two requests
+    J.check(server, "m", "QDPO_TEST_NO_KEY")
+    assert len(_Stub.seen) == 3
+    _Stub.fault = "~down"
+    with pytest.raises(J.JudgeError, match=r"HTTP 503") as e:
+        J.check(server + "?key=s3cret", "m", "QDPO_TEST_NO_KEY")
+    assert "key=***" in str(e.value) and "s3cret" not in str(e.value)
+    assert len(_Stub.seen) == 3 + J.RETRIES and _Stub.seen[-1][0] == "/v1/chat/completions?key=s3cret"
 
 
 def test_unusable_endpoints_fail_up_front_with_one_clear_message(server, monkeypatch):

@@ -253,13 +253,16 @@ def test_max_length_cuts_every_method_s_training_examples(model_dir, tmp_path, m
 
 def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
     """--judge-url: each evaluated model's greedy test answers are rated; scores land in metrics.json and
-    report.md, and a judge added on --resume of a finished run needs no retraining."""
+    report.md, and a judge added on --resume of a finished run needs no retraining; a secret in the URL is
+    written nowhere."""
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
     assert train.main(_args(model_dir, prompts, out, "--method", "kd")) == 0
-    judge = ["--judge-url", server, "--judge-model", "stub"]
+    judge = ["--judge-url", server + "?api-key=s3cret", "--judge-model", "stub"]  # a key in the URL: never written
     assert train.main(_args(model_dir, prompts, out, "--method", "kd", "--resume", *judge)) == 0
+    assert not [p for p in out.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
     m = json.loads((out / "metrics.json").read_text())
+    assert m["judge"]["url"] == server + "?api-key=***" == m["config"]["judge_url"]
     for name in ("fp", "initial", "kd"):
         assert 1 <= m["eval"][name]["judge_score"] <= 10, name
         assert m["judge"][name]["judged"] + m["judge"][name]["unrated"] == 3  # the test split

@@ -24,6 +24,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from tqdm.auto import tqdm
@@ -43,9 +44,11 @@ class JudgeError(ValueError):
 
 
 def endpoint(url: str) -> str:
-    """The chat-completions URL for a base URL (``.../v1``) or the full one."""
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    """The chat-completions URL for a base URL (``.../v1``) or the full one; a query (``?api-version=...``)
+    stays at the end."""
+    base, q, query = url.partition("?")
+    base = base.rstrip("/")
+    return (base if base.endswith("/chat/completions") else base + "/chat/completions") + q + query
 
 
 def _post(url: str, payload: dict, key: str | None, timeout: float) -> dict:
@@ -72,6 +75,25 @@ def _ask(url: str, model: str, key: str | None, user: str, timeout: float) -> st
     return content
 
 
+SECRET_PARAMS = re.compile(r"key|token|secret|sig|pass|auth|cred", re.I)
+
+
+def shown(url: str) -> str:
+    """``url`` as it may be logged or written to metrics.json: a password in it and the values of query
+    parameters named like secrets (``?key=``, ``access_token=``, ``sig=``) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username}:***@{netloc.rsplit('@', 1)[1]}"
+        query = urllib.parse.urlencode([(k, "***" if SECRET_PARAMS.search(k) else v)
+                                        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+                                       safe="*")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:  # not parseable: show only its scheme and host part, if any
+        return re.sub(r"//[^/@]*@", "//***@", url.split("?", 1)[0])
+
+
 def api_key(env_name: str) -> str | None:
     return os.environ.get(env_name) or None
 
@@ -81,14 +103,14 @@ def check(url: str, model: str, key_env: str, timeout: float = 30.0) -> None:
     if not model:
         raise JudgeError("--judge-url needs --judge-model (the model name the endpoint serves)")
     try:
-        _ask(url, model, api_key(key_env), "Reply with [[10]].", timeout)
+        _ask_tries(url, model, api_key(key_env), "Reply with [[10]].", timeout)
     except urllib.error.HTTPError as e:
         hint = f"; set {key_env} to the API key" if e.code in (401, 403) and not api_key(key_env) else ""
-        raise JudgeError(f"--judge-url {url}: the endpoint answered HTTP {e.code} ({e.reason}{_said(e)}){hint}") \
-            from None
+        raise JudgeError(f"--judge-url {shown(url)}: the endpoint answered HTTP {e.code} "
+                         f"({e.reason}{_said(e)}){hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise JudgeError(f"--judge-url {url}: cannot reach an OpenAI-compatible chat-completions endpoint "
+        raise JudgeError(f"--judge-url {shown(url)}: cannot reach an OpenAI-compatible chat-completions endpoint "
                          f"({reason}); check the URL (e.g. http://host:8000/v1) or drop --judge-url") from None
 
 
@@ -110,19 +132,27 @@ def _said(e: urllib.error.HTTPError) -> str:
 def rate(url: str, model: str, key: str | None, question: str, answer: str, timeout: float = 60.0) -> float | None:
     """The judge's 1–10 rating of ``answer`` to ``question``; None when it gives none."""
     user = f"[User request]\n{question}\n\n[Assistant answer]\n{answer}\n\nRate the answer."
-    for attempt in range(RETRIES):
-        try:
-            text = _ask(url, model, key, user, timeout)
-            break
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:  # HTTPException: cut
-            if attempt + 1 == RETRIES or not _transient(e):
-                return None
-            time.sleep(_wait(e, attempt))
+    try:
+        text = _ask_tries(url, model, key, user, timeout)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # HTTPException: cut short
+        return None
     m = RATING.search(text)
     if m is None:
         return None
     value = float(m.group(1))
     return value if 1.0 <= value <= 10.0 else None
+
+
+def _ask_tries(url: str, model: str, key: str | None, user: str, timeout: float) -> str:
+    """:func:`_ask`, tried again (up to ``RETRIES`` tries) while it fails in a way that may pass; else its error."""
+    for attempt in range(RETRIES - 1):
+        try:
+            return _ask(url, model, key, user, timeout)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            if not _transient(e):
+                raise
+            time.sleep(_wait(e, attempt))
+    return _ask(url, model, key, user, timeout)
 
 
 def _transient(e: Exception) -> bool:
