@@ -108,3 +108,16 @@ def test_qdpo_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 4])" in out.stdout
+
+
+def test_console_scripts_name_callables():
+    """Each [project.scripts] entry (qdpo-train, qdpo-export) points at a main(argv) that exists."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"qdpo-train", "qdpo-export"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    assert scripts["qdpo-export"] == "qdpo.export:main"
