@@ -328,18 +328,21 @@ def run(cfg: TrainConfig) -> dict:
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped, judge)
 
 
+def judge_question(messages: list[dict]) -> str:
+    """The conversation the judge sees before the answer: a lone user turn as is; else every turn, the system
+    prompt included (its instructions are part of what the answer should follow), one ``Role: text`` line each."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
 def _judge(cfg: TrainConfig, tok, test_p, texts: dict, evals: dict) -> dict:
     """LLM-judge ratings of every evaluated model's greedy test answers (``qdpo.eval.judge``)."""
     from qdpo.eval.judge import judge_answers, shown
 
-    def question(p) -> str:
-        turns = [m for m in p.messages if m["role"] != "system"]
-        if len(turns) == 1:
-            return turns[0]["content"]
-        return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
-
     answers = {name: [tok.decode(a, skip_special_tokens=True) for a in ids] for name, ids in texts.items()}
-    scores = judge_answers(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, [question(p) for p in test_p], answers)
+    questions = [judge_question(p.messages) for p in test_p]
+    scores = judge_answers(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, questions, answers)
     for name, rec in scores.items():
         evals[name]["judge_score"] = rec["judge_score"]
     unrated = sum(r["unrated"] for r in scores.values())

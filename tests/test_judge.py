@@ -154,3 +154,14 @@ def test_unusable_endpoints_fail_up_front_with_one_clear_message(server, monkeyp
     assert _Stub.seen[-1][2] == "Bearer s3cret"
     with pytest.raises(J.JudgeError, match=r"HTTP 404 \(Not Found: The model `no-such-model` does not exist\.\)$"):
         J.check(server, "no-such-model", "QDPO_TEST_KEY")  # the server's reason, not only its status
+
+
+def test_the_judge_sees_the_system_prompt_and_every_turn():
+    from qdpo.train import judge_question
+
+    assert judge_question([{"role": "user", "content": "Name a prime."}]) == "Name a prime."
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a prime."}]
+    assert judge_question(chat) == "System: Answer in French.\nUser: Name a prime."
+    chat += [{"role": "assistant", "content": "Sept."}, {"role": "user", "content": "Another?"}]
+    assert judge_question(chat).splitlines() == ["System: Answer in French.", "User: Name a prime.",
+                                                 "Assistant: Sept.", "User: Another?"]
