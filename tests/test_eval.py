@@ -191,6 +191,15 @@ def test_errors():
 
 
 # ---------------------------------------------------------------------------- generation
+def test_words_split_spaced_and_unspaced_scripts():
+    assert M.words("The cat, the CAT!  sat_down 42") == ["the", "cat", "the", "cat", "sat_down", "42"]
+    assert M.words("猫が座った。OK") == ["猫", "が", "座", "っ", "た", "ok"]  # CJK: one word per character
+    assert M.words("中文abc中") == ["中", "文", "abc", "中"]
+    assert M.words("Ça va? Привет мир") == ["ça", "va", "привет", "мир"]
+    # two differing characters of six: ROUGE-L 4/6, not 0 as two six-character "words"
+    assert M.rouge_l(M.words("我喜欢吃苹果"), M.words("我喜欢吃香蕉")) == pytest.approx(2 * 4 / 12)
+
+
 @pytest.mark.parametrize("a,b,expect", [
     ("the cat sat on the mat", "the cat on the mat", 10 / 11),
     ("a b c d", "d c b a", 0.25),

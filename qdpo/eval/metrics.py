@@ -302,11 +302,22 @@ def rouge_l(a_words: list[str], b_words: list[str]) -> float:
     return 2.0 * prev[-1] / (len(a_words) + len(b_words))
 
 
+# Scripts written without spaces between words (Chinese, Japanese kana and kanji): each character is a word,
+# as ROUGE is usually computed for them; otherwise a whole sentence would be one word and ROUGE-L all or nothing.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of ``text``, punctuation dropped; each CJK character a word of its own."""
+    return WORD.findall(text.lower())
+
+
 def _words(tokenizer, ids: list[int]) -> list[str]:
-    """Lower-cased words of the decoded text, punctuation dropped (token ids as words without a tokenizer)."""
+    """:func:`words` of the decoded text (token ids as words without a tokenizer)."""
     if tokenizer is None:
         return [str(t) for t in ids]
-    return re.findall(r"\w+", tokenizer.decode(ids, skip_special_tokens=True).lower())
+    return words(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _pad_id(tokenizer) -> int:
@@ -335,7 +346,7 @@ def generation_metrics(fp_model, examples: list[Example], q_answers: list[list[i
     """Compare the quantized model's greedy answers ``q_answers`` with the FP answers of ``examples``.
 
     Returns ``first_divergence`` (mean common-prefix length, tokens), ``exact_match`` (fraction),
-    ``rouge_l`` (mean word-level ROUGE-L F1 of the decoded texts), ``fp_nll`` (the FP model's mean
+    ``rouge_l`` (mean word-level ROUGE-L F1 of the decoded texts; CJK: per character, :func:`words`), ``fp_nll`` (the FP model's mean
     per-token NLL of the non-empty quantized answers, nats; NaN if all are empty),
     ``answer_tokens`` / ``fp_answer_tokens`` (mean lengths), ``empty_answers`` and ``examples`` (counts).
     ``tokenizer`` may be ``None``: ROUGE-L then treats token ids as words. ``fp_nll`` may be
