@@ -346,8 +346,8 @@ def generation_metrics(fp_model, examples: list[Example], q_answers: list[list[i
     """Compare the quantized model's greedy answers ``q_answers`` with the FP answers of ``examples``.
 
     Returns ``first_divergence`` (mean common-prefix length, tokens), ``exact_match`` (fraction),
-    ``rouge_l`` (mean word-level ROUGE-L F1 of the decoded texts; CJK: per character, :func:`words`), ``fp_nll`` (the FP model's mean
-    per-token NLL of the non-empty quantized answers, nats; NaN if all are empty),
+    ``rouge_l`` (mean word-level ROUGE-L F1 of the decoded texts; CJK per character, :func:`words`),
+    ``fp_nll`` (the FP model's mean per-token NLL of the non-empty quantized answers, nats; NaN if all are empty),
     ``answer_tokens`` / ``fp_answer_tokens`` (mean lengths), ``empty_answers`` and ``examples`` (counts).
     ``tokenizer`` may be ``None``: ROUGE-L then treats token ids as words. ``fp_nll`` may be
     passed when already known (the FP model's own answers: its teacher-forced ``nll``).
