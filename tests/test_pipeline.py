@@ -231,6 +231,35 @@ def test_fp_targets_come_from_decoding(model_dir, tmp_path, monkeypatch):
         assert again[name]["kl"] == pytest.approx(first[name]["kl"], rel=1e-4, abs=1e-7)
 
 
+def test_any_prompt_id_keys_the_kept_fp_hidden_states(model_dir, tmp_path, monkeypatch):
+    """safetensors reserves the key "__metadata__": a prompt with that id (or an empty or non-ASCII one) made
+    answers/fp_hidden.safetensors unreadable, and the run quietly ran the FP model again. A run directory written
+    before (tensors keyed by the bare ids) still reads."""
+    from safetensors.torch import save_file
+
+    from qdpo.training import stages as S
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    ids = {"q0": "__metadata__", "q1": "", "q3": "é 中"}  # training, training, validation
+    text = prompts.read_text()
+    for old, new in ids.items():
+        text = text.replace(f'"id": "{old}"', f'"id": {json.dumps(new)}')
+    prompts.write_text(text)
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_mod.Trainer, "run", lambda self, resume=False: {"steps_run": 0, "best_step": 0})
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd", "--no-export")) == 0
+    fp = {r["id"]: r["answer_ids"] for r in S.read_jsonl(out / "answers" / "fp.jsonl")}
+    assert set(ids.values()) <= set(fp)
+    path = out / "answers" / "fp_hidden.safetensors"
+    hidden = S.load_hidden(path, fp)
+    assert hidden is not None and set(hidden) == set(fp)
+    old = {k: v for k, v in hidden.items() if k != "__metadata__"}  # the earlier layout: keyed by the ids
+    save_file(old, str(path))
+    del fp["__metadata__"]
+    got = S.load_hidden(path, fp)
+    assert got is not None and all(torch.equal(got[k], v) for k, v in old.items())
+
+
 def test_max_length_cuts_every_method_s_training_examples(model_dir, tmp_path, monkeypatch):
     """--max-length bounds prompt + answer in training for KD and SFT too, not only QDPO's pairs."""
     seen = {}

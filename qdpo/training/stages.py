@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qdpo.quant import QuantSpec, quantize_model
@@ -124,10 +125,16 @@ def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[
     return _answer_maps(publish_jsonl(path, rows), with_logps)
 
 
+# fp_hidden's tensors are keyed "id:<prompt id>" (marked in the file's metadata): safetensors reserves the key
+# "__metadata__", which is as legal a prompt id as any other
+HIDDEN_KEY_PREFIX = "id:"
+
+
 def _save_hidden(path: Path, hidden: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in hidden.items()}, str(tmp))
+    save_file({HIDDEN_KEY_PREFIX + k: v.contiguous() for k, v in hidden.items()}, str(tmp),
+              metadata={"keys": HIDDEN_KEY_PREFIX + "<prompt id>"})
     os.replace(tmp, path)
 
 
@@ -140,7 +147,10 @@ def load_hidden(path: Path, answers: dict[str, list[int]]) -> dict[str, torch.Te
     if not path.exists():
         return None
     try:
-        hidden = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            # a file without the metadata (a run directory from before the prefix) is keyed by the bare ids
+            prefixed = (f.metadata() or {}).get("keys") == HIDDEN_KEY_PREFIX + "<prompt id>"
+            hidden = {k[len(HIDDEN_KEY_PREFIX):] if prefixed else k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
         log.warning("ignoring %s (%s)", path, e)
         return None
