@@ -219,7 +219,12 @@ def _prompt_sets(cfg: TrainConfig):
     test = split(prompts, "test", cfg.max_eval_prompts)
     if cfg.eval_prompts:
         test = read_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.max_eval_prompts or None]
+        taken = {p.id for p in train + val}  # the answers and hidden states of every prompt are keyed by id
         for p in test:
+            if f"eval:{p.id}" in taken:
+                raise PromptError(f"--eval-prompts {cfg.eval_prompts}: the prompt {p.id!r} is known in the run as "
+                                  f"'eval:{p.id}', the id of a --prompts prompt in {cfg.prompts}; rename one of "
+                                  "the two")
             p.id, p.split = f"eval:{p.id}", "test"
     if not train:
         raise PromptError(f"the prompt set {cfg.prompts} has no training prompts")

@@ -339,6 +339,8 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
     ("positions", r"prompt 'q1' \(14 tokens\) and an answer of --max-new-tokens 6 need 20 positions, but .* has 16 "
                   r"\(a learned position table\); lower --max-new-tokens, or drop the longer prompts with --max-length 11"),
     ("no_eval_file", r"prompt file .*nowhere.jsonl not found; pass --eval-prompts PATH to a JSONL file$"),
+    ("eval_id_clash", r"--eval-prompts .*e.jsonl: the prompt 'q5' is known in the run as 'eval:q5', the id of a "
+                      r"--prompts prompt in .*p.jsonl; rename one of the two"),
     ("bits", "bits=3 is not supported"),
     ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
     ("too_long", "longer than --max-length"),
@@ -380,6 +382,10 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=16, eos_token_id=2,
                                    pad_token_id=2, bos_token_id=2)).save_pretrained(model)
         _tokenizer(True).save_pretrained(model)
+    elif case == "eval_id_clash":  # eval ids get the prefix "eval:": a training prompt could already hold one
+        prompts.write_text(prompts.read_text().replace('"id": "q0"', '"id": "eval:q5"'))
+        (tmp_path / "e.jsonl").write_text('{"id": "q5", "prompt": "w1 w2"}\n')
+        extra = ["--eval-prompts", str(tmp_path / "e.jsonl")]
     elif case == "no_eval_file":
         extra = ["--eval-prompts", str(tmp_path / "nowhere.jsonl")]
     elif case == "bits":
