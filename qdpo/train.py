@@ -45,6 +45,8 @@ from qdpo.training.trainer import CheckpointError, Example, Trainer, needs_fp
 
 log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
+# Written first by --overwrite and removed last: a directory it was emptying when killed still says so.
+OVERWRITING = ".overwriting"
 # Fields that do not change what a run computes (so --resume accepts a change in them).
 NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "checkpoint_every",
                      "method", "dist", "activation_checkpointing", "judge_url", "judge_model", "judge_key_env")
@@ -144,12 +146,15 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
     # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say);
     # nothing to keep, so the corrected command starts afresh instead of being refused as another run
-    if out.exists() and any(p.name != RUN_FILE for p in out.iterdir()):
+    if out.exists() and any(p.name not in (RUN_FILE, OVERWRITING) for p in out.iterdir()):
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
         if cfg.overwrite:
             _check_inputs_outside(cfg, out)
-            shutil.rmtree(out)
+            _empty_run_dir(out)
+        elif (out / OVERWRITING).exists():
+            raise RunDirError(f"--output-dir {out} holds a run that --overwrite was deleting when it stopped; pass "
+                              "--overwrite to finish replacing it, or use another --output-dir")
         elif not cfg.resume:
             raise RunDirError(f"--output-dir {out} already holds a run; pass --resume to continue it or "
                               "--overwrite to start again")
@@ -165,7 +170,22 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     from qdpo.training.stages import atomic_write_text
 
     atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": _shown_config(cfg)}, indent=1))
+    (out / OVERWRITING).unlink(missing_ok=True)  # after the new run.json: the old run is gone
     return out
+
+
+def _empty_run_dir(out: Path) -> None:
+    """Delete the run in ``out`` for --overwrite, in an order that a kill at any point leaves recognisable: the
+    marker first, then every artifact, keeping run.json (replaced by the new run's), so the same command run
+    again finishes the job. Only entries of ``out`` are removed (a link in it, not what it points to)."""
+    (out / OVERWRITING).touch()
+    for p in out.iterdir():
+        if p.name in (RUN_FILE, OVERWRITING):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 # ----------------------------------------------------------------------------- timing

@@ -146,6 +146,43 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("kill", ["after_run_json", "second_file"])
+def test_overwrite_killed_while_deleting_the_old_run_is_finished_by_the_same_command(model_dir, tmp_path,
+                                                                                     monkeypatch, capsys, kill):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = _args(model_dir, prompts, out, "--steps", "1", "--no-export")
+    assert train.main(args) == 0
+    keep = tmp_path / "keep"  # outside the run, linked from inside it
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    (out / "link").symlink_to(keep, target_is_directory=True)
+    real_unlink, gone = os.unlink, []
+
+    def killed(path, *a, **k):  # the process dies during --overwrite's deletion
+        real_unlink(path, *a, **k)
+        gone.append(Path(path).name)
+        if (gone[-1] == "run.json") if kill == "after_run_json" else len(gone) == 2:
+            raise KeyboardInterrupt
+
+    cfg = train.parse_args([*args, "--overwrite"])
+    monkeypatch.setattr(os, "unlink", killed)
+    try:
+        train.prepare_run_dir(cfg)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    if (out / "metrics.json").exists():  # half deleted: only the same --overwrite goes on
+        for extra in ([], ["--resume"]):
+            assert train.main([*args, *extra]) == 2
+            assert "holds a run that --overwrite was deleting when it stopped; pass --overwrite to finish" in (
+                capsys.readouterr().err)
+    assert train.main([*args, "--overwrite", "--bits", "8"]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["bits"] == 8
+    assert (out / "metrics.json").exists() and not (out / "link").exists()
+    assert (keep / "mine.txt").read_text() == "mine" and prompts.exists()
+
+
 def test_output_dir_that_cannot_hold_a_run_is_one_clear_error(model_dir, tmp_path, capsys):
     prompts = _prompts(tmp_path / "p.jsonl")
     a_file = tmp_path / "notes.txt"
