@@ -315,6 +315,13 @@ def test_max_length_cuts_every_method_s_training_examples(model_dir, tmp_path, m
     assert max(len(r["answer_ids"]) for r in fp) == 6  # prompts of 7 to 10 tokens: some answers are cut
     for method, lengths in seen.items():
         assert max(p + max(c, r) for p, c, r in lengths) == 12, method
+    # evaluation scores the whole answers, as generated (the flag's help says so)
+    m = json.loads((out / "metrics.json").read_text())
+    test = {p["id"] for p in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines()) if p["split"] == "test"}
+    assert m["eval"]["initial"]["tokens"] == sum(len(r["answer_ids"]) for r in fp if r["id"] in test)
+    from qdpo.training.config import build_parser
+
+    assert "validation and test score whole answers" in " ".join(build_parser().format_help().split())
 
 
 def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):

@@ -48,7 +48,9 @@ class TrainConfig:
     # --- pairs
     max_new_tokens: int = 40  # greedy answer length for pairs and evaluation
     gen_batch_size: int = 64  # prompts per generation batch (fewer, larger batches decode faster)
-    max_length: int = 512  # prompt + answer tokens; longer examples are truncated, prompt-only overflow dropped
+    # prompt + answer tokens of a training example: a longer answer is cut, a prompt that fills it is dropped (from
+    # every split); validation and test score whole answers (up to --max-new-tokens), as generated
+    max_length: int = 512
     max_train_prompts: int = 0  # use at most this many training prompts (0 = all)
     max_eval_prompts: int = 0  # use at most this many validation/test prompts each (0 = all)
     # --- training
