@@ -298,6 +298,9 @@ def run(cfg: TrainConfig) -> dict:
         pairs, pair_stats = S.build_pairs(out / "pairs.jsonl", train_p, ids, fp, q_ans, q0, tok, cfg, pad, q_logps)
     test_ex = [(ids[p.id], fp[p.id]) for p in test_p]
     val_ex = [(ids[p.id], fp[p.id]) for p in val_p]
+    if cfg.eval_every and not val_ex:
+        log.warning("no validation prompts: training keeps its last step's weights (no early stopping); give some "
+                    "prompts the split 'validation'")
     evals, curves, histories, summaries = {}, {}, {}, {}
     texts = {"fp": [fp[p.id] for p in test_p], "initial": [q_ans[p.id] for p in test_p]}  # greedy answers (ids)
     ev = dict(batch_size=cfg.micro_batch_size * 2, chunk=cfg.logps_chunk, fp_cache={},  # FP runs once on test
@@ -612,11 +615,14 @@ def _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stat
 def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
     notes = [f"QDPO recipe: loss={cfg.loss}, beta={cfg.beta}, lr={cfg.lr}, steps={cfg.steps}, "
              f"batch={cfg.batch_size}, window={cfg.window or 'whole answers'}, nll_weight={cfg.nll_weight}, "
-             f"kd_weight={cfg.kd_weight}, learn_scales={cfg.learn_scales}, early stopping on the validation "
-             f"flip rate every {cfg.eval_every} steps (patience {cfg.patience})."]
+             f"kd_weight={cfg.kd_weight}, learn_scales={cfg.learn_scales}, "
+             + (f"early stopping on the validation flip rate every {cfg.eval_every} steps (patience {cfg.patience})."
+                if any(s.get("best_val_flip_rate") is not None for s in summaries.values()) else
+                "no validation check (the last step's weights are kept).")]
     for m, s in summaries.items():
         notes.append(f"{m}: ran {s['steps_run']} steps, kept the weights of step {s['best_step']}"
                      + (" (early stop)" if s.get("early_stopped") else "")
+                     + (" (no validation check: the last step)" if s.get("best_val_flip_rate", 0) is None else "")
                      + ("" if "export" not in s else
                         f"; export {'reproduces' if s['export']['reproduces_eval'] else 'DOES NOT reproduce'} "
                         "the evaluation"))

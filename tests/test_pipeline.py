@@ -324,6 +324,24 @@ def test_max_length_cuts_every_method_s_training_examples(model_dir, tmp_path, m
     assert "validation and test score whole answers" in " ".join(build_parser().format_help().split())
 
 
+def test_without_validation_the_report_names_the_step_whose_weights_were_kept(model_dir, tmp_path, caplog):
+    """No validation check (--eval-every 0, or no validation prompts left): training keeps its last step's
+    weights, and metrics.json and report.md say so instead of "kept the weights of step 0" and early stopping."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    no_val = tmp_path / "no_val.jsonl"
+    no_val.write_text(prompts.read_text().replace('"validation"', '"train"'))
+    for name, p, extra in (("off", prompts, ["--eval-every", "0"]), ("no_val", no_val, [])):
+        out = tmp_path / name
+        with caplog.at_level("WARNING", logger="qdpo.train"):
+            assert train.main(_args(model_dir, p, out, "--steps", "3", "--no-export", *extra)) == 0
+        m = json.loads((out / "metrics.json").read_text())["training"]["qdpo"]
+        assert (m["steps_run"], m["best_step"], m["best_val_flip_rate"]) == (3, 3, None), name
+        report = (out / "report.md").read_text()
+        assert "ran 3 steps, kept the weights of step 3 (no validation check: the last step)" in report, name
+        assert "early stopping" not in report.split("## Notes")[1], name
+    assert "no validation prompts: training keeps its last step's weights (no early stopping)" in caplog.text
+
+
 def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
     """--judge-url: each evaluated model's greedy test answers are rated; scores land in metrics.json and
     report.md, and a judge added on --resume of a finished run needs no retraining; a secret in the URL is

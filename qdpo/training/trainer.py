@@ -534,7 +534,8 @@ class Trainer:
         if self.best["state"] is not None:
             load_trainable_state(self.model, self.best["state"])
         self.model.eval()
-        return {"steps_run": self.step, "best_step": self.best["step"],
+        # no validation check ran: the weights of the last step stay (not those of step 0)
+        return {"steps_run": self.step, "best_step": self.best["step"] if self.best["state"] is not None else self.step,
                 "best_val_flip_rate": None if self.best["state"] is None else self.best["metric"],
                 "early_stopped": stopped, "train_s": time.perf_counter() - t0}
 
