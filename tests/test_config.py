@@ -80,6 +80,8 @@ def test_flags_and_config_file(tmp_path):
     (None, ["--init", "{d}", "--exclude", "*.down_proj"], "--exclude applies to --init rtn or awq"),
     (None, ["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing applies to --loss sigmoid or robust"),
     ("exclude: [1, 2]\n", ["--config", "{d}/c.yaml"], "exclude: expected a string"),
+    # --overwrite deleted the run that --resume asked to continue
+    (None, ["--resume", "--overwrite"], "--resume continues the run in --output-dir, --overwrite deletes it"),
 ])
 def test_bad_configuration_is_one_clear_error(tmp_path, capsys, content, argv, match):
     if isinstance(content, bytes):  # not UTF-8

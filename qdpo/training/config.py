@@ -145,6 +145,8 @@ class TrainConfig:
             (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype {self.dtype!r}: use auto, float32 or bfloat16"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: use auto, cpu or cuda"),
             (self.window >= 0, f"--window {self.window}: must be >= 0"),
+            (not (self.resume and self.overwrite), "--resume continues the run in --output-dir, --overwrite deletes "
+                                                   "it: pass one of them"),
             (self.dist in DIST_MODES, f"--dist {self.dist!r}: use one of {DIST_MODES}"),
             (self.latent_dtype in ("float32", "bfloat16"),
              f"--latent-dtype {self.latent_dtype!r}: use float32 or bfloat16"),
