@@ -389,6 +389,20 @@ def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):
     assert [(p.id, p.text, p.split) for p in got] == [("line1", "héllo w1", "test"), ("line3", "w2", "")]
 
 
+def test_prompt_ids_null_and_duplicates(tmp_path):
+    """A null id (pandas' export of a missing value) is no id: the line's name, not one 'None' shared by every
+    such line; a repeated id names both lines, the default names included."""
+    from qdpo.training.prompts import PromptError, read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": null, "prompt": "w1"}\n{"id": null, "prompt": "w2"}\n{"id": 7, "prompt": "w3"}\n')
+    assert [p.id for p in read_prompts(f)] == ["line1", "line2", "7"]
+    f.write_text('{"prompt": "w1"}\n{"id": "x", "prompt": "w2"}\n{"id": "line1", "prompt": "w3"}\n')
+    with pytest.raises(PromptError, match=r"p.jsonl:3: id 'line1' is also the id of line 1 \(a line without an "
+                                          r"id is named line<N>\); give every prompt its own id"):
+        read_prompts(f)
+
+
 @pytest.mark.parametrize("case,match", [
     ("missing_model", "--model .*does not exist|not found"),
     ("no_head", "without a causal-LM head"),

@@ -3,8 +3,9 @@
 A prompt file is JSONL, one object per line, with either ``"prompt"`` (a
 string: one user turn) or ``"messages"`` (a list of ``{"role", "content"}``
 ending with a user turn), and optionally ``"split"`` (``train``,
-``validation`` or ``test``) and ``"id"``. Files without splits are split
-deterministically by ``seed``: 60 % train, 20 % validation, 20 % test.
+``validation`` or ``test``) and ``"id"`` (unique; missing or null:
+``line<N>``). Files without splits are split deterministically by ``seed``:
+60 % train, 20 % validation, 20 % test.
 
 Rendering: the tokenizer's chat template with the generation prompt when it
 has one; otherwise the plain template ``"User: {content}\\nAssistant:"`` per
@@ -65,7 +66,7 @@ def _parse_line(obj, where: str, index: int) -> Prompt:
     split = obj.get("split", "")
     if split and split not in SPLITS:
         raise PromptError(f"{where}: split {split!r} is not one of {SPLITS}")
-    pid = str(obj.get("id", f"line{index + 1}"))
+    pid = f"line{index + 1}" if obj.get("id") is None else str(obj["id"])  # null: no id (not the id 'None')
     extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "split", "id")}
     return Prompt(pid, msgs, split, extra)
 
@@ -77,7 +78,7 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
     if not path.is_file():
         raise PromptError(f"prompt file {path} not found; pass {flag} PATH to a JSONL file"
                           + (" or 'default'" if flag == "--prompts" else ""))
-    prompts = []
+    prompts, lines = [], {}  # id -> its line
     with path.open("rb") as f:  # decoded line by line: an error names its line
         for i, raw in enumerate(f):
             where = f"{path}:{i + 1}"
@@ -92,13 +93,14 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PromptError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            prompts.append(_parse_line(obj, where, i))
+            p = _parse_line(obj, where, i)
+            if p.id in lines:
+                raise PromptError(f"{where}: id {p.id!r} is also the id of line {lines[p.id]} (a line without an id "
+                                  "is named line<N>); give every prompt its own id")
+            lines[p.id] = i + 1
+            prompts.append(p)
     if not prompts:
         raise PromptError(f"prompt file {path} holds no prompts")
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise PromptError(f"prompt file {path}: id {dup!r} appears more than once")
     return prompts
 
 
