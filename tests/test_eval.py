@@ -363,6 +363,9 @@ def test_verdict_when_training_made_things_worse():
     ev = {"initial": {"flip_rate": 0.1}, "qdpo": {"flip_rate": 0.12}}
     lines = report.verdict({"config": {"init": "awq"}, "eval": ev})
     assert lines[0].startswith("QDPO raised the test flip rate from 10.00 % to 12.00 % (AWQ start, +20 % relative)")
+    # --init PATH: the checkpoint's path as written, not upper-cased like a method name
+    lines = report.verdict({"config": {"init": "/ckpts/Llama-gptq"}, "eval": ev})
+    assert "(start: the --init checkpoint /ckpts/Llama-gptq, +20 % relative)" in lines[0]
 
 
 def test_verdict_on_an_unchanged_or_missing_flip_rate_says_what_happened():

@@ -233,14 +233,17 @@ def _eval_table(ev: Mapping) -> list[str]:
 def verdict(metrics: Mapping) -> list[str]:
     """Plain-language conclusions computed from ``metrics['eval']``."""
     ev = metrics.get("eval", {})
-    init = str(metrics.get("config", {}).get("init", "")).upper() or "quantized"
+    init = str(metrics.get("config", {}).get("init", ""))
+    origin = (f"{init.upper()} start" if init in ("rtn", "awq") else  # else --init PATH: the path as written
+              f"start: the --init checkpoint {init}" if init else "quantized start")
     methods = [m for m in _ordered_models(ev) if m not in MODEL_ORDER]
     flips = {m: _num(ev[m], "flip_rate") for m in ev}
     start = flips.get("initial")
     out = []
     if not methods:
         if start is not None:
-            out.append(f"No training method ran; the {init} start flips {_pct(start)} of the test tokens.")
+            out.append(f"No training method ran; the initial model ({origin}) flips {_pct(start)} of the test "
+                       "tokens.")
         return out
     lead = "qdpo" if "qdpo" in methods else methods[0]
     others = [f"{_label(m)} reached {_pct(flips[m])}" for m in methods if m != lead and flips[m] is not None]
@@ -253,7 +256,7 @@ def verdict(metrics: Mapping) -> list[str]:
         rel = f", {100 * (flips[lead] - start) / start:+.0f} % relative" if start > 0 else ""
         change = f"{verb} the test flip rate from {_pct(start)} to {_pct(flips[lead])}" if verb else \
             f"left the test flip rate at {_pct(start)}"
-        text = f"{_label(lead)} {change} ({init} start{rel if verb else ''})"
+        text = f"{_label(lead)} {change} ({origin}{rel if verb else ''})"
         out.append(text + ("; " + ", ".join(others) if others else "") + ".")
     if "qdpo" in methods and "kd" in methods and flips["qdpo"] is not None and flips["kd"] is not None:
         q, k = flips["qdpo"], flips["kd"]
