@@ -403,6 +403,24 @@ def test_prompt_ids_null_and_duplicates(tmp_path):
         read_prompts(f)
 
 
+def test_a_lone_surrogate_escape_is_one_clear_error(tmp_path):
+    """JSON may escape half of a UTF-16 pair ("\\ud83d", a string cut between the halves of an emoji): no
+    character, so the tokenizer (and any UTF-8 artifact) failed on it with a traceback after the model loaded."""
+    from qdpo.training.prompts import PromptError, read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "w1"}\n{"messages": [{"role": "user", "content": "w2 \\ud83d"}]}\n')
+    with pytest.raises(PromptError, match=r"p.jsonl:2: message 1 holds '\\ud83d' \(character 4\), half of a UTF-16 "
+                                          r"surrogate pair and no character; escape both halves or write the "
+                                          r"character itself"):
+        read_prompts(f)
+    f.write_text('{"prompt": "w1", "id": "\\udc00"}\n')
+    with pytest.raises(PromptError, match=r"p.jsonl:1: the id holds '\\udc00'"):
+        read_prompts(f)
+    f.write_text('{"prompt": "w1 \\ud83d\\ude00"}\n')  # both halves: one character
+    assert read_prompts(f)[0].text == "w1 \U0001f600"
+
+
 @pytest.mark.parametrize("case,match", [
     ("missing_model", "--model .*does not exist|not found"),
     ("no_head", "without a causal-LM head"),

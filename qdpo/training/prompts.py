@@ -67,6 +67,13 @@ def _parse_line(obj, where: str, index: int) -> Prompt:
     if split and split not in SPLITS:
         raise PromptError(f"{where}: split {split!r} is not one of {SPLITS}")
     pid = f"line{index + 1}" if obj.get("id") is None else str(obj["id"])  # null: no id (not the id 'None')
+    for what, text in (("the id", pid), *((f"message {k + 1}", m["content"]) for k, m in enumerate(msgs))):
+        try:  # JSON may escape half of a UTF-16 pair: no character, which tokenizers and UTF-8 files refuse
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"{where}: {what} holds '\\u{ord(text[e.start]):04x}' (character {e.start + 1}), half "
+                              "of a UTF-16 surrogate pair and no character; escape both halves or write the "
+                              "character itself") from None
     extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "split", "id")}
     return Prompt(pid, msgs, split, extra)
 
