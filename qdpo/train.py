@@ -248,6 +248,12 @@ def _prompt_sets(cfg: TrainConfig):
             p.id, p.split = f"eval:{p.id}", "test"
     if not train:
         raise PromptError(f"the prompt set {cfg.prompts} has no training prompts")
+    known = {json.dumps(p.messages, sort_keys=True): p.id for p in train}
+    for name, ps in (("validation", val), ("test", test)):  # the same messages under another id or split
+        seen = [(p.id, known[k]) for p in ps if (k := json.dumps(p.messages, sort_keys=True)) in known]
+        if seen:
+            log.warning("%d of the %d %s prompts are also training prompts (first: %r = %r): their metrics are not "
+                        "held out", len(seen), len(ps), name, *seen[0])
     if not test:
         raise PromptError(f"the prompt set {cfg.prompts} has no test prompts; add a 'test' split or --eval-prompts")
     return train, val, test

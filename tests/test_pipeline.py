@@ -342,6 +342,18 @@ def test_without_validation_the_report_names_the_step_whose_weights_were_kept(mo
     assert "no validation prompts: training keeps its last step's weights (no early stopping)" in caplog.text
 
 
+def test_held_out_prompts_that_are_training_prompts_are_named(model_dir, tmp_path, monkeypatch, caplog):
+    """--eval-prompts given the --prompts file (or a prompt repeated across splits) tests on training prompts:
+    the report's "never used for training" would not hold, so the run says which prompts."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    monkeypatch.setattr(trainer_mod.Trainer, "run", lambda self, resume=False: {"steps_run": 0, "best_step": 0})
+    with caplog.at_level("WARNING", logger="qdpo.train"):
+        assert train.main(_args(model_dir, prompts, tmp_path / "run", "--eval-prompts", str(prompts),
+                                "--no-export")) == 0
+    assert ("9 of the 15 test prompts are also training prompts (first: 'eval:q0' = 'q0'): their metrics are not "
+            "held out") in caplog.text
+
+
 def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
     """--judge-url: each evaluated model's greedy test answers are rated; scores land in metrics.json and
     report.md, and a judge added on --resume of a finished run needs no retraining; a secret in the URL is
