@@ -67,14 +67,37 @@ CONTENT_FIELDS = {"prompts_sha256": "--prompts", "eval_prompts_sha256": "--eval-
                   "init_files": "--init"}
 
 
+# Input paths: compared as the files they name (absolute in run.json), so --resume from another directory with
+# paths written relative to it is the same run. A prompt file's content, not its path, decides (its SHA-256).
+PATH_FIELDS = ("model", "prompts", "eval_prompts", "init")
+NOT_PATHS = ("", "default", "rtn", "awq")  # the embedded model and prompts, the --init methods
+
+
 def _fingerprint(cfg: TrainConfig) -> dict:
     from qdpo.training.prompts import default_prompts_path
 
     fp = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
+    fp.update({k: _absolute(fp[k]) for k in PATH_FIELDS})
     files = {"prompts_sha256": default_prompts_path() if cfg.prompts in ("", "default") else cfg.prompts,
              "eval_prompts_sha256": cfg.eval_prompts}
     return {**fp, **{key: _sha256(path) for key, path in files.items()}, "model_files": _model_files(cfg.model),
             "init_files": _model_files(cfg.init) if cfg.init not in ("rtn", "awq") else None}
+
+
+def _absolute(path: str) -> str:
+    return path if path in NOT_PATHS else str(Path(path).expanduser().resolve())
+
+
+def _differs(key: str, old: dict, new: dict) -> bool:
+    """Whether fingerprint entry ``key`` tells another run (an entry the old run.json lacks: only a new setting)."""
+    a, b = old.get(key), new.get(key)
+    if key in CONTENT_FIELDS:
+        return key in old and a != b
+    if key in ("prompts", "eval_prompts") and old.get(f"{key}_sha256") is not None:
+        return False  # the same content under another path is the same prompts
+    if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str):  # an older run.json: paths as given
+        return _absolute(a) != b if a not in NOT_PATHS else a != b
+    return a != b
 
 
 def _model_files(model: str) -> str | None:
@@ -161,8 +184,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
         else:
             old, new = _old_fingerprint(run_file), _fingerprint(cfg)
             diff = sorted(k if k not in CONTENT_FIELDS else f"the content of {CONTENT_FIELDS[k]}"
-                          for k in set(old) | set(new)
-                          if old.get(k) != new.get(k) and (k in old or k not in CONTENT_FIELDS))
+                          for k in set(old) | set(new) if _differs(k, old, new))
             if diff:
                 raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
                                   "use another --output-dir, or --overwrite to replace it")

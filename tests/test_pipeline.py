@@ -183,6 +183,24 @@ def test_overwrite_killed_while_deleting_the_old_run_is_finished_by_the_same_com
     assert (keep / "mine.txt").read_text() == "mine" and prompts.exists()
 
 
+def test_resume_names_the_same_inputs_by_other_paths(model_dir, tmp_path, monkeypatch, capsys):
+    """--resume from another directory, with the inputs' paths written relative to it: the same run, not one that
+    "differs in model, prompts"; another file under the same name still differs."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--no-export")) == 0
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    rel_model = os.path.relpath(model_dir, tmp_path / "sub")
+    assert train.main(_args(rel_model, "../p.jsonl", "../run", "--steps", "1", "--no-export", "--resume")) == 0
+    shutil.copy(prompts, tmp_path / "sub" / "p.jsonl")  # the same content under another path: the same prompts
+    assert train.main(_args(rel_model, "p.jsonl", "../run", "--steps", "1", "--no-export", "--resume")) == 0
+    capsys.readouterr()
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--no-export", "--resume", "--model",
+                            str(tmp_path / "sub"))) == 2
+    assert "differs in model" in capsys.readouterr().err
+
+
 def test_output_dir_that_cannot_hold_a_run_is_one_clear_error(model_dir, tmp_path, capsys):
     prompts = _prompts(tmp_path / "p.jsonl")
     a_file = tmp_path / "notes.txt"
