@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-tensor bars of instant loads; qdpo has its own
-    clean = False
+    clean, cfg = False, None
     try:
         cfg = parse_args(argv)
         result = run(cfg)
@@ -675,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qdpo.train: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qdpo.train: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        instead = " instead of --overwrite" if cfg is not None and cfg.overwrite else ""  # the pair is refused
+        print(f"qdpo.train: interrupted; rerun the same command with --resume{instead} to continue", file=sys.stderr)
         return 130
     finally:
         D.shutdown(clean)

@@ -232,7 +232,7 @@ def test_a_user_error_before_any_artifact_does_not_block_the_corrected_command(m
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch, capsys):
     prompts = _prompts(tmp_path / "p.jsonl")
     full = tmp_path / "full"
     assert train.main(_args(model_dir, prompts, full, "--steps", "6", "--eval-every", "0")) == 0
@@ -246,7 +246,9 @@ def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, mo
         return rec
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", dying)
-    assert train.main(_args(model_dir, prompts, cut, "--steps", "6", "--eval-every", "0")) == 130
+    assert train.main(_args(model_dir, prompts, cut, "--steps", "6", "--eval-every", "0", "--overwrite")) == 130
+    # the advice works as written: --resume and --overwrite together are refused
+    assert "rerun the same command with --resume instead of --overwrite to continue" in capsys.readouterr().err
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", orig)
     assert train.main(_args(model_dir, prompts, cut, "--steps", "6", "--eval-every", "0", "--resume")) == 0
     a = json.loads((full / "metrics.json").read_text())["eval"]["qdpo"]
