@@ -167,9 +167,10 @@ def _shown_config(cfg: TrainConfig) -> dict:
 
 def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
-    # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say);
-    # nothing to keep, so the corrected command starts afresh instead of being refused as another run
-    if out.exists() and any(p.name not in (RUN_FILE, OVERWRITING) for p in out.iterdir()):
+    # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say, or a
+    # kill while run.json was written: its temporary file); nothing to keep, so the corrected command starts afresh
+    # instead of being refused as another run
+    if out.exists() and any(p.name not in (RUN_FILE, OVERWRITING, f".{RUN_FILE}.tmp") for p in out.iterdir()):
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
         if cfg.overwrite:

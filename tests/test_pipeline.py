@@ -230,6 +230,11 @@ def test_a_user_error_before_any_artifact_does_not_block_the_corrected_command(m
     assert json.loads((out / "run.json").read_text())["config"]["prompts"] == str(prompts)
     assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--no-export")) == 2  # a real run: refused
     assert "already holds a run" in capsys.readouterr().err
+    killed = tmp_path / "killed"  # a kill while the first run.json was written: its temporary file alone
+    killed.mkdir()
+    (killed / ".run.json.tmp").write_text('{"finger')
+    assert train.prepare_run_dir(train.parse_args(_args(model_dir, prompts, killed))) == killed
+    assert json.loads((killed / "run.json").read_text())["config"]["prompts"] == str(prompts)
 
 
 def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch, capsys):
