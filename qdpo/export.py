@@ -169,6 +169,10 @@ def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> li
             bad.append(f"{name}: {e}")
     left = sorted(set(linears) - set(modules))
     head_name = next((n for n, m in linears.items() if m is head), None)
+    if fmt != "compressed-tensors" and head_name in modules:  # their loaders replace the decoder's layers only
+        bad.append(f"{fmt} export of a quantized LM head ({head_name}, from a checkpoint given to --init that "
+                   f"quantizes it): transformers' {fmt} loader keeps the LM head in full precision and would not "
+                   "read it; export as compressed-tensors, which loads it quantized")
     if fmt != "compressed-tensors" and [n for n in left if n != head_name]:
         bad.append(f"{fmt} export needs every Linear layer but the LM head quantized; {left[:3]} are not: "
                    "export as compressed-tensors, whose 'ignore' list can name them")
@@ -182,6 +186,18 @@ def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> li
     # each under the model's name (transformers matches those) and its checkpoints' (other loaders may)
     names = set(left) | moe_routers(model)
     return sorted(names | {layout.checkpoint_name(model, n) for n in names})
+
+
+def _untie_quantized_head(config: dict, model: nn.Module, modules: list[str]) -> None:
+    """A quantized LM head (an --init checkpoint's) is no longer the full-precision input embeddings: a
+    ``config.json`` that still ties them makes transformers tie the compressed head to the embeddings, and
+    the load fails (the head has no ``weight``). The export says they are separate, as its tensors are."""
+    head = model.get_output_embeddings()
+    if next((n for n, m in model.named_modules() if m is head), None) not in modules:
+        return
+    for c in (config, config.get("text_config")):  # set even where absent: a config class may tie by default
+        if isinstance(c, dict):
+            c["tie_word_embeddings"] = False
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -345,6 +361,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     for alias, target in qcfg["aliases"].items():  # tied weights: transformers ties them again on load
         if not config.get("tie_word_embeddings", False) and target in tensors:
             tensors[alias] = tensors[target].clone()
+    _untie_quantized_head(config, skeleton, modules)
     expert_parts = {name: layout.expert_layers(skeleton, name) for name in experts}  # checked before any work
     tensors = _checkpoint_layout(skeleton, tensors, modules, spec, fmt, allow_inexact_scales, expert_parts)
     config["quantization_config"] = quantization_config(fmt, spec, ignore)

@@ -258,6 +258,55 @@ def test_quantize_initial_from_for_the_pipeline(tmp_path):
         quantize_initial_from(tmp_path / "gptq", tiny_llama(odd=True))
 
 
+def gptq_with_quantized_head(path: Path, spec: QuantSpec = QuantSpec(4, 32, True)) -> Path:
+    """A GPTQ checkpoint of :func:`tiny_llama` (tied embeddings) that quantizes the LM head too (gptqmodel's
+    ``lm_head: true``): the head's codes beside the full-precision embeddings, float16 throughout."""
+    from qdpo.quant import convert
+    from qdpo.quant.format import QuantizedWeight
+
+    fp = tiny_llama().half()
+    sd = {}
+    for name, m in fp.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            q, s, z = ops.quantize(m.weight.detach(), spec.bits, spec.group_size, spec.symmetric)
+            qw = QuantizedWeight(q, s, z, spec, tuple(m.weight.shape), torch.float16)
+            sd.update({f"{name}.{k}": v for k, v in convert.to_gptq(qw).items()})
+        elif not list(m.children()):
+            sd.update({f"{name}.{k}": v.contiguous() for k, v in m.state_dict().items()})
+    path.mkdir(parents=True)
+    save_file(sd, str(path / "model.safetensors"))
+    cfg = fp.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
+                                  "sym": spec.symmetric, "desc_act": False, "lm_head": True}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_quantized_lm_head_of_a_tied_model_exports_untied(tmp_path):
+    # --init with a checkpoint that quantizes the LM head of a model with tied embeddings: the export kept
+    # tie_word_embeddings, and transformers tied the compressed head to the embeddings and failed to load
+    q0, stats = quantize_initial_from(gptq_with_quantized_head(tmp_path / "gptq"), tiny_llama())
+    assert stats["layers"] == 15 and "lm_head" in quantized_layers(q0)
+    to_packed(q0)
+    save_quantized(q0, tmp_path / "packed")
+    with torch.no_grad():
+        logits = q0(IDS).logits
+    rc, _, err = run_export(tmp_path / "packed", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert rc == 0, err
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
+    (result,) = load_elsewhere(tmp_path, [{"dir": str(tmp_path / "ct")}])
+    assert_exact(result["logits"], logits, "transformers logits")
+    back, _ = load_external(tmp_path / "ct", mode="packed", dtype=torch.float32)
+    with torch.no_grad():
+        assert_exact(back(IDS).logits, logits, "imported logits")
+    for fmt in ("gptq", "awq"):  # their transformers loaders keep the LM head in full precision
+        rc, _, err = run_export(tmp_path / "packed", "--format", fmt, "--out", tmp_path / f"out_{fmt}")
+        assert_user_error(rc, err, f"{fmt} export of a quantized LM head (lm_head")
+        assert not (tmp_path / f"out_{fmt}").exists()
+
+
 # ----------------------------------------------------------------------------- export: bad input
 def test_export_user_errors(tmp_path):
     src, _, _ = packed_export(tmp_path / "src", QuantSpec(8, 32, False))
