@@ -307,6 +307,28 @@ def test_quantized_lm_head_of_a_tied_model_exports_untied(tmp_path):
         assert not (tmp_path / f"out_{fmt}").exists()
 
 
+def test_quantized_lm_head_is_untied_from_the_embeddings(tmp_path):
+    # the model's config still tied them: tie_weights hung the full-precision embeddings on the quantized head
+    # as a stray 'weight', which weight_coverage counted as quantized (0 embedding weights) and save_quantized
+    # stored as an alias; in train mode a later tie_weights() replaced the head's latent weights by them
+    from qdpo.quant.model import weight_coverage
+
+    src = gptq_with_quantized_head(tmp_path / "gptq")
+    packed, _ = load_external(src, mode="packed", dtype=torch.float32)
+    save_quantized(packed, tmp_path / "packed")
+    assert json.loads((tmp_path / "packed" / "qdpo_quant.json").read_text())["aliases"] == {}
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["tie_word_embeddings"] is False
+    train = load_external(src, mode="train", dtype=torch.float32)[0]
+    for m in (packed, load_quantized(tmp_path / "packed"), train):
+        assert m.config.tie_word_embeddings is False
+        assert weight_coverage(m)["embedding_weights"] == VOCAB * 128
+        assert [n for n, _ in m.lm_head.named_parameters()] == ([] if m.lm_head.mode == "packed" else ["weight"])
+    head = train.lm_head.weight.detach().clone()
+    train.tie_weights()
+    assert train.lm_head.weight is not train.model.embed_tokens.weight
+    assert_exact(train.lm_head.weight.detach(), head, "latent head weights")
+
+
 # ----------------------------------------------------------------------------- export: bad input
 def test_export_user_errors(tmp_path):
     src, _, _ = packed_export(tmp_path / "src", QuantSpec(8, 32, False))

@@ -40,7 +40,7 @@ from qdpo.quant.experts import (QuantExpertTensor, fused_expert_tensors, install
                                 submodule_name)
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.linear import QuantLinear
-from qdpo.quant.model import mark_quantized, quantized_layers, set_module
+from qdpo.quant.model import mark_quantized, quantized_layers, set_module, untie_quantized_head
 from qdpo.quant.spec import QuantSpec
 
 __all__ = ["FormatError", "read_external_config", "load_external", "quantize_initial_from"]
@@ -287,6 +287,7 @@ def load_external(path: str | os.PathLike, mode: str = "train", dtype: torch.dty
         quantized.add(submodule_name(fused))
     _merge_fp_experts(model, tensors, expert_of, set(experts))
     tensors = {to_model.get(k, k): v for k, v in tensors.items()}
+    untie_quantized_head(model)
     _load_rest(model, tensors, quantized, path)
     mark_quantized(model, spec)
     if mode == "train":

@@ -33,7 +33,7 @@ from torch import nn
 from qdpo.quant.experts import (QuantExpertTensor, expert_shape, install, quantized_experts, submodule_name,
                                 transposed)
 from qdpo.quant.linear import QuantLinear
-from qdpo.quant.model import mark_quantized, quantized_layers, set_module
+from qdpo.quant.model import mark_quantized, quantized_layers, set_module, untie_quantized_head
 from qdpo.quant.spec import QuantSpec
 
 CONFIG_NAME = "qdpo_quant.json"
@@ -161,6 +161,7 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
         install(mod, t, QuantExpertTensor(e, shape[0] // e, shape[1], spec, transposed(mod), mode="packed",
                                           dtype=scales_dtype, backend=backend))
     _check_grids(tensors, spec, path / WEIGHTS_NAME)
+    untie_quantized_head(model)
     _load_tensors(model, tensors, cfg["aliases"], path / WEIGHTS_NAME)
     mark_quantized(model, spec)
     if mode == "train":

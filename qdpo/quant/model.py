@@ -87,6 +87,19 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
     return type(model).save_pretrained(model, *args, **kwargs)
 
 
+def untie_quantized_head(model: nn.Module) -> None:
+    """Untie a quantized LM head (a checkpoint's that quantizes it) from the input embeddings in ``model.config``:
+    they are separate weights now, and a config that still ties them makes ``tie_weights`` hang the full-precision
+    embeddings on the head as a stray ``weight`` (counted as a quantized weight, saved as an alias of them)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, QuantLinear) or config is None:
+        return
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path ``name``."""
     parent_name, _, child = name.rpartition(".")
