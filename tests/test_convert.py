@@ -228,6 +228,23 @@ def test_act_order_g_idx_is_refused():
         convert.from_compressed_tensors(ct, spec)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(8, 64, False)], ids=lambda s: s.name)
+def test_converters_keep_their_inputs_device_not_the_default_one(spec):
+    # g_idx was compared with a tensor made on the default device (torch.device(...) / set_default_device):
+    # from_gptq raised there; symmetric compressed-tensors zero points, GPTQ's g_idx and CT's weight_shape
+    # were made there too, away from the other tensors. meta stands for another device on a CPU machine.
+    qw = random_weight(16, 128, spec, torch.float16)
+    tensors = {"gptq": convert.to_gptq(qw), "compressed-tensors": convert.to_compressed_tensors(qw)}
+    tensors["gptq"]["g_idx"] = tensors["gptq"]["g_idx"].long()  # some writers store int64: the same groups
+    with torch.device("meta"):
+        written = [convert.to_gptq(qw), convert.to_compressed_tensors(qw)]
+        read = [convert.from_gptq(tensors["gptq"], spec),
+                convert.from_compressed_tensors(tensors["compressed-tensors"], spec)]
+    assert {t.device.type for w in written for t in w.values()} == {"cpu"}
+    for back in read:
+        assert_same(back, qw)
+
+
 @pytest.mark.parametrize("fmt,drop", [("gptq", "qzeros"), ("awq", "scales"),
                                       ("compressed-tensors", "weight_zero_point")])
 def test_missing_tensor(fmt, drop):

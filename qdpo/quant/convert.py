@@ -196,7 +196,7 @@ def to_compressed_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
     out = {
         "weight_packed": _pack_words(_codes(qw), b),  # [N, ceil(K*b/32)] int32
         "weight_scale": qw.scales.detach().clone().contiguous(),  # [N, K/G]
-        "weight_shape": torch.tensor(qw.shape, dtype=torch.int64),  # [2]
+        "weight_shape": torch.tensor(qw.shape, dtype=torch.int64, device=qw.qweight.device),  # [2]
     }
     if not qw.spec.symmetric:
         out["weight_zero_point"] = _pack_words(qw.zeros.t(), b).t().contiguous()  # [ceil(N*b/32), K/G]
@@ -223,7 +223,7 @@ def from_compressed_tensors(tensors: dict[str, Tensor], spec: QuantSpec) -> Quan
     _check_g_idx(tensors.get("weight_g_idx"), spec, k, "compressed-tensors weight_g_idx")
     if spec.symmetric:
         _check_ct_symmetric_zero_point(tensors.get("weight_zero_point"), b, n, g)
-        zeros = torch.full((n, g), 1 << (b - 1), dtype=torch.uint8)
+        zeros = torch.full((n, g), 1 << (b - 1), dtype=torch.uint8, device=packed.device)
     else:
         zp = _check_tensor(tensors, "weight_zero_point", (-(-n // per), g), torch.int32, "compressed-tensors")
         zeros = _unpack_words(zp.t(), b, n).t().contiguous()  # [N, K/G]
@@ -270,7 +270,7 @@ def to_gptq(qw: QuantizedWeight, allow_inexact_scales: bool = False, v2: bool = 
         "qweight": _pack_words(_codes(qw), b).t().contiguous(),  # [N, K/(32/b)] → [K/(32/b), N]
         "qzeros": _pack_words((zeros & ((1 << b) - 1)).t(), b),  # [K/G, N/(32/b)]
         "scales": cast_scales(qw.scales.t(), torch.float16, "GPTQ", allow_inexact_scales),  # [K/G, N]
-        "g_idx": (torch.arange(k, dtype=torch.int32) // gs).contiguous(),  # [K]
+        "g_idx": (torch.arange(k, dtype=torch.int32, device=qw.qweight.device) // gs).contiguous(),  # [K]
     }
 
 
@@ -382,7 +382,8 @@ def _check_float(tensors: dict, name: str, shape: tuple[int, int], fmt: str) -> 
 def _check_g_idx(g_idx: Tensor | None, spec: QuantSpec, k: int, what: str) -> None:
     if g_idx is None:
         return
-    expect = torch.arange(k, dtype=torch.int64) // spec.group_size_for(k)
+    # built on g_idx's device (not the default one, which torch.device / set_default_device may change)
+    expect = torch.arange(k, dtype=torch.int64, device=g_idx.device) // spec.group_size_for(k)
     if tuple(g_idx.shape) != (k,) or not torch.equal(g_idx.to(torch.int64), expect):
         raise FormatError(f"{what} is not k // group_size: act-order (desc_act) checkpoints, whose groups "
                           "follow a permutation of K, are not supported by qdpo")
