@@ -54,7 +54,7 @@ from qdpo.quant import convert, layout
 from qdpo.quant.convert import FORMATS, FormatError
 from qdpo.quant.experts import PREFIX, fused_expert_tensors, moe_routers
 from qdpo.quant.format import QuantizedWeight
-from qdpo.quant.io import CONFIG_NAME, WEIGHTS_NAME, read_quant_config
+from qdpo.quant.io import CONFIG_NAME, WEIGHTS_NAME, _check_grids, read_quant_config
 from qdpo.quant.spec import QuantSpec
 
 log = logging.getLogger("qdpo.export")
@@ -186,6 +186,24 @@ def _plan(model: nn.Module, modules: list[str], spec: QuantSpec, fmt: str) -> li
     # each under the model's name (transformers matches those) and its checkpoints' (other loaders may)
     names = set(left) | moe_routers(model)
     return sorted(names | {layout.checkpoint_name(model, n) for n in names})
+
+
+def _check_packed(model: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], spec: QuantSpec,
+                  where: Path) -> None:
+    """Every quantized layer's tensors have the shapes ``spec`` gives its layer, and every zero point is on its grid,
+    as :func:`qdpo.quant.io.load_quantized` checks: a ``qdpo_quant.json`` that does not match the weights (a W8
+    per-channel file declared W4) was otherwise converted into a checkpoint that loads garbage."""
+    for name in modules:
+        m = model.get_submodule(name)
+        n, k = m.out_features, m.in_features
+        g = 1 if spec.group_size == -1 else k // spec.group_size
+        for part, shape in (("qweight", (n, k * spec.bits // 8)), ("scales", (n, g)), ("zeros", (n, g))):
+            t = tensors.get(f"{name}.{part}")
+            if t is not None and tuple(t.shape) != shape:
+                raise ExportError(f"{where}: {name}.{part} has shape {tuple(t.shape)}, but the ({n}, {k}) layer "
+                                  f"quantized {spec.name} (the spec {CONFIG_NAME} declares) has {shape}: "
+                                  f"{CONFIG_NAME} does not match the weights; save the model again")
+    _check_grids(tensors, spec, where)
 
 
 def _untie_quantized_head(config: dict, model: nn.Module, modules: list[str]) -> None:
@@ -358,6 +376,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     ignore = _plan(skeleton, modules, spec, fmt)
     config = json.loads((src / "config.json").read_text())
     tensors = _read_tensors(src / WEIGHTS_NAME)
+    _check_packed(skeleton, tensors, modules, spec, src / WEIGHTS_NAME)
     for alias, target in qcfg["aliases"].items():  # tied weights: transformers ties them again on load
         if not config.get("tie_word_embeddings", False) and target in tensors:
             tensors[alias] = tensors[target].clone()

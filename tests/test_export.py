@@ -367,6 +367,23 @@ def test_export_user_errors(tmp_path):
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("spec,declared,match", [
+    (QuantSpec(8, -1, False), QuantSpec(4, -1, False), "down_proj.qweight has shape (128, 256), but the (128, 256) "
+                                                       "layer quantized W4A16-ch-asym"),
+    (QuantSpec(4, 32, False), QuantSpec(4, 64, False), "down_proj.scales has shape (128, 8)"),
+    (QuantSpec(4, 32, False), QuantSpec(4, 32, True), "zero points 'model.layers.0.mlp.down_proj.zeros' hold"),
+], ids=["W8-as-W4", "g32-as-g64", "asym-as-sym"])
+def test_export_checks_the_weights_against_qdpo_quant_json(tmp_path, spec, declared, match):
+    # a W8 per-channel model declared W4 was unpacked as nibbles (its zero points spilling into the next
+    # field) and written as a checkpoint that loads garbage; the others failed without naming the layer
+    src, _, _ = packed_export(tmp_path / "src", spec)
+    cfg = json.loads((src / "qdpo_quant.json").read_text())
+    (src / "qdpo_quant.json").write_text(json.dumps({**cfg, "spec": declared.to_dict()}))
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert_user_error(rc, err, match)
+    assert not (tmp_path / "ct").exists()
+
+
 def test_gpt2_conv1d_export_is_refused_with_what_to_do(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
