@@ -215,6 +215,25 @@ def test_nan_weights_are_refused_before_any_change():
     assert not quantized_layers(model)
 
 
+def test_given_grids_off_the_spec_are_refused_before_any_change():
+    # a given grid's zero points were taken as they were: one off the grid (a signed zero point stored as
+    # uint8) quantized its group to a constant, and a symmetric spec took asymmetric zero points
+    model = tiny("llama")
+    spec = QuantSpec(4, 32, False)
+    name = "model.layers.1.mlp.up_proj"
+    w = model.get_submodule(name).weight.detach()
+    s, z = torch.ops.qdpo.qparams(w, 4, 32, False)
+    bad = z.clone()
+    bad[3, 1] = 250  # -6
+    with pytest.raises(ValueError, match=rf"{name}: grids' zero points hold 250, expected in \[0, 15\]"):
+        qdpo.quantize_model(model, spec, grids={name: (s, bad)})
+    assert not quantized_layers(model)
+    with pytest.raises(ValueError, match=r"zeros hold \d+, expected all 8 \(W4A16-g32-sym is symmetric\)"):
+        QuantLinear.from_linear(model.get_submodule(name), QuantSpec(4, 32, True), scales=s, zeros=z)
+    q = QuantLinear.from_linear(model.get_submodule(name), spec, scales=s, zeros=z)  # the grid itself is taken
+    assert_exact(q.zeros, z, "zeros")
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="spec must be a qdpo.QuantSpec"):
         qdpo.quantize_model(tiny("llama"), (4, 32))

@@ -160,6 +160,8 @@ class QuantLinear(QuantModes, nn.Module):
                 device=w.device, learn_scales=learn_scales, backend=backend)
         if scales is None or zeros is None:
             scales, zeros = ops.qparams(w, spec.bits, spec.group_size, spec.symmetric, backend)
+        else:
+            check_grid(zeros, spec)
         q._fill(w, scales, zeros)
         with torch.no_grad():
             if q.bias is not None:
@@ -259,6 +261,18 @@ class _StepSTE(torch.autograd.Function):
         if ctx.clipped is not None:
             grad = grad.masked_fill(ctx.clipped, 0)
         return grad.to(ctx.w_dtype), None, None
+
+
+def check_grid(zeros: Tensor, spec: QuantSpec, what: str = "zeros") -> None:
+    """A given grid's zero points are codes of ``spec`` (the symmetric offset where symmetric): the ops read them
+    as they are, so one off the grid (a signed zero point stored as uint8, another bit width's) gives wrong ŵ
+    with no error."""
+    offset, top = 1 << (spec.bits - 1), (1 << spec.bits) - 1
+    bad = (zeros != offset) if spec.symmetric else (zeros > top)
+    if bool(bad.any()):
+        want = f"all {offset} ({spec.name} is symmetric)" if spec.symmetric else f"in [0, {top}]"
+        raise ValueError(f"{what} hold {int(zeros[bad].flatten()[0])}, expected {want}: pass the unsigned zero points "
+                         f"of {spec.name}'s grid (as qdpo.kernels.ops.qparams returns them)")
 
 
 def _linear_weight(module: nn.Module) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from qdpo.quant.experts import (QuantExpertTensor, expert_shape, fused_expert_tensors, install, moe_routers,
                                 quantized_experts, transposed)
-from qdpo.quant.linear import QuantLinear, _linear_weight
+from qdpo.quant.linear import QuantLinear, _linear_weight, check_grid
 from qdpo.quant.spec import QuantSpec
 
 METHODS = ("rtn", "awq")
@@ -129,7 +129,8 @@ def quantize_model(
         mode: ``"train"`` (latent weights + fake-quant) or ``"packed"``.
         exclude: module names or glob patterns left in full precision (default: the LM head and any
             vision encoder or multimodal projector, :data:`DEFAULT_EXCLUDE`).
-        grids: optional name → ``(scales, zeros)`` to use instead of RTN.
+        grids: optional name → ``(scales, zeros)`` to use instead of RTN (zero points unsigned codes of
+            ``spec``, the symmetric offset where symmetric; others raise before any layer is replaced).
         progress: optional wrapper for the layer iterator (e.g. ``tqdm``).
     """
     if not isinstance(spec, QuantSpec):
@@ -150,6 +151,8 @@ def quantize_model(
             raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+        if name in (grids or {}):
+            check_grid(grids[name][1], spec, f"{name}: grids' zero points")
     _warn_fused_experts(model, set(experts))
     items = list(layers.items()) + list(experts.items())
     for name, m in (progress(items) if progress else items):
