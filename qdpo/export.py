@@ -4,7 +4,8 @@ Reads a directory written by :func:`qdpo.quant.io.save_quantized` (or a run
 directory of ``python -m qdpo.train``, taking its ``export_<method>/``) and
 writes a Hugging Face checkpoint: ``config.json`` with the format's
 ``quantization_config``, ``model.safetensors`` in the format's layout
-(:mod:`qdpo.quant.convert`), and the tokenizer files copied as they are.
+(:mod:`qdpo.quant.convert`), and the tokenizer files copied as they are (other weight files
+beside the packed model are not: they belong to an older model).
 
 * ``compressed-tensors`` (``pack-quantized``; W4/W8, symmetric and
   asymmetric, every group size and per-channel): ``AutoModelForCausalLM.
@@ -60,6 +61,10 @@ from qdpo.quant.spec import QuantSpec
 log = logging.getLogger("qdpo.export")
 # Files of a qdpo packed model that the export rewrites instead of copying.
 _REWRITTEN = {CONFIG_NAME, WEIGHTS_NAME, "config.json"}
+# Weight files are never copied: beside a packed model they are an older model's (save_quantized into its
+# directory), and loaders would read them with or instead of the export's (qdpo's importer follows an index).
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
+                    ".pkl", ".gguf")
 
 
 class ExportError(ValueError):
@@ -393,8 +398,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in sorted(src.iterdir()):  # tokenizer, chat template, generation config
-            if f.is_file() and f.name not in _REWRITTEN and not f.name.startswith("."):
+        for f in sorted(src.iterdir()):  # tokenizer, chat template, generation config; no weight file
+            if f.is_file() and not (f.name in _REWRITTEN or f.name.startswith(".") or f.name.endswith(_WEIGHT_SUFFIXES)):
                 shutil.copy2(f, tmp / f.name)
         _publish(tmp, out, overwrite)
     finally:

@@ -185,6 +185,22 @@ def test_export_writes_config_tokenizer_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "src"]  # no temporary directory left
 
 
+def test_export_leaves_older_weight_files_behind(tmp_path):
+    # save_quantized into the directory of the full-precision model (sharded, with an index): the export
+    # copied its shards and index too, and qdpo's importer, which follows an index, read those, not the export
+    tiny_llama().save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    torch.save({}, tmp_path / "src" / "pytorch_model.bin")
+    src, model, logits = packed_export(tmp_path / "src", QuantSpec(4, 32, False))
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir()) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", *TOKENIZER_FILES])
+    back, _ = load_external(tmp_path / "ct", mode="packed")
+    assert_same_layers(model, back)
+    with torch.no_grad():
+        assert_exact(back(IDS).logits, logits, "logits")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
 def test_export_uses_the_checkpoint_names_and_imports_them_back(tmp_path):
     # Gemma 3's modules live under model.language_model; its checkpoints (save_pretrained) say
