@@ -564,6 +564,18 @@ def test_import_reads_the_shards_its_index_names(gptq_dir, tmp_path):
         load_external(d)
 
 
+def test_import_reads_model_safetensors_over_a_stale_index(gptq_dir, tmp_path):
+    # transformers reads model.safetensors where it exists; the importer followed an older version's index
+    # beside it and started from other weights than the checkpoint transformers loads
+    sd = load_file(str(gptq_dir / "model.safetensors"))
+    d = _copy(gptq_dir, tmp_path / "both")
+    old = {**sd, "model.layers.1.mlp.up_proj.scales": sd["model.layers.1.mlp.up_proj.scales"] * 2}
+    save_file(old, str(d / "model-00001-of-00001.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in old}}))
+    assert_same_layers(load_external(gptq_dir, mode="packed")[0], load_external(d, mode="packed")[0])
+
+
 def test_import_refuses_pickles_and_plain_models(tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()

@@ -157,11 +157,14 @@ def _ct_spec(qc: dict) -> QuantSpec:
 
 # ----------------------------------------------------------------------------- tensors
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: the shards its ``*.safetensors.index.json`` lists (what transformers
-    reads; other ``*.safetensors`` files beside them are ignored), else every ``*.safetensors`` file, where
-    a tensor stored in two files is refused."""
-    shards = _index_shards(path)
-    files = sorted(shards) if shards is not None else sorted(p.name for p in path.glob("*.safetensors"))
+    """Every tensor of the checkpoint, from the files transformers reads: ``model.safetensors`` where it exists
+    (an index beside it is stale), else the shards its ``*.safetensors.index.json`` lists (other
+    ``*.safetensors`` files beside them are ignored), else every ``*.safetensors`` file, where a tensor stored
+    in two files is refused."""
+    single = (path / "model.safetensors").is_file()
+    shards = None if single else _index_shards(path)
+    files = (["model.safetensors"] if single else sorted(shards) if shards is not None
+             else sorted(p.name for p in path.glob("*.safetensors")))
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLES)
         if pickles:
