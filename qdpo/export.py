@@ -211,6 +211,23 @@ def _check_packed(model: nn.Module, tensors: dict[str, torch.Tensor], modules: l
     _check_grids(tensors, spec, where)
 
 
+def _check_declared(tensors: dict[str, torch.Tensor], modules: list[str], experts: list[str], aliases: dict,
+                    src: Path) -> None:
+    """Every packed layer of the file is one ``qdpo_quant.json`` declares, and every alias names a stored tensor, as
+    :func:`qdpo.quant.io.load_quantized` requires: an undeclared layer's codes were otherwise written under qdpo's
+    names beside a layer the export calls full precision, which transformers filled with random weights."""
+    owners = set(modules) | {f"{mod}.{PREFIX}{t}" for mod, _, t in (e.rpartition(".") for e in experts)}
+    stray = sorted(k for k in tensors if k.endswith(".qweight") and k[: -len(".qweight")] not in owners)
+    if stray:
+        raise ExportError(f"{src / WEIGHTS_NAME} holds the packed layer {stray[0][: -len('.qweight')]} "
+                          f"({len(stray)} in all) that {CONFIG_NAME} does not list; the two do not match, save "
+                          "the model again")
+    lost = sorted(a for a, t in aliases.items() if t not in tensors)
+    if lost:
+        raise ExportError(f"{src / CONFIG_NAME}: alias {lost[0]!r} names {aliases[lost[0]]!r}, which "
+                          f"{WEIGHTS_NAME} does not hold; save the model again")
+
+
 def _untie_quantized_head(config: dict, model: nn.Module, modules: list[str]) -> None:
     """A quantized LM head (an --init checkpoint's) is no longer the full-precision input embeddings: a
     ``config.json`` that still ties them makes transformers tie the compressed head to the embeddings, and
@@ -382,6 +399,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     config = json.loads((src / "config.json").read_text())
     tensors = _read_tensors(src / WEIGHTS_NAME)
     _check_packed(skeleton, tensors, modules, spec, src / WEIGHTS_NAME)
+    _check_declared(tensors, modules, experts, qcfg["aliases"], src)
     for alias, target in qcfg["aliases"].items():  # tied weights: transformers ties them again on load
         if not config.get("tie_word_embeddings", False) and target in tensors:
             tensors[alias] = tensors[target].clone()

@@ -400,6 +400,22 @@ def test_export_checks_the_weights_against_qdpo_quant_json(tmp_path, spec, decla
     assert not (tmp_path / "ct").exists()
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: {**c, "modules": [m for m in c["modules"] if m != "model.layers.0.mlp.down_proj"]},
+     "holds the packed layer model.layers.0.mlp.down_proj (1 in all) that qdpo_quant.json does not list"),
+    (lambda c: {**c, "aliases": {"lm_head.weight": "model.embed"}},
+     "alias 'lm_head.weight' names 'model.embed', which model.safetensors does not hold"),
+], ids=["undeclared-layer", "lost-alias"])
+def test_export_refuses_layers_and_aliases_qdpo_quant_json_does_not_match(tmp_path, edit, match):
+    # an undeclared layer's codes were written under qdpo's names beside the layer the export called full
+    # precision, whose weight transformers then initialized at random (a warning only)
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, False))
+    (src / "qdpo_quant.json").write_text(json.dumps(edit(json.loads((src / "qdpo_quant.json").read_text()))))
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert_user_error(rc, err, match)
+    assert not (tmp_path / "ct").exists()
+
+
 def test_gpt2_conv1d_export_is_refused_with_what_to_do(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
