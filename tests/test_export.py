@@ -592,6 +592,19 @@ def test_import_reads_model_safetensors_over_a_stale_index(gptq_dir, tmp_path):
     assert_same_layers(load_external(gptq_dir, mode="packed")[0], load_external(d, mode="packed")[0])
 
 
+def test_import_keeps_a_stored_head_apart_from_different_embeddings(gptq_dir, tmp_path):
+    # config.json ties them, but the file stores an LM head of its own: transformers keeps the two apart; the
+    # importer tied them, so the embeddings silently became the head's values
+    head = torch.randn(VOCAB, 128, generator=torch.Generator().manual_seed(3))
+    d = _copy(gptq_dir, tmp_path / "head", tensors=lambda sd: {**sd, "lm_head.weight": head})
+    emb = load_file(str(gptq_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    for mode in ("packed", "train"):
+        m, _ = load_external(d, mode=mode, dtype=torch.float32)
+        assert not m.config.tie_word_embeddings
+        assert_exact(m.lm_head.weight.detach(), head, "head")
+        assert_exact(m.model.embed_tokens.weight.detach(), emb.float(), "embeddings")
+
+
 def test_import_refuses_pickles_and_plain_models(tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()

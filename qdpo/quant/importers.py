@@ -406,9 +406,28 @@ def _load_rest(model: nn.Module, tensors: dict, quantized: set[str], path: Path)
         if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape):
             raise FormatError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the model expects "
                               f"{tuple(expected[k].shape)}")
+    if tied:
+        _untie_distinct_head(model, tensors, head, head_name, path)
     model.load_state_dict({k: t for k, t in tensors.items()}, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _untie_distinct_head(model: nn.Module, tensors: dict, head: nn.Module, head_name: str, path: Path) -> None:
+    """A config that ties the LM head to the input embeddings while the file holds both, with different values:
+    transformers then keeps them apart (warning), and so does qdpo. Tied, the one loaded last replaced the
+    other."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_name = next((n for n, m in model.named_modules() if emb is not None and m is emb), None)
+    a, b = tensors.get(f"{head_name}.weight"), tensors.get(f"{emb_name}.weight")
+    if a is None or b is None or a.shape != b.shape or torch.equal(a, b):
+        return
+    log.warning("%s: config.json ties %s to the input embeddings, but the checkpoint stores both with different "
+                "values; they are kept apart (as transformers does)", path, head_name)
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    head.weight = nn.Parameter(head.weight.detach().clone())
 
 
 # ----------------------------------------------------------------------------- the pipeline's entry point
