@@ -257,6 +257,18 @@ def test_missing_tensor(fmt, drop):
         read[fmt](t, spec)
 
 
+def test_a_partial_last_group_names_the_checkpoint_not_a_choice():
+    # GPTQ writers give K=576 (SmolLM2's hidden size) and group_size=128 a partial fifth group; the error told
+    # the user to "use group_size in [32, 64]", a choice an existing checkpoint does not offer
+    spec = QuantSpec(4, 32, True)
+    t = convert.to_gptq(random_weight(8, 96, spec, torch.float16))
+    ct = convert.to_compressed_tensors(random_weight(8, 96, spec, torch.float16))
+    for read, tensors in ((convert.from_gptq, t), (convert.from_compressed_tensors, ct)):
+        with pytest.raises(FormatError, match=r"K=96 is not divisible by the checkpoint's group_size=64 \(its last "
+                                              r"group is partial\).*use a checkpoint quantized with a group size"):
+            read(tensors, QuantSpec(4, 64, True))
+
+
 def test_mismatched_shapes_and_dtypes():
     spec = QuantSpec(4, 32, False)
     qw = random_weight(8, 64, spec, torch.float16, zmin=1)

@@ -354,6 +354,10 @@ def _require(tensors: dict, names: tuple[str, ...], fmt: str) -> None:
 
 
 def _check_spec_shape(spec: QuantSpec, n: int, k: int) -> None:
+    if spec.group_size != -1 and k % spec.group_size:  # the checkpoint's groups are given: no other size to pick
+        raise FormatError(f"K={k} is not divisible by the checkpoint's group_size={spec.group_size} (its last group "
+                          "is partial), which qdpo's format cannot hold; use a checkpoint quantized with a group size "
+                          "that divides every layer's in_features (or per-channel, -1)")
     try:
         spec.check_shape(n, k)
     except ValueError as e:
