@@ -535,6 +535,8 @@ def _flip(sd: dict, key: str) -> dict:
     ("shapes", "down_proj: the file's weight is (128, 256) (N, K), the model's layer is (128, 200)"),
     ("method", "quant_method 'bitsandbytes' is not supported"),
     ("v3", "checkpoint_format 'marlin' is not supported"),
+    ("pack16", "GPTQ pack_dtype 'int16' is not supported; qdpo reads checkpoints packed in int32 words"),
+    ("marlin_flag", "GPTQ is_marlin_format checkpoints (AutoGPTQ's Marlin repacking) are not supported"),
 ])
 def test_import_errors(gptq_dir, tmp_path, case, match):
     g = "model.layers.1.mlp.up_proj."
@@ -546,6 +548,8 @@ def test_import_errors(gptq_dir, tmp_path, case, match):
         "shapes": dict(config=lambda c: {**c, "intermediate_size": 200}),
         "method": dict(config=lambda c: _set(c, quant_method="bitsandbytes")),
         "v3": dict(config=lambda c: _set(c, checkpoint_format="marlin")),
+        "pack16": dict(config=lambda c: _set(c, pack_dtype="int16")),  # gptqmodel's other words: other shapes
+        "marlin_flag": dict(config=lambda c: _set(c, is_marlin_format=True)),
     }
     bad = _copy(gptq_dir, tmp_path / "bad", **edits[case])
     with pytest.raises(FormatError) as e:

@@ -120,6 +120,13 @@ def _gptq_spec(qc: dict) -> tuple[QuantSpec, dict]:
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not supported; qdpo reads gptq (v1) and gptq_v2")
+    if qc.get("is_marlin_format"):  # AutoGPTQ's repacked layout: other tensors than qweight/qzeros/scales
+        raise FormatError("GPTQ is_marlin_format checkpoints (AutoGPTQ's Marlin repacking) are not supported; use "
+                          "the plain gptq checkpoint of the model")
+    pack = str(qc.get("pack_dtype") or "int32").lower().replace("torch.", "")
+    if pack != "int32":  # gptqmodel can pack into int8/int16/int64 words: other shapes, another bit layout
+        raise FormatError(f"GPTQ pack_dtype {pack!r} is not supported; qdpo reads checkpoints packed in int32 words "
+                          "(gptqmodel's default)")
     return _spec(qc.get("bits"), qc.get("group_size", 128), qc.get("sym", True), "GPTQ"), {"v2": fmt == "gptq_v2"}
 
 
