@@ -326,6 +326,7 @@ def test_load_errors_zero_points_and_scales_out_of_range(tmp_path):
     (lambda c: c["spec"].update(bits=3), "bits=3 is not supported"),
     (lambda c: c["spec"].pop("group_size"), "missing"),
     (lambda c: c.update(modules=["model.layers.9.mlp"]), "names module 'model.layers.9.mlp'"),
+    (lambda c: c.update(version=2), "format version 2 is not one this qdpo reads"),  # was read as version 1
 ])
 def test_load_errors_wrong_config(tmp_path, edit, match):
     path = _saved(tmp_path)

@@ -112,6 +112,9 @@ def read_quant_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}); re-save the model") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise ValueError(f"{f}: 'format' must be {FORMAT!r}, got {cfg.get('format') if isinstance(cfg, dict) else cfg!r}")
+    if cfg.get("version") != 1:  # a later layout: reading it as version 1 could misplace tensors silently
+        raise ValueError(f"{f}: format version {cfg.get('version')!r} is not one this qdpo reads (1); load it with the "
+                         "qdpo release that saved it, or a newer one")
     cfg.setdefault("experts", [])
     for key, typ in (("spec", dict), ("modules", list), ("aliases", dict), ("experts", list)):
         if not isinstance(cfg.get(key), typ):
