@@ -536,6 +536,7 @@ def _flip(sd: dict, key: str) -> dict:
     ("method", "quant_method 'bitsandbytes' is not supported"),
     ("v3", "checkpoint_format 'marlin' is not supported"),
     ("pack16", "GPTQ pack_dtype 'int16' is not supported; qdpo reads checkpoints packed in int32 words"),
+    ("inf_scale", "model.layers.1.mlp.up_proj: the scales hold NaN or Inf; the checkpoint is damaged"),
     ("marlin_flag", "GPTQ is_marlin_format checkpoints (AutoGPTQ's Marlin repacking) are not supported"),
 ])
 def test_import_errors(gptq_dir, tmp_path, case, match):
@@ -549,6 +550,8 @@ def test_import_errors(gptq_dir, tmp_path, case, match):
         "method": dict(config=lambda c: _set(c, quant_method="bitsandbytes")),
         "v3": dict(config=lambda c: _set(c, checkpoint_format="marlin")),
         "pack16": dict(config=lambda c: _set(c, pack_dtype="int16")),  # gptqmodel's other words: other shapes
+        "inf_scale": dict(tensors=lambda sd: {**sd, g + "scales": sd[g + "scales"].index_fill(0, torch.tensor([0]),
+                                                                                           float("inf"))}),
         "marlin_flag": dict(config=lambda c: _set(c, is_marlin_format=True)),
     }
     bad = _copy(gptq_dir, tmp_path / "bad", **edits[case])

@@ -226,12 +226,16 @@ def _index_shards(path: Path) -> dict[str, list[str]] | None:
 def _layer(fmt: str, spec: QuantSpec, parts: dict, details: dict, name: str) -> QuantizedWeight:
     try:
         if fmt == "gptq":
-            return convert.from_gptq(parts, spec, v2=details.get("v2", False))
-        if fmt == "awq":
-            return convert.from_awq(parts, spec)
-        return convert.from_compressed_tensors(parts, spec)
+            qw = convert.from_gptq(parts, spec, v2=details.get("v2", False))
+        elif fmt == "awq":
+            qw = convert.from_awq(parts, spec)
+        else:
+            qw = convert.from_compressed_tensors(parts, spec)
     except FormatError as e:
         raise FormatError(f"{name}: {e}") from None
+    if not bool(torch.isfinite(qw.scales).all()):  # as load_quantized checks its own files: NaN outputs, no error
+        raise FormatError(f"{name}: the scales hold NaN or Inf; the checkpoint is damaged, download it again")
+    return qw
 
 
 def _default_dtype(tensors: dict) -> torch.dtype:
