@@ -26,7 +26,7 @@ def _build(tmp: Path, env_extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra}
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp / "lib"),
            "--build-temp", str(tmp / "tmp")]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def _built_module(tmp: Path):
