@@ -308,7 +308,8 @@ def run(cfg: TrainConfig) -> dict:
         if not train_p or not test_p:
             raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
         _check_positions(fp_model, ids, cfg.max_new_tokens)
-        S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
+        exclude = S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
+        _check_fits(fp_model, cfg, exclude)  # so does a group size that does not divide a layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with stage("fp_answers"):
         hidden_path = out / "answers" / "fp_hidden.safetensors"  # FP targets of KD and evaluation, from decoding
@@ -491,11 +492,29 @@ def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
     def quantize():
         try:
             return S.quantize_initial(fp_model, cfg, calib, out / "initial")
-        except ValueError as e:  # a spec that does not fit the model's layers
-            raise ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size "
-                              f"{cfg.group_size}: {e}") from None
+        except ValueError as e:  # a layer the quantizer refuses (NaN weights, say)
+            raise _cannot_quantize(cfg, e) from None
 
     return D.main_first(quantize)  # rank 0 quantizes and writes initial/; the others load it
+
+
+def _check_fits(fp_model, cfg: TrainConfig, exclude) -> None:
+    """--bits/--group-size against the layers RTN or AWQ will quantize (a checkpoint given to --init brings its
+    own spec, checked when it is read), before the FP answers are written: the corrected command then starts
+    afresh instead of finding a run in --output-dir."""
+    if cfg.init not in ("rtn", "awq"):
+        return
+    from qdpo.quant import QuantSpec
+    from qdpo.quant.model import check_fits
+
+    try:
+        check_fits(fp_model, QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric), exclude)
+    except ValueError as e:
+        raise _cannot_quantize(cfg, e) from None
+
+
+def _cannot_quantize(cfg: TrainConfig, e: ValueError) -> ConfigError:
+    return ConfigError(f"cannot quantize {cfg.model} with --bits {cfg.bits} --group-size {cfg.group_size}: {e}")
 
 
 def _examples(method: str, pairs: list[dict], train_p, ids, fp, window: int = 0, max_length: int = 0) -> list[Example]:

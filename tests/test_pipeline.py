@@ -551,6 +551,8 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
     last = err.strip().splitlines()[-1]
     assert last.startswith("qdpo.train: error: ")
     assert re.search(match, last), last
+    # each fails before the first artifact (FP answers): the corrected command starts afresh in the same directory
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["run.json"]
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(model_dir, tmp_path, monkeypatch, capsys):

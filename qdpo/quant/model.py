@@ -144,8 +144,7 @@ def quantize_model(
     if not layers and not experts:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {tuple(exclude)} to quantize")
     weights = {**{n: _linear_weight(m) for n, m in layers.items()}, **{n: m._parameters[t] for n, (m, t) in experts.items()}}
-    _check_shapes({**{n: tuple(w.shape) for n, w in weights.items() if n in layers},
-                   **{n: expert_shape(m, t) for n, (m, t) in experts.items()}}, spec)
+    _check_shapes(_shapes(layers, experts), spec)
     for name, w in weights.items():  # check every layer before changing any
         if not w.is_floating_point():
             raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
@@ -166,6 +165,21 @@ def quantize_model(
             m, spec, mode=mode, learn_scales=learn_scales, scales=s, zeros=z, backend=backend))
     mark_quantized(model, spec)
     return model
+
+
+def check_fits(model: nn.Module, spec: QuantSpec, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> None:
+    """Raise ``ValueError`` unless ``spec`` fits every layer (and fused expert tensor) :func:`quantize_model`
+    would quantize: the shape checks alone, before any work (``python -m qdpo.train`` runs them before the FP
+    answers)."""
+    layers = quantizable_layers(model, exclude)
+    experts = {n: v for n, v in fused_expert_tensors(model).items() if not _excluded(n, exclude)}
+    _check_shapes(_shapes(layers, experts), spec)
+
+
+def _shapes(layers: dict, experts: dict) -> dict[str, tuple[int, int]]:
+    """Name → the ``(N, K)`` each layer and expert tensor is quantized as."""
+    return {**{n: tuple(_linear_weight(m).shape) for n, m in layers.items()},
+            **{n: expert_shape(m, t) for n, (m, t) in experts.items()}}
 
 
 def _check_shapes(shapes: dict[str, tuple[int, int]], spec: QuantSpec) -> None:
