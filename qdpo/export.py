@@ -428,12 +428,12 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qdpo.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m qdpo.export", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("source", help="a qdpo packed model directory (export_<method>/) or a run directory")
     p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint format to write")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--method", default=None, help="which export_<method>/ of a run directory (default: qdpo)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--method", default=None,
+                   help="which export_<method>/ of a run directory (default: its only one, or else export_qdpo)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--allow-inexact-scales", action="store_true",
                    help="gptq/awq: round scales float16 cannot hold exactly to nearest instead of refusing")

@@ -494,6 +494,17 @@ def test_export_cli_exit_code_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("qdpo.export: error:")
 
 
+def test_export_help_states_each_default_once():
+    # argparse's defaults formatter printed '(default: None)' for --format and --out (required) and after
+    # --method's own '(default: qdpo)', and the description kept the docstring's ``markup``
+    proc = subprocess.run([sys.executable, "-m", "qdpo.export", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "(default: None)" not in text and "``" not in text
+    assert "python -m qdpo.export: a qdpo packed model as a checkpoint" in text
+    assert "(default: its only one, or else export_qdpo)" in text and text.count("(default:") == 1
+
+
 # ----------------------------------------------------------------------------- import: bad input
 @pytest.fixture(scope="module")
 def gptq_dir(tmp_path_factory):
