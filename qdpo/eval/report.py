@@ -8,18 +8,26 @@
       "pairs": {                  # preference pairs built from greedy answers on the training prompts
         "total": int,             #   prompts answered by both models
         "identical_dropped": int, #   pairs whose FP and quantized answers were identical (no preference)
-        ...                       #   anything else the caller counts (kept, truncated, dropped_too_long, ...)
+        ...                       #   anything else the caller counts (python -m qdpo.train: "pairs" kept,
+                                  #   "truncated", "mean_first_divergence", "mean_chosen_tokens",
+                                  #   "mean_rejected_tokens", "prompts_dropped_too_long")
       },
       "eval": {                   # one entry per model that was evaluated, in this order when present:
         "fp": {...},              #   the full-precision model itself (the ceiling: flip 0, KL 0)
         "initial": {...},         #   the quantized start (RTN or AWQ, see config.init), before training
         "qdpo": {...}, "kd": {...}, "sft": {...}   # each trained method that ran
       },
-      "timing": {                 # per stage (e.g. "load", "quantize", "pairs", "train/qdpo", "eval"):
-        "<stage>": {"seconds": float, "peak_memory_mb": float, ...} or a plain number of seconds
+      "timing": {                 # per stage (python -m qdpo.train: "load", "fp_answers", "quantize",
+                                  # "initial_answers", "pairs", "eval_start", then "train_<method>",
+                                  # "eval_<method>", "export_<method>" per method, and "judge"):
+        "<stage>": {"seconds": float, "peak_rss_gb": float, "peak_gpu_gb": float (on a GPU)}
+                                  # or a plain number of seconds; peak_rss_gb: the process's peak RSS up to
+                                  # the stage's end (never falls), peak_gpu_gb: the stage's own GPU peak
       },
-      ...                         # extra top-level keys passed by the caller (e.g. "training": per-method
-                                  # steps run, best step, early stop), same cleaning rules
+      ...                         # extra top-level keys passed by the caller, same cleaning rules;
+                                  # python -m qdpo.train adds "training" (per method: steps run, best step,
+                                  # early stop, export checks), "init" (RTN/AWQ/--init statistics and
+                                  # "weights": the quantized share) and, with --judge-url, "judge"
     }
 
 Each ``eval`` entry holds the metrics of :mod:`qdpo.eval.metrics` on the test
