@@ -24,8 +24,8 @@ Ops (``bits`` ∈ {4, 8}; ``scales``/``zeros`` ``(N, n_groups)``; the group size
 ``fake_quant_matmul(x, w, scales, zeros, bits, bias)``     → ``x @ fq(w)ᵀ + bias``; ∂x, ∂w, ∂scales, ∂bias
 =============================  ====================================================
 
-Each op takes a last ``backend`` argument: ``"auto"`` (default), ``"reference"``,
-``"triton"`` or ``"cuda"``.
+Each op but ``pack``/``unpack`` takes a last ``backend`` argument: ``"auto"`` (default),
+``"reference"``, ``"triton"`` or ``"cuda"``.
 """
 
 from __future__ import annotations
