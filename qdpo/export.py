@@ -463,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
               f"qdpo.quant.importers.load_external({str(out)!r})")
     else:
         print(f"wrote {out} ({args.format}, from {src}); load it with "
-              f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+              + (" (needs the compressed-tensors package)" if args.format == "compressed-tensors" else
+                 " (needs the optimum and gptqmodel packages)"))
     if checked is not None:
         print(f"checked {checked['layers']} layers with compressed-tensors' decompressor: max |Δw| vs qdpo's "
               f"reading = {checked['max_abs_diff']:.3g}")

@@ -494,6 +494,17 @@ def test_export_cli_exit_code_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("qdpo.export: error:")
 
 
+def test_export_says_what_loading_it_needs(tmp_path):
+    # transformers loads GPTQ/AWQ checkpoints only through optimum + gptqmodel (not installed by make install)
+    src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, False), fp16_scales=True)
+    for fmt, needs in (("gptq", "(needs the optimum and gptqmodel packages)"),
+                       ("awq", "(needs the optimum and gptqmodel packages)"),
+                       ("compressed-tensors", "(needs the compressed-tensors package)")):
+        rc, out, err = run_export(src, "--format", fmt, "--out", tmp_path / fmt)
+        assert rc == 0, err
+        assert f"from_pretrained({str(tmp_path / fmt)!r}) {needs}" in out, out
+
+
 def test_export_help_states_each_default_once():
     # argparse's defaults formatter printed '(default: None)' for --format and --out (required) and after
     # --method's own '(default: qdpo)', and the description kept the docstring's ``markup``
