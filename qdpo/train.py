@@ -311,15 +311,20 @@ def run(cfg: TrainConfig) -> dict:
         exclude = S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
         _check_fits(fp_model, cfg, exclude)  # so does a group size that does not divide a layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    q0 = None
+    if cfg.init not in ("rtn", "awq"):  # read first: a checkpoint that does not fit --model fails before any artifact
+        with stage("quantize"):
+            q0, init_stats = _initial(fp_model, cfg, None, out)
     with stage("fp_answers"):
         hidden_path = out / "answers" / "fp_hidden.safetensors"  # FP targets of KD and evaluation, from decoding
         fp = S.answers(out / "answers" / "fp.jsonl", fp_model, tok, all_p, all_ids, cfg, "FP answers",
                        hidden_path=hidden_path)
         fp_hidden = S.load_hidden(hidden_path, fp)  # None: the FP model runs where they are needed
-    with stage("quantize"):
-        calib = [ids[p.id] + fp[p.id] for p in train_p]
-        q0, init_stats = _initial(fp_model, cfg, calib, out)
-        init_stats = {**init_stats, "weights": _coverage(q0)}
+    if q0 is None:
+        with stage("quantize"):
+            calib = [ids[p.id] + fp[p.id] for p in train_p]  # AWQ's calibration: prompts and FP answers
+            q0, init_stats = _initial(fp_model, cfg, calib, out)
+    init_stats = {**init_stats, "weights": _coverage(q0)}
     with stage("initial_answers"):
         tt = train_p + test_p
         q_ans, q_logps = S.answers(out / "answers" / "initial.jsonl", q0, tok, tt, [ids[p.id] for p in tt], cfg,

@@ -596,7 +596,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(model_dir, 
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
 
 
-def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):
+def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path, capsys):
     """--init PATH starts from a compressed-tensors checkpoint: its spec and codes, not RTN's."""
     import qdpo
     from qdpo.export import export
@@ -613,6 +613,16 @@ def test_init_from_an_existing_quantized_checkpoint(model_dir, tmp_path):
     assert (m["config"]["bits"], m["config"]["group_size"], m["config"]["symmetric"]) == (4, 64, True)
     assert m["init"]["init"] == "external"
     assert train.main(_args(model_dir, prompts, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))) == 2
+    # a checkpoint of another model fails before the FP answers: the corrected command starts afresh there
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 eos_token_id=2, pad_token_id=2)).save_pretrained(other)
+    _tokenizer(True).save_pretrained(other)
+    bad = tmp_path / "mismatch"
+    assert train.main(_args(other, prompts, bad, "--init", str(ckpt), "--steps", "1")) == 2
+    assert "does not fit the full-precision model" in capsys.readouterr().err
+    assert [p.name for p in bad.iterdir()] == ["run.json"]
     # another checkpoint under the same --init path: the pairs' reference log-probs were the old one's
     shutil.rmtree(ckpt)
     export(tmp_path / "packed", ckpt, "gptq", allow_inexact_scales=True)
