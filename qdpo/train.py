@@ -309,7 +309,7 @@ def run(cfg: TrainConfig) -> dict:
             raise PromptError(f"every training or test prompt is longer than --max-length {cfg.max_length}")
         _check_positions(fp_model, ids, cfg.max_new_tokens)
         exclude = S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
-        _check_fits(fp_model, cfg, exclude)  # so does a group size that does not divide a layer
+        _check_quantizable(fp_model, cfg, exclude)  # so do a group size that does not divide a layer, NaN weights
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     q0 = None
     if cfg.init not in ("rtn", "awq"):  # read first: a checkpoint that does not fit --model fails before any artifact
@@ -497,23 +497,23 @@ def _initial(fp_model, cfg: TrainConfig, calib, out: Path):
     def quantize():
         try:
             return S.quantize_initial(fp_model, cfg, calib, out / "initial")
-        except ValueError as e:  # a layer the quantizer refuses (NaN weights, say)
+        except ValueError as e:  # a layer AWQ refuses
             raise _cannot_quantize(cfg, e) from None
 
     return D.main_first(quantize)  # rank 0 quantizes and writes initial/; the others load it
 
 
-def _check_fits(fp_model, cfg: TrainConfig, exclude) -> None:
-    """--bits/--group-size against the layers RTN or AWQ will quantize (a checkpoint given to --init brings its
-    own spec, checked when it is read), before the FP answers are written: the corrected command then starts
-    afresh instead of finding a run in --output-dir."""
+def _check_quantizable(fp_model, cfg: TrainConfig, exclude) -> None:
+    """--bits/--group-size against the layers RTN or AWQ will quantize, and their weights (a checkpoint given to
+    --init brings its own spec and weights, checked when it is read), before the FP answers are written: the
+    corrected command then starts afresh instead of finding a run (and a broken model's answers) there."""
     if cfg.init not in ("rtn", "awq"):
         return
     from qdpo.quant import QuantSpec
-    from qdpo.quant.model import check_fits
+    from qdpo.quant.model import check_quantizable
 
     try:
-        check_fits(fp_model, QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric), exclude)
+        check_quantizable(fp_model, QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric), exclude)
     except ValueError as e:
         raise _cannot_quantize(cfg, e) from None
 

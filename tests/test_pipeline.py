@@ -485,6 +485,7 @@ def test_a_lone_surrogate_escape_is_one_clear_error(tmp_path):
     ("bits", "bits=3 is not supported"),
     ("group", "K=64 is not divisible by group_size=128.*Group sizes that fit every layer: \\[32, 64, -1\\]"),
     ("too_long", "longer than --max-length"),
+    ("nan_weights", r"model.layers.1.mlp.down_proj: weight contains NaN or Inf; fix the checkpoint"),
     ("no_test", "no test prompts"),
     ("small_vocab", r"prompt 'line1' has token id \d+, but .* has 150 embedding rows: the tokenizer \(200 tokens\) "
                     r"does not match the model; resize"),
@@ -548,6 +549,14 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
                              "supported') }}{% endif %}" + TEMPLATE)
         tok.save_pretrained(model)
         prompts = _prompts(tmp_path / "p.jsonl", system="w5 w6")
+    elif case == "nan_weights":  # caught before the FP answers: a fixed checkpoint (same file sizes) starts afresh
+        from safetensors.torch import load_file, save_file
+
+        model = tmp_path / "nan"
+        shutil.copytree(model_dir, model)
+        sd = load_file(str(model / "model.safetensors"))
+        sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+        save_file(sd, str(model / "model.safetensors"), metadata={"format": "pt"})
     elif case == "no_test":
         prompts.write_text("".join(l.replace('"test"', '"train"') + "\n" for l in prompts.read_text().splitlines()))
     out = tmp_path / "run"

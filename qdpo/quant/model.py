@@ -139,17 +139,8 @@ def quantize_model(
         raise ValueError(f"method={method!r} is not known; use one of {METHODS}")
     if method == "awq" and grids is None:
         raise ValueError("method='awq' needs calibration data: call qdpo.quant.awq.awq_quantize_model")
-    layers = quantizable_layers(model, exclude)
-    experts = {n: v for n, v in fused_expert_tensors(model).items() if not _excluded(n, exclude)}
-    if not layers and not experts:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {tuple(exclude)} to quantize")
-    weights = {**{n: _linear_weight(m) for n, m in layers.items()}, **{n: m._parameters[t] for n, (m, t) in experts.items()}}
-    _check_shapes(_shapes(layers, experts), spec)
-    for name, w in weights.items():  # check every layer before changing any
-        if not w.is_floating_point():
-            raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    layers, experts = check_quantizable(model, spec, exclude)  # every layer checked before changing any
+    for name in [*layers, *experts]:
         if name in (grids or {}):
             check_grid(grids[name][1], spec, f"{name}: grids' zero points")
     _warn_fused_experts(model, set(experts))
@@ -167,13 +158,24 @@ def quantize_model(
     return model
 
 
-def check_fits(model: nn.Module, spec: QuantSpec, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> None:
-    """Raise ``ValueError`` unless ``spec`` fits every layer (and fused expert tensor) :func:`quantize_model`
-    would quantize: the shape checks alone, before any work (``python -m qdpo.train`` runs them before the FP
-    answers)."""
+def check_quantizable(model: nn.Module, spec: QuantSpec,
+                      exclude: Iterable[str] = DEFAULT_EXCLUDE) -> tuple[dict, dict]:
+    """The layers and fused expert tensors :func:`quantize_model` would quantize, after every check it makes
+    before changing any: something to quantize, ``spec`` fits every shape, finite floating-point weights
+    (``ValueError``; ``TypeError`` for integer weights). ``python -m qdpo.train`` runs them before the FP
+    answers."""
     layers = quantizable_layers(model, exclude)
     experts = {n: v for n, v in fused_expert_tensors(model).items() if not _excluded(n, exclude)}
+    if not layers and not experts:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {tuple(exclude)} to quantize")
     _check_shapes(_shapes(layers, experts), spec)
+    weights = {**{n: _linear_weight(m) for n, m in layers.items()}, **{n: m._parameters[t] for n, (m, t) in experts.items()}}
+    for name, w in weights.items():
+        if not w.is_floating_point():
+            raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    return layers, experts
 
 
 def _shapes(layers: dict, experts: dict) -> dict[str, tuple[int, int]]:
