@@ -184,11 +184,14 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
                               "--overwrite to start again")
         else:
             old, new = _old_fingerprint(run_file), _fingerprint(cfg)
-            diff = sorted(k if k not in CONTENT_FIELDS else f"the content of {CONTENT_FIELDS[k]}"
-                          for k in set(old) | set(new) if _differs(k, old, new))
+            keys = sorted(k for k in set(old) | set(new) if _differs(k, old, new))
+            # a flag's values, so that a --resume which left out one of the run's flags says what to pass
+            diff = [f"the content of {CONTENT_FIELDS[k]}" if k in CONTENT_FIELDS else
+                    f"{k} ({old.get(k)!r} there, {new.get(k)!r} now)" for k in keys]
             if diff:
+                again = "" if all(k in CONTENT_FIELDS for k in keys) else "pass the run's values to continue it, "
                 raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
-                                  "use another --output-dir, or --overwrite to replace it")
+                                  f"{again}use another --output-dir, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     from qdpo.training.stages import atomic_write_text
 

@@ -114,7 +114,8 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert train.main(_args(model_dir, prompts, out)) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, out, "--bits", "8", "--resume")) == 2
-    assert "holds a different run (differs in bits)" in capsys.readouterr().err
+    assert ("holds a different run (differs in bits (4 there, 8 now)); pass the run's values to continue it"
+            in capsys.readouterr().err)
     assert train.main(_args(model_dir, prompts, out, "--resume")) == 0  # every stage reused
     again = json.loads((out / "metrics.json").read_text())
     assert again["eval"]["qdpo"]["flip_rate"] == first["eval"]["qdpo"]["flip_rate"]
@@ -653,7 +654,7 @@ def test_exclude_keeps_the_named_layers_in_full_precision(model_dir, tmp_path, c
     ct = json.loads((out / "export_qdpo_compressed_tensors" / "config.json").read_text())
     assert set(keep) <= set(ct["quantization_config"]["ignore"])
     assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--init", "awq", "--resume")) == 2
-    assert "holds a different run (differs in exclude)" in capsys.readouterr().err
+    assert "holds a different run (differs in exclude (" in capsys.readouterr().err
     assert train.main(_args(model_dir, prompts, tmp_path / "typo", "--exclude", "*.down_porj")) == 2
     assert ("--exclude *.down_porj matches no layer of LlamaForCausalLM; its layers are named like "
             "'model.layers.0.self_attn.q_proj'") in capsys.readouterr().err
