@@ -26,9 +26,9 @@ def test_help_lists_every_option_with_its_text_and_default():
         after = text.split(shown, 1)[1]
         help_text = after.split("(default:", 1)[0]
         assert len(help_text.strip().split()) >= 2, (flag, help_text)
-        assert after.split("(default:", 1)[1].split(")", 1)[0].strip() == str(f.default), flag
+        assert after.split("(default:", 1)[1].split(")", 1)[0].strip() == (str(f.default) or "none"), flag
     assert "to 10 % (default: 2)" in text  # the stray % itself, printed as written
-    assert "default: None" not in text
+    assert "default: None" not in text and "(default: )" not in text
     # a field whose comment stands on the lines above it gets that comment
     assert "weight of a token-level KL(FP || quantized) term" in text
 

@@ -197,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         if typ is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
                            help=f"{helps.get(f.name, '')} (default: {f.default})")
-        else:
+        else:  # an empty default (no --exclude, no judge) reads "none", not a bare "(default: )"
             p.add_argument(_flag(f.name), type=typ, default=None, metavar=typ.__name__.upper(),
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+                           help=f"{helps.get(f.name, '')} (default: {f.default if f.default != '' else 'none'})")
     return p
 
 
