@@ -316,8 +316,8 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
         OPS.dequantize(q, s, z, 4, None, "cuda")
     monkeypatch.setenv("QDPO_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
-        OPS.dequantize(q, s, z, 4)
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors.*QDPO_BACKEND=cuda asked for it: unset"):
+        OPS.dequantize(q, s, z, 4)  # the environment chose it: the fix is there, not in an argument
     monkeypatch.setenv("QDPO_BACKEND", "reference")
     assert_exact(OPS.dequantize(q, s, z, 4), ref.dequantize(q, s, z, 4), "ŵ")
     assert "reference" in backends.available("cpu")

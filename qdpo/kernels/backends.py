@@ -130,6 +130,9 @@ def call(op: str, backend: str, device: torch.device, *args):
 
 
 def _call(op: str, backend: str, device: torch.device, *args):
+    # the fix names where the backend came from: the op's argument, or QDPO_BACKEND under backend='auto'
+    fix = "use backend='auto' or 'reference'" if backend != "auto" else \
+        f"QDPO_BACKEND={os.environ.get('QDPO_BACKEND')} asked for it: unset QDPO_BACKEND or set it to 'auto'"
     backend = requested(backend)
     if backend != "auto":
         why = _device_reason(backend, device)
@@ -137,14 +140,11 @@ def _call(op: str, backend: str, device: torch.device, *args):
         if why is None and fn is None:
             why = f"the {backend} backend does not implement qdpo::{op}"
         if why is not None:
-            raise RuntimeError(f"qdpo::{op}: {why}; use backend='auto' or 'reference'")
+            raise RuntimeError(f"qdpo::{op}: {why}; {fix}")
         try:
             return fn(*args)
         except Unsupported as e:
-            raise Refused(
-                f"qdpo::{op}: the {backend} backend cannot serve this request: {e}; "
-                "use backend='auto' or 'reference'"
-            ) from None
+            raise Refused(f"qdpo::{op}: the {backend} backend cannot serve this request: {e}; {fix}") from None
     gpu_order = (("cuda",) if CUDA_IN_AUTO else ()) + ("triton", "reference")
     order = gpu_order if device.type == "cuda" else ("reference",)
     for b in order:
