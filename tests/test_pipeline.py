@@ -375,6 +375,7 @@ def test_without_validation_the_report_names_the_step_whose_weights_were_kept(mo
         report = (out / "report.md").read_text()
         assert "ran 3 steps, kept the weights of step 3 (no validation check: the last step)" in report, name
         assert "early stopping" not in report.split("## Notes")[1], name
+        assert "- **Early stopping**: off" in report, name  # the Configuration section agrees
     assert "no validation prompts: training keeps its last step's weights (no early stopping)" in caplog.text
 
 

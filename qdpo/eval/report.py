@@ -173,8 +173,9 @@ def _spec_name(cfg: Mapping) -> str | None:
     return f"W{cfg['bits']}A16-{'ch' if gs == -1 else f'g{gs}'}-{'sym' if cfg.get('symmetric') else 'asym'}"
 
 
-def _config_lines(cfg: Mapping) -> list[str]:
-    """The configuration facts a reader needs, then the full config folded away."""
+def _config_lines(cfg: Mapping, training: Mapping | None = None) -> list[str]:
+    """The configuration facts a reader needs, then the full config folded away. ``training`` (metrics.json's
+    summaries) tells whether a validation check ran: without validation prompts early stopping was off."""
     g = cfg.get
     recipe = [f"{k}={g(k)}" for k in ("loss", "beta", "label_smoothing", "lr", "warmup_steps", "steps",
                                       "batch_size", "max_grad_norm", "nll_weight", "kd_weight", "window",
@@ -184,6 +185,8 @@ def _config_lines(cfg: Mapping) -> list[str]:
                 if g("eval_every") and g("patience") else "off")
     else:
         stop = None
+    if stop and stop != "off" and training and all(t.get("best_val_flip_rate") is None for t in training.values()):
+        stop = "off (no validation prompts: the last step's weights are kept)"
     facts = [("Model", g("model")), ("Quantization", _spec_name(cfg)), ("Initial quantization", g("init")),
              ("Method(s)", g("method")), ("Recipe", ", ".join(recipe) or None), ("Early stopping", stop),
              ("Greedy answers", f"max_new_tokens={g('max_new_tokens')}" if "max_new_tokens" in cfg else None),
@@ -326,7 +329,8 @@ def write_report_md(path, metrics: dict, plots: dict[str, Path] | None = None, n
     metrics = _clean(metrics)
     cfg, ev = metrics.get("config") or {}, metrics.get("eval") or {}
     weights = (metrics.get("init") or {}).get("weights")
-    lines = ["# QDPO run report", "", "## Configuration", "", *_coverage_lines(weights), *_config_lines(cfg), ""]
+    lines = ["# QDPO run report", "", "## Configuration", "", *_coverage_lines(weights),
+             *_config_lines(cfg, metrics.get("training")), ""]
     lines += ["## Preference pairs", "", *(_generic(metrics["pairs"]) if metrics.get("pairs") else ["(none)"]), ""]
     lines += ["## Evaluation", "", *(_eval_table(ev) if ev else ["(no model was evaluated)"]), ""]
     lines += ["## Verdict", "", *[f"- {s}" for s in verdict(metrics) or ["Nothing to compare."]], ""]
