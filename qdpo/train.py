@@ -138,10 +138,10 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 def _check_inputs_outside(cfg: TrainConfig, out: Path) -> None:
     """--overwrite deletes ``out``: refuse while an input of this run (the model, a prompt file, an --init
-    checkpoint, e.g. an export of the run being replaced) lies inside it."""
+    checkpoint, e.g. an export of the run being replaced, the --config file) lies inside it."""
     inputs = {"--model": "" if cfg.model == "default" else cfg.model,
               "--prompts": "" if cfg.prompts in ("", "default") else cfg.prompts, "--eval-prompts": cfg.eval_prompts,
-              "--init": "" if cfg.init in ("rtn", "awq") else cfg.init}
+              "--init": "" if cfg.init in ("rtn", "awq") else cfg.init, "--config": getattr(cfg, "config_file", "")}
     root = out.resolve()
     for flag, path in inputs.items():
         if path and root in (Path(path).expanduser().resolve(), *Path(path).expanduser().resolve().parents):

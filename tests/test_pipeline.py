@@ -139,6 +139,11 @@ def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     assert (f"--overwrite would delete --prompts {inside}, which lies inside --output-dir {out}; move it out first"
             in capsys.readouterr().err)
     assert inside.exists() and (out / "metrics.json").exists()  # nothing deleted
+    kept = out / "run.yaml"  # the --config file itself, kept beside the run it made
+    kept.write_text("steps: 2\n")
+    assert train.main(_args(model_dir, prompts, out, "--config", str(kept), "--overwrite")) == 2
+    assert f"--overwrite would delete --config {kept}" in capsys.readouterr().err
+    assert kept.exists() and (out / "metrics.json").exists()
     stranger = tmp_path / "not_a_run"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")

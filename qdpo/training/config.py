@@ -257,4 +257,5 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(**values)
     except TypeError as e:
         raise ConfigError(str(e)) from None
+    cfg.config_file = args.config  # not a setting (not in to_dict()): --overwrite must not delete it
     return cfg.validate()
