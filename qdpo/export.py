@@ -120,6 +120,10 @@ def _check_out(out: Path, overwrite: bool, src: Path) -> None:
         raise ExportError(f"--out {out} is inside the model being exported; choose another directory")
     if out.resolve() in src.resolve().parents:  # --overwrite would delete the source (a run directory) with it
         raise ExportError(f"--out {out} holds the model being exported ({src}); choose another directory")
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):  # `--out .`: the export replaces --out whole, and the shell's cwd
+        raise ExportError(f"--out {out} is the current directory (or holds it), which the export would replace as a "
+                          f"whole; name a new directory, e.g. --out {out / 'model-export'}")
     blocked = next((d for d in out.resolve().parents if d.exists() and not d.is_dir()), None)
     if blocked is not None:
         raise ExportError(f"--out {out} cannot be made: {blocked} is a file; choose another directory")

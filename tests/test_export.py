@@ -443,6 +443,19 @@ def test_export_out_holding_the_source_is_refused_even_with_overwrite(tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
+def test_export_out_the_current_directory_is_refused(tmp_path, monkeypatch):
+    # `--out .` in an empty directory: the export replaces --out whole, so the shell would be left in a deleted one
+    packed_export(tmp_path / "run" / "export_qdpo", QuantSpec(4, 32, True))
+    here = tmp_path / "work" / "sub"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for out in (".", "..", str(here)):
+        rc, _, err = run_export(tmp_path / "run", "--format", "compressed-tensors", "--out", out)
+        assert_user_error(rc, err, f"--out {out} is the current directory (or holds it)")
+    assert here.is_dir() and not any(here.iterdir())
+    assert run_export(tmp_path / "run", "--format", "compressed-tensors", "--out", "model")[0] == 0  # a new one
+
+
 def test_save_pretrained_of_a_quantized_model_is_refused(tmp_path):
     # transformers would write the packed tensors under names it does not read back, and load that
     # checkpoint with random weights in their place (warning only): the model says how to save it instead
