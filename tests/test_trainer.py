@@ -202,6 +202,34 @@ def test_resume_gives_the_same_final_weights(data, tmp_path):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("method,kw", [("kd", {}), ("qdpo", dict(kd_weight=2.0))])
+def test_kd_resume_gives_the_same_final_weights(data, tmp_path, method, kw):
+    """The KD teacher's cache starts empty on resume: its hidden states must not depend on the micro-batch
+    that first asked for them (the straight run filled it in other batches), or the weights drift by
+    float rounding."""
+    fp, q, examples = fresh(data)
+    c = cfg(steps=8, checkpoint_every=3, **kw)
+    q_full = copy.deepcopy(q)
+    Trainer(q_full, c, method, examples, tmp_path / "full", fp_model=fp, pad_id=1, disable_progress=True).run()
+    t = Trainer(copy.deepcopy(q), c, method, examples, tmp_path / "cut", fp_model=fp, pad_id=1,
+                disable_progress=True)
+    orig = t.train_step
+
+    def step_then_die():
+        rec = orig()
+        if t.step == 4:  # killed after the checkpoint of step 3
+            raise _Interrupt
+        return rec
+
+    t.train_step = step_then_die
+    with pytest.raises(_Interrupt):
+        t.run()
+    q_b = copy.deepcopy(q)
+    Trainer(q_b, c, method, examples, tmp_path / "cut", fp_model=fp, pad_id=1, disable_progress=True).run(resume=True)
+    for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data, tmp_path):
     fp, q, examples = fresh(data)
     c = cfg(steps=6, checkpoint_every=3)

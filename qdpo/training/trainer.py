@@ -261,8 +261,12 @@ class TeacherCache:
     """The FP model's hidden states at each example's chosen-answer positions, computed once.
 
     Keyed by the example's (prompt, chosen) token ids; kept in CPU memory up to
-    ``max_bytes`` (then the rest is recomputed each time). Rows are right-padded,
-    so an example's hidden states do not depend on the batch it came in.
+    ``max_bytes`` (then the rest is recomputed each time). The FP model runs on
+    each missing example alone, so its hidden states are the same bits whatever
+    batch first asked for them: in a batch, shared starts (``decoder_hidden``)
+    and padding widths depend on the other rows and change the float rounding,
+    and a resumed run, its cache empty, would meet each example in another batch
+    than the straight run did.
     """
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
@@ -288,15 +292,13 @@ class TeacherCache:
         keys = [(tuple(e.prompt_ids), tuple(e.chosen_ids)) for e in examples]
         got = {i: self.rows[k] for i, k in enumerate(keys) if k in self.rows}
         missing = [i for i in range(len(keys)) if i not in got]
-        if missing:
-            sub = batch if len(missing) == len(keys) else Batch(
-                batch.input_ids[missing], batch.attention_mask[missing], batch.completion_mask[missing])
+        for i in missing:  # one row, unpadded: see the class docstring
+            n = int(batch.attention_mask[i].sum())
+            one = Batch(batch.input_ids[i:i + 1, :n], batch.attention_mask[i:i + 1, :n],
+                        batch.completion_mask[i:i + 1, :n])
             with _autocast(cfg, device):
-                h_t, _, row = completion_hidden(fp_model, sub)
-            parts = h_t.split(torch.bincount(row, minlength=len(missing)).tolist())
-            for i, part in zip(missing, parts):
-                got[i] = part
-                self.add(*keys[i], part)
+                got[i], _, _ = completion_hidden(fp_model, one)
+            self.add(*keys[i], got[i])
         return torch.cat([got[i].to(device) for i in range(len(keys))])
 
 
