@@ -688,8 +688,12 @@ def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     env = D.env()
     where = f"rank {env.rank} of {env.world_size}: " if env.world_size > 1 else ""
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,  # logs from rank 0 only
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # logs and warnings from rank 0 only (every rank meets the same ones); errors from every rank, tagged
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.ERROR,
+                        format=f"%(asctime)s {where}%(name)s: %(message)s" if env.rank else
+                        "%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if env.rank:
+        logging.captureWarnings(True)  # Python warnings as log records at WARNING: dropped here as well
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import transformers
 

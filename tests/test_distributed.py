@@ -170,6 +170,17 @@ def test_torchrun_an_unreachable_judge_ends_every_rank_with_its_error(model_dir,
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_torchrun_prints_a_warning_once(model_dir, tmp_path):  # noqa: F811
+    # every rank tokenizes the prompts and meets the one too long for --max-length: its warning came from each
+    prompts = _prompts(tmp_path / "p.jsonl")
+    with prompts.open("a") as f:
+        f.write(json.dumps({"id": "long", "prompt": " ".join(["w1"] * 40), "split": "train"}) + "\n")
+    r = torchrun("-m", "qdpo.train", *_args(model_dir, prompts, tmp_path / "run", "--method", "sft", "--steps", "2",
+                                            "--max-length", "32", "--no-export"), timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("1 prompt(s) longer than --max-length 32 were dropped") == 1, r.stderr[-4000:]
+
+
 def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):
     full = in_process(data, tmp_path / "full", latent_dtype="bfloat16")
     assert all(w.dtype == torch.bfloat16 for w in full["weights"].values())
