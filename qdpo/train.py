@@ -710,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
         instead = " instead of --overwrite" if cfg is not None and cfg.overwrite else ""  # the pair is refused
         print(f"qdpo.train: interrupted; rerun the same command with --resume{instead} to continue", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not D.peer_failed(e):
+            raise
+        return 1  # another rank failed and prints why: leave quietly
     finally:
         D.shutdown(clean)
     if env.rank != 0:

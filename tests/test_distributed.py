@@ -181,6 +181,41 @@ def test_torchrun_prints_a_warning_once(model_dir, tmp_path):  # noqa: F811
     assert r.stderr.count("1 prompt(s) longer than --max-length 32 were dropped") == 1, r.stderr[-4000:]
 
 
+CRASH = """# qdpo.train with rank 0's evaluation of the trained model failing
+import runpy
+import sys
+
+sys.path.insert(0, {root!r})
+from qdpo.eval import metrics as M
+
+calls, tf = [], M.teacher_forced
+
+
+def failing(*a, **kw):
+    calls.append(1)
+    if len(calls) == 3:  # the FP and initial models' evaluations pass, the trained one's fails
+        raise RuntimeError("simulated evaluation bug")
+    return tf(*a, **kw)
+
+
+M.teacher_forced = failing
+runpy.run_module("qdpo.train", run_name="__main__")
+"""
+
+
+def test_torchrun_a_crash_on_rank_0_is_the_one_error_printed(model_dir, tmp_path):  # noqa: F811
+    # rank 1, waiting on a barrier while rank 0 evaluated, printed gloo's "Connection closed by peer" traceback
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(root=str(HERE.parent)))
+    prompts = _prompts(tmp_path / "p.jsonl")
+    r = torchrun(script, *_args(model_dir, prompts, tmp_path / "run", "--method", "sft", "--steps", "2",
+                                "--no-export"), timeout=180)
+    assert r.returncode != 0
+    assert "RuntimeError: simulated evaluation bug" in r.stderr, r.stderr[-4000:]
+    assert "Connection closed" not in r.stderr and "Connection reset" not in r.stderr, r.stderr[-4000:]
+    assert "[rank1]" not in r.stderr, r.stderr[-4000:]
+
+
 def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):
     full = in_process(data, tmp_path / "full", latent_dtype="bfloat16")
     assert all(w.dtype == torch.bfloat16 for w in full["weights"].values())

@@ -111,6 +111,17 @@ def shutdown(clean: bool = False) -> None:
         dist.destroy_process_group()
 
 
+# What a gloo collective's error says when a peer's process ended (crashed, or stopped by torchrun)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is this rank's collective failing because another rank's process ended: that rank prints
+    its own error, and this one's traceback (gloo's "Connection closed by peer ... remote worker crashing")
+    would only bury it."""
+    return is_dist() and isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_GONE)
+
+
 def exit_process(code: int) -> None:
     """Leave a process of a multi-process run with ``code`` without the interpreter's teardown.
 
