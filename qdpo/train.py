@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import resource
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -295,7 +296,8 @@ def run(cfg: TrainConfig) -> dict:
         from qdpo.eval.judge import check
 
         D.on_main(lambda: check(cfg.judge_url, cfg.judge_model, cfg.judge_key_env))
-    D.resolve_mode(cfg.dist, cfg.batch_size, cfg.learn_scales, cfg.latent_dtype)  # fails now, not after generation
+    # fails now, not after generation; the same on every rank: rank 0's error, printed once
+    D.on_main(lambda: D.resolve_mode(cfg.dist, cfg.batch_size, cfg.learn_scales, cfg.latent_dtype))
     D.on_main(lambda: prepare_run_dir(cfg))
     out = Path(cfg.output_dir)
     stage = Stages()
@@ -700,15 +702,23 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()  # per-tensor bars of instant loads; qdpo has its own
     clean, cfg = False, None
     try:
-        cfg = parse_args(argv)
+        cfg = _parse(argv, env.rank)
         result = run(cfg)
         clean = True
     except USER_ERRORS as e:
-        print(f"qdpo.train: error: {where}{e}", file=sys.stderr)
+        # once, from rank 0: errors in the arguments (every rank parses them) and rank 0's, re-raised on every
+        # rank (which then all end together: rank 0 prints before the others leave and torchrun stops it)
+        clean = D.from_main(e)
+        if not env.rank or not (cfg is None or clean):
+            print(f"qdpo.train: error: {where}{e}", file=sys.stderr)
+        elif cfg is None:
+            _wait_for_rank_0(f"qdpo.train: error: {where}{e}")
         return 2
-    except KeyboardInterrupt:
-        instead = " instead of --overwrite" if cfg is not None and cfg.overwrite else ""  # the pair is refused
-        print(f"qdpo.train: interrupted; rerun the same command with --resume{instead} to continue", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank
+        if not env.rank:
+            instead = " instead of --overwrite" if cfg is not None and cfg.overwrite else ""  # the pair is refused
+            print(f"qdpo.train: interrupted; rerun the same command with --resume{instead} to continue",
+                  file=sys.stderr)
         return 130
     except Exception as e:
         if not D.peer_failed(e):
@@ -722,6 +732,32 @@ def main(argv: list[str] | None = None) -> int:
     line = ", ".join(f"{k} {v['flip_rate']:.4f}" for k, v in ev.items() if k != "fp")
     print(f"report: {result['report']}\ntest token-flip rate: {line}")
     return 0
+
+
+def _parse(argv: list[str] | None, rank: int) -> TrainConfig:
+    """The configuration. Every rank parses the same arguments: on the others argparse's output (usage and
+    errors, --help) is held back, as rank 0 prints it (see :func:`_wait_for_rank_0`)."""
+    if not rank:
+        return parse_args(argv)
+    held = io.StringIO()
+    try:
+        with redirect_stdout(held), redirect_stderr(held):
+            return parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            _wait_for_rank_0(held.getvalue().rstrip())
+        raise
+
+
+RANK_0_WAIT_S = 60  # how long a rank waits for rank 0 to print an error in the arguments (and torchrun to stop it)
+
+
+def _wait_for_rank_0(message: str) -> None:
+    """On a rank other than 0, after an error in the arguments: rank 0 meets it too and prints it, then exits,
+    and torchrun stops this rank. Leaving first would get rank 0 stopped, maybe before it printed; so wait,
+    and print ``message`` only if this rank is still running after :data:`RANK_0_WAIT_S` seconds."""
+    time.sleep(RANK_0_WAIT_S)
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def test_torchrun_an_unreachable_judge_ends_every_rank_with_its_error(model_dir,
                                             "http://127.0.0.1:9/v1", "--judge-model", "stub"), timeout=120)
     assert r.returncode != 0
     assert "qdpo.train: error: rank 0 of 2: --judge-url http://127.0.0.1:9/v1: cannot reach" in r.stderr
+    assert r.stderr.count("qdpo.train: error:") == 1, r.stderr[-4000:]  # rank 1 does not repeat rank 0's error
     assert "[rank1]" not in r.stderr and "Connection reset" not in r.stderr, r.stderr[-4000:]
     assert not (tmp_path / "run").exists()  # nothing written
 
@@ -214,6 +215,19 @@ def test_torchrun_a_crash_on_rank_0_is_the_one_error_printed(model_dir, tmp_path
     assert "RuntimeError: simulated evaluation bug" in r.stderr, r.stderr[-4000:]
     assert "Connection closed" not in r.stderr and "Connection reset" not in r.stderr, r.stderr[-4000:]
     assert "[rank1]" not in r.stderr, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("extra,error", [(["--bits", "5"], "bits=5 is not supported"),
+                                         (["--batch-size", "3", "--micro-batch-size", "1"],
+                                          "--batch-size 3 does not split over 2 processes")],
+                         ids=["argument", "split"])
+def test_torchrun_prints_a_user_error_once(model_dir, tmp_path, extra, error):  # noqa: F811
+    # every rank parses the arguments and checks the split, and each printed the same error line
+    r = torchrun("-m", "qdpo.train", *_args(model_dir, _prompts(tmp_path / "p.jsonl"), tmp_path / "run", *extra),
+                 timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("qdpo.train: error:") == 1 and error in r.stderr, r.stderr[-4000:]
+    assert "exitcode  : 2" in r.stderr
 
 
 def test_bf16_latent_weights_step_an_fp32_master_that_resumes_exactly(data, one_process, tmp_path):

@@ -212,10 +212,26 @@ def on_main(fn):
             err = e
     shared = broadcast(_portable(err))
     if err is not None:
-        raise err
+        raise mark_from_main(err)
     if shared is not None:
-        raise shared
+        raise mark_from_main(shared)
     return out
+
+
+def mark_from_main(err: BaseException, cause: BaseException | None = None) -> BaseException:
+    """``err`` marked as rank 0's error that every rank raises at the same point (or, with ``cause``, marked
+    when ``cause`` is): rank 0 prints it, and the ranks may end together (:func:`from_main`)."""
+    if cause is None or getattr(cause, "qdpo_from_main", False):
+        try:
+            err.qdpo_from_main = True
+        except AttributeError:  # an exception type without attributes: printed on every rank
+            pass
+    return err
+
+
+def from_main(err: BaseException) -> bool:
+    """Whether ``err`` is rank 0's error that :func:`on_main` raised on every rank."""
+    return is_dist() and getattr(err, "qdpo_from_main", False)
 
 
 def main_first(fn):

@@ -381,8 +381,9 @@ class Trainer:
             D.save_checkpoint(folder, self.model, self.opt, tensors, meta)
             self.saved_step = self.step
         except OSError as e:
-            raise CheckpointError(f"could not write checkpoint {folder} ({e.strerror or e}); free space and rerun "
-                                  "with --resume: the previous checkpoint is intact") from None
+            raise D.mark_from_main(CheckpointError(
+                f"could not write checkpoint {folder} ({e.strerror or e}); free space and rerun with --resume: the "
+                "previous checkpoint is intact"), e) from None
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint that loads (saved by any number of processes)."""
