@@ -341,7 +341,8 @@ def test_fp_hidden_from_decoding_gives_the_same_eval_and_kd(data, tmp_path):
 @pytest.mark.parametrize("kw", [dict(steps=8, checkpoint_every=4),  # the last step is a checkpoint step
                                 dict(steps=12, eval_every=2, patience=1, lr=3e-2)])  # stops early
 def test_resuming_a_finished_run_trains_no_more(data, tmp_path, kw):
-    """--resume on a completed run (last step checkpointed, or stopped early) keeps its final weights."""
+    """--resume on a completed run (last step checkpointed, or stopped early) keeps its final weights and does not
+    write its last checkpoint again."""
     fp, q, examples = fresh(data)
     targets_ex = [(e.prompt_ids, e.chosen_ids) for e in examples]
     from qdpo.eval.metrics import fp_targets
@@ -355,6 +356,7 @@ def test_resuming_a_finished_run_trains_no_more(data, tmp_path, kw):
     q_b = copy.deepcopy(q)
     t = Trainer(q_b, c, "qdpo", examples, tmp_path, val=val, pad_id=1, disable_progress=True)
     t.train_step = lambda: pytest.fail("a finished run trained again on --resume")
+    t.save_checkpoint = lambda: pytest.fail("a finished run wrote its last checkpoint again on --resume")
     again = t.run(resume=True)
     assert again["steps_run"] == summary["steps_run"] and again["best_step"] == summary["best_step"]
     for (n, a), (_, b) in zip(q_a.named_parameters(), q_b.named_parameters()):

@@ -393,6 +393,7 @@ class Trainer:
                 start = trainable_state(self.model)
             try:
                 meta = self._load(folder)
+                self.saved_step = self.step  # on disk already: a finished run is not written again
             except (Exception, D.CheckpointException) as e:  # noqa: BLE001 - a damaged one: try the one before
                 log.warning("checkpoint %s does not load (%s); trying an older one", folder, str(e).splitlines()[0])
                 # as before the load: DCP created the AdamW state (a step with zero gradients) and filled part
