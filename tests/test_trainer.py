@@ -230,7 +230,7 @@ def test_kd_resume_gives_the_same_final_weights(data, tmp_path, method, kw):
         assert torch.equal(a, b), n
 
 
-def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data, tmp_path):
+def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data, tmp_path, caplog):
     fp, q, examples = fresh(data)
     c = cfg(steps=6, checkpoint_every=3)
     q_full = copy.deepcopy(q)
@@ -243,6 +243,10 @@ def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data
     q_b = copy.deepcopy(q)
     t = Trainer(q_b, c, "qdpo", examples, tmp_path / "run", pad_id=1, disable_progress=True)
     t.run(resume=True)  # nothing loads: trains from step 0, as the first run did
+    why = [r.getMessage() for r in caplog.records if r.name == "qdpo.train" and "does not load" in r.getMessage()]
+    assert len(why) == 2, why
+    for w in why:  # the reading error, not the first line of DCP's exception (the list of ranks that failed)
+        assert "(RuntimeError: PytorchStreamReader failed reading zip archive" in w and "ranks:" not in w, w
     assert [h["step"] for h in t.history] == list(range(7))
     for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
         assert torch.equal(a, b), n

@@ -460,6 +460,15 @@ def _quiet_single_process():
         yield
 
 
+def failure_reason(e: BaseException) -> str:
+    """The first line of what went wrong: for a DCP ``CheckpointException`` (whose own first line only lists
+    the ranks that failed), the first rank's error."""
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    err = failures[0] if failures else e
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if failures and text else (text[0] if text else type(err).__name__)
+
+
 def _os_error(e: BaseException) -> OSError:
     """The ``OSError`` behind a failed DCP save (a rank's failure is wrapped in a CheckpointException)."""
     failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]

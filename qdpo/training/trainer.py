@@ -395,7 +395,7 @@ class Trainer:
                 meta = self._load(folder)
                 self.saved_step = self.step  # on disk already: a finished run is not written again
             except (Exception, D.CheckpointException) as e:  # noqa: BLE001 - a damaged one: try the one before
-                log.warning("checkpoint %s does not load (%s); trying an older one", folder, str(e).splitlines()[0])
+                log.warning("checkpoint %s does not load (%s); trying an older one", folder, D.failure_reason(e))
                 # as before the load: DCP created the AdamW state (a step with zero gradients) and filled part
                 # of it, and of the weights; a run that finds no loadable checkpoint starts as a fresh one
                 load_trainable_state(self.model, start)
