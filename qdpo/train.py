@@ -721,9 +721,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 130
     except Exception as e:
-        if not D.peer_failed(e):
-            raise
-        return 1  # another rank failed and prints why: leave quietly
+        if D.peer_failed(e):
+            return 1  # another rank failed and prints why: leave quietly
+        if env.rank and D.from_main(e):  # rank 0's crash, raised on every rank: rank 0 prints its traceback
+            _wait_for_rank_0(f"qdpo.train: error: {where}rank 0 failed: {type(e).__name__}: {e}")
+            return 1
+        raise
     finally:
         D.shutdown(clean)
     if env.rank != 0:
@@ -749,13 +752,14 @@ def _parse(argv: list[str] | None, rank: int) -> TrainConfig:
         raise
 
 
-RANK_0_WAIT_S = 60  # how long a rank waits for rank 0 to print an error in the arguments (and torchrun to stop it)
+RANK_0_WAIT_S = 60  # how long a rank waits for rank 0 to print an error they share (and torchrun to stop it)
 
 
 def _wait_for_rank_0(message: str) -> None:
-    """On a rank other than 0, after an error in the arguments: rank 0 meets it too and prints it, then exits,
-    and torchrun stops this rank. Leaving first would get rank 0 stopped, maybe before it printed; so wait,
-    and print ``message`` only if this rank is still running after :data:`RANK_0_WAIT_S` seconds."""
+    """On a rank other than 0, after an error that rank 0 meets too (one in the arguments, or rank 0's crash
+    that ``on_main`` raised here): rank 0 prints it, then exits, and torchrun stops this rank. Leaving first
+    would get rank 0 stopped, maybe before it printed; so wait, and print ``message`` only if this rank is
+    still running after :data:`RANK_0_WAIT_S` seconds."""
     time.sleep(RANK_0_WAIT_S)
     print(message, file=sys.stderr)
 

@@ -188,6 +188,7 @@ import sys
 
 sys.path.insert(0, {root!r})
 from qdpo.eval import metrics as M
+from qdpo.training import stages as S
 
 calls, tf = [], M.teacher_forced
 
@@ -199,20 +200,28 @@ def failing(*a, **kw):
     return tf(*a, **kw)
 
 
+def failing_write(*a, **kw):
+    raise RuntimeError("simulated write bug")
+
+
 M.teacher_forced = failing
+if {write!r}:
+    S._save_hidden = failing_write  # rank 0 writes answers/fp_hidden.safetensors alone, through on_main
 runpy.run_module("qdpo.train", run_name="__main__")
 """
 
 
-def test_torchrun_a_crash_on_rank_0_is_the_one_error_printed(model_dir, tmp_path):  # noqa: F811
-    # rank 1, waiting on a barrier while rank 0 evaluated, printed gloo's "Connection closed by peer" traceback
+@pytest.mark.parametrize("where", ["evaluation", "write"])
+def test_torchrun_a_crash_on_rank_0_is_the_one_error_printed(model_dir, tmp_path, where):  # noqa: F811
+    # evaluation: rank 1, waiting on a barrier while rank 0 evaluated, printed gloo's "Connection closed by peer"
+    # traceback; write: rank 1 raised rank 0's error (on_main shares it) with a traceback of its own
     script = tmp_path / "crash.py"
-    script.write_text(CRASH.format(root=str(HERE.parent)))
+    script.write_text(CRASH.format(root=str(HERE.parent), write=where == "write"))
     prompts = _prompts(tmp_path / "p.jsonl")
     r = torchrun(script, *_args(model_dir, prompts, tmp_path / "run", "--method", "sft", "--steps", "2",
                                 "--no-export"), timeout=180)
     assert r.returncode != 0
-    assert "RuntimeError: simulated evaluation bug" in r.stderr, r.stderr[-4000:]
+    assert f"RuntimeError: simulated {where} bug" in r.stderr, r.stderr[-4000:]
     assert "Connection closed" not in r.stderr and "Connection reset" not in r.stderr, r.stderr[-4000:]
     assert "[rank1]" not in r.stderr, r.stderr[-4000:]
 
