@@ -48,9 +48,12 @@ log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
 # Written first by --overwrite and removed last: a directory it was emptying when killed still says so.
 OVERWRITING = ".overwriting"
-# Fields that do not change what a run computes (so --resume accepts a change in them).
+# Fields that do not change what a run computes (so --resume accepts a change in them). The batch sizes of
+# generation and of each forward and the output layer's chunk bound memory: a run that ran out of it resumes with
+# smaller ones (float rounding apart, as with another number of processes).
 NON_RESULT_FIELDS = ("output_dir", "resume", "overwrite", "log_every", "device", "export", "checkpoint_every",
-                     "method", "dist", "activation_checkpointing", "judge_url", "judge_model", "judge_key_env")
+                     "method", "dist", "activation_checkpointing", "judge_url", "judge_model", "judge_key_env",
+                     "gen_batch_size", "micro_batch_size", "logps_chunk")
 
 
 class RunDirError(ValueError):

@@ -106,6 +106,17 @@ def test_end_to_end_all_methods(model_dir, tmp_path, capsys):
     assert (out / "flip_vs_margin.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
 
+def test_resume_accepts_smaller_memory_settings(model_dir, tmp_path):
+    # a run that ran out of memory (generation, a training forward, the output layer) was refused as another run
+    # when resumed with smaller batches: only --overwrite, losing its answers, let it go on
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1")) == 0
+    assert train.main(_args(model_dir, prompts, out, "--steps", "1", "--resume", "--gen-batch-size", "2",
+                            "--micro-batch-size", "1", "--logps-chunk", "5")) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["micro_batch_size"] == 1
+
+
 def test_run_directory_rules_and_resume(model_dir, tmp_path, capsys):
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
