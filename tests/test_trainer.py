@@ -175,6 +175,21 @@ class _Interrupt(Exception):
     pass
 
 
+def _killed_after(t: Trainer, step: int) -> None:
+    """Run ``t`` and stop it as a kill would, right after its step ``step`` (no checkpoint of that step)."""
+    orig = t.train_step
+
+    def step_then_die():
+        rec = orig()
+        if t.step == step:
+            raise _Interrupt
+        return rec
+
+    t.train_step = step_then_die
+    with pytest.raises(_Interrupt):
+        t.run()
+
+
 def test_resume_gives_the_same_final_weights(data, tmp_path):
     fp, q, examples = fresh(data)
     c = cfg(steps=10, checkpoint_every=3)
@@ -183,17 +198,7 @@ def test_resume_gives_the_same_final_weights(data, tmp_path):
 
     q_a = copy.deepcopy(q)
     t = Trainer(q_a, c, "qdpo", examples, tmp_path / "cut", pad_id=1, disable_progress=True)
-    orig = t.train_step
-
-    def step_then_die():
-        rec = orig()
-        if t.step == 7:  # killed between checkpoints (last one at step 6)
-            raise _Interrupt
-        return rec
-
-    t.train_step = step_then_die
-    with pytest.raises(_Interrupt):
-        t.run()
+    _killed_after(t, 7)  # between checkpoints (the last one at step 6)
     q_b = copy.deepcopy(q)
     t2 = Trainer(q_b, c, "qdpo", examples, tmp_path / "cut", pad_id=1, disable_progress=True)
     t2.run(resume=True)
@@ -213,17 +218,7 @@ def test_kd_resume_gives_the_same_final_weights(data, tmp_path, method, kw):
     Trainer(q_full, c, method, examples, tmp_path / "full", fp_model=fp, pad_id=1, disable_progress=True).run()
     t = Trainer(copy.deepcopy(q), c, method, examples, tmp_path / "cut", fp_model=fp, pad_id=1,
                 disable_progress=True)
-    orig = t.train_step
-
-    def step_then_die():
-        rec = orig()
-        if t.step == 4:  # killed after the checkpoint of step 3
-            raise _Interrupt
-        return rec
-
-    t.train_step = step_then_die
-    with pytest.raises(_Interrupt):
-        t.run()
+    _killed_after(t, 4)  # after the checkpoint of step 3
     q_b = copy.deepcopy(q)
     Trainer(q_b, c, method, examples, tmp_path / "cut", fp_model=fp, pad_id=1, disable_progress=True).run(resume=True)
     for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
