@@ -351,6 +351,46 @@ def test_load_errors_not_json_missing_dir_and_pickles(tmp_path):
         qdpo.load_quantized(pick)
 
 
+def test_interrupted_resave_is_refused_not_read_with_the_old_config(tmp_path, monkeypatch):
+    # re-saving into a packed directory wrote the new weights first: interrupted, they sat beside the old
+    # qdpo_quant.json, which load_quantized read them with
+    path = _saved(tmp_path)
+    (path / "notes.txt").write_text("mine")
+    model = tiny("llama", seed=1)
+    qdpo.quantize_model(model, QuantSpec(8, 32), mode="packed")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model.config), "to_json_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qdpo.save_quantized(model, path)
+    with pytest.raises(ValueError, match="save_quantized that wrote it did not finish.*save the model again"):
+        qdpo.load_quantized(path)
+    monkeypatch.undo()
+    qdpo.save_quantized(model, path)
+    assert_exact(qdpo.load_quantized(path)(IDS).logits, model(IDS).logits, "logits")
+    assert (path / "notes.txt").read_text() == "mine"  # other files in the directory are kept
+    assert not any(p.name.startswith(".") for p in path.iterdir())
+
+
+def test_failed_weights_write_keeps_the_earlier_save(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    expect = qdpo.load_quantized(path)(IDS).logits
+    model = tiny("llama", seed=1)
+    qdpo.quantize_model(model, QuantSpec(8, 32), mode="packed")
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qdpo.quant.io.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        qdpo.save_quantized(model, path)
+    assert_exact(qdpo.load_quantized(path)(IDS).logits, expect, "logits")
+    assert not any(p.name.startswith(".") for p in path.iterdir())
+
+
 def test_save_refuses_unquantized_model(tmp_path):
     with pytest.raises(ValueError, match="no QuantLinear layers; call qdpo.quantize_model first"):
         qdpo.save_quantized(tiny("llama"), tmp_path)

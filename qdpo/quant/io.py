@@ -14,8 +14,12 @@ A saved directory holds:
 * ``config.json`` (the model's ``transformers`` config) and, when given,
   the tokenizer files.
 
-Files are written under temporary names and renamed, so an interrupted save
-never leaves a directory that loads. Loading reads safetensors only and
+Files are written under temporary names and renamed. Before the new weights
+replace any file, ``qdpo_quant.json`` is replaced by a placeholder saying the
+save is under way, and it is written for real last: an interrupted save (also
+one into a directory holding an earlier packed model) leaves a directory that
+every reader refuses as unfinished, never new weights beside an old config. Other files in the
+directory are left as they are. Loading reads safetensors only and
 refuses pickled checkpoints.
 """
 
@@ -39,6 +43,8 @@ from qdpo.quant.spec import QuantSpec
 CONFIG_NAME = "qdpo_quant.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "qdpo-packed"
+# The key of the placeholder qdpo_quant.json a save writes before its files (and replaces last): not finished.
+_UNFINISHED = "save_in_progress"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -87,7 +93,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     tensors, aliases = packed_state_dict(model)
     cfg = {"format": FORMAT, "version": 1, "spec": specs.pop().to_dict(),
            "modules": sorted(layers), "aliases": aliases, **({"experts": sorted(experts)} if experts else {})}
-    _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    weights = path / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        # an earlier save's config must never describe the new files: replaced before them, rewritten last
+        _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps({"format": FORMAT, "version": 1,
+                                                                             _UNFINISHED: True})))
+        os.replace(weights, path / WEIGHTS_NAME)
+    finally:
+        if weights.exists():
+            weights.unlink()
     if hasattr(model, "config"):
         _atomic_write(path / "config.json", lambda p: model.config.to_json_file(str(p)))
     if tokenizer is not None:
@@ -112,6 +127,9 @@ def read_quant_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}); re-save the model") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise ValueError(f"{f}: 'format' must be {FORMAT!r}, got {cfg.get('format') if isinstance(cfg, dict) else cfg!r}")
+    if cfg.get(_UNFINISHED):
+        raise ValueError(f"{path}: the qdpo.save_quantized that wrote it did not finish (interrupted; its files may "
+                         "mix an earlier model's with a new one's); save the model again")
     if cfg.get("version") != 1:  # a later layout: reading it as version 1 could misplace tensors silently
         raise ValueError(f"{f}: format version {cfg.get('version')!r} is not one this qdpo reads (1); load it with the "
                          "qdpo release that saved it, or a newer one")
