@@ -216,6 +216,23 @@ def test_compressed_tensors_symmetric_config_checks_a_stored_zero_point():
             assert_same(convert.from_compressed_tensors({**t, "weight_zero_point": zp}, spec), qw)
 
 
+def test_gptq_symmetric_zero_points_in_the_other_format_name_checkpoint_format():
+    # gptq_v2 data whose config says v1 (or the reverse) read as "not all 8; read it with symmetric=False":
+    # an asymmetric read then takes every zero point off by one, a silently wrong model
+    spec = QuantSpec(4, 32, True)
+    qw = random_weight(8, 64, spec, torch.float16)
+    for written_v2 in (True, False):
+        t = convert.to_gptq(qw, v2=written_v2)
+        other = "gptq_v2" if written_v2 else "gptq"
+        with pytest.raises(FormatError, match=f"every zero point is {9 if written_v2 else 7}, not 8.*set the "
+                                              f"config's checkpoint_format to '{other}'"):
+            convert.from_gptq(t, spec, v2=not written_v2)
+        assert_same(convert.from_gptq(t, spec, v2=written_v2), qw)
+    asym = convert.to_gptq(random_weight(8, 64, QuantSpec(4, 32, False), torch.float16, zmin=1))
+    with pytest.raises(FormatError, match="either the weight is asymmetric .* or the checkpoint_format"):
+        convert.from_gptq(asym, spec)
+
+
 def test_act_order_g_idx_is_refused():
     spec = QuantSpec(4, 32, True)
     t = convert.to_gptq(random_weight(8, 64, spec, torch.float16))

@@ -300,9 +300,25 @@ def from_gptq(tensors: dict[str, Tensor], spec: QuantSpec, v2: bool = False) -> 
     codes = _unpack_words(qweight.t(), b, k)  # [N, K]
     stored = _unpack_words(qzeros, b, n).t().to(torch.int64)  # [N, K/G]
     zeros = ((stored + (0 if v2 else 1)) & ((1 << b) - 1)).to(torch.uint8)
-    _check_symmetric_zeros(zeros, spec, "GPTQ (sym=true)")
+    _check_gptq_symmetric_zeros(zeros, spec, v2)
     s = scales.t().contiguous()
     return QuantizedWeight(pack(codes, b), s, zeros.contiguous(), spec, (n, k), s.dtype)
+
+
+def _check_gptq_symmetric_zeros(zeros: Tensor, spec: QuantSpec, v2: bool) -> None:
+    """A symmetric GPTQ weight's zero points, read as ``v2`` says, are all ``2^(b−1)``; else say which of the two
+    causes the file shows: the other checkpoint format (every zero point off by one), or an asymmetric weight."""
+    off = 1 << (spec.bits - 1)
+    if not spec.symmetric or bool((zeros == off).all()):
+        return
+    fmt, other, stored = ("gptq_v2", "gptq", "z − 1") if v2 else ("gptq", "gptq_v2", "z")
+    if bool((zeros == off + (-1 if v2 else 1)).all()):
+        raise FormatError(f"GPTQ (sym=true): read as checkpoint_format {fmt!r} every zero point is "
+                          f"{off + (-1 if v2 else 1)}, not {off}: the file stores {stored} ({other} layout) and its "
+                          f"config names the wrong format; set the config's checkpoint_format to {other!r}")
+    raise FormatError(f"GPTQ (sym=true): the zero points are not all {off}: either the weight is asymmetric (set "
+                      f"sym to false) or the checkpoint_format ({fmt!r}; gptq stores z − 1, gptq_v2 z) does not "
+                      "match the file")
 
 
 # ----------------------------------------------------------------------------- AWQ GEMM
