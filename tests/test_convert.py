@@ -233,6 +233,22 @@ def test_gptq_symmetric_zero_points_in_the_other_format_name_checkpoint_format()
         convert.from_gptq(asym, spec)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compressed_tensors_unpacked_asymmetric_zero_points(bits):
+    # older compressed-tensors releases stored one signed zero point per group ([N, K/G], z - 2^(b-1)), not packed
+    # along N: qdpo refused them with "weight_zero_point has shape (24, 2), expected (3, 2)" and no way out
+    spec = QuantSpec(bits, 32, False)
+    qw = random_weight(24, 64, spec, torch.float16)
+    t = convert.to_compressed_tensors(qw)
+    signed = convert._unpack_words(t["weight_zero_point"].t(), bits, 24).t().to(torch.int16) - (1 << (bits - 1))
+    for zp in (signed.to(torch.int8), signed.to(torch.int32)):
+        assert_same(convert.from_compressed_tensors({**t, "weight_zero_point": zp}, spec), qw)
+    with pytest.raises(FormatError, match=r"unpacked \(24, 2\) but holds .*outside the signed"):
+        convert.from_compressed_tensors({**t, "weight_zero_point": signed.to(torch.int32) + (1 << (bits - 1))}, spec)
+    with pytest.raises(FormatError, match=r"expected int32 \((3|6), 2\) \(packed along N\) or integers \(24, 2\)"):
+        convert.from_compressed_tensors({**t, "weight_zero_point": signed[:5]}, spec)
+
+
 def test_act_order_g_idx_is_refused():
     spec = QuantSpec(4, 32, True)
     t = convert.to_gptq(random_weight(8, 64, spec, torch.float16))

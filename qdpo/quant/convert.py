@@ -206,8 +206,10 @@ def to_compressed_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
 def from_compressed_tensors(tensors: dict[str, Tensor], spec: QuantSpec) -> QuantizedWeight:
     """Read one compressed-tensors ``pack-quantized`` weight (keys as :func:`to_compressed_tensors` writes).
 
-    ``spec`` comes from the checkpoint's config group. A ``weight_g_idx``
-    that is not ``k // G`` (activation ordering) raises.
+    ``spec`` comes from the checkpoint's config group. Asymmetric zero points
+    may also be unpacked (``[N, K/G]`` signed ``z − 2^(b−1)``, as older
+    compressed-tensors releases stored them). A ``weight_g_idx`` that is not
+    ``k // G`` (activation ordering) raises.
     """
     _require(tensors, ("weight_packed", "weight_scale", "weight_shape")
              + (() if spec.symmetric else ("weight_zero_point",)), "compressed-tensors")
@@ -225,10 +227,30 @@ def from_compressed_tensors(tensors: dict[str, Tensor], spec: QuantSpec) -> Quan
         _check_ct_symmetric_zero_point(tensors.get("weight_zero_point"), b, n, g)
         zeros = torch.full((n, g), 1 << (b - 1), dtype=torch.uint8, device=packed.device)
     else:
-        zp = _check_tensor(tensors, "weight_zero_point", (-(-n // per), g), torch.int32, "compressed-tensors")
-        zeros = _unpack_words(zp.t(), b, n).t().contiguous()  # [N, K/G]
+        zeros = _ct_zero_points(tensors["weight_zero_point"], b, n, g)  # [N, K/G]
     codes = _unpack_words(packed, b, k)  # [N, K]
     return QuantizedWeight(pack(codes, b), scale.contiguous(), zeros, spec, (n, k), scale.dtype)
+
+
+def _ct_zero_points(zp: Tensor, bits: int, n: int, g: int) -> Tensor:
+    """An asymmetric weight's zero points as qdpo's ``[N, K/G]`` uint8: packed along N (int32
+    ``[⌈N·b/32⌉, K/G]``), or unpacked as older compressed-tensors releases stored them (one signed
+    integer ``z − 2^(b−1)`` per group, ``[N, K/G]``; an int32 tensor of both shapes is read as packed)."""
+    per = _WORD // bits
+    packed = (-(-n // per), g)
+    if zp.dtype == torch.int32 and tuple(zp.shape) == packed:
+        return _unpack_words(zp.t(), bits, n).t().contiguous()
+    if tuple(zp.shape) != (n, g) or zp.is_floating_point() or zp.dtype == torch.bool:
+        raise FormatError(f"compressed-tensors weight_zero_point has shape {tuple(zp.shape)} and dtype {zp.dtype}, "
+                          f"expected int32 {packed} (packed along N) or integers {(n, g)} (unpacked, older "
+                          "compressed-tensors)")
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    z = zp.to(torch.int64)
+    if z.numel() and not bool(((z >= lo) & (z <= hi)).all()):
+        raise FormatError(f"compressed-tensors weight_zero_point is unpacked {(n, g)} but holds "
+                          f"{int(z[(z < lo) | (z > hi)][0])}, outside the signed {bits}-bit range [{lo}, {hi}]; "
+                          "the file is damaged or its config's num_bits does not match it")
+    return (z - lo).to(torch.uint8).contiguous()
 
 
 def _check_ct_symmetric_zero_point(zp: Tensor | None, bits: int, n: int, g: int) -> None:
