@@ -4,7 +4,9 @@ Reads a directory written by :func:`qdpo.quant.io.save_quantized` (or a run
 directory of ``python -m qdpo.train``, taking its ``export_<method>/``) and
 writes a Hugging Face checkpoint: ``config.json`` with the format's
 ``quantization_config``, ``model.safetensors`` in the format's layout
-(:mod:`qdpo.quant.convert`), and the tokenizer files copied as they are (other weight files
+(:mod:`qdpo.quant.convert`; above ``--max-shard-size``, 5GB by default as in
+transformers, shards ``model-0000k-of-0000n.safetensors`` and their
+``model.safetensors.index.json``), and the tokenizer files copied as they are (other weight files
 beside the packed model are not: they belong to an older model).
 
 * ``compressed-tensors`` (``pack-quantized``; W4/W8, symmetric and
@@ -42,6 +44,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -65,6 +68,12 @@ _REWRITTEN = {CONFIG_NAME, WEIGHTS_NAME, "config.json"}
 # directory), and loaders would read them with or instead of the export's (qdpo's importer follows an index).
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
                     ".pkl", ".gguf")
+
+
+# transformers' save_pretrained default: a loader holds one shard at a time, and hubs cap file sizes.
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 class ExportError(ValueError):
@@ -346,7 +355,7 @@ def check_layers(path: str | os.PathLike) -> dict:
     from compressed_tensors.quantization import QuantizationScheme
 
     from qdpo.kernels import reference
-    from qdpo.quant.importers import read_external_config
+    from qdpo.quant.importers import _read_safetensors, read_external_config
 
     path = Path(path)
     fmt, spec, _ = read_external_config(path)
@@ -356,7 +365,7 @@ def check_layers(path: str | os.PathLike) -> dict:
     group = next(iter(qc["config_groups"].values()))
     scheme = QuantizationScheme.model_validate({k: group[k] for k in ("targets", "weights") if k in group})
     compressor = BaseCompressor.get_value_from_registry(qc["format"])
-    tensors = _read_tensors(path / "model.safetensors")
+    tensors = _read_safetensors(path)  # model.safetensors or the shards its index lists
     worst, count = 0.0, 0
     for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
         layer = key[: -len(".weight_packed")]
@@ -372,6 +381,39 @@ def check_layers(path: str | os.PathLike) -> dict:
     return {"layers": count, "max_abs_diff": worst}
 
 
+def parse_size(size: str | int) -> int:
+    """Bytes in ``size``: a count, or ``"5GB"`` / ``"500MB"`` / ``"2GiB"`` (GB = 10⁹, GiB = 2³⁰, as transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(size), re.IGNORECASE)
+    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]) if m else 0
+    if n <= 0:
+        raise ExportError(f"--max-shard-size {size!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB")
+    return n
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    """``model.safetensors``, or where the tensors exceed ``max_bytes`` shards of at most that size (a larger
+    tensor gets a shard of its own) named ``model-0000k-of-0000n.safetensors``, in name order so each layer's
+    tensors lie together, and ``model.safetensors.index.json`` mapping each tensor to its shard."""
+    shards, size = [[]], 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards, size = [*shards, []], 0
+        shards[-1].append(k)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
@@ -381,10 +423,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compressed-tensors",
-           overwrite: bool = False, allow_inexact_scales: bool = False, method: str | None = None) -> Path:
-    """Write the qdpo packed model at ``src`` (or a run directory's export) to ``out`` in ``fmt``; returns ``out``."""
+           overwrite: bool = False, allow_inexact_scales: bool = False, method: str | None = None,
+           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write the qdpo packed model at ``src`` (or a run directory's export) to ``out`` in ``fmt``; returns ``out``.
+
+    Weights larger than ``max_shard_size`` (bytes, or ``"5GB"``-style) are written as shards with an index."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
+    max_bytes = parse_size(max_shard_size)
     src, out = find_export(src, method), Path(out)
     _check_out(out, overwrite, src)
     qcfg = read_quant_config(src)
@@ -418,7 +464,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "compresse
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_weights(tensors, tmp, max_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for f in sorted(src.iterdir()):  # tokenizer, chat template, generation config; no weight file
             if f.is_file() and not (f.name in _REWRITTEN or f.name.startswith(".") or f.name.endswith(_WEIGHT_SUFFIXES)):
@@ -441,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--allow-inexact-scales", action="store_true",
                    help="gptq/awq: round scales float16 cannot hold exactly to nearest instead of refusing")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest weight file; bigger models are written as model-0000k-of-0000n.safetensors shards "
+                        "with a model.safetensors.index.json (e.g. 500MB, 2GiB; default: %(default)s, as transformers)")
     p.add_argument("--check", action="store_true",
                    help="compressed-tensors: decompress every layer written with compressed-tensors' own "
                         "decompressor and compare it with qdpo's reading (needs the compressed-tensors package)")
@@ -456,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.check and importlib.util.find_spec("compressed_tensors") is None:
             raise ExportError("--check needs the compressed-tensors package: pip install compressed-tensors")
         src = find_export(args.source, args.method)
-        out = export(src, args.out, args.format, args.overwrite, args.allow_inexact_scales)
+        out = export(src, args.out, args.format, args.overwrite, args.allow_inexact_scales,
+                     max_shard_size=args.max_shard_size)
         checked = check_layers(out) if args.check else None
     except (ValueError, OSError) as e:  # ExportError, FormatError, a bad qdpo_quant.json, a missing file
         print(f"qdpo.export: error: {e}", file=sys.stderr)

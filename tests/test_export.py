@@ -164,6 +164,41 @@ def test_compressed_tensors_export_loads_in_transformers_alone_with_identical_lo
         assert_exact(got["logits"], logits, f"{name} logits")  # fp32: ŵ = (q - z)·s in both, then F.linear
 
 
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def test_export_shards_by_max_shard_size_and_every_reader_follows_the_index(tmp_path):
+    # exports were always one model.safetensors, whatever the model's size
+    src, model, logits = packed_export(tmp_path / "src", QuantSpec(4, 32, False))
+    rc, out, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct",
+                              "--max-shard-size", "20KB", "--check")
+    assert rc == 0 and "max |Δw| vs qdpo's reading = 0" in out, err
+    ct = tmp_path / "ct"
+    shards = sorted(p.name for p in ct.glob("*.safetensors"))
+    n = len(shards)
+    assert n > 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((ct / "model.safetensors.index.json").read_text())
+    stored = {}
+    for name in shards:
+        part = load_file(str(ct / name))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 20_000 or len(part) == 1
+        stored.update({k: name for k in part})
+    assert index["weight_map"] == stored
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for name in shards
+                                                  for t in load_file(str(ct / name)).values())
+    back, _ = load_external(ct, mode="packed")
+    assert_same_layers(model, back)
+    rc, _, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "whole")
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors*")) == ["model.safetensors"]
+    sym, _, sym_logits = packed_export(tmp_path / "sym", QuantSpec(4, 64, True), seed=1)  # loaded compressed
+    rc, _, err = run_export(sym, "--format", "compressed-tensors", "--out", tmp_path / "ct-sym", "--max-shard-size",
+                            "0.02MB")
+    assert rc == 0 and (tmp_path / "ct-sym" / "model.safetensors.index.json").is_file(), err
+    for got, expect in zip(load_elsewhere(tmp_path, [{"dir": str(ct)}, {"dir": str(tmp_path / "ct-sym")}]),
+                           (logits, sym_logits)):
+        assert_exact(got["logits"], expect, "logits")
+    rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "bad", "--max-shard-size", "5 parsecs")
+    assert_user_error(rc, err, "--max-shard-size '5 parsecs' is not a positive size; write e.g. 5GB")
+
+
 def test_export_writes_config_tokenizer_and_nothing_else(tmp_path):
     src, _, _ = packed_export(tmp_path / "src", QuantSpec(4, 32, False))
     rc, out, err = run_export(src, "--format", "compressed-tensors", "--out", tmp_path / "ct")
