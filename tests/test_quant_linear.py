@@ -391,6 +391,23 @@ def test_failed_weights_write_keeps_the_earlier_save(tmp_path, monkeypatch):
     assert not any(p.name.startswith(".") for p in path.iterdir())
 
 
+def test_save_into_a_full_precision_model_directory_keeps_its_weights(tmp_path):
+    # saving into the directory of the model it was quantized from replaced its model.safetensors: the
+    # full-precision weights were lost
+    fp = tiny("llama")
+    fp.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    model = tiny("llama")
+    qdpo.quantize_model(model, QuantSpec(4, 32))
+    with pytest.raises(FileExistsError, match="model.safetensors exists and is not a qdpo packed model's.*save into "
+                                              "another directory"):
+        qdpo.save_quantized(model, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "qdpo_quant.json").exists()
+    qdpo.save_quantized(model, tmp_path / "packed")
+    qdpo.save_quantized(model, tmp_path / "packed")  # its own earlier save is replaced
+
+
 def test_save_refuses_unquantized_model(tmp_path):
     with pytest.raises(ValueError, match="no QuantLinear layers; call qdpo.quantize_model first"):
         qdpo.save_quantized(tiny("llama"), tmp_path)

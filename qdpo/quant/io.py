@@ -19,7 +19,8 @@ replace any file, ``qdpo_quant.json`` is replaced by a placeholder saying the
 save is under way, and it is written for real last: an interrupted save (also
 one into a directory holding an earlier packed model) leaves a directory that
 every reader refuses as unfinished, never new weights beside an old config. Other files in the
-directory are left as they are. Loading reads safetensors only and
+directory are left as they are; a ``model.safetensors`` that is not a packed
+model's (a full-precision model's) is never overwritten: the save is refused. Loading reads safetensors only and
 refuses pickled checkpoints.
 """
 
@@ -89,6 +90,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     specs = {m.spec for m in [*layers.values(), *experts.values()]}
     if len(specs) != 1:
         raise ValueError(f"layers use several specs {sorted(s.name for s in specs)}; one spec per model is supported")
+    if (path / WEIGHTS_NAME).exists() and not (path / CONFIG_NAME).exists():
+        raise FileExistsError(f"{path / WEIGHTS_NAME} exists and is not a qdpo packed model's (no {CONFIG_NAME} "
+                              "beside it; the full-precision model's?): saving would overwrite those weights; save "
+                              "into another directory, or remove the file first")
     path.mkdir(parents=True, exist_ok=True)
     tensors, aliases = packed_state_dict(model)
     cfg = {"format": FORMAT, "version": 1, "spec": specs.pop().to_dict(),
