@@ -247,6 +247,20 @@ def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data
         assert torch.equal(a, b), n
 
 
+def _save_step(ckpt_dir, step, keep=2):
+    """A checkpoint of a tiny linear layer, as the trainer writes them (``step`` in its meta)."""
+    lin = torch.nn.Linear(3, 2)
+    D.save_checkpoint(ckpt_dir / f"step-{step:06d}", lin, torch.optim.AdamW(lin.parameters()), {},
+                      {"step": step}, keep=keep)
+
+
+def test_checkpoints_past_a_million_steps_are_ordered_by_step(tmp_path):
+    for step in (999_998, 999_999, 1_000_000):
+        _save_step(tmp_path, step)
+    # by name, step-1000000 sorts first: it was the oldest, and pruning dropped it
+    assert [D.read_meta(p)["step"] for p in D.complete_checkpoints(tmp_path)] == [999_999, 1_000_000]
+
+
 def test_batch_order_is_a_function_of_step():
     a = [batch_indices(10, s, 4, seed=1) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=1) for s in range(6)]

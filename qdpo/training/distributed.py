@@ -370,7 +370,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def _step_dirs(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+    """Checkpoint folders by step (as numbers: past 999,999 the name has more digits than the older ones')."""
+    return sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
