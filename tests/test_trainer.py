@@ -261,6 +261,28 @@ def test_checkpoints_past_a_million_steps_are_ordered_by_step(tmp_path):
     assert [D.read_meta(p)["step"] for p in D.complete_checkpoints(tmp_path)] == [999_999, 1_000_000]
 
 
+def test_a_save_killed_while_replacing_a_checkpoint_of_its_step_keeps_that_step(tmp_path, monkeypatch):
+    _save_step(tmp_path, 1)
+    _save_step(tmp_path, 2)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):  # killed after the old step-2 moved aside, before the new one is in place
+            raise _Interrupt
+        real(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", replace)
+    with pytest.raises(_Interrupt):
+        _save_step(tmp_path, 2)  # the same step again (a run that restarted from scratch)
+    monkeypatch.setattr(D.os, "replace", real)
+    assert [D.read_meta(p)["step"] for p in D.complete_checkpoints(tmp_path)] == [1, 2]
+    _save_step(tmp_path, 3)  # the next start: its first save prunes the leftovers, but not step 2's only copy
+    assert [D.read_meta(p)["step"] for p in D.complete_checkpoints(tmp_path)] == [2, 3]
+    _save_step(tmp_path, 2)  # replaced again, with the leftover of an earlier replacement still there
+    assert [p.name for p in D.complete_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
+
+
 def test_batch_order_is_a_function_of_step():
     a = [batch_indices(10, s, 4, seed=1) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=1) for s in range(6)]

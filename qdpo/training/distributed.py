@@ -369,15 +369,32 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+OLD = ".old"  # a checkpoint moved aside while a save of the same step replaces it
+
+
+def _step(p: Path) -> int | None:
+    num = p.name[5:].removesuffix(OLD)
+    return int(num) if num.isdigit() else None
+
+
 def _step_dirs(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint folders by step (as numbers: past 999,999 the name has more digits than the older ones')."""
-    return sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-                  key=lambda p: int(p.name[5:]))
+    """Checkpoint folders by step (as numbers: past 999,999 the name has more digits than the older ones'),
+    a step's ``.old`` copy after its folder."""
+    return sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and _step(p) is not None),
+                  key=lambda p: (_step(p), p.name.endswith(OLD)))
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint folders, oldest first, that are complete: DCP writes ``.metadata`` last."""
-    return [p for p in _step_dirs(ckpt_dir) if (p / ".metadata").exists() and (p / META).exists()]
+    """Checkpoint folders, oldest first, that are complete: DCP writes ``.metadata`` last.
+
+    A step without a complete folder counts by its ``.old`` copy: a save of that step again (see
+    :func:`_publish`) was killed between moving the old one aside and putting the new one in place.
+    """
+    done: list[Path] = []
+    for p in _step_dirs(ckpt_dir):
+        if (p / ".metadata").exists() and (p / META).exists() and not (done and _step(done[-1]) == _step(p)):
+            done.append(p)
+    return done
 
 
 def read_meta(folder: Path) -> dict:
@@ -438,8 +455,11 @@ def _fresh(tmp: Path, meta: dict) -> None:
 
 
 def _publish(tmp: Path, folder: Path) -> None:
-    old = folder.with_name(folder.name + ".old")
+    """Move the written ``tmp`` to ``folder``; one of that step already there stays, as ``<folder>.old``,
+    until the new one is in place (a directory cannot be replaced by a rename)."""
+    old = folder.with_name(folder.name + OLD)
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier save of this step: folder is newer
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
