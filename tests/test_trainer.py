@@ -283,6 +283,40 @@ def test_a_save_killed_while_replacing_a_checkpoint_of_its_step_keeps_that_step(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
 
 
+def test_checkpoints_that_do_not_load_never_prune_the_restarted_runs_own(data, tmp_path):
+    fp, q, examples = fresh(data)
+    q_full = copy.deepcopy(q)
+    Trainer(q_full, cfg(steps=6, checkpoint_every=3), "qdpo", examples, tmp_path, pad_id=1,
+            disable_progress=True).run()
+    for folder in D.complete_checkpoints(tmp_path / "checkpoints"):  # steps 3 and 6, both damaged
+        shard = folder / "__0_0.distcp"
+        os.truncate(shard, shard.stat().st_size // 2)
+    c = cfg(steps=6, checkpoint_every=2)  # restarted from scratch, checkpointing more often
+    t = Trainer(copy.deepcopy(q), c, "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)
+    orig = t.train_step
+
+    def step_then_die():
+        rec = orig()
+        if t.step == 3:  # killed after the checkpoint of step 2
+            raise _Interrupt
+        return rec
+
+    t.train_step = step_then_die
+    with pytest.raises(_Interrupt):
+        t.run(resume=True)
+    names = [p.name for p in D.complete_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step-000002", "step-000003", "step-000006"]  # the damaged ones are still there
+    q_b = copy.deepcopy(q)
+    t = Trainer(q_b, c, "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)
+    steps, orig = [], t.train_step
+    t.train_step = lambda: steps.append(t.step) or orig()
+    t.run(resume=True)
+    assert steps == [2, 3, 4, 5]  # from the restarted run's checkpoint, not from scratch again
+    assert [p.name for p in D.complete_checkpoints(tmp_path / "checkpoints")] == ["step-000004", "step-000006"]
+    for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_batch_order_is_a_function_of_step():
     a = [batch_indices(10, s, 4, seed=1) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=1) for s in range(6)]

@@ -408,12 +408,14 @@ def _model_state(model: nn.Module, optimizer):
     return {k: v for k, v in msd.items() if k in trainable}, osd
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, tensors: dict, meta: dict, keep: int = 2) -> None:
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, tensors: dict, meta: dict, keep: int = 2,
+                    unloadable=frozenset()) -> None:
     """Write the trainable weights, optimizer state, ``tensors`` and ``meta`` as the DCP folder ``folder``.
 
     Every rank writes its shards into ``<folder>.tmp``; rank 0 then renames it
     to ``folder`` (replacing an older one of that step) and keeps the newest
-    ``keep`` checkpoints. A failed or killed save leaves the previous
+    ``keep`` checkpoints, not counting those in ``unloadable`` (see
+    :func:`_prune`). A failed or killed save leaves the previous
     checkpoints as they were. Raises ``OSError`` when the save fails.
     """
     tmp = folder.with_name(folder.name + ".tmp")
@@ -428,7 +430,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, tensors: dict, me
         raise _os_error(e) from None
     if is_main():
         _publish(tmp, folder)
-        _prune(folder.parent, keep)
+        _prune(folder.parent, keep, unloadable)
     barrier()
 
 
@@ -465,13 +467,17 @@ def _publish(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of failed saves."""
+def _prune(ckpt_dir: Path, keep: int, unloadable=frozenset()) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of failed saves.
+
+    ``unloadable``: checkpoints this run failed to load (it started from an older one, or from scratch). They
+    count for nothing, so newer ones of them never push out the run's own; they stay while newer than all kept.
+    """
     complete = complete_checkpoints(ckpt_dir)
-    for p in complete[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    kept = [p for p in complete if p not in unloadable][-keep:]
+    newest = _step(kept[-1]) if kept else -1
     for p in ckpt_dir.glob("step-*"):
-        if p not in complete:
+        if p not in kept and not (p in unloadable and p in complete and _step(p) > newest):
             shutil.rmtree(p, ignore_errors=True)
 
 

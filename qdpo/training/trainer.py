@@ -363,6 +363,7 @@ class Trainer:
         self.best = {"metric": float("inf"), "step": 0, "bad": 0, "state": None}
         self.step = 0
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
+        self.unloadable: set[Path] = set()  # checkpoints resume failed to load: they must not prune this run's
 
     # -- persistence
     @property
@@ -378,8 +379,9 @@ class Trainer:
             tensors["best_state"] = self.best["state"]
         folder = self.ckpt_dir / f"step-{self.step:06d}"
         try:
-            D.save_checkpoint(folder, self.model, self.opt, tensors, meta)
+            D.save_checkpoint(folder, self.model, self.opt, tensors, meta, unloadable=self.unloadable - {folder})
             self.saved_step = self.step
+            self.unloadable.discard(folder)
         except OSError as e:
             raise D.mark_from_main(CheckpointError(
                 f"could not write checkpoint {folder} ({e.strerror or e}); free space and rerun with --resume: the "
@@ -396,6 +398,7 @@ class Trainer:
                 self.saved_step = self.step  # on disk already: a finished run is not written again
             except (Exception, D.CheckpointException) as e:  # noqa: BLE001 - a damaged one: try the one before
                 log.warning("checkpoint %s does not load (%s); trying an older one", folder, D.failure_reason(e))
+                self.unloadable.add(folder)
                 # as before the load: DCP created the AdamW state (a step with zero gradients) and filled part
                 # of it, and of the weights; a run that finds no loadable checkpoint starts as a fresh one
                 load_trainable_state(self.model, start)
