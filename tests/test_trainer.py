@@ -1,6 +1,7 @@
 """The training loop on a tiny model: loss falls, flips fall, resume is exact, only latent weights train."""
 
 import copy
+import json
 import os
 
 import pytest
@@ -313,6 +314,24 @@ def test_checkpoints_that_do_not_load_never_prune_the_restarted_runs_own(data, t
     t.run(resume=True)
     assert steps == [2, 3, 4, 5]  # from the restarted run's checkpoint, not from scratch again
     assert [p.name for p in D.complete_checkpoints(tmp_path / "checkpoints")] == ["step-000004", "step-000006"]
+    for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_checkpoint_whose_meta_fails_after_the_optimizer_loaded_leaves_a_fresh_start(data, tmp_path):
+    """A trainer.json without its schedule fails after DCP set the optimizer's state, learning rates included."""
+    fp, q, examples = fresh(data)
+    c = cfg(steps=6, checkpoint_every=3)
+    q_full = copy.deepcopy(q)
+    Trainer(q_full, c, "qdpo", examples, tmp_path, pad_id=1, disable_progress=True).run()
+    for folder in D.complete_checkpoints(tmp_path / "checkpoints"):
+        meta = D.read_meta(folder)
+        del meta["scheduler"]
+        (folder / D.META).write_text(json.dumps(meta))
+    q_b = copy.deepcopy(q)
+    t = Trainer(q_b, c, "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)
+    t.run(resume=True)  # nothing loads: trains from step 0, as the first run did
+    assert [h["step"] for h in t.history] == list(range(7))
     for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
         assert torch.equal(a, b), n
 

@@ -389,10 +389,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint that loads (saved by any number of processes)."""
-        start = None  # the weights before any load: a checkpoint that fails part-way has written into them
+        start = None  # the state before any load: a checkpoint that fails part-way has written into it
         for folder in reversed(D.complete_checkpoints(self.ckpt_dir)):
             if start is None:
-                start = trainable_state(self.model)
+                start = self._fresh_state()
             try:
                 meta = self._load(folder)
                 self.saved_step = self.step  # on disk already: a finished run is not written again
@@ -400,9 +400,9 @@ class Trainer:
                 log.warning("checkpoint %s does not load (%s); trying an older one", folder, D.failure_reason(e))
                 self.unloadable.add(folder)
                 # as before the load: DCP created the AdamW state (a step with zero gradients) and filled part
-                # of it, and of the weights; a run that finds no loadable checkpoint starts as a fresh one
-                load_trainable_state(self.model, start)
-                self.opt.state.clear()
+                # of it, and of the weights, and a meta that does not fit may fail after the optimizer took the
+                # checkpoint's learning rates; a run that finds no loadable checkpoint starts as a fresh one
+                self._restore(start)
                 continue
             if D.is_main():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,6 +411,18 @@ class Trainer:
             log.info("%s: resumed from step %d (saved by %d process(es))", self.method, self.step, meta["world_size"])
             return True
         return False
+
+    def _fresh_state(self) -> tuple:
+        return (trainable_state(self.model), copy.deepcopy(self.opt.state_dict()), self.sched.state_dict(),
+                torch.get_rng_state(), dict(self.best))
+
+    def _restore(self, state: tuple) -> None:
+        weights, opt, sched, rng, best = state
+        load_trainable_state(self.model, weights)
+        self.opt.load_state_dict(copy.deepcopy(opt))  # its param groups' learning rates too; no AdamW state
+        self.sched.load_state_dict(sched)
+        torch.set_rng_state(rng)
+        self.best = dict(best)
 
     def _load(self, folder: Path) -> dict:
         tensors = {"rng": torch.get_rng_state()}  # templates DCP loads into, laid out like this run's
