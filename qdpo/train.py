@@ -42,7 +42,7 @@ from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
 from qdpo.training.data import fit
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
-from qdpo.training.trainer import CheckpointError, Example, Trainer, needs_fp
+from qdpo.training.trainer import CheckpointError, Example, Trainer, compute_dtype, needs_fp
 
 log = logging.getLogger("qdpo.train")
 RUN_FILE = "run.json"
@@ -85,7 +85,9 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     files = {"prompts_sha256": default_prompts_path() if cfg.prompts in ("", "default") else cfg.prompts,
              "eval_prompts_sha256": cfg.eval_prompts}
     return {**fp, **{key: _sha256(path) for key, path in files.items()}, "model_files": _model_files(cfg.model),
-            "init_files": _model_files(cfg.init) if cfg.init not in ("rtn", "awq") else None}
+            "init_files": _model_files(cfg.init) if cfg.init not in ("rtn", "awq") else None,
+            # --device may change, but not what --dtype makes of it (auto: bf16 autocast on a GPU, fp32 on the CPU)
+            "compute_dtype": compute_dtype(cfg.dtype, _device(cfg).type)}
 
 
 def _absolute(path: str) -> str:
@@ -95,6 +97,8 @@ def _absolute(path: str) -> str:
 def _differs(key: str, old: dict, new: dict) -> bool:
     """Whether fingerprint entry ``key`` tells another run (an entry the old run.json lacks: only a new setting)."""
     a, b = old.get(key), new.get(key)
+    if key in ("dtype", "compute_dtype"):  # the dtype resolved on the device decides; an older run.json: as given
+        return a != b and (key == "compute_dtype") == ("compute_dtype" in old)
     if key in CONTENT_FIELDS:
         return key in old and a != b
     if key in ("prompts", "eval_prompts") and old.get(f"{key}_sha256") is not None:
@@ -169,6 +173,11 @@ def _shown_config(cfg: TrainConfig) -> dict:
     return {**cfg.to_dict(), "judge_url": shown(cfg.judge_url)}
 
 
+def _dtype_change(old: str, new: str) -> str:
+    how = "--dtype float32" if old == "float32" else "a GPU (--device cuda) with --dtype auto or bfloat16"
+    return f"the compute dtype ({old!r} there, {new!r} now on this device; {how} continues it)"
+
+
 def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     run_file = out / RUN_FILE
     # only run.json: a run that stopped before its first artifact (a user error in --model or --prompts, say, or a
@@ -191,6 +200,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
             keys = sorted(k for k in set(old) | set(new) if _differs(k, old, new))
             # a flag's values, so that a --resume which left out one of the run's flags says what to pass
             diff = [f"the content of {CONTENT_FIELDS[k]}" if k in CONTENT_FIELDS else
+                    _dtype_change(old[k], new[k]) if k == "compute_dtype" else
                     f"{k} ({old.get(k)!r} there, {new.get(k)!r} now)" for k in keys]
             if diff:
                 again = "" if all(k in CONTENT_FIELDS for k in keys) else "pass the run's values to continue it, "

@@ -254,6 +254,21 @@ def test_a_user_error_before_any_artifact_does_not_block_the_corrected_command(m
     assert json.loads((killed / "run.json").read_text())["config"]["prompts"] == str(prompts)
 
 
+def test_resume_on_a_device_where_the_dtype_computes_otherwise_is_refused(model_dir, tmp_path, monkeypatch):
+    """--dtype auto is fp32 on the CPU and bf16 autocast on a GPU: moving a run there would switch mid-run."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    train.prepare_run_dir(train.parse_args(_args(model_dir, prompts, out)))  # on the CPU
+    (out / "pairs.jsonl").write_text("")  # an artifact: a run to continue
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto now resolves to the GPU
+    with pytest.raises(train.RunDirError, match=r"compute dtype \('float32' there, 'bfloat16' now on this device; "
+                                                 r"--dtype float32 continues it\)"):
+        train.prepare_run_dir(train.parse_args(_args(model_dir, prompts, out, "--resume")))
+    for dtype in ("float32", "bfloat16"):  # fp32 on the GPU, as the run began; bf16 on the CPU: fp32 there too
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: dtype == "float32")
+        train.prepare_run_dir(train.parse_args(_args(model_dir, prompts, out, "--resume", "--dtype", dtype)))
+
+
 def test_interrupted_training_resumes_to_the_same_result(model_dir, tmp_path, monkeypatch, capsys):
     prompts = _prompts(tmp_path / "p.jsonl")
     full = tmp_path / "full"

@@ -177,8 +177,13 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- losses
+def compute_dtype(dtype: str, device_type: str) -> str:
+    """What ``--dtype`` computes in on ``device_type``: bf16 autocast on a GPU (auto, bfloat16), else fp32."""
+    return "bfloat16" if device_type == "cuda" and dtype in ("auto", "bfloat16") else "float32"
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    use = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+    use = compute_dtype(cfg.dtype, device.type) == "bfloat16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
