@@ -248,11 +248,11 @@ def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data
         assert torch.equal(a, b), n
 
 
-def _save_step(ckpt_dir, step, keep=2):
-    """A checkpoint of a tiny linear layer, as the trainer writes them (``step`` in its meta)."""
+def _save_step(ckpt_dir, step, keep=2, **meta):
+    """A checkpoint of a tiny linear layer, as the trainer writes them (``step`` and ``meta`` in its meta)."""
     lin = torch.nn.Linear(3, 2)
     D.save_checkpoint(ckpt_dir / f"step-{step:06d}", lin, torch.optim.AdamW(lin.parameters()), {},
-                      {"step": step}, keep=keep)
+                      {"step": step, **meta}, keep=keep)
 
 
 def test_checkpoints_past_a_million_steps_are_ordered_by_step(tmp_path):
@@ -334,6 +334,28 @@ def test_a_checkpoint_whose_meta_fails_after_the_optimizer_loaded_leaves_a_fresh
     assert [h["step"] for h in t.history] == list(range(7))
     for (n, a), (_, b) in zip(q_full.named_parameters(), q_b.named_parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_a_save_killed_after_writing_counts_before_its_rename(tmp_path, monkeypatch, replacing):
+    _save_step(tmp_path, 1)
+    if replacing:
+        _save_step(tmp_path, 2, new=False)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):  # DCP wrote the whole checkpoint; killed before it is in place
+            raise _Interrupt
+        real(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", replace)
+    with pytest.raises(_Interrupt):
+        _save_step(tmp_path, 2, new=True)
+    monkeypatch.setattr(D.os, "replace", real)
+    got = D.complete_checkpoints(tmp_path)
+    assert [D.read_meta(p) for p in got] == [{"step": 1}, {"step": 2, "new": True}]  # the newer save of step 2
+    _save_step(tmp_path, 3)  # the next start's first save keeps it
+    assert [D.read_meta(p) for p in D.complete_checkpoints(tmp_path)] == [{"step": 2, "new": True}, {"step": 3}]
 
 
 def test_batch_order_is_a_function_of_step():

@@ -369,26 +369,33 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-OLD = ".old"  # a checkpoint moved aside while a save of the same step replaces it
+# a step's folder, then a save of it written but not yet renamed (newer), then the one a save of it moves aside
+SUFFIXES = ("", ".tmp", ".old")
+OLD = SUFFIXES[2]
+
+
+def _suffix(p: Path) -> str:
+    return p.suffix if p.suffix in SUFFIXES else ""
 
 
 def _step(p: Path) -> int | None:
-    num = p.name[5:].removesuffix(OLD)
+    num = p.name[5:len(p.name) - len(_suffix(p))]
     return int(num) if num.isdigit() else None
 
 
 def _step_dirs(ckpt_dir: Path) -> list[Path]:
     """Checkpoint folders by step (as numbers: past 999,999 the name has more digits than the older ones'),
-    a step's ``.old`` copy after its folder."""
+    each step's in the order of ``SUFFIXES``."""
     return sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and _step(p) is not None),
-                  key=lambda p: (_step(p), p.name.endswith(OLD)))
+                  key=lambda p: (_step(p), SUFFIXES.index(_suffix(p))))
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoint folders, oldest first, that are complete: DCP writes ``.metadata`` last.
 
-    A step without a complete folder counts by its ``.old`` copy: a save of that step again (see
-    :func:`_publish`) was killed between moving the old one aside and putting the new one in place.
+    A step without a complete folder counts by its save's ``.tmp`` folder where that is complete (killed
+    before :func:`_publish` renamed it), else by its ``.old`` copy (a save of that step again was killed
+    between moving the old one aside and putting the new one in place).
     """
     done: list[Path] = []
     for p in _step_dirs(ckpt_dir):
@@ -416,7 +423,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, tensors: dict, me
     to ``folder`` (replacing an older one of that step) and keeps the newest
     ``keep`` checkpoints, not counting those in ``unloadable`` (see
     :func:`_prune`). A failed or killed save leaves the previous
-    checkpoints as they were. Raises ``OSError`` when the save fails.
+    checkpoints as they were (one killed once DCP wrote it all counts, as
+    its ``.tmp`` folder). Raises ``OSError`` when the save fails.
     """
     tmp = folder.with_name(folder.name + ".tmp")
     on_main(lambda: _fresh(tmp, meta))
