@@ -486,9 +486,9 @@ def _coverage(model) -> dict:
 
     c = weight_coverage(model)
     experts = f" and {c['quantized_expert_tensors']} fused expert tensors" if c["quantized_expert_tensors"] else ""
-    log.info("quantized %d linear layers%s: %.1f %% of the weight matrices (full precision: embeddings %d, "
-             "other %d weights)", c["quantized_layers"], experts, 100 * c["quantized_fraction"],
-             c["embedding_weights"], c["other_fp_weights"])
+    log.info("quantized %d linear layers%s: %.1f %% of the weight matrices (full precision: embeddings %s, "
+             "other %s weights)", c["quantized_layers"], experts, 100 * c["quantized_fraction"],
+             f"{c['embedding_weights']:,}", f"{c['other_fp_weights']:,}")  # grouped, as the report writes them
     excluded = c["fp_excluded_expert_tensors"]
     unknown = [n for n in c["fp_fused_expert_tensors"] if n not in excluded]
     if excluded:

@@ -740,3 +740,16 @@ def test_artifacts_are_utf8_whatever_the_locale(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     assert "caf\u00e9" in (tmp_path / "a.jsonl").read_text(encoding="utf-8")
+
+
+def test_coverage_log_line_groups_large_counts(caplog):
+    # "embeddings 28311552": the count of SmolLM2's embedding weights was logged as an unbroken run of digits
+    from qdpo.quant import QuantSpec, quantize_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    quantize_model(model, QuantSpec(4, 32))
+    with caplog.at_level("INFO", logger="qdpo.train"):
+        train._coverage(model)
+    assert "(full precision: embeddings 1,280,000, other 0 weights)" in caplog.text
