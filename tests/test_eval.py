@@ -390,3 +390,21 @@ def test_verdict_says_when_kl_ranks_qdpo_and_kd_the_other_way_and_that_one_seed_
     assert any(line.startswith("These come from one seed") for line in lines)
     ev["kd"]["kl"] = 0.2  # the same order on both: no extra line
     assert not any("order differs" in line for line in report.verdict({"eval": ev}))
+
+
+def test_report_training_table_gives_each_export_in_words(tmp_path):
+    # the whole export record was dumped as JSON into one cell of the Training table
+    run = tmp_path / "run"
+    exports = {"qdpo": {"path": str(run / "export_qdpo"), "reproduces_eval": True, "flip_rate": 0.1, "kl": 0.2,
+                        "compressed_tensors": str(run / "export_qdpo_compressed_tensors"),
+                        "compressed_tensors_max_abs_logit_diff": 1.5e-6},
+               "kd": {"path": str(run / "export_kd"), "reproduces_eval": False, "flip_rate": 0.1, "kl": 0.2,
+                      "compressed_tensors": None}}
+    training = {m: {"steps_run": 4, "best_step": 2, "export": e} for m, e in exports.items()}
+    path = report.write_metrics_json(run / "metrics.json", config=CONFIG, pairs={}, eval=_eval(0.2, 0.1, 0.15),
+                                     timing={}, training=training)
+    md = report.write_report_md(run / "report.md", json.loads(path.read_text())).read_text()
+    assert ("| qdpo | 4 | 2 | export_qdpo/, reproduces the evaluation; compressed-tensors "
+            "export_qdpo_compressed_tensors/ (max \\|Δlogit\\| 1.5e-06) |") in md
+    assert "| kd | 4 | 2 | export_kd/, DOES NOT reproduce the evaluation; compressed-tensors: skipped |" in md
+    assert '"reproduces_eval"' not in md

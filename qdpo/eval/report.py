@@ -311,6 +311,28 @@ def _cell(v) -> str:
     return str(v) if not isinstance(v, (Mapping, list)) else json.dumps(v)
 
 
+def _export_cell(rec: Mapping, base: Path) -> str:
+    """A method's export record (``training.<method>.export``) in words: where, and what the checks found."""
+    def where(p) -> str:
+        p = Path(p)
+        try:
+            return p.resolve().relative_to(base.resolve()).as_posix() + "/"
+        except ValueError:  # outside the report's directory
+            return p.as_posix()
+
+    text = where(rec.get("path", "?"))
+    if "reproduces_eval" in rec:
+        text += ", reproduces the evaluation" if rec["reproduces_eval"] else ", DOES NOT reproduce the evaluation"
+    if "compressed_tensors" in rec:
+        ct = rec["compressed_tensors"]
+        diff, layers = rec.get("compressed_tensors_max_abs_logit_diff"), rec.get("compressed_tensors_layers")
+        check = (f"max \\|Δlogit\\| {diff:.3g}" if isinstance(diff, (int, float)) else
+                 f"{layers.get('layers')} layers decompress to qdpo's weights" if isinstance(layers, Mapping) else
+                 "not checked")
+        text += "; compressed-tensors: skipped" if ct is None else f"; compressed-tensors {where(ct)} ({check})"
+    return text
+
+
 def _timing(timing: Mapping) -> list[str]:
     rows = {k: (v if isinstance(v, Mapping) else {"seconds": v}) for k, v in timing.items()}
     return _generic(rows) if rows else ["(not recorded)"]
@@ -339,6 +361,10 @@ def write_report_md(path, metrics: dict, plots: dict[str, Path] | None = None, n
             value = metrics[key]
             if key == "init" and isinstance(value, Mapping):  # its "weights" has its own line above
                 value = {k: v for k, v in value.items() if k != "weights"}
+            if key == "training" and isinstance(value, Mapping):  # each export record in words, not as JSON
+                value = {m: {**t, "export": _export_cell(t["export"], path.parent)}
+                         if isinstance(t, Mapping) and isinstance(t.get("export"), Mapping) else t
+                         for m, t in value.items()}
             lines += [f"## {key.replace('_', ' ').capitalize()}", "", *_generic(value), ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
