@@ -42,6 +42,7 @@ from qdpo.training import distributed as D
 from qdpo.training.config import ConfigError, TrainConfig, parse_args
 from qdpo.training.data import fit
 from qdpo.training.prompts import PromptError, load_prompt_set, read_prompts, split
+from qdpo.training.stages import ArtifactError
 from qdpo.training.trainer import CheckpointError, Example, Trainer, compute_dtype, needs_fp
 
 log = logging.getLogger("qdpo.train")
@@ -61,7 +62,7 @@ class RunDirError(ValueError):
 
 
 USER_ERRORS = (ConfigError, PromptError, RunDirError, CheckpointError, FileNotFoundError, ModuleNotFoundError,
-               JudgeError)
+               JudgeError, ArtifactError)
 
 
 # ----------------------------------------------------------------------------- run directory

@@ -753,3 +753,31 @@ def test_coverage_log_line_groups_large_counts(caplog):
     with caplog.at_level("INFO", logger="qdpo.train"):
         train._coverage(model)
     assert "(full precision: embeddings 1,280,000, other 0 weights)" in caplog.text
+
+
+def test_an_artifact_changed_by_hand_is_one_clear_error_or_counted_again(model_dir, tmp_path, capsys, caplog):
+    # a deleted pairs.stats.json was a bare "No such file or directory" on --resume, a cut or edited JSONL line a
+    # traceback
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = _args(model_dir, prompts, out, "--steps", "1", "--no-export")
+    assert train.main(args) == 0
+    stats = json.loads((out / "pairs.stats.json").read_text())
+    (out / "pairs.stats.json").unlink()  # counted again from pairs.jsonl and the answers: nothing to rebuild
+    assert train.main([*args, "--resume"]) == 0
+    assert json.loads((out / "pairs.stats.json").read_text()) == stats
+    assert json.loads((out / "metrics.json").read_text())["pairs"]["pairs"] == stats["pairs"]
+    for name, cut in (("answers/fp.jsonl", lambda t: t[: len(t) // 2]),
+                      ("pairs.jsonl", lambda t: t.replace('"chosen_ids"', '"chosen"', 1))):
+        path = out / name
+        text = path.read_text()
+        path.write_text(cut(text))
+        capsys.readouterr()
+        assert train.main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"qdpo.train: error: {path} is damaged (line "), err
+        assert "delete it and rerun with --resume to have it rebuilt, or use --overwrite" in err[0]
+        assert path.read_text() == cut(text)  # nothing rewritten
+        path.unlink()  # the fix the error names
+        assert train.main([*args, "--resume"]) == 0
+        assert path.read_text() == text

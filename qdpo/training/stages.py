@@ -63,6 +63,39 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+class ArtifactError(ValueError):
+    """An artifact of the run directory that cannot be read back (edited or cut since it was written)."""
+
+
+def read_artifact(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The rows of an artifact a stage wrote earlier; a line that is not JSON or lacks one of ``keys`` (the file
+    was edited or cut by hand: the stage writes it whole) is one :class:`ArtifactError` naming it and the fix."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        lines, bad = [], f"not UTF-8 ({e.reason} at byte {e.start})"
+    else:
+        bad = None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            bad = f"line {n} is not JSON ({e})"
+            break
+        missing = [k for k in keys if k not in row] if isinstance(row, dict) else ["its fields"]
+        if missing:
+            bad = f"line {n} lacks {', '.join(missing)}"
+            break
+        rows.append(row)
+    if bad:
+        raise ArtifactError(f"{path} is damaged ({bad}); it was changed after this run wrote it: delete it and "
+                            "rerun with --resume to have it rebuilt, or use --overwrite to start the run again")
+    return rows
+
+
 def publish_jsonl(path: Path, rows: list[dict]) -> list[dict]:
     """Rank 0 writes ``rows``; the other ranks wait, then read the file (one source of truth)."""
     D.on_main(lambda: write_jsonl(path, rows))
@@ -102,7 +135,7 @@ def answers(path: Path, model, tokenizer, prompts: list[Prompt], ids: list[list[
     hidden states there (``load_hidden`` reads them back).
     """
     if path.exists():
-        rows = read_jsonl(path)
+        rows = read_artifact(path, ("id", "answer_ids"))
         have = {r["id"] for r in rows}  # once: a set per prompt made resuming quadratic in the prompts
         if all(p.id in have for p in prompts) and (not with_logps or "logp" in rows[0]):
             return _answer_maps(rows, with_logps)
@@ -275,18 +308,17 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
     TRL's ``ref_chosen_logps``/``ref_rejected_logps`` for whole answers, or as
     ``window<k>_ref_*`` for the answers cut by ``--window k`` that training uses.
     """
+    prefix = f"window{cfg.window}_" if cfg.window else ""  # windowed values are not TRL's full-answer columns
     if path.exists():
-        rows = read_jsonl(path)
-        stats = json.loads(path.with_suffix(".stats.json").read_text())
-        return rows, stats
-    rows, identical, truncated = [], 0, 0
+        rows = read_artifact(path, ("id", "prompt_ids", "chosen_ids", "rejected_ids", f"{prefix}ref_chosen_logps",
+                                    f"{prefix}ref_rejected_logps"))
+        return rows, _stored_pair_stats(path, prompts, rows, fp, q)
+    rows = []
     for p in prompts:
         c, r = fp[p.id], q[p.id]
         if c == r:
-            identical += 1
             continue
         pc, pr = fit(ids[p.id], c, cfg.max_length), fit(ids[p.id], r, cfg.max_length)
-        truncated += int(len(pc[1]) < len(c) or len(pr[1]) < len(r))
         rows.append({
             "id": p.id, "prompt": p.messages,
             "chosen": [{"role": "assistant", "content": tokenizer.decode(pc[1], skip_special_tokens=True)}],
@@ -294,7 +326,8 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
             "prompt_ids": pc[0], "chosen_ids": pc[1], "rejected_ids": pr[1],
             "first_divergence": common_prefix(pc[1], pr[1]),
         })
-    if q_logps is not None and not cfg.window and not truncated:
+    stats = pair_stats(prompts, rows, fp, q)
+    if q_logps is not None and not cfg.window and not stats["truncated"]:
         # the rejected answers are the quantized model's own: their log-probs came with decoding
         examples = [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], ref, q_logps[r["id"]])
                     for r, ref in zip(rows, reference_logps(q_model, [(r["prompt_ids"], r["chosen_ids"]) for r in rows],
@@ -302,14 +335,8 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
     else:
         examples = windowed_reference(q_model, [Example(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
                                                 for r in rows], cfg.window, pad_id, cfg)
-    prefix = f"window{cfg.window}_" if cfg.window else ""  # windowed values are not TRL's full-answer columns
     for r, e in zip(rows, examples):
         r[f"{prefix}ref_chosen_logps"], r[f"{prefix}ref_rejected_logps"] = e.ref_chosen, e.ref_rejected
-    fd = [r["first_divergence"] for r in rows]
-    stats = {"total": len(prompts), "identical_dropped": identical, "pairs": len(rows), "truncated": truncated,
-             "mean_first_divergence": sum(fd) / len(fd) if fd else None,
-             "mean_chosen_tokens": sum(len(r["chosen_ids"]) for r in rows) / max(len(rows), 1),
-             "mean_rejected_tokens": sum(len(r["rejected_ids"]) for r in rows) / max(len(rows), 1)}
 
     def write() -> None:
         atomic_write_text(path.with_suffix(".stats.json"), json.dumps(stats))
@@ -319,3 +346,29 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
     if not D.is_main():  # every rank trains on the very rows rank 0 wrote
         return read_jsonl(path), json.loads(path.with_suffix(".stats.json").read_text())
     return rows, stats
+
+
+def pair_stats(prompts: list[Prompt], rows: list[dict], fp: dict, q: dict) -> dict:
+    """pairs.stats.json: the counts of ``build_pairs`` (a pair whose answer --max-length cut is ``truncated``)."""
+    truncated = sum(len(r["chosen_ids"]) < len(fp[r["id"]]) or len(r["rejected_ids"]) < len(q[r["id"]]) for r in rows)
+    fd = [common_prefix(r["chosen_ids"], r["rejected_ids"]) for r in rows]
+    return {"total": len(prompts), "identical_dropped": sum(fp[p.id] == q[p.id] for p in prompts),
+            "pairs": len(rows), "truncated": truncated, "mean_first_divergence": sum(fd) / len(fd) if fd else None,
+            "mean_chosen_tokens": sum(len(r["chosen_ids"]) for r in rows) / max(len(rows), 1),
+            "mean_rejected_tokens": sum(len(r["rejected_ids"]) for r in rows) / max(len(rows), 1)}
+
+
+def _stored_pair_stats(pairs: Path, prompts: list[Prompt], rows: list[dict], fp: dict, q: dict) -> dict:
+    """pairs.stats.json beside an existing ``pairs`` (pairs.jsonl); counted again from the pairs and the answers
+    (and written) when it is missing or damaged: the stage writes it first, so only a hand deleted or edited it."""
+    path = pairs.with_suffix(".stats.json")
+    try:
+        stats = json.loads(path.read_text())
+        if isinstance(stats, dict):
+            return stats
+    except (OSError, ValueError):
+        pass
+    log.warning("%s is missing or damaged: counted again from %s and the answers", path, pairs)
+    stats = pair_stats(prompts, rows, fp, q)
+    D.on_main(lambda: atomic_write_text(path, json.dumps(stats)))
+    return stats
