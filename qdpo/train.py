@@ -403,11 +403,48 @@ def run(cfg: TrainConfig) -> dict:
         D.barrier()
     if not D.is_main():
         return {"report": None, "metrics": None}
+    if cfg.resume:  # the methods an earlier call trained here (--method kd after --method qdpo) stay in the report
+        _keep_earlier_methods(out, cfg, evals, summaries, stage.timing, texts, test_p)
     judge = None
     if cfg.judge_url:
         with stage("judge"):
             judge = _judge(cfg, tok, test_p, texts, evals)
     return _finish(cfg, out, evals, curves, histories, summaries, pair_stats, init_stats, stage, dropped, judge)
+
+
+def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: dict, timing: dict, texts: dict,
+                          test_p) -> None:
+    """Add the methods that the run directory's metrics.json holds and this call did not train: their evaluation,
+    training summary (marked ``earlier_call``) and stage timings, and for a judge their test answers. --resume
+    accepted the directory, so that metrics.json is this run's: the same model, prompts and recipe."""
+    from qdpo.training.config import METHODS
+    from qdpo.training.stages import read_jsonl
+
+    path = out / "metrics.json"
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s): the report holds only the methods of this call", path, e)
+        return
+    old_eval, old_training = old.get("eval") or {}, old.get("training") or {}
+    earlier = [m for m in METHODS if m not in evals and m in old_eval and m in old_training]
+    if not earlier:
+        return
+    log.info("keeping the results of %s from an earlier call in this run directory", ", ".join(earlier))
+    for m in earlier:  # a judge score only from this call's judge (the others' rows have none without one)
+        evals[m] = {k: v for k, v in old_eval[m].items() if k != "judge_score"}
+        summaries[m] = {**old_training[m], "earlier_call": True}
+        timing.update({k: v for k, v in (old.get("timing") or {}).items() if k.endswith(f"_{m}")})
+        answers = out / "answers" / f"{m}.jsonl"
+        if cfg.judge_url and answers.exists():
+            rows = {r.get("id"): r.get("answer_ids") for r in read_jsonl(answers)}
+            if all(rows.get(p.id) is not None for p in test_p):
+                texts[m] = [rows[p.id] for p in test_p]
+    order = [*(k for k in evals if k not in METHODS), *(m for m in METHODS if m in evals)]
+    for d in (evals, summaries):  # the methods in their usual order, wherever each was trained
+        items = dict(d)
+        d.clear()
+        d.update({k: items[k] for k in order if k in items})
 
 
 def judge_question(messages: list[dict]) -> str:
@@ -695,6 +732,9 @@ def _notes(cfg: TrainConfig, summaries: dict) -> list[str]:
         notes.append(f"{m}: ran {s['steps_run']} steps, kept the weights of step {s['best_step']}"
                      + (" (early stop)" if s.get("early_stopped") else "")
                      + (" (no validation check: the last step)" if s.get("best_val_flip_rate", 0) is None else "")
+                     + (" (trained and evaluated by an earlier call in this run directory: its row and summary "
+                        "come from that call's metrics.json; the plots show only this call's models)"
+                        if s.get("earlier_call") else "")
                      + ("" if "export" not in s else
                         f"; export {'reproduces' if s['export']['reproduces_eval'] else 'DOES NOT reproduce'} "
                         "the evaluation"))

@@ -781,3 +781,34 @@ def test_an_artifact_changed_by_hand_is_one_clear_error_or_counted_again(model_d
         path.unlink()  # the fix the error names
         assert train.main([*args, "--resume"]) == 0
         assert path.read_text() == text
+
+
+def test_a_method_trained_in_another_call_stays_in_the_report(model_dir, tmp_path, server):
+    # --resume --method kd after a --method qdpo run rewrote metrics.json and report.md with KD alone: QDPO's
+    # results dropped out though its checkpoints, export and answers stayed in the run directory
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = _args(model_dir, prompts, out, "--steps", "1", "--no-export")
+    assert train.main([*args, "--method", "qdpo"]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    judge = ["--judge-url", server, "--judge-model", "stub"]  # rates QDPO's answers too, from answers/qdpo.jsonl
+    assert train.main([*args, "--method", "kd", "--resume", *judge]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["eval"]) == ["fp", "initial", "qdpo", "kd"]
+    assert 1 <= m["eval"]["qdpo"].pop("judge_score") <= 10 and m["judge"]["qdpo"]["judged"] == 3
+    assert m["eval"]["qdpo"] == first["eval"]["qdpo"]
+    assert m["training"]["qdpo"] == {**first["training"]["qdpo"], "earlier_call": True}
+    assert "earlier_call" not in m["training"]["kd"] and "train_qdpo" in m["timing"]
+    report = (out / "report.md").read_text()
+    assert "| QDPO (earlier call) |" in report and "| KD |" in report
+    assert re.search(r"- QDPO (beats|does not beat|and) KD", report)  # the verdict compares them
+    assert "trained and evaluated by an earlier call in this run directory" in report
+    assert train.main([*args, "--method", "qdpo", "--resume"]) == 0  # rerun: its own row, KD's kept
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["eval"]) == ["fp", "initial", "qdpo", "kd"]
+    assert "earlier_call" not in m["training"]["qdpo"] and m["training"]["kd"]["earlier_call"] is True
+    assert train.main([*args, "--method", "all", "--resume"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["eval"]) == ["fp", "initial", "qdpo", "kd", "sft"]
+    assert not any("earlier_call" in t for t in m["training"].values())
+    assert "earlier call" not in (out / "report.md").read_text()

@@ -15,7 +15,9 @@
       "eval": {                   # one entry per model that was evaluated, in this order when present:
         "fp": {...},              #   the full-precision model itself (the ceiling: flip 0, KL 0)
         "initial": {...},         #   the quantized start (RTN or AWQ, see config.init), before training
-        "qdpo": {...}, "kd": {...}, "sft": {...}   # each trained method that ran
+        "qdpo": {...}, "kd": {...}, "sft": {...}   # each trained method that ran (python -m qdpo.train
+                                  #   --resume: also those an earlier call trained in the run directory,
+                                  #   their rows copied from its metrics.json, training.<method>.earlier_call)
       },
       "timing": {                 # per stage (python -m qdpo.train: "load", "fp_answers", "quantize",
                                   # "initial_answers", "pairs", "eval_start", then "train_<method>",
@@ -26,7 +28,7 @@
       },
       ...                         # extra top-level keys passed by the caller, same cleaning rules;
                                   # python -m qdpo.train adds "training" (per method: steps run, best step,
-                                  # early stop, export checks), "init" (RTN/AWQ/--init statistics and
+                                  # early stop, export checks, earlier_call), "init" (RTN/AWQ/--init statistics and
                                   # "weights": the quantized share) and, with --judge-url, "judge"
     }
 
@@ -218,7 +220,8 @@ def _coverage_lines(w: Mapping | None) -> list[str]:
     return out
 
 
-def _eval_table(ev: Mapping) -> list[str]:
+def _eval_table(ev: Mapping, earlier: set = frozenset()) -> list[str]:
+    """The metrics of each model; ``earlier``: the methods whose row an earlier call in the run directory wrote."""
     models = _ordered_models(ev)
     keys = list(METRIC_KEYS) + [k for k in EXTRA_METRIC_KEYS if any(_num(ev[m], k) is not None for m in models)]
     best = {}  # key -> best value among the quantized models (bolded when at least two compete)
@@ -232,7 +235,7 @@ def _eval_table(ev: Mapping) -> list[str]:
         for k in keys:
             cell = _fmt(k, ev[m].get(k))
             cells.append(f"**{cell}**" if m != "fp" and k in best and _num(ev[m], k) == best[k] else cell)
-        rows.append([_label(m)] + cells)
+        rows.append([_label(m) + (" (earlier call)" if m in earlier else "")] + cells)
     header = ["model"] + [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
     units = "; ".join(f"{k}: {UNITS[k]}" for k in keys if k in UNITS)
     return _table(header, rows) + ["", "↓ lower is better, ↑ higher is better; bold: best quantized model. "
@@ -354,7 +357,9 @@ def write_report_md(path, metrics: dict, plots: dict[str, Path] | None = None, n
     lines = ["# QDPO run report", "", "## Configuration", "", *_coverage_lines(weights),
              *_config_lines(cfg, metrics.get("training")), ""]
     lines += ["## Preference pairs", "", *(_generic(metrics["pairs"]) if metrics.get("pairs") else ["(none)"]), ""]
-    lines += ["## Evaluation", "", *(_eval_table(ev) if ev else ["(no model was evaluated)"]), ""]
+    training = metrics.get("training") if isinstance(metrics.get("training"), Mapping) else {}
+    earlier = {m for m, t in training.items() if isinstance(t, Mapping) and t.get("earlier_call")}
+    lines += ["## Evaluation", "", *(_eval_table(ev, earlier) if ev else ["(no model was evaluated)"]), ""]
     lines += ["## Verdict", "", *[f"- {s}" for s in verdict(metrics) or ["Nothing to compare."]], ""]
     for key in metrics:
         if key not in STANDARD_KEYS:
