@@ -812,3 +812,19 @@ def test_a_method_trained_in_another_call_stays_in_the_report(model_dir, tmp_pat
     assert list(m["eval"]) == ["fp", "initial", "qdpo", "kd", "sft"]
     assert not any("earlier_call" in t for t in m["training"].values())
     assert "earlier call" not in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["weights", "stats"])
+def test_a_damaged_initial_model_is_quantized_again(model_dir, tmp_path, damage):
+    # a cut initial/model.safetensors (or an edited done.json) ended --resume with a SafetensorError traceback
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = _args(model_dir, prompts, out, "--steps", "1", "--no-export")
+    assert train.main(args) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    path = out / "initial" / ("model.safetensors" if damage == "weights" else "done.json")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert train.main([*args, "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["eval"]["initial"] == first["eval"]["initial"] and again["init"] == first["init"]
+    assert again["eval"]["qdpo"]["flip_rate"] == first["eval"]["qdpo"]["flip_rate"]

@@ -202,17 +202,14 @@ def _answer_maps(rows: list[dict], with_logps: bool):
 def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
     """A quantized copy of ``fp_model`` (train mode); cached in ``out_dir``."""
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
-    model = copy.deepcopy(fp_model)
-    exclude = excluded_layers(model, cfg.exclude_patterns())
+    exclude = excluded_layers(fp_model, cfg.exclude_patterns())
     weights = out_dir / "model.safetensors"
     if weights.exists() and (out_dir / "done.json").exists():
-        quantize_model(model, spec, exclude=exclude)  # the structure; the file holds the actual (maybe AWQ) values
-        state = load_file(str(weights))
-        missing = [k for k in model.state_dict() if k not in state]
-        model.load_state_dict({**model.state_dict(), **state}, strict=True)
-        if missing and hasattr(model, "tie_weights"):
-            model.tie_weights()
-        return model, json.loads((out_dir / "done.json").read_text())
+        try:
+            return _cached_initial(fp_model, spec, exclude, out_dir)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is quantized again (the same model), never trusted
+            log.warning("ignoring %s (%s): quantizing again", out_dir, f"{type(e).__name__}: {e}"[:300])
+    model = copy.deepcopy(fp_model)
     stats: dict = {"init": cfg.init}
     if cfg.init == "awq":
         from qdpo.quant.awq import awq_quantize_model
@@ -228,6 +225,21 @@ def quantize_initial(fp_model, cfg, calib_ids: list[list[int]], out_dir: Path):
     save_file(tensors, str(tmp))
     os.replace(tmp, weights)
     atomic_write_text(out_dir / "done.json", json.dumps(_jsonable(stats)))
+    return model, stats
+
+
+def _cached_initial(fp_model, spec: QuantSpec, exclude, out_dir: Path):
+    """The model and statistics ``quantize_initial`` wrote to ``out_dir``."""
+    model = copy.deepcopy(fp_model)
+    quantize_model(model, spec, exclude=exclude)  # the structure; the file holds the actual (maybe AWQ) values
+    state = load_file(str(out_dir / "model.safetensors"))
+    missing = [k for k in model.state_dict() if k not in state]
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    stats = json.loads((out_dir / "done.json").read_text())
+    if not isinstance(stats, dict):
+        raise ValueError("done.json holds no statistics")
     return model, stats
 
 
