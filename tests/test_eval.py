@@ -408,3 +408,11 @@ def test_report_training_table_gives_each_export_in_words(tmp_path):
             "export_qdpo_compressed_tensors/ (max \\|Δlogit\\| 1.5e-06) |") in md
     assert "| kd | 4 | 2 | export_kd/, DOES NOT reproduce the evaluation; compressed-tensors: skipped |" in md
     assert '"reproduces_eval"' not in md
+
+
+def test_report_names_the_methods_an_earlier_call_trained():
+    # the configuration said "Method(s): kd" above a table that also holds QDPO's row from an earlier call
+    training = {"qdpo": {"steps_run": 4, "best_step": 2, "earlier_call": True}, "kd": {"steps_run": 4, "best_step": 4}}
+    md = "\n".join(report._config_lines({**CONFIG, "method": "kd"}, training))
+    assert "- **Method(s)**: kd (this call; qdpo from an earlier call)" in md
+    assert "- **Method(s)**: kd\n" in "\n".join(report._config_lines({**CONFIG, "method": "kd"}, {"kd": {}})) + "\n"

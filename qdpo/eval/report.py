@@ -189,8 +189,10 @@ def _config_lines(cfg: Mapping, training: Mapping | None = None) -> list[str]:
         stop = None
     if stop and stop != "off" and training and all(t.get("best_val_flip_rate") is None for t in training.values()):
         stop = "off (no validation prompts: the last step's weights are kept)"
+    earlier = [m for m, t in (training or {}).items() if isinstance(t, Mapping) and t.get("earlier_call")]
+    method = f"{g('method')} (this call; {', '.join(earlier)} from an earlier call)" if earlier else g("method")
     facts = [("Model", g("model")), ("Quantization", _spec_name(cfg)), ("Initial quantization", g("init")),
-             ("Method(s)", g("method")), ("Recipe", ", ".join(recipe) or None), ("Early stopping", stop),
+             ("Method(s)", method), ("Recipe", ", ".join(recipe) or None), ("Early stopping", stop),
              ("Greedy answers", f"max_new_tokens={g('max_new_tokens')}" if "max_new_tokens" in cfg else None),
              ("Seed", g("seed"))]
     lines = [f"- **{k}**: {v}" for k, v in facts if v is not None]
