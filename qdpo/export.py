@@ -114,6 +114,9 @@ def find_export(path: str | os.PathLike, method: str | None = None) -> Path:
 
 
 def _what_is_it(p: Path) -> str:
+    if (p / "run.json").is_file():  # a python -m qdpo.train run directory: trained with --no-export, or unfinished
+        return (" (a python -m qdpo.train run directory without exports: rerun its command with --resume and "
+                "without --no-export to write export_<method>/)")
     try:
         qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):

@@ -388,6 +388,10 @@ def test_export_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = run_export(tmp_path / "empty", "--format", "gptq", "--out", tmp_path / "o")
     assert_user_error(rc, err, "is not a qdpo export")
+    (tmp_path / "empty" / "run.json").write_text("{}")  # a run trained with --no-export: how to export it
+    rc, _, err = run_export(tmp_path / "empty", "--format", "gptq", "--out", tmp_path / "o")
+    assert_user_error(rc, err, "run directory without exports: rerun its command with --resume and without "
+                               "--no-export")
     rc, _, err = run_export(src, "--format", "awq", "--out", tmp_path / "o")
     assert_user_error(rc, err, "AWQ GEMM is 4-bit only")
     rc, _, err = run_export(src, "--format", "gptq", "--out", tmp_path / "o")  # fp32 scales
