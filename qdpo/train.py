@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -187,6 +188,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     if out.exists() and any(p.name not in (RUN_FILE, OVERWRITING, f".{RUN_FILE}.tmp") for p in out.iterdir()):
         if not run_file.exists():
             raise RunDirError(f"--output-dir {out} is not empty and holds no qdpo run; choose another directory")
+        _lock(out)  # before --overwrite deletes anything
         if cfg.overwrite:
             _check_inputs_outside(cfg, out)
             _empty_run_dir(out)
@@ -208,11 +210,47 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
                 raise RunDirError(f"--output-dir {out} holds a different run (differs in {', '.join(diff)}); "
                                   f"{again}use another --output-dir, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    _lock(out)
     from qdpo.training.stages import atomic_write_text
 
     atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": _shown_config(cfg)}, indent=1))
     (out / OVERWRITING).unlink(missing_ok=True)  # after the new run.json: the old run is gone
     return out
+
+
+_held_lock: dict = {}  # the run directory this process works in: {"path": resolved path, "fd": its open fd}
+
+
+def _lock(out: Path) -> None:
+    """Hold an exclusive lock on the directory ``out`` itself (no file is added) during this call: two
+    calls in one run directory at once (``--method qdpo`` and ``--method kd`` side by side) would write the same
+    artifacts' temporary files and each its own metrics.json, one call's results lost. Released when
+    :func:`main` returns (:func:`_unlock`), or by the process's next call."""
+    import fcntl
+
+    path = out.resolve()
+    if _held_lock.get("path") == path:
+        return
+    _unlock()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"--output-dir {out} is in use by another python -m qdpo.train running there; wait for it "
+                          "to finish (then --resume, with another --method if you like), or use another "
+                          "--output-dir") from None
+    except OSError:  # no lock on a directory here (NFS locks writable files only): the run goes on unguarded
+        os.close(fd)
+        log.debug("cannot lock %s; a second call there at once would not be refused", out)
+        return
+    _held_lock.update(path=path, fd=fd)
+
+
+def _unlock() -> None:
+    if _held_lock:
+        os.close(_held_lock.pop("fd"))
+        _held_lock.clear()
 
 
 def _empty_run_dir(out: Path) -> None:
@@ -783,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         D.shutdown(clean)
+        _unlock()
     if env.rank != 0:
         return 0
     ev = result["metrics"]["eval"]

@@ -828,3 +828,28 @@ def test_a_damaged_initial_model_is_quantized_again(model_dir, tmp_path, damage)
     again = json.loads((out / "metrics.json").read_text())
     assert again["eval"]["initial"] == first["eval"]["initial"] and again["init"] == first["init"]
     assert again["eval"]["qdpo"]["flip_rate"] == first["eval"]["qdpo"]["flip_rate"]
+
+
+def test_a_second_call_in_a_run_directory_in_use_is_refused(model_dir, tmp_path, capsys):
+    # `--method qdpo` and `--method kd` run side by side in one directory wrote the same artifacts' temporary files
+    # (one failing on a vanished .tmp) and each its own metrics.json, one call's results lost
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = _args(model_dir, prompts, out, "--steps", "1", "--no-export")
+    assert train.main(args) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # another call working in the directory
+        before = (out / "metrics.json").read_bytes()
+        capsys.readouterr()
+        assert train.main([*args, "--method", "kd", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"qdpo.train: error: --output-dir {out} is in use by another python -m qdpo.train running "
+                       "there; wait for it to finish (then --resume, with another --method if you like), or use "
+                       "another --output-dir\n")
+        assert (out / "metrics.json").read_bytes() == before and not (out / "train_kd").exists()
+    finally:
+        holder.communicate("")
+    assert train.main([*args, "--method", "kd", "--resume"]) == 0  # once it has finished
