@@ -456,7 +456,7 @@ def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: d
     training summary (marked ``earlier_call``) and stage timings, and for a judge their test answers. --resume
     accepted the directory, so that metrics.json is this run's: the same model, prompts and recipe."""
     from qdpo.training.config import METHODS
-    from qdpo.training.stages import read_jsonl
+    from qdpo.training.stages import read_artifact
 
     path = out / "metrics.json"
     try:
@@ -475,8 +475,12 @@ def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: d
         timing.update({k: v for k, v in (old.get("timing") or {}).items() if k.endswith(f"_{m}")})
         answers = out / "answers" / f"{m}.jsonl"
         if cfg.judge_url and answers.exists():
-            rows = {r.get("id"): r.get("answer_ids") for r in read_jsonl(answers)}
-            if all(rows.get(p.id) is not None for p in test_p):
+            try:  # after the training and evaluation of this call: a damaged file only goes unrated
+                rows = {r["id"]: r["answer_ids"] for r in read_artifact(answers, ("id", "answer_ids"))}
+            except ArtifactError as e:
+                log.warning("%s's answers are not rated: %s", m, e)
+                continue
+            if all(p.id in rows for p in test_p):
                 texts[m] = [rows[p.id] for p in test_p]
     order = [*(k for k in evals if k not in METHODS), *(m for m in METHODS if m in evals)]
     for d in (evals, summaries):  # the methods in their usual order, wherever each was trained

@@ -853,3 +853,21 @@ def test_a_second_call_in_a_run_directory_in_use_is_refused(model_dir, tmp_path,
     finally:
         holder.communicate("")
     assert train.main([*args, "--method", "kd", "--resume"]) == 0  # once it has finished
+
+
+def test_an_earlier_method_s_damaged_answers_go_unrated_not_fatal(tmp_path, caplog):
+    # rating an earlier call's method with a new --judge-url read answers/<method>.jsonl after all of this call's
+    # work: a cut line was a JSONDecodeError traceback there, and no metrics.json or report
+    from qdpo.training.prompts import Prompt
+
+    (tmp_path / "answers").mkdir()
+    (tmp_path / "answers" / "qdpo.jsonl").write_text('{"id": "a", "answer_ids": [1, 2]}\n{"id": "b", "answer')
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval": {"qdpo": {"flip_rate": 0.1, "judge_score": 5}},
+                                                       "training": {"qdpo": {"steps_run": 1}}}))
+    cfg = train.parse_args(["--output-dir", str(tmp_path), "--method", "kd", "--resume", "--judge-url", "http://x/v1"])
+    evals, summaries, texts = {"fp": {}, "kd": {}}, {"kd": {}}, {}
+    test_p = [Prompt("a", [{"role": "user", "content": "x"}], "test"), Prompt("b", [{"role": "user", "content": "y"}],
+                                                                               "test")]
+    train._keep_earlier_methods(tmp_path, cfg, evals, summaries, {}, texts, test_p)
+    assert list(evals) == ["fp", "qdpo", "kd"] and evals["qdpo"] == {"flip_rate": 0.1} and texts == {}
+    assert summaries["qdpo"]["earlier_call"] is True and "qdpo's answers are not rated" in caplog.text
