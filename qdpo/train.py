@@ -213,7 +213,8 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> Path:
     _lock(out)
     from qdpo.training.stages import atomic_write_text
 
-    atomic_write_text(run_file, json.dumps({"fingerprint": _fingerprint(cfg), "config": _shown_config(cfg)}, indent=1))
+    record = {"fingerprint": _fingerprint(cfg), "config": _shown_config(cfg)}
+    atomic_write_text(run_file, json.dumps(record, indent=1))
     (out / OVERWRITING).unlink(missing_ok=True)  # after the new run.json: the old run is gone
     return out
 
