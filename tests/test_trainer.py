@@ -226,6 +226,12 @@ def test_kd_resume_gives_the_same_final_weights(data, tmp_path, method, kw):
         assert torch.equal(a, b), n
 
 
+def test_a_failed_load_is_named_by_its_error_type():
+    assert D.failure_reason(KeyError("scheduler")) == "KeyError: 'scheduler'"  # not a bare 'scheduler'
+    assert D.failure_reason(ValueError("bad\nmore")) == "ValueError: bad"
+    assert D.failure_reason(OSError()) == "OSError"
+
+
 def test_checkpoints_that_fail_part_way_through_loading_leave_a_fresh_start(data, tmp_path, caplog):
     fp, q, examples = fresh(data)
     c = cfg(steps=6, checkpoint_every=3)

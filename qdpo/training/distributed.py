@@ -497,12 +497,12 @@ def _quiet_single_process():
 
 
 def failure_reason(e: BaseException) -> str:
-    """The first line of what went wrong: for a DCP ``CheckpointException`` (whose own first line only lists
-    the ranks that failed), the first rank's error."""
+    """``Type: first line`` of what went wrong: for a DCP ``CheckpointException`` (whose own first line only
+    lists the ranks that failed), the first rank's error. The type is kept: a ``KeyError``'s text is its key alone."""
     failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
     err = failures[0] if failures else e
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if failures and text else (text[0] if text else type(err).__name__)
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _os_error(e: BaseException) -> OSError:
