@@ -245,7 +245,7 @@ def _is_png(path) -> bool:
     return path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plots_write_pngs(tmp_path):
+def test_plots_write_pngs(tmp_path, monkeypatch):
     r = M.teacher_forced(FP, Q, EXAMPLES, disable=True)
     g = torch.Generator().manual_seed(0)
     m = torch.rand(500, generator=g) * 10
@@ -257,8 +257,14 @@ def test_plots_write_pngs(tmp_path):
                   **({"val/flip_rate": 0.2 - 0.002 * s} if s % 5 == 0 else {})} for s in range(1, 31)],
         "sft": [{"step": s, "loss": 2.0 - 0.01 * s} for s in range(1, 31)],
     }
+    figs = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or save(fig, path))
     assert _is_png(plots.training_curves(hist, tmp_path / "curves.png"))
+    assert [line.get_label() for line in figs[0].axes[0].lines] == ["QDPO", "SFT"]  # the report's labels
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == ["curves.png", "flip_vs_margin.png"]
+    plots.flip_vs_margin({"fp": (torch.rand(50), torch.zeros(50, dtype=torch.bool))}, tmp_path / "fp.png")
+    assert figs[1].axes[0].lines[0].get_label() == "FP (0.00% overall)"
     with pytest.raises(ValueError, match="no curves"):
         plots.flip_vs_margin({}, tmp_path / "x.png")
 
@@ -272,7 +278,7 @@ def test_flip_vs_margin_puts_each_point_at_the_median_margin_of_the_positions_it
     f = m == 0
     assert _is_png(plots.flip_vs_margin({"q": (m, f)}, tmp_path / "p.png"))
     (line,) = figs[0].axes[0].lines
-    assert line.get_label() == "q (30.0% overall)"
+    assert line.get_label() == "q (30.00% overall)"
     assert line.get_xydata().tolist() == [[0.0, 1.0], [0.125, 0.0]]  # bins {0} and {0.125, 0.25}
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from qdpo.eval.report import LABELS  # the report's names of the models (QDPO, KD, FP), so legend and table agree
+
 BINS = 12  # quantile bins of the FP margin: ~8 % of positions each, enough points for a curve
 
 
@@ -75,7 +77,7 @@ def flip_vs_margin(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path, b
         rate = np.bincount(which, weights=f, minlength=len(centers)) / np.maximum(count, 1)
         ok = count > 0
         err = np.sqrt(rate * (1 - rate) / np.maximum(count, 1))
-        line, = ax.plot(centers[ok], rate[ok], marker="o", label=f"{name} ({f.mean():.1%} overall)")
+        line, = ax.plot(centers[ok], rate[ok], marker="o", label=f"{LABELS.get(name, name)} ({f.mean():.2%} overall)")
         ax.fill_between(centers[ok], (rate - err)[ok], (rate + err)[ok], alpha=0.15, color=line.get_color())
     if np.nanmin(centers) > 0 and np.nanmax(centers) / np.nanmin(centers) > 10:
         ax.set_xscale("log")
@@ -112,7 +114,7 @@ def training_curves(histories: dict[str, list[dict]], path) -> Path:
         for method, history in histories.items():
             steps, values = _series(history, key)
             if steps:
-                ax.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3, label=method,
+                ax.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3, label=LABELS.get(method, method),
                         color=colors[method])
                 drawn = True
         if drawn:
