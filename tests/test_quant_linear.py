@@ -487,3 +487,9 @@ def test_bad_inputs_are_refused_on_every_path():
             run(torch.randn(3, 64, dtype=torch.float64))
         with pytest.raises(ValueError, match="in_features K=64"):
             run(torch.randn(3, 63))
+
+
+def test_load_quantized_refuses_an_unknown_mode_before_reading_anything(tmp_path):
+    # the directory does not even exist: the mode is checked first, not after building and loading the model
+    with pytest.raises(ValueError, match="mode='pakced' is not known; use 'packed' or 'train'"):
+        qdpo.load_quantized(tmp_path / "absent", mode="pakced")

@@ -157,6 +157,8 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if mode not in ("packed", "train"):  # before reading gigabytes
+        raise ValueError(f"mode={mode!r} is not known; use 'packed' or 'train'")
     path = Path(path)
     cfg = read_quant_config(path)
     spec = cfg["spec"]
@@ -193,8 +195,6 @@ def load_quantized(path: str | os.PathLike, mode: str = "packed", device="cpu", 
     if mode == "train":
         for m in [*quantized_layers(model).values(), *quantized_experts(model).values()]:
             m.to_train()
-    elif mode != "packed":
-        raise ValueError(f"mode={mode!r} is not known; use 'packed' or 'train'")
     return model.to(device).eval()
 
 
