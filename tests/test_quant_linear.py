@@ -493,3 +493,17 @@ def test_load_quantized_refuses_an_unknown_mode_before_reading_anything(tmp_path
     # the directory does not even exist: the mode is checked first, not after building and loading the model
     with pytest.raises(ValueError, match="mode='pakced' is not known; use 'packed' or 'train'"):
         qdpo.load_quantized(tmp_path / "absent", mode="pakced")
+
+
+def test_packed_state_dict_keeps_a_transposed_view_apart():
+    # same storage, offset and shape, other strides: another tensor (a square matrix and its transpose), not an alias
+    from qdpo.quant.io import packed_state_dict
+
+    m = nn.Module()
+    w = torch.arange(16.0).reshape(4, 4)
+    m.register_buffer("a", w)
+    m.register_buffer("b", w.t())
+    m.register_buffer("c", w)  # the same view again: an alias
+    tensors, aliases = packed_state_dict(m)
+    assert aliases == {"c": "a"}
+    assert torch.equal(tensors["a"], w) and torch.equal(tensors["b"], w.t())

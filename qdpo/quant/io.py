@@ -72,7 +72,7 @@ def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             sd[f"{name}.qweight"], sd[f"{name}.scales"] = qw.qweight, qw.scales
     tensors, aliases, seen = {}, {}, {}
     for k, t in sd.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in seen:
             aliases[k] = seen[key]
             continue
