@@ -442,9 +442,9 @@ def run(cfg: TrainConfig) -> dict:
         D.barrier()
     if not D.is_main():
         return {"report": None, "metrics": None}
-    if cfg.resume:  # the methods an earlier call trained here (--method kd after --method qdpo) stay in the report
-        _keep_earlier_methods(out, cfg, evals, summaries, stage.timing, texts, test_p)
     judge = None
+    if cfg.resume:  # the methods an earlier call trained here (--method kd after --method qdpo) stay in the report
+        judge = _keep_earlier_methods(out, cfg, evals, summaries, stage.timing, texts, test_p)
     if cfg.judge_url:
         with stage("judge"):
             judge = _judge(cfg, tok, test_p, texts, evals)
@@ -452,10 +452,13 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: dict, timing: dict, texts: dict,
-                          test_p) -> None:
-    """Add the methods that the run directory's metrics.json holds and this call did not train: their evaluation,
-    training summary (marked ``earlier_call``) and stage timings, and for a judge their test answers. --resume
-    accepted the directory, so that metrics.json is this run's: the same model, prompts and recipe."""
+                          test_p) -> dict | None:
+    """Add what the run directory's metrics.json holds from earlier calls. The methods this call did not train:
+    their evaluation, training summary (marked ``earlier_call``), stage timings and test answers. With --no-export,
+    the export record of a method an earlier call exported (its export directory still there). Without
+    --judge-url, the earlier judge's scores of the answers that are unchanged: returned as the ``judge`` record,
+    or None. --resume accepted the directory, so that metrics.json is this run's: the same model, prompts and
+    recipe (a method trained again resumes to the weights that were exported)."""
     from qdpo.training.config import METHODS
     from qdpo.training.stages import read_artifact
 
@@ -464,18 +467,22 @@ def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: d
         old = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError) as e:
         log.warning("%s cannot be read (%s): the report holds only the methods of this call", path, e)
-        return
+        return None
     old_eval, old_training = old.get("eval") or {}, old.get("training") or {}
+    if not cfg.export:
+        for m in (m for m in summaries if isinstance((old_training.get(m) or {}).get("export"), dict)):
+            if "export" not in summaries[m] and (out / f"export_{m}").is_dir():
+                summaries[m]["export"] = {**old_training[m]["export"], "path": str(out / f"export_{m}"),
+                                          "earlier_call": True}
     earlier = [m for m in METHODS if m not in evals and m in old_eval and m in old_training]
-    if not earlier:
-        return
-    log.info("keeping the results of %s from an earlier call in this run directory", ", ".join(earlier))
-    for m in earlier:  # a judge score only from this call's judge (the others' rows have none without one)
+    if earlier:
+        log.info("keeping the results of %s from an earlier call in this run directory", ", ".join(earlier))
+    for m in earlier:  # a judge score only for the answers it rated (below)
         evals[m] = {k: v for k, v in old_eval[m].items() if k != "judge_score"}
         summaries[m] = {**old_training[m], "earlier_call": True}
         timing.update({k: v for k, v in (old.get("timing") or {}).items() if k.endswith(f"_{m}")})
         answers = out / "answers" / f"{m}.jsonl"
-        if cfg.judge_url and answers.exists():
+        if answers.exists():
             try:  # after the training and evaluation of this call: a damaged file only goes unrated
                 rows = {r["id"]: r["answer_ids"] for r in read_artifact(answers, ("id", "answer_ids"))}
             except ArtifactError as e:
@@ -488,6 +495,31 @@ def _keep_earlier_methods(out: Path, cfg: TrainConfig, evals: dict, summaries: d
         items = dict(d)
         d.clear()
         d.update({k: items[k] for k in order if k in items})
+    return None if cfg.judge_url else _earlier_judge(old, evals, texts)
+
+
+def _earlier_judge(old: dict, evals: dict, texts: dict) -> dict | None:
+    """The judge record of ``old`` metrics for the models whose test answers ``texts`` are the ones it rated (its
+    ``answers_sha256``), their ``judge_score`` put back into ``evals``; None when it rated none of them."""
+    judge, old_eval = old.get("judge"), old.get("eval") or {}
+    if not isinstance(judge, dict):
+        return None
+    kept = {name: rec for name, rec in judge.items() if isinstance(rec, dict) and name in evals and name in texts
+            and rec.get("answers_sha256") == _answers_digest(texts[name])}
+    if not kept:
+        return None
+    dropped = [name for name, rec in judge.items() if isinstance(rec, dict) and name not in kept]
+    if dropped:
+        log.warning("the earlier judge scores of %s are dropped: their answers changed (add --judge-url to rate "
+                    "them)", ", ".join(dropped))
+    for name in kept:
+        evals[name]["judge_score"] = (old_eval.get(name) or {}).get("judge_score")
+    return {k: v for k, v in judge.items() if not isinstance(v, dict)} | kept
+
+
+def _answers_digest(answers: list[list[int]]) -> str:
+    """What identifies the greedy answers a judge rated: a SHA-256 of their token ids."""
+    return hashlib.sha256(json.dumps(answers).encode()).hexdigest()
 
 
 def judge_question(messages: list[dict]) -> str:
@@ -511,7 +543,8 @@ def _judge(cfg: TrainConfig, tok, test_p, texts: dict, evals: dict) -> dict:
     if unrated:
         log.warning("the judge rated no score for %d answer(s); they are left out of the means", unrated)
     return {"url": shown(cfg.judge_url), "model": cfg.judge_model, "scale": "1-10, single-answer grading",
-            **{name: {k: v for k, v in r.items() if k != "judge_score"} for name, r in scores.items()}}
+            **{name: {**{k: v for k, v in r.items() if k != "judge_score"},
+                      "answers_sha256": _answers_digest(texts[name])} for name, r in scores.items()}}
 
 
 @contextmanager

@@ -438,6 +438,22 @@ def test_judge_url_scores_every_model(model_dir, tmp_path, server, capsys):
         assert 1 <= m["eval"][name]["judge_score"] <= 10, name
         assert m["judge"][name]["judged"] + m["judge"][name]["unrated"] == 3  # the test split
     assert "judge_score" in (out / "report.md").read_text()
+    # a later --resume without a judge or export (another method, or the judge server down) dropped the earlier
+    # judge scores and export record though the answers rated and the export directory were unchanged
+    assert train.main(_args(model_dir, prompts, out, "--method", "kd", "--resume", "--no-export")) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["judge"] == m["judge"] and again["eval"] == m["eval"]
+    assert again["training"]["kd"]["export"] == {**m["training"]["kd"]["export"], "path": str(out / "export_kd"),
+                                                 "earlier_call": True}
+    assert "judge_score" in (out / "report.md").read_text()
+    (out / "answers" / "initial.jsonl").unlink()  # answered again: the same answers, so the same scores
+    rows = [json.loads(line) for line in (out / "answers" / "kd.jsonl").read_text().splitlines()]
+    (out / "answers" / "kd.jsonl").write_text("".join(json.dumps({**r, "answer_ids": r["answer_ids"][:-1]}) + "\n"
+                                                      for r in rows))  # the answers an earlier judge rated differ
+    assert train.main(_args(model_dir, prompts, out, "--method", "sft", "--resume", "--no-export")) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert [n for n in again["eval"] if "judge_score" in again["eval"][n]] == ["fp", "initial"]
+    assert set(again["judge"]) == {"url", "model", "scale", "fp", "initial"}
     capsys.readouterr()
     assert train.main(_args(model_dir, prompts, tmp_path / "other", "--judge-url", "http://127.0.0.1:9/v1",
                             "--judge-model", "m")) == 2

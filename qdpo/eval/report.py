@@ -29,7 +29,8 @@
       ...                         # extra top-level keys passed by the caller, same cleaning rules;
                                   # python -m qdpo.train adds "training" (per method: steps run, best step,
                                   # early stop, export checks, earlier_call), "init" (RTN/AWQ/--init statistics and
-                                  # "weights": the quantized share) and, with --judge-url, "judge"
+                                  # "weights": the quantized share) and, with --judge-url, "judge" (url, model,
+                                  # scale; per model: judged, unrated, answers_sha256 of the answers it rated)
     }
 
 Each ``eval`` entry holds the metrics of :mod:`qdpo.eval.metrics` on the test
