@@ -115,6 +115,9 @@ def test_rate_limits_and_busy_servers_are_tried_again_then_counted_unrated(serve
 def test_rating_parser():
     assert J.RATING.search("ok [[ 7 ]] thanks").group(1) == "7"
     assert J.RATING.search("no rating here") is None
+    # the reason quoting the answer's own "[[3]]" came first, and that was taken as the rating
+    assert J.rating("The answer's table ends in [[3]], which is wrong. [[8]]") == 8.0
+    assert J.rating("no rating here") is None and J.rating("[[11]]") is None and J.rating("[[ 7.5 ]]") == 7.5
     assert J.endpoint("http://h/v1/") == "http://h/v1/chat/completions"
     assert J.endpoint("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
     assert J.endpoint("https://h/d/v1/?api-version=2024-06") == "https://h/d/v1/chat/completions?api-version=2024-06"

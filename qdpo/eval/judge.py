@@ -136,10 +136,16 @@ def rate(url: str, model: str, key: str | None, question: str, answer: str, time
         text = _ask_tries(url, model, key, user, timeout)
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # HTTPException: cut short
         return None
-    m = RATING.search(text)
-    if m is None:
+    return rating(text)
+
+
+def rating(reply: str) -> float | None:
+    """The rating in a judge's ``reply``: its last ``[[N]]`` (the reason comes first and may quote the answer's
+    own ``[[...]]``), None when there is none or it is outside 1–10."""
+    found = RATING.findall(reply)
+    if not found:
         return None
-    value = float(m.group(1))
+    value = float(found[-1])
     return value if 1.0 <= value <= 10.0 else None
 
 
