@@ -358,7 +358,7 @@ def check_layers(path: str | os.PathLike) -> dict:
     from compressed_tensors.quantization import QuantizationScheme
 
     from qdpo.kernels import reference
-    from qdpo.quant.importers import _read_safetensors, read_external_config
+    from qdpo.quant.importers import read_external_config, read_safetensors
 
     path = Path(path)
     fmt, spec, _ = read_external_config(path)
@@ -368,7 +368,7 @@ def check_layers(path: str | os.PathLike) -> dict:
     group = next(iter(qc["config_groups"].values()))
     scheme = QuantizationScheme.model_validate({k: group[k] for k in ("targets", "weights") if k in group})
     compressor = BaseCompressor.get_value_from_registry(qc["format"])
-    tensors = _read_safetensors(path)  # model.safetensors or the shards its index lists
+    tensors = read_safetensors(path)  # model.safetensors or the shards its index lists
     worst, count = 0.0, 0
     for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
         layer = key[: -len(".weight_packed")]

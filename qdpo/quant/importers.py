@@ -43,7 +43,7 @@ from qdpo.quant.linear import QuantLinear
 from qdpo.quant.model import mark_quantized, quantized_layers, set_module, untie_quantized_head
 from qdpo.quant.spec import QuantSpec
 
-__all__ = ["FormatError", "read_external_config", "load_external", "quantize_initial_from"]
+__all__ = ["FormatError", "read_external_config", "read_safetensors", "load_external", "quantize_initial_from"]
 
 log = logging.getLogger(__name__)
 _PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -163,7 +163,7 @@ def _ct_spec(qc: dict) -> QuantSpec:
 
 
 # ----------------------------------------------------------------------------- tensors
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, from the files transformers reads: ``model.safetensors`` where it exists
     (an index beside it is stale), else the shards its ``*.safetensors.index.json`` lists (other
     ``*.safetensors`` files beside them are ignored), else every ``*.safetensors`` file, where a tensor stored
@@ -276,7 +276,7 @@ def load_external(path: str | os.PathLike, mode: str = "train", dtype: torch.dty
         raise ValueError(f"mode={mode!r} is not known; use 'train' or 'packed'")
     path = Path(path)
     fmt, spec, details = read_external_config(path)
-    tensors = _read_safetensors(path)
+    tensors = read_safetensors(path)
     marker = _MARKER[fmt]
     names = sorted(k[: -len(marker) - 1] for k in tensors if k.endswith("." + marker))
     if not names:
