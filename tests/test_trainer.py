@@ -563,3 +563,22 @@ def test_training_runs_without_dropout(data, tmp_path, arch):
     assert not torch.equal(logits(True), logits(False))  # dropout on, as transformers built it
     Trainer(model, cfg(steps=1), "qdpo", examples, tmp_path, pad_id=1, disable_progress=True)
     assert torch.equal(logits(True), logits(False))
+
+
+def test_greedy_decodes_with_a_kv_cache_when_the_checkpoint_says_use_cache_false(data):
+    """A checkpoint saved after training with gradient checkpointing carries use_cache=False: greedy still feeds
+    the decoder one new token per step (on one cached prefill), with the answers of a model that caches."""
+    fp, _, _ = fresh(data)
+    g = torch.Generator().manual_seed(13)
+    system = torch.randint(2, VOCAB, (12,), generator=g).tolist()
+    prompts = [system + torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 3, 8)]
+    want = greedy(fp, Tok, prompts, 6, batch_size=4, disable=True)
+    model = copy.deepcopy(fp)
+    model.config.use_cache = model.generation_config.use_cache = False
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda _m, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    got = greedy(model, Tok, prompts, 6, batch_size=4, disable=True)
+    hook.remove()
+    assert got == want
+    assert sorted(widths)[:-2] == [1] * (len(widths) - 2), widths  # prefill: the shared prefix, then the rests

@@ -83,9 +83,11 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
             idx = order[start:start + batch_size]
             ids, att, cache = _inputs(model, [prompts[i] for i in idx], pad, device, max_new_tokens)
             steps.clear()
+            # use_cache: a checkpoint saved from gradient-checkpointed training says False; generate would then rerun
+            # the whole sequence at every step, and after a shared prefix's cache decode other tokens
             out = model.generate(
                 input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, use_cache=True,
                 pad_token_id=pad, eos_token_id=sorted(eos) or None,
                 return_dict_in_generate=True, output_logits=with_logps, **cache,
             )
