@@ -582,3 +582,27 @@ def test_greedy_decodes_with_a_kv_cache_when_the_checkpoint_says_use_cache_false
     hook.remove()
     assert got == want
     assert sorted(widths)[:-2] == [1] * (len(widths) - 2), widths  # prefill: the shared prefix, then the rests
+
+
+def test_pairs_identical_once_cut_by_max_length_are_dropped(data, tmp_path):
+    """Answers that differ only past --max-length's cut train as no preference (the DPO terms of two equal
+    answers cancel): dropped and counted like identical answers, never trained or counted as pairs."""
+    from qdpo.training.prompts import Prompt
+    from qdpo.training.stages import build_pairs
+
+    _, q, _ = fresh(data)
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8]
+    fp = {"same": [9, 10, 11, 1], "late": [9, 10, 11, 12, 1], "early": [9, 13, 1]}
+    qa = {"same": [9, 10, 11, 1], "late": [9, 10, 11, 14, 1], "early": [9, 10, 11, 1]}
+    prompts = [Prompt(k, [{"role": "user", "content": k}], "train") for k in fp]
+
+    class Text(Tok):
+        @staticmethod
+        def decode(ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+    rows, stats = build_pairs(tmp_path / "pairs.jsonl", prompts, {k: prompt for k in fp}, fp, qa, q, Text,
+                              cfg(max_length=len(prompt) + 3), 1)
+    assert [r["id"] for r in rows] == ["early"]  # "late" differs at its 4th answer token: cut to 3, no preference
+    assert (stats["total"], stats["identical_dropped"], stats["pairs"]) == (3, 2, 1)
+    assert [json.loads(x)["id"] for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == ["early"]

@@ -7,7 +7,8 @@
       "config": {...},            # the run configuration (TrainConfig.to_dict(): every --flag and its value)
       "pairs": {                  # preference pairs built from greedy answers on the training prompts
         "total": int,             #   prompts answered by both models
-        "identical_dropped": int, #   pairs whose FP and quantized answers were identical (no preference)
+        "identical_dropped": int, #   prompts whose FP and quantized answers were identical (no preference),
+                                  #   also where they differ only past the --max-length cut
         ...                       #   anything else the caller counts (python -m qdpo.train: "pairs" kept,
                                   #   "truncated", "mean_first_divergence", "mean_chosen_tokens",
                                   #   "mean_rejected_tokens", "prompts_dropped_too_long")

@@ -327,10 +327,9 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
         return rows, _stored_pair_stats(path, prompts, rows, fp, q)
     rows = []
     for p in prompts:
-        c, r = fp[p.id], q[p.id]
-        if c == r:
+        pc, pr = fit(ids[p.id], fp[p.id], cfg.max_length), fit(ids[p.id], q[p.id], cfg.max_length)
+        if pc[1] == pr[1]:  # answers that differ only past --max-length's cut train as no preference either
             continue
-        pc, pr = fit(ids[p.id], c, cfg.max_length), fit(ids[p.id], r, cfg.max_length)
         rows.append({
             "id": p.id, "prompt": p.messages,
             "chosen": [{"role": "assistant", "content": tokenizer.decode(pc[1], skip_special_tokens=True)}],
@@ -361,10 +360,11 @@ def build_pairs(path: Path, prompts: list[Prompt], ids: dict[str, list[int]], fp
 
 
 def pair_stats(prompts: list[Prompt], rows: list[dict], fp: dict, q: dict) -> dict:
-    """pairs.stats.json: the counts of ``build_pairs`` (a pair whose answer --max-length cut is ``truncated``)."""
+    """pairs.stats.json: the counts of ``build_pairs`` (a pair whose answer --max-length cut is ``truncated``; a
+    prompt whose answers are identical once cut is ``identical_dropped``)."""
     truncated = sum(len(r["chosen_ids"]) < len(fp[r["id"]]) or len(r["rejected_ids"]) < len(q[r["id"]]) for r in rows)
     fd = [common_prefix(r["chosen_ids"], r["rejected_ids"]) for r in rows]
-    return {"total": len(prompts), "identical_dropped": sum(fp[p.id] == q[p.id] for p in prompts),
+    return {"total": len(prompts), "identical_dropped": len(prompts) - len(rows),  # as cut by --max-length
             "pairs": len(rows), "truncated": truncated, "mean_first_divergence": sum(fd) / len(fd) if fd else None,
             "mean_chosen_tokens": sum(len(r["chosen_ids"]) for r in rows) / max(len(rows), 1),
             "mean_rejected_tokens": sum(len(r["rejected_ids"]) for r in rows) / max(len(rows), 1)}
