@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
 from qdpo import train
@@ -474,6 +474,19 @@ def test_plain_template_and_unsplit_prompts(tmp_path):
     assert train.main(_args(d, prompts, out, "--steps", "1", "--export", "--no-export")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["pairs"]["total"] == 12  # 60 % of 20 unsplit prompts are training prompts
+
+
+def test_plain_template_keeps_the_tokenizers_bos_but_not_an_appended_eos():
+    """A tokenizer without a chat template that wraps every text as ``<s> ... </s>``: the prompt starts with its
+    BOS, and the EOS it appends does not end the prompt before the answer."""
+    from qdpo.training.prompts import prompt_ids
+
+    tok = _tokenizer(chat=False)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A <|im_end|>", special_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)])
+    text = tok("User: w5 w6\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert tok("w5")["input_ids"] == [1, tok.convert_tokens_to_ids("w5"), 2]  # what the tokenizer adds
+    assert prompt_ids(tok, [{"role": "user", "content": "w5 w6"}]) == [1, *text]
 
 
 def test_prompt_file_with_a_bom_and_crlf_lines_reads_as_written(tmp_path):

@@ -142,8 +142,16 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the rendered prompt.
 
     A chat template writes its own special tokens, so none are added; the
-    plain template gets the tokenizer's usual BOS.
+    plain template gets the special tokens the tokenizer puts before a text
+    (its BOS), never those after it: an EOS there (a tokenizer that appends
+    one) would end the prompt before the answer starts.
     """
     text = render(tokenizer, messages)
-    add = not getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=add)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if getattr(tokenizer, "chat_template", None):
+        return ids
+    full = tokenizer(text)["input_ids"]
+    for k in range(len(full) - len(ids) + 1):  # where the text sits between the added tokens
+        if full[k:k + len(ids)] == ids:
+            return full[:k] + ids
+    return full
