@@ -606,3 +606,19 @@ def test_pairs_identical_once_cut_by_max_length_are_dropped(data, tmp_path):
     assert [r["id"] for r in rows] == ["early"]  # "late" differs at its 4th answer token: cut to 3, no preference
     assert (stats["total"], stats["identical_dropped"], stats["pairs"]) == (3, 2, 1)
     assert [json.loads(x)["id"] for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == ["early"]
+
+
+@pytest.mark.parametrize("impl", ["dynamic", "static"])
+def test_greedy_shares_a_prefix_when_the_generation_config_names_a_cache_implementation(data, impl):
+    """A checkpoint whose generation_config.json names a cache_implementation: prompts sharing a system prefix
+    decode from its cache (generate refused the two together) with the answers of plain left padding."""
+    fp, _, _ = fresh(data)
+    g = torch.Generator().manual_seed(14)
+    system = torch.randint(2, VOCAB, (12,), generator=g).tolist()
+    prompts = [system + torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 3, 8)]
+    model = copy.deepcopy(fp)
+    model.qdpo_no_prefix_sharing = True
+    want = greedy(model, Tok, prompts, 6, batch_size=4, disable=True)
+    model.qdpo_no_prefix_sharing = False
+    model.generation_config.cache_implementation = impl
+    assert greedy(model, Tok, prompts, 6, batch_size=4, disable=True) == want

@@ -139,7 +139,8 @@ def _inputs(model, prompts: list[list[int]], pad_id: int, device, max_new_tokens
     rest, rest_att = left_pad([x[p:] for x in prompts], pad_id)
     ids = torch.cat([prefix.expand(len(prompts), -1), rest.to(device)], 1)
     att = torch.cat([torch.ones_like(ids[:, :p]), rest_att.to(device)], 1)
-    return ids, att, {name: cache}
+    # generate refuses a cache beside the cache_implementation a checkpoint's generation_config may name
+    return ids, att, {name: cache, "cache_implementation": None}
 
 
 def _token_logps(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:
