@@ -622,3 +622,32 @@ def test_greedy_shares_a_prefix_when_the_generation_config_names_a_cache_impleme
     model.qdpo_no_prefix_sharing = False
     model.generation_config.cache_implementation = impl
     assert greedy(model, Tok, prompts, 6, batch_size=4, disable=True) == want
+
+
+def test_greedy_takes_the_argmax_whatever_the_generation_config_adds(data):
+    """A checkpoint's generation_config may name logit processors (Qwen2-Instruct ships a repetition penalty):
+    greedy answers were then no argmax of the logits, unlike the token flips and targets qdpo measures. Every
+    step must take the argmax; reference: one full forward per step, no cache."""
+    fp, _, _ = fresh(data)
+    model = copy.deepcopy(fp)
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens, gc.suppress_tokens = 50.0, 1, 6, [3, 4]
+    gc.bad_words_ids, gc.forced_eos_token_id = [[5]], 1
+    g = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 6, 4)]
+
+    def argmax_answer(prompt):
+        ids = list(prompt)
+        for _ in range(6):
+            with torch.no_grad():
+                t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(t)
+            if t == 1:  # EOS
+                break
+        return ids[len(prompt):]
+
+    want = [argmax_answer(p) for p in prompts]
+    assert any(len(set(a)) < len(a) for a in want)  # a repeated token: what the penalties would have changed
+    model.train()
+    assert greedy(model, Tok, prompts, 6, batch_size=2, disable=True) == want
+    assert model.training  # back in the mode it came in

@@ -1,7 +1,11 @@
 """Batched greedy decoding with a KV cache (``transformers.generate``).
 
 Prompts are left-padded into batches; each answer is the generated ids up to
-and including the first EOS (or ``max_new_tokens`` ids). Quantized layers
+and including the first EOS (or ``max_new_tokens`` ids). Every step takes the
+argmax of the model's logits: logit processors a checkpoint's
+``generation_config`` names (a repetition penalty, a minimum length, banned or
+forced tokens) are turned off (:data:`ARGMAX_ONLY`), as token flips and the
+FP model's targets are argmaxes of the logits too. Quantized layers
 run on a cached ŵ during decoding (``frozen_weights``), so the weights are
 not re-quantized at every step.
 """
@@ -15,6 +19,15 @@ from tqdm.auto import tqdm
 
 from qdpo.quant.linear import frozen_weights
 from qdpo.training.data import common_prefix
+
+
+# generate's options that would make a step's token other than the logits' argmax (or end an answer elsewhere than
+# at EOS or max_new_tokens), each set to its no-op; a None here overrides what the checkpoint's generation_config says
+ARGMAX_ONLY = dict(repetition_penalty=None, encoder_repetition_penalty=None, no_repeat_ngram_size=None,
+                   encoder_no_repeat_ngram_size=None, bad_words_ids=None, sequence_bias=None, suppress_tokens=None,
+                   begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, min_length=None,
+                   min_new_tokens=None, exponential_decay_length_penalty=None, stop_strings=None, max_time=None,
+                   guidance_scale=None, watermarking_config=None, num_return_sequences=1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +81,11 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     answers: dict[int, list[int]] = {}
     logps: dict[int, float] = {}
     was_training = model.training
-    model.eval()
     states: dict[int, torch.Tensor] = {}
     steps: list[torch.Tensor] = []  # the output layer's input at the last position of each decoding step
     with ExitStack() as stack:
+        model.eval()
+        stack.callback(model.train, was_training)  # back in its mode also when decoding fails
         hook = None
         if hidden is not None:
             head = model.get_output_embeddings()
@@ -88,7 +102,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
             out = model.generate(
                 input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, use_cache=True,
-                pad_token_id=pad, eos_token_id=sorted(eos) or None,
+                pad_token_id=pad, eos_token_id=sorted(eos) or None, **ARGMAX_ONLY,
                 return_dict_in_generate=True, output_logits=with_logps, **cache,
             )
             new = out.sequences[:, ids.shape[1]:]
@@ -103,7 +117,6 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
             bar.update(len(idx))
     if hidden is not None:
         hidden[:] = [states[i] for i in range(len(prompts))]
-    model.train(was_training)
     ordered = [answers[i] for i in range(len(prompts))]
     return (ordered, [logps[i] for i in range(len(prompts))]) if with_logps else ordered
 
