@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qdpo.training.data import collate, common_prefix, fit
-from qdpo.training.logps import completion_hidden, label_logps, output_layer, sequence_logps, token_kl
+from qdpo.training.logps import (base_model, completion_hidden, label_logps, logit_transform, output_layer,
+                                 sequence_logps, token_kl)
 
 
 def tiny(seed=0):
@@ -373,3 +374,70 @@ def _check_packed(monkeypatch, model, batch, groups: int) -> None:
     assert sorted(group_of) == sorted(list(range(groups)) * (len(lengths) // groups))  # pairs, or all rows
     widths = [s + sum(n - s for n, k in zip(lengths, group_of) if k == g) for g, s in enumerate(shared)]
     assert shapes == [(groups, max(widths)), tuple(batch.input_ids.shape)]  # packed, then whole rows
+
+
+# ----------------------------------------------------------------------------- scaled and capped logits
+SCALED = {  # name: (config class, model class, settings): logits the model makes from its output layer's z
+    "Cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),  # z · logit_scale
+    "Granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),  # z / logits_scaling
+    "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 0.5, "head_dim": 8}),  # soft cap
+}
+
+
+def _scaled(arch: str, seed: int, **extra):
+    import transformers
+
+    config, cls, kw = SCALED[arch]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config)(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                        initializer_range=0.2, **kw, **extra)
+    return getattr(transformers, cls)(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", SCALED)
+def test_logps_and_kl_are_those_of_the_models_scaled_or_capped_logits(arch):
+    """Log-probs, KL and their gradients from the model's own logits (as decoding and every other tool see
+    them), not from its output layer's values before the model scales or caps them."""
+    model, teacher = _scaled(arch, 0), _scaled(arch, 1)
+    norm = base_model(model).norm.weight  # a parameter before the output layer: gradients pass the transform
+    b = collate(EXAMPLES, 0)
+    total, _ = sequence_logps(model, b, chunk=2)
+    torch.testing.assert_close(total.detach(), torch.tensor([_direct_logps(model, p, c) for p, c in EXAMPLES]),
+                               rtol=1e-5, atol=1e-4)
+    g = torch.tensor([0.5, -1.0, 2.0])
+    (total * g).sum().backward()
+    got, norm.grad = norm.grad.clone(), None
+    pos, labels, row = b.targets
+    ref = [torch.log_softmax(model(torch.tensor([p + c])).logits[0].float(), -1) for p, c in EXAMPLES]
+    sum(g[i] * sum(ref[i][len(p) + j - 1, t] for j, t in enumerate(c)) for i, (p, c) in enumerate(EXAMPLES)).backward()
+    torch.testing.assert_close(got, norm.grad, rtol=1e-4, atol=1e-6)
+    norm.grad = None
+
+    h, _, _ = completion_hidden(model, b)
+    with torch.no_grad():
+        h_t, _, _ = completion_hidden(teacher, b)
+    ids = b.input_ids[:1, :7]
+    kl = token_kl(h, *output_layer(model), h_t, *output_layer(teacher), 2, logit_transform(model, ids),
+                  logit_transform(teacher, ids))
+    kl.sum().backward()
+    got, norm.grad = norm.grad.clone(), None
+    want = []
+    for p, c in EXAMPLES:
+        ids = torch.tensor([p + c])
+        lt = torch.log_softmax(teacher(ids).logits[0, len(p) - 1:-1].float(), -1).detach()
+        ls = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)
+        want.append((lt.exp() * (lt - ls)).sum(-1))
+    want = torch.cat(want)
+    want.sum().backward()
+    torch.testing.assert_close(kl.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got, norm.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_no_scale_or_cap_explains_are_refused():
+    model = tiny()
+    model.config.final_logit_softcapping = 0.5  # said, but Llama's forward does not cap: its logits are z
+    with pytest.raises(ValueError, match="LlamaForCausalLM turns its output layer's values into logits"):
+        logit_transform(model, torch.tensor([[1, 2, 3, 4]]))
+    model.config.final_logit_softcapping = None
+    assert logit_transform(model, torch.tensor([[1, 2, 3, 4]])) == (1.0, None)

@@ -8,8 +8,10 @@ however long the batch is. This is the same trick as a fused
 linear-cross-entropy, written for log-probs of the label only (DPO) and for
 KL against a teacher's hidden states (KD).
 
-Models whose output layer applies a final soft-capping or logit scale
-(e.g. Gemma 2, Cohere) are not handled specially here.
+Where the model turns the output layer's ``z = h Wᵀ + b`` into its logits with
+a scale and a final soft-capping (Cohere's ``logit_scale``, Granite's
+``1 / logits_scaling``, Gemma 2's ``final_logit_softcapping``), the log-probs
+and KL here use the model's logits too (:func:`logit_transform`).
 """
 
 from __future__ import annotations
@@ -450,22 +452,69 @@ def output_layer(model) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
+    """``(scale, cap)``: the model's logits are ``cap · tanh(scale · z / cap)`` (``scale · z`` without a cap) of
+    the output layer's ``z`` (Cohere multiplies z by ``logit_scale``, Granite divides it by ``logits_scaling``,
+    Gemma 2 soft-caps it at ``final_logit_softcapping``). Found once per model (and remembered on it) by
+    running the model on ``input_ids`` (``[1, T]``, real tokens): the cap from its config, the scale from its
+    logits. A model whose logits are no such function of z is refused, as its log-probs would be wrong."""
+    got = getattr(model, "_qdpo_logits", None)
+    if got is not None:
+        return got
+    cfg = model.config
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    cap = getattr(text, "final_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None)
+    w, b = output_layer(model)
+    was = model.training
+    model.eval()  # no dropout between the two forwards
+    try:
+        with torch.no_grad():
+            want = model(input_ids=input_ids, use_cache=False).logits.float()[0]  # [T, V]
+            h = base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state[0]
+            z = F.linear(h.to(w.dtype), w, b).float()
+    finally:
+        model.train(was)
+    u = want if cap is None else cap * torch.atanh((want / cap).clamp(-1 + 1e-6, 1 - 1e-6))
+    keep = (want.abs() < 0.9 * cap) if cap is not None else torch.ones_like(want, dtype=torch.bool)
+    scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30))
+    if abs(scale - 1) < 1e-5:  # the model's own z: leave it bit for bit
+        scale = 1.0
+    out, _ = _final_logits(z, scale, cap)
+    tol = 1e-3 * float(want.abs().max()) + 1e-5
+    if not bool(((out - want).abs() <= tol).all()):
+        raise ValueError(f"{type(model).__name__} turns its output layer's values into logits in a way qdpo does not "
+                         "reproduce (neither a scale nor a final soft-capping): its log-probs would be wrong; "
+                         "use a model whose logits are its output layer's")
+    model._qdpo_logits = (scale, cap)
+    return scale, cap
+
+
+def _final_logits(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, "Tensor | float"]:
+    """The model's logits from the output layer's fp32 ``z`` (:func:`logit_transform`), and their derivative
+    by z (elementwise)."""
+    if cap is None:
+        return (z if scale == 1 else z * scale), scale
+    t = torch.tanh(z * (scale / cap))
+    return cap * t, scale * (1 - t * t)
+
+
 def _chunks(n: int, chunk: int):
     for i in range(0, n, chunk):
         yield slice(i, min(i + chunk, n))
 
 
 class _LabelLogProb(torch.autograd.Function):
-    """``log softmax(h Wᵀ + b)[label]`` per row, chunked, logits recomputed in backward."""
+    """``log softmax(f(h Wᵀ + b))[label]`` per row, chunked, logits recomputed in backward; ``f``: the model's
+    scale and soft-capping (:func:`logit_transform`)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, chunk):
+    def forward(ctx, h, weight, bias, labels, chunk, scale, cap):
         out = h.new_empty(h.shape[0], dtype=torch.float32)
         for c in _chunks(h.shape[0], chunk):
-            logits = F.linear(h[c], weight, bias).float()  # [chunk, V]
+            logits, _ = _final_logits(F.linear(h[c], weight, bias).float(), scale, cap)  # [chunk, V]
             out[c] = logits.gather(1, labels[c, None]).squeeze(1) - torch.logsumexp(logits, -1)
         ctx.save_for_backward(h, weight, bias, labels)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.scale, ctx.cap = chunk, scale, cap
         return out
 
     @staticmethod
@@ -476,25 +525,26 @@ class _LabelLogProb(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for c in _chunks(h.shape[0], ctx.chunk):
-            logits = F.linear(h[c], weight, bias).float()
+            logits, dz = _final_logits(F.linear(h[c], weight, bias).float(), ctx.scale, ctx.cap)
             dlogits = -torch.softmax(logits, -1) * g[c, None]  # d/dlogits of lp[label]
             dlogits.scatter_add_(1, labels[c, None], g[c, None])
-            _accumulate(dlogits, h[c], weight, dh, dw, db, c)
-        return dh, _cast(dw, weight), _cast(db, bias), None, None
+            _accumulate(dlogits.mul_(dz), h[c], weight, dh, dw, db, c)
+        return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None
 
 
 class _TokenKL(torch.autograd.Function):
-    """``KL(softmax(t) ‖ softmax(s))`` per row, student ``s = h Wᵀ + b``, teacher ``t = ht Wtᵀ + bt``."""
+    """``KL(softmax(t) ‖ softmax(s))`` per row, student ``s = f(h Wᵀ + b)``, teacher ``t = ft(ht Wtᵀ + bt)``
+    (``f``, ``ft``: each model's scale and soft-capping, :func:`logit_transform`)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, h_t, weight_t, bias_t, chunk):
+    def forward(ctx, h, weight, bias, h_t, weight_t, bias_t, chunk, transform, transform_t):
         out = h.new_empty(h.shape[0], dtype=torch.float32)
         for c in _chunks(h.shape[0], chunk):
-            ls = torch.log_softmax(F.linear(h[c], weight, bias).float(), -1)
-            lt = torch.log_softmax(F.linear(h_t[c], weight_t, bias_t).float(), -1)
+            ls = torch.log_softmax(_final_logits(F.linear(h[c], weight, bias).float(), *transform)[0], -1)
+            lt = torch.log_softmax(_final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *transform_t)[0], -1)
             out[c] = (lt.exp() * (lt - ls)).sum(-1)
         ctx.save_for_backward(h, weight, bias, h_t, weight_t, bias_t)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.transform, ctx.transform_t = chunk, transform, transform_t
         return out
 
     @staticmethod
@@ -505,10 +555,10 @@ class _TokenKL(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for c in _chunks(h.shape[0], ctx.chunk):
-            ps = torch.softmax(F.linear(h[c], weight, bias).float(), -1)
-            pt = torch.softmax(F.linear(h_t[c], weight_t, bias_t).float(), -1)
-            _accumulate((ps - pt) * g[c, None], h[c], weight, dh, dw, db, c)
-        return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None
+            s, dz = _final_logits(F.linear(h[c], weight, bias).float(), *ctx.transform)
+            pt = torch.softmax(_final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *ctx.transform_t)[0], -1)
+            _accumulate(((torch.softmax(s, -1) - pt) * g[c, None]).mul_(dz), h[c], weight, dh, dw, db, c)
+        return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
 
 
 def _accumulate(dlogits, h_c, weight, dh, dw, db, c) -> None:
@@ -524,15 +574,25 @@ def _cast(t, like):
     return None if t is None else t.to(like.dtype)
 
 
-def label_logps(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int = 1024) -> Tensor:
-    """Log-prob ``[P]`` fp32 of each label under the output layer applied to ``h`` ``[P, H]``."""
-    return _LabelLogProb.apply(h, weight, bias, labels, chunk)
+def label_logps(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int = 1024,
+                transform: tuple[float, float | None] = (1.0, None)) -> Tensor:
+    """Log-prob ``[P]`` fp32 of each label under the output layer applied to ``h`` ``[P, H]``; ``transform``:
+    the model's ``(scale, cap)`` (:func:`logit_transform`)."""
+    return _LabelLogProb.apply(h, weight, bias, labels, chunk, *transform)
 
 
-def token_kl(h, weight, bias, h_teacher, weight_teacher, bias_teacher, chunk: int = 1024) -> Tensor:
-    """``KL(teacher ‖ student)`` ``[P]`` fp32 per position; gradients reach the student only."""
+def token_kl(h, weight, bias, h_teacher, weight_teacher, bias_teacher, chunk: int = 1024,
+             transform: tuple[float, float | None] = (1.0, None), transform_teacher=None) -> Tensor:
+    """``KL(teacher ‖ student)`` ``[P]`` fp32 per position; gradients reach the student only. ``transform``
+    (and ``transform_teacher``, the same by default): each model's ``(scale, cap)`` (:func:`logit_transform`)."""
     return _TokenKL.apply(h, weight, bias, h_teacher.detach(), weight_teacher.detach(),
-                          None if bias_teacher is None else bias_teacher.detach(), chunk)
+                          None if bias_teacher is None else bias_teacher.detach(), chunk, tuple(transform),
+                          tuple(transform_teacher or transform))
+
+
+def first_row(batch: Batch) -> Tensor:
+    """The first row's tokens ``[1, n]``, without its padding."""
+    return batch.input_ids[:1, :int(batch.attention_mask[0].sum())]
 
 
 def completion_hidden(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -546,7 +606,7 @@ def sequence_logps(model, batch: Batch, chunk: int = 1024) -> tuple[Tensor, Tens
     """Summed completion log-prob ``[B]`` fp32 and completion token counts ``[B]``."""
     h, labels, row = completion_hidden(model, batch)
     w, b = output_layer(model)
-    lp = label_logps(h, w, b, labels, chunk)
+    lp = label_logps(h, w, b, labels, chunk, logit_transform(model, first_row(batch)))
     n = batch.input_ids.shape[0]
     total = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, row, lp)
     count = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, row, torch.ones_like(lp))
