@@ -110,6 +110,32 @@ def test_teacher_forced_matches_full_logits_reference():
     torch.testing.assert_close(r["margins"], top2[0] - top2[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["Cohere", "Gemma2"])
+def test_teacher_forced_scores_the_models_scaled_or_capped_logits(arch):
+    """KL, NLL, Δp and margins of the model's own logits (Cohere scales its output layer's values, Gemma 2
+    soft-caps them), as decoding and transformers see them."""
+    import transformers
+
+    config, cls, kw = {"Cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+                       "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 0.5,
+                                                                        "head_dim": 16})}[arch]
+    torch.manual_seed(0)
+    c = getattr(transformers, config)(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                      initializer_range=0.2, **kw)
+    fp = getattr(transformers, cls)(c).eval()
+    q = perturbed(fp, 0.3)
+    r = M.teacher_forced(fp, q, EXAMPLES, disable=True)
+    lf, lq, y = reference(fp, q, EXAMPLES)
+    assert close(r["kl"], (lf.exp() * (lf - lq)).sum(-1).mean().item(), rel=1e-4)
+    nll = -lq.gather(1, y[:, None]).mean().item()
+    assert close(r["nll"], nll) and close(M.mean_nll(q, EXAMPLES, disable=True), nll)
+    dp = lq.gather(1, y[:, None]).exp() - lf.gather(1, y[:, None]).exp()
+    assert close(r["delta_p_rms"], dp.pow(2).mean().sqrt().item(), rel=1e-4)
+    top2 = (lf.topk(2, -1).values).T
+    torch.testing.assert_close(r["margins"], top2[0] - top2[1], atol=1e-4, rtol=1e-4)
+
+
 def test_a_diverged_model_gets_infinite_perplexity_not_an_overflow_error():
     q = copy.deepcopy(Q)
     with torch.no_grad():

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from qdpo.quant.linear import QuantLinear, frozen_weights
 from qdpo.training.data import Batch, collate, common_prefix
-from qdpo.training.logps import completion_hidden, label_logps, output_layer
+from qdpo.training.logps import final_logits, completion_hidden, label_logps, logit_transform, output_layer
 
 Example = tuple[list[int], list[int]]
 
@@ -115,12 +115,15 @@ def _batches(examples: list[Example], batch_size: int, pad_id: int, desc: str, d
             bar.update(len(idx))
 
 
-def _head(model) -> tuple[Tensor, Tensor | None]:
-    """Output-layer weight ``[V, H]`` and bias; a quantized head contributes its ŵ, not its latent weight."""
+def _head(model, examples: list[Example]) -> tuple[Tensor, Tensor | None, tuple[float, float | None]]:
+    """Output-layer weight ``[V, H]``, bias, and the model's logit scale and soft-capping (``logit_transform``,
+    found on the first example); a quantized head contributes its ŵ, not its latent weight."""
+    prompt, answer = examples[0]
+    transform = logit_transform(model, torch.tensor([prompt + answer], device=_device(model)))
     head = model.get_output_embeddings()
     if isinstance(head, QuantLinear):
-        return (head._w_hat if head._w_hat is not None else head.dequantized()), head.bias
-    return output_layer(model)
+        return (head._w_hat if head._w_hat is not None else head.dequantized()), head.bias, transform
+    return (*output_layer(model), transform)
 
 
 def _hidden(model, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -157,9 +160,10 @@ def _chunks(n: int, chunk: int):
         yield slice(i, min(i + chunk, n))
 
 
-def _logits(h: Tensor, head: tuple[Tensor, Tensor | None], c: slice) -> Tensor:
+def _logits(h: Tensor, head: tuple, c: slice) -> Tensor:
+    """The model's logits ``[chunk, V]`` fp32 (its scale and soft-capping applied) at the rows ``c`` of ``h``."""
     # h in the head's dtype: given FP hidden states are fp32 (greedy's), a bf16 model's head is not
-    return F.linear(h[c].to(head[0].dtype), *head).float()  # [chunk, V] fp32
+    return final_logits(F.linear(h[c].to(head[0].dtype), head[0], head[1]).float(), *head[2])[0]
 
 
 def _exp(x: float) -> float:
@@ -191,7 +195,7 @@ def fp_targets(fp_model, examples: list[Example], batch_size: int = 8, chunk: in
     arg = [torch.empty(0, dtype=torch.long)] * len(examples)  # empty answers keep these
     mar = [torch.empty(0)] * len(examples)
     with _inference(fp_model):
-        head = _head(fp_model)
+        head = _head(fp_model, examples)
         for idx, batch in _batches(examples, batch_size, pad_id, "FP targets", disable):
             h, _ = _fp_hidden(fp_model, batch, idx, examples, fp_hidden)
             if h.shape[0] == 0:  # a batch of empty answers
@@ -219,7 +223,7 @@ def flip_rate(q_model, examples: list[Example], targets: FPTargets, batch_size: 
                          "fp_targets on the same examples")
     flips = torch.zeros((), dtype=torch.long, device=_device(q_model))
     with _inference(q_model):
-        head = _head(q_model)
+        head = _head(q_model, examples)
         for idx, batch in _batches(examples, batch_size, pad_id, "flip rate", disable):
             h, _ = _hidden(q_model, batch)
             want = torch.cat([targets.example(i)[0] for i in idx]).to(h.device)
@@ -250,7 +254,7 @@ def teacher_forced(fp_model, q_model, examples: list[Example], batch_size: int =
     margins = [torch.empty(0)] * len(examples)  # empty answers keep these
     flipped = [torch.empty(0, dtype=torch.bool)] * len(examples)
     with _inference(fp_model, q_model):
-        head_f, head_q = _head(fp_model), _head(q_model)
+        head_f, head_q = _head(fp_model, examples), _head(q_model, examples)
         for idx, batch in _batches(examples, batch_size, pad_id, "teacher-forced eval", disable):
             key = tuple(idx)
             if fp_cache is not None and key in fp_cache:
@@ -333,10 +337,10 @@ def mean_nll(model, examples: list[Example], batch_size: int = 8, chunk: int = 1
     _check_examples(examples)
     total = torch.zeros((), dtype=torch.float64, device=_device(model))
     with _inference(model):
-        w, b = _head(model)
+        w, b, transform = _head(model, examples)
         for _, batch in _batches(examples, batch_size, pad_id, desc, disable):
             h, labels = _hidden(model, batch)
-            total -= label_logps(h, w, b, labels, chunk).double().sum()
+            total -= label_logps(h, w, b, labels, chunk, transform).double().sum()
     return total.item() / sum(len(a) for _, a in examples)
 
 

@@ -479,7 +479,7 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
     scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30))
     if abs(scale - 1) < 1e-5:  # the model's own z: leave it bit for bit
         scale = 1.0
-    out, _ = _final_logits(z, scale, cap)
+    out, _ = final_logits(z, scale, cap)
     tol = 1e-3 * float(want.abs().max()) + 1e-5
     if not bool(((out - want).abs() <= tol).all()):
         raise ValueError(f"{type(model).__name__} turns its output layer's values into logits in a way qdpo does not "
@@ -489,7 +489,7 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
     return scale, cap
 
 
-def _final_logits(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, "Tensor | float"]:
+def final_logits(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, "Tensor | float"]:
     """The model's logits from the output layer's fp32 ``z`` (:func:`logit_transform`), and their derivative
     by z (elementwise)."""
     if cap is None:
@@ -511,7 +511,7 @@ class _LabelLogProb(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, chunk, scale, cap):
         out = h.new_empty(h.shape[0], dtype=torch.float32)
         for c in _chunks(h.shape[0], chunk):
-            logits, _ = _final_logits(F.linear(h[c], weight, bias).float(), scale, cap)  # [chunk, V]
+            logits, _ = final_logits(F.linear(h[c], weight, bias).float(), scale, cap)  # [chunk, V]
             out[c] = logits.gather(1, labels[c, None]).squeeze(1) - torch.logsumexp(logits, -1)
         ctx.save_for_backward(h, weight, bias, labels)
         ctx.chunk, ctx.scale, ctx.cap = chunk, scale, cap
@@ -525,7 +525,7 @@ class _LabelLogProb(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for c in _chunks(h.shape[0], ctx.chunk):
-            logits, dz = _final_logits(F.linear(h[c], weight, bias).float(), ctx.scale, ctx.cap)
+            logits, dz = final_logits(F.linear(h[c], weight, bias).float(), ctx.scale, ctx.cap)
             dlogits = -torch.softmax(logits, -1) * g[c, None]  # d/dlogits of lp[label]
             dlogits.scatter_add_(1, labels[c, None], g[c, None])
             _accumulate(dlogits.mul_(dz), h[c], weight, dh, dw, db, c)
@@ -540,8 +540,8 @@ class _TokenKL(torch.autograd.Function):
     def forward(ctx, h, weight, bias, h_t, weight_t, bias_t, chunk, transform, transform_t):
         out = h.new_empty(h.shape[0], dtype=torch.float32)
         for c in _chunks(h.shape[0], chunk):
-            ls = torch.log_softmax(_final_logits(F.linear(h[c], weight, bias).float(), *transform)[0], -1)
-            lt = torch.log_softmax(_final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *transform_t)[0], -1)
+            ls = torch.log_softmax(final_logits(F.linear(h[c], weight, bias).float(), *transform)[0], -1)
+            lt = torch.log_softmax(final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *transform_t)[0], -1)
             out[c] = (lt.exp() * (lt - ls)).sum(-1)
         ctx.save_for_backward(h, weight, bias, h_t, weight_t, bias_t)
         ctx.chunk, ctx.transform, ctx.transform_t = chunk, transform, transform_t
@@ -555,8 +555,8 @@ class _TokenKL(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for c in _chunks(h.shape[0], ctx.chunk):
-            s, dz = _final_logits(F.linear(h[c], weight, bias).float(), *ctx.transform)
-            pt = torch.softmax(_final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *ctx.transform_t)[0], -1)
+            s, dz = final_logits(F.linear(h[c], weight, bias).float(), *ctx.transform)
+            pt = torch.softmax(final_logits(F.linear(h_t[c], weight_t, bias_t).float(), *ctx.transform_t)[0], -1)
             _accumulate(((torch.softmax(s, -1) - pt) * g[c, None]).mul_(dz), h[c], weight, dh, dw, db, c)
         return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
 
