@@ -441,3 +441,36 @@ def test_logits_no_scale_or_cap_explains_are_refused():
         logit_transform(model, torch.tensor([[1, 2, 3, 4]]))
     model.config.final_logit_softcapping = None
     assert logit_transform(model, torch.tensor([[1, 2, 3, 4]])) == (1.0, None)
+
+
+def test_a_quantized_head_gives_its_quantized_logps_and_straight_through_gradients():
+    """A checkpoint may quantize the LM head: its log-probs are those of its ŵ (the model's forward), and its
+    latent weight gets the straight-through gradient, zero where the grid clips it."""
+    from qdpo import QuantSpec
+    from qdpo.kernels.reference import fake_quant, fake_quant_mask
+    from qdpo.quant.linear import QuantLinear
+
+    model = tiny()
+    model.config.tie_word_embeddings = False
+    head = QuantLinear.from_linear(model.lm_head, QuantSpec(4, 32))
+    with torch.no_grad():
+        head.weight.mul_(1.3)  # latent weights off the grid's points, some beyond its range
+    model.lm_head = head
+    w_hat, keep = fake_quant(head.weight, head.scales, head.zeros, 4), fake_quant_mask(head.weight, head.scales,
+                                                                                       head.zeros, 4)
+    assert not keep.all() and not torch.equal(w_hat, head.weight)
+    total, _ = sequence_logps(model, collate(EXAMPLES, 0), chunk=2)
+    torch.testing.assert_close(total.detach(), torch.tensor([_direct_logps(model, p, c) for p, c in EXAMPLES]),
+                               rtol=1e-5, atol=1e-4)
+    g = torch.tensor([0.5, -1.0, 2.0])
+    (total * g).sum().backward()
+    plain = torch.nn.Linear(32, 50, bias=False)
+    plain.weight = torch.nn.Parameter(w_hat.clone())
+    model.lm_head = plain
+    sum(g[i] * _direct_logps_grad(model, p, c) for i, (p, c) in enumerate(EXAMPLES)).backward()
+    torch.testing.assert_close(head.weight.grad, plain.weight.grad * keep, rtol=1e-4, atol=1e-6)
+
+
+def _direct_logps_grad(model, prompt, completion):
+    logp = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0].float(), -1)
+    return sum(logp[len(prompt) + i - 1, t] for i, t in enumerate(completion))

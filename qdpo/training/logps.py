@@ -446,7 +446,19 @@ def _with_row_groups(model, batch: Batch, p: int, plan: tuple[list[int], list[in
 
 
 def output_layer(model) -> tuple[Tensor, Tensor | None]:
+    """The output layer's weight ``[V, H]`` and bias as the model's forward applies them. A quantized head (a
+    checkpoint that quantizes it) gives its ŵ: in training, fake-quantized from its latent weight, which gets
+    the straight-through gradient (as every other quantized layer's)."""
+    from qdpo.kernels import ops
+    from qdpo.quant.linear import QuantLinear
+
     head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear):
+        if head.mode == "train" and torch.is_grad_enabled() and head.weight.requires_grad:
+            w = ops.fake_quant(head.weight, head.scales, head.zeros, head.spec.bits, None, head.backend)
+        else:
+            w = head._w_hat if head._w_hat is not None else head.dequantized()
+        return w, head.bias
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding layer (not a causal LM?)")
     return head.weight, getattr(head, "bias", None)
