@@ -365,6 +365,23 @@ def test_a_save_killed_after_writing_counts_before_its_rename(tmp_path, monkeypa
     assert [D.read_meta(p) for p in D.complete_checkpoints(tmp_path)] == [{"step": 2, "new": True}, {"step": 3}]
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_used(data, tmp_path):
+    """metrics.jsonl's lr of step k is the rate AdamW applied in step k: warm-up, then cosine decay towards 10 %."""
+    import math
+
+    _, q, examples = fresh(data)
+    t = Trainer(q, cfg(steps=5, warmup_steps=2, lr=1e-3, max_grad_norm=0.0), "qdpo", examples, tmp_path, pad_id=1,
+                disable_progress=True)
+    before = {n: p.detach().clone() for n, p in q.named_parameters() if p.requires_grad}
+    recs = [t.train_step()]
+    # AdamW's first step moves each weight by lr · g / (|g| + eps): by the rate itself wherever |g| >> eps
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in q.named_parameters() if p.requires_grad)
+    assert recs[0]["lr"] == pytest.approx(moved, rel=1e-3)
+    recs += [t.train_step() for _ in range(4)]
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]  # from step 2 of 5, to 0.1 at 5
+    assert [r["lr"] for r in recs] == pytest.approx([1e-3 * f for f in [1 / 3, 2 / 3, *cosine]], rel=1e-6)
+
+
 def test_batch_order_is_a_function_of_step():
     a = [batch_indices(10, s, 4, seed=1) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=1) for s in range(6)]

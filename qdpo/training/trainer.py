@@ -152,7 +152,8 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    """The learning-rate factor of step ``step`` (0-based): linear warm-up to 1, then cosine decay, reaching 0.1
+    after the last step."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -522,12 +523,13 @@ class Trainer:
         agg = D.all_reduce_sum(agg)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         gn = D.clip_grad_norm(params, cfg.max_grad_norm)
+        lr = self.opt.param_groups[0]["lr"]  # this step's (the scheduler then sets the next step's)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        return {"step": self.step, **agg, "grad_norm": gn, "lr": self.sched.get_last_lr()[0],
+        return {"step": self.step, **agg, "grad_norm": gn, "lr": lr,
                 "tokens_per_s": agg.get("num_tokens", 0) / dt, "step_s": dt}
 
     def run(self, resume: bool = False) -> dict:
