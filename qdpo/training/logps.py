@@ -476,11 +476,11 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
     cfg = model.config
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     cap = getattr(text, "final_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None)
-    w, b = output_layer(model)
     was = model.training
     model.eval()  # no dropout between the two forwards
     try:
         with torch.no_grad():
+            w, b = output_layer(model)
             want = model(input_ids=input_ids, use_cache=False).logits.float()[0]  # [T, V]
             h = base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state[0]
             z = F.linear(h.to(w.dtype), w, b).float()
@@ -488,6 +488,7 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
         model.train(was)
     u = want if cap is None else cap * torch.atanh((want / cap).clamp(-1 + 1e-6, 1 - 1e-6))
     keep = (want.abs() < 0.9 * cap) if cap is not None else torch.ones_like(want, dtype=torch.bool)
+    keep = keep if bool(keep.any()) else torch.ones_like(keep)  # every logit near the cap: atanh of the clamped
     scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30))
     if abs(scale - 1) < 1e-5:  # the model's own z: leave it bit for bit
         scale = 1.0
