@@ -368,6 +368,7 @@ def run(cfg: TrainConfig) -> dict:
         _check_positions(fp_model, ids, cfg.max_new_tokens)
         exclude = S.excluded_layers(fp_model, cfg.exclude_patterns())  # a pattern that matches nothing fails now
         _check_quantizable(fp_model, cfg, exclude)  # so do a group size that does not divide a layer, NaN weights
+        _check_logits(fp_model, cfg, ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     q0 = None
     if cfg.init not in ("rtn", "awq"):  # read first: a checkpoint that does not fit --model fails before any artifact
@@ -587,6 +588,18 @@ def _check_positions(model, ids: dict[str, list[int]], max_new_tokens: int) -> N
                           f"need {len(t) + max_new_tokens} positions, but {_model_name(model)} has {limit} (a learned "
                           f"position table); lower --max-new-tokens, or drop the longer prompts with --max-length "
                           f"{limit - max_new_tokens + 1}")
+
+
+def _check_logits(model, cfg: TrainConfig, ids: dict[str, list[int]]) -> None:
+    """The model's logit scale and soft-capping (``logps.logit_transform``), found now: a model whose logits are
+    some other function of its output layer is refused before the first artifact, not after generation."""
+    from qdpo.training.logps import logit_transform
+
+    t = next(t for t in ids.values() if t)
+    try:
+        logit_transform(model, torch.tensor([t], device=next(model.parameters()).device))
+    except ValueError as e:
+        raise ConfigError(f"--model {cfg.model}: {e}") from None
 
 
 def _model_name(model) -> str:

@@ -553,6 +553,8 @@ def test_a_lone_surrogate_escape_is_one_clear_error(tmp_path):
                     r"does not match the model; resize"),
     ("no_system_role", r"prompt 'q0': the tokenizer's chat template refuses its messages \(System role not supported\)"
                        r"; .*put the system text into the first user turn"),
+    ("logits", r"--model .*: LlamaForCausalLM turns its output layer's values into logits in a way qdpo does not "
+               r"reproduce"),
 ])
 def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, match):
     prompts = _prompts(tmp_path / "p.jsonl")
@@ -619,6 +621,11 @@ def test_bad_input_gives_one_clear_error(model_dir, tmp_path, capsys, case, matc
         sd = load_file(str(model / "model.safetensors"))
         sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
         save_file(sd, str(model / "model.safetensors"), metadata={"format": "pt"})
+    elif case == "logits":  # a soft cap the config names but the model's forward does not apply
+        model = tmp_path / "capped"
+        shutil.copytree(model_dir, model)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.01}))
     elif case == "no_test":
         prompts.write_text("".join(l.replace('"test"', '"train"') + "\n" for l in prompts.read_text().splitlines()))
     out = tmp_path / "run"

@@ -487,14 +487,15 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
     finally:
         model.train(was)
     u = want if cap is None else cap * torch.atanh((want / cap).clamp(-1 + 1e-6, 1 - 1e-6))
-    keep = (want.abs() < 0.9 * cap) if cap is not None else torch.ones_like(want, dtype=torch.bool)
-    keep = keep if bool(keep.any()) else torch.ones_like(keep)  # every logit near the cap: atanh of the clamped
-    scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30))
+    fin = torch.isfinite(want) & torch.isfinite(z)  # NaN weights are another check's error, not this one's
+    keep = fin & (want.abs() < 0.9 * cap) if cap is not None else fin
+    keep = keep if bool(keep.any()) else fin  # every logit near the cap: atanh of the clamped
+    scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30)) if bool(keep.any()) else 1.0
     if abs(scale - 1) < 1e-5:  # the model's own z: leave it bit for bit
         scale = 1.0
     out, _ = final_logits(z, scale, cap)
-    tol = 1e-3 * float(want.abs().max()) + 1e-5
-    if not bool(((out - want).abs() <= tol).all()):
+    tol = 1e-3 * float(want[fin].abs().max()) + 1e-5 if bool(fin.any()) else 0.0
+    if not bool(((out - want).abs()[fin] <= tol).all()):
         raise ValueError(f"{type(model).__name__} turns its output layer's values into logits in a way qdpo does not "
                          "reproduce (neither a scale nor a final soft-capping): its log-probs would be wrong; "
                          "use a model whose logits are its output layer's")
