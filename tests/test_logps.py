@@ -474,3 +474,25 @@ def test_a_quantized_head_gives_its_quantized_logps_and_straight_through_gradien
 def _direct_logps_grad(model, prompt, completion):
     logp = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0].float(), -1)
     return sum(logp[len(prompt) + i - 1, t] for i, t in enumerate(completion))
+
+
+@pytest.mark.parametrize("arch, settings, want", [
+    ("Gemma2", {"final_logit_softcapping": 30.0, "initializer_range": 1.0}, (1.0, 30.0)),  # logits near the cap
+    ("Cohere", {"logit_scale": 0.3}, (0.3, None)),  # no power of two: bf16 logits are a rounded 0.3 · z
+    ("Granite", {"logits_scaling": 3.0}, (1 / 3.0, None)),
+])
+def test_a_bf16_model_s_scale_and_cap_are_found_despite_its_rounded_logits(arch, settings, want):
+    # a bf16 Gemma 2 (as --dtype auto loads it on a GPU) was refused as "turns its output layer's values into logits
+    # in a way qdpo does not reproduce": its capped logits round by up to 0.06 near 30, above a fp32 tolerance
+    config, cls, kw = SCALED[arch]
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                        **{"initializer_range": 0.2, **kw, **settings})
+    model = getattr(transformers, cls)(cfg).eval().to(torch.bfloat16)
+    ids = torch.randint(1, 50, (1, 24), generator=torch.Generator().manual_seed(3))
+    assert logit_transform(model, ids) == want  # the config's values exactly, not a fit of rounded logits
+    if settings.get("final_logit_softcapping"):
+        assert float(model(ids).logits.abs().max()) > 16  # toward the cap, where bf16 rounds by 0.125

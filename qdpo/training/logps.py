@@ -481,26 +481,42 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
     try:
         with torch.no_grad():
             w, b = output_layer(model)
-            want = model(input_ids=input_ids, use_cache=False).logits.float()[0]  # [T, V]
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            want = logits.float()[0]  # [T, V]
             h = base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state[0]
             z = F.linear(h.to(w.dtype), w, b).float()
     finally:
         model.train(was)
+    # the rounding of the model's own logits: bf16 ones are 3 significant digits (a soft cap of 30 rounds by 0.06)
+    rel = 1e-3 if logits.dtype == torch.float32 else 4 * torch.finfo(logits.dtype).eps
     u = want if cap is None else cap * torch.atanh((want / cap).clamp(-1 + 1e-6, 1 - 1e-6))
     fin = torch.isfinite(want) & torch.isfinite(z)  # NaN weights are another check's error, not this one's
     keep = fin & (want.abs() < 0.9 * cap) if cap is not None else fin
     keep = keep if bool(keep.any()) else fin  # every logit near the cap: atanh of the clamped
     scale = float((u * z)[keep].sum() / (z * z)[keep].sum().clamp_min(1e-30)) if bool(keep.any()) else 1.0
-    if abs(scale - 1) < 1e-5:  # the model's own z: leave it bit for bit
-        scale = 1.0
+    # the model's own z (left bit for bit), or the scale its config declares, rather than a fit of rounded logits
+    for exact in (1.0, *_declared_scales(text)):
+        if abs(scale - exact) <= (1e-5 if rel == 1e-3 else rel) * abs(exact):
+            scale = exact
+            break
     out, _ = final_logits(z, scale, cap)
-    tol = 1e-3 * float(want[fin].abs().max()) + 1e-5 if bool(fin.any()) else 0.0
+    tol = rel * float(want[fin].abs().max()) + 1e-5 if bool(fin.any()) else 0.0
     if not bool(((out - want).abs()[fin] <= tol).all()):
         raise ValueError(f"{type(model).__name__} turns its output layer's values into logits in a way qdpo does not "
                          "reproduce (neither a scale nor a final soft-capping): its log-probs would be wrong; "
                          "use a model whose logits are its output layer's")
     model._qdpo_logits = (scale, cap)
     return scale, cap
+
+
+def _declared_scales(config) -> list[float]:
+    """The logit scales a config names: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``."""
+    out = []
+    for name, invert in (("logit_scale", False), ("logits_scaling", True)):
+        v = getattr(config, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v:
+            out.append(1.0 / v if invert else float(v))
+    return out
 
 
 def final_logits(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, "Tensor | float"]:
