@@ -445,6 +445,25 @@ def test_cpu_step_cache_matches_ops_path_and_refreshes_after_a_step():
         a.weight.grad = b.weight.grad = None
 
 
+
+def test_cpu_step_cache_refreshes_after_zero_points_change_in_place():
+    """A calibration that edits the zero points alone (weights and scales untouched): the cached ŵ used to be
+    kept, so the forward, its gradient and dequantized() ignored the new zero points."""
+    torch.manual_seed(0)
+    a = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32))
+    x = torch.randn(5, 64)
+    a(x)  # fills the cache
+    with torch.no_grad():
+        a.zeros.copy_((a.zeros + 3).clamp_max(15))
+    assert a._use_step_cache(x)
+    y = a(x)
+    want = ref.fake_quant_matmul(x, a.weight.detach(), a.scales, a.zeros, 4, a.bias.detach())
+    assert_exact(y, want, "y")
+    assert_exact(a.dequantized(), ref.fake_quant(a.weight.detach(), a.scales, a.zeros, 4), "ŵ")
+    y.sum().backward()
+    dw, _ = ref.fake_quant_backward(torch.ones(5, 8).t() @ x, a.weight.detach(), a.scales, a.zeros, 4)
+    torch.testing.assert_close(a.weight.grad, dw)
+
 @pytest.mark.parametrize("mode", ["train", "packed"])
 def test_layer_runs_on_the_meta_device(mode):
     """A model moved to (or built on) ``meta`` runs shapes only, as nn.Linear does: autocast, which meta

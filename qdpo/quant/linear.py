@@ -214,8 +214,9 @@ class QuantLinear(QuantModes, nn.Module):
         return b == "reference" or (b == "auto" and x.device.type == "cpu")
 
     def _cache_key(self, dtype: torch.dtype) -> tuple:
-        w, s = self.weight, self.scales
-        return (w.data_ptr(), w._version, s.data_ptr(), s._version, dtype)
+        # the zero points too: a calibration that edits them in place (weights and scales untouched) changes ŵ
+        w, s, z = self.weight, self.scales, self.zeros
+        return (w.data_ptr(), w._version, s.data_ptr(), s._version, z.data_ptr(), z._version, dtype)
 
     def _step_cache(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         w, s = self.weight, self.scales
