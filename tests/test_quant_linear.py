@@ -421,6 +421,38 @@ def test_bf16_model_modes_agree():
     assert_exact(model(IDS).logits, a, "logits")
 
 
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("how", ["half", "learned scales", "to_train"])
+def test_cast_to_float16_keeps_scales_nonzero_and_rounded_up(backend, how):
+    """A float32 layer with an all-zero group cast to float16: a plain cast rounded its finfo.tiny scale to 0, and
+    the train-mode forward (0 / 0 in fake-quant) gave NaN. Scales now go to the new dtype rounded up, as
+    quantization makes them."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 4)
+    with torch.no_grad():
+        lin.weight[1, :32] = 0
+    spec = QuantSpec(4, 32)
+    if how == "to_train":
+        q = QuantLinear.from_linear(lin, spec, mode="packed", backend=backend)
+        s32 = q.scales.clone()
+        q.to_train(torch.float16)
+    else:
+        q = QuantLinear.from_linear(lin, spec, learn_scales=how == "learned scales", backend=backend)
+        s32 = q.scales.detach().clone()
+        q.half()
+        assert isinstance(q.scales, nn.Parameter) == (how == "learned scales")
+    s16 = q.scales.detach()
+    assert s16.dtype == torch.float16 and bool((s16 > 0).all())
+    below = torch.nextafter(s16, torch.zeros_like(s16)).float()  # the float16 value under each scale
+    assert bool((s16.float() >= s32).all()) and bool((below < s32).all())  # the smallest float16 >= the scale
+    x = torch.randn(3, 64, dtype=torch.float16)
+    y = q(x)
+    assert bool(torch.isfinite(y).all())
+    want = ref.fake_quant_matmul(x, q.weight.detach(), s16, q.zeros, 4, q.bias.detach())
+    torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+    assert_exact(y[:, 1:2], want[:, 1:2], "the all-zero row")
+
 def test_cpu_step_cache_matches_ops_path_and_refreshes_after_a_step():
     torch.manual_seed(0)
     lin = nn.Linear(64, 8)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from qdpo.kernels import ops
+from qdpo.kernels import ops, reference
 from qdpo.quant.format import QuantizedWeight
 from qdpo.quant.spec import QuantSpec
 
@@ -64,6 +64,19 @@ class QuantModes:
     def _drop_cache(self) -> None:
         pass
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to(dtype)``, ``.half()``), with scales taken to a new float dtype as quantization
+        makes them, rounded *up* (``reference.to_scale_dtype``): a plain cast rounds to the nearest value, and the
+        ``finfo.tiny`` scale of a float32 all-zero group became 0 in float16, where fake-quant's 0 / 0 made the
+        layer's outputs NaN."""
+        old = self.scales.detach()  # the data before the cast (a parameter's .data is swapped in place)
+        out = super()._apply(fn, recurse)
+        new = self.scales
+        if new.dtype != old.dtype and new.is_floating_point() and "meta" not in (old.device.type, new.device.type):
+            with torch.no_grad():
+                new.copy_(reference.to_scale_dtype(old.float().to(new.device), new.dtype))
+        return out
+
     def quantized_weight(self) -> QuantizedWeight:
         """The ``(N, K)`` weight in the canonical packed format (packing the latent weight in train mode)."""
         with torch.no_grad():
@@ -105,7 +118,7 @@ class QuantModes:
             return self
         dtype = dtype or self.scales.dtype
         w = ops.dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype, self.backend)
-        scales = self.scales.detach().to(dtype)
+        scales = reference.to_scale_dtype(self.scales.detach().float(), dtype)  # as _apply casts them
         del self.qweight, self.scales
         self.weight = nn.Parameter(w)
         if learn_scales:
