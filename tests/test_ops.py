@@ -253,6 +253,20 @@ def test_dequant_matmul_experts_errors():
         OPS.dequant_matmul_experts(x, ids, q, s, z, 4, 3, None, -1)
 
 
+
+def test_grouped_ops_refuse_a_gradient_with_their_own_message():
+    """The grouped ops are inference only: a backward through them said torch's 'no autograd formula was
+    registered. Please use register_autograd to add one'; it now names the op and what to call instead."""
+    w, q, s, z = _problem()  # 3 experts of 2 rows
+    x = torch.randn(2, 64, requires_grad=True)
+    calls = [lambda: OPS.dequant_matmul_experts(x, torch.tensor([0, 2]), q, s, z, 4, 3),
+             lambda: OPS.dequant_matmul_segments(x, torch.tensor([0, 1, 1, 2], dtype=torch.int32), q, s, z, 4, 3)]
+    for name, call in zip(("dequant_matmul_experts", "dequant_matmul_segments"), calls):
+        with pytest.raises(RuntimeError, match=f"qdpo::{name} is inference only.*torch.no_grad.*qdpo::dequant_matmul"):
+            call().sum().backward()
+        with torch.no_grad():
+            assert call().shape == (2, 2)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequant_matmul_segments_is_the_experts_op_on_sorted_rows(dtype):
     """dequant_matmul_segments on the rows sorted by expert (reference.expert_segments) gives, bit for bit,

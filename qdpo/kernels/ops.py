@@ -176,6 +176,16 @@ def _first_order_only(op: str):
     return backward
 
 
+def _inference_only(op: str):
+    """The autograd of a grouped (mixture of experts) op: a clear refusal where a gradient reaches it (torch's
+    own message asks the caller to register a formula)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"qdpo::{op} is inference only and has no gradient; run it under torch.no_grad(), or, for gradients "
+            "to x, call qdpo::dequant_matmul on each expert's rows of the weights (QuantExpertTensor.matmul)")
+    return backward
+
+
 def _groups(k: int, group_size: int) -> int:
     return 1 if group_size == -1 else k // group_size
 
@@ -517,6 +527,10 @@ def dequant_matmul_segments(
 def _(x, offsets, qweight, scales, zeros, bits, num_experts, bias=None, max_rows=0, backend="auto"):
     n, _ = _check_dqmm_segments(x, offsets, qweight, scales, zeros, bits, num_experts, bias, max_rows)
     return x.new_empty(x.shape[0], n)
+
+
+dequant_matmul_experts.register_autograd(_inference_only("dequant_matmul_experts"))
+dequant_matmul_segments.register_autograd(_inference_only("dequant_matmul_segments"))
 
 
 # --------------------------------------------------------------------------- fake_quant_matmul
