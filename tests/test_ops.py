@@ -37,6 +37,7 @@ def _opcheck_cases():
         (OPS.quantize, (w, 8, -1, True)),
         (OPS.quantize_with, (w, s, z, 4)),
         (OPS.pack, (codes, 4)),
+        (OPS.pack, (codes, 8)),  # codes that are their own packing: returned as a copy, never the input
         (OPS.unpack, (q, 4)),
         (OPS.dequantize, (q, s, z, 4, torch.bfloat16)),
         (OPS.fake_quant, (wl, sl, z, 4)),
@@ -51,7 +52,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     opcheck(op, args)

@@ -243,7 +243,7 @@ def _(w, bits, group_size, symmetric, backend="auto"):
 @torch.library.custom_op("qdpo::pack", mutates_args=())
 def pack(codes: Tensor, bits: int) -> Tensor:
     _check_codes(codes, bits)
-    return reference.pack(codes, bits)
+    return reference.pack(codes, bits).clone()  # 8-bit codes pack to themselves: an op's output may not alias its input
 
 
 @pack.register_fake
