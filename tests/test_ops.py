@@ -199,6 +199,16 @@ def test_errors_mismatched_shapes():
         OPS.pack(torch.zeros(2, 5, dtype=torch.uint8), 4)
 
 
+
+def test_pack_refuses_4_bit_codes_past_15():
+    """A code past 15 spilled into its neighbour's nibble: pack([[17, 0]], 4) unpacked as [[1, 1]], with no error."""
+    codes = torch.tensor([[3, 0, 15, 4], [0, 0, 2, 17]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"codes hold 17 at index \[1, 3\]; 4-bit codes are unsigned, in \[0, 15\]"):
+        OPS.pack(codes, 4)
+    codes[1, 3] = 15
+    assert_exact(OPS.unpack(OPS.pack(codes, 4), 4), codes, "codes")
+    assert_exact(OPS.unpack(OPS.pack(codes + 240, 8), 8), codes + 240, "8-bit codes")
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
 def test_errors_output_dtype(dtype, backend):

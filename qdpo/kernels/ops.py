@@ -243,6 +243,7 @@ def _(w, bits, group_size, symmetric, backend="auto"):
 @torch.library.custom_op("qdpo::pack", mutates_args=())
 def pack(codes: Tensor, bits: int) -> Tensor:
     _check_codes(codes, bits)
+    _check_code_range(codes, bits)
     return reference.pack(codes, bits).clone()  # 8-bit codes pack to themselves: an op's output may not alias its input
 
 
@@ -258,6 +259,14 @@ def _check_codes(codes: Tensor, bits: int) -> None:
         raise TypeError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
     if bits == 4 and codes.shape[1] % 2:
         raise ValueError(f"4-bit codes need an even K to pack two per byte, got K={codes.shape[1]}")
+
+
+def _check_code_range(codes: Tensor, bits: int) -> None:
+    """A 4-bit code past 15 would spill into its neighbour's nibble (values: the real op only, fake tensors have none)."""
+    if bits == 4 and codes.numel() and int(codes.max()) > 15:
+        bad = (codes > 15).nonzero()[0].tolist()
+        raise ValueError(f"codes hold {int(codes[tuple(bad)])} at index {bad}; 4-bit codes are unsigned, in [0, 15] "
+                         "(a signed code q in [-8, 7] is stored as q + 8, as symmetric specs store it)")
 
 
 @torch.library.custom_op("qdpo::unpack", mutates_args=())
