@@ -505,6 +505,25 @@ def test_layer_runs_on_the_meta_device(mode):
     assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 3, 8), torch.float32)
 
 
+@pytest.mark.parametrize("mode", ["train", "packed"])
+def test_quantize_model_of_a_meta_model_is_a_skeleton_that_loads_a_state_dict(mode):
+    """A model built on ``meta`` (shapes only, as for a large checkpoint) quantized into an empty skeleton: the
+    weights' NaN check read the meta values and raised 'Tensor.item() cannot be called on meta tensors'."""
+    torch.manual_seed(0)
+    spec = QuantSpec(4, 32)
+
+    def build():
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    real = qdpo.quantize_model(build(), spec, mode=mode)
+    with torch.device("meta"):
+        skeleton = build()
+    qdpo.quantize_model(skeleton, spec, mode=mode)
+    assert all(t.device.type == "meta" for t in skeleton.state_dict().values())
+    skeleton.to_empty(device="cpu").load_state_dict(real.state_dict())
+    x = torch.randn(3, 64)
+    assert_exact(skeleton(x), real(x), "y")
+
 def test_train_layer_compiles_fullgraph_and_exports_on_the_cpu():
     """The CPU step cache (keyed on data pointers) is an eager-mode path: compiled and exported code takes
     the ops, with the same outputs and gradients."""
