@@ -423,11 +423,11 @@ def test_bf16_model_modes_agree():
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-@pytest.mark.parametrize("how", ["half", "learned scales", "to_train"])
+@pytest.mark.parametrize("how", ["half", "learned scales", "to_train", "load_state_dict"])
 def test_cast_to_float16_keeps_scales_nonzero_and_rounded_up(backend, how):
-    """A float32 layer with an all-zero group cast to float16: a plain cast rounded its finfo.tiny scale to 0, and
-    the train-mode forward (0 / 0 in fake-quant) gave NaN. Scales now go to the new dtype rounded up, as
-    quantization makes them."""
+    """A float32 layer with an all-zero group cast to (or loaded into) float16: a plain cast rounded its finfo.tiny
+    scale to 0, and the train-mode forward (0 / 0 in fake-quant) gave NaN. Scales now go to the new dtype rounded
+    up, as quantization makes them."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 4)
     with torch.no_grad():
@@ -437,6 +437,11 @@ def test_cast_to_float16_keeps_scales_nonzero_and_rounded_up(backend, how):
         q = QuantLinear.from_linear(lin, spec, mode="packed", backend=backend)
         s32 = q.scales.clone()
         q.to_train(torch.float16)
+    elif how == "load_state_dict":  # a float32 state dict into a float16 layer
+        q32 = QuantLinear.from_linear(lin, spec, backend=backend)
+        s32 = q32.scales.clone()
+        q = QuantLinear(64, 4, spec, dtype=torch.float16, backend=backend)
+        q.load_state_dict(q32.state_dict())
     else:
         q = QuantLinear.from_linear(lin, spec, learn_scales=how == "learned scales", backend=backend)
         s32 = q.scales.detach().clone()

@@ -77,6 +77,16 @@ class QuantModes:
                 new.copy_(reference.to_scale_dtype(old.float().to(new.device), new.dtype))
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        """Scales of another float dtype (a float32 state dict into a float16 layer) copied in as :meth:`_apply`
+        casts them, rounded up; ``assign=True`` takes the given tensors as they are."""
+        key, given = prefix + "scales", state_dict.get(prefix + "scales")
+        if (isinstance(given, Tensor) and given.dtype != self.scales.dtype and given.is_floating_point()
+                and self.scales.is_floating_point() and given.device.type != "meta"
+                and not local_metadata.get("assign_to_params_buffers", False)):
+            state_dict = {**state_dict, key: reference.to_scale_dtype(given.float(), self.scales.dtype)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
     def quantized_weight(self) -> QuantizedWeight:
         """The ``(N, K)`` weight in the canonical packed format (packing the latent weight in train mode)."""
         with torch.no_grad():
