@@ -483,6 +483,31 @@ def test_cpu_step_cache_matches_ops_path_and_refreshes_after_a_step():
 
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_step_cache_gradients_of_low_precision_x_accumulate_in_fp32(dtype):
+    """bf16/fp16 x (CPU autocast) on fp32 latent weights: the step cache's backward was F.linear's, which rounded
+    dŵ = dyᵀ @ x and the bias gradient to x's dtype (relative error ~1e-3 in bf16, ~1e-7 on the ops path); they
+    now accumulate in fp32 as qdpo::fake_quant_matmul's do, bit for bit."""
+    torch.manual_seed(0)
+    a = QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(4, 32))
+    with torch.no_grad():  # push latent weights off the grid so the mask matters
+        a.weight.add_(torch.randn_like(a.weight))
+    w, b = a.weight.detach().clone().requires_grad_(), a.bias.detach().clone().requires_grad_()
+    x = torch.randn(2, 5, 64).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert a._use_step_cache(xa)
+    ya = a(xa)
+    yb = torch.ops.qdpo.fake_quant_matmul(xb, w, a.scales, a.zeros, 4, b, "reference")
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    for got, want, what in ((ya, yb, "y"), (xa.grad, xb.grad, "dx"), (a.weight.grad, w.grad, "dw"),
+                            (a.bias.grad, b.grad, "db")):
+        assert_exact(got, want, what)
+    (gx,) = torch.autograd.grad(a(xa).pow(2).sum(), xa, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # first order only, as the op: never a silent 0
+        gx.sum().backward()
+
 def test_cpu_step_cache_refreshes_after_zero_points_change_in_place():
     """A calibration that edits the zero points alone (weights and scales untouched): the cached ŵ used to be
     kept, so the forward, its gradient and dequantized() ignored the new zero points."""

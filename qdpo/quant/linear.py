@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from qdpo.kernels import ops, reference
 from qdpo.quant.format import QuantizedWeight
@@ -200,7 +201,8 @@ class QuantLinear(QuantModes, nn.Module):
             return self._linear(x, lambda: self._w_hat.to(x.dtype))
         bits = self.spec.bits
         if self.mode == "train" and self._use_step_cache(x):
-            return self._linear(x, lambda: _StepSTE.apply(self.weight, *self._step_cache(x.dtype)))
+            ops._check_x(x, self.in_features)
+            return _StepLinear.apply(x, self.weight, self.bias, *self._step_cache(x.dtype))
         if self.mode == "train":
             return ops.fake_quant_matmul(x, self.weight, self.scales, self.zeros, bits, self.bias, self.backend)
         return ops.dequant_matmul(x, self.qweight, self.scales, self.zeros, bits, self.bias, self.backend)
@@ -271,20 +273,34 @@ class QuantLinear(QuantModes, nn.Module):
                 f"bias={self.bias is not None}, spec={self.spec.name}, mode={self.mode}")
 
 
-class _StepSTE(torch.autograd.Function):
-    """Hands out a precomputed ŵ; backward is the straight-through ``grad ⊙ mask``."""
+class _StepLinear(torch.autograd.Function):
+    """``x @ ŵᵀ (+ b)`` on a precomputed ŵ (in x's dtype) with the gradients of ``qdpo::fake_quant_matmul``:
+    ``dx = dy @ ŵ``; ``dŵ = dyᵀ @ x`` and the bias gradient accumulated in fp32 (F.linear's own backward rounds
+    them to x's dtype: bf16 gradients for fp32 latent weights under autocast), then the straight-through mask."""
 
     @staticmethod
-    def forward(ctx, w, w_hat, clipped):
+    def forward(ctx, x, w, bias, w_hat, clipped):
+        ctx.save_for_backward(x, w_hat)
         ctx.clipped = clipped  # bool (N, K), or None when no code was clipped
-        ctx.w_dtype = w.dtype
-        return w_hat.view_as(w_hat)
+        ctx.w_dtype, ctx.bias_dtype = w.dtype, None if bias is None else bias.dtype
+        y = nn.functional.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
+        return y.detach() if y._is_view() else y  # a 3-D x's product is a view: unmarked (no copy) for in-place users
 
     @staticmethod
-    def backward(ctx, grad):
-        if ctx.clipped is not None:
-            grad = grad.masked_fill(ctx.clipped, 0)
-        return grad.to(ctx.w_dtype), None, None
+    @once_differentiable  # first order only, as qdpo::fake_quant_matmul (a second derivative is refused, never 0)
+    def backward(ctx, dy):
+        x, w_hat = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()  # [M, N]
+        dx = dy @ w_hat if ctx.needs_input_grad[0] else None
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K] fp32, as reference.fake_quant_matmul_backward
+            if ctx.clipped is not None:
+                dw = dw.masked_fill_(ctx.clipped, 0)
+            dw = dw.to(ctx.w_dtype)
+        if ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
 
 
 def check_grid(zeros: Tensor, spec: QuantSpec, what: str = "zeros") -> None:
