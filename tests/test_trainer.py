@@ -556,17 +556,28 @@ def test_greedy_shares_a_prefix_on_sliding_window_models_only_within_the_window(
     assert len(calls) == 1 and (a1 != a0 or not torch.allclose(h1, h0, rtol=1e-4, atol=1e-4))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama-attention-dropout"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama-attention-dropout", "opt", "starcoder2"])
 def test_training_runs_without_dropout(data, tmp_path, arch):
     """The targets (FP answers, reference log-probs, the teacher's distributions) come from eval-mode
     forwards; the trained model's train-mode forward must compute the same function, so dropout is off
-    for training: GPT-2's dropout modules (p = 0.1) and an attention's float ``attention_dropout``."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    for training: GPT-2's dropout modules (p = 0.1), an attention's float ``attention_dropout``, and the
+    float probabilities other layers hand to ``F.dropout`` (OPT's ``dropout`` and ``layerdrop``,
+    Starcoder2's ``residual_dropout`` and ``embedding_dropout``; before, they stayed on)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Starcoder2Config, \
+        Starcoder2ForCausalLM
 
     _, _, examples = data
     torch.manual_seed(0)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    elif arch == "opt":  # OPT checkpoints ship dropout 0.1
+        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, dropout=0.1, attention_dropout=0.1, layerdrop=0.5))
+    elif arch == "starcoder2":  # so do Starcoder2's (residual, embedding and attention dropout)
+        model = Starcoder2ForCausalLM(Starcoder2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, residual_dropout=0.1,
+                                                       embedding_dropout=0.1))
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4, attention_dropout=0.5))

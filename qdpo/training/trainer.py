@@ -129,15 +129,19 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
 
 def disable_dropout(model) -> None:
     """Dropout off in train mode too, in place: every dropout module's ``p`` and every module's float
-    ``attention_dropout`` (what transformers' attention functions read in train mode) become 0. The
-    training targets the deterministic (eval-mode) answers and log-probs: the FP model's answers, the
-    reference log-probs of the pairs, the KD teacher's distributions. With dropout (GPT-2's 0.1, for one)
-    the policy's log-probs of a DPO pair would differ from the reference's at step 0 by noise."""
+    attribute named for a dropout (``attention_dropout``, what transformers' attention functions read in
+    train mode; OPT's ``dropout`` and ``layerdrop``, Starcoder2's ``residual_dropout``, Bloom's
+    ``hidden_dropout``, GPT-BigCode's ``attn_dropout``: probabilities their layers pass to
+    ``F.dropout``) become 0. The training targets the deterministic (eval-mode) answers and log-probs:
+    the FP model's answers, the reference log-probs of the pairs, the KD teacher's distributions. With
+    dropout (GPT-2's 0.1, for one) the policy's log-probs of a DPO pair would differ from the reference's
+    at step 0 by noise."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
+        for name, value in list(vars(m).items()):
+            if "drop" in name and type(value) is float:
+                setattr(m, name, 0.0)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
