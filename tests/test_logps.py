@@ -330,6 +330,42 @@ def test_a_model_that_drops_the_cache_under_checkpointing_runs_whole_rows(caplog
     assert caplog.text.count("does not keep the keys of shared starts") == 1
 
 
+def test_a_model_whose_alibi_counts_cache_slots_runs_whole_rows():
+    """MPT takes no position_ids and its ALiBi counts cache slots, so the padding inside the parts' keys
+    (``[prefix][group start][padding][rest]``, and generation's ``[prefix][padding][rest]``) moved each
+    row's rest away from its start: hidden states and greedy answers differed from whole rows' (before,
+    13 % of the hidden values of a DPO batch, and the answers). It runs whole rows; Bloom, whose ALiBi
+    follows the attention mask, still shares its starts."""
+    import transformers
+
+    from qdpo.training import logps
+    from qdpo.training.generate import greedy
+    from qdpo.training.logps import decoder_hidden
+
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(transformers.MptConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2,
+                                                                max_seq_len=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # large enough weights that the answers depend on the positions
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    batch = _dpo_batch(SYSTEM, seed=2)
+    mask = batch.attention_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(decoder_hidden(model, batch)[mask], _plain_hidden(model, batch)[mask],
+                                   rtol=1e-5, atol=1e-5)
+
+    class Tok:
+        pad_token_id = eos_token_id = 0
+
+    prompts = [SYSTEM + [11 + i] * n for i, n in enumerate((3, 7, 5, 9))]
+    alone = [greedy(model, Tok, [p], 6, batch_size=1, disable=True)[0] for p in prompts]
+    assert greedy(model, Tok, prompts, 6, batch_size=4, disable=True) == alone
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=50, hidden_size=32, n_layer=2,
+                                                                   n_head=4))
+    assert not logps.prefix_sharing_ok(model) and logps.prefix_sharing_ok(bloom)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("system", [SYSTEM, []], ids=["prefix", "no prefix"])
 def test_packed_groups_match_whole_rows(monkeypatch, attn, system):

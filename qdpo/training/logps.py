@@ -140,7 +140,24 @@ def prefix_sharing_ok(model) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False) or getattr(model, "qdpo_no_prefix_sharing", False):
         return False
+    if not _places_tokens_by_position(model):
+        model._qdpo_prefix_ok = False
     return getattr(model, "_qdpo_prefix_ok", True)
+
+
+# decoders without position_ids whose positions (ALiBi) follow the attention mask, as the parts need
+POSITIONS_FROM_MASK = ("BloomModel",)
+
+
+def _places_tokens_by_position(model) -> bool:
+    """Whether the decoder puts each token where the parts' positions or attention mask say: it takes
+    ``position_ids``, or is one of :data:`POSITIONS_FROM_MASK`. MPT's ALiBi counts cache slots instead, so
+    the padding inside a part's keys (``[prefix][padding][rest]``) would move the rest away from the prefix."""
+    import inspect
+
+    base = base_model(model)
+    return "position_ids" in inspect.signature(base.forward).parameters or \
+        any(c.__name__ in POSITIONS_FROM_MASK for c in type(base).__mro__)
 
 
 def _masks_are_tensors(model) -> bool:
