@@ -393,6 +393,35 @@ def test_rows_sharing_only_a_prefix_pack_into_one_row(monkeypatch, attn):
     assert logps.shared_prefix(long) and logps._one_group(long, logps.shared_prefix(long)) is None
 
 
+@pytest.mark.parametrize("arch", ["Bloom", "Falcon-alibi"])
+def test_alibi_read_from_the_mask_runs_whole_rows_under_fsdp(monkeypatch, arch):
+    """Bloom and Falcon with ``alibi`` read their positions from a 2-D attention mask: a packed row's 4-D
+    mask made them raise ValueError under FSDP2 (``--dist fsdp``). They run whole rows there, with whole
+    rows' hidden states and gradients; one process still shares their starts (in parts, 2-D masks)."""
+    import transformers
+
+    from qdpo.training import logps
+    from qdpo.training.trainer import disable_dropout
+
+    torch.manual_seed(0)
+    if arch == "Bloom":
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=50, hidden_size=32, n_layer=2,
+                                                                       n_head=4))
+    else:
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=50, hidden_size=32,
+                                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                                         alibi=True))
+    disable_dropout(model.train())
+    batch = _dpo_batch(SYSTEM, seed=4)
+    parts = []
+    real = logps._Part.__call__
+    monkeypatch.setattr(logps._Part, "__call__", lambda self, *a: parts.append(1) or real(self, *a))
+    _assert_sharing_matches_whole_rows(model, batch)
+    assert parts  # shared in parts in one process
+    monkeypatch.setattr(logps, "sharded", lambda m: True)
+    _assert_sharing_matches_whole_rows(model, batch)
+
+
 def _check_packed(monkeypatch, model, batch, groups: int) -> None:
     """``batch`` under FSDP2 (``sharded`` patched): whole rows' hidden states and gradients, from one
     decoder call on ``groups`` packed rows, each as wide as its group's start and rests."""

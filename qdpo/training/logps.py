@@ -66,7 +66,8 @@ def decoder_hidden(model, batch: Batch) -> Tensor:
             if sharded(model):  # one decoder call (see prefix_sharing_ok): the groups packed, if any
                 plan = plan or _one_group(batch, p)
                 # the packed mask spans real positions: at most a row (sliding windows, see _new_cache)
-                if plan is not None and _masks_are_tensors(model) and fits_window(model, batch.input_ids.shape[1]):
+                if plan is not None and _masks_are_tensors(model) and not _positions_from_mask(model) \
+                        and fits_window(model, batch.input_ids.shape[1]):
                     return _packed_groups(model, batch, plan)
             elif plan is not None:
                 if fits_window(model, _parts_width(batch, plan)):
@@ -155,9 +156,15 @@ def _places_tokens_by_position(model) -> bool:
     the padding inside a part's keys (``[prefix][padding][rest]``) would move the rest away from the prefix."""
     import inspect
 
+    return "position_ids" in inspect.signature(base_model(model).forward).parameters or _positions_from_mask(model)
+
+
+def _positions_from_mask(model) -> bool:
+    """Whether the decoder reads its ALiBi positions from a 2-D attention mask (Bloom, Falcon with
+    ``alibi``): the parts give it one, but a packed row's 4-D mask it cannot read."""
     base = base_model(model)
-    return "position_ids" in inspect.signature(base.forward).parameters or \
-        any(c.__name__ in POSITIONS_FROM_MASK for c in type(base).__mro__)
+    return any(c.__name__ in POSITIONS_FROM_MASK for c in type(base).__mro__) or \
+        getattr(base.config, "alibi", False) is True
 
 
 def _masks_are_tensors(model) -> bool:
