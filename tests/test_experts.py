@@ -848,6 +848,24 @@ def test_awq_quantizes_the_experts_alone():
         assert _sqnr(ref, model(ids).logits) >= _sqnr(ref, rtn(ids).logits)  # scaled on this very data
 
 
+def test_awq_checks_the_experts_shapes_before_calibrating():
+    """An expert tensor the group size does not divide (Mixtral's down_proj, K = 48, g32) is one error naming
+    it, before any calibration forward, as quantize_model's; before, AWQ calibrated and searched every
+    group first, then failed in the experts' search with 'weight: K=48 is not divisible'."""
+    from qdpo.quant.awq import awq_quantize_model
+
+    model = tiny_moe("Mixtral", intermediate_size=48)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.down_proj: K=48 is not divisible by "
+                                         r"group_size=32.*Group sizes that fit every layer: \[-1\]"):
+        awq_quantize_model(model, QuantSpec(4, 32), ids)
+    assert not calls and not quantized_experts(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("arch", ["Mixtral", "Qwen3Moe"])
 def test_awq_scales_each_experts_down_proj_into_its_up_rows(arch):
     # expert e's down_proj reads act(gate)·up of the tokens routed to e: s multiplies its columns, 1/s its up rows

@@ -81,7 +81,7 @@ from qdpo.kernels import ops
 from qdpo.quant.experts import fused_expert_tensors, is_experts_module, moe_routers
 from qdpo.quant.experts import transposed as experts_layout
 from qdpo.quant.linear import MODES, _linear_weight
-from qdpo.quant.model import DEFAULT_EXCLUDE, _excluded, _is_linear, quantizable_layers, quantize_model
+from qdpo.quant.model import DEFAULT_EXCLUDE, _excluded, _is_linear, check_quantizable, quantize_model
 from qdpo.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -235,17 +235,9 @@ def _checked_layers(model, spec, exclude, n_grid, max_tokens) -> dict[str, nn.Mo
         raise ValueError(f"n_grid={n_grid!r} must be an int >= 1 (1 = alpha 0 only = plain RTN)")
     if type(max_tokens) is not int or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1")
-    layers = quantizable_layers(model, exclude)
-    experts = [n for n in fused_expert_tensors(model) if not _excluded(n, exclude)]  # as quantize_model: these count
-    if not layers and not experts:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers outside {exclude} to quantize")
-    for name, m in layers.items():
-        w = _linear_weight(m)
-        spec.check_shape(*w.shape, what=name)
-        if not w.is_floating_point():
-            raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    # quantize_model's checks, fused expert tensors included (their shapes too: before, a group size that did
+    # not divide an expert's down_proj failed after the calibration, in the search, naming no layer)
+    layers, _ = check_quantizable(model, spec, exclude)
     return layers
 
 
