@@ -433,7 +433,37 @@ def test_decoding_hidden_states_equal_teacher_forced(data):
     # the hook is gone afterwards: a plain forward adds nothing
     fp(torch.tensor([prompts[0]]))
     assert len(hidden) == len(prompts)
-    assert not fp.get_output_embeddings()._forward_pre_hooks
+    assert not fp.model._forward_hooks and not fp.get_output_embeddings()._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["MiniCPM3", "OPT"])
+def test_decoding_hidden_states_of_a_model_that_scales_them_before_its_head(arch):
+    """MiniCPM3 divides the decoder's output by logits_scaling before its head: greedy(hidden=...) kept the
+    head's input, so the FP targets taken from decoding were that much off the teacher-forced ones (8x here)
+    and the KD and evaluation targets had the scale twice. They are the decoder's output, as a forward's;
+    OPT's causal LM calls its decoder's inner part, whose output is its head's input."""
+    import transformers
+
+    from qdpo.training.data import collate
+    from qdpo.training.logps import completion_hidden
+
+    torch.manual_seed(0)
+    if arch == "OPT":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+            word_embed_proj_dim=16)).eval()
+    else:
+        model = transformers.MiniCPM3ForCausalLM(transformers.MiniCPM3Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8)).eval()
+    prompts = [[2, 3, 4], [5, 6, 7, 8]]
+    hidden = []
+    answers = greedy(model, Tok, prompts, 4, batch_size=2, disable=True, hidden=hidden)
+    with torch.no_grad():
+        for p, a, h in zip(prompts, answers, hidden):
+            want, _, _ = completion_hidden(model, collate([(p, a)], 1))
+            torch.testing.assert_close(h, want, rtol=1e-4, atol=1e-4)
 
 
 def test_fp_hidden_from_decoding_gives_the_same_eval_and_kd(data, tmp_path):

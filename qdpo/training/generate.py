@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qdpo.quant.linear import frozen_weights
 from qdpo.training.data import common_prefix
+from qdpo.training.logps import base_model
 
 
 # generate's options that would make a step's token other than the logits' argmax (or end an answer elsewhere than
@@ -67,7 +68,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     the model wrote itself, without a second forward pass.
 
     ``hidden``: a list to fill, in prompt order, with each answer's final hidden
-    states ``[len(answer), H]`` (fp32, CPU): the output layer's input at the
+    states ``[len(answer), H]`` (fp32, CPU): the decoder's output (the output
+    layer's input, but for MiniCPM3, which scales it in between) at the
     positions that predicted the answer tokens. They are what a teacher-forced
     forward pass over prompt + answer gives at those positions (up to float
     rounding), so the FP model's KD targets and evaluation targets come with
@@ -82,21 +84,29 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     logps: dict[int, float] = {}
     was_training = model.training
     states: dict[int, torch.Tensor] = {}
-    steps: list[torch.Tensor] = []  # the output layer's input at the last position of each decoding step
+    # at the last position of each decoding step: the decoder's output, as completion_hidden takes it, and the
+    # output layer's input, the same but where the causal LM scales it between (MiniCPM3) or calls a part of
+    # the decoder itself (OPT calls model.decoder, not model): then the decoder's output never comes
+    steps: list[torch.Tensor] = []
+    head_in: list[torch.Tensor] = []
     with ExitStack() as stack:
         model.eval()
         stack.callback(model.train, was_training)  # back in its mode also when decoding fails
         hook = None
         if hidden is not None:
-            head = model.get_output_embeddings()
-            hook = head.register_forward_pre_hook(lambda _m, args: steps.append(args[0][:, -1].float().cpu()))
+            hook = base_model(model).register_forward_hook(
+                lambda _m, _a, out: steps.append(out[0][:, -1].float().cpu()))
             stack.callback(hook.remove)
+            head_hook = model.get_output_embeddings().register_forward_pre_hook(
+                lambda _m, args: head_in.append(args[0][:, -1].float().cpu()))
+            stack.callback(head_hook.remove)
         stack.enter_context(frozen_weights(model))
         bar = stack.enter_context(tqdm(total=len(prompts), desc=desc, unit="prompt", disable=disable))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, att, cache = _inputs(model, [prompts[i] for i in idx], pad, device, max_new_tokens)
             steps.clear()
+            head_in.clear()
             # use_cache: a checkpoint saved from gradient-checkpointed training says False; generate would then rerun
             # the whole sequence at every step, and after a shared prefix's cache decode other tokens
             out = model.generate(
@@ -107,7 +117,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
             )
             new = out.sequences[:, ids.shape[1]:]
             step_lp = _token_logps(out.logits, new) if with_logps else None  # [B, T] fp32
-            seq = torch.stack(steps, 1) if hook is not None else None  # [B, steps, H]
+            seq = torch.stack(steps if len(steps) == len(head_in) else head_in, 1) if hook is not None else None
             for row, i in enumerate(idx):
                 answers[i] = cut_at_eos(new[row].tolist(), eos)
                 if with_logps:
