@@ -1,5 +1,7 @@
 """Chunked completion log-probs and KL vs full-logit computations; masking of prompt and padding."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -561,3 +563,19 @@ def test_a_bf16_model_s_scale_and_cap_are_found_despite_its_rounded_logits(arch,
     assert logit_transform(model, ids) == want  # the config's values exactly, not a fit of rounded logits
     if settings.get("final_logit_softcapping"):
         assert float(model(ids).logits.abs().max()) > 16  # toward the cap, where bf16 rounds by 0.125
+
+
+def test_falcon_h1_s_lm_head_multiplier_is_its_logit_scale():
+    # a fit of the logits gave 0.30000004 (fp32) or 0.300012 (bf16) for Falcon-H1's lm_head_multiplier of 0.3
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconH1Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4,
+                                      mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, lm_head_multiplier=0.3)
+    model = transformers.FalconH1ForCausalLM(cfg).eval()
+    ids = torch.randint(1, 50, (1, 12), generator=torch.Generator().manual_seed(4))
+    assert logit_transform(model, ids) == (0.3, None)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    del model._qdpo_logits
+    assert logit_transform(model, ids) == (0.3, None)

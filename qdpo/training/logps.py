@@ -534,9 +534,10 @@ def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
 
 
 def _declared_scales(config) -> list[float]:
-    """The logit scales a config names: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``."""
+    """The logit scales a config names: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's
+    ``lm_head_multiplier``."""
     out = []
-    for name, invert in (("logit_scale", False), ("logits_scaling", True)):
+    for name, invert in (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False)):
         v = getattr(config, name, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v:
             out.append(1.0 / v if invert else float(v))
