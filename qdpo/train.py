@@ -597,7 +597,7 @@ def _check_logits(model, cfg: TrainConfig, ids: dict[str, list[int]]) -> None:
 
     t = next(t for t in ids.values() if t)
     try:
-        logit_transform(model, torch.tensor([t], device=next(model.parameters()).device))
+        logit_transform(model, t)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model}: {e}") from None
 

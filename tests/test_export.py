@@ -237,6 +237,17 @@ def test_export_leaves_older_weight_files_behind(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+def packed_and_exported(model, packed, out):
+    """``model`` packed and saved to ``packed``, then exported as compressed-tensors to ``out``; its logits on IDS."""
+    to_packed(model)
+    save_quantized(model, packed)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    rc, _, err = run_export(packed, "--format", "compressed-tensors", "--out", out)
+    assert rc == 0, err
+    return logits
+
+
 def test_export_uses_the_checkpoint_names_and_imports_them_back(tmp_path):
     # Gemma 3's modules live under model.language_model; its checkpoints (save_pretrained) say
     # language_model.model: the export writes those names, and the importer reads them back
@@ -244,12 +255,7 @@ def test_export_uses_the_checkpoint_names_and_imports_them_back(tmp_path):
 
     model = tiny_gemma3()
     quantize_model(model, QuantSpec(4, 32, True))
-    to_packed(model)
-    save_quantized(model, tmp_path / "src")
-    with torch.no_grad():
-        logits = model(IDS).logits
-    rc, _, err = run_export(tmp_path / "src", "--format", "compressed-tensors", "--out", tmp_path / "ct")
-    assert rc == 0, err
+    logits = packed_and_exported(model, tmp_path / "src", tmp_path / "ct")
     tiny_gemma3().save_pretrained(tmp_path / "fp")
     fp_keys = set(load_file(str(tmp_path / "fp" / "model.safetensors")))
     got = set(load_file(str(tmp_path / "ct" / "model.safetensors")))
@@ -339,12 +345,7 @@ def test_quantized_lm_head_of_a_tied_model_exports_untied(tmp_path):
     # tie_word_embeddings, and transformers tied the compressed head to the embeddings and failed to load
     q0, stats = quantize_initial_from(gptq_with_quantized_head(tmp_path / "gptq"), tiny_llama())
     assert stats["layers"] == 15 and "lm_head" in quantized_layers(q0)
-    to_packed(q0)
-    save_quantized(q0, tmp_path / "packed")
-    with torch.no_grad():
-        logits = q0(IDS).logits
-    rc, _, err = run_export(tmp_path / "packed", "--format", "compressed-tensors", "--out", tmp_path / "ct")
-    assert rc == 0, err
+    logits = packed_and_exported(q0, tmp_path / "packed", tmp_path / "ct")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
     (result,) = load_elsewhere(tmp_path, [{"dir": str(tmp_path / "ct")}])

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from qdpo.quant.linear import QuantLinear, frozen_weights
+from qdpo.quant.linear import frozen_weights
 from qdpo.training.data import Batch, collate, common_prefix
-from qdpo.training.logps import final_logits, completion_hidden, label_logps, logit_transform, output_layer
+from qdpo.training.logps import completion_hidden, final_logits, label_logps, logit_transform, output_layer
 
 Example = tuple[list[int], list[int]]
 
@@ -119,11 +119,7 @@ def _head(model, examples: list[Example]) -> tuple[Tensor, Tensor | None, tuple[
     """Output-layer weight ``[V, H]``, bias, and the model's logit scale and soft-capping (``logit_transform``,
     found on the first example); a quantized head contributes its ŵ, not its latent weight."""
     prompt, answer = examples[0]
-    transform = logit_transform(model, torch.tensor([prompt + answer], device=_device(model)))
-    head = model.get_output_embeddings()
-    if isinstance(head, QuantLinear):
-        return (head._w_hat if head._w_hat is not None else head.dequantized()), head.bias, transform
-    return (*output_layer(model), transform)
+    return (*output_layer(model), logit_transform(model, prompt + answer))
 
 
 def _hidden(model, batch: Batch) -> tuple[Tensor, Tensor]:

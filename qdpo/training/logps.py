@@ -488,15 +488,18 @@ def output_layer(model) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def logit_transform(model, input_ids: Tensor) -> tuple[float, float | None]:
+def logit_transform(model, tokens: "Tensor | Batch | list[int]") -> tuple[float, float | None]:
     """``(scale, cap)``: the model's logits are ``cap · tanh(scale · z / cap)`` (``scale · z`` without a cap) of
     the output layer's ``z`` (Cohere multiplies z by ``logit_scale``, Granite divides it by ``logits_scaling``,
     Gemma 2 soft-caps it at ``final_logit_softcapping``). Found once per model (and remembered on it) by
-    running the model on ``input_ids`` (``[1, T]``, real tokens): the cap from its config, the scale from its
-    logits. A model whose logits are no such function of z is refused, as its log-probs would be wrong."""
+    running the model on ``tokens`` (real tokens: ids ``[1, T]``, a list of ids, or a batch's first row; read only
+    then, so a call once it is known costs nothing): the cap from its config, the scale from its logits. A model
+    whose logits are no such function of z is refused, as its log-probs would be wrong."""
     got = getattr(model, "_qdpo_logits", None)
     if got is not None:
         return got
+    device = next(model.parameters()).device
+    input_ids = (_first_row(tokens) if isinstance(tokens, Batch) else torch.as_tensor(tokens).view(1, -1)).to(device)
     cfg = model.config
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     cap = getattr(text, "final_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None)
@@ -645,7 +648,7 @@ def token_kl(h, weight, bias, h_teacher, weight_teacher, bias_teacher, chunk: in
                           tuple(transform_teacher or transform))
 
 
-def first_row(batch: Batch) -> Tensor:
+def _first_row(batch: Batch) -> Tensor:
     """The first row's tokens ``[1, n]``, without its padding."""
     return batch.input_ids[:1, :int(batch.attention_mask[0].sum())]
 
@@ -661,7 +664,7 @@ def sequence_logps(model, batch: Batch, chunk: int = 1024) -> tuple[Tensor, Tens
     """Summed completion log-prob ``[B]`` fp32 and completion token counts ``[B]``."""
     h, labels, row = completion_hidden(model, batch)
     w, b = output_layer(model)
-    lp = label_logps(h, w, b, labels, chunk, logit_transform(model, first_row(batch)))
+    lp = label_logps(h, w, b, labels, chunk, logit_transform(model, batch))
     n = batch.input_ids.shape[0]
     total = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, row, lp)
     count = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, row, torch.ones_like(lp))

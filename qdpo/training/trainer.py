@@ -52,7 +52,7 @@ QUANTIZED = (QuantLinear, QuantExpertTensor)  # what holds latent weights
 from qdpo.training import distributed as D
 from qdpo.training.config import TrainConfig
 from qdpo.training.data import Batch, collate
-from qdpo.training.logps import completion_hidden, first_row, label_logps, logit_transform, output_layer, token_kl
+from qdpo.training.logps import completion_hidden, label_logps, logit_transform, output_layer, token_kl
 from qdpo.training.losses import dpo_loss, preference_metrics
 from qdpo.training.optim import make_optimizer, set_latent_dtype
 
@@ -220,7 +220,7 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
         with _autocast(cfg, device):
             h, labels, row = completion_hidden(model, batch)
         if method == "sft":
-            tok = -label_logps(h, w, b, labels, cfg.logps_chunk, logit_transform(model, first_row(batch)))
+            tok = -label_logps(h, w, b, labels, cfg.logps_chunk, logit_transform(model, batch))
         else:
             tok = _kd_tokens(model, fp_model, batch, h, cfg, device, examples, teacher)
         loss = tok.sum() / max(tok_all, 1)
@@ -229,7 +229,7 @@ def micro_loss(model, fp_model, examples: list[Example], cfg: TrainConfig, metho
                     + [(e.prompt_ids, e.rejected_ids) for e in examples], pad_id).to(device)
     with _autocast(cfg, device):
         h, labels, row = completion_hidden(model, batch)
-    lp = label_logps(h, w, b, labels, cfg.logps_chunk, logit_transform(model, first_row(batch)))
+    lp = label_logps(h, w, b, labels, cfg.logps_chunk, logit_transform(model, batch))
     total = torch.zeros(2 * n, device=lp.device).index_add(0, row, lp)
     count = torch.zeros(2 * n, device=lp.device).index_add(0, row, torch.ones_like(lp))
     ref = torch.tensor([e.ref_chosen for e in examples] + [e.ref_rejected for e in examples], device=lp.device)
@@ -264,9 +264,8 @@ def _kd_tokens(model, fp_model, batch: Batch, h, cfg: TrainConfig, device, examp
         teacher = TeacherCache(max_bytes=0)
     h_t = teacher.hidden(fp_model, batch, examples, cfg, device)
     wt, bt = output_layer(fp_model)
-    ids = first_row(batch)
-    return token_kl(h, w, b, h_t, wt, bt, cfg.logps_chunk, logit_transform(model, ids),
-                    logit_transform(fp_model, ids.to(next(fp_model.parameters()).device)))
+    return token_kl(h, w, b, h_t, wt, bt, cfg.logps_chunk, logit_transform(model, batch),
+                    logit_transform(fp_model, batch))
 
 
 class TeacherCache:
@@ -365,8 +364,7 @@ class Trainer:
         first = examples[0]  # the models' logit scale and soft-capping, found before any wrapping (logit_transform)
         for m in (model, fp_model if needs_fp(method, cfg) else None):
             if m is not None:
-                dev = next(m.parameters()).device
-                logit_transform(m, torch.tensor([first.prompt_ids + first.chosen_ids], device=dev))
+                logit_transform(m, first.prompt_ids + first.chosen_ids)
         if cfg.activation_checkpointing:
             D.activation_checkpointing(model)
         self.runner = D.wrap(model, self.mode, self.device)  # runner(fn) = fn(model) under FSDP2/DDP's hooks
